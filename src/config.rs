@@ -1,0 +1,679 @@
+//! Typed configuration from the environment (PROTOCOL.md §3), validated once
+//! at start-up.
+//!
+//! Every variable is parsed even after an earlier one failed, so an operator
+//! sees every bad value in one run instead of fixing them one restart at a
+//! time. An empty value counts as unset (shells and compose files often
+//! export `VAR=` to mean "default").
+
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Smallest accepted `MAX_MESSAGE_BYTES`: a hello alone is a few hundred bytes.
+pub const MIN_MESSAGE_BYTES: usize = 1024;
+/// Largest accepted `MAX_MESSAGE_BYTES` (64 MiB): beyond that one message
+/// could starve a shard's buffers.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+/// Largest accepted `BROKER_SHARDS`.
+pub const MAX_SHARDS: usize = 64;
+/// Largest accepted value of the `*_SECONDS` variables (10 years), so that
+/// adding one to an `Instant` can never overflow.
+pub const MAX_SECONDS: u64 = 10 * 365 * 24 * 60 * 60;
+
+/// `NODE_ENV`: the original's name, kept for existing deployments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeEnv {
+    Development,
+    Production,
+    Test,
+}
+
+impl NodeEnv {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            NodeEnv::Development => "development",
+            NodeEnv::Production => "production",
+            NodeEnv::Test => "test",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// `DATABASE_URL`; `None` means "run the embedded development Postgres".
+    pub database_url: Option<String>,
+    pub host: IpAddr,
+    /// 0 asks the kernel for an ephemeral port (the tests use it).
+    pub port: u16,
+    pub shards: usize,
+    pub status_ttl: Duration,
+    pub hook_fresh_window: Duration,
+    pub held_ttl: Duration,
+    pub max_connections_per_mesh: u32,
+    pub max_message_bytes: usize,
+    pub hook_rate_limit_per_min: u32,
+    pub node_env: NodeEnv,
+    pub git_sha: String,
+    pub claude_projects_dir: PathBuf,
+    /// `MESHBROKER_DATA_DIR` (ours): where the embedded dev Postgres lives.
+    pub data_dir: PathBuf,
+    /// `MAX_OUTBOUND_BYTES` (ours): a connection's outbound queue bound; a
+    /// peer that lets more pile up is cut off with 1013.
+    pub max_outbound_bytes: usize,
+    /// `MEMBER_REFRESH_SECONDS` (ours): how often loaded meshes' members are
+    /// reloaded, i.e. how long a revocation takes to close live sessions.
+    pub member_refresh: Duration,
+}
+
+/// One bad variable: its name, the value as given, and what was expected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub var: &'static str,
+    /// The value as given (passwords in URLs redacted); empty when the
+    /// variable is missing.
+    pub value: String,
+    pub expected: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.value.is_empty() {
+            write!(f, "missing {}: expected {}", self.var, self.expected)
+        } else {
+            // `{:?}` quotes the value and escapes control characters, so the
+            // message stays on one line whatever was in the environment.
+            write!(
+                f,
+                "invalid {}={:?}: expected {}",
+                self.var, self.value, self.expected
+            )
+        }
+    }
+}
+
+/// Every bad variable found; `Display` gives one line per error.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", render_errors(.0))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+fn render_errors(errors: &[ConfigError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Collects parse results and errors in one pass over the variables.
+struct Reader<F> {
+    lookup: F,
+    errors: Vec<ConfigError>,
+}
+
+impl<F: Fn(&str) -> Option<String>> Reader<F> {
+    /// The variable's value, `None` when unset or empty.
+    fn get(&self, var: &str) -> Option<String> {
+        (self.lookup)(var).filter(|v| !v.is_empty())
+    }
+
+    fn fail(&mut self, var: &'static str, value: &str, expected: impl Into<String>) {
+        self.errors.push(ConfigError {
+            var,
+            value: value.to_owned(),
+            expected: expected.into(),
+        });
+    }
+
+    /// An unsigned integer in `min..=max`; `default` when unset or invalid
+    /// (the error is recorded, the default only keeps parsing going).
+    fn int(&mut self, var: &'static str, default: u64, min: u64, max: u64) -> u64 {
+        let Some(raw) = self.get(var) else {
+            return default;
+        };
+        match raw.trim().parse::<u64>() {
+            Ok(v) if (min..=max).contains(&v) => v,
+            _ => {
+                self.fail(var, &raw, format!("an integer from {min} to {max}"));
+                default
+            }
+        }
+    }
+
+    fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
+        let Some(raw) = self.get(var) else {
+            return Duration::from_secs(default);
+        };
+        match raw.trim().parse::<u64>() {
+            Ok(v) if (1..=MAX_SECONDS).contains(&v) => Duration::from_secs(v),
+            _ => {
+                self.fail(
+                    var,
+                    &raw,
+                    format!("a whole number of seconds from 1 to {MAX_SECONDS}"),
+                );
+                Duration::from_secs(default)
+            }
+        }
+    }
+}
+
+fn default_shards() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(MAX_SHARDS)
+}
+
+impl Config {
+    /// Reads the process environment. A variable that is not valid Unicode
+    /// is reported as invalid rather than silently ignored.
+    pub fn from_env() -> Result<Config, ConfigErrors> {
+        Config::from_lookup(|name| {
+            std::env::var_os(name).map(|v| match v.into_string() {
+                Ok(s) => s,
+                // Keep it non-empty and unparseable so it is reported.
+                Err(os) => os.to_string_lossy().into_owned(),
+            })
+        })
+    }
+
+    /// The testable core: `lookup` plays the role of the environment.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let mut r = Reader {
+            lookup,
+            errors: Vec::new(),
+        };
+
+        let database_url = r.get("DATABASE_URL");
+        if let Some(url) = &database_url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                r.fail(
+                    "DATABASE_URL",
+                    &redact_url(url),
+                    "a postgres:// or postgresql:// URL",
+                );
+            }
+        }
+
+        let host = match r.get("BROKER_HOST") {
+            None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            Some(raw) => match raw.trim() {
+                "localhost" => IpAddr::V4(Ipv4Addr::LOCALHOST),
+                s => match s.parse::<IpAddr>() {
+                    Ok(ip) => ip,
+                    Err(_) => {
+                        r.fail(
+                            "BROKER_HOST",
+                            &raw,
+                            "an IP address such as 0.0.0.0, 127.0.0.1 or ::",
+                        );
+                        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+                    }
+                },
+            },
+        };
+
+        let port = r.int("BROKER_PORT", 7900, 0, u16::MAX as u64) as u16;
+        let shards = r.int(
+            "BROKER_SHARDS",
+            default_shards() as u64,
+            1,
+            MAX_SHARDS as u64,
+        ) as usize;
+        let status_ttl = r.seconds("STATUS_TTL_SECONDS", 60);
+        let hook_fresh_window = r.seconds("HOOK_FRESH_WINDOW_SECONDS", 30);
+        let held_ttl = r.seconds("HELD_TTL_SECONDS", 604_800);
+        let max_connections_per_mesh =
+            r.int("MAX_CONNECTIONS_PER_MESH", 100, 1, u32::MAX as u64) as u32;
+        let max_message_bytes = r.int(
+            "MAX_MESSAGE_BYTES",
+            65_536,
+            MIN_MESSAGE_BYTES as u64,
+            MAX_MESSAGE_BYTES as u64,
+        ) as usize;
+        let hook_rate_limit_per_min =
+            r.int("HOOK_RATE_LIMIT_PER_MIN", 30, 1, u32::MAX as u64) as u32;
+
+        let node_env = match r.get("NODE_ENV") {
+            None => NodeEnv::Development,
+            Some(raw) => match raw.trim() {
+                "development" => NodeEnv::Development,
+                "production" => NodeEnv::Production,
+                "test" => NodeEnv::Test,
+                _ => {
+                    r.fail("NODE_ENV", &raw, "one of development, production, test");
+                    NodeEnv::Development
+                }
+            },
+        };
+        if node_env == NodeEnv::Production && database_url.is_none() {
+            r.fail(
+                "DATABASE_URL",
+                "",
+                "a postgres:// or postgresql:// URL (required when NODE_ENV=production)",
+            );
+        }
+
+        // Not in §3's table but read by `logging::init`; checking it here
+        // means a typo stops the broker instead of silently logging at info.
+        if let Some(raw) = r.get("LOG_LEVEL") {
+            if crate::logging::parse_level(&raw).is_none() {
+                r.fail("LOG_LEVEL", &raw, "one of error, warn, info, debug, trace");
+            }
+        }
+
+        let git_sha = r
+            .get("GIT_SHA")
+            .map(|s| s.trim().to_owned())
+            .filter(|s| !s.is_empty())
+            .or_else(|| option_env!("MESHBROKER_BUILD_SHA").map(str::to_owned))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "unknown".to_owned());
+
+        let home = r.get("HOME");
+        let claude_projects_dir = match r.get("CLAUDE_PROJECTS_DIR") {
+            Some(dir) => expand_home(&dir, home.as_deref()),
+            None => match &home {
+                Some(h) => PathBuf::from(h).join(".claude").join("projects"),
+                // No HOME (a bare service manager): relative to the cwd.
+                None => PathBuf::from(".claude/projects"),
+            },
+        };
+
+        let data_dir = r
+            .get("MESHBROKER_DATA_DIR")
+            .map(|d| expand_home(&d, home.as_deref()))
+            .unwrap_or_else(|| PathBuf::from(".meshbroker"));
+
+        let max_outbound_bytes = r.int(
+            "MAX_OUTBOUND_BYTES",
+            4 * 1024 * 1024,
+            64 * 1024,
+            1024 * 1024 * 1024,
+        ) as usize;
+        let member_refresh = r.seconds("MEMBER_REFRESH_SECONDS", 5);
+
+        if !r.errors.is_empty() {
+            return Err(ConfigErrors(r.errors));
+        }
+        Ok(Config {
+            database_url,
+            host,
+            port,
+            shards,
+            status_ttl,
+            hook_fresh_window,
+            held_ttl,
+            max_connections_per_mesh,
+            max_message_bytes,
+            hook_rate_limit_per_min,
+            node_env,
+            git_sha,
+            claude_projects_dir,
+            data_dir,
+            max_outbound_bytes,
+            member_refresh,
+        })
+    }
+
+    /// The effective values as (name, value) pairs for the `broker listening`
+    /// log line. `DATABASE_URL` has its password replaced by `***`, and reads
+    /// `embedded` when unset.
+    pub fn effective(&self) -> Vec<(&'static str, String)> {
+        vec![
+            (
+                "DATABASE_URL",
+                self.database_url
+                    .as_deref()
+                    .map(redact_url)
+                    .unwrap_or_else(|| "embedded".to_owned()),
+            ),
+            ("BROKER_HOST", self.host.to_string()),
+            ("BROKER_PORT", self.port.to_string()),
+            ("BROKER_SHARDS", self.shards.to_string()),
+            ("STATUS_TTL_SECONDS", self.status_ttl.as_secs().to_string()),
+            (
+                "HOOK_FRESH_WINDOW_SECONDS",
+                self.hook_fresh_window.as_secs().to_string(),
+            ),
+            ("HELD_TTL_SECONDS", self.held_ttl.as_secs().to_string()),
+            (
+                "MAX_CONNECTIONS_PER_MESH",
+                self.max_connections_per_mesh.to_string(),
+            ),
+            ("MAX_MESSAGE_BYTES", self.max_message_bytes.to_string()),
+            (
+                "HOOK_RATE_LIMIT_PER_MIN",
+                self.hook_rate_limit_per_min.to_string(),
+            ),
+            ("NODE_ENV", self.node_env.as_str().to_owned()),
+            ("GIT_SHA", self.git_sha.clone()),
+            (
+                "CLAUDE_PROJECTS_DIR",
+                self.claude_projects_dir.display().to_string(),
+            ),
+            ("MESHBROKER_DATA_DIR", self.data_dir.display().to_string()),
+            ("MAX_OUTBOUND_BYTES", self.max_outbound_bytes.to_string()),
+            (
+                "MEMBER_REFRESH_SECONDS",
+                self.member_refresh.as_secs().to_string(),
+            ),
+        ]
+    }
+}
+
+/// `~/x` → `$HOME/x` (the original documented `~/.claude/projects`, and
+/// systemd units do not expand `~`).
+fn expand_home(path: &str, home: Option<&str>) -> PathBuf {
+    if let Some(h) = home {
+        if path == "~" {
+            return PathBuf::from(h);
+        }
+        if let Some(rest) = path.strip_prefix("~/") {
+            return PathBuf::from(h).join(rest);
+        }
+    }
+    PathBuf::from(path)
+}
+
+/// Replaces the password of a URL's userinfo (`user:secret@`) and any
+/// `password=` query parameter with `***`. Anything that does not look like
+/// a URL is returned unchanged.
+pub fn redact_url(url: &str) -> String {
+    let mut out = url.to_owned();
+    if let Some(scheme_end) = out.find("://") {
+        let auth_start = scheme_end + 3;
+        let auth_end = out[auth_start..]
+            .find(['/', '?', '#'])
+            .map_or(out.len(), |i| auth_start + i);
+        // The last '@' of the authority ends the userinfo (a password may
+        // itself contain '@' when not percent-encoded).
+        if let Some(at) = out[auth_start..auth_end].rfind('@') {
+            let userinfo = &out[auth_start..auth_start + at];
+            if let Some(colon) = userinfo.find(':') {
+                out.replace_range(auth_start + colon + 1..auth_start + at, "***");
+            }
+        }
+    }
+    if let Some(q) = out.find('?') {
+        let (head, query) = out.split_at(q + 1);
+        let query = query
+            .split('&')
+            .map(|kv| match kv.split_once('=') {
+                Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                _ => kv.to_owned(),
+            })
+            .collect::<Vec<_>>()
+            .join("&");
+        out = format!("{head}{query}");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn parse(vars: &[(&str, &str)]) -> Result<Config, ConfigErrors> {
+        let map: HashMap<String, String> = vars
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Config::from_lookup(|k| map.get(k).cloned())
+    }
+
+    fn errors(vars: &[(&str, &str)]) -> Vec<ConfigError> {
+        match parse(vars) {
+            Ok(c) => panic!("expected errors, got {c:?}"),
+            Err(e) => e.0,
+        }
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[("HOME", "/home/u")]).unwrap();
+        assert_eq!(c.database_url, None);
+        assert_eq!(c.host, IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        assert_eq!(c.port, 7900);
+        assert_eq!(c.shards, default_shards());
+        assert!(c.shards >= 1);
+        assert_eq!(c.status_ttl, Duration::from_secs(60));
+        assert_eq!(c.hook_fresh_window, Duration::from_secs(30));
+        assert_eq!(c.held_ttl, Duration::from_secs(604_800));
+        assert_eq!(c.max_connections_per_mesh, 100);
+        assert_eq!(c.max_message_bytes, 65_536);
+        assert_eq!(c.hook_rate_limit_per_min, 30);
+        assert_eq!(c.node_env, NodeEnv::Development);
+        assert!(!c.git_sha.is_empty());
+        assert_eq!(
+            c.claude_projects_dir,
+            PathBuf::from("/home/u/.claude/projects")
+        );
+        assert_eq!(c.data_dir, PathBuf::from(".meshbroker"));
+    }
+
+    #[test]
+    fn empty_values_count_as_unset() {
+        let c = parse(&[
+            ("BROKER_PORT", ""),
+            ("DATABASE_URL", ""),
+            ("NODE_ENV", ""),
+            ("GIT_SHA", ""),
+        ])
+        .unwrap();
+        assert_eq!(c.port, 7900);
+        assert_eq!(c.database_url, None);
+        assert_eq!(c.node_env, NodeEnv::Development);
+    }
+
+    #[test]
+    fn explicit_values() {
+        let c = parse(&[
+            ("DATABASE_URL", "postgresql://u:p@db:5432/x"),
+            ("BROKER_HOST", "::1"),
+            ("BROKER_PORT", "0"),
+            ("BROKER_SHARDS", "3"),
+            ("STATUS_TTL_SECONDS", "5"),
+            ("HOOK_FRESH_WINDOW_SECONDS", "7"),
+            ("HELD_TTL_SECONDS", "9"),
+            ("MAX_CONNECTIONS_PER_MESH", "2"),
+            ("MAX_MESSAGE_BYTES", "1024"),
+            ("HOOK_RATE_LIMIT_PER_MIN", "1"),
+            ("NODE_ENV", "production"),
+            ("GIT_SHA", "abc123"),
+            ("CLAUDE_PROJECTS_DIR", "~/p"),
+            ("HOME", "/h"),
+            ("MESHBROKER_DATA_DIR", "/var/lib/mb"),
+            ("LOG_LEVEL", "debug"),
+        ])
+        .unwrap();
+        assert_eq!(
+            c.database_url.as_deref(),
+            Some("postgresql://u:p@db:5432/x")
+        );
+        assert_eq!(c.host, "::1".parse::<IpAddr>().unwrap());
+        assert_eq!(c.port, 0);
+        assert_eq!(c.shards, 3);
+        assert_eq!(c.status_ttl, Duration::from_secs(5));
+        assert_eq!(c.hook_fresh_window, Duration::from_secs(7));
+        assert_eq!(c.held_ttl, Duration::from_secs(9));
+        assert_eq!(c.max_connections_per_mesh, 2);
+        assert_eq!(c.max_message_bytes, 1024);
+        assert_eq!(c.hook_rate_limit_per_min, 1);
+        assert_eq!(c.node_env, NodeEnv::Production);
+        assert_eq!(c.git_sha, "abc123");
+        assert_eq!(c.claude_projects_dir, PathBuf::from("/h/p"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/mb"));
+        assert_eq!(
+            parse(&[("BROKER_HOST", "localhost")]).unwrap().host,
+            IpAddr::V4(Ipv4Addr::LOCALHOST)
+        );
+        assert_eq!(
+            parse(&[("MAX_MESSAGE_BYTES", "67108864")])
+                .unwrap()
+                .max_message_bytes,
+            MAX_MESSAGE_BYTES
+        );
+    }
+
+    #[test]
+    fn each_variable_bad_in_turn() {
+        let cases: &[(&str, &str, &str)] = &[
+            ("DATABASE_URL", "mysql://x", "postgres://"),
+            ("DATABASE_URL", "localhost:5432", "postgres://"),
+            ("BROKER_HOST", "example.com", "IP address"),
+            ("BROKER_PORT", "abc", "from 0 to 65535"),
+            ("BROKER_PORT", "65536", "from 0 to 65535"),
+            ("BROKER_PORT", "-1", "from 0 to 65535"),
+            ("BROKER_SHARDS", "0", "from 1 to 1024"),
+            ("BROKER_SHARDS", "1025", "from 1 to 1024"),
+            ("STATUS_TTL_SECONDS", "0", "seconds"),
+            ("STATUS_TTL_SECONDS", "1.5", "seconds"),
+            ("HOOK_FRESH_WINDOW_SECONDS", "x", "seconds"),
+            ("HELD_TTL_SECONDS", "-5", "seconds"),
+            ("HELD_TTL_SECONDS", "999999999999", "seconds"),
+            ("MAX_CONNECTIONS_PER_MESH", "0", "from 1 to"),
+            (
+                "MAX_CONNECTIONS_PER_MESH",
+                "4294967296",
+                "from 1 to 4294967295",
+            ),
+            ("MAX_MESSAGE_BYTES", "1023", "from 1024 to 67108864"),
+            ("MAX_MESSAGE_BYTES", "67108865", "from 1024 to 67108864"),
+            ("HOOK_RATE_LIMIT_PER_MIN", "0", "from 1 to"),
+            ("NODE_ENV", "prod", "development, production, test"),
+            ("LOG_LEVEL", "verbose", "error, warn, info, debug, trace"),
+        ];
+        for (var, value, expected) in cases {
+            let errs = errors(&[(var, value)]);
+            assert_eq!(errs.len(), 1, "{var}={value}: {errs:?}");
+            let e = &errs[0];
+            assert_eq!(e.var, *var);
+            assert_eq!(e.value, *value);
+            assert!(e.expected.contains(expected), "{var}: {}", e.expected);
+            let line = e.to_string();
+            assert!(line.starts_with(&format!("invalid {var}=\"")), "{line}");
+            assert!(!line.contains('\n'));
+        }
+    }
+
+    #[test]
+    fn display_format() {
+        let e = &errors(&[("BROKER_PORT", "abc")])[0];
+        assert_eq!(
+            e.to_string(),
+            "invalid BROKER_PORT=\"abc\": expected an integer from 0 to 65535"
+        );
+        // Control characters cannot break the one-line rule.
+        let e = &errors(&[("BROKER_PORT", "1\n2")])[0];
+        assert_eq!(
+            e.to_string(),
+            "invalid BROKER_PORT=\"1\\n2\": expected an integer from 0 to 65535"
+        );
+    }
+
+    #[test]
+    fn several_bad_at_once_are_all_reported() {
+        let err = parse(&[
+            ("BROKER_PORT", "abc"),
+            ("BROKER_SHARDS", "0"),
+            ("MAX_MESSAGE_BYTES", "1"),
+            ("NODE_ENV", "staging"),
+            ("DATABASE_URL", "redis://h"),
+        ])
+        .unwrap_err();
+        let vars: Vec<&str> = err.0.iter().map(|e| e.var).collect();
+        assert_eq!(
+            vars,
+            [
+                "DATABASE_URL",
+                "BROKER_PORT",
+                "BROKER_SHARDS",
+                "MAX_MESSAGE_BYTES",
+                "NODE_ENV"
+            ]
+        );
+        let text = err.to_string();
+        assert_eq!(text.lines().count(), 5, "{text}");
+        assert!(text.lines().all(|l| l.starts_with("invalid ")));
+    }
+
+    #[test]
+    fn production_requires_database_url() {
+        let errs = errors(&[("NODE_ENV", "production")]);
+        assert_eq!(errs.len(), 1);
+        assert_eq!(errs[0].var, "DATABASE_URL");
+        let line = errs[0].to_string();
+        assert!(line.starts_with("missing DATABASE_URL: expected"), "{line}");
+        assert!(line.contains("NODE_ENV=production"), "{line}");
+        // Empty counts as unset here too.
+        let errs = errors(&[("NODE_ENV", "production"), ("DATABASE_URL", "")]);
+        assert_eq!(errs[0].var, "DATABASE_URL");
+        // With a URL it starts; test and development run embedded.
+        assert!(parse(&[
+            ("NODE_ENV", "production"),
+            ("DATABASE_URL", "postgres://h/d")
+        ])
+        .is_ok());
+        assert!(parse(&[("NODE_ENV", "test")])
+            .unwrap()
+            .database_url
+            .is_none());
+    }
+
+    #[test]
+    fn password_redaction() {
+        assert_eq!(
+            redact_url("postgres://u:secret@h:5432/db"),
+            "postgres://u:***@h:5432/db"
+        );
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("postgres://h/db"), "postgres://h/db");
+        assert_eq!(
+            redact_url("postgres://u:p@ss@h/db"),
+            "postgres://u:***@h/db"
+        );
+        assert_eq!(
+            redact_url("postgresql://h/db?sslmode=require&password=x&user=u"),
+            "postgresql://h/db?sslmode=require&password=***&user=u"
+        );
+        let c = parse(&[("DATABASE_URL", "postgres://broker:hunter2@db/mesh")]).unwrap();
+        let eff = c.effective();
+        let db = eff.iter().find(|(k, _)| *k == "DATABASE_URL").unwrap();
+        assert_eq!(db.1, "postgres://broker:***@db/mesh");
+        assert!(!format!("{eff:?}").contains("hunter2"));
+        // A rejected URL is redacted in the error too.
+        let errs = errors(&[("DATABASE_URL", "mysql://root:hunter2@h/db")]);
+        assert_eq!(errs[0].value, "mysql://root:***@h/db");
+    }
+
+    #[test]
+    fn effective_lists_every_variable() {
+        let c = parse(&[("BROKER_PORT", "0")]).unwrap();
+        let eff = c.effective();
+        let names: Vec<&str> = eff.iter().map(|(k, _)| *k).collect();
+        for var in [
+            "DATABASE_URL",
+            "BROKER_HOST",
+            "BROKER_PORT",
+            "BROKER_SHARDS",
+            "STATUS_TTL_SECONDS",
+            "HOOK_FRESH_WINDOW_SECONDS",
+            "HELD_TTL_SECONDS",
+            "MAX_CONNECTIONS_PER_MESH",
+            "MAX_MESSAGE_BYTES",
+            "HOOK_RATE_LIMIT_PER_MIN",
+            "NODE_ENV",
+            "GIT_SHA",
+            "CLAUDE_PROJECTS_DIR",
+            "MESHBROKER_DATA_DIR",
+        ] {
+            assert!(names.contains(&var), "{var} missing");
+        }
+        assert_eq!(eff[0], ("DATABASE_URL", "embedded".to_owned()));
+        assert!(eff.contains(&("BROKER_PORT", "0".to_owned())));
+    }
+}

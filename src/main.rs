@@ -1,1 +1,119 @@
-fn main() {}
+//! The `meshbroker` command: CLI and start-up only; the broker lives in the library.
+use meshbroker::config::{Config, NodeEnv};
+use meshbroker::devdb::{LocalPostgres, DEFAULT_DATABASE};
+use meshbroker::{broker, db, logging};
+use std::process::ExitCode;
+
+const USAGE: &str = "\
+usage: meshbroker [COMMAND]
+
+commands:
+  (none)          run the broker (configured by environment variables; see README.md)
+  --check-config  validate the configuration, print the effective values, exit
+  migrate         run the database migrations and exit
+  healthcheck     GET /health on the local broker; exit 0 when it answers 200
+  --version       print the version
+  --help          print this help";
+
+fn main() -> ExitCode {
+    let command = std::env::args().nth(1);
+    match command.as_deref() {
+        Some("--help" | "-h" | "help") => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Some("--version" | "-V") => {
+            println!("meshbroker {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        None | Some("--check-config" | "migrate" | "healthcheck") => {}
+        Some(other) => {
+            eprintln!("meshbroker: unknown command {other:?}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{errors}");
+            if !errors.to_string().ends_with('\n') {
+                eprintln!();
+            }
+            return ExitCode::from(1);
+        }
+    };
+    let result = match command.as_deref() {
+        Some("--check-config") => {
+            for (name, value) in config.effective() {
+                println!("{name}={value}");
+            }
+            Ok(())
+        }
+        Some("healthcheck") => healthcheck(&config),
+        Some("migrate") => {
+            logging::init();
+            with_database(&config, |url| {
+                let applied = db::migrate_blocking(url)?;
+                tracing::info!(target: "db", applied, "db migrated");
+                Ok(())
+            })
+        }
+        _ => {
+            logging::init();
+            with_database(&config, |url| broker::run(config.clone(), url.to_owned()))
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(target: "broker", error = %format!("{e:#}"), "fatal");
+            eprintln!("meshbroker: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Runs `f` with the configured database, or with the embedded development
+/// Postgres (started here, stopped when `f` returns) when DATABASE_URL is unset.
+fn with_database(
+    config: &Config,
+    f: impl FnOnce(&str) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    if let Some(url) = &config.database_url {
+        tracing::info!(target: "db", mode = "external", url = %meshbroker::config::redact_url(url), "database");
+        return f(url);
+    }
+    // Config validation already refused production without DATABASE_URL.
+    debug_assert_ne!(config.node_env, NodeEnv::Production);
+    let pg = LocalPostgres::start(&config.data_dir, false)?;
+    let url = pg.url(DEFAULT_DATABASE);
+    tracing::info!(target: "db", mode = "embedded", data_dir = %pg.data_dir().display(), port = pg.port(), url = %url, "database");
+    let result = f(&url);
+    drop(pg);
+    tracing::info!(target: "db", "embedded postgres stopped");
+    result
+}
+
+/// For the Docker HEALTHCHECK: no curl in the runtime image.
+fn healthcheck(config: &Config) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+    let host = if config.host.is_unspecified() {
+        std::net::IpAddr::from([127, 0, 0, 1])
+    } else {
+        config.host
+    };
+    let addr = std::net::SocketAddr::new(host, config.port);
+    let timeout = std::time::Duration::from_secs(3);
+    let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let mut reply = String::new();
+    stream.read_to_string(&mut reply)?;
+    let status = reply.lines().next().unwrap_or_default();
+    if status.starts_with("HTTP/1.1 200") {
+        println!("{status}");
+        Ok(())
+    } else {
+        anyhow::bail!("unhealthy: {status}")
+    }
+}

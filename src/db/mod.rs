@@ -1,0 +1,327 @@
+//! The one thread that talks to Postgres ("db-writer").
+//!
+//! Shards never touch Postgres: they hand `DbCommand`s to a `DbHandle`,
+//! whose `try_send` never blocks (a bounded tokio channel; `Err` when full).
+//! The db-writer thread runs a current-thread tokio runtime with one
+//! tokio-postgres connection and does everything else:
+//!
+//! - **Connect and migrate.** `NoTls`, session `TimeZone = 'UTC'` (columns
+//!   are `timestamp without time zone` holding UTC), then
+//!   [`migrate::run_migrations`] on every (re)connection — idempotent, so
+//!   after the first it only logs `applied=0`. Failures retry with backoff
+//!   (0.25 s doubling to 5 s); the thread never exits because Postgres went
+//!   away.
+//! - **Health.** While connected, `SELECT 1` every [`PING_INTERVAL`] with a
+//!   [`PING_TIMEOUT`]. A failed ping, a failed write or the connection
+//!   future ending marks [`DbStatus`] down (`db ping failed` / `db write
+//!   failed` / `db connection lost`, at warn) and goes back to reconnecting;
+//!   success logs `db healthy` and marks it up.
+//! - **Batching.** Commands are received with `recv_many` into an in-memory
+//!   backlog, and written oldest first in batches of up to [`BATCH_MAX`],
+//!   each batch one multi-row statement per command kind (see `batch`). The
+//!   channel keeps being drained while a connect, a write or a ping is in
+//!   flight, so shards see `DbQueueFull` only if this thread is starved.
+//! - **Postgres down.** The backlog keeps commands in order, bounded by
+//!   [`DbOptions::max_buffered`] (default 100 000); over the bound the
+//!   oldest are dropped and counted in [`DbStatus::writes_dropped`]. A
+//!   batch whose write failed goes back to the front of the backlog and is
+//!   retried after reconnecting (inserts are `ON CONFLICT DO NOTHING`, so a
+//!   retry of a batch that did commit is harmless). A batch the server
+//!   refuses for its data (an SQLSTATE outside the transient classes 08,
+//!   40, 53, 57, 58 on a live connection) is retried one command at a
+//!   time and the refused commands are dropped (`db write rejected`,
+//!   counted in `writes_dropped`), so one bad command cannot wedge the
+//!   queue.
+//! - **Shutdown.** When every `DbHandle` is dropped the channel closes; the
+//!   thread flushes the backlog (reconnecting if needed) for at most
+//!   [`SHUTDOWN_FLUSH_TIMEOUT`] (8 s, [`DbOptions::shutdown_flush`]), logs what it could not write (`db flush
+//!   abandoned`, `lost=…`, at warn, also counted as dropped), and returns:
+//!   `DbThread::join` then returns.
+//! - **Batch latency.** The audit-write-batch latency histogram lives in
+//!   `metrics`, not here: pass a [`BatchObserver`] in
+//!   [`DbOptions::on_batch`] to [`spawn_with`]; it is called on the
+//!   db-writer thread after every committed batch with the batch size and
+//!   the write's wall time (measured around `write_batch`, so it includes
+//!   the round trip). `spawn` is `spawn_with` and the defaults.
+//!
+//! Module map: `health` (DbStatus), `migrate` (embedded migrations),
+//! `batch` (SQL and the batch write), `backlog` (bounded in-memory FIFO),
+//! `worker` (the thread's loop).
+
+mod backlog;
+mod batch;
+mod health;
+mod members;
+pub mod migrate;
+mod worker;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::sync::mpsc;
+
+use crate::mesh::directory::{Directory, MemberRow};
+pub use health::DbStatus;
+
+/// Member lookups waiting at once; more are refused (the hello answers
+/// `unavailable`).
+const LOOKUP_QUEUE: usize = 4096;
+pub use migrate::run_migrations;
+
+/// How often a healthy connection is pinged.
+pub const PING_INTERVAL: Duration = Duration::from_secs(2);
+/// A ping not answered within this marks Postgres down.
+pub const PING_TIMEOUT: Duration = Duration::from_secs(2);
+/// Bound on opening a connection (TCP/socket + startup + `SET TimeZone`).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// A batch write not done within this counts as failed (and is retried).
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// First reconnect delay after a failed attempt; doubles up to the max.
+pub const BACKOFF_MIN: Duration = Duration::from_millis(250);
+/// Ceiling of the reconnect delay.
+pub const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// Most commands written in one batch (and taken per `recv_many`).
+pub const BATCH_MAX: usize = 512;
+/// How long, after the last `DbHandle` is dropped, the thread keeps trying
+/// to flush its backlog (PROTOCOL.md §7 allows 10 s for the whole stop).
+pub const SHUTDOWN_FLUSH_TIMEOUT: Duration = Duration::from_secs(8);
+
+/// A valid hook signal with no live session (PROTOCOL.md §5), stashed in
+/// `mesh.pending_status` (with `status_source = 'hook'`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingStatus {
+    pub id: String,
+    /// `None` when the hook gave no pid; stored as 0 because the column is
+    /// `integer NOT NULL`.
+    pub pid: Option<i32>,
+    pub cwd: String,
+    pub status: String,
+    pub created_at: SystemTime,
+}
+
+/// Work for the db-writer thread. Add variants here and teach `batch`
+/// how to write them (see its module doc). Deliberately not `Clone`: later
+/// variants carry reply channels.
+#[derive(Debug)]
+pub enum DbCommand {
+    StashPendingStatus(PendingStatus),
+    /// A session said hello: its presence row (status idle, source jsonl).
+    PresenceOpen {
+        id: String,
+        member_id: String,
+        session_id: String,
+        pid: i32,
+        cwd: String,
+        at: SystemTime,
+    },
+    /// A pong: refreshes `last_ping_at`.
+    PresencePing {
+        id: String,
+        at: SystemTime,
+    },
+    /// The session ended: `disconnected_at`, and the member's `last_seen_at`.
+    PresenceClose {
+        id: String,
+        member_id: String,
+        at: SystemTime,
+    },
+}
+
+/// The answer to a member lookup.
+pub type MembersReply = tokio::sync::oneshot::Sender<Result<Vec<MemberRow>, LookupFailed>>;
+
+/// A member lookup could not be answered (Postgres down or erroring).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("member lookup failed: {0}")]
+pub struct LookupFailed(pub String);
+
+/// `DbHandle::try_send` could not queue the command (queue full, or the
+/// db-writer thread is gone). The command is handed back.
+#[derive(Debug, thiserror::Error)]
+#[error("db queue full")]
+pub struct DbQueueFull(pub DbCommand);
+
+/// The shards' side of the db-writer queue. Cheap to clone; the thread
+/// stops once every clone is dropped.
+#[derive(Clone, Debug)]
+pub struct DbHandle {
+    tx: mpsc::Sender<DbCommand>,
+    lookups: mpsc::Sender<(String, MembersReply)>,
+}
+
+impl DbHandle {
+    /// Asks for a mesh's member rows (hello on a mesh not loaded yet, or a
+    /// miss). Never blocks; `None` when the lookup queue is full or gone.
+    pub fn lookup_members(
+        &self,
+        mesh_id: &str,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<Vec<MemberRow>, LookupFailed>>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.lookups.try_send((mesh_id.to_owned(), reply)).ok()?;
+        Some(answer)
+    }
+
+    /// Never blocks: shards call it from their event loops. Err when the
+    /// bounded queue is full (caller counts it / answers `unavailable`).
+    pub fn try_send(&self, cmd: DbCommand) -> Result<(), DbQueueFull> {
+        self.tx.try_send(cmd).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(cmd) | mpsc::error::TrySendError::Closed(cmd) => {
+                DbQueueFull(cmd)
+            }
+        })
+    }
+}
+
+/// What one committed batch cost, for the batch-latency histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Commands in the batch.
+    pub commands: usize,
+    /// Wall time of `write_batch` (the round trip included).
+    pub elapsed: Duration,
+}
+
+/// Called on the db-writer thread after every committed batch.
+pub type BatchObserver = Box<dyn FnMut(BatchStats) + Send>;
+
+/// Tuning for [`spawn_with`]; `Default` is what the broker uses.
+pub struct DbOptions {
+    /// Capacity of the shards → db-writer channel.
+    pub queue_capacity: usize,
+    /// Most commands kept in memory while Postgres is down or slow.
+    pub max_buffered: usize,
+    /// How long the shutdown flush may take (default
+    /// [`SHUTDOWN_FLUSH_TIMEOUT`]).
+    pub shutdown_flush: Duration,
+    /// See the module doc ("Batch latency").
+    pub on_batch: Option<BatchObserver>,
+    /// The membership directory kept fresh by the lookup task (see
+    /// `members`); `None` runs no refresh.
+    pub directory: Option<Arc<Directory>>,
+    /// How often loaded meshes are reloaded (how long a revocation takes).
+    pub member_refresh: Duration,
+}
+
+impl Default for DbOptions {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 16_384,
+            max_buffered: 100_000,
+            shutdown_flush: SHUTDOWN_FLUSH_TIMEOUT,
+            on_batch: None,
+            directory: None,
+            member_refresh: Duration::from_secs(5),
+        }
+    }
+}
+
+impl std::fmt::Debug for DbOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbOptions")
+            .field("queue_capacity", &self.queue_capacity)
+            .field("max_buffered", &self.max_buffered)
+            .field("shutdown_flush", &self.shutdown_flush)
+            .field("on_batch", &self.on_batch.is_some())
+            .finish()
+    }
+}
+
+/// The running db-writer thread.
+#[derive(Debug)]
+pub struct DbThread {
+    join: std::thread::JoinHandle<()>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl DbThread {
+    /// Stops taking commands (what is queued is still written), flushes
+    /// (bounded: ~8 s when Postgres is down) and returns once the thread
+    /// is done. Explicit rather than waiting for every `DbHandle` to drop,
+    /// so a handle kept by a straggling task cannot hang shutdown.
+    pub fn join(self) {
+        self.stop.notify_one();
+        if self.join.join().is_err() {
+            tracing::error!(target: "db", "db writer panicked");
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DbError {
+    #[error("invalid database url: {0}")]
+    InvalidUrl(#[source] tokio_postgres::Error),
+    #[error("postgres: {0}")]
+    Postgres(#[from] tokio_postgres::Error),
+    #[error("migration {version} ({name}) failed: {source}")]
+    Migration {
+        version: i32,
+        name: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+    #[error("cannot start the db runtime: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
+    tokio_postgres::Config::from_str(database_url).map_err(DbError::InvalidUrl)
+}
+
+/// Spawns the thread named "db-writer" running a tokio current-thread
+/// runtime. Returns at once (never waits for Postgres).
+pub fn spawn(database_url: String, status: Arc<DbStatus>) -> std::io::Result<(DbHandle, DbThread)> {
+    spawn_with(database_url, status, DbOptions::default())
+}
+
+/// [`spawn`] with explicit options (queue bounds, batch observer).
+/// An unparsable URL is `ErrorKind::InvalidInput`.
+pub fn spawn_with(
+    database_url: String,
+    status: Arc<DbStatus>,
+    options: DbOptions,
+) -> std::io::Result<(DbHandle, DbThread)> {
+    let config = parse_url(&database_url)
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
+    let (lookups, lookup_rx) = mpsc::channel(LOOKUP_QUEUE);
+    let members = members::MemberLoader::new(
+        config.clone(),
+        lookup_rx,
+        options.directory.clone(),
+        options.member_refresh,
+    );
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let worker = worker::Worker::new(config, status, rx, stop.clone(), options);
+    let join = std::thread::Builder::new()
+        .name("db-writer".to_owned())
+        .spawn(move || {
+            runtime.block_on(async {
+                let loader = tokio::spawn(members.run());
+                worker.run().await;
+                loader.abort();
+            })
+        })?;
+    Ok((DbHandle { tx, lookups }, DbThread { join, stop }))
+}
+
+/// Connect once, run migrations, disconnect: for `meshbroker migrate` and
+/// start-up checks. Returns how many migrations were applied.
+pub fn migrate_blocking(database_url: &str) -> Result<usize, DbError> {
+    let config = parse_url(database_url)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (mut client, task) = worker::connect(&config).await?;
+        let applied = run_migrations(&mut client).await;
+        drop(client);
+        let _ = task.await;
+        applied
+    })
+}

@@ -1,0 +1,175 @@
+//! Spawns the shards and the db thread, owns shutdown.
+//!
+//! Start: db thread (returns at once; Postgres may come later), one
+//! SO_REUSEPORT listener per shard on the one port, shard threads, then the
+//! `broker listening` line. Shutdown (SIGTERM/SIGINT): every shard stops
+//! accepting and closes its WebSockets with 1001; when the shard threads are
+//! joined the last `BrokerContext` (and with it the last `DbHandle`) is
+//! dropped, which tells the db thread to flush and exit.
+use crate::config::Config;
+use crate::db::{self, DbHandle, DbOptions, DbStatus};
+use crate::hook::HookRateLimiter;
+use crate::mesh::directory::{Directory, MeshEntry};
+use crate::metrics::Metrics;
+use crate::shard::{self, inbox, ShardSender, ShardSpec, INBOX_BATCHES};
+use socket2::{Domain, Protocol, Socket, Type};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// A directory miss (member not in a loaded mesh) reloads the mesh at most
+/// this often, so a stream of bad hellos cannot hammer Postgres.
+const MISS_RELOAD_AFTER: Duration = Duration::from_secs(1);
+
+/// Everything the shards share, read-mostly.
+pub struct BrokerContext {
+    pub config: Config,
+    pub metrics: Arc<Metrics>,
+    pub db: DbHandle,
+    pub db_status: Arc<DbStatus>,
+    pub directory: Arc<Directory>,
+    pub shards: Vec<ShardSender>,
+    pub hook_limiter: Mutex<HookRateLimiter>,
+    pub started_at: Instant,
+}
+
+/// The membership could not be loaded (Postgres down or its queue full).
+#[derive(Debug, thiserror::Error)]
+#[error("membership unavailable")]
+pub struct DirectoryUnavailable;
+
+impl BrokerContext {
+    /// The mesh for a hello, loaded from Postgres on first use or on a miss.
+    /// `Ok(None)`: no such mesh (no member rows at all).
+    pub async fn directory_lookup(
+        &self,
+        mesh_id: &str,
+        member_id: &str,
+    ) -> Result<Option<Arc<MeshEntry>>, DirectoryUnavailable> {
+        if let Some(mesh) = self.directory.get(mesh_id) {
+            if mesh.view().member(member_id).is_some() || mesh.loaded_since() < MISS_RELOAD_AFTER {
+                return Ok(Some(mesh));
+            }
+        }
+        let answer = self
+            .db
+            .lookup_members(mesh_id)
+            .ok_or(DirectoryUnavailable)?;
+        let rows = answer
+            .await
+            .map_err(|_| DirectoryUnavailable)?
+            .map_err(|_| DirectoryUnavailable)?;
+        if rows.is_empty() && self.directory.get(mesh_id).is_none() {
+            return Ok(None);
+        }
+        Ok(Some(self.directory.install(mesh_id, &rows)))
+    }
+}
+
+/// Runs the broker until SIGTERM or SIGINT; returns after a clean shutdown.
+pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
+    let shard_count = config.shards;
+    let metrics = Metrics::new(shard_count);
+    let db_status = Arc::new(DbStatus::new());
+    let directory = Arc::new(Directory::default());
+    let batch_metrics = metrics.clone();
+    let (db, db_thread) = db::spawn_with(
+        database_url,
+        db_status.clone(),
+        DbOptions {
+            directory: Some(directory.clone()),
+            member_refresh: config.member_refresh,
+            on_batch: Some(Box::new(move |stats| {
+                batch_metrics.global().record_audit_batch(stats.elapsed)
+            })),
+            ..DbOptions::default()
+        },
+    )?;
+    let listeners = bind_listeners(&config, shard_count)?;
+    let port = listeners[0].local_addr()?.port();
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| inbox::inbox(INBOX_BATCHES))
+        .unzip();
+    let ctx = Arc::new(BrokerContext {
+        hook_limiter: Mutex::new(HookRateLimiter::new(config.hook_rate_limit_per_min)),
+        config,
+        metrics,
+        db,
+        db_status,
+        directory,
+        shards: senders.clone(),
+        started_at: Instant::now(),
+    });
+    let cores = core_affinity::get_core_ids().unwrap_or_default();
+    let mut threads = Vec::with_capacity(shard_count);
+    for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
+        let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
+        threads.push(shard::spawn(
+            ShardSpec {
+                index,
+                listener,
+                core,
+                inbox,
+            },
+            ctx.clone(),
+        )?);
+    }
+    log_listening(&ctx, port);
+    wait_for_signal()?;
+    tracing::info!(target: "broker", "shutdown signal");
+    for sender in &senders {
+        sender.request_shutdown();
+    }
+    for thread in threads {
+        if thread.join().is_err() {
+            tracing::error!(target: "broker", "a shard thread panicked");
+        }
+    }
+    drop(senders);
+    // The shards are gone: this is the last context, and with it the last
+    // DbHandle, so the db thread flushes and ends.
+    drop(ctx);
+    db_thread.join();
+    tracing::info!(target: "broker", "shutdown complete");
+    Ok(())
+}
+
+/// One SO_REUSEPORT listener per shard; the kernel spreads connections over
+/// them. The first binds (port 0 picks a free port), the others join it.
+fn bind_listeners(config: &Config, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let mut addr = SocketAddr::new(config.host, config.port);
+    let mut listeners = Vec::with_capacity(count);
+    for _ in 0..count {
+        let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        socket.set_reuse_address(true)?;
+        socket.set_reuse_port(true)?;
+        socket.set_nonblocking(true)?;
+        socket.bind(&addr.into())?;
+        socket.listen(4096)?;
+        let listener: std::net::TcpListener = socket.into();
+        addr = listener.local_addr()?;
+        listeners.push(listener);
+    }
+    Ok(listeners)
+}
+
+fn log_listening(ctx: &BrokerContext, port: u16) {
+    let effective = ctx
+        .config
+        .effective()
+        .into_iter()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ");
+    tracing::info!(target: "broker", host = %ctx.config.host, port = port, shards = ctx.config.shards,
+        uring = monoio::utils::detect_uring(), config = %effective, "broker listening");
+}
+
+fn wait_for_signal() -> std::io::Result<()> {
+    let mut signals = signal_hook::iterator::Signals::new([
+        signal_hook::consts::SIGTERM,
+        signal_hook::consts::SIGINT,
+    ])?;
+    signals.forever().next();
+    Ok(())
+}

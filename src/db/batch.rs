@@ -1,0 +1,282 @@
+//! Turning a batch of `DbCommand`s into as few statements as possible, and
+//! writing it.
+//!
+//! Each command kind maps to one prepared multi-row statement that takes
+//! its rows as column arrays (`INSERT … SELECT … FROM UNNEST($1::text[], …)`),
+//! so a batch of up to `BATCH_MAX` commands of one kind is one Bind/Execute,
+//! one round trip, and atomic by itself. Inserts carry the row id and use
+//! `ON CONFLICT (id) DO NOTHING`, so a batch that is retried after a timeout
+//! whose outcome is unknown cannot write a row twice.
+//!
+//! Adding a kind: a field in `Statements` (prepared once per connection),
+//! a `…Rows` column set in `BatchRows`, an arm in `BatchRows::push`, and a
+//! step in `write_batch`. When a batch holds several kinds, `write_batch`
+//! must keep them atomic and in one round trip: send `BEGIN`, the
+//! statements and `COMMIT` pipelined (`tokio::try_join!` polls its futures
+//! in order, so tokio-postgres writes them back to back); statements run in
+//! a fixed order per kind (e.g. presence inserts before presence updates),
+//! and within a kind in arrival order. Commands that expect an answer
+//! (lookups with a reply channel) are not rows: run their query after the
+//! batch's writes and send the result (or the error) on the channel.
+
+use std::time::SystemTime;
+
+use tokio_postgres::{Client, Statement};
+
+use super::{DbCommand, PendingStatus};
+
+/// `pending_status.status_source` for a stashed hook signal.
+const HOOK_SOURCE: &str = "hook";
+
+pub(crate) const STASH_PENDING_STATUS_SQL: &str = "\
+INSERT INTO mesh.pending_status (id, pid, cwd, status, status_source, created_at)
+SELECT t.id, t.pid, t.cwd, t.status, $6, t.created_at
+FROM UNNEST($1::text[], $2::integer[], $3::text[], $4::text[], $5::timestamp[])
+  AS t(id, pid, cwd, status, created_at)
+ON CONFLICT (id) DO NOTHING";
+
+pub(crate) const PRESENCE_OPEN_SQL: &str = "\
+INSERT INTO mesh.presence (id, member_id, session_id, pid, cwd, status, status_source,
+  status_updated_at, connected_at, last_ping_at)
+SELECT t.id, t.member_id, t.session_id, t.pid, t.cwd, 'idle', 'jsonl', t.at, t.at, t.at
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::timestamp[])
+  AS t(id, member_id, session_id, pid, cwd, at)
+ON CONFLICT (id) DO NOTHING";
+
+pub(crate) const PRESENCE_PING_SQL: &str = "\
+UPDATE mesh.presence p SET last_ping_at = t.at
+FROM UNNEST($1::text[], $2::timestamp[]) AS t(id, at)
+WHERE p.id = t.id";
+
+pub(crate) const PRESENCE_CLOSE_SQL: &str = "\
+UPDATE mesh.presence p SET disconnected_at = t.at
+FROM UNNEST($1::text[], $2::timestamp[]) AS t(id, at)
+WHERE p.id = t.id AND p.disconnected_at IS NULL";
+
+pub(crate) const MEMBER_SEEN_SQL: &str = "\
+UPDATE mesh.member m SET last_seen_at = t.at
+FROM UNNEST($1::text[], $2::timestamp[]) AS t(id, at)
+WHERE m.id = t.id";
+
+/// The writer's statements, prepared once per connection.
+pub(crate) struct Statements {
+    stash_pending_status: Statement,
+    presence_open: Statement,
+    presence_ping: Statement,
+    presence_close: Statement,
+    member_seen: Statement,
+}
+
+impl Statements {
+    pub(crate) async fn prepare(client: &Client) -> Result<Self, tokio_postgres::Error> {
+        Ok(Self {
+            stash_pending_status: client.prepare(STASH_PENDING_STATUS_SQL).await?,
+            presence_open: client.prepare(PRESENCE_OPEN_SQL).await?,
+            presence_ping: client.prepare(PRESENCE_PING_SQL).await?,
+            presence_close: client.prepare(PRESENCE_CLOSE_SQL).await?,
+            member_seen: client.prepare(MEMBER_SEEN_SQL).await?,
+        })
+    }
+}
+
+/// Column arrays for new `mesh.presence` rows.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct PresenceOpenRows<'a> {
+    pub id: Vec<&'a str>,
+    pub member_id: Vec<&'a str>,
+    pub session_id: Vec<&'a str>,
+    pub pid: Vec<i32>,
+    pub cwd: Vec<&'a str>,
+    pub at: Vec<SystemTime>,
+}
+
+/// `(id, at)` pairs as two column arrays, for the timestamp updates.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct IdTimes<'a> {
+    pub id: Vec<&'a str>,
+    pub at: Vec<SystemTime>,
+}
+
+impl<'a> IdTimes<'a> {
+    fn push(&mut self, id: &'a str, at: SystemTime) {
+        self.id.push(id);
+        self.at.push(at);
+    }
+}
+
+/// Column arrays for `mesh.pending_status` rows.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct PendingStatusRows<'a> {
+    pub id: Vec<&'a str>,
+    pub pid: Vec<i32>,
+    pub cwd: Vec<&'a str>,
+    pub status: Vec<&'a str>,
+    pub created_at: Vec<SystemTime>,
+}
+
+/// A batch split by kind into column arrays, borrowing from the commands.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct BatchRows<'a> {
+    pub pending_status: PendingStatusRows<'a>,
+    pub presence_open: PresenceOpenRows<'a>,
+    pub presence_ping: IdTimes<'a>,
+    pub presence_close: IdTimes<'a>,
+    pub member_seen: IdTimes<'a>,
+}
+
+impl<'a> BatchRows<'a> {
+    pub(crate) fn from_commands(cmds: &'a [DbCommand]) -> Self {
+        let mut rows = Self::default();
+        for cmd in cmds {
+            rows.push(cmd);
+        }
+        rows
+    }
+
+    fn push(&mut self, cmd: &'a DbCommand) {
+        match cmd {
+            DbCommand::StashPendingStatus(p) => self.push_pending_status(p),
+            DbCommand::PresenceOpen {
+                id,
+                member_id,
+                session_id,
+                pid,
+                cwd,
+                at,
+            } => {
+                let rows = &mut self.presence_open;
+                rows.id.push(id);
+                rows.member_id.push(member_id);
+                rows.session_id.push(session_id);
+                rows.pid.push(*pid);
+                rows.cwd.push(cwd);
+                rows.at.push(*at);
+            }
+            DbCommand::PresencePing { id, at } => self.presence_ping.push(id, *at),
+            DbCommand::PresenceClose { id, member_id, at } => {
+                self.presence_close.push(id, *at);
+                self.member_seen.push(member_id, *at);
+            }
+        }
+    }
+
+    fn push_pending_status(&mut self, p: &'a PendingStatus) {
+        let rows = &mut self.pending_status;
+        rows.id.push(&p.id);
+        // pending_status.pid is `integer NOT NULL` in the deployed schema,
+        // but the hook may omit pid: store 0 (never a real process id) and
+        // match it back the same way.
+        rows.pid.push(p.pid.unwrap_or(0));
+        rows.cwd.push(&p.cwd);
+        rows.status.push(&p.status);
+        rows.created_at.push(p.created_at);
+    }
+}
+
+/// Writes one batch: one statement per kind present, in the order that
+/// keeps a session's rows consistent (open before ping before close). Each
+/// statement is idempotent, so a batch retried after a partial write is
+/// harmless.
+pub(crate) async fn write_batch(
+    client: &Client,
+    statements: &Statements,
+    cmds: &[DbCommand],
+) -> Result<(), tokio_postgres::Error> {
+    let rows = BatchRows::from_commands(cmds);
+    let ps = &rows.pending_status;
+    if !ps.id.is_empty() {
+        client
+            .execute(
+                &statements.stash_pending_status,
+                &[
+                    &ps.id,
+                    &ps.pid,
+                    &ps.cwd,
+                    &ps.status,
+                    &ps.created_at,
+                    &HOOK_SOURCE,
+                ],
+            )
+            .await?;
+    }
+    let open = &rows.presence_open;
+    if !open.id.is_empty() {
+        client
+            .execute(
+                &statements.presence_open,
+                &[
+                    &open.id,
+                    &open.member_id,
+                    &open.session_id,
+                    &open.pid,
+                    &open.cwd,
+                    &open.at,
+                ],
+            )
+            .await?;
+    }
+    for (statement, pairs) in [
+        (&statements.presence_ping, &rows.presence_ping),
+        (&statements.presence_close, &rows.presence_close),
+        (&statements.member_seen, &rows.member_seen),
+    ] {
+        if !pairs.id.is_empty() {
+            client.execute(statement, &[&pairs.id, &pairs.at]).await?;
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn stash(id: &str, pid: Option<i32>, cwd: &str, status: &str) -> DbCommand {
+        DbCommand::StashPendingStatus(PendingStatus {
+            id: id.to_owned(),
+            pid,
+            cwd: cwd.to_owned(),
+            status: status.to_owned(),
+            created_at: SystemTime::UNIX_EPOCH + Duration::from_secs(1_764_200_000),
+        })
+    }
+
+    #[test]
+    fn pending_status_rows_are_columns_in_order_with_pid_zero_for_none() {
+        let cmds = vec![
+            stash("a", Some(42), "/x", "working"),
+            stash("b", None, "/y", "idle"),
+        ];
+        let rows = BatchRows::from_commands(&cmds);
+        let ps = &rows.pending_status;
+        assert_eq!(ps.id, vec!["a", "b"]);
+        assert_eq!(ps.pid, vec![42, 0]);
+        assert_eq!(ps.cwd, vec!["/x", "/y"]);
+        assert_eq!(ps.status, vec!["working", "idle"]);
+        assert_eq!(ps.created_at.len(), 2);
+    }
+
+    #[test]
+    fn empty_batch_has_no_rows() {
+        assert_eq!(BatchRows::from_commands(&[]), BatchRows::default());
+    }
+
+    #[test]
+    fn stash_sql_is_one_idempotent_multi_row_insert() {
+        let sql = STASH_PENDING_STATUS_SQL;
+        assert!(sql.starts_with("INSERT INTO mesh.pending_status"));
+        assert_eq!(sql.matches("UNNEST(").count(), 1);
+        // One array parameter per column of the row.
+        for p in [
+            "$1::text[]",
+            "$2::integer[]",
+            "$3::text[]",
+            "$4::text[]",
+            "$5::timestamp[]",
+        ] {
+            assert!(sql.contains(p), "{p}");
+        }
+        assert!(sql.ends_with("ON CONFLICT (id) DO NOTHING"));
+    }
+}

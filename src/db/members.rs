@@ -1,0 +1,131 @@
+//! Member lookups for the membership directory, on the db thread.
+//!
+//! Hellos on a mesh the directory has not loaded (or that miss a member)
+//! ask for its rows; every `member_refresh` all loaded meshes are reloaded
+//! in one query, which is how revocations reach live sessions. This task
+//! has its own connection so a lookup never queues behind the writer's
+//! backlog (a hello must not wait for a batch of presence rows).
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+use tokio::time::{interval, timeout, MissedTickBehavior};
+use tokio_postgres::{Client, Config};
+
+use super::worker::{connect, ConnTask};
+use super::{LookupFailed, MembersReply, WRITE_TIMEOUT};
+use crate::mesh::directory::{Directory, MemberRow};
+
+const MEMBERS_SQL: &str = "\
+SELECT mesh_id, id, peer_pubkey, revoked_at IS NOT NULL
+FROM mesh.member
+WHERE mesh_id = ANY($1)";
+
+pub(crate) struct MemberLoader {
+    config: Config,
+    requests: mpsc::Receiver<(String, MembersReply)>,
+    directory: Option<Arc<Directory>>,
+    refresh: Duration,
+    conn: Option<(Client, ConnTask)>,
+}
+
+impl MemberLoader {
+    pub(crate) fn new(
+        config: Config,
+        requests: mpsc::Receiver<(String, MembersReply)>,
+        directory: Option<Arc<Directory>>,
+        refresh: Duration,
+    ) -> Self {
+        MemberLoader {
+            config,
+            requests,
+            directory,
+            refresh,
+            conn: None,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let mut tick = interval(self.refresh);
+        tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                request = self.requests.recv() => match request {
+                    None => return,
+                    Some((mesh_id, reply)) => {
+                        let rows = self
+                            .load(std::slice::from_ref(&mesh_id))
+                            .await
+                            .map(|rows| rows.into_iter().map(|(_, row)| row).collect());
+                        let _ = reply.send(rows);
+                    }
+                },
+                _ = tick.tick() => self.refresh_directory().await,
+            }
+        }
+    }
+
+    async fn refresh_directory(&mut self) {
+        let Some(directory) = self.directory.clone() else {
+            return;
+        };
+        let mesh_ids = directory.mesh_ids();
+        if mesh_ids.is_empty() {
+            return;
+        }
+        // Postgres down: keep the views we have; they refresh once it is back.
+        let Ok(rows) = self.load(&mesh_ids).await else {
+            return;
+        };
+        for mesh_id in &mesh_ids {
+            let mesh_rows: Vec<MemberRow> = rows
+                .iter()
+                .filter(|(mesh, _)| mesh == mesh_id)
+                .map(|(_, row)| row.clone())
+                .collect();
+            directory.install(mesh_id, &mesh_rows);
+        }
+    }
+
+    /// `(mesh_id, row)` for every member row of the given meshes.
+    async fn load(
+        &mut self,
+        mesh_ids: &[String],
+    ) -> Result<Vec<(String, MemberRow)>, LookupFailed> {
+        if self
+            .conn
+            .as_ref()
+            .is_none_or(|(client, _)| client.is_closed())
+        {
+            let (client, task) = connect(&self.config)
+                .await
+                .map_err(|e| LookupFailed(e.to_string()))?;
+            self.conn = Some((client, task));
+        }
+        let (client, _) = self.conn.as_ref().expect("connected above");
+        let rows = match timeout(WRITE_TIMEOUT, client.query(MEMBERS_SQL, &[&mesh_ids])).await {
+            Ok(Ok(rows)) => rows,
+            Ok(Err(e)) => {
+                self.conn = None;
+                return Err(LookupFailed(e.to_string()));
+            }
+            Err(_) => {
+                self.conn = None;
+                return Err(LookupFailed("member lookup timed out".to_owned()));
+            }
+        };
+        Ok(rows
+            .iter()
+            .map(|row| {
+                (
+                    row.get::<_, String>(0),
+                    MemberRow {
+                        id: row.get(1),
+                        peer_pubkey: row.get(2),
+                        revoked: row.get(3),
+                    },
+                )
+            })
+            .collect())
+    }
+}

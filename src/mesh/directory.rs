@@ -1,0 +1,255 @@
+//! The membership directory: which members each mesh has, shared read-mostly
+//! by every shard so that no send waits on Postgres.
+//!
+//! The db thread loads a mesh the first time a hello names it and refreshes
+//! every loaded mesh periodically (`MEMBER_REFRESH_SECONDS`) and on a miss. A
+//! member's entry keeps its identity across refreshes: its live-shard mask and
+//! held queue live in it. Shards read views through `ArcSwap` (no lock);
+//! the directory's own map is locked only on hello and on refresh.
+use super::held::HeldQueue;
+use arc_swap::ArcSwap;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// One `mesh.member` row as the broker needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRow {
+    pub id: String,
+    pub peer_pubkey: String,
+    pub revoked: bool,
+}
+
+pub struct MemberEntry {
+    pub id: Box<str>,
+    pub pubkey: Box<str>,
+    revoked: AtomicBool,
+    /// Bit i set while shard i has at least one live session of this member.
+    live_shards: AtomicU64,
+    pub held: HeldQueue,
+}
+
+impl MemberEntry {
+    fn new(row: &MemberRow) -> Self {
+        MemberEntry {
+            id: row.id.as_str().into(),
+            pubkey: row.peer_pubkey.to_ascii_lowercase().into(),
+            revoked: AtomicBool::new(row.revoked),
+            live_shards: AtomicU64::new(0),
+            held: HeldQueue::default(),
+        }
+    }
+
+    pub fn is_revoked(&self) -> bool {
+        self.revoked.load(Ordering::Acquire)
+    }
+
+    pub fn live_shards(&self) -> u64 {
+        self.live_shards.load(Ordering::SeqCst)
+    }
+
+    pub fn mark_shard_live(&self, shard: usize) {
+        self.live_shards.fetch_or(1 << shard, Ordering::SeqCst);
+    }
+
+    pub fn mark_shard_gone(&self, shard: usize) {
+        self.live_shards.fetch_and(!(1 << shard), Ordering::SeqCst);
+    }
+}
+
+/// An immutable snapshot of a mesh's current (non-revoked) members.
+#[derive(Default)]
+pub struct MeshView {
+    by_id: HashMap<Box<str>, Arc<MemberEntry>>,
+    by_pubkey: HashMap<Box<str>, Arc<MemberEntry>>,
+    members: Vec<Arc<MemberEntry>>,
+}
+
+impl MeshView {
+    pub fn member(&self, id: &str) -> Option<&Arc<MemberEntry>> {
+        self.by_id.get(id)
+    }
+
+    /// Pubkeys are compared in lowercase hex.
+    pub fn member_by_pubkey(&self, pubkey: &str) -> Option<&Arc<MemberEntry>> {
+        if pubkey.bytes().any(|b| b.is_ascii_uppercase()) {
+            return self.by_pubkey.get(pubkey.to_ascii_lowercase().as_str());
+        }
+        self.by_pubkey.get(pubkey)
+    }
+
+    pub fn members(&self) -> &[Arc<MemberEntry>] {
+        &self.members
+    }
+}
+
+pub struct MeshEntry {
+    pub id: Box<str>,
+    view: ArcSwap<MeshView>,
+    /// Live sessions on all shards, for `MAX_CONNECTIONS_PER_MESH`.
+    live_sessions: AtomicU32,
+    /// Bit i set while shard i has at least one live session of this mesh.
+    live_shards: AtomicU64,
+    loaded_at: Mutex<Instant>,
+}
+
+impl MeshEntry {
+    pub fn view(&self) -> arc_swap::Guard<Arc<MeshView>> {
+        self.view.load()
+    }
+
+    /// Claims a connection slot; false at capacity.
+    pub fn try_admit(&self, max: u32) -> bool {
+        self.live_sessions
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    pub fn release(&self) {
+        self.live_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn live_shards(&self) -> u64 {
+        self.live_shards.load(Ordering::SeqCst)
+    }
+
+    pub fn mark_shard_live(&self, shard: usize) {
+        self.live_shards.fetch_or(1 << shard, Ordering::SeqCst);
+    }
+
+    pub fn mark_shard_gone(&self, shard: usize) {
+        self.live_shards.fetch_and(!(1 << shard), Ordering::SeqCst);
+    }
+
+    pub fn loaded_since(&self) -> std::time::Duration {
+        self.loaded_at.lock().expect("loaded_at lock").elapsed()
+    }
+
+    /// Install fresh rows, keeping the entries (and so the live masks and
+    /// held queues) of members that are still there.
+    fn apply(&self, rows: &[MemberRow]) {
+        let old = self.view.load();
+        let mut view = MeshView::default();
+        for row in rows {
+            let entry = match old.by_id.get(row.id.as_str()) {
+                Some(entry) if *entry.pubkey == *row.peer_pubkey.to_ascii_lowercase() => {
+                    entry.clone()
+                }
+                _ => Arc::new(MemberEntry::new(row)),
+            };
+            if row.revoked {
+                entry.revoked.store(true, Ordering::Release);
+                continue;
+            }
+            view.by_pubkey
+                .entry(entry.pubkey.clone())
+                .or_insert_with(|| entry.clone());
+            view.by_id.insert(entry.id.clone(), entry.clone());
+            view.members.push(entry);
+        }
+        // Members that vanished (deleted rows, changed pubkeys) are revoked too:
+        // their live sessions must go.
+        for (id, entry) in &old.by_id {
+            if view
+                .by_id
+                .get(id)
+                .is_none_or(|new| !Arc::ptr_eq(new, entry))
+            {
+                entry.revoked.store(true, Ordering::Release);
+            }
+        }
+        self.view.store(Arc::new(view));
+        *self.loaded_at.lock().expect("loaded_at lock") = Instant::now();
+    }
+}
+
+#[derive(Default)]
+pub struct Directory {
+    meshes: Mutex<HashMap<Box<str>, Arc<MeshEntry>>>,
+}
+
+impl Directory {
+    pub fn get(&self, mesh_id: &str) -> Option<Arc<MeshEntry>> {
+        self.meshes
+            .lock()
+            .expect("directory lock")
+            .get(mesh_id)
+            .cloned()
+    }
+
+    /// Create or refresh a mesh from its member rows.
+    pub fn install(&self, mesh_id: &str, rows: &[MemberRow]) -> Arc<MeshEntry> {
+        let entry = self
+            .meshes
+            .lock()
+            .expect("directory lock")
+            .entry(mesh_id.into())
+            .or_insert_with(|| {
+                Arc::new(MeshEntry {
+                    id: mesh_id.into(),
+                    view: ArcSwap::from_pointee(MeshView::default()),
+                    live_sessions: AtomicU32::new(0),
+                    live_shards: AtomicU64::new(0),
+                    loaded_at: Mutex::new(Instant::now()),
+                })
+            })
+            .clone();
+        entry.apply(rows);
+        entry
+    }
+
+    /// The ids of every loaded mesh, for the periodic refresh.
+    pub fn mesh_ids(&self) -> Vec<String> {
+        self.meshes
+            .lock()
+            .expect("directory lock")
+            .keys()
+            .map(|k| k.to_string())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(id: &str, key: &str, revoked: bool) -> MemberRow {
+        MemberRow {
+            id: id.into(),
+            peer_pubkey: key.into(),
+            revoked,
+        }
+    }
+
+    #[test]
+    fn refresh_keeps_identity_and_revokes() {
+        let dir = Directory::default();
+        let mesh = dir.install("m", &[row("a", "AA", false), row("b", "bb", false)]);
+        let a = mesh.view().member("a").unwrap().clone();
+        assert!(mesh.view().member_by_pubkey("aa").is_some());
+        a.mark_shard_live(1);
+        dir.install("m", &[row("a", "aa", false), row("b", "bb", true)]);
+        let view = mesh.view();
+        assert!(Arc::ptr_eq(view.member("a").unwrap(), &a));
+        assert_eq!(a.live_shards(), 2);
+        assert!(view.member("b").is_none());
+        assert_eq!(view.members().len(), 1);
+        // A vanished member is revoked.
+        dir.install("m", &[]);
+        assert!(a.is_revoked());
+    }
+
+    #[test]
+    fn capacity_is_exact() {
+        let dir = Directory::default();
+        let mesh = dir.install("m", &[]);
+        assert!(mesh.try_admit(2));
+        assert!(mesh.try_admit(2));
+        assert!(!mesh.try_admit(2));
+        mesh.release();
+        assert!(mesh.try_admit(2));
+    }
+}

@@ -1,0 +1,119 @@
+//! The JSON messages of PROTOCOL.md §4, parsed and serialized; no I/O.
+//!
+//! Inbound messages are parsed with simd-json into a borrowed tree over the
+//! frame's own buffer, then checked field by field so that every error names
+//! the field it is about. Outbound messages are written by hand straight into
+//! a byte buffer: they are few, fixed in shape, and the push frame is on the
+//! hottest path of the broker.
+mod inbound;
+mod outbound;
+
+pub use inbound::{parse_client_message, ClientMessage, Hello, Send, Target};
+pub use outbound::{write_ack, write_error, write_hello_ack, write_push, PushFields};
+
+use std::borrow::Cow;
+
+/// Delivery priority of an envelope (`mesh.message_priority`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Priority {
+    Now,
+    Next,
+    Low,
+}
+
+impl Priority {
+    pub const ALL: [Priority; 3] = [Priority::Now, Priority::Next, Priority::Low];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Priority::Now => "now",
+            Priority::Next => "next",
+            Priority::Low => "low",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Priority> {
+        match s {
+            "now" => Some(Priority::Now),
+            "next" => Some(Priority::Next),
+            "low" => Some(Priority::Low),
+            _ => None,
+        }
+    }
+
+    pub fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// The `code` of an `error` message (PROTOCOL.md §4).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    NoHello,
+    AlreadyHello,
+    BadJson,
+    UnknownType,
+    InvalidField,
+    BadSignature,
+    StaleTimestamp,
+    Unauthorized,
+    Capacity,
+    TooLarge,
+    RateLimited,
+    UnsupportedTarget,
+    UnknownTarget,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::NoHello => "no_hello",
+            ErrorCode::AlreadyHello => "already_hello",
+            ErrorCode::BadJson => "bad_json",
+            ErrorCode::UnknownType => "unknown_type",
+            ErrorCode::InvalidField => "invalid_field",
+            ErrorCode::BadSignature => "bad_signature",
+            ErrorCode::StaleTimestamp => "stale_timestamp",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Capacity => "capacity",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::UnsupportedTarget => "unsupported_target",
+            ErrorCode::UnknownTarget => "unknown_target",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// An error to answer with an `error` message; `id` echoes a send's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+    pub id: Option<String>,
+}
+
+impl ProtocolError {
+    pub fn new(code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        ProtocolError {
+            code,
+            message: message.into(),
+            id: None,
+        }
+    }
+
+    pub fn with_id(mut self, id: Option<&str>) -> Self {
+        self.id = id.map(str::to_owned);
+        self
+    }
+
+    pub fn invalid_field(field: &'static str, expected: &'static str) -> Self {
+        ProtocolError::new(
+            ErrorCode::InvalidField,
+            format!("field '{field}' {expected}"),
+        )
+    }
+}

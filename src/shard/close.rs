@@ -1,0 +1,71 @@
+//! Why a connection closed: the metrics label, the `ws close` log field and
+//! (later) the audit field, all from one typed reason.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CloseReason {
+    /// The client sent a close frame.
+    ClientClosed,
+    /// The TCP connection ended without a close handshake.
+    PeerGone,
+    /// Broker shutdown (1001).
+    Shutdown,
+    /// RFC 6455 violation (1002).
+    ProtocolError,
+    /// Text message that is not UTF-8 (1007).
+    InvalidUtf8,
+    /// Message over MAX_MESSAGE_BYTES (1009).
+    TooLarge,
+    /// A hello was refused (1008).
+    HelloRefused,
+    /// The member was revoked while connected (1008).
+    Revoked,
+    /// The outbound buffer overflowed (1013).
+    SlowReader,
+    /// No answer to pings for 75 s.
+    Timeout,
+    /// A socket error.
+    IoError,
+    /// The broker could not serve the session (1011).
+    Internal,
+}
+
+impl CloseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CloseReason::ClientClosed => "client_closed",
+            CloseReason::PeerGone => "peer_gone",
+            CloseReason::Shutdown => "shutdown",
+            CloseReason::ProtocolError => "protocol_error",
+            CloseReason::InvalidUtf8 => "invalid_utf8",
+            CloseReason::TooLarge => "too_large",
+            CloseReason::HelloRefused => "hello_refused",
+            CloseReason::Revoked => "revoked",
+            CloseReason::SlowReader => "slow_reader",
+            CloseReason::Timeout => "timeout",
+            CloseReason::IoError => "io_error",
+            CloseReason::Internal => "internal",
+        }
+    }
+
+    /// The close code the broker sends for a close it starts.
+    pub fn code(self) -> u16 {
+        match self {
+            CloseReason::ClientClosed | CloseReason::PeerGone | CloseReason::Timeout => 1000,
+            CloseReason::Shutdown => 1001,
+            CloseReason::ProtocolError | CloseReason::IoError => 1002,
+            CloseReason::InvalidUtf8 => 1007,
+            CloseReason::HelloRefused | CloseReason::Revoked => 1008,
+            CloseReason::TooLarge => 1009,
+            CloseReason::Internal => 1011,
+            CloseReason::SlowReader => 1013,
+        }
+    }
+
+    /// The reason for a codec error's close code.
+    pub fn from_code(code: u16) -> Self {
+        match code {
+            1007 => CloseReason::InvalidUtf8,
+            1009 => CloseReason::TooLarge,
+            _ => CloseReason::ProtocolError,
+        }
+    }
+}

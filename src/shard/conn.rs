@@ -1,0 +1,237 @@
+//! HTTP/1.1 on an accepted socket: keep-alive request loop, the four routes,
+//! and the hand-off of `/ws` upgrades to a WebSocket session.
+use super::{session, Shard};
+use crate::db::{DbCommand, PendingStatus};
+use crate::hook;
+use crate::http::{self, error_json, parse_head, preflight, Method, RequestHead, Response};
+use crate::ws;
+use monoio::buf::IoBufMut;
+use monoio::io::{AsyncReadRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::time::{Instant, SystemTime};
+
+/// Initial read buffer; grows only for large heads and bodies.
+const READ_CHUNK: usize = 4096;
+
+/// What a request turns into.
+enum Outcome {
+    Respond(Response),
+    Upgrade { key: String },
+}
+
+pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+    let _ = stream.set_nodelay(true);
+    let conn = shard.register_conn(stream.as_raw_fd());
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    loop {
+        let head = match read_head(&mut stream, &mut buf).await {
+            Ok(Some(head)) => head,
+            Ok(None) => break,
+            Err(status) => {
+                let response = error_json(status, http::reason_phrase(status));
+                let _ = stream.write_all(response.to_bytes(false)).await;
+                break;
+            }
+        };
+        let started = Instant::now();
+        let body_len = head.content_length.unwrap_or(0);
+        if head.chunked {
+            let response = error_json(
+                411,
+                "chunked request bodies are not supported; send Content-Length",
+            );
+            let _ = stream.write_all(response.to_bytes(false)).await;
+            break;
+        }
+        if body_len > shard.ctx.config.max_message_bytes {
+            let response = error_json(413, "request body exceeds MAX_MESSAGE_BYTES");
+            let _ = stream.write_all(response.to_bytes(false)).await;
+            break;
+        }
+        if head.expect_continue && body_len > 0 && buf.len() < head.head_len + body_len {
+            let continue_line = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+            if stream.write_all(continue_line).await.0.is_err() {
+                break;
+            }
+        }
+        if !read_exact_len(&mut stream, &mut buf, head.head_len + body_len).await {
+            break;
+        }
+        let keep_alive = head.keep_alive && !shard.is_shutting_down();
+        let mut body = buf[head.head_len..head.head_len + body_len].to_vec();
+        buf.drain(..head.head_len + body_len);
+        match route(&shard, &head, &mut body) {
+            Outcome::Upgrade { key } => {
+                let (res, _) = stream
+                    .write_all(ws::switching_protocols_response(&key))
+                    .await;
+                shard.histograms.borrow_mut().record_http(started.elapsed());
+                if res.is_ok() {
+                    session::run(shard.clone(), stream, buf, conn, peer).await;
+                }
+                shard.unregister_conn(conn);
+                return;
+            }
+            Outcome::Respond(response) => {
+                let (res, _) = stream.write_all(response.to_bytes(keep_alive)).await;
+                shard.histograms.borrow_mut().record_http(started.elapsed());
+                if res.is_err() || !keep_alive {
+                    break;
+                }
+            }
+        }
+    }
+    shard.unregister_conn(conn);
+}
+
+/// Reads until a whole request head is buffered. Ok(None): the peer closed
+/// (or the shard shut the socket) between requests. Err: the status to answer.
+async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<RequestHead>, u16> {
+    loop {
+        if !buf.is_empty() {
+            match parse_head(buf) {
+                Ok(Some(head)) => return Ok(Some(head)),
+                Ok(None) => {}
+                Err(e) => return Err(e.status()),
+            }
+        }
+        if !read_more(stream, buf).await {
+            return Ok(None);
+        }
+    }
+}
+
+async fn read_exact_len(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> bool {
+    while buf.len() < len {
+        if !read_more(stream, buf).await {
+            return false;
+        }
+    }
+    true
+}
+
+/// Appends what the socket has to `buf`; false on EOF or error.
+pub(super) async fn read_more(stream: &mut impl AsyncReadRent, buf: &mut Vec<u8>) -> bool {
+    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
+        buf.reserve(READ_CHUNK);
+    }
+    let len = buf.len();
+    let cap = buf.capacity();
+    let owned = std::mem::take(buf);
+    let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
+    *buf = slice.into_inner();
+    matches!(res, Ok(n) if n > 0)
+}
+
+fn route(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Outcome {
+    if head.method == Method::Options {
+        return Outcome::Respond(preflight());
+    }
+    let wants_upgrade = head.upgrade_websocket || head.ws_key.is_some();
+    let response = match (head.path.as_str(), head.method) {
+        ("/ws", _) => return websocket_upgrade(head),
+        (_, _) if wants_upgrade => error_json(404, "WebSocket upgrades are served on /ws only"),
+        ("/health", Method::Get | Method::Head) => health(shard),
+        ("/metrics", Method::Get | Method::Head) => metrics(shard),
+        ("/hook/set-status", Method::Post) => hook_set_status(shard, body),
+        ("/health" | "/metrics", _) => method_not_allowed("GET, OPTIONS"),
+        ("/hook/set-status", _) => method_not_allowed("POST, OPTIONS"),
+        _ => error_json(404, "not found"),
+    };
+    Outcome::Respond(response)
+}
+
+fn method_not_allowed(allow: &'static str) -> Response {
+    error_json(405, "method not allowed").with_header("Allow", allow)
+}
+
+/// RFC 6455 §4.2.1: anything short of a well-formed version-13 GET upgrade
+/// is refused, never upgraded.
+fn websocket_upgrade(head: &RequestHead) -> Outcome {
+    let refuse = |status: u16, msg: &str| Outcome::Respond(error_json(status, msg));
+    if head.method != Method::Get {
+        return refuse(400, "WebSocket upgrade must be a GET");
+    }
+    if !head.upgrade_websocket || !head.connection_upgrade {
+        return Outcome::Respond(
+            error_json(426, "this endpoint speaks WebSocket only")
+                .with_header("Upgrade", "websocket"),
+        );
+    }
+    if head.ws_version.as_deref() != Some("13") {
+        return Outcome::Respond(
+            error_json(426, "unsupported Sec-WebSocket-Version")
+                .with_header("Sec-WebSocket-Version", "13"),
+        );
+    }
+    match &head.ws_key {
+        Some(key) if ws::is_valid_client_key(key) => Outcome::Upgrade { key: key.clone() },
+        _ => refuse(400, "missing or invalid Sec-WebSocket-Key"),
+    }
+}
+
+fn health(shard: &Shard) -> Response {
+    let ctx = &shard.ctx;
+    let up = ctx.db_status.is_up();
+    let body = serde_json::json!({
+        "status": if up { "ok" } else { "degraded" },
+        "db": if up { "up" } else { "down" },
+        "version": env!("CARGO_PKG_VERSION"),
+        "gitSha": ctx.config.git_sha,
+        "uptime": ctx.started_at.elapsed().as_secs(),
+    });
+    Response::json(if up { 200 } else { 503 }, body.to_string().into_bytes())
+}
+
+fn metrics(shard: &Shard) -> Response {
+    let ctx = &shard.ctx;
+    ctx.metrics.global().set_db_healthy(ctx.db_status.is_up());
+    Response::new(
+        200,
+        "text/plain; version=0.0.4; charset=utf-8",
+        ctx.metrics.render().into_bytes(),
+    )
+}
+
+fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Response {
+    let signal = match hook::parse_signal(body) {
+        Ok(signal) => signal,
+        Err(e) => {
+            shard.metrics.hook_request(false);
+            return error_json(e.status(), &e.to_string());
+        }
+    };
+    let allowed = shard
+        .ctx
+        .hook_limiter
+        .lock()
+        .expect("hook limiter lock")
+        .allow(signal.pid, &signal.cwd, Instant::now());
+    shard.metrics.hook_request(!allowed);
+    if !allowed {
+        return error_json(
+            429,
+            "rate limited: too many hook signals for this (pid, cwd)",
+        );
+    }
+    tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(), pending = true, "hook");
+    let stash = PendingStatus {
+        id: shard.ids.borrow_mut().next_id(),
+        pid: signal.pid,
+        cwd: signal.cwd,
+        status: signal.status.as_str().to_owned(),
+        created_at: SystemTime::now(),
+    };
+    if shard
+        .ctx
+        .db
+        .try_send(DbCommand::StashPendingStatus(stash))
+        .is_err()
+    {
+        return error_json(503, "unavailable: the database queue is full");
+    }
+    Response::json(200, br#"{"ok":true,"pending":true}"#.to_vec())
+}

@@ -1,0 +1,114 @@
+//! A shard's inbox: a bounded crossbeam channel plus a waker the shard's
+//! monoio event loop awaits. Senders on other threads wake the shard only when
+//! it is parked on an empty inbox (`AtomicWaker::wake` is a no-op otherwise),
+//! and the shard drains a bounded batch per wakeup before yielding to its
+//! sockets, so a busy inbox cannot starve connections.
+use atomic_waker::AtomicWaker;
+use crossbeam_channel::{Receiver, Sender, TryRecvError, TrySendError};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::Poll;
+
+struct Shared {
+    waker: AtomicWaker,
+    shutdown: AtomicBool,
+}
+
+/// The sending side, one per shard, held by every thread that talks to it.
+pub struct InboxSender<T> {
+    tx: Sender<T>,
+    shared: Arc<Shared>,
+}
+
+impl<T> Clone for InboxSender<T> {
+    fn clone(&self) -> Self {
+        InboxSender {
+            tx: self.tx.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+pub struct Inbox<T> {
+    rx: Receiver<T>,
+    shared: Arc<Shared>,
+}
+
+pub fn inbox<T>(capacity: usize) -> (InboxSender<T>, Inbox<T>) {
+    let (tx, rx) = crossbeam_channel::bounded(capacity);
+    let shared = Arc::new(Shared {
+        waker: AtomicWaker::new(),
+        shutdown: AtomicBool::new(false),
+    });
+    (
+        InboxSender {
+            tx,
+            shared: shared.clone(),
+        },
+        Inbox { rx, shared },
+    )
+}
+
+impl<T> InboxSender<T> {
+    /// Never blocks: a full inbox hands the item back so the caller can keep
+    /// it and retry on its next tick.
+    pub fn try_send(&self, item: T) -> Result<(), T> {
+        let result = match self.tx.try_send(item) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(item) | TrySendError::Disconnected(item)) => Err(item),
+        };
+        self.shared.waker.wake();
+        result
+    }
+
+    /// Out of band of the bounded queue, so shutdown gets through a full inbox.
+    pub fn request_shutdown(&self) {
+        self.shared.shutdown.store(true, Ordering::Release);
+        self.shared.waker.wake();
+    }
+}
+
+/// What one wakeup of the inbox yields.
+pub enum Wakeup {
+    /// Up to `max` items were moved into the caller's vector.
+    Items,
+    Shutdown,
+}
+
+impl<T> Inbox<T> {
+    /// Waits until the inbox has items or shutdown was requested, then moves
+    /// at most `max` items into `out`.
+    pub async fn next_batch(&self, out: &mut Vec<T>, max: usize) -> Wakeup {
+        poll_fn(|cx| {
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                return Poll::Ready(Wakeup::Shutdown);
+            }
+            if self.drain(out, max) {
+                return Poll::Ready(Wakeup::Items);
+            }
+            // Register, then look again: an item sent between the first look
+            // and the registration would otherwise sleep until the next one.
+            self.shared.waker.register(cx.waker());
+            if self.shared.shutdown.load(Ordering::Acquire) {
+                return Poll::Ready(Wakeup::Shutdown);
+            }
+            if self.drain(out, max) {
+                return Poll::Ready(Wakeup::Items);
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn drain(&self, out: &mut Vec<T>, max: usize) -> bool {
+        let before = out.len();
+        while out.len() - before < max {
+            match self.rx.try_recv() {
+                Ok(item) => out.push(item),
+                Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
+            }
+        }
+        out.len() > before
+    }
+}

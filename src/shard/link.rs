@@ -1,0 +1,136 @@
+//! What the shard (routing, housekeeping, shutdown) holds of a live
+//! WebSocket session: its outbound queue and its liveness clock. The session
+//! task itself owns the socket's read side and the protocol state.
+use super::close::CloseReason;
+use super::outbound::{Outbound, Stamp, StampKind};
+use super::{shutdown_socket, PING_INTERVAL, PING_TIMEOUT};
+use crate::mesh::routes::Recipient;
+use crate::mesh::Envelope;
+use crate::ws::{self, OpCode};
+use std::cell::Cell;
+use std::os::fd::RawFd;
+use std::time::{Duration, Instant};
+
+/// How long a closing peer gets to answer our close frame (or, when it is
+/// too slow to read, to take it) before the socket is shut.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+pub struct SessionLink {
+    fd: RawFd,
+    pub out: Outbound,
+    last_heard: Cell<Instant>,
+    last_ping: Cell<Instant>,
+    closing: Cell<Option<CloseReason>>,
+    shut_at: Cell<Option<Instant>>,
+}
+
+impl SessionLink {
+    pub fn new(fd: RawFd, outbound_limit: usize) -> Self {
+        let now = Instant::now();
+        SessionLink {
+            fd,
+            out: Outbound::new(outbound_limit),
+            last_heard: Cell::new(now),
+            last_ping: Cell::new(now),
+            closing: Cell::new(None),
+            shut_at: Cell::new(None),
+        }
+    }
+
+    /// Any frame from the peer proves it alive.
+    pub fn heard(&self, now: Instant) {
+        self.last_heard.set(now);
+    }
+
+    pub fn close_reason(&self) -> Option<CloseReason> {
+        self.closing.get()
+    }
+
+    /// Starts a broker-side close: the close frame goes out after what is
+    /// queued (or instead of it, for a slow reader), and the socket is shut
+    /// if the peer has not finished the handshake within the grace period.
+    pub fn close(&self, reason: CloseReason) {
+        if self.closing.get().is_some() {
+            return;
+        }
+        self.closing.set(Some(reason));
+        let grace = match reason {
+            CloseReason::Timeout => Duration::ZERO,
+            _ => CLOSE_GRACE,
+        };
+        self.shut_at.set(Some(Instant::now() + grace));
+        self.out.close(
+            ws::close_frame(reason.code(), reason.as_str()),
+            reason == CloseReason::SlowReader,
+        );
+    }
+
+    /// Records that the peer closed first; our answer echoes its code.
+    pub fn peer_closed(&self, code: Option<u16>) {
+        if self.closing.get().is_none() {
+            self.closing.set(Some(CloseReason::ClientClosed));
+            self.out
+                .close(ws::close_frame(code.unwrap_or(1000), ""), false);
+        }
+    }
+
+    /// Once a second: ping, time out, or shut a close that overran its grace.
+    pub fn tick(&self, now: Instant) {
+        if let Some(at) = self.shut_at.get() {
+            if now >= at {
+                self.shut_at.set(None);
+                shutdown_socket(self.fd);
+            }
+            return;
+        }
+        if now.duration_since(self.last_heard.get()) >= PING_TIMEOUT {
+            self.close(CloseReason::Timeout);
+        } else if now.duration_since(self.last_ping.get()) >= PING_INTERVAL {
+            self.last_ping.set(now);
+            // A full queue here means a slow reader: push() cuts it off.
+            self.send_control(OpCode::Ping, b"");
+        }
+    }
+
+    pub fn send_control(&self, opcode: OpCode, payload: &[u8]) {
+        if self
+            .out
+            .push(ws::encode_server_frame(opcode, payload), None)
+            .is_err()
+        {
+            self.close(CloseReason::SlowReader);
+        }
+    }
+
+    /// Queue a frame this session answers with (ack, error, hello_ack).
+    pub fn reply(&self, frame: bytes::Bytes, stamp: Option<Stamp>) {
+        if self.out.push(frame, stamp).is_err() {
+            self.close(CloseReason::SlowReader);
+        }
+    }
+
+    /// Shut the socket now (the peer is gone or the shard is done waiting).
+    pub fn shut(&self) {
+        shutdown_socket(self.fd);
+    }
+}
+
+impl Recipient for SessionLink {
+    fn deliver(&self, envelope: &Envelope) -> bool {
+        if self.closing.get().is_some() {
+            return false;
+        }
+        let stamp = Stamp {
+            sent_at: envelope.sent_at,
+            priority: envelope.priority,
+            kind: StampKind::Push,
+        };
+        match self.out.push(envelope.frame.clone(), Some(stamp)) {
+            Ok(()) => true,
+            Err(_) => {
+                self.close(CloseReason::SlowReader);
+                false
+            }
+        }
+    }
+}

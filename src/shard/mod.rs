@@ -1,0 +1,395 @@
+//! One shard: a pinned thread running a monoio runtime (io_uring, or epoll
+//! where io_uring cannot start) with its own SO_REUSEPORT listener. The shard
+//! owns its connections and its slice of each mesh's routing table; it talks
+//! to other shards only through their inboxes, in batches.
+//!
+//! - `conn`     — HTTP/1.1 on an accepted socket; hands upgrades to `session`.
+//! - `session`  — one WebSocket peer: reader loop, writer task, hello, send.
+//! - `link`     — what routing and housekeeping hold of a live session.
+//! - `outbound` — a connection's bounded queue of encoded frames.
+//! - `inbox`    — the cross-thread channel into a shard, with its wakeup.
+//! - `close`    — typed close reasons.
+//! - `signal`   — a one-shot signal shared by one shard's tasks.
+mod close;
+mod conn;
+pub mod inbox;
+mod link;
+mod outbound;
+mod session;
+mod signal;
+
+pub use close::CloseReason;
+
+use crate::broker::BrokerContext;
+use crate::ids::IdGen;
+use crate::mesh::directory::MemberEntry;
+use crate::mesh::routes::{first_shard, LocalRoutes, Route};
+use crate::metrics::{LocalHistograms, ShardMetrics};
+use inbox::{Inbox, InboxSender, Wakeup};
+use link::SessionLink;
+use signal::LocalSignal;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Poll, Waker};
+use std::time::{Duration, Instant};
+
+/// What crosses from one shard to another.
+pub enum ShardEvent {
+    /// Deliver a routed envelope to this shard's sessions of its targets.
+    Route(Arc<Route>),
+    /// A member's held queue has envelopes and this shard has a session of it.
+    DrainHeld(Arc<MemberEntry>),
+}
+
+/// Items are batches: one per sending shard per wakeup.
+pub type ShardSender = InboxSender<Vec<ShardEvent>>;
+pub type ShardInbox = Inbox<Vec<ShardEvent>>;
+
+/// Inbox capacity in batches; a full inbox keeps the batch on the sending
+/// shard and retries, it never drops.
+pub const INBOX_BATCHES: usize = 4096;
+/// Batches drained per inbox wakeup before yielding to sockets.
+const INBOX_DRAIN: usize = 64;
+/// How long connections get to finish their close handshake at shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Housekeeping period: histograms, liveness, revocations.
+const TICK: Duration = Duration::from_secs(1);
+pub const PING_INTERVAL: Duration = Duration::from_secs(30);
+pub const PING_TIMEOUT: Duration = Duration::from_secs(75);
+
+pub struct ShardSpec {
+    pub index: usize,
+    pub listener: std::net::TcpListener,
+    pub core: Option<core_affinity::CoreId>,
+    pub inbox: ShardInbox,
+}
+
+/// A connection the shard knows about, for shutdown and housekeeping.
+struct ConnSlot {
+    fd: RawFd,
+    session: Option<Rc<SessionLink>>,
+}
+
+pub struct Shard {
+    pub index: usize,
+    pub ctx: Arc<BrokerContext>,
+    pub metrics: Arc<ShardMetrics>,
+    pub histograms: RefCell<LocalHistograms>,
+    pub ids: RefCell<IdGen>,
+    pub json_buffers: RefCell<simd_json::Buffers>,
+    pub routes: RefCell<LocalRoutes<SessionLink>>,
+    conns: RefCell<HashMap<u64, ConnSlot>>,
+    next_conn: Cell<u64>,
+    /// Events for other shards, gathered during one turn of the event loop
+    /// and sent by the flusher as one batch per destination.
+    outgoing: RefCell<Vec<Vec<ShardEvent>>>,
+    flusher: Cell<Option<Waker>>,
+    shutdown: LocalSignal,
+    all_closed: LocalSignal,
+}
+
+/// Starts the shard's thread, named `shard-N` and pinned to its core.
+pub fn spawn(
+    spec: ShardSpec,
+    ctx: Arc<BrokerContext>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("shard-{}", spec.index))
+        .spawn(move || {
+            if let Some(core) = spec.core {
+                if !core_affinity::set_for_current(core) {
+                    tracing::warn!(target: "shard", shard = spec.index, "pin failed");
+                }
+            }
+            match build_runtime(spec.index) {
+                Ok(mut rt) => rt.block_on(run(spec, ctx)),
+                Err(e) => {
+                    tracing::error!(target: "shard", shard = spec.index, error = %e, "runtime failed");
+                }
+            }
+        })
+}
+
+type ShardRuntime = monoio::FusionRuntime<
+    monoio::time::TimeDriver<monoio::IoUringDriver>,
+    monoio::time::TimeDriver<monoio::LegacyDriver>,
+>;
+
+/// io_uring first; the epoll driver where io_uring is missing or refused
+/// (old kernel, seccomp, memlock limits).
+fn build_runtime(index: usize) -> std::io::Result<ShardRuntime> {
+    let uring = if monoio::utils::detect_uring() {
+        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+            .with_entries(4096)
+            .enable_timer()
+            .build()
+    } else {
+        Err(std::io::Error::other("io_uring not available"))
+    };
+    match uring {
+        Ok(rt) => {
+            tracing::debug!(target: "shard", shard = index, driver = "io_uring", "runtime started");
+            Ok(rt.into())
+        }
+        Err(e) => {
+            tracing::warn!(target: "shard", shard = index, driver = "legacy", error = %e, "io_uring unavailable, using epoll");
+            Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                .enable_timer()
+                .build()?
+                .into())
+        }
+    }
+}
+
+async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
+    let shards = ctx.shards.len();
+    let shard = Rc::new(Shard {
+        index: spec.index,
+        metrics: ctx.metrics.shard(spec.index).clone(),
+        histograms: RefCell::new(LocalHistograms::new()),
+        ids: RefCell::new(IdGen::new(spec.index as u16)),
+        json_buffers: RefCell::new(simd_json::Buffers::default()),
+        routes: RefCell::new(LocalRoutes::new(spec.index)),
+        conns: RefCell::new(HashMap::new()),
+        next_conn: Cell::new(0),
+        outgoing: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
+        flusher: Cell::new(None),
+        shutdown: LocalSignal::default(),
+        all_closed: LocalSignal::default(),
+        ctx,
+    });
+    let listener = match monoio::net::TcpListener::from_std(spec.listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!(target: "shard", shard = spec.index, error = %e, "listener failed");
+            return;
+        }
+    };
+    monoio::spawn(inbox_loop(shard.clone(), spec.inbox));
+    monoio::spawn(flush_loop(shard.clone()));
+    monoio::spawn(housekeeping(shard.clone()));
+    loop {
+        monoio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    monoio::spawn(conn::serve(shard.clone(), stream, peer));
+                }
+                Err(e) => {
+                    // EMFILE and friends: back off briefly instead of spinning.
+                    tracing::warn!(target: "shard", shard = shard.index, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                }
+            },
+            _ = shard.shutdown.wait() => break,
+        }
+    }
+    drop(listener);
+    shard.close_all();
+    let _ = monoio::time::timeout(SHUTDOWN_GRACE, shard.all_closed.wait()).await;
+    shard.histograms.borrow_mut().publish(&shard.metrics);
+}
+
+async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
+    let mut batches = Vec::with_capacity(INBOX_DRAIN);
+    loop {
+        match inbox.next_batch(&mut batches, INBOX_DRAIN).await {
+            Wakeup::Shutdown => {
+                shard.shutdown.fire();
+                return;
+            }
+            Wakeup::Items => {
+                for batch in batches.drain(..) {
+                    for event in batch {
+                        shard.process_event(event);
+                    }
+                }
+            }
+        }
+        // Let the sockets written to by this batch run before the next one.
+        signal::yield_now().await;
+    }
+}
+
+/// Sends what this turn of the loop gathered for other shards, one batch per
+/// destination. A full inbox keeps the batch here and is retried shortly.
+async fn flush_loop(shard: Rc<Shard>) {
+    loop {
+        poll_fn(|cx| {
+            if shard.outgoing.borrow().iter().any(|b| !b.is_empty()) {
+                return Poll::Ready(());
+            }
+            shard.flusher.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        // Yield once so every task runnable in this turn adds to the batch.
+        signal::yield_now().await;
+        let mut blocked = false;
+        for (dest, sender) in shard.ctx.shards.iter().enumerate() {
+            let batch = std::mem::take(&mut shard.outgoing.borrow_mut()[dest]);
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(batch) = sender.try_send(batch) {
+                let mut outgoing = shard.outgoing.borrow_mut();
+                let newer = std::mem::replace(&mut outgoing[dest], batch);
+                outgoing[dest].extend(newer);
+                blocked = true;
+            }
+        }
+        if blocked {
+            monoio::time::sleep(Duration::from_micros(200)).await;
+        }
+    }
+}
+
+async fn housekeeping(shard: Rc<Shard>) {
+    loop {
+        monoio::time::sleep(TICK).await;
+        shard.histograms.borrow_mut().publish(&shard.metrics);
+        shard.check_liveness(Instant::now());
+        for session in shard.routes.borrow().revoked_sessions() {
+            session.close(CloseReason::Revoked);
+        }
+        if shard.index == 0 {
+            shard
+                .ctx
+                .hook_limiter
+                .lock()
+                .expect("hook limiter lock")
+                .gc(Instant::now());
+        }
+    }
+}
+
+impl Shard {
+    pub fn shard_count(&self) -> usize {
+        self.ctx.shards.len()
+    }
+
+    /// Queue an event for another shard (or handle it here, for this one).
+    pub fn send_to(&self, dest: usize, event: ShardEvent) {
+        if dest == self.index {
+            self.process_event(event);
+            return;
+        }
+        self.outgoing.borrow_mut()[dest].push(event);
+        if let Some(waker) = self.flusher.take() {
+            waker.wake();
+        }
+    }
+
+    fn process_event(&self, event: ShardEvent) {
+        match event {
+            ShardEvent::Route(route) => self.deliver_route(&route),
+            ShardEvent::DrainHeld(member) => self.drain_held(&member),
+        }
+    }
+
+    pub fn deliver_route(&self, route: &Route) {
+        let done = self.routes.borrow().deliver_route(route);
+        for (member_key, now_live) in done.held {
+            let member = route
+                .targets
+                .iter()
+                .find(|t| Arc::as_ptr(&t.member) as usize == member_key)
+                .map(|t| t.member.clone());
+            if let Some(member) = member {
+                self.ctx.metrics.global().queue_depth_add(1);
+                self.request_drain(&member, now_live);
+            }
+        }
+    }
+
+    /// Ask a shard that has a session of `member` to drain its held queue.
+    pub fn request_drain(&self, member: &Arc<MemberEntry>, live_shards: u64) {
+        if let Some(dest) = first_shard(live_shards) {
+            self.send_to(dest, ShardEvent::DrainHeld(member.clone()));
+        }
+    }
+
+    pub fn drain_held(&self, member: &Arc<MemberEntry>) {
+        let delivered = self.routes.borrow().drain_held(member, None);
+        self.ctx
+            .metrics
+            .global()
+            .queue_depth_add(-(delivered as i64));
+        if delivered == 0 && !member.held.is_empty() {
+            // Our sessions left meanwhile: pass it on to one that has one.
+            let others = member.live_shards() & !(1 << self.index);
+            self.request_drain(member, others);
+        }
+    }
+
+    fn register_conn(&self, fd: RawFd) -> u64 {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        self.conns
+            .borrow_mut()
+            .insert(id, ConnSlot { fd, session: None });
+        id
+    }
+
+    fn attach_session(&self, conn: u64, session: Rc<SessionLink>) {
+        if let Some(slot) = self.conns.borrow_mut().get_mut(&conn) {
+            slot.session = Some(session);
+        }
+    }
+
+    fn unregister_conn(&self, conn: u64) {
+        let mut conns = self.conns.borrow_mut();
+        conns.remove(&conn);
+        if conns.is_empty() && self.shutdown.is_fired() {
+            self.all_closed.fire();
+        }
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_fired()
+    }
+
+    /// Shutdown: WebSockets get a 1001 close; idle HTTP keep-alive sockets
+    /// are shut so their pending reads end.
+    fn close_all(&self) {
+        let conns: Vec<(RawFd, Option<Rc<SessionLink>>)> = self
+            .conns
+            .borrow()
+            .values()
+            .map(|c| (c.fd, c.session.clone()))
+            .collect();
+        if conns.is_empty() {
+            self.all_closed.fire();
+        }
+        for (fd, session) in conns {
+            match session {
+                Some(session) => session.close(CloseReason::Shutdown),
+                None => shutdown_socket(fd),
+            }
+        }
+    }
+
+    fn check_liveness(&self, now: Instant) {
+        let sessions: Vec<Rc<SessionLink>> = self
+            .conns
+            .borrow()
+            .values()
+            .filter_map(|c| c.session.clone())
+            .collect();
+        for session in sessions {
+            session.tick(now);
+        }
+    }
+}
+
+/// Ends a socket's pending reads and writes so its tasks finish.
+pub(crate) fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutdown(2) on a descriptor the shard still owns; errors (e.g.
+    // already disconnected) are harmless here.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
+}

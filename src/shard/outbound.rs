@@ -1,0 +1,157 @@
+//! A connection's outbound queue: encoded frames waiting for the socket.
+//!
+//! Routing pushes shared frames (`Bytes`, one allocation for every recipient)
+//! and the connection's writer task takes everything queued in one go and
+//! writes it with one syscall, so a burst of pushes costs one write per socket
+//! per wakeup. The queue is bounded in bytes: a peer that stops reading is cut
+//! off (close 1013), never buffered without limit.
+use crate::protocol::Priority;
+use bytes::Bytes;
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::future::poll_fn;
+use std::task::{Poll, Waker};
+use std::time::Instant;
+
+/// For acks and pushes: when the send that caused the frame was read, so the
+/// writer can record send→ack and send→push latency once the frame is out.
+#[derive(Clone, Copy)]
+pub struct Stamp {
+    pub sent_at: Instant,
+    pub priority: Priority,
+    pub kind: StampKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum StampKind {
+    Ack,
+    Push,
+}
+
+pub struct QueuedFrame {
+    pub frame: Bytes,
+    pub stamp: Option<Stamp>,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub struct Overflow;
+
+pub struct Outbound {
+    queue: RefCell<VecDeque<QueuedFrame>>,
+    queued_bytes: Cell<usize>,
+    limit: usize,
+    writer: Cell<Option<Waker>>,
+    /// Set once a close frame is queued: nothing is queued after it.
+    closing: Cell<bool>,
+}
+
+impl Outbound {
+    pub fn new(limit: usize) -> Self {
+        Outbound {
+            queue: RefCell::new(VecDeque::new()),
+            queued_bytes: Cell::new(0),
+            limit,
+            writer: Cell::new(None),
+            closing: Cell::new(false),
+        }
+    }
+
+    /// Queue a frame. Over the byte bound nothing is queued and the caller
+    /// must cut the connection off.
+    pub fn push(&self, frame: Bytes, stamp: Option<Stamp>) -> Result<(), Overflow> {
+        if self.closing.get() {
+            return Ok(());
+        }
+        let bytes = self.queued_bytes.get() + frame.len();
+        if bytes > self.limit {
+            return Err(Overflow);
+        }
+        self.queued_bytes.set(bytes);
+        self.queue
+            .borrow_mut()
+            .push_back(QueuedFrame { frame, stamp });
+        self.wake_writer();
+        Ok(())
+    }
+
+    /// Queue a close frame as the last frame. With `discard_pending`, frames
+    /// not yet handed to the socket are dropped first (the peer is too slow
+    /// to deserve them); otherwise they go out before the close.
+    pub fn close(&self, close_frame: Bytes, discard_pending: bool) {
+        if self.closing.replace(true) {
+            return;
+        }
+        let mut queue = self.queue.borrow_mut();
+        if discard_pending {
+            queue.clear();
+            self.queued_bytes.set(0);
+        }
+        self.queued_bytes
+            .set(self.queued_bytes.get() + close_frame.len());
+        queue.push_back(QueuedFrame {
+            frame: close_frame,
+            stamp: None,
+        });
+        drop(queue);
+        self.wake_writer();
+    }
+
+    /// Stop without a close frame (the peer is gone): the writer ends.
+    pub fn abort(&self) {
+        self.closing.set(true);
+        self.queue.borrow_mut().clear();
+        self.queued_bytes.set(0);
+        self.wake_writer();
+    }
+
+    pub fn is_closing(&self) -> bool {
+        self.closing.get()
+    }
+
+    pub fn queued_bytes(&self) -> usize {
+        self.queued_bytes.get()
+    }
+
+    /// Waits for frames and moves all of them into `batch`. Returns false when
+    /// the queue is closed and fully drained: the writer is done.
+    pub async fn take_all(&self, batch: &mut Vec<QueuedFrame>) -> bool {
+        poll_fn(|cx| {
+            let mut queue = self.queue.borrow_mut();
+            if !queue.is_empty() {
+                batch.extend(queue.drain(..));
+                self.queued_bytes.set(0);
+                return Poll::Ready(true);
+            }
+            if self.closing.get() {
+                return Poll::Ready(false);
+            }
+            self.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+    }
+
+    fn wake_writer(&self) {
+        if let Some(waker) = self.writer.take() {
+            waker.wake();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bound_is_inclusive_and_close_discards() {
+        let out = Outbound::new(10);
+        assert!(out.push(Bytes::from_static(b"12345"), None).is_ok());
+        assert!(out.push(Bytes::from_static(b"12345"), None).is_ok());
+        assert_eq!(out.push(Bytes::from_static(b"1"), None), Err(Overflow));
+        out.close(Bytes::from_static(b"cl"), true);
+        assert_eq!(out.queued_bytes(), 2);
+        // Nothing is queued after the close frame.
+        assert!(out.push(Bytes::from_static(b"x"), None).is_ok());
+        assert_eq!(out.queued_bytes(), 2);
+    }
+}

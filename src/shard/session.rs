@@ -1,0 +1,555 @@
+//! One WebSocket peer: the read loop (frames → messages → hello / send /
+//! set_status), the writer task that drains the outbound queue one batch per
+//! syscall, and the session's lifecycle in the routing table and Postgres.
+use super::close::CloseReason;
+use super::conn::read_more;
+use super::link::SessionLink;
+use super::outbound::{QueuedFrame, Stamp, StampKind};
+use super::{Shard, ShardEvent};
+use crate::db::DbCommand;
+use crate::hook::Status;
+use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::routes::plan_send;
+use crate::mesh::Envelope;
+use crate::metrics::RejectReason;
+use crate::protocol::{
+    self, ClientMessage, ErrorCode, Hello, ProtocolError, PushFields, Send, Target,
+};
+use crate::ws::{self, Incoming, MessageAssembler, OpCode};
+use ed25519_dalek::{Signature, VerifyingKey};
+use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::net::tcp::TcpOwnedWriteHalf;
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// Hello timestamps further than this from the broker's clock are stale.
+const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+/// A writer batch buffer bigger than this is freed after use, so idle
+/// connections do not keep burst-sized buffers.
+const KEEP_WRITE_BUFFER: usize = 64 * 1024;
+/// How long teardown waits for the writer to flush before shutting the socket.
+const WRITER_FLUSH: Duration = Duration::from_secs(5);
+
+/// A session after a successful hello.
+struct Joined {
+    mesh: Arc<MeshEntry>,
+    member: Arc<MemberEntry>,
+    presence_id: String,
+    status: Status,
+}
+
+struct Session {
+    shard: Rc<Shard>,
+    link: Rc<SessionLink>,
+    peer: SocketAddr,
+    joined: Option<Joined>,
+    scratch: Vec<u8>,
+}
+
+pub async fn run(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    mut buf: Vec<u8>,
+    conn: u64,
+    peer: SocketAddr,
+) {
+    let max_message = shard.ctx.config.max_message_bytes;
+    let link = Rc::new(SessionLink::new(
+        stream.as_raw_fd(),
+        shard.ctx.config.max_outbound_bytes,
+    ));
+    shard.attach_session(conn, link.clone());
+    shard.metrics.conn_opened();
+    let (mut reader, writer) = stream.into_split();
+    let writer = monoio::spawn(write_loop(writer, link.clone(), shard.clone()));
+    let mut session = Session {
+        shard: shard.clone(),
+        link: link.clone(),
+        peer,
+        joined: None,
+        scratch: Vec::new(),
+    };
+    if shard.is_shutting_down() {
+        link.close(CloseReason::Shutdown);
+    }
+    let mut assembler = MessageAssembler::new(max_message);
+    let reason = 'session: loop {
+        let mut consumed = 0;
+        loop {
+            let header = match ws::decode_client_frame(&mut buf[consumed..], max_message) {
+                Ok(Some(header)) => header,
+                Ok(None) => break,
+                Err(e) => {
+                    link.close(CloseReason::from_code(e.close_code()));
+                    break 'session link.close_reason();
+                }
+            };
+            let range = header.payload_range();
+            let payload = &buf[consumed + range.start..consumed + range.end];
+            consumed += range.end;
+            link.heard(Instant::now());
+            match assembler.push(&header, payload) {
+                Ok(None) => {}
+                Ok(Some(Incoming::Text(data) | Incoming::Binary(data))) => {
+                    if link.close_reason().is_none() {
+                        session.process_message(data).await;
+                    }
+                }
+                Ok(Some(Incoming::Ping(data))) => link.send_control(OpCode::Pong, data),
+                Ok(Some(Incoming::Pong(_))) => session.process_pong(),
+                Ok(Some(Incoming::Close(code))) => {
+                    link.peer_closed(code);
+                    break 'session link.close_reason();
+                }
+                Err(e) => {
+                    link.close(CloseReason::from_code(e.close_code()));
+                    break 'session link.close_reason();
+                }
+            }
+        }
+        buf.drain(..consumed);
+        if !read_more(&mut reader, &mut buf).await {
+            break link.close_reason().or(Some(CloseReason::PeerGone));
+        }
+    }
+    .unwrap_or(CloseReason::PeerGone);
+    session.teardown(reason);
+    if reason == CloseReason::PeerGone {
+        link.out.abort();
+    } else if !link.out.is_closing() {
+        link.close(reason);
+    }
+    if monoio::time::timeout(WRITER_FLUSH, writer).await.is_err() {
+        link.shut();
+    }
+    shard.metrics.conn_closed(reason.as_str());
+}
+
+/// Drains the outbound queue: everything queued since the last write goes
+/// out in one syscall. Ends after the close frame (or on abort).
+async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard: Rc<Shard>) {
+    let mut batch: Vec<QueuedFrame> = Vec::new();
+    let mut buffer: Vec<u8> = Vec::new();
+    while link.out.take_all(&mut batch).await {
+        let result = if batch.len() == 1 {
+            writer.write_all(batch[0].frame.clone()).await.0
+        } else {
+            buffer.clear();
+            for queued in &batch {
+                buffer.extend_from_slice(&queued.frame);
+            }
+            let (result, returned) = writer.write_all(buffer).await;
+            buffer = returned;
+            if buffer.capacity() > KEEP_WRITE_BUFFER {
+                buffer = Vec::new();
+            }
+            result
+        };
+        if result.is_err() {
+            link.out.abort();
+            link.shut();
+            break;
+        }
+        let now = Instant::now();
+        let mut histograms = shard.histograms.borrow_mut();
+        for stamp in batch.drain(..).filter_map(|q| q.stamp) {
+            record_stamp(&mut histograms, stamp, now);
+        }
+    }
+    let _ = writer.shutdown().await;
+}
+
+fn record_stamp(histograms: &mut crate::metrics::LocalHistograms, stamp: Stamp, now: Instant) {
+    let elapsed = now.duration_since(stamp.sent_at);
+    match stamp.kind {
+        StampKind::Ack => histograms.record_send_ack(stamp.priority, elapsed),
+        StampKind::Push => histograms.record_send_push(stamp.priority, elapsed),
+    }
+}
+
+fn now_millis() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
+impl Session {
+    async fn process_message(&mut self, data: &[u8]) {
+        let read_at = Instant::now();
+        self.shard.metrics.message_received();
+        // simd-json parses in place, so it gets its own copy of the message.
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.clear();
+        scratch.extend_from_slice(data);
+        let parsed = {
+            let mut buffers = self.shard.json_buffers.borrow_mut();
+            protocol::parse_client_message(&mut scratch, &mut buffers)
+        };
+        // Only a hello may wait (on a directory load); everything else is
+        // handled right here on the borrowed message.
+        let hello = match parsed {
+            Err(e)
+                if self.joined.is_none()
+                    && e.code == ErrorCode::InvalidField
+                    && looks_like_hello(data) =>
+            {
+                // A malformed hello is still a refused hello.
+                self.refuse_hello(e);
+                None
+            }
+            Err(e) => {
+                self.send_error(&e);
+                None
+            }
+            Ok(ClientMessage::Hello(_)) if self.joined.is_some() => {
+                self.send_error(&ProtocolError::new(
+                    ErrorCode::AlreadyHello,
+                    "this connection already said hello",
+                ));
+                None
+            }
+            Ok(ClientMessage::Hello(hello)) => Some(OwnedHello::from(hello)),
+            Ok(ClientMessage::Send(send)) if self.joined.is_none() => {
+                self.send_error(
+                    &ProtocolError::new(ErrorCode::NoHello, "say hello first")
+                        .with_id(Some(&send.id)),
+                );
+                None
+            }
+            Ok(ClientMessage::Send(send)) => {
+                self.process_send(&send, read_at);
+                None
+            }
+            Ok(ClientMessage::SetStatus(_)) if self.joined.is_none() => {
+                self.send_error(&ProtocolError::new(ErrorCode::NoHello, "say hello first"));
+                None
+            }
+            Ok(ClientMessage::SetStatus(status)) => {
+                self.process_set_status(status);
+                None
+            }
+        };
+        self.scratch = scratch;
+        if let Some(hello) = hello {
+            self.process_hello(hello).await;
+        }
+    }
+
+    fn send_error(&self, error: &ProtocolError) {
+        self.shard.metrics.message_rejected(error.code.as_str());
+        let mut json = Vec::with_capacity(96);
+        protocol::write_error(&mut json, error.code, &error.message, error.id.as_deref());
+        self.link
+            .reply(ws::encode_server_frame(OpCode::Text, &json), None);
+    }
+
+    /// Every refused hello: the error, then close 1008.
+    fn refuse_hello(&self, error: ProtocolError) {
+        match error.code {
+            ErrorCode::Capacity => self.shard.metrics.conn_rejected(RejectReason::Capacity),
+            ErrorCode::Unauthorized | ErrorCode::BadSignature | ErrorCode::StaleTimestamp => {
+                self.shard.metrics.conn_rejected(RejectReason::Unauthorized)
+            }
+            _ => {}
+        }
+        tracing::info!(target: "ws", peer = %self.peer, code = error.code.as_str(), "ws hello refused");
+        self.send_error(&error);
+        self.link.close(if error.code == ErrorCode::Unavailable {
+            CloseReason::Internal
+        } else {
+            CloseReason::HelloRefused
+        });
+    }
+
+    async fn process_hello(&mut self, hello: OwnedHello) {
+        match self.admit(&hello).await {
+            Ok(joined) => {
+                let mut json = Vec::with_capacity(128);
+                protocol::write_hello_ack(
+                    &mut json,
+                    &joined.presence_id,
+                    &joined.mesh.id,
+                    &joined.member.id,
+                );
+                self.link
+                    .reply(ws::encode_server_frame(OpCode::Text, &json), None);
+                tracing::info!(target: "ws", peer = %self.peer, shard = self.shard.index, mesh = %joined.mesh.id,
+                    member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id, "ws hello");
+                let drained = self
+                    .shard
+                    .routes
+                    .borrow()
+                    .drain_held(&joined.member, Some(&self.link));
+                self.shard
+                    .ctx
+                    .metrics
+                    .global()
+                    .queue_depth_add(-(drained as i64));
+                self.joined = Some(joined);
+            }
+            Err(e) => self.refuse_hello(e),
+        }
+    }
+
+    /// PROTOCOL.md §4 hello checks, then registration.
+    async fn admit(&mut self, hello: &OwnedHello) -> Result<Joined, ProtocolError> {
+        if (now_millis() - hello.timestamp).abs() > MAX_CLOCK_SKEW_MS {
+            return Err(ProtocolError::new(
+                ErrorCode::StaleTimestamp,
+                "timestamp is more than 60 s from the broker's clock",
+            ));
+        }
+        verify_signature(hello)?;
+        let ctx = self.shard.ctx.clone();
+        let unauthorized = || {
+            ProtocolError::new(
+                ErrorCode::Unauthorized,
+                "not a current member of this mesh with this key",
+            )
+        };
+        let mesh = ctx
+            .directory_lookup(&hello.mesh_id, &hello.member_id)
+            .await
+            .map_err(|_| {
+                ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    "membership is unavailable (database down)",
+                )
+            })?
+            .ok_or_else(unauthorized)?;
+        let member = mesh
+            .view()
+            .member(&hello.member_id)
+            .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey))
+            .cloned()
+            .ok_or_else(unauthorized)?;
+        if !mesh.try_admit(ctx.config.max_connections_per_mesh) {
+            return Err(ProtocolError::new(
+                ErrorCode::Capacity,
+                "mesh is at MAX_CONNECTIONS_PER_MESH",
+            ));
+        }
+        let presence_id = self.shard.ids.borrow_mut().next_id();
+        self.shard
+            .routes
+            .borrow_mut()
+            .add(&mesh, &member, self.link.clone());
+        let _ = ctx.db.try_send(DbCommand::PresenceOpen {
+            id: presence_id.clone(),
+            member_id: member.id.to_string(),
+            session_id: hello.session_id.clone(),
+            pid: hello.pid,
+            cwd: hello.cwd.clone(),
+            at: SystemTime::now(),
+        });
+        Ok(Joined {
+            mesh,
+            member,
+            presence_id,
+            status: Status::Idle,
+        })
+    }
+
+    fn process_send(&self, send: &Send<'_>, read_at: Instant) {
+        let joined = self.joined.as_ref().expect("send after hello");
+        let (priority, nonce, ciphertext, id) =
+            (send.priority, &*send.nonce, &*send.ciphertext, &*send.id);
+        let view = joined.mesh.view();
+        let direct;
+        let targets: Box<dyn Iterator<Item = &Arc<MemberEntry>>> = match &send.target {
+            Target::Member(pubkey) => match view.member_by_pubkey(pubkey) {
+                Some(member) => {
+                    direct = member.clone();
+                    Box::new(std::iter::once(&direct))
+                }
+                None => {
+                    return self.send_error(
+                        &ProtocolError::new(
+                            ErrorCode::UnknownTarget,
+                            "targetSpec is not a current member of this mesh",
+                        )
+                        .with_id(Some(id)),
+                    )
+                }
+            },
+            Target::All => Box::new(
+                view.members()
+                    .iter()
+                    .filter(|m| !Arc::ptr_eq(m, &joined.member)),
+            ),
+            // The parser answers unsupported_target before a send gets here.
+            Target::Unsupported => return,
+        };
+        let message_id = self.shard.ids.borrow_mut().next_id();
+        let created_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
+        let mut json = Vec::with_capacity(192 + nonce.len() + ciphertext.len());
+        protocol::write_push(
+            &mut json,
+            &PushFields {
+                message_id: &message_id,
+                mesh_id: &joined.mesh.id,
+                sender_pubkey: &joined.member.pubkey,
+                priority,
+                nonce,
+                ciphertext,
+                created_at: &created_at,
+            },
+        );
+        let envelope = Arc::new(Envelope {
+            message_id: message_id.as_str().into(),
+            priority,
+            frame: ws::encode_server_frame(OpCode::Text, &json),
+            sent_at: read_at,
+        });
+        let plan = match plan_send(&envelope, targets) {
+            Ok(plan) => plan,
+            Err(_) => {
+                return self.send_error(
+                    &ProtocolError::new(ErrorCode::Unavailable, "a target's held queue is full")
+                        .with_id(Some(id)),
+                )
+            }
+        };
+        let global = self.shard.ctx.metrics.global();
+        global.queue_depth_add(plan.held.len() as i64);
+        for (member, now_live) in &plan.held {
+            if *now_live != 0 {
+                self.shard.request_drain(member, *now_live);
+            }
+        }
+        if let Some(route) = plan.route {
+            let mut shards = plan.shards;
+            while shards != 0 {
+                let dest = shards.trailing_zeros() as usize;
+                shards &= shards - 1;
+                self.shard.send_to(dest, ShardEvent::Route(route.clone()));
+            }
+        }
+        self.shard.metrics.message_routed(priority);
+        let mut ack = Vec::with_capacity(96);
+        protocol::write_ack(&mut ack, id, &message_id, None);
+        let stamp = Stamp {
+            sent_at: read_at,
+            priority,
+            kind: StampKind::Ack,
+        };
+        self.link
+            .reply(ws::encode_server_frame(OpCode::Text, &ack), Some(stamp));
+    }
+
+    fn process_set_status(&mut self, status: Status) {
+        if let Some(joined) = self.joined.as_mut() {
+            joined.status = status;
+            tracing::info!(target: "ws", presence = %joined.presence_id, status = status.as_str(), "ws set_status");
+        }
+    }
+
+    fn process_pong(&self) {
+        if let Some(joined) = &self.joined {
+            let _ = self.shard.ctx.db.try_send(DbCommand::PresencePing {
+                id: joined.presence_id.clone(),
+                at: SystemTime::now(),
+            });
+        }
+    }
+
+    fn teardown(&mut self, reason: CloseReason) {
+        let Some(joined) = self.joined.take() else {
+            tracing::info!(target: "ws", peer = %self.peer, reason = reason.as_str(), "ws close");
+            return;
+        };
+        self.shard
+            .routes
+            .borrow_mut()
+            .remove(&joined.mesh, &joined.member, &self.link);
+        joined.mesh.release();
+        let _ = self.shard.ctx.db.try_send(DbCommand::PresenceClose {
+            id: joined.presence_id.clone(),
+            member_id: joined.member.id.to_string(),
+            at: SystemTime::now(),
+        });
+        // Envelopes that raced in for this member go to a session elsewhere.
+        if !joined.member.held.is_empty() {
+            self.shard
+                .request_drain(&joined.member, joined.member.live_shards());
+        }
+        tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
+            presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
+    }
+}
+
+fn verify_signature(hello: &OwnedHello) -> Result<(), ProtocolError> {
+    let bad = || {
+        ProtocolError::new(
+            ErrorCode::BadSignature,
+            "signature does not verify for this pubkey",
+        )
+    };
+    let mut key = [0u8; 32];
+    let mut sig = [0u8; 64];
+    decode_hex(&hello.pubkey, &mut key).ok_or_else(bad)?;
+    decode_hex(&hello.signature, &mut sig).ok_or_else(bad)?;
+    let key = VerifyingKey::from_bytes(&key).map_err(|_| bad())?;
+    let signed = format!(
+        "{}|{}|{}|{}",
+        hello.mesh_id, hello.member_id, hello.pubkey, hello.timestamp
+    );
+    key.verify_strict(signed.as_bytes(), &Signature::from_bytes(&sig))
+        .map_err(|_| bad())
+}
+
+fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
+    if hex.len() != out.len() * 2 {
+        return None;
+    }
+    for (i, pair) in hex.as_bytes().chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(())
+}
+
+/// A refused hello must close 1008 even when a field is malformed.
+fn looks_like_hello(data: &[u8]) -> bool {
+    let mut copy = data.to_vec();
+    simd_json::to_borrowed_value(&mut copy)
+        .ok()
+        .and_then(|v| {
+            use simd_json::prelude::*;
+            v.get_str("type").map(|t| t == "hello")
+        })
+        .unwrap_or(false)
+}
+
+/// A hello detached from the scratch buffer, so the session can await a
+/// directory load without holding a borrow of it.
+struct OwnedHello {
+    mesh_id: String,
+    member_id: String,
+    pubkey: String,
+    session_id: String,
+    pid: i32,
+    cwd: String,
+    timestamp: i64,
+    signature: String,
+}
+
+impl From<Hello<'_>> for OwnedHello {
+    fn from(hello: Hello<'_>) -> Self {
+        OwnedHello {
+            mesh_id: hello.mesh_id.into_owned(),
+            member_id: hello.member_id.into_owned(),
+            pubkey: hello.pubkey.into_owned(),
+            session_id: hello.session_id.into_owned(),
+            pid: hello.pid,
+            cwd: hello.cwd.into_owned(),
+            timestamp: hello.timestamp,
+            signature: hello.signature.into_owned(),
+        }
+    }
+}

@@ -1,0 +1,563 @@
+//! Migrations and the db-writer thread against a real Postgres: an empty
+//! database, an existing claudemesh database (the shared fixture), the
+//! stash path end to end, shutdown, and an outage in the middle.
+
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use common::{fresh_database, pg};
+use meshbroker::db::{
+    self, migrate::MIGRATIONS, run_migrations, DbCommand, DbOptions, DbStatus, PendingStatus,
+};
+use tokio_postgres::{Client, NoTls};
+
+const FIXTURE: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../shared/fixtures/claudemesh-existing-schema.sql"
+));
+
+fn db_name(url: &str) -> &str {
+    url.rsplit('/').next().expect("database in url")
+}
+
+async fn client(url: &str) -> Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client.batch_execute("SET TimeZone = 'UTC'").await.unwrap();
+    client
+}
+
+/// (table, column, type as `format_type` prints it, nullable) for every
+/// column PROTOCOL.md §8 names, as the fixture declares them.
+const SECTION_8_COLUMNS: &[(&str, &str, &str, bool)] = &[
+    ("mesh", "id", "text", false),
+    ("mesh", "name", "text", false),
+    ("mesh", "slug", "text", false),
+    ("mesh", "owner_user_id", "text", false),
+    ("member", "id", "text", false),
+    ("member", "mesh_id", "text", false),
+    ("member", "peer_pubkey", "text", false),
+    ("member", "display_name", "text", false),
+    ("member", "role", "mesh.role", false),
+    ("member", "revoked_at", "timestamp without time zone", true),
+    (
+        "member",
+        "last_seen_at",
+        "timestamp without time zone",
+        true,
+    ),
+    ("presence", "id", "text", false),
+    ("presence", "member_id", "text", false),
+    ("presence", "session_id", "text", false),
+    ("presence", "pid", "integer", false),
+    ("presence", "cwd", "text", false),
+    ("presence", "status", "mesh.presence_status", false),
+    (
+        "presence",
+        "status_source",
+        "mesh.presence_status_source",
+        false,
+    ),
+    (
+        "presence",
+        "status_updated_at",
+        "timestamp without time zone",
+        false,
+    ),
+    (
+        "presence",
+        "connected_at",
+        "timestamp without time zone",
+        false,
+    ),
+    (
+        "presence",
+        "last_ping_at",
+        "timestamp without time zone",
+        false,
+    ),
+    (
+        "presence",
+        "disconnected_at",
+        "timestamp without time zone",
+        true,
+    ),
+    ("message_queue", "id", "text", false),
+    ("message_queue", "mesh_id", "text", false),
+    ("message_queue", "sender_member_id", "text", false),
+    ("message_queue", "target_spec", "text", false),
+    ("message_queue", "priority", "mesh.message_priority", false),
+    ("message_queue", "nonce", "text", false),
+    ("message_queue", "ciphertext", "text", false),
+    (
+        "message_queue",
+        "created_at",
+        "timestamp without time zone",
+        false,
+    ),
+    (
+        "message_queue",
+        "delivered_at",
+        "timestamp without time zone",
+        true,
+    ),
+    (
+        "message_queue",
+        "expires_at",
+        "timestamp without time zone",
+        true,
+    ),
+    ("pending_status", "id", "text", false),
+    ("pending_status", "pid", "integer", false),
+    ("pending_status", "cwd", "text", false),
+    ("pending_status", "status", "text", false),
+    ("pending_status", "status_source", "text", false),
+    (
+        "pending_status",
+        "created_at",
+        "timestamp without time zone",
+        false,
+    ),
+    (
+        "pending_status",
+        "applied_at",
+        "timestamp without time zone",
+        true,
+    ),
+    ("audit_log", "id", "text", false),
+    ("audit_log", "mesh_id", "text", false),
+    ("audit_log", "event_type", "text", false),
+    ("audit_log", "actor_peer_id", "text", true),
+    ("audit_log", "target_peer_id", "text", true),
+    ("audit_log", "metadata", "jsonb", false),
+    (
+        "audit_log",
+        "created_at",
+        "timestamp without time zone",
+        false,
+    ),
+];
+
+const ENUMS: &[(&str, &[&str])] = &[
+    ("role", &["admin", "member"]),
+    ("tier", &["free", "pro", "team", "enterprise"]),
+    ("transport", &["managed", "tailscale", "self_hosted"]),
+    ("visibility", &["private", "public"]),
+    ("message_priority", &["now", "next", "low"]),
+    ("presence_status", &["idle", "working", "dnd"]),
+    ("presence_status_source", &["hook", "manual", "jsonl"]),
+];
+
+const BROKER_INDEXES: &[&str] = &[
+    "member_mesh_id_idx",
+    "member_mesh_id_peer_pubkey_idx",
+    "presence_open_member_id_idx",
+    "message_queue_undelivered_idx",
+    "message_queue_undelivered_expires_at_idx",
+    "pending_status_unapplied_idx",
+    "audit_log_mesh_id_created_at_idx",
+];
+
+async fn assert_section_8_schema(c: &Client) {
+    for (table, column, ty, nullable) in SECTION_8_COLUMNS {
+        let rows = c
+            .query(
+                "SELECT format_type(a.atttypid, a.atttypmod), NOT a.attnotnull
+                 FROM pg_attribute a
+                 JOIN pg_class t ON t.oid = a.attrelid
+                 JOIN pg_namespace n ON n.oid = t.relnamespace
+                 WHERE n.nspname = 'mesh' AND t.relname = $1 AND a.attname = $2
+                   AND a.attnum > 0 AND NOT a.attisdropped",
+                &[table, column],
+            )
+            .await
+            .unwrap();
+        assert_eq!(rows.len(), 1, "mesh.{table}.{column} missing");
+        let got_ty: String = rows[0].get(0);
+        let got_null: bool = rows[0].get(1);
+        assert_eq!(&got_ty, ty, "type of mesh.{table}.{column}");
+        assert_eq!(got_null, *nullable, "nullability of mesh.{table}.{column}");
+    }
+    for (name, labels) in ENUMS {
+        let got: Vec<String> = c
+            .query(
+                "SELECT e.enumlabel::text FROM pg_enum e
+                 JOIN pg_type t ON t.oid = e.enumtypid
+                 JOIN pg_namespace n ON n.oid = t.typnamespace
+                 WHERE n.nspname = 'mesh' AND t.typname = $1
+                 ORDER BY e.enumsortorder",
+                &[name],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        assert_eq!(got, *labels, "enum mesh.{name}");
+    }
+    for table in ["invite", "broker_schema_migrations"] {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM information_schema.tables
+                 WHERE table_schema = 'mesh' AND table_name = $1",
+                &[&table],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "mesh.{table}");
+    }
+    for index in BROKER_INDEXES {
+        let n: i64 = c
+            .query_one(
+                "SELECT count(*) FROM pg_indexes WHERE schemaname = 'mesh' AND indexname = $1",
+                &[index],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1, "index mesh.{index}");
+    }
+}
+
+/// Foreign keys from a mesh table to a table outside schema mesh.
+async fn foreign_keys_leaving_mesh(c: &Client) -> i64 {
+    c.query_one(
+        "SELECT count(*) FROM pg_constraint k
+         JOIN pg_class src ON src.oid = k.conrelid
+         JOIN pg_namespace sn ON sn.oid = src.relnamespace
+         JOIN pg_class dst ON dst.oid = k.confrelid
+         JOIN pg_namespace dn ON dn.oid = dst.relnamespace
+         WHERE k.contype = 'f' AND sn.nspname = 'mesh' AND dn.nspname <> 'mesh'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+#[tokio::test]
+async fn empty_database_gets_the_whole_schema_once() {
+    let url = fresh_database();
+    let mut c = client(&url).await;
+    assert_eq!(run_migrations(&mut c).await.unwrap(), MIGRATIONS.len());
+    assert_section_8_schema(&c).await;
+    assert_eq!(foreign_keys_leaving_mesh(&c).await, 0);
+    let no_public_tables: i64 = c
+        .query_one(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(no_public_tables, 0);
+
+    assert_eq!(run_migrations(&mut c).await.unwrap(), 0);
+    let recorded: Vec<i32> = c
+        .query(
+            "SELECT version FROM mesh.broker_schema_migrations ORDER BY version",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let expected: Vec<i32> = MIGRATIONS.iter().map(|m| m.version).collect();
+    assert_eq!(recorded, expected);
+
+    // The blocking entry point (`meshbroker migrate`) agrees.
+    let n = tokio::task::spawn_blocking(move || db::migrate_blocking(&url))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn brokers_migrating_together_do_not_race() {
+    let url = fresh_database();
+    let mut tasks = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut c = client(&url).await;
+            run_migrations(&mut c).await.unwrap()
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await.unwrap();
+    }
+    assert_eq!(total, MIGRATIONS.len());
+}
+
+fn stash(id: &str, pid: Option<i32>, cwd: &str, status: &str) -> DbCommand {
+    DbCommand::StashPendingStatus(PendingStatus {
+        id: id.to_owned(),
+        pid,
+        cwd: cwd.to_owned(),
+        status: status.to_owned(),
+        created_at: SystemTime::now(),
+    })
+}
+
+/// Polls until `mesh.pending_status` has a row with `id` (≤ `within`).
+async fn wait_for_pending(c: &Client, id: &str, within: Duration) -> Option<tokio_postgres::Row> {
+    let until = Instant::now() + within;
+    loop {
+        let rows = c
+            .query(
+                "SELECT pid, cwd, status, status_source, created_at, applied_at
+                 FROM mesh.pending_status WHERE id = $1",
+                &[&id],
+            )
+            .await
+            .ok()
+            .unwrap_or_default();
+        if let Some(row) = rows.into_iter().next() {
+            return Some(row);
+        }
+        if Instant::now() >= until {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Joins on a helper thread so a hang fails the test instead of blocking it.
+fn join_within(thread: db::DbThread, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        thread.join();
+        let _ = tx.send(());
+    });
+    rx.recv_timeout(limit)
+        .expect("db thread did not stop in time");
+    started.elapsed()
+}
+
+#[tokio::test]
+async fn runs_on_an_existing_claudemesh_database_and_stashes() {
+    let url = fresh_database();
+    pg().run_sql(db_name(&url), FIXTURE).expect("load fixture");
+    let mut c = client(&url).await;
+    assert_eq!(run_migrations(&mut c).await.unwrap(), MIGRATIONS.len());
+    assert_eq!(run_migrations(&mut c).await.unwrap(), 0);
+    assert_section_8_schema(&c).await;
+    // The web app's own foreign keys are left as they were.
+    assert_eq!(foreign_keys_leaving_mesh(&c).await, 3);
+
+    let status = Arc::new(DbStatus::new());
+    let (handle, thread) = db::spawn(url.clone(), status.clone()).unwrap();
+    handle
+        .try_send(stash("ps-fixture", Some(4242), "/srv/app", "working"))
+        .unwrap();
+    let row = wait_for_pending(&c, "ps-fixture", Duration::from_secs(5))
+        .await
+        .expect("stashed row within 5 s");
+    assert_eq!(row.get::<_, i32>("pid"), 4242);
+    assert_eq!(row.get::<_, &str>("status_source"), "hook");
+    assert!(status.is_up());
+    drop(handle);
+    join_within(thread, Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn spawn_stashes_in_batches_and_join_returns_promptly() {
+    let url = fresh_database();
+    let status = Arc::new(DbStatus::new());
+    let batches = Arc::new(Mutex::new(Vec::new()));
+    let seen = batches.clone();
+    let options = DbOptions {
+        on_batch: Some(Box::new(move |b| seen.lock().unwrap().push(b))),
+        ..DbOptions::default()
+    };
+    let (handle, thread) = db::spawn_with(url.clone(), status.clone(), options).unwrap();
+    // Returns at once and works before Postgres is known to be up.
+    let before = SystemTime::now();
+    handle
+        .try_send(stash("ps-1", None, "/home/a/p", "idle"))
+        .unwrap();
+    let other = handle.clone();
+    for i in 0..1000 {
+        other
+            .try_send(stash(&format!("ps-bulk-{i}"), Some(i), "/bulk", "working"))
+            .unwrap();
+    }
+    drop(other);
+
+    let c = client(&url).await; // migrated by the thread by the time a row shows
+    let row = wait_for_pending(&c, "ps-1", Duration::from_secs(5))
+        .await
+        .expect("stashed row within 5 s");
+    // No pid from the hook: stored as 0 (the column is NOT NULL).
+    assert_eq!(row.get::<_, i32>("pid"), 0);
+    assert_eq!(row.get::<_, &str>("cwd"), "/home/a/p");
+    assert_eq!(row.get::<_, &str>("status"), "idle");
+    assert_eq!(row.get::<_, &str>("status_source"), "hook");
+    assert!(row.get::<_, Option<SystemTime>>("applied_at").is_none());
+    // Stored as UTC wall-clock time, read back as the same instant.
+    let created: SystemTime = row.get("created_at");
+    let skew = created
+        .duration_since(before)
+        .unwrap_or_else(|e| e.duration());
+    assert!(skew < Duration::from_secs(5), "created_at off by {skew:?}");
+    assert!(status.is_up());
+
+    drop(handle);
+    let took = join_within(thread, Duration::from_secs(3));
+    assert!(took < Duration::from_secs(2), "join took {took:?}");
+    // Everything was flushed before the thread returned.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM mesh.pending_status", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1001);
+    let batches = batches.lock().unwrap();
+    assert_eq!(batches.iter().map(|b| b.commands).sum::<usize>(), 1001);
+    assert!(batches.iter().all(|b| b.commands <= db::BATCH_MAX));
+    assert!(
+        batches.len() < 100,
+        "{} batches for 1001 rows",
+        batches.len()
+    );
+    assert_eq!(status.writes_dropped(), 0);
+}
+
+#[test]
+fn unreachable_postgres_never_blocks_and_shutdown_is_bounded() {
+    // A port nothing listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/nothing");
+    let status = Arc::new(DbStatus::new());
+    let options = DbOptions {
+        max_buffered: 3,
+        shutdown_flush: Duration::from_millis(600),
+        ..DbOptions::default()
+    };
+    let started = Instant::now();
+    let (handle, thread) = db::spawn_with(url, status.clone(), options).unwrap();
+    assert!(started.elapsed() < Duration::from_millis(200));
+    for i in 0..5 {
+        handle
+            .try_send(stash(&format!("x{i}"), Some(i), "/x", "idle"))
+            .unwrap();
+    }
+    // Over the bound of 3: the two oldest go.
+    let until = Instant::now() + Duration::from_secs(2);
+    while status.writes_dropped() < 2 && Instant::now() < until {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(status.writes_dropped(), 2);
+    assert_eq!(status.buffered(), 3);
+    assert!(!status.is_up());
+    drop(handle);
+    let took = join_within(thread, Duration::from_secs(3));
+    assert!(
+        took >= Duration::from_millis(500),
+        "gave up too early: {took:?}"
+    );
+    // What was still buffered is counted as lost.
+    assert_eq!(status.writes_dropped(), 5);
+}
+
+#[test]
+fn bad_url_is_refused_at_spawn() {
+    let err = db::spawn("mysql://x".into(), Arc::new(DbStatus::new())).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(db::migrate_blocking("not a url at all").is_err());
+}
+
+#[tokio::test]
+async fn survives_a_postgres_restart_and_writes_what_it_held() {
+    // A private cluster: this test stops it.
+    let root = common::world_traversable_tempdir("meshbroker-test-db-restart-");
+    let own = meshbroker::devdb::LocalPostgres::start(&root.join("data"), true).unwrap();
+    let url = own.url(meshbroker::devdb::DEFAULT_DATABASE);
+    let status = Arc::new(DbStatus::new());
+    let (handle, thread) = db::spawn(url.clone(), status.clone()).unwrap();
+    let up = |want: bool, within: Duration| {
+        let status = status.clone();
+        async move {
+            let until = Instant::now() + within;
+            while status.is_up() != want && Instant::now() < until {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            status.is_up() == want
+        }
+    };
+    assert!(up(true, Duration::from_secs(5)).await, "never came up");
+
+    own.stop().unwrap();
+    // Noticed by the connection ending or by the next ping (every 2 s).
+    assert!(up(false, Duration::from_secs(5)).await, "never noticed");
+    handle
+        .try_send(stash("held-1", Some(7), "/w", "working"))
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    own.restart().unwrap();
+    // Reconnect backoff is at most 5 s.
+    assert!(up(true, Duration::from_secs(8)).await, "never reconnected");
+    let c = client(&url).await;
+    let row = wait_for_pending(&c, "held-1", Duration::from_secs(5)).await;
+    assert!(row.is_some(), "held stash not written after reconnect");
+    assert_eq!(status.writes_dropped(), 0);
+    drop(handle);
+    join_within(thread, Duration::from_secs(3));
+    drop(own);
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[tokio::test]
+async fn a_command_the_server_refuses_is_dropped_not_retried_forever() {
+    let url = fresh_database();
+    let status = Arc::new(DbStatus::new());
+    let (handle, thread) = db::spawn(url.clone(), status.clone()).unwrap();
+    // Postgres text cannot hold NUL: the server refuses the whole batch.
+    handle
+        .try_send(stash("good-1", Some(1), "/a", "idle"))
+        .unwrap();
+    handle
+        .try_send(stash("poison", Some(2), "/a\0b", "idle"))
+        .unwrap();
+    handle
+        .try_send(stash("good-2", Some(3), "/a", "idle"))
+        .unwrap();
+    let c = loop {
+        if status.is_up() {
+            break client(&url).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for id in ["good-1", "good-2"] {
+        assert!(
+            wait_for_pending(&c, id, Duration::from_secs(5))
+                .await
+                .is_some(),
+            "{id} not written"
+        );
+    }
+    let until = Instant::now() + Duration::from_secs(2);
+    while status.writes_dropped() == 0 && Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(status.writes_dropped(), 1);
+    assert!(status.is_up(), "a refused command is not an outage");
+    // Later commands still flow.
+    handle.try_send(stash("good-3", None, "/a", "dnd")).unwrap();
+    assert!(wait_for_pending(&c, "good-3", Duration::from_secs(5))
+        .await
+        .is_some());
+    drop(handle);
+    join_within(thread, Duration::from_secs(3));
+}
