@@ -35,6 +35,8 @@ const CONFIG_VARS: &[&str] = &[
     "HELD_TTL_SECONDS",
     "MESHBROKER_DATA_DIR",
     "LOG_LEVEL",
+    "MAX_OUTBOUND_BYTES",
+    "MEMBER_REFRESH_SECONDS",
 ];
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
