@@ -13,8 +13,8 @@
 mod close;
 mod conn;
 pub mod inbox;
-mod link;
-mod outbound;
+pub mod link;
+pub mod outbound;
 mod session;
 mod signal;
 
