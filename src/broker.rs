@@ -18,7 +18,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// A directory miss (member not in a loaded mesh) reloads the mesh at most
-/// this often, so a stream of bad hellos cannot hammer Postgres.
+/// this often, so a stream of bad hellos cannot hammer Postgres. A miss
+/// inside the window waits for it to pass rather than refusing a member
+/// that may just have been added.
 const MISS_RELOAD_AFTER: Duration = Duration::from_secs(1);
 
 /// Everything the shards share, read-mostly.
@@ -39,16 +41,33 @@ pub struct BrokerContext {
 pub struct DirectoryUnavailable;
 
 impl BrokerContext {
-    /// The mesh for a hello, loaded from Postgres on first use or on a miss.
-    /// `Ok(None)`: no such mesh (no member rows at all).
+    /// The mesh for a hello, loaded from Postgres on first use or on a miss
+    /// (no member with that id and key: it may just have been added, or its
+    /// key rotated). `Ok(None)`: no such mesh (no member rows at all).
     pub async fn directory_lookup(
         &self,
         mesh_id: &str,
         member_id: &str,
+        pubkey: &str,
     ) -> Result<Option<Arc<MeshEntry>>, DirectoryUnavailable> {
+        let known = |mesh: &MeshEntry| {
+            mesh.view()
+                .member(member_id)
+                .is_some_and(|m| m.pubkey.eq_ignore_ascii_case(pubkey))
+        };
         if let Some(mesh) = self.directory.get(mesh_id) {
-            if mesh.view().member(member_id).is_some() || mesh.loaded_since() < MISS_RELOAD_AFTER {
+            if known(&mesh) {
                 return Ok(Some(mesh));
+            }
+            let missed_at = Instant::now();
+            let since = mesh.loaded_since();
+            if since < MISS_RELOAD_AFTER {
+                monoio::time::sleep(MISS_RELOAD_AFTER - since).await;
+                // Reloaded meanwhile (by a refresh or another miss): that
+                // load is newer than this hello, so its answer stands.
+                if known(&mesh) || mesh.loaded_since() < missed_at.elapsed() {
+                    return Ok(Some(mesh));
+                }
             }
         }
         let answer = self
@@ -138,6 +157,16 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
 /// them. The first binds (port 0 picks a free port), the others join it.
 fn bind_listeners(config: &Config, count: usize) -> std::io::Result<Vec<std::net::TcpListener>> {
     let mut addr = SocketAddr::new(config.host, config.port);
+    if config.port != 0 {
+        // SO_REUSEPORT would let a second broker (same user) silently share
+        // the port and split the meshes between two processes. A plain bind
+        // fails with EADDRINUSE while any socket listens there.
+        let probe = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+        probe.set_reuse_address(true)?;
+        probe
+            .bind(&addr.into())
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}")))?;
+    }
     let mut listeners = Vec::with_capacity(count);
     for _ in 0..count {
         let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;

@@ -85,6 +85,18 @@ impl Response {
         }
         out
     }
+
+    /// The answer to a HEAD request: the same head (the `Content-Length` a
+    /// GET would get included) and no body (RFC 9110 §9.3.2), so the next
+    /// response on a keep-alive connection is not misread.
+    pub fn to_head_bytes(&self, keep_alive: bool) -> Vec<u8> {
+        let mut out = self.to_bytes(keep_alive);
+        let no_body_allowed = self.status < 200 || self.status == 204 || self.status == 304;
+        if !no_body_allowed {
+            out.truncate(out.len() - self.body.len());
+        }
+        out
+    }
 }
 
 /// The OPTIONS answer on any path: 204 with permissive CORS headers.

@@ -76,7 +76,12 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
                 return;
             }
             Outcome::Respond(response) => {
-                let (res, _) = stream.write_all(response.to_bytes(keep_alive)).await;
+                let bytes = if head.method == Method::Head {
+                    response.to_head_bytes(keep_alive)
+                } else {
+                    response.to_bytes(keep_alive)
+                };
+                let (res, _) = stream.write_all(bytes).await;
                 shard.histograms.borrow_mut().record_http(started.elapsed());
                 if res.is_err() || !keep_alive {
                     break;

@@ -313,7 +313,7 @@ impl Session {
             )
         };
         let mesh = ctx
-            .directory_lookup(&hello.mesh_id, &hello.member_id)
+            .directory_lookup(&hello.mesh_id, &hello.member_id, &hello.pubkey)
             .await
             .map_err(|_| {
                 ProtocolError::new(

@@ -1,0 +1,563 @@
+//! Fixtures for the hello and routing tests: a broker with a known database
+//! URL, seeded meshes with real ed25519 member keys, a blocking WebSocket
+//! peer that speaks PROTOCOL.md §4, and small /metrics and log helpers.
+//!
+//! Each test file does `mod common; mod support;` and uses its own subset,
+//! hence the blanket `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::collections::VecDeque;
+use std::io::ErrorKind;
+use std::net::TcpStream;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use ed25519_dalek::{Signer, SigningKey};
+use serde_json::{json, Value};
+use tungstenite::protocol::frame::coding::CloseCode;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, WebSocket};
+
+use crate::common::{exec_sql, fresh_database, http, Broker};
+
+/// Generous bound for anything the broker should do "soon".
+pub const WAIT: Duration = Duration::from_secs(10);
+/// How long "received nothing" is watched for.
+pub const QUIET: Duration = Duration::from_millis(400);
+
+// ----------------------------------------------------------------- broker
+
+/// A broker plus the URL of its (fresh) database.
+pub struct TestBroker {
+    pub broker: Broker,
+    pub db: String,
+}
+
+impl std::ops::Deref for TestBroker {
+    type Target = Broker;
+    fn deref(&self) -> &Broker {
+        &self.broker
+    }
+}
+
+/// Starts the broker on a fresh database with `env` on top of the harness
+/// defaults (2 shards), and waits until its migrations have run.
+pub fn start(env: &[(&str, &str)]) -> TestBroker {
+    let db = fresh_database();
+    let mut all: Vec<(&str, &str)> = vec![("DATABASE_URL", db.as_str())];
+    all.extend_from_slice(env);
+    let broker = Broker::start(&all);
+    broker.wait_for_log("db healthy", Duration::from_secs(30));
+    TestBroker { broker, db }
+}
+
+impl TestBroker {
+    /// The shard a session landed on, from its `ws hello` log line.
+    pub fn shard_of(&self, presence_id: &str) -> u64 {
+        let line = self.wait_for_log_where("ws hello", WAIT, |v| v["presence"] == presence_id);
+        match &line["shard"] {
+            Value::Number(n) => n.as_u64().expect("shard is an integer"),
+            Value::String(s) => s.parse().expect("shard is numeric"),
+            other => panic!("no shard in ws hello line: {other}"),
+        }
+    }
+
+    /// The whole /metrics text.
+    pub fn metrics_text(&self) -> String {
+        let reply = http(self.addr(), "GET", "/metrics", &[], b"");
+        assert_eq!(reply.status, 200, "/metrics: {}", reply.text());
+        reply.text()
+    }
+
+    /// The value of one sample, `name` including its labels exactly as
+    /// exposed (`broker_connections_rejected_total{reason="capacity"}`);
+    /// 0 when the sample is absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        metric_value(&self.metrics_text(), name).unwrap_or(0.0)
+    }
+
+    /// Polls /metrics until `pred` holds for the sample; returns its value.
+    pub fn wait_metric(&self, name: &str, pred: impl Fn(f64) -> bool) -> f64 {
+        let mut last = 0.0;
+        let ok = poll(WAIT, || {
+            last = self.metric(name);
+            pred(last)
+        });
+        assert!(ok, "metric {name} stayed at {last}");
+        last
+    }
+}
+
+pub fn metric_value(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .map(|v| {
+            v.split_whitespace()
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("bad sample value for {name}: {v:?}"))
+        })
+}
+
+/// Calls `check` every 50 ms until it returns true or `timeout` passes.
+pub fn poll(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+// ------------------------------------------------------------------ meshes
+
+/// A `mesh.member` row and the secret key behind its pubkey.
+#[derive(Clone)]
+pub struct Member {
+    pub mesh_id: String,
+    pub id: String,
+    pub key: SigningKey,
+    /// 64 lowercase hex digits.
+    pub pubkey: String,
+}
+
+pub fn new_key() -> SigningKey {
+    SigningKey::generate(&mut rand::rngs::OsRng)
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+pub fn pubkey_hex(key: &SigningKey) -> String {
+    hex(key.verifying_key().as_bytes())
+}
+
+/// Inserts the `mesh.mesh` row for `mesh_id` (name and slug derived).
+pub fn create_mesh(db: &str, mesh_id: &str) {
+    exec_sql(
+        db,
+        &format!(
+            "INSERT INTO mesh.mesh (id, name, slug, owner_user_id) \
+             VALUES ('{mesh_id}', 'Mesh {mesh_id}', 'slug-{mesh_id}', 'owner-{mesh_id}')"
+        ),
+    );
+}
+
+/// Inserts a member of `mesh_id` with id `member_id` and `key`.
+pub fn add_member_with_key(db: &str, mesh_id: &str, member_id: &str, key: SigningKey) -> Member {
+    let pubkey = pubkey_hex(&key);
+    exec_sql(
+        db,
+        &format!(
+            "INSERT INTO mesh.member (id, mesh_id, peer_pubkey, display_name) \
+             VALUES ('{member_id}', '{mesh_id}', '{pubkey}', 'peer {member_id}')"
+        ),
+    );
+    Member {
+        mesh_id: mesh_id.to_owned(),
+        id: member_id.to_owned(),
+        key,
+        pubkey,
+    }
+}
+
+pub fn add_member(db: &str, mesh_id: &str, member_id: &str) -> Member {
+    add_member_with_key(db, mesh_id, member_id, new_key())
+}
+
+/// A mesh with `n` members (`<mesh>-m0` …) with fresh keys, in one
+/// statement.
+pub fn seed_mesh(db: &str, mesh_id: &str, n: usize) -> Vec<Member> {
+    create_mesh(db, mesh_id);
+    let members: Vec<Member> = (0..n)
+        .map(|i| {
+            let key = new_key();
+            Member {
+                mesh_id: mesh_id.to_owned(),
+                id: format!("{mesh_id}-m{i}"),
+                pubkey: pubkey_hex(&key),
+                key,
+            }
+        })
+        .collect();
+    if !members.is_empty() {
+        let values: Vec<String> = members
+            .iter()
+            .map(|m| {
+                format!(
+                    "('{}', '{}', '{}', 'peer {}')",
+                    m.id, m.mesh_id, m.pubkey, m.id
+                )
+            })
+            .collect();
+        exec_sql(
+            db,
+            &format!(
+                "INSERT INTO mesh.member (id, mesh_id, peer_pubkey, display_name) VALUES {}",
+                values.join(", ")
+            ),
+        );
+    }
+    members
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// `hex(ed25519(key, "meshId|memberId|pubkey|timestamp"))`.
+pub fn sign_hello(
+    key: &SigningKey,
+    mesh_id: &str,
+    member_id: &str,
+    pubkey: &str,
+    ts: i64,
+) -> String {
+    let signed = format!("{mesh_id}|{member_id}|{pubkey}|{ts}");
+    hex(&key.sign(signed.as_bytes()).to_bytes())
+}
+
+/// A correctly signed hello for `member` at `ts`.
+pub fn hello_at(member: &Member, ts: i64) -> Value {
+    json!({
+        "type": "hello",
+        "meshId": member.mesh_id,
+        "memberId": member.id,
+        "pubkey": member.pubkey,
+        "sessionId": format!("sess-{}-{}", member.id, rand::random::<u32>()),
+        "pid": 4242,
+        "cwd": "/work/project",
+        "timestamp": ts,
+        "signature": sign_hello(&member.key, &member.mesh_id, &member.id, &member.pubkey, ts),
+    })
+}
+
+pub fn hello(member: &Member) -> Value {
+    hello_at(member, now_ms())
+}
+
+// -------------------------------------------------------------------- peer
+
+/// What the next read produced.
+#[derive(Debug)]
+pub enum Event {
+    Json(Value),
+    /// A close frame, with its code when it had one.
+    Close(Option<u16>),
+    /// The connection ended without (more) frames.
+    Gone(String),
+}
+
+/// A blocking WebSocket client. Pushes that arrive while the test waits for
+/// something else (an ack, an error) are kept for `recv_push`.
+pub struct Peer {
+    ws: WebSocket<TcpStream>,
+    pushes: VecDeque<Value>,
+    pub presence_id: String,
+    pub member: Option<Member>,
+}
+
+impl Peer {
+    /// A WebSocket connection to `/ws` that has not said hello.
+    pub fn open(broker: &Broker) -> Peer {
+        let stream = TcpStream::connect(broker.addr()).expect("connect to the broker");
+        Peer::over(broker, stream)
+    }
+
+    /// Completes the WebSocket handshake over an already connected stream.
+    pub fn over(broker: &Broker, stream: TcpStream) -> Peer {
+        stream.set_nodelay(true).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        let (ws, _) = tungstenite::client::client(broker.ws_url(), stream)
+            .unwrap_or_else(|e| panic!("WebSocket handshake: {e}"));
+        Peer {
+            ws,
+            pushes: VecDeque::new(),
+            presence_id: String::new(),
+            member: None,
+        }
+    }
+
+    /// Connects and says a signed hello as `member`; panics unless it is
+    /// acknowledged.
+    pub fn connect(broker: &Broker, member: &Member) -> Peer {
+        let mut peer = Peer::open(broker);
+        let ack = peer.hello(member);
+        assert_eq!(ack["type"], "hello_ack", "hello as {}: {ack}", member.id);
+        peer
+    }
+
+    /// Sends a correctly signed hello as `member` and returns the answer
+    /// (hello_ack or error). On success the peer remembers its presence.
+    pub fn hello(&mut self, member: &Member) -> Value {
+        let answer = self.request(&hello(member));
+        assert!(
+            self.pushes.is_empty(),
+            "pushes arrived before the answer to hello: {:?}",
+            self.pushes
+        );
+        if answer["type"] == "hello_ack" {
+            self.presence_id = answer["presenceId"].as_str().unwrap_or_default().into();
+            self.member = Some(member.clone());
+        }
+        answer
+    }
+
+    /// The member this peer said hello as.
+    pub fn me(&self) -> &Member {
+        self.member.as_ref().expect("this peer said hello")
+    }
+
+    pub fn pubkey(&self) -> &str {
+        &self.me().pubkey
+    }
+
+    pub fn send_json(&mut self, value: &Value) {
+        self.send_text(&value.to_string());
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.ws
+            .send(Message::Text(text.to_owned()))
+            .unwrap_or_else(|e| panic!("send {text:?}: {e}"));
+    }
+
+    /// Sends `value` and returns the next message that is not a push.
+    pub fn request(&mut self, value: &Value) -> Value {
+        self.send_json(value);
+        self.next_reply(WAIT)
+    }
+
+    /// Sends a `send` and returns its ack; panics on anything else.
+    pub fn send(
+        &mut self,
+        target: &str,
+        priority: &str,
+        nonce: &str,
+        ciphertext: &str,
+        id: &str,
+    ) -> Value {
+        let reply = self.request(&json!({
+            "type": "send",
+            "targetSpec": target,
+            "priority": priority,
+            "nonce": nonce,
+            "ciphertext": ciphertext,
+            "id": id,
+        }));
+        assert_eq!(reply["type"], "ack", "send {id} to {target}: {reply}");
+        assert_eq!(reply["id"], id, "the ack echoes the send id: {reply}");
+        assert!(
+            reply["messageId"].as_str().is_some_and(|m| !m.is_empty()),
+            "ack without messageId: {reply}"
+        );
+        reply
+    }
+
+    /// Reads one event within `timeout`; `None` when nothing arrived.
+    pub fn next_event(&mut self, timeout: Duration) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.ws
+                .get_mut()
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .unwrap();
+            match self.ws.read() {
+                Ok(Message::Text(text)) => return Some(Event::Json(parse(text.as_bytes()))),
+                Ok(Message::Binary(data)) => return Some(Event::Json(parse(&data))),
+                Ok(Message::Close(frame)) => {
+                    // Send the queued close reply now, completing the handshake.
+                    let _ = self.ws.flush();
+                    return Some(Event::Close(frame.map(|f| u16::from(f.code))));
+                }
+                Ok(_) => continue,
+                Err(tungstenite::Error::Io(e))
+                    if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) =>
+                {
+                    continue
+                }
+                Err(e) => return Some(Event::Gone(e.to_string())),
+            }
+        }
+    }
+
+    /// The next JSON message that is not a push (pushes are buffered).
+    pub fn next_reply(&mut self, timeout: Duration) -> Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left) {
+                Some(Event::Json(v)) if v["type"] == "push" => self.pushes.push_back(v),
+                Some(Event::Json(v)) => return v,
+                Some(other) => panic!("expected a reply, got {other:?}"),
+                None => panic!("no reply within {timeout:?}"),
+            }
+        }
+    }
+
+    /// The next push (buffered ones first); panics after `timeout`.
+    pub fn recv_push(&mut self, timeout: Duration) -> Value {
+        if let Some(push) = self.pushes.pop_front() {
+            return push;
+        }
+        match self.next_event(timeout) {
+            Some(Event::Json(v)) if v["type"] == "push" => v,
+            Some(other) => panic!("expected a push, got {other:?}"),
+            None => panic!("no push within {timeout:?}"),
+        }
+    }
+
+    /// Asserts that no message (push or otherwise) arrives for `quiet`.
+    pub fn expect_nothing(&mut self, quiet: Duration) {
+        assert!(
+            self.pushes.is_empty(),
+            "unexpected buffered pushes: {:?}",
+            self.pushes
+        );
+        if let Some(event) = self.next_event(quiet) {
+            panic!("expected nothing, got {event:?}");
+        }
+    }
+
+    /// The next non-push message must be `error` with `code`; returns it.
+    pub fn expect_error(&mut self, code: &str) -> Value {
+        let reply = self.next_reply(WAIT);
+        assert_eq!(reply["type"], "error", "expected error {code}: {reply}");
+        assert_eq!(reply["code"], code, "expected error {code}: {reply}");
+        reply
+    }
+
+    /// Reads (skipping pushes) until a close frame; asserts its code.
+    pub fn expect_close(&mut self, code: u16) {
+        self.expect_close_within(code, WAIT);
+    }
+
+    pub fn expect_close_within(&mut self, code: u16, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.next_event(left) {
+                Some(Event::Json(v)) if v["type"] == "push" => self.pushes.push_back(v),
+                Some(Event::Json(v)) => panic!("expected close {code}, got {v}"),
+                Some(Event::Close(got)) => {
+                    assert_eq!(got, Some(code), "close code");
+                    return;
+                }
+                Some(Event::Gone(e)) => panic!("expected close {code}, connection ended: {e}"),
+                None => panic!("no close {code} within {timeout:?}"),
+            }
+        }
+    }
+
+    /// Closes normally (1000) and waits for the broker's answer.
+    pub fn close(mut self) {
+        let _ = self.ws.close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: "".into(),
+        }));
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            match self.next_event(deadline.saturating_duration_since(Instant::now())) {
+                Some(Event::Json(_)) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    /// Pushes read while waiting for other things, not yet taken.
+    pub fn buffered_pushes(&self) -> usize {
+        self.pushes.len()
+    }
+
+    pub fn stream(&mut self) -> &mut TcpStream {
+        self.ws.get_mut()
+    }
+}
+
+fn parse(bytes: &[u8]) -> Value {
+    serde_json::from_slice(bytes).unwrap_or_else(|e| {
+        panic!(
+            "broker sent non-JSON ({e}): {:?}",
+            String::from_utf8_lossy(bytes)
+        )
+    })
+}
+
+/// Asserts the fields of a push of `ack`'s message sent by `sender`.
+pub fn assert_push(
+    push: &Value,
+    ack: &Value,
+    sender: &Member,
+    priority: &str,
+    nonce: &str,
+    ciphertext: &str,
+) {
+    assert_eq!(push["type"], "push", "{push}");
+    assert_eq!(
+        push["messageId"], ack["messageId"],
+        "push messageId is the ack's: {push}"
+    );
+    assert_eq!(push["meshId"], sender.mesh_id.as_str(), "{push}");
+    assert_eq!(push["senderPubkey"], sender.pubkey.as_str(), "{push}");
+    assert_eq!(push["priority"], priority, "{push}");
+    assert_eq!(push["nonce"], nonce, "{push}");
+    assert_eq!(
+        push["ciphertext"], ciphertext,
+        "ciphertext is byte-identical"
+    );
+    let created = push["createdAt"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no createdAt: {push}"));
+    assert_rfc3339(created);
+}
+
+/// Checks `s` is an RFC 3339 timestamp (date `T` time, fraction optional,
+/// `Z` or a numeric offset), without a date library.
+pub fn assert_rfc3339(s: &str) {
+    let b = s.as_bytes();
+    let digits = |from: usize, to: usize| {
+        b.get(from..to)
+            .is_some_and(|d| d.iter().all(u8::is_ascii_digit))
+    };
+    let mut ok = digits(0, 4)
+        && b.get(4) == Some(&b'-')
+        && digits(5, 7)
+        && b.get(7) == Some(&b'-')
+        && digits(8, 10)
+        && matches!(b.get(10), Some(b'T' | b't'))
+        && digits(11, 13)
+        && b.get(13) == Some(&b':')
+        && digits(14, 16)
+        && b.get(16) == Some(&b':')
+        && digits(17, 19);
+    let mut i = 19;
+    if ok && b.get(i) == Some(&b'.') {
+        i += 1;
+        let start = i;
+        while b.get(i).is_some_and(u8::is_ascii_digit) {
+            i += 1;
+        }
+        ok = i > start;
+    }
+    ok = ok
+        && (matches!(&s[i.min(s.len())..], "Z" | "z")
+            || (s.len() == i + 6
+                && matches!(b[i], b'+' | b'-')
+                && digits(i + 1, i + 3)
+                && b[i + 3] == b':'
+                && digits(i + 4, i + 6)));
+    assert!(ok, "createdAt {s:?} is not RFC 3339");
+}
