@@ -13,8 +13,13 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
-/// Initial read buffer; grows only for large heads and bodies.
-const READ_CHUNK: usize = 4096;
+/// A new connection's read buffer: enough for a request head or a hello.
+/// Idle connections keep only this (the broker holds 100k+ of them); the
+/// buffer doubles while a peer sends more per read and is given back once
+/// it drains, so busy peers still read in large chunks.
+const READ_INITIAL: usize = 512;
+/// A drained buffer larger than this is given back.
+const READ_KEEP: usize = 64 * 1024;
 
 /// What a request turns into.
 enum Outcome {
@@ -25,7 +30,7 @@ enum Outcome {
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let conn = shard.register_conn(stream.as_raw_fd());
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_INITIAL);
     loop {
         let head = match read_head(&mut stream, &mut buf).await {
             Ok(Some(head)) => head,
@@ -120,8 +125,12 @@ async fn read_exact_len(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -
 
 /// Appends what the socket has to `buf`; false on EOF or error.
 pub(super) async fn read_more(stream: &mut impl AsyncReadRent, buf: &mut Vec<u8>) -> bool {
-    if buf.capacity() - buf.len() < READ_CHUNK / 2 {
-        buf.reserve(READ_CHUNK);
+    if buf.is_empty() && buf.capacity() > READ_KEEP {
+        *buf = Vec::with_capacity(READ_INITIAL);
+    }
+    let spare = buf.capacity() - buf.len();
+    if spare < READ_INITIAL / 2 {
+        buf.reserve(buf.capacity().max(READ_INITIAL));
     }
     let len = buf.len();
     let cap = buf.capacity();

@@ -80,7 +80,10 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     pub histograms: RefCell<LocalHistograms>,
     pub ids: RefCell<IdGen>,
-    pub json_buffers: RefCell<simd_json::Buffers>,
+    /// simd-json's scratch space and a copy of the message being parsed
+    /// (it parses in place), shared by the shard's sessions: one per shard
+    /// rather than per connection keeps idle connections small.
+    pub json: RefCell<(simd_json::Buffers, Vec<u8>)>,
     pub routes: RefCell<LocalRoutes<SessionLink>>,
     conns: RefCell<HashMap<u64, ConnSlot>>,
     next_conn: Cell<u64>,
@@ -152,7 +155,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         metrics: ctx.metrics.shard(spec.index).clone(),
         histograms: RefCell::new(LocalHistograms::new()),
         ids: RefCell::new(IdGen::new(spec.index as u16)),
-        json_buffers: RefCell::new(simd_json::Buffers::default()),
+        json: RefCell::new((simd_json::Buffers::default(), Vec::new())),
         routes: RefCell::new(LocalRoutes::new(spec.index)),
         conns: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),

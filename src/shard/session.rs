@@ -47,7 +47,6 @@ struct Session {
     link: Rc<SessionLink>,
     peer: SocketAddr,
     joined: Option<Joined>,
-    scratch: Vec<u8>,
 }
 
 pub async fn run(
@@ -71,7 +70,6 @@ pub async fn run(
         link: link.clone(),
         peer,
         joined: None,
-        scratch: Vec::new(),
     };
     if shard.is_shutting_down() {
         link.close(CloseReason::Shutdown);
@@ -183,13 +181,12 @@ impl Session {
         let read_at = Instant::now();
         self.shard.metrics.message_received();
         // simd-json parses in place, so it gets its own copy of the message.
-        let mut scratch = std::mem::take(&mut self.scratch);
+        let shard = self.shard.clone();
+        let mut json = shard.json.borrow_mut();
+        let (buffers, scratch) = &mut *json;
         scratch.clear();
         scratch.extend_from_slice(data);
-        let parsed = {
-            let mut buffers = self.shard.json_buffers.borrow_mut();
-            protocol::parse_client_message(&mut scratch, &mut buffers)
-        };
+        let parsed = protocol::parse_client_message(scratch, buffers);
         // Only a hello may wait (on a directory load); everything else is
         // handled right here on the borrowed message.
         let hello = match parsed {
@@ -234,7 +231,7 @@ impl Session {
                 None
             }
         };
-        self.scratch = scratch;
+        drop(json);
         if let Some(hello) = hello {
             self.process_hello(hello).await;
         }
