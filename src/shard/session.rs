@@ -178,6 +178,15 @@ fn now_millis() -> i64 {
 
 impl Session {
     async fn process_message(&mut self, data: &[u8]) {
+        if let Some(hello) = self.process_parsed(data) {
+            self.process_hello(hello).await;
+        }
+    }
+
+    /// Parses and handles a message on the spot; only a hello, which may
+    /// wait on a directory load, comes back (detached from the parse buffer)
+    /// to be awaited.
+    fn process_parsed(&mut self, data: &[u8]) -> Option<OwnedHello> {
         let read_at = Instant::now();
         self.shard.metrics.message_received();
         // simd-json parses in place, so it gets its own copy of the message.
@@ -187,9 +196,7 @@ impl Session {
         scratch.clear();
         scratch.extend_from_slice(data);
         let parsed = protocol::parse_client_message(scratch, buffers);
-        // Only a hello may wait (on a directory load); everything else is
-        // handled right here on the borrowed message.
-        let hello = match parsed {
+        match parsed {
             Err(e)
                 if self.joined.is_none()
                     && e.code == ErrorCode::InvalidField
@@ -230,10 +237,6 @@ impl Session {
                 self.process_set_status(status);
                 None
             }
-        };
-        drop(json);
-        if let Some(hello) = hello {
-            self.process_hello(hello).await;
         }
     }
 

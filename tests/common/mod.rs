@@ -646,3 +646,428 @@ pub fn raw_exchange_timeout(addr: impl ToSocketAddrs, bytes: &[u8], idle: Durati
     read_to_eof(&mut stream, &mut out);
     out
 }
+
+// ------------------------------------------- Polling, raw WebSocket, metrics
+
+/// Calls `f` every 50 ms until it returns `Some`, for up to `timeout`;
+/// panics with `what` (and the last attempt's note) otherwise.
+pub fn poll_until<T>(timeout: Duration, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// One request on an already-open connection (keep-alive tests). Sends the
+/// request as given plus `Host` and `Content-Length` when missing; never adds
+/// `Connection`.
+pub fn http_on(
+    stream: &mut TcpStream,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> HttpReply {
+    let has = |n: &str| headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(n));
+    let mut req = format!("{method} {path} HTTP/1.1\r\n");
+    if !has("host") {
+        req.push_str("Host: 127.0.0.1\r\n");
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    if !has("content-length") && (!body.is_empty() || method == "POST") {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    req.push_str("\r\n");
+    let mut bytes = req.into_bytes();
+    bytes.extend_from_slice(body);
+    stream.write_all(&bytes).expect("send request");
+    read_response(stream, method == "HEAD")
+}
+
+/// Runs the binary to completion with stdout captured (`--check-config`):
+/// (status, stdout, stderr). Same environment rules as
+/// [`run_broker_args_expect_exit`].
+pub fn run_broker_capture(args: &[&str], env: &[(&str, &str)]) -> (ExitStatus, String, String) {
+    let workdir = world_traversable_tempdir("meshbroker-test-exit-");
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    if !env.iter().any(|(k, _)| *k == "DATABASE_URL") {
+        env.push(("DATABASE_URL", "postgres://postgres@127.0.0.1:1/unused"));
+    }
+    let mut child = broker_command(args, &env, &workdir)
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn the meshbroker binary");
+    let mut stdout = child.stdout.take().expect("stdout is piped");
+    let mut stderr = child.stderr.take().expect("stderr is piped");
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stdout.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let status = wait_child(&mut child, START_TIMEOUT).unwrap_or_else(|| {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("meshbroker {args:?} did not exit within {START_TIMEOUT:?}")
+    });
+    let out = out_reader.join().expect("stdout reader");
+    let err = err_reader.join().expect("stderr reader");
+    let _ = std::fs::remove_dir_all(&workdir);
+    (status, out, err)
+}
+
+/// A frame from the server (unmasked, possibly a fragment).
+#[derive(Debug, Clone)]
+pub struct ServerFrame {
+    pub fin: bool,
+    /// The raw 4-bit opcode: 0x1 text, 0x2 binary, 0x8 close, 0x9 ping, 0xA pong.
+    pub opcode: u8,
+    pub payload: Vec<u8>,
+}
+
+impl ServerFrame {
+    pub fn is_close(&self) -> bool {
+        self.opcode == 0x8
+    }
+
+    /// The status code of a close frame (`None` for an empty close).
+    pub fn close_code(&self) -> Option<u16> {
+        (self.is_close() && self.payload.len() >= 2)
+            .then(|| u16::from_be_bytes([self.payload[0], self.payload[1]]))
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// A hand-driven WebSocket client over a plain `TcpStream`, for protocol
+/// violations a real client library refuses to produce.
+pub struct RawWs {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A valid `Sec-WebSocket-Key` (the RFC 6455 example).
+pub const WS_KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
+
+impl RawWs {
+    /// Connects to `/ws` and completes the opening handshake (asserts 101).
+    pub fn connect(addr: SocketAddr) -> RawWs {
+        RawWs::connect_with(addr, b"")
+    }
+
+    /// Like [`RawWs::connect`], with `early` (e.g. client frames) written in
+    /// the same `write` as the handshake request, before the 101 is read.
+    pub fn connect_with(addr: SocketAddr, early: &[u8]) -> RawWs {
+        let mut stream = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_write_timeout(Some(IO_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        let req = format!(
+            "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let mut req = req.into_bytes();
+        req.extend_from_slice(early);
+        stream.write_all(&req).expect("send handshake");
+        // Read byte by byte up to the blank line so no frame bytes are eaten.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            let n = stream.read(&mut byte).expect("read handshake response");
+            assert!(
+                n > 0,
+                "closed during handshake: {:?}",
+                String::from_utf8_lossy(&head)
+            );
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8_lossy(&head).into_owned();
+        assert!(
+            head.starts_with("HTTP/1.1 101 "),
+            "handshake not accepted: {head:?}"
+        );
+        RawWs {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Writes bytes as they are.
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("write frame");
+    }
+
+    /// Writes one masked client frame (random mask).
+    pub fn send_frame(&mut self, opcode: meshbroker::ws::OpCode, payload: &[u8], fin: bool) {
+        let mask: [u8; 4] = rand::random();
+        let frame = meshbroker::ws::encode_client_frame(opcode, payload, mask, fin);
+        self.send_raw(&frame);
+    }
+
+    pub fn send_text(&mut self, text: &str) {
+        self.send_frame(meshbroker::ws::OpCode::Text, text.as_bytes(), true);
+    }
+
+    /// The next whole frame, or `None` at EOF (or a reset).
+    pub fn read_frame(&mut self) -> Option<ServerFrame> {
+        loop {
+            if let Some((frame, used)) = parse_server_frame(&self.buf) {
+                self.buf.drain(..used);
+                return Some(frame);
+            }
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return None,
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("no frame from the broker within {IO_TIMEOUT:?}")
+                }
+                Err(_) => return None,
+            }
+        }
+    }
+
+    /// The next frame; panics at EOF.
+    pub fn expect_frame(&mut self) -> ServerFrame {
+        self.read_frame()
+            .expect("the broker closed the connection instead of sending a frame")
+    }
+
+    /// The next text frame as JSON, skipping pings.
+    pub fn read_json(&mut self) -> serde_json::Value {
+        loop {
+            let frame = self.expect_frame();
+            match frame.opcode {
+                0x9 => continue,
+                0x1 => {
+                    return serde_json::from_slice(&frame.payload).unwrap_or_else(|e| {
+                        panic!("text frame is not JSON ({e}): {:?}", frame.text())
+                    })
+                }
+                _ => panic!("expected a text frame, got {frame:?}"),
+            }
+        }
+    }
+
+    /// Reads until a close frame (skipping anything before it) and returns
+    /// its code; panics if the connection ends without one.
+    pub fn read_close_code(&mut self) -> Option<u16> {
+        loop {
+            let frame = self.expect_frame();
+            if frame.is_close() {
+                return frame.close_code();
+            }
+        }
+    }
+
+    /// True when the broker ends the TCP connection (EOF or reset) within
+    /// the read timeout, after discarding any frames still in flight.
+    pub fn wait_eof(&mut self) -> bool {
+        loop {
+            let mut chunk = [0u8; 8192];
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return true,
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return false
+                }
+                Err(_) => return true,
+            }
+        }
+    }
+}
+
+/// Decodes one unmasked server frame from the start of `buf`:
+/// `Some((frame, bytes used))`, or `None` when more bytes are needed.
+/// Panics on a masked frame (a server must not mask).
+pub fn parse_server_frame(buf: &[u8]) -> Option<(ServerFrame, usize)> {
+    if buf.len() < 2 {
+        return None;
+    }
+    let fin = buf[0] & 0x80 != 0;
+    let opcode = buf[0] & 0x0F;
+    assert!(
+        buf[1] & 0x80 == 0,
+        "server frame is masked: {:02x?}",
+        &buf[..2]
+    );
+    let (len, header) = match buf[1] & 0x7F {
+        126 => {
+            if buf.len() < 4 {
+                return None;
+            }
+            (u16::from_be_bytes([buf[2], buf[3]]) as usize, 4)
+        }
+        127 => {
+            if buf.len() < 10 {
+                return None;
+            }
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&buf[2..10]);
+            (u64::from_be_bytes(b) as usize, 10)
+        }
+        n => (n as usize, 2),
+    };
+    if buf.len() < header + len {
+        return None;
+    }
+    let frame = ServerFrame {
+        fin,
+        opcode,
+        payload: buf[header..header + len].to_vec(),
+    };
+    Some((frame, header + len))
+}
+
+/// One sample of a Prometheus/OpenMetrics text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: Vec<(String, String)>,
+    pub value: f64,
+}
+
+/// Parses a text exposition strictly: every line is empty, a `#` comment,
+/// or `name{label="value",…} value [timestamp]`. Panics naming the first
+/// line that is not.
+pub fn parse_metrics(text: &str) -> Vec<Sample> {
+    text.lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(|line| parse_sample(line).unwrap_or_else(|| panic!("not a metric sample: {line:?}")))
+        .collect()
+}
+
+fn is_name_char(c: char, first: bool) -> bool {
+    c.is_ascii_alphabetic() || c == '_' || c == ':' || (!first && c.is_ascii_digit())
+}
+
+fn parse_sample(line: &str) -> Option<Sample> {
+    let name_end = line
+        .char_indices()
+        .find(|&(i, c)| !is_name_char(c, i == 0))
+        .map_or(line.len(), |(i, _)| i);
+    if name_end == 0 {
+        return None;
+    }
+    let name = line[..name_end].to_owned();
+    let mut rest = &line[name_end..];
+    let mut labels = Vec::new();
+    if let Some(after) = rest.strip_prefix('{') {
+        rest = after;
+        loop {
+            if let Some(after) = rest.strip_prefix('}') {
+                rest = after;
+                break;
+            }
+            let eq = rest.find('=')?;
+            let key = &rest[..eq];
+            if key.is_empty()
+                || !key
+                    .chars()
+                    .enumerate()
+                    .all(|(i, c)| is_name_char(c, i == 0))
+            {
+                return None;
+            }
+            rest = rest[eq + 1..].strip_prefix('"')?;
+            let mut value = String::new();
+            let mut chars = rest.char_indices();
+            let close = loop {
+                let (i, c) = chars.next()?;
+                match c {
+                    '"' => break i,
+                    '\\' => value.push(chars.next()?.1),
+                    c => value.push(c),
+                }
+            };
+            labels.push((key.to_owned(), value));
+            rest = &rest[close + 1..];
+            rest = rest.strip_prefix(',').unwrap_or(rest);
+        }
+    }
+    let mut fields = rest.strip_prefix(' ')?.split(' ');
+    let value = match fields.next()? {
+        "NaN" => f64::NAN,
+        "+Inf" | "Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        v => v.parse().ok()?,
+    };
+    if let Some(ts) = fields.next() {
+        ts.parse::<f64>().ok()?;
+    }
+    if fields.next().is_some() {
+        return None;
+    }
+    Some(Sample {
+        name,
+        labels,
+        value,
+    })
+}
+
+/// The value of the sample `name` whose labels include every `(k, v)` of
+/// `labels` (the first such sample).
+pub fn metric(samples: &[Sample], name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    samples
+        .iter()
+        .find(|s| {
+            s.name == name
+                && labels
+                    .iter()
+                    .all(|(k, v)| s.labels.iter().any(|(sk, sv)| sk == k && sv == v))
+        })
+        .map(|s| s.value)
+}
+
+impl Broker {
+    /// GET /metrics, asserted 200, parsed.
+    pub fn scrape(&self) -> Vec<Sample> {
+        let reply = http(self.addr(), "GET", "/metrics", &[], b"");
+        assert_eq!(reply.status, 200, "/metrics: {}", reply.text());
+        parse_metrics(&reply.text())
+    }
+
+    /// Polls GET /health until it answers `status` (up to 15 s); returns the body.
+    pub fn wait_health(&self, status: u16) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let reply = http(self.addr(), "GET", "/health", &[], b"");
+            if reply.status == status {
+                return reply.json();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "/health never answered {status}; last: {} {}",
+                reply.status,
+                reply.text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
