@@ -13,6 +13,26 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+/// Bit i set while shard i has at least one live session of a member or
+/// mesh. SeqCst: the hold/drain handshake (see `held`) relies on a hello's
+/// set being ordered before its drain, and a hold's append before its read.
+#[derive(Default)]
+pub struct ShardMask(AtomicU64);
+
+impl ShardMask {
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    pub fn set(&self, shard: usize) {
+        self.0.fetch_or(1 << shard, Ordering::SeqCst);
+    }
+
+    pub fn clear(&self, shard: usize) {
+        self.0.fetch_and(!(1 << shard), Ordering::SeqCst);
+    }
+}
+
 /// One `mesh.member` row as the broker needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberRow {
@@ -25,8 +45,8 @@ pub struct MemberEntry {
     pub id: Box<str>,
     pub pubkey: Box<str>,
     revoked: AtomicBool,
-    /// Bit i set while shard i has at least one live session of this member.
-    live_shards: AtomicU64,
+    /// The shards with at least one live session of this member.
+    pub live_shards: ShardMask,
     pub held: HeldQueue,
 }
 
@@ -36,25 +56,13 @@ impl MemberEntry {
             id: row.id.as_str().into(),
             pubkey: row.peer_pubkey.to_ascii_lowercase().into(),
             revoked: AtomicBool::new(row.revoked),
-            live_shards: AtomicU64::new(0),
+            live_shards: ShardMask::default(),
             held: HeldQueue::default(),
         }
     }
 
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
-    }
-
-    pub fn live_shards(&self) -> u64 {
-        self.live_shards.load(Ordering::SeqCst)
-    }
-
-    pub fn mark_shard_live(&self, shard: usize) {
-        self.live_shards.fetch_or(1 << shard, Ordering::SeqCst);
-    }
-
-    pub fn mark_shard_gone(&self, shard: usize) {
-        self.live_shards.fetch_and(!(1 << shard), Ordering::SeqCst);
     }
 }
 
@@ -89,8 +97,8 @@ pub struct MeshEntry {
     view: ArcSwap<MeshView>,
     /// Live sessions on all shards, for `MAX_CONNECTIONS_PER_MESH`.
     live_sessions: AtomicU32,
-    /// Bit i set while shard i has at least one live session of this mesh.
-    live_shards: AtomicU64,
+    /// The shards with at least one live session of this mesh.
+    pub live_shards: ShardMask,
     loaded_at: Mutex<Instant>,
 }
 
@@ -110,18 +118,6 @@ impl MeshEntry {
 
     pub fn release(&self) {
         self.live_sessions.fetch_sub(1, Ordering::AcqRel);
-    }
-
-    pub fn live_shards(&self) -> u64 {
-        self.live_shards.load(Ordering::SeqCst)
-    }
-
-    pub fn mark_shard_live(&self, shard: usize) {
-        self.live_shards.fetch_or(1 << shard, Ordering::SeqCst);
-    }
-
-    pub fn mark_shard_gone(&self, shard: usize) {
-        self.live_shards.fetch_and(!(1 << shard), Ordering::SeqCst);
     }
 
     pub fn loaded_since(&self) -> std::time::Duration {
@@ -192,7 +188,7 @@ impl Directory {
                     id: mesh_id.into(),
                     view: ArcSwap::from_pointee(MeshView::default()),
                     live_sessions: AtomicU32::new(0),
-                    live_shards: AtomicU64::new(0),
+                    live_shards: ShardMask::default(),
                     loaded_at: Mutex::new(Instant::now()),
                 })
             })
@@ -230,11 +226,11 @@ mod tests {
         let mesh = dir.install("m", &[row("a", "AA", false), row("b", "bb", false)]);
         let a = mesh.view().member("a").unwrap().clone();
         assert!(mesh.view().member_by_pubkey("aa").is_some());
-        a.mark_shard_live(1);
+        a.live_shards.set(1);
         dir.install("m", &[row("a", "aa", false), row("b", "bb", true)]);
         let view = mesh.view();
         assert!(Arc::ptr_eq(view.member("a").unwrap(), &a));
-        assert_eq!(a.live_shards(), 2);
+        assert_eq!(a.live_shards.get(), 2);
         assert!(view.member("b").is_none());
         assert_eq!(view.members().len(), 1);
         // A vanished member is revoked.

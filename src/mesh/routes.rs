@@ -51,7 +51,7 @@ pub fn plan_send<'a>(
     let mut plan = Plan::default();
     let mut live = Vec::new();
     for member in targets {
-        let shards = member.live_shards();
+        let shards = member.live_shards.get();
         if shards != 0 {
             plan.shards |= shards;
             live.push(LiveTarget {
@@ -61,7 +61,7 @@ pub fn plan_send<'a>(
         } else {
             let now_live = member
                 .held
-                .hold(envelope.clone(), || member.live_shards())?;
+                .hold(envelope.clone(), || member.live_shards.get())?;
             plan.held.push((member.clone(), now_live));
         }
     }
@@ -128,12 +128,12 @@ impl<S: Recipient> LocalRoutes<S> {
             });
         entry.sessions.push(session);
         if entry.sessions.len() == 1 {
-            member.mark_shard_live(self.shard);
+            member.live_shards.set(self.shard);
         }
         let count = self.by_mesh.entry(key(mesh)).or_insert(0);
         *count += 1;
         if *count == 1 {
-            mesh.mark_shard_live(self.shard);
+            mesh.live_shards.set(self.shard);
         }
     }
 
@@ -144,14 +144,14 @@ impl<S: Recipient> LocalRoutes<S> {
             entry.sessions.retain(|s| !Rc::ptr_eq(s, session));
             if entry.sessions.is_empty() {
                 self.by_member.remove(&key(member));
-                member.mark_shard_gone(self.shard);
+                member.live_shards.clear(self.shard);
             }
         }
         if let Some(count) = self.by_mesh.get_mut(&key(mesh)) {
             *count -= 1;
             if *count == 0 {
                 self.by_mesh.remove(&key(mesh));
-                mesh.mark_shard_gone(self.shard);
+                mesh.live_shards.clear(self.shard);
             }
         }
     }
@@ -191,12 +191,12 @@ impl<S: Recipient> LocalRoutes<S> {
             if pushed {
                 continue;
             }
-            let others = target.shards & !self.bit() & target.member.live_shards();
+            let others = target.shards & !self.bit() & target.member.live_shards.get();
             if others == 0 {
                 let member = &target.member;
                 if let Ok(now_live) = member
                     .held
-                    .hold(route.envelope.clone(), || member.live_shards())
+                    .hold(route.envelope.clone(), || member.live_shards.get())
                 {
                     done.held.push((key(member), now_live));
                 }
@@ -296,8 +296,8 @@ mod tests {
         let (s1, s2) = (Rc::new(Inbox::default()), Rc::new(Inbox::default()));
         routes.add(&mesh, &b, s1.clone());
         routes.add(&mesh, &b, s2.clone());
-        assert_eq!(b.live_shards(), 0b10);
-        assert_eq!(mesh.live_shards(), 0b10);
+        assert_eq!(b.live_shards.get(), 0b10);
+        assert_eq!(mesh.live_shards.get(), 0b10);
         let plan = plan_send(&envelope("m1"), view.members().iter()).unwrap();
         // `a` has no session: held; `b` is live on shard 1.
         assert_eq!(plan.held.len(), 1);
@@ -310,8 +310,8 @@ mod tests {
         let plan = plan_send(&envelope("m2"), std::iter::once(&b)).unwrap();
         routes.remove(&mesh, &b, &s1);
         routes.remove(&mesh, &b, &s2);
-        assert_eq!(b.live_shards(), 0);
-        assert_eq!(mesh.live_shards(), 0);
+        assert_eq!(b.live_shards.get(), 0);
+        assert_eq!(mesh.live_shards.get(), 0);
         let done = routes.deliver_route(&plan.route.unwrap());
         assert_eq!(done.pushes, 0);
         assert_eq!(b.held.len(), 1);

@@ -323,7 +323,7 @@ impl Shard {
             .queue_depth_add(-(delivered as i64));
         if delivered == 0 && !member.held.is_empty() {
             // Our sessions left meanwhile: pass it on to one that has one.
-            let others = member.live_shards() & !(1 << self.index);
+            let others = member.live_shards.get() & !(1 << self.index);
             self.request_drain(member, others);
         }
     }

@@ -476,7 +476,7 @@ impl Session {
         // Envelopes that raced in for this member go to a session elsewhere.
         if !joined.member.held.is_empty() {
             self.shard
-                .request_drain(&joined.member, joined.member.live_shards());
+                .request_drain(&joined.member, joined.member.live_shards.get());
         }
         tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
             presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
