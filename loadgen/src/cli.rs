@@ -1,0 +1,381 @@
+//! Command line and its validation. `Args` is what clap parses; `Config` is
+//! the checked, resolved form every other module reads.
+use crate::scenario::{self, Scenario};
+use crate::wire::WsTarget;
+use anyhow::{bail, Context, Result};
+use clap::{Parser, ValueEnum};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Smallest ciphertext: the fixed-width metadata the loadgen embeds.
+pub const MIN_PAYLOAD: usize = crate::wire::META_LEN;
+/// Largest ciphertext we build (leaves room for the JSON around it under
+/// the broker's default MAX_MESSAGE_BYTES of 65536).
+pub const MAX_PAYLOAD: usize = 65_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum ScenarioName {
+    Direct,
+    Broadcast,
+    Idle,
+    Churn,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum PriorityArg {
+    Now,
+    Next,
+    Low,
+}
+
+impl PriorityArg {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PriorityArg::Now => "now",
+            PriorityArg::Next => "next",
+            PriorityArg::Low => "low",
+        }
+    }
+}
+
+/// Drive a running meshbroker over real WebSockets and measure it.
+#[derive(Parser, Debug, Clone)]
+#[command(name = "loadgen", version)]
+pub struct Args {
+    /// direct | broadcast | idle | churn
+    #[arg(value_enum)]
+    pub scenario: ScenarioName,
+    /// The broker's WebSocket URL.
+    #[arg(long, default_value = "ws://127.0.0.1:7900/ws")]
+    pub url: String,
+    /// Create (and afterwards remove) the run's meshes and members here.
+    #[arg(long)]
+    pub database_url: Option<String>,
+    /// Use existing members instead (JSON: meshes, member ids, pubkeys, secret keys).
+    #[arg(long)]
+    pub members: Option<PathBuf>,
+    /// Write the generated members to this file (same format as --members).
+    #[arg(long)]
+    pub write_members: Option<PathBuf>,
+    /// Peers (members, one session each) per mesh.
+    #[arg(long, default_value_t = 100)]
+    pub peers: usize,
+    /// Number of meshes.
+    #[arg(long, default_value_t = 1)]
+    pub meshes: usize,
+    /// Ciphertext length in bytes (the loadgen's metadata included).
+    #[arg(long, default_value_t = 256)]
+    pub payload: usize,
+    /// Seconds of load (after every connection said hello).
+    #[arg(long, default_value_t = 10.0)]
+    pub duration: f64,
+    /// Stop after this many sends in total (whichever of count/duration comes first).
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Open loop: total sends per second. Without it: closed loop.
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Sends in flight (sent, not yet acked) per sender; closed-loop
+    /// default 16, open-loop default 100000.
+    #[arg(long)]
+    pub window: Option<usize>,
+    /// How many peers per mesh send (default: all).
+    #[arg(long)]
+    pub senders: Option<usize>,
+    #[arg(long, value_enum, default_value_t = PriorityArg::Now)]
+    pub priority: PriorityArg,
+    /// The broker's pid (default: found from the URL's port via /proc).
+    #[arg(long)]
+    pub broker_pid: Option<u32>,
+    /// Print one JSON object on stdout instead of the table.
+    #[arg(long)]
+    pub json: bool,
+    /// Worker threads (default: number of cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Pin worker i to core LIST[i % len] (comma-separated core ids).
+    #[arg(long)]
+    pub pin_cores: Option<String>,
+    /// Distinct 127.0.0.x source addresses (default: 1 per 20000 connections).
+    #[arg(long)]
+    pub source_addrs: Option<usize>,
+    /// Seconds to wait for outstanding acks and pushes after the load stops.
+    #[arg(long, default_value_t = 5.0)]
+    pub grace: f64,
+    /// Seconds allowed for connecting and saying hello.
+    #[arg(long, default_value_t = 120.0)]
+    pub setup_timeout: f64,
+    /// Connections per thread in the middle of connect/upgrade/hello at once.
+    #[arg(long, default_value_t = 256)]
+    pub connect_concurrency: usize,
+    /// Open loop: the pacer's timer granularity in microseconds.
+    #[arg(long, default_value_t = 50)]
+    pub tick_us: u64,
+    /// Permit a non-loopback broker address.
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Leave the created meshes and members in the database.
+    #[arg(long)]
+    pub no_cleanup: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Where the members come from.
+#[derive(Clone, Debug)]
+pub enum MemberSource {
+    Database(String),
+    File(PathBuf),
+}
+
+/// A validated run configuration.
+#[derive(Clone)]
+pub struct Config {
+    pub scenario: Arc<dyn Scenario>,
+    pub target: WsTarget,
+    pub members: MemberSource,
+    pub write_members: Option<PathBuf>,
+    pub peers: usize,
+    pub meshes: usize,
+    pub payload: usize,
+    pub duration: Duration,
+    pub count: Option<u64>,
+    pub rate: Option<f64>,
+    pub window: usize,
+    pub senders: Option<usize>,
+    pub priority: PriorityArg,
+    pub broker_pid: Option<u32>,
+    pub json: bool,
+    pub threads: usize,
+    pub pin_cores: Vec<usize>,
+    pub source_addrs: Option<usize>,
+    pub grace: Duration,
+    pub setup_timeout: Duration,
+    pub connect_concurrency: usize,
+    pub tick: Duration,
+    pub cleanup: bool,
+    pub progress: bool,
+}
+
+fn seconds(name: &str, v: f64) -> Result<Duration> {
+    if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
+        bail!("--{name} must be a number of seconds in (0, 86400], got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
+}
+
+impl Args {
+    /// Parse from an iterator (tests and the e2e harness).
+    pub fn parse_from_iter<I, T>(args: I) -> Result<Args>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Ok(Args::try_parse_from(args)?)
+    }
+
+    pub fn validate(&self) -> Result<Config> {
+        let scenario = scenario::by_name(self.scenario);
+        let target = WsTarget::parse(&self.url, self.allow_remote)?;
+        let members = match (&self.database_url, &self.members) {
+            (Some(_), Some(_)) => bail!("give either --database-url or --members, not both"),
+            (None, None) => bail!("give --database-url (create members) or --members FILE"),
+            (Some(url), None) => {
+                if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                    bail!("--database-url must be a postgres:// or postgresql:// URL");
+                }
+                MemberSource::Database(url.clone())
+            }
+            (None, Some(path)) => MemberSource::File(path.clone()),
+        };
+        if self.meshes == 0 {
+            bail!("--meshes must be at least 1");
+        }
+        let min_peers = if scenario.traffic().is_some() { 2 } else { 1 };
+        if self.peers < min_peers {
+            bail!(
+                "--peers must be at least {min_peers} for {}",
+                scenario.name()
+            );
+        }
+        if self.peers.saturating_mul(self.meshes) > 1_000_000 {
+            bail!("--peers × --meshes must be at most 1000000");
+        }
+        if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&self.payload) {
+            bail!("--payload must be between {MIN_PAYLOAD} and {MAX_PAYLOAD} bytes");
+        }
+        let duration = seconds("duration", self.duration)?;
+        let grace = seconds("grace", self.grace)?;
+        let setup_timeout = seconds("setup-timeout", self.setup_timeout)?;
+        if let Some(rate) = self.rate {
+            if !rate.is_finite() || rate <= 0.0 || rate > 1e9 {
+                bail!("--rate must be a positive number of sends per second, got {rate}");
+            }
+            if scenario.traffic().is_none() {
+                bail!("--rate applies to direct and broadcast only");
+            }
+        }
+        if self.count == Some(0) {
+            bail!("--count must be at least 1");
+        }
+        let window = match self.window {
+            Some(0) => bail!("--window must be at least 1"),
+            Some(w) => w,
+            None if self.rate.is_some() => 100_000,
+            None => 16,
+        };
+        if let Some(s) = self.senders {
+            if s == 0 || s > self.peers {
+                bail!("--senders must be between 1 and --peers ({})", self.peers);
+            }
+        }
+        let threads = match self.threads {
+            Some(0) => bail!("--threads must be at least 1"),
+            Some(t) if t > 1024 => bail!("--threads must be at most 1024"),
+            Some(t) => t,
+            None => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(1),
+        };
+        let pin_cores = match &self.pin_cores {
+            None => Vec::new(),
+            Some(list) => list
+                .split(',')
+                .map(|s| {
+                    s.trim()
+                        .parse::<usize>()
+                        .with_context(|| format!("--pin-cores: {s:?} is not a core id"))
+                })
+                .collect::<Result<Vec<_>>>()?,
+        };
+        if let Some(n) = self.source_addrs {
+            if n == 0 || n > 254 {
+                bail!("--source-addrs must be between 1 and 254");
+            }
+            if n > 1 && !target.is_ipv4_loopback() {
+                bail!("--source-addrs > 1 needs an IPv4 loopback broker address");
+            }
+        }
+        if self.connect_concurrency == 0 {
+            bail!("--connect-concurrency must be at least 1");
+        }
+        if self.tick_us == 0 || self.tick_us > 100_000 {
+            bail!("--tick-us must be between 1 and 100000");
+        }
+        Ok(Config {
+            scenario,
+            target,
+            members,
+            write_members: self.write_members.clone(),
+            peers: self.peers,
+            meshes: self.meshes,
+            payload: self.payload,
+            duration,
+            count: self.count,
+            rate: self.rate,
+            window,
+            senders: self.senders,
+            priority: self.priority,
+            broker_pid: self.broker_pid,
+            json: self.json,
+            threads,
+            pin_cores,
+            source_addrs: self.source_addrs,
+            grace,
+            setup_timeout,
+            connect_concurrency: self.connect_concurrency,
+            tick: Duration::from_micros(self.tick_us),
+            cleanup: !self.no_cleanup,
+            progress: !self.quiet,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(extra: &[&str]) -> Result<Config> {
+        let mut argv = vec!["loadgen"];
+        argv.extend_from_slice(extra);
+        Args::parse_from_iter(argv)?.validate()
+    }
+
+    const DB: &str = "--database-url=postgres://u@127.0.0.1/db";
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = check(&["direct", DB]).unwrap();
+        assert_eq!(c.peers, 100);
+        assert_eq!(c.window, 16);
+        assert_eq!(c.payload, 256);
+        assert!(c.rate.is_none());
+        assert_eq!(c.scenario.name(), "direct");
+        let open = check(&["broadcast", DB, "--rate", "1000"]).unwrap();
+        assert_eq!(open.window, 100_000);
+    }
+
+    #[test]
+    fn member_source_is_required_and_exclusive() {
+        assert!(check(&["direct"]).is_err());
+        assert!(check(&["direct", DB, "--members", "/tmp/x.json"]).is_err());
+        assert!(check(&["direct", "--members", "/tmp/x.json"]).is_ok());
+        assert!(check(&["direct", "--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn refuses_bad_numbers() {
+        for bad in [
+            &["--peers", "1"][..],
+            &["--meshes", "0"],
+            &["--payload", "8"],
+            &["--payload", "70000"],
+            &["--duration", "0"],
+            &["--duration", "-1"],
+            &["--rate", "0"],
+            &["--rate", "NaN"],
+            &["--window", "0"],
+            &["--threads", "0"],
+            &["--count", "0"],
+            &["--senders", "101"],
+            &["--pin-cores", "0,x"],
+            &["--source-addrs", "0"],
+            &["--grace", "inf"],
+        ] {
+            let mut argv = vec!["direct", DB];
+            argv.extend_from_slice(bad);
+            assert!(check(&argv).is_err(), "{bad:?} should be refused");
+        }
+        // Idle needs only one peer but no rate.
+        assert!(check(&["idle", DB, "--peers", "1"]).is_ok());
+        assert!(check(&["idle", DB, "--rate", "10"]).is_err());
+    }
+
+    #[test]
+    fn refuses_remote_and_odd_urls() {
+        assert!(check(&["direct", DB, "--url", "ws://10.1.2.3:7900/ws"]).is_err());
+        assert!(check(&[
+            "direct",
+            DB,
+            "--url",
+            "ws://10.1.2.3:7900/ws",
+            "--allow-remote"
+        ])
+        .is_ok());
+        assert!(check(&["direct", DB, "--url", "http://127.0.0.1:7900/ws"]).is_err());
+        assert!(check(&["direct", DB, "--url", "wss://127.0.0.1:7900/ws"]).is_err());
+        assert!(check(&["direct", DB, "--url", "ws://localhost:7900/ws"]).is_ok());
+        assert!(check(&["direct", DB, "--url", "ws://[::1]:7900/ws"]).is_ok());
+        assert!(check(&[
+            "direct",
+            DB,
+            "--url",
+            "ws://[::1]:7900/ws",
+            "--source-addrs",
+            "4"
+        ])
+        .is_err());
+    }
+}

@@ -1,0 +1,83 @@
+//! Creates the run's meshes and members in the broker's database, and
+//! removes them (and everything the broker wrote about them) afterwards.
+use crate::roster::Roster;
+use anyhow::{Context, Result};
+
+fn block_on<F: std::future::Future>(f: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("build a tokio runtime")
+        .block_on(f)
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .context("connect to --database-url")?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// INSERT the meshes and members, in batches of rows via `unnest`.
+pub fn create(url: &str, roster: &Roster) -> Result<()> {
+    block_on(async {
+        let client = connect(url).await?;
+        let ids: Vec<&str> = roster.meshes.iter().map(|m| m.id.as_str()).collect();
+        client
+            .execute(
+                "INSERT INTO mesh.mesh (id, name, slug, owner_user_id) \
+                 SELECT id, id, id, 'meshbroker-loadgen' FROM unnest($1::text[]) AS t(id)",
+                &[&ids],
+            )
+            .await
+            .context("insert mesh.mesh rows")?;
+        let rows: Vec<(&str, &str, &str)> = roster
+            .meshes
+            .iter()
+            .flat_map(|mesh| {
+                mesh.members
+                    .iter()
+                    .map(move |m| (m.id.as_str(), mesh.id.as_str(), m.pubkey.as_str()))
+            })
+            .collect();
+        for chunk in rows.chunks(5000) {
+            let ids: Vec<&str> = chunk.iter().map(|r| r.0).collect();
+            let meshes: Vec<&str> = chunk.iter().map(|r| r.1).collect();
+            let keys: Vec<&str> = chunk.iter().map(|r| r.2).collect();
+            client
+                .execute(
+                    "INSERT INTO mesh.member (id, mesh_id, peer_pubkey, display_name) \
+                     SELECT id, mesh_id, pk, id FROM unnest($1::text[], $2::text[], $3::text[]) AS t(id, mesh_id, pk)",
+                    &[&ids, &meshes, &keys],
+                )
+                .await
+                .context("insert mesh.member rows")?;
+        }
+        Ok(())
+    })
+}
+
+/// DELETE the meshes and, explicitly (an existing claudemesh database may
+/// lack some cascades), the rows hanging off them.
+pub fn remove(url: &str, mesh_ids: &[String]) -> Result<()> {
+    block_on(async {
+        let client = connect(url).await?;
+        let members = "SELECT id FROM mesh.member WHERE mesh_id = ANY($1)";
+        for sql in [
+            format!("DELETE FROM mesh.presence WHERE member_id IN ({members})"),
+            "DELETE FROM mesh.message_queue WHERE mesh_id = ANY($1)".into(),
+            "DELETE FROM mesh.audit_log WHERE mesh_id = ANY($1)".into(),
+            "DELETE FROM mesh.member WHERE mesh_id = ANY($1)".into(),
+            "DELETE FROM mesh.mesh WHERE id = ANY($1)".into(),
+        ] {
+            client
+                .execute(&sql, &[&mesh_ids])
+                .await
+                .with_context(|| format!("cleanup: {sql}"))?;
+        }
+        Ok(())
+    })
+}

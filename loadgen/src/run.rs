@@ -1,0 +1,451 @@
+//! One run: members, workers, phases (setup → run → drain → close),
+//! progress lines, broker cost, cleanup, report.
+use crate::cli::{Config, MemberSource};
+use crate::db;
+use crate::procfs::{self, ProcSample};
+use crate::report::Report;
+use crate::roster::{self, Roster};
+use crate::scenario::{Lifecycle, Traffic};
+use crate::stats::{mono_ns, Delivery};
+use crate::wire::{SendTemplate, WS_KEY};
+use crate::worker::{self, Control, Hists, RunShared, Slot, Worker, WorkerShared};
+use anyhow::{bail, Context, Result};
+use std::net::Ipv4Addr;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Removes the run's meshes from the database when dropped.
+struct Cleanup {
+    url: String,
+    mesh_ids: Vec<String>,
+    quiet: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        // Give the broker a moment to write the sessions' last rows
+        // (presence close, audit) before their parents go.
+        std::thread::sleep(Duration::from_millis(1500));
+        if let Err(e) = db::remove(&self.url, &self.mesh_ids) {
+            eprintln!("loadgen: cleanup failed: {e:#}");
+        } else if !self.quiet {
+            eprintln!("loadgen: removed {} mesh(es)", self.mesh_ids.len());
+        }
+    }
+}
+
+#[derive(Default, Clone, Copy)]
+struct Totals {
+    sent: u64,
+    acked: u64,
+    send_errors: u64,
+    expected: u64,
+    pushes: u64,
+    duplicates: u64,
+    foreign: u64,
+    hellos: u64,
+    run_hellos: u64,
+    hello_failures: u64,
+    conn_failures: u64,
+    broker_closes: u64,
+    ready: u64,
+}
+
+fn totals(shared: &[Arc<WorkerShared>]) -> Totals {
+    let mut t = Totals::default();
+    for s in shared {
+        let c = &s.counters;
+        t.sent += c.sent.load(Relaxed);
+        t.acked += c.acked.load(Relaxed);
+        t.send_errors += c.send_errors.load(Relaxed);
+        t.expected += c.expected.load(Relaxed);
+        t.pushes += c.pushes.load(Relaxed);
+        t.duplicates += c.duplicates.load(Relaxed);
+        t.foreign += c.foreign.load(Relaxed);
+        t.hellos += c.hellos.load(Relaxed);
+        t.run_hellos += c.run_hellos.load(Relaxed);
+        t.hello_failures += c.hello_failures.load(Relaxed);
+        t.conn_failures += c.conn_failures.load(Relaxed);
+        t.broker_closes += c.broker_closes.load(Relaxed);
+        t.ready += c.ready.load(Relaxed);
+    }
+    t
+}
+
+fn merged_hists(shared: &[Arc<WorkerShared>]) -> Hists {
+    let mut h = Hists::default();
+    for s in shared {
+        h.add(&s.hists.lock().unwrap());
+    }
+    h
+}
+
+fn first_failure(shared: &[Arc<WorkerShared>]) -> Option<String> {
+    shared
+        .iter()
+        .find_map(|s| s.failure.lock().unwrap().clone())
+}
+
+fn pubkey_bytes(hex: &str) -> [u8; 64] {
+    let mut out = [b'0'; 64];
+    out.copy_from_slice(&hex.as_bytes()[..64]);
+    out
+}
+
+pub fn run(cfg: &Config) -> Result<Report> {
+    let scenario = cfg.scenario.clone();
+    let fd_limit = procfs::raise_fd_limit();
+    let run_id = format!(
+        "{:x}{:04x}",
+        roster::now_ms() % (1 << 40),
+        std::process::id() & 0xffff
+    );
+
+    let roster = match &cfg.members {
+        MemberSource::Database(_) => Roster::generate(&run_id, cfg.meshes, cfg.peers),
+        MemberSource::File(path) => Roster::load(path)?,
+    };
+    let connections = roster.connections();
+    if connections as u64 + 64 > fd_limit {
+        bail!(
+            "{connections} connections need more file descriptors than the limit of {fd_limit} (raise ulimit -n)"
+        );
+    }
+    if scenario.traffic().is_some() && roster.meshes.iter().any(|m| m.members.len() < 2) {
+        bail!(
+            "every mesh needs at least 2 members for {}",
+            scenario.name()
+        );
+    }
+    if let Some(path) = &cfg.write_members {
+        roster.save(path)?;
+    }
+    let _cleanup = match &cfg.members {
+        MemberSource::Database(url) => {
+            db::create(url, &roster)?;
+            cfg.cleanup.then(|| Cleanup {
+                url: url.clone(),
+                mesh_ids: roster.meshes.iter().map(|m| m.id.clone()).collect(),
+                quiet: !cfg.progress,
+            })
+        }
+        MemberSource::File(_) => None,
+    };
+    let roster = Arc::new(roster);
+
+    let broker_pid = cfg
+        .broker_pid
+        .or_else(|| procfs::find_listener_pid(cfg.target.addr.port()));
+    let sample = || broker_pid.and_then(procfs::sample);
+    let before_setup = sample();
+
+    // Slots: one session per member; the first `senders` of each mesh send.
+    let mut slots = Vec::with_capacity(connections);
+    for (m, mesh) in roster.meshes.iter().enumerate() {
+        let senders = cfg.senders.unwrap_or(mesh.members.len());
+        for p in 0..mesh.members.len() {
+            slots.push(Slot {
+                global: slots.len(),
+                mesh: m as u32,
+                member: p as u32,
+                sender: p < senders,
+            });
+        }
+    }
+    let total_senders = if scenario.traffic().is_some() {
+        slots.iter().filter(|s| s.sender).count()
+    } else {
+        0
+    };
+    let source_count = cfg
+        .source_addrs
+        .unwrap_or_else(|| connections.div_ceil(20_000))
+        .clamp(1, 254);
+    let source_addrs: Vec<Ipv4Addr> = if cfg.target.is_ipv4_loopback() && source_count > 1 {
+        (1..=source_count as u8)
+            .map(|x| Ipv4Addr::new(127, 0, 0, x))
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let run = Arc::new(RunShared {
+        pubkeys: roster
+            .meshes
+            .iter()
+            .map(|m| m.members.iter().map(|x| pubkey_bytes(&x.pubkey)).collect())
+            .collect(),
+        expected_per_send: roster
+            .meshes
+            .iter()
+            .map(|m| scenario.expected_per_send(m.members.len()))
+            .collect(),
+        roster: roster.clone(),
+        run_id: run_id.clone(),
+        target: cfg.target.addr,
+        upgrade_request: cfg.target.upgrade_request(),
+        expected_accept: meshbroker::ws::accept_key(WS_KEY),
+        traffic: scenario.traffic(),
+        lifecycle: scenario.lifecycle(),
+        window: cfg.window,
+        rate_per_sender: cfg.rate.map(|r| r / total_senders.max(1) as f64),
+        template: scenario
+            .traffic()
+            .map(|t| SendTemplate::new(t == Traffic::Direct, cfg.priority.as_str(), cfg.payload)),
+        source_addrs,
+        mesh_offsets: roster
+            .meshes
+            .iter()
+            .scan(0, |acc, m| {
+                let at = *acc;
+                *acc += m.members.len();
+                Some(at)
+            })
+            .collect(),
+        push_outstanding: (0..connections).map(|_| AtomicI64::new(0)).collect(),
+        connect_concurrency: cfg.connect_concurrency,
+        tick_ns: cfg.tick.as_nanos() as u64,
+    });
+    let ctl = Arc::new(Control {
+        phase: AtomicU8::new(worker::PHASE_SETUP),
+        epoch_ns: mono_ns(),
+        run_start_ns: AtomicU64::new(0),
+        budget: cfg.count.map(|c| AtomicI64::new(c as i64)),
+    });
+
+    // Workers, slots dealt round-robin.
+    let threads = cfg.threads.min(connections.max(1));
+    let mut per_thread: Vec<Vec<Slot>> = vec![Vec::new(); threads];
+    for (i, s) in slots.iter().enumerate() {
+        per_thread[i % threads].push(*s);
+    }
+    let shared: Vec<Arc<WorkerShared>> = (0..threads).map(|_| Arc::default()).collect();
+    let mut handles = Vec::new();
+    let setup_start = Instant::now();
+    for (t, slots) in per_thread.into_iter().enumerate() {
+        let worker = Worker::new(
+            run.clone(),
+            ctl.clone(),
+            shared[t].clone(),
+            slots,
+            0x9E37_79B9_7F4A_7C15u64.wrapping_mul(t as u64 + 1) ^ mono_ns(),
+        )
+        .context("create worker")?;
+        let core = (!cfg.pin_cores.is_empty()).then(|| cfg.pin_cores[t % cfg.pin_cores.len()]);
+        handles.push(
+            std::thread::Builder::new()
+                .name(format!("loadgen-{t}"))
+                .spawn(move || {
+                    if let Some(id) = core {
+                        core_affinity::set_for_current(core_affinity::CoreId { id });
+                    }
+                    worker.run();
+                })
+                .context("spawn worker")?,
+        );
+    }
+    let stop_workers = |handles: Vec<std::thread::JoinHandle<()>>| {
+        ctl.phase.store(worker::PHASE_CLOSE, Relaxed);
+        for h in handles {
+            let _ = h.join();
+        }
+    };
+
+    // Setup: every session connected and admitted (churn connects during the run).
+    if scenario.lifecycle() == Lifecycle::Hold {
+        let mut last_print = Instant::now();
+        loop {
+            let t = totals(&shared);
+            if let Some(f) = first_failure(&shared) {
+                stop_workers(handles);
+                bail!(
+                    "setup failed after {} of {connections} hellos: {f}",
+                    t.ready
+                );
+            }
+            if t.ready as usize >= connections {
+                break;
+            }
+            if setup_start.elapsed() > cfg.setup_timeout {
+                stop_workers(handles);
+                bail!(
+                    "setup timed out: {} of {connections} sessions admitted",
+                    t.ready
+                );
+            }
+            if cfg.progress && last_print.elapsed() >= Duration::from_secs(1) {
+                last_print = Instant::now();
+                eprintln!("[setup] {} / {connections} sessions admitted", t.ready);
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let setup_s = setup_start.elapsed().as_secs_f64();
+    // Let the broker settle its post-hello work before measuring.
+    if scenario.measures_rss_per_connection() {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let at_start = sample();
+    let cpu_start = procfs::self_cpu();
+    let start_rel = ctl.now();
+    ctl.run_start_ns.store(start_rel, Relaxed);
+    let started = Instant::now();
+    ctl.phase.store(worker::PHASE_RUN, Relaxed);
+
+    // The load, with a progress line each second.
+    let mut prev = Totals::default();
+    let mut next_tick = started + Duration::from_secs(1);
+    let mut failure = None;
+    loop {
+        let now = Instant::now();
+        let elapsed = now - started;
+        let t = totals(&shared);
+        if elapsed >= cfg.duration || cfg.count.is_some_and(|c| t.sent >= c) {
+            break;
+        }
+        if let Some(f) = first_failure(&shared) {
+            failure = Some(f);
+            break;
+        }
+        if now >= next_tick {
+            if cfg.progress {
+                let h = merged_hists(&shared);
+                eprintln!(
+                    "[{:>4.0}s] sent/s {:>9} acked/s {:>9} pushes/s {:>10} hellos/s {:>7} | p99 ack {:.3} ms push {:.3} ms | lost-so-far {}",
+                    elapsed.as_secs_f64(),
+                    t.sent - prev.sent,
+                    t.acked - prev.acked,
+                    t.pushes - prev.pushes,
+                    t.hellos - prev.hellos,
+                    h.ack.percentiles().p99,
+                    h.push.percentiles().p99,
+                    t.expected.saturating_sub(t.pushes),
+                );
+            }
+            prev = t;
+            next_tick += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_millis(10).min(next_tick.saturating_duration_since(now)));
+    }
+    let load_s = started.elapsed().as_secs_f64();
+    ctl.phase.store(worker::PHASE_DRAIN, Relaxed);
+
+    // Drain: outstanding acks and pushes, within the grace period.
+    let drain_start = Instant::now();
+    loop {
+        let t = totals(&shared);
+        let settled = t.acked + t.send_errors >= t.sent && t.pushes >= t.expected;
+        if settled || drain_start.elapsed() >= cfg.grace || failure.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    // Workers publish every 100 ms: wait for a fresh publication.
+    std::thread::sleep(Duration::from_millis(120));
+    let active_s = (started.elapsed().as_secs_f64() - 0.12).max(load_s);
+    let at_end = sample();
+    let cpu_used = procfs::self_cpu().saturating_sub(cpu_start);
+    stop_workers(handles);
+
+    let t = totals(&shared);
+    let hists = merged_hists(&shared);
+    let mut errors = std::collections::BTreeMap::new();
+    let mut close_codes = std::collections::BTreeMap::new();
+    for s in &shared {
+        for (k, v) in s.errors.lock().unwrap().iter() {
+            *errors.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in s.closes.lock().unwrap().iter() {
+            *close_codes.entry(*k).or_default() += v;
+        }
+    }
+    let failure = failure.or_else(|| first_failure(&shared));
+    let delivery = Delivery {
+        expected: t.expected,
+        unique: t.pushes,
+        duplicates: t.duplicates,
+    };
+    let broker_cpu = match (at_start, at_end) {
+        (Some(a), Some(b)) => Some(b.cpu.saturating_sub(a.cpu).as_secs_f64()),
+        _ => None,
+    };
+    let per = |n: u64| broker_cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64);
+    let rss_per_conn = match (before_setup, at_start) {
+        (Some(ProcSample { rss_bytes: a, .. }), Some(ProcSample { rss_bytes: b, .. }))
+            if scenario.measures_rss_per_connection() && connections > 0 =>
+        {
+            Some((b as f64 - a as f64) / connections as f64)
+        }
+        _ => None,
+    };
+    let mut report = Report {
+        scenario: scenario.name().into(),
+        mode: match (scenario.traffic(), cfg.rate) {
+            (None, _) => "no sends".into(),
+            (Some(_), Some(r)) => format!("open loop {r}/s"),
+            (Some(_), None) => format!("closed loop, window {}", cfg.window),
+        },
+        threads,
+        meshes: roster.meshes.len(),
+        peers: roster
+            .meshes
+            .iter()
+            .map(|m| m.members.len())
+            .max()
+            .unwrap_or(0),
+        connections,
+        senders: total_senders,
+        payload: cfg.payload,
+        priority: cfg.priority.as_str().into(),
+        window: cfg.window,
+        rate: cfg.rate,
+        duration_s: load_s,
+        active_s,
+        setup_s,
+        sent: t.sent,
+        acked: t.acked,
+        send_errors: t.send_errors,
+        pushes: t.pushes,
+        expected_pushes: t.expected,
+        lost: delivery.lost(),
+        duplicates: t.duplicates,
+        unexpected_pushes: delivery.unexpected(),
+        foreign_pushes: t.foreign,
+        sends_per_s: t.sent as f64 / load_s,
+        acks_per_s: t.acked as f64 / active_s,
+        pushes_per_s: t.pushes as f64 / active_s,
+        ack_ms: hists.ack.percentiles(),
+        push_ms: hists.push.percentiles(),
+        hello_ms: hists.hello.percentiles(),
+        hellos: t.hellos,
+        run_hellos: t.run_hellos,
+        hellos_per_s: t.run_hellos as f64 / load_s,
+        hello_failures: t.hello_failures,
+        connection_failures: t.conn_failures,
+        broker_closes: t.broker_closes,
+        broker_pid,
+        broker_cpu_s: broker_cpu,
+        broker_cpu_pct: broker_cpu.map(|c| c * 100.0 / active_s),
+        broker_cpu_us_per_push: per(t.pushes),
+        broker_cpu_us_per_send: per(t.sent),
+        broker_cpu_us_per_hello: per(t.run_hellos),
+        broker_rss_bytes: at_end.or(at_start).map(|s| s.rss_bytes),
+        broker_rss_before_bytes: before_setup.map(|s| s.rss_bytes),
+        broker_rss_per_conn_bytes: rss_per_conn,
+        loadgen_cpu_s: cpu_used.as_secs_f64(),
+        loadgen_cpu_pct: cpu_used.as_secs_f64() * 100.0 / active_s,
+        errors,
+        close_codes,
+        failure,
+    };
+    if report.failure.is_none() {
+        if scenario.traffic().is_some() && report.sent == 0 {
+            report.failure = Some("nothing was sent".into());
+        } else if report.send_errors > 0 {
+            report.failure = Some(format!("{} sends answered with error", report.send_errors));
+        } else if let Some(f) = scenario.check(&report) {
+            report.failure = Some(f);
+        }
+    }
+    Ok(report)
+}

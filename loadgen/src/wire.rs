@@ -1,0 +1,435 @@
+//! What goes over the socket: the broker address, the HTTP upgrade, server
+//! frames, pre-built send frames, and a cheap look at incoming messages.
+//!
+//! Client frames are masked with the all-zero key: a valid key (the server
+//! must unmask with whatever key it is given), and it makes the frame's bytes
+//! equal to the JSON, so a send is a template copy plus a few fixed-width
+//! patches, never a per-byte XOR.
+use anyhow::{bail, Context, Result};
+use meshbroker::ws::{encode_client_frame, OpCode};
+use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
+
+/// The fixed `Sec-WebSocket-Key` every connection sends (any 16 bytes,
+/// base64): the accept value is then computed once.
+pub const WS_KEY: &str = "bWVzaGJyb2tlcmxvYWRnbg==";
+
+/// The broker address from `--url`.
+#[derive(Clone, Debug)]
+pub struct WsTarget {
+    pub addr: SocketAddr,
+    pub host_header: String,
+    pub path: String,
+}
+
+fn is_loopback(ip: IpAddr) -> bool {
+    match ip {
+        IpAddr::V4(v4) => v4.is_loopback(),
+        IpAddr::V6(v6) => {
+            v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback())
+        }
+    }
+}
+
+impl WsTarget {
+    /// `ws://host:port/path`; `wss` is not supported. Refuses a non-loopback
+    /// address unless `allow_remote`.
+    pub fn parse(url: &str, allow_remote: bool) -> Result<WsTarget> {
+        let Some(rest) = url.strip_prefix("ws://") else {
+            bail!("--url must start with ws:// (got {url:?}; wss is not supported)");
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, "/"),
+        };
+        if authority.is_empty() {
+            bail!("--url has no host");
+        }
+        let with_port = if authority.ends_with(']') || !authority.contains(':') {
+            format!("{authority}:80")
+        } else {
+            authority.to_string()
+        };
+        let addr = with_port
+            .to_socket_addrs()
+            .with_context(|| format!("--url: cannot resolve {authority:?}"))?
+            .find(|a| allow_remote || is_loopback(a.ip()))
+            .with_context(|| {
+                format!("--url: {authority} is not a loopback address (pass --allow-remote to target another host)")
+            })?;
+        Ok(WsTarget {
+            addr,
+            host_header: authority.to_string(),
+            path: path.to_string(),
+        })
+    }
+
+    pub fn is_ipv4_loopback(&self) -> bool {
+        matches!(self.addr.ip(), IpAddr::V4(v4) if v4.is_loopback())
+    }
+
+    pub fn upgrade_request(&self) -> Vec<u8> {
+        format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {WS_KEY}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            self.path, self.host_header
+        )
+        .into_bytes()
+    }
+}
+
+/// Checks a response head (everything up to and including the blank line):
+/// status 101 and the right `Sec-WebSocket-Accept`.
+pub fn check_upgrade_response(head: &[u8], expected_accept: &str) -> Result<(), String> {
+    let text = String::from_utf8_lossy(head);
+    let mut lines = text.split("\r\n");
+    let status = lines.next().unwrap_or_default();
+    if !status.starts_with("HTTP/1.1 101") {
+        return Err(format!("upgrade refused: {status}"));
+    }
+    let accept = lines
+        .filter_map(|l| l.split_once(':'))
+        .find(|(k, _)| k.trim().eq_ignore_ascii_case("sec-websocket-accept"))
+        .map(|(_, v)| v.trim().to_string());
+    match accept {
+        Some(a) if a == expected_accept => Ok(()),
+        other => Err(format!("bad Sec-WebSocket-Accept {other:?}")),
+    }
+}
+
+/// One server frame header, parsed from the start of a buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ServerFrame {
+    pub opcode: u8,
+    pub fin: bool,
+    pub header_len: usize,
+    pub payload_len: usize,
+}
+
+impl ServerFrame {
+    pub fn total_len(&self) -> usize {
+        self.header_len + self.payload_len
+    }
+}
+
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// `Ok(None)`: incomplete. Errors for a masked server frame or reserved bits.
+pub fn parse_server_frame(buf: &[u8]) -> Result<Option<ServerFrame>, &'static str> {
+    let [b0, b1, ..] = *buf else {
+        return Ok(None);
+    };
+    if b0 & 0x70 != 0 {
+        return Err("reserved bits set");
+    }
+    if b1 & 0x80 != 0 {
+        return Err("masked server frame");
+    }
+    let (len, header_len) = match b1 & 0x7F {
+        126 => match buf.get(2..4) {
+            Some(b) => (u16::from_be_bytes([b[0], b[1]]) as u64, 4),
+            None => return Ok(None),
+        },
+        127 => match buf.get(2..10) {
+            Some(b) => (u64::from_be_bytes(b.try_into().unwrap()), 10),
+            None => return Ok(None),
+        },
+        n => (n as u64, 2),
+    };
+    if len > (1 << 30) {
+        return Err("frame too large");
+    }
+    let frame = ServerFrame {
+        opcode: b0 & 0x0F,
+        fin: b0 & 0x80 != 0,
+        header_len,
+        payload_len: len as usize,
+    };
+    if buf.len() < frame.total_len() {
+        return Ok(None);
+    }
+    Ok(Some(frame))
+}
+
+/// A masked (zero key) client frame.
+pub fn client_frame(opcode: OpCode, payload: &[u8]) -> Vec<u8> {
+    encode_client_frame(opcode, payload, [0; 4], true)
+}
+
+/// A client Close frame with `code`.
+pub fn close_frame(code: u16) -> Vec<u8> {
+    client_frame(OpCode::Close, &code.to_be_bytes())
+}
+
+/// Width of the metadata at the start of every ciphertext:
+/// sender index (8 hex) · sequence (8 hex) · send time ns (16 hex).
+pub const META_LEN: usize = 32;
+const NONCE: &str = "bG9hZGdlbi1ub25jZS0wMDAwMDAwMA";
+
+const HEX: &[u8; 16] = b"0123456789abcdef";
+
+pub fn put_hex(out: &mut [u8], mut v: u64) {
+    for b in out.iter_mut().rev() {
+        *b = HEX[(v & 15) as usize];
+        v >>= 4;
+    }
+}
+
+pub fn parse_hex(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 16 {
+        return None;
+    }
+    let mut v = 0u64;
+    for &b in s {
+        let d = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => return None,
+        };
+        v = (v << 4) | d as u64;
+    }
+    Some(v)
+}
+
+/// A pre-built send frame: copy, then patch the target (direct), the
+/// metadata and the id in place. Every field is fixed-width, so the frame
+/// length never changes.
+#[derive(Clone, Debug)]
+pub struct SendTemplate {
+    frame: Vec<u8>,
+    /// Offset of the 64-hex target, for direct templates.
+    target_at: Option<usize>,
+    meta_at: usize,
+    id_at: usize,
+}
+
+impl SendTemplate {
+    /// `direct`: a 64-hex target slot; else `"*"`.
+    pub fn new(direct: bool, priority: &str, payload: usize) -> SendTemplate {
+        assert!(payload >= META_LEN);
+        let target = if direct { "0".repeat(64) } else { "*".into() };
+        let head = format!(
+            "{{\"type\":\"send\",\"targetSpec\":\"{target}\",\"priority\":\"{priority}\",\"nonce\":\"{NONCE}\",\"ciphertext\":\""
+        );
+        let mut json = head.clone().into_bytes();
+        let meta_at = json.len();
+        json.extend(std::iter::repeat_n(b'0', META_LEN));
+        json.extend((0..payload - META_LEN).map(|i| b'A' + (i % 26) as u8));
+        json.extend_from_slice(b"\",\"id\":\"");
+        let id_at = json.len();
+        json.extend(std::iter::repeat_n(b'0', 16));
+        json.extend_from_slice(b"\"}");
+        let frame = client_frame(OpCode::Text, &json);
+        let header = frame.len() - json.len();
+        let target_at = direct.then(|| header + head.find("targetSpec").unwrap() + 13);
+        SendTemplate {
+            frame,
+            target_at,
+            meta_at: header + meta_at,
+            id_at: header + id_at,
+        }
+    }
+
+    pub fn frame_len(&self) -> usize {
+        self.frame.len()
+    }
+
+    /// Appends one send frame to `out`. `target` is the 64 hex pubkey for
+    /// a direct template (ignored otherwise).
+    pub fn write(&self, out: &mut Vec<u8>, target: &[u8], sender: u32, seq: u32, ts_ns: u64) {
+        let start = out.len();
+        out.extend_from_slice(&self.frame);
+        let f = &mut out[start..];
+        if let Some(at) = self.target_at {
+            f[at..at + 64].copy_from_slice(&target[..64]);
+        }
+        let m = self.meta_at;
+        put_hex(&mut f[m..m + 8], sender as u64);
+        put_hex(&mut f[m + 8..m + 16], seq as u64);
+        put_hex(&mut f[m + 16..m + 32], ts_ns);
+        put_hex(&mut f[self.id_at..self.id_at + 16], ts_ns);
+    }
+}
+
+/// What an incoming text message is, read without a JSON parser for the
+/// two hot kinds.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Message {
+    Push {
+        sender: u32,
+        seq: u32,
+        ts_ns: u64,
+    },
+    /// A push whose ciphertext the loadgen did not write.
+    ForeignPush,
+    Ack {
+        ts_ns: Option<u64>,
+    },
+    HelloAck,
+    Error {
+        code: String,
+        id: Option<String>,
+    },
+    Other,
+}
+
+const PUSH_PREFIX: &[u8] = b"{\"type\":\"push\"";
+const ACK_PREFIX: &[u8] = b"{\"type\":\"ack\",\"id\":\"";
+const CIPHERTEXT_KEY: &[u8] = b"\"ciphertext\":\"";
+
+thread_local! {
+    static CIPHERTEXT_FINDER: memchr::memmem::Finder<'static> =
+        memchr::memmem::Finder::new(CIPHERTEXT_KEY);
+}
+
+fn parse_meta(meta: &[u8]) -> Option<(u32, u32, u64)> {
+    if meta.len() < META_LEN {
+        return None;
+    }
+    Some((
+        parse_hex(&meta[0..8])? as u32,
+        parse_hex(&meta[8..16])? as u32,
+        parse_hex(&meta[16..32])?,
+    ))
+}
+
+pub fn classify(payload: &[u8]) -> Message {
+    if payload.starts_with(PUSH_PREFIX) {
+        let at = CIPHERTEXT_FINDER.with(|f| f.find(&payload[PUSH_PREFIX.len()..]));
+        let Some(at) = at else {
+            return Message::ForeignPush;
+        };
+        let start = PUSH_PREFIX.len() + at + CIPHERTEXT_KEY.len();
+        return match payload.get(start..start + META_LEN).and_then(parse_meta) {
+            Some((sender, seq, ts_ns)) => Message::Push { sender, seq, ts_ns },
+            None => Message::ForeignPush,
+        };
+    }
+    if payload.starts_with(ACK_PREFIX) {
+        let rest = &payload[ACK_PREFIX.len()..];
+        let ts_ns = rest
+            .get(16)
+            .filter(|&&b| b == b'"')
+            .and_then(|_| parse_hex(&rest[..16]));
+        return Message::Ack { ts_ns };
+    }
+    // Rare kinds: a real JSON parse.
+    let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
+        return Message::Other;
+    };
+    match value["type"].as_str() {
+        Some("hello_ack") => Message::HelloAck,
+        Some("ack") => Message::Ack {
+            ts_ns: value["id"].as_str().and_then(|s| parse_hex(s.as_bytes())),
+        },
+        Some("error") => Message::Error {
+            code: value["code"].as_str().unwrap_or("?").to_string(),
+            id: value["id"].as_str().map(str::to_string),
+        },
+        Some("push") => Message::ForeignPush,
+        _ => Message::Other,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_parsing() {
+        let t = WsTarget::parse("ws://127.0.0.1:7900/ws", false).unwrap();
+        assert_eq!(t.addr.port(), 7900);
+        assert_eq!(t.path, "/ws");
+        assert!(t.is_ipv4_loopback());
+        let req = String::from_utf8(t.upgrade_request()).unwrap();
+        assert!(req.starts_with("GET /ws HTTP/1.1\r\nHost: 127.0.0.1:7900\r\n"));
+        assert!(WsTarget::parse("ws://192.0.2.1:7900/ws", false).is_err());
+        assert_eq!(
+            WsTarget::parse("ws://127.0.0.2", false)
+                .unwrap()
+                .addr
+                .port(),
+            80
+        );
+    }
+
+    #[test]
+    fn upgrade_response_check() {
+        let accept = meshbroker::ws::accept_key(WS_KEY);
+        let ok = format!("HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: {accept}\r\n\r\n");
+        assert!(check_upgrade_response(ok.as_bytes(), &accept).is_ok());
+        assert!(check_upgrade_response(b"HTTP/1.1 404 Not Found\r\n\r\n", &accept).is_err());
+        let wrong = "HTTP/1.1 101 OK\r\nSec-WebSocket-Accept: nope\r\n\r\n";
+        assert!(check_upgrade_response(wrong.as_bytes(), &accept).is_err());
+    }
+
+    #[test]
+    fn send_template_round_trip() {
+        for direct in [true, false] {
+            let t = SendTemplate::new(direct, "now", 100);
+            let mut out = vec![1, 2, 3];
+            let target = "ab".repeat(32);
+            t.write(&mut out, target.as_bytes(), 7, 42, 0x1234_5678_9abc);
+            assert_eq!(out.len(), 3 + t.frame_len());
+            let mut frame = out[3..].to_vec();
+            let h = meshbroker::ws::decode_client_frame(&mut frame, 1 << 20)
+                .unwrap()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&frame[h.payload_range()]).unwrap();
+            assert_eq!(v["type"], "send");
+            assert_eq!(v["priority"], "now");
+            let ct = v["ciphertext"].as_str().unwrap();
+            assert_eq!(ct.len(), 100);
+            assert_eq!(parse_meta(ct.as_bytes()), Some((7, 42, 0x1234_5678_9abc)));
+            assert_eq!(
+                parse_hex(v["id"].as_str().unwrap().as_bytes()),
+                Some(0x1234_5678_9abc)
+            );
+            let spec = v["targetSpec"].as_str().unwrap();
+            assert_eq!(spec, if direct { target.as_str() } else { "*" });
+        }
+    }
+
+    #[test]
+    fn classifies_broker_messages() {
+        let push = br#"{"type":"push","messageId":"m1","meshId":"x","senderPubkey":"ab","priority":"now","nonce":"n","ciphertext":"0000000300000009000000000000abcdAAAA","createdAt":"t"}"#;
+        assert_eq!(
+            classify(push),
+            Message::Push {
+                sender: 3,
+                seq: 9,
+                ts_ns: 0xabcd
+            }
+        );
+        let foreign = br#"{"type":"push","messageId":"m1","ciphertext":"hello"}"#;
+        assert_eq!(classify(foreign), Message::ForeignPush);
+        let ack = br#"{"type":"ack","id":"00000000000003e8","messageId":"m","queued":true}"#;
+        assert_eq!(classify(ack), Message::Ack { ts_ns: Some(1000) });
+        assert_eq!(
+            classify(br#"{"type":"hello_ack","presenceId":"p","meshId":"m","memberId":"u"}"#),
+            Message::HelloAck
+        );
+        assert_eq!(
+            classify(br#"{"type":"error","code":"unknown_target","message":"x","id":"00"}"#),
+            Message::Error {
+                code: "unknown_target".into(),
+                id: Some("00".into())
+            }
+        );
+    }
+
+    #[test]
+    fn server_frame_parsing() {
+        let frame = meshbroker::ws::encode_server_frame(OpCode::Text, &[b'x'; 300]);
+        let h = parse_server_frame(&frame).unwrap().unwrap();
+        assert_eq!(
+            (h.opcode, h.fin, h.header_len, h.payload_len),
+            (1, true, 4, 300)
+        );
+        assert_eq!(parse_server_frame(&frame[..100]), Ok(None));
+        assert!(parse_server_frame(&client_frame(OpCode::Text, b"x")).is_err());
+    }
+}

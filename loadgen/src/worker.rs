@@ -1,0 +1,1122 @@
+//! One worker thread: a mio (epoll) loop over many connections.
+//!
+//! Each connection goes Connecting → Upgrading → Helloing → Ready (→
+//! Closing). Whatever a loop iteration produces for a connection (sends
+//! refilled by acks, paced sends, pongs) is appended to its write buffer and
+//! written with one syscall at the end of the iteration: many frames per
+//! write. Reads go into one per-thread scratch buffer; only a partial frame
+//! is copied into the connection.
+use crate::roster::{self, Roster};
+use crate::scenario::{Lifecycle, Traffic};
+use crate::stats::{mono_ns, Latency, Pacer, ReceiverLedger};
+use crate::wire::{self, Message, SendTemplate};
+use mio::net::TcpStream;
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token};
+use std::collections::BTreeMap;
+use std::io::{ErrorKind, Write};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+pub const PHASE_SETUP: u8 = 0;
+pub const PHASE_RUN: u8 = 1;
+pub const PHASE_DRAIN: u8 = 2;
+pub const PHASE_CLOSE: u8 = 3;
+
+const TIMER: Token = Token(usize::MAX);
+const SCRATCH: usize = 256 * 1024;
+/// How long a closing connection waits for the broker's close and EOF.
+const CLOSE_WAIT_NS: u64 = 2_000_000_000;
+/// Re-sign a cached hello after this long (the broker allows ±60 s).
+const HELLO_MAX_AGE_MS: i64 = 30_000;
+const PUBLISH_EVERY_NS: u64 = 100_000_000;
+
+/// Run-wide control, written by the main thread.
+pub struct Control {
+    pub phase: AtomicU8,
+    /// CLOCK_MONOTONIC ns that timestamps are relative to.
+    pub epoch_ns: u64,
+    /// When the load started, relative to `epoch_ns`.
+    pub run_start_ns: AtomicU64,
+    /// Sends left when `--count` bounds the run.
+    pub budget: Option<AtomicI64>,
+}
+
+impl Control {
+    pub fn now(&self) -> u64 {
+        mono_ns() - self.epoch_ns
+    }
+}
+
+/// Cumulative counters of one worker (only that worker writes them).
+#[derive(Default)]
+pub struct Counters {
+    pub sent: AtomicU64,
+    pub acked: AtomicU64,
+    pub send_errors: AtomicU64,
+    pub expected: AtomicU64,
+    pub pushes: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub foreign: AtomicU64,
+    pub hellos: AtomicU64,
+    pub run_hellos: AtomicU64,
+    pub hello_failures: AtomicU64,
+    pub conn_failures: AtomicU64,
+    pub broker_closes: AtomicU64,
+    pub ready: AtomicU64,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Local {
+    sent: u64,
+    acked: u64,
+    send_errors: u64,
+    expected: u64,
+    pushes: u64,
+    duplicates: u64,
+    foreign: u64,
+    hellos: u64,
+    run_hellos: u64,
+    hello_failures: u64,
+    conn_failures: u64,
+    broker_closes: u64,
+    ready: u64,
+}
+
+impl Counters {
+    fn publish(&self, l: &Local) {
+        self.sent.store(l.sent, Relaxed);
+        self.acked.store(l.acked, Relaxed);
+        self.send_errors.store(l.send_errors, Relaxed);
+        self.expected.store(l.expected, Relaxed);
+        self.pushes.store(l.pushes, Relaxed);
+        self.duplicates.store(l.duplicates, Relaxed);
+        self.foreign.store(l.foreign, Relaxed);
+        self.hellos.store(l.hellos, Relaxed);
+        self.run_hellos.store(l.run_hellos, Relaxed);
+        self.hello_failures.store(l.hello_failures, Relaxed);
+        self.conn_failures.store(l.conn_failures, Relaxed);
+        self.broker_closes.store(l.broker_closes, Relaxed);
+        self.ready.store(l.ready, Relaxed);
+    }
+}
+
+#[derive(Default, Clone)]
+pub struct Hists {
+    pub ack: Latency,
+    pub push: Latency,
+    pub hello: Latency,
+}
+
+impl Hists {
+    pub fn add(&mut self, o: &Hists) {
+        self.ack.add(&o.ack);
+        self.push.add(&o.push);
+        self.hello.add(&o.hello);
+    }
+    fn reset(&mut self) {
+        self.ack.reset();
+        self.push.reset();
+        self.hello.reset();
+    }
+}
+
+/// What a worker shares with the main thread.
+#[derive(Default)]
+pub struct WorkerShared {
+    pub counters: Counters,
+    pub hists: Mutex<Hists>,
+    pub errors: Mutex<BTreeMap<String, u64>>,
+    pub closes: Mutex<BTreeMap<u16, u64>>,
+    pub failure: Mutex<Option<String>>,
+}
+
+/// One connection's identity: which member of which mesh, whether it sends.
+#[derive(Clone, Copy, Debug)]
+pub struct Slot {
+    /// Index over all connections of the run.
+    pub global: usize,
+    pub mesh: u32,
+    pub member: u32,
+    pub sender: bool,
+}
+
+/// Immutable run data every worker reads.
+pub struct RunShared {
+    pub roster: Arc<Roster>,
+    /// Per mesh, each member's pubkey as 64 ASCII hex bytes.
+    pub pubkeys: Vec<Vec<[u8; 64]>>,
+    pub run_id: String,
+    pub target: SocketAddr,
+    pub upgrade_request: Vec<u8>,
+    pub expected_accept: String,
+    pub traffic: Option<Traffic>,
+    pub lifecycle: Lifecycle,
+    pub expected_per_send: Vec<u64>,
+    pub window: usize,
+    /// Open loop: sends per second of each sender.
+    pub rate_per_sender: Option<f64>,
+    pub template: Option<SendTemplate>,
+    pub source_addrs: Vec<Ipv4Addr>,
+    /// Global slot index of member 0 of each mesh.
+    pub mesh_offsets: Vec<usize>,
+    /// Per sender (global slot): pushes it caused that no receiver has
+    /// seen yet. The closed loop also waits on these, so a sender's window
+    /// covers delivery, not only the ack (which the broker sends as soon as
+    /// the pushes are queued in its outbound buffers).
+    pub push_outstanding: Vec<AtomicI64>,
+    pub connect_concurrency: usize,
+    pub tick_ns: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Idle,
+    Connecting,
+    Upgrading,
+    Helloing,
+    Ready,
+    Closing,
+}
+
+struct Conn {
+    slot: Slot,
+    sock: Option<TcpStream>,
+    state: State,
+    partial: Vec<u8>,
+    wbuf: Vec<u8>,
+    wpos: usize,
+    dirty: bool,
+    inflight: usize,
+    seqs: Vec<u32>,
+    ledger: ReceiverLedger,
+    pacer: Option<Pacer>,
+    started_ns: u64,
+    closing_since: u64,
+    /// Churn: when to connect again (0: now).
+    retry_at: u64,
+    hello: Option<(i64, Vec<u8>)>,
+}
+
+/// Everything of the worker but the connections (so both can be borrowed).
+struct Env {
+    run: Arc<RunShared>,
+    ctl: Arc<Control>,
+    shared: Arc<WorkerShared>,
+    local: Local,
+    hists: Hists,
+    errors: BTreeMap<String, u64>,
+    closes: BTreeMap<u16, u64>,
+    failure: Option<String>,
+    dirty: Vec<usize>,
+    rng: u64,
+    budget_claimed: i64,
+    budget_done: bool,
+    phase: u8,
+    now: u64,
+    in_setup: usize,
+    /// Pushes seen per sender since the last flush into `push_outstanding`.
+    push_seen: std::collections::HashMap<usize, i64>,
+}
+
+impl Env {
+    fn fail(&mut self, what: String) {
+        if self.failure.is_none() {
+            self.failure = Some(what);
+        }
+    }
+
+    fn error_seen(&mut self, code: &str) {
+        *self.errors.entry(code.to_string()).or_default() += 1;
+    }
+
+    #[inline]
+    fn rand(&mut self) -> u64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+
+    fn take_budget(&mut self) -> bool {
+        let Some(budget) = &self.ctl.budget else {
+            return true;
+        };
+        if self.budget_claimed > 0 {
+            self.budget_claimed -= 1;
+            return true;
+        }
+        if self.budget_done {
+            return false;
+        }
+        const CHUNK: i64 = 32;
+        let before = budget.fetch_sub(CHUNK, Relaxed);
+        if before <= 0 {
+            self.budget_done = true;
+            return false;
+        }
+        self.budget_claimed = before.min(CHUNK) - 1;
+        true
+    }
+
+    fn mark_dirty(&mut self, conn: &mut Conn) {
+        if !conn.dirty {
+            conn.dirty = true;
+            self.dirty.push(conn.slot.global);
+        }
+    }
+
+    /// Appends one send with timestamp `ts` to the connection.
+    fn write_send(&mut self, conn: &mut Conn, ts: u64) {
+        let run = self.run.clone();
+        let template = run.template.as_ref().expect("traffic scenario");
+        let mesh = conn.slot.mesh as usize;
+        let me = conn.slot.member;
+        match run.traffic {
+            Some(Traffic::Direct) => {
+                let n = run.pubkeys[mesh].len() as u64;
+                let mut target = (self.rand() % (n - 1)) as u32;
+                if target >= me {
+                    target += 1;
+                }
+                let seq_slot = &mut conn.seqs[target as usize];
+                let seq = *seq_slot;
+                *seq_slot += 1;
+                template.write(
+                    &mut conn.wbuf,
+                    &run.pubkeys[mesh][target as usize],
+                    me,
+                    seq,
+                    ts,
+                );
+            }
+            _ => {
+                let seq = conn.seqs[0];
+                conn.seqs[0] += 1;
+                template.write(&mut conn.wbuf, b"", me, seq, ts);
+            }
+        }
+        let per = run.expected_per_send[mesh];
+        self.local.expected += per;
+        run.push_outstanding[conn.slot.global].fetch_add(per as i64, Relaxed);
+        self.local.sent += 1;
+        conn.inflight += 1;
+        self.mark_dirty(conn);
+    }
+
+    /// Closed loop: top the connection's window up.
+    fn refill(&mut self, conn: &mut Conn) {
+        if self.phase != PHASE_RUN || self.run.rate_per_sender.is_some() || !conn.slot.sender {
+            return;
+        }
+        // Broadcast also waits on delivery (see `push_outstanding`); a
+        // direct send's one push travels with its ack, so the ack window
+        // bounds it already and waiting on it only costs batching.
+        let per = self.run.expected_per_send[conn.slot.mesh as usize] as i64;
+        let push_window = if self.run.traffic == Some(Traffic::Broadcast) {
+            self.run.window as i64 * per
+        } else {
+            i64::MAX
+        };
+        while conn.inflight < self.run.window
+            && self.run.push_outstanding[conn.slot.global].load(Relaxed) < push_window
+            && self.take_budget()
+        {
+            let ts = self.now;
+            self.write_send(conn, ts);
+        }
+    }
+
+    /// Open loop: every due send that the window allows.
+    fn pace(&mut self, conn: &mut Conn) -> u64 {
+        let Some(mut pacer) = conn.pacer.take() else {
+            return u64::MAX;
+        };
+        while conn.inflight < self.run.window {
+            let Some(intended) = pacer.due(self.now) else {
+                break;
+            };
+            if !self.take_budget() {
+                break;
+            }
+            self.write_send(conn, intended);
+        }
+        let next = pacer.next_due_ns;
+        conn.pacer = Some(pacer);
+        next
+    }
+}
+
+pub struct Worker {
+    poll: Poll,
+    conns: Vec<Conn>,
+    /// Local index of each global slot id this worker owns.
+    index: std::collections::HashMap<usize, usize>,
+    env: Env,
+    scratch: Vec<u8>,
+    timerfd: Option<std::os::fd::OwnedFd>,
+    pending: std::collections::VecDeque<usize>,
+    senders: Vec<usize>,
+}
+
+fn timerfd_create() -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain syscall; the fd is owned below.
+    let fd = unsafe {
+        libc::timerfd_create(
+            libc::CLOCK_MONOTONIC,
+            libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+        )
+    };
+    // SAFETY: a fresh fd we own.
+    (fd >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
+fn timerfd_arm(fd: i32, abs_mono_ns: u64) {
+    let spec = libc::itimerspec {
+        it_interval: libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        },
+        it_value: libc::timespec {
+            tv_sec: (abs_mono_ns / 1_000_000_000) as libc::time_t,
+            tv_nsec: (abs_mono_ns % 1_000_000_000) as libc::c_long,
+        },
+    };
+    // SAFETY: valid fd and spec.
+    unsafe { libc::timerfd_settime(fd, libc::TFD_TIMER_ABSTIME, &spec, std::ptr::null_mut()) };
+}
+
+impl Worker {
+    pub fn new(
+        run: Arc<RunShared>,
+        ctl: Arc<Control>,
+        shared: Arc<WorkerShared>,
+        slots: Vec<Slot>,
+        seed: u64,
+    ) -> std::io::Result<Worker> {
+        let poll = Poll::new()?;
+        let mut index = std::collections::HashMap::new();
+        let mut senders = Vec::new();
+        let conns: Vec<Conn> = slots
+            .into_iter()
+            .enumerate()
+            .map(|(i, slot)| {
+                index.insert(slot.global, i);
+                if slot.sender && run.traffic.is_some() {
+                    senders.push(i);
+                }
+                let seqs = match run.traffic {
+                    Some(Traffic::Direct) => vec![0; run.pubkeys[slot.mesh as usize].len()],
+                    Some(Traffic::Broadcast) => vec![0],
+                    None => Vec::new(),
+                };
+                Conn {
+                    slot,
+                    sock: None,
+                    state: State::Idle,
+                    partial: Vec::new(),
+                    wbuf: Vec::new(),
+                    wpos: 0,
+                    dirty: false,
+                    inflight: 0,
+                    seqs,
+                    ledger: ReceiverLedger::default(),
+                    pacer: None,
+                    started_ns: 0,
+                    closing_since: 0,
+                    retry_at: 0,
+                    hello: None,
+                }
+            })
+            .collect();
+        let timerfd = if run.rate_per_sender.is_some() {
+            let fd = timerfd_create().ok_or_else(std::io::Error::last_os_error)?;
+            poll.registry()
+                .register(&mut SourceFd(&fd.as_raw_fd()), TIMER, Interest::READABLE)?;
+            Some(fd)
+        } else {
+            None
+        };
+        let pending = (0..conns.len()).collect();
+        Ok(Worker {
+            poll,
+            conns,
+            index,
+            env: Env {
+                run,
+                ctl,
+                shared,
+                local: Local::default(),
+                hists: Hists::default(),
+                errors: BTreeMap::new(),
+                closes: BTreeMap::new(),
+                failure: None,
+                dirty: Vec::new(),
+                rng: seed | 1,
+                budget_claimed: 0,
+                budget_done: false,
+                phase: PHASE_SETUP,
+                now: 0,
+                in_setup: 0,
+                push_seen: std::collections::HashMap::new(),
+            },
+            scratch: vec![0; SCRATCH],
+            timerfd,
+            pending,
+            senders,
+        })
+    }
+
+    pub fn run(mut self) {
+        let mut events = Events::with_capacity(4096);
+        let mut last_publish = 0u64;
+        let mut sending_started = false;
+        let mut close_started: Option<u64> = None;
+        let mut last_scan = 0u64;
+        loop {
+            let env = &mut self.env;
+            env.phase = env.ctl.phase.load(Relaxed);
+            env.now = env.ctl.now();
+            if env.phase == PHASE_CLOSE && close_started.is_none() {
+                close_started = Some(env.now);
+                self.pending.clear();
+                for i in 0..self.conns.len() {
+                    self.begin_close(i);
+                }
+                self.flush_dirty();
+            }
+            if let Some(t) = close_started {
+                let open = self.conns.iter().filter(|c| c.sock.is_some()).count();
+                if open == 0 || self.env.now.saturating_sub(t) > CLOSE_WAIT_NS {
+                    for i in 0..self.conns.len() {
+                        self.drop_conn(i);
+                    }
+                    break;
+                }
+            }
+            self.start_connects();
+            let timeout = self.arm_timer();
+            if let Err(e) = self.poll.poll(&mut events, Some(timeout)) {
+                if e.kind() != ErrorKind::Interrupted {
+                    self.env.fail(format!("epoll: {e}"));
+                    break;
+                }
+            }
+            self.env.now = self.env.ctl.now();
+            for ev in events.iter() {
+                let token = ev.token();
+                if token == TIMER {
+                    let mut buf = [0u8; 8];
+                    if let Some(fd) = &self.timerfd {
+                        // SAFETY: reading 8 bytes into a local array.
+                        unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), 8) };
+                    }
+                    continue;
+                }
+                let Some(&i) = self.index.get(&token.0) else {
+                    continue;
+                };
+                if ev.is_writable() || ev.is_error() {
+                    self.on_writable(i);
+                }
+                if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                    self.on_readable(i);
+                }
+            }
+            // The load starts (once) when the main thread says so.
+            if self.env.phase == PHASE_RUN && !sending_started {
+                sending_started = true;
+                self.start_sending();
+            }
+            if self.env.phase == PHASE_RUN && self.env.run.rate_per_sender.is_some() {
+                for k in 0..self.senders.len() {
+                    let i = self.senders[k];
+                    if self.conns[i].state == State::Ready {
+                        let conn = &mut self.conns[i];
+                        self.env.pace(conn);
+                    }
+                }
+            }
+            if !self.env.push_seen.is_empty() {
+                for (g, n) in self.env.push_seen.drain() {
+                    self.env.run.push_outstanding[g].fetch_sub(n, Relaxed);
+                }
+            }
+            if self.env.phase == PHASE_RUN && self.env.run.rate_per_sender.is_none() {
+                for k in 0..self.senders.len() {
+                    let i = self.senders[k];
+                    if self.conns[i].state == State::Ready {
+                        let conn = &mut self.conns[i];
+                        self.env.refill(conn);
+                    }
+                }
+            }
+            if self.env.now.saturating_sub(last_scan) > 50_000_000 {
+                last_scan = self.env.now;
+                self.scan_closing();
+            }
+            self.flush_dirty();
+            if self.env.now.saturating_sub(last_publish) > PUBLISH_EVERY_NS {
+                last_publish = self.env.now;
+                self.publish();
+            }
+        }
+        self.publish();
+    }
+
+    fn publish(&mut self) {
+        let env = &mut self.env;
+        env.shared.counters.publish(&env.local);
+        env.shared.hists.lock().unwrap().add(&env.hists);
+        env.hists.reset();
+        if !env.errors.is_empty() {
+            let mut shared = env.shared.errors.lock().unwrap();
+            for (k, v) in std::mem::take(&mut env.errors) {
+                *shared.entry(k).or_default() += v;
+            }
+        }
+        if !env.closes.is_empty() {
+            let mut shared = env.shared.closes.lock().unwrap();
+            for (k, v) in std::mem::take(&mut env.closes) {
+                *shared.entry(k).or_default() += v;
+            }
+        }
+        if let Some(f) = env.failure.take() {
+            let mut shared = env.shared.failure.lock().unwrap();
+            if shared.is_none() {
+                *shared = Some(f);
+            }
+        }
+    }
+
+    /// Poll timeout; in open loop also arms the timerfd for the next due send.
+    fn arm_timer(&mut self) -> Duration {
+        let default = Duration::from_millis(10);
+        let Some(fd) = &self.timerfd else {
+            return default;
+        };
+        if self.env.phase != PHASE_RUN {
+            return default;
+        }
+        let mut next = u64::MAX;
+        for &i in &self.senders {
+            let c = &self.conns[i];
+            if c.state == State::Ready && c.inflight < self.env.run.window {
+                if let Some(p) = &c.pacer {
+                    next = next.min(p.next_due_ns);
+                }
+            }
+        }
+        if next != u64::MAX {
+            let at = next.max(self.env.now + self.env.run.tick_ns);
+            timerfd_arm(fd.as_raw_fd(), self.env.ctl.epoch_ns + at);
+        }
+        default
+    }
+
+    fn start_sending(&mut self) {
+        let start = self.env.ctl.run_start_ns.load(Relaxed);
+        let n = self.senders.len().max(1);
+        for k in 0..self.senders.len() {
+            let i = self.senders[k];
+            if let Some(rate) = self.env.run.rate_per_sender {
+                let offset = (self.env.rand() % 1_000_000) as f64 / 1e6;
+                let _ = n;
+                self.conns[i].pacer = Some(Pacer::new(rate, start, offset));
+            } else if self.conns[i].state == State::Ready {
+                let conn = &mut self.conns[i];
+                self.env.refill(conn);
+            }
+        }
+    }
+
+    fn start_connects(&mut self) {
+        let churn = self.env.run.lifecycle == Lifecycle::Churn;
+        if churn && self.env.phase != PHASE_RUN {
+            return;
+        }
+        if self.env.phase >= PHASE_DRAIN {
+            return;
+        }
+        let mut deferred = Vec::new();
+        while self.env.in_setup < self.env.run.connect_concurrency {
+            let Some(i) = self.pending.pop_front() else {
+                break;
+            };
+            if self.conns[i].retry_at > self.env.now {
+                deferred.push(i);
+                continue;
+            }
+            self.connect(i);
+        }
+        self.pending.extend(deferred);
+    }
+
+    fn connect(&mut self, i: usize) {
+        let run = self.env.run.clone();
+        let conn = &mut self.conns[i];
+        let result = (|| -> std::io::Result<TcpStream> {
+            use socket2::{Domain, Protocol, Socket, Type};
+            let domain = Domain::for_address(run.target);
+            let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+            sock.set_nonblocking(true)?;
+            sock.set_nodelay(true)?;
+            if run.source_addrs.len() > 1 {
+                let src = run.source_addrs[conn.slot.global % run.source_addrs.len()];
+                let one: libc::c_int = 1;
+                // SAFETY: setsockopt with a valid int option value.
+                unsafe {
+                    libc::setsockopt(
+                        sock.as_raw_fd(),
+                        libc::IPPROTO_IP,
+                        libc::IP_BIND_ADDRESS_NO_PORT,
+                        (&one as *const libc::c_int).cast(),
+                        std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                    )
+                };
+                sock.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())?;
+            }
+            match sock.connect(&run.target.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(TcpStream::from_std(sock.into()))
+        })();
+        let mut stream = match result {
+            Ok(s) => s,
+            Err(e) => {
+                self.connection_failed(i, format!("connect {}: {e}", run.target));
+                return;
+            }
+        };
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            Token(conn.slot.global),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            self.connection_failed(i, format!("register: {e}"));
+            return;
+        }
+        conn.sock = Some(stream);
+        conn.state = State::Connecting;
+        conn.started_ns = self.env.now;
+        conn.partial.clear();
+        conn.wbuf.clear();
+        conn.wpos = 0;
+        conn.inflight = 0;
+        self.env.in_setup += 1;
+    }
+
+    /// A connection that failed before or instead of its hello_ack, or was
+    /// dropped unexpectedly.
+    fn connection_failed(&mut self, i: usize, why: String) {
+        let was = self.conns[i].state;
+        self.env.local.conn_failures += 1;
+        self.drop_conn(i);
+        let churn = self.env.run.lifecycle == Lifecycle::Churn;
+        if churn {
+            // Retry a little later; a churn run reports failures, it does not stop.
+            self.conns[i].retry_at = self.env.now + 10_000_000;
+            if self.env.phase == PHASE_RUN {
+                self.pending.push_back(i);
+            }
+            self.env
+                .error_seen(&format!("connection: {}", short_reason(&why)));
+        } else if self.env.phase < PHASE_CLOSE {
+            self.env.fail(format!(
+                "connection {} ({was:?}): {why}",
+                self.conns[i].slot.global
+            ));
+        }
+    }
+
+    fn drop_conn(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if matches!(
+            conn.state,
+            State::Connecting | State::Upgrading | State::Helloing
+        ) {
+            self.env.in_setup -= 1;
+        }
+        if conn.state == State::Ready {
+            self.env.local.ready -= 1;
+        }
+        if let Some(mut sock) = conn.sock.take() {
+            let _ = self.poll.registry().deregister(&mut sock);
+        }
+        conn.state = State::Idle;
+        conn.partial = Vec::new();
+        conn.wbuf = Vec::new();
+        conn.wpos = 0;
+        conn.inflight = 0;
+    }
+
+    fn begin_close(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if conn.sock.is_none() || conn.state == State::Closing {
+            return;
+        }
+        if matches!(conn.state, State::Connecting | State::Upgrading) {
+            self.drop_conn(i);
+            return;
+        }
+        if conn.state == State::Helloing {
+            self.env.in_setup -= 1;
+        }
+        if conn.state == State::Ready {
+            self.env.local.ready -= 1;
+        }
+        conn.state = State::Closing;
+        conn.closing_since = self.env.now;
+        conn.wbuf.extend_from_slice(&wire::close_frame(1000));
+        self.env.mark_dirty(conn);
+    }
+
+    /// Closing connections the broker did not finish closing in time.
+    fn scan_closing(&mut self) {
+        for i in 0..self.conns.len() {
+            let c = &self.conns[i];
+            if c.state == State::Closing
+                && self.env.now.saturating_sub(c.closing_since) > CLOSE_WAIT_NS
+            {
+                self.env.error_seen("close: no EOF from broker within 2 s");
+                self.finish_closed(i);
+            }
+        }
+    }
+
+    /// A connection we closed is gone: churn connects it again.
+    fn finish_closed(&mut self, i: usize) {
+        self.drop_conn(i);
+        if self.env.run.lifecycle == Lifecycle::Churn && self.env.phase == PHASE_RUN {
+            self.conns[i].retry_at = 0;
+            self.pending.push_back(i);
+        }
+    }
+
+    fn flush_dirty(&mut self) {
+        let dirty = std::mem::take(&mut self.env.dirty);
+        for &g in &dirty {
+            if let Some(&i) = self.index.get(&g) {
+                self.conns[i].dirty = false;
+                self.flush(i);
+            }
+        }
+        let mut dirty = dirty;
+        dirty.clear();
+        if self.env.dirty.is_empty() {
+            self.env.dirty = dirty;
+        }
+    }
+
+    fn flush(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        if conn.state == State::Connecting {
+            return;
+        }
+        let Some(sock) = conn.sock.as_mut() else {
+            return;
+        };
+        while conn.wpos < conn.wbuf.len() {
+            match sock.write(&conn.wbuf[conn.wpos..]) {
+                Ok(0) => break,
+                Ok(n) => conn.wpos += n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => {
+                    if conn.state == State::Closing {
+                        self.finish_closed(i);
+                    } else {
+                        self.connection_failed(i, format!("write: {e}"));
+                    }
+                    return;
+                }
+            }
+        }
+        conn.wbuf.clear();
+        conn.wpos = 0;
+        if conn.wbuf.capacity() > 1 << 20 {
+            conn.wbuf.shrink_to(64 * 1024);
+        }
+    }
+
+    fn on_writable(&mut self, i: usize) {
+        let conn = &mut self.conns[i];
+        let Some(sock) = conn.sock.as_ref() else {
+            return;
+        };
+        if conn.state == State::Connecting {
+            match sock.take_error() {
+                Ok(Some(e)) | Err(e) => {
+                    self.connection_failed(i, format!("connect: {e}"));
+                    return;
+                }
+                Ok(None) => {}
+            }
+            match sock.peer_addr() {
+                Ok(_) => {}
+                Err(e) if e.kind() == ErrorKind::NotConnected => return,
+                Err(e) => {
+                    self.connection_failed(i, format!("connect: {e}"));
+                    return;
+                }
+            }
+            conn.state = State::Upgrading;
+            conn.wbuf.extend_from_slice(&self.env.run.upgrade_request);
+        }
+        self.flush(i);
+    }
+
+    fn on_readable(&mut self, i: usize) {
+        loop {
+            let conn = &mut self.conns[i];
+            let Some(sock) = conn.sock.as_ref() else {
+                return;
+            };
+            if conn.state == State::Connecting {
+                // Readable before writable: a refused connect.
+                self.on_writable(i);
+                if self.conns[i].state == State::Connecting {
+                    return;
+                }
+                continue;
+            }
+            // SAFETY: reading into our own scratch buffer.
+            let n = unsafe {
+                libc::read(
+                    sock.as_raw_fd(),
+                    self.scratch.as_mut_ptr().cast(),
+                    self.scratch.len(),
+                )
+            };
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    ErrorKind::WouldBlock => return,
+                    ErrorKind::Interrupted => continue,
+                    _ => {
+                        self.on_eof(i, format!("read: {e}"));
+                        return;
+                    }
+                }
+            }
+            if n == 0 {
+                self.on_eof(i, "broker closed the connection".into());
+                return;
+            }
+            let n = n as usize;
+            self.env.now = self.env.ctl.now();
+            let conn = &mut self.conns[i];
+            let outcome = if conn.partial.is_empty() {
+                let (consumed, outcome) = on_data(conn, &mut self.env, &self.scratch[..n]);
+                if outcome == Outcome::Continue {
+                    conn.partial.extend_from_slice(&self.scratch[consumed..n]);
+                }
+                outcome
+            } else {
+                let mut buf = std::mem::take(&mut conn.partial);
+                buf.extend_from_slice(&self.scratch[..n]);
+                let (consumed, outcome) = on_data(conn, &mut self.env, &buf);
+                buf.drain(..consumed);
+                conn.partial = buf;
+                outcome
+            };
+            match outcome {
+                Outcome::Continue => {}
+                Outcome::Fail(why) => {
+                    self.connection_failed(i, why);
+                    return;
+                }
+                Outcome::Closed => {
+                    self.finish_closed(i);
+                    return;
+                }
+                Outcome::Churned => {
+                    // Close right away: the close frame is queued; flushed below.
+                    let conn = &mut self.conns[i];
+                    conn.state = State::Closing;
+                    conn.closing_since = self.env.now;
+                }
+            }
+            if n < self.scratch.len() {
+                return;
+            }
+        }
+    }
+
+    fn on_eof(&mut self, i: usize, why: String) {
+        let state = self.conns[i].state;
+        if state == State::Closing || self.env.phase == PHASE_CLOSE {
+            self.finish_closed(i);
+            return;
+        }
+        self.connection_failed(i, why);
+    }
+}
+
+fn short_reason(why: &str) -> String {
+    why.split(" (os error").next().unwrap_or(why).to_string()
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum Outcome {
+    Continue,
+    Fail(String),
+    /// Churn: the hello succeeded and the close frame is queued.
+    Churned,
+    /// Our close was answered.
+    Closed,
+}
+
+/// Handles received bytes: the upgrade response, then frames. Returns how
+/// much was consumed (the rest is an incomplete frame).
+fn on_data(conn: &mut Conn, env: &mut Env, data: &[u8]) -> (usize, Outcome) {
+    let mut pos = 0;
+    if conn.state == State::Upgrading {
+        let Some(end) = memchr::memmem::find(data, b"\r\n\r\n") else {
+            if data.len() > 16 * 1024 {
+                return (0, Outcome::Fail("upgrade response too long".into()));
+            }
+            return (0, Outcome::Continue);
+        };
+        if let Err(e) = wire::check_upgrade_response(&data[..end + 4], &env.run.expected_accept) {
+            return (0, Outcome::Fail(e));
+        }
+        pos = end + 4;
+        conn.state = State::Helloing;
+        let now_ms = roster::now_ms();
+        let stale = conn
+            .hello
+            .as_ref()
+            .is_none_or(|(at, _)| now_ms - at > HELLO_MAX_AGE_MS);
+        if stale {
+            let run = &env.run;
+            let mesh = &run.roster.meshes[conn.slot.mesh as usize];
+            let member = &mesh.members[conn.slot.member as usize];
+            let session = format!("lg-{}-s{}", run.run_id, conn.slot.global);
+            conn.hello = Some((
+                now_ms,
+                roster::hello_frame(&mesh.id, member, &session, now_ms),
+            ));
+        }
+        let frame = &conn.hello.as_ref().unwrap().1;
+        conn.wbuf.extend_from_slice(frame);
+        env.mark_dirty(conn);
+    }
+    while pos < data.len() {
+        let frame = match wire::parse_server_frame(&data[pos..]) {
+            Ok(Some(f)) => f,
+            Ok(None) => break,
+            Err(e) => return (pos, Outcome::Fail(format!("bad server frame: {e}"))),
+        };
+        let payload = &data[pos + frame.header_len..pos + frame.total_len()];
+        pos += frame.total_len();
+        match frame.opcode {
+            wire::OP_TEXT | wire::OP_BINARY if frame.fin => {
+                if let Some(o) = on_message(conn, env, payload) {
+                    return (pos, o);
+                }
+            }
+            wire::OP_CLOSE => {
+                let code = payload
+                    .get(..2)
+                    .map(|b| u16::from_be_bytes([b[0], b[1]]))
+                    .unwrap_or(1005);
+                *env.closes.entry(code).or_default() += 1;
+                if conn.state == State::Closing {
+                    // The close handshake is complete: the broker should end
+                    // the TCP connection now, but we need not wait for it.
+                    return (pos, Outcome::Closed);
+                }
+                if env.phase < PHASE_CLOSE {
+                    env.local.broker_closes += 1;
+                    if conn.state == State::Helloing {
+                        env.local.hello_failures += 1;
+                    }
+                    return (
+                        pos,
+                        Outcome::Fail(format!("broker closed the connection with {code}")),
+                    );
+                }
+            }
+            wire::OP_PING => {
+                conn.wbuf
+                    .extend_from_slice(&wire::client_frame(meshbroker::ws::OpCode::Pong, payload));
+                env.mark_dirty(conn);
+            }
+            wire::OP_PONG => {}
+            _ => env.error_seen("loadgen: fragmented or unknown frame"),
+        }
+    }
+    (pos, Outcome::Continue)
+}
+
+fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome> {
+    match wire::classify(payload) {
+        Message::Push { sender, seq, ts_ns } => {
+            if conn.ledger.record(sender, seq) {
+                env.local.pushes += 1;
+                let g = env.run.mesh_offsets[conn.slot.mesh as usize] + sender as usize;
+                if g < env.run.push_outstanding.len() {
+                    *env.push_seen.entry(g).or_default() += 1;
+                }
+                env.hists.push.record_since(ts_ns, env.now);
+            } else {
+                env.local.duplicates += 1;
+            }
+        }
+        Message::ForeignPush => env.local.foreign += 1,
+        Message::Ack { ts_ns } => {
+            conn.inflight = conn.inflight.saturating_sub(1);
+            env.local.acked += 1;
+            if let Some(ts) = ts_ns {
+                env.hists.ack.record_since(ts, env.now);
+            }
+            env.refill(conn);
+        }
+        Message::HelloAck => {
+            if conn.state == State::Helloing {
+                env.in_setup -= 1;
+                env.local.hellos += 1;
+                if env.phase == PHASE_RUN {
+                    env.local.run_hellos += 1;
+                }
+                env.hists.hello.record_since(conn.started_ns, env.now);
+                if env.run.lifecycle == Lifecycle::Churn {
+                    conn.state = State::Closing;
+                    conn.wbuf.extend_from_slice(&wire::close_frame(1000));
+                    env.mark_dirty(conn);
+                    return Some(Outcome::Churned);
+                }
+                conn.state = State::Ready;
+                env.local.ready += 1;
+                if env.phase == PHASE_RUN {
+                    env.refill(conn);
+                }
+            }
+        }
+        Message::Error { code, id } => {
+            env.error_seen(&code);
+            if conn.state == State::Helloing {
+                env.local.hello_failures += 1;
+                return Some(Outcome::Fail(format!("hello refused: {code}")));
+            }
+            if id.is_some() {
+                env.local.send_errors += 1;
+                conn.inflight = conn.inflight.saturating_sub(1);
+                let per = env.run.expected_per_send[conn.slot.mesh as usize];
+                env.local.expected = env.local.expected.saturating_sub(per);
+                env.run.push_outstanding[conn.slot.global].fetch_sub(per as i64, Relaxed);
+                env.refill(conn);
+            }
+        }
+        Message::Other => {}
+    }
+    None
+}

@@ -1,0 +1,102 @@
+//! Each scenario for about a second against a test broker (the project's
+//! harness: throwaway Postgres, fresh database, broker child process):
+//! nothing lost, nothing duplicated, every hello admitted.
+#[path = "../../tests/common/mod.rs"]
+mod common;
+
+use common::{fresh_database, Broker};
+use std::process::Command;
+use std::sync::Once;
+
+/// The broker binary is not a dependency of this package's tests: build it
+/// (a no-op when it is up to date).
+fn ensure_broker_binary() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let mut cmd = Command::new(env!("LOADGEN_CARGO"));
+        cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "meshbroker",
+                "--bin",
+                "meshbroker",
+            ]);
+        if env!("LOADGEN_BROKER_PROFILE") == "release" {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the broker");
+        assert!(status.success(), "building the broker failed");
+    });
+}
+
+fn run(broker: &Broker, db: &str, scenario: &str, extra: &[&str]) -> loadgen::Report {
+    let url = broker.ws_url();
+    let mut argv = vec![
+        "loadgen",
+        scenario,
+        "--url",
+        &url,
+        "--database-url",
+        db,
+        "--duration",
+        "1",
+        "--grace",
+        "5",
+        "--threads",
+        "2",
+        "--quiet",
+    ];
+    argv.extend_from_slice(extra);
+    let config = loadgen::Args::parse_from_iter(argv)
+        .and_then(|a| a.validate())
+        .expect("valid arguments");
+    let report = loadgen::run(&config).unwrap_or_else(|e| panic!("{scenario}: {e:#}"));
+    eprintln!("{}", report.table());
+    assert!(report.ok(), "{scenario}: {}", report.failure_summary());
+    assert_eq!(report.lost, 0, "{scenario}");
+    assert_eq!(report.duplicates, 0, "{scenario}");
+    assert_eq!(report.broker_pid, Some(broker.pid()), "{scenario}");
+    report
+}
+
+#[test]
+fn every_scenario_runs_without_loss() {
+    ensure_broker_binary();
+    let db = fresh_database();
+    let broker = Broker::start(&[("DATABASE_URL", &db)]);
+    // Migrations run after the listener is up.
+    broker.wait_for_log("db healthy", std::time::Duration::from_secs(30));
+
+    let direct = run(&broker, &db, "direct", &["--peers", "8", "--payload", "64"]);
+    assert!(direct.sent > 0 && direct.pushes == direct.expected_pushes);
+    assert_eq!(direct.acked, direct.sent);
+
+    let open = run(
+        &broker,
+        &db,
+        "direct",
+        &["--peers", "4", "--rate", "2000", "--payload", "100"],
+    );
+    assert!(open.sent >= 1000, "open loop sent {}", open.sent);
+
+    let broadcast = run(
+        &broker,
+        &db,
+        "broadcast",
+        &["--meshes", "2", "--peers", "5", "--window", "2"],
+    );
+    assert_eq!(broadcast.pushes, broadcast.sent * 4);
+
+    let idle = run(&broker, &db, "idle", &["--meshes", "3", "--peers", "20"]);
+    assert_eq!(idle.hellos, 60);
+    assert!(idle.broker_rss_per_conn_bytes.is_some());
+
+    let churn = run(&broker, &db, "churn", &["--meshes", "2", "--peers", "8"]);
+    assert!(churn.run_hellos > 0);
+
+    // Everything the runs created is gone again.
+    let left = common::query_rows(&db, "SELECT count(*) FROM mesh.mesh WHERE id LIKE 'lg-%'");
+    assert_eq!(left[0].get::<_, i64>(0), 0);
+}
