@@ -1,4 +1,5 @@
-//! Sortable, unique text ids made on the shard, so nothing on the routing path
+//! Sortable, unique text ids made on the shard (and the shard's cached
+//! RFC 3339 clock for `createdAt`), so nothing on the routing path
 //! waits for an INSERT to learn its id.
 //!
 //! Shape (20 chars, Crockford base32, lowercase): 10 chars of milliseconds since
@@ -47,6 +48,31 @@ fn push_base32(out: &mut String, value: u64, digits: u32) {
     }
 }
 
+/// The current time as RFC 3339 with milliseconds (a push's `createdAt`),
+/// formatted at most once per millisecond per shard.
+#[derive(Default)]
+pub struct Rfc3339Clock {
+    millis: u64,
+    text: String,
+}
+
+impl Rfc3339Clock {
+    pub fn now_rfc3339(&mut self) -> &str {
+        let now = SystemTime::now();
+        let millis = now
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        if millis != self.millis || self.text.is_empty() {
+            self.millis = millis;
+            self.text.clear();
+            use std::fmt::Write;
+            let _ = write!(self.text, "{}", humantime::format_rfc3339_millis(now));
+        }
+        &self.text
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,6 +88,14 @@ mod tests {
         assert_eq!(sorted.len(), ids.len());
         // Time prefix never decreases.
         assert!(ids.windows(2).all(|w| w[0][..10] <= w[1][..10]));
+    }
+
+    #[test]
+    fn clock_formats_rfc3339_millis() {
+        let mut clock = Rfc3339Clock::default();
+        let text = clock.now_rfc3339().to_owned();
+        assert_eq!(text.len(), "2026-11-27T03:14:24.000Z".len());
+        assert!(text.ends_with('Z') && text.as_bytes()[10] == b'T');
     }
 
     #[test]

@@ -69,6 +69,7 @@ impl MemberLoader {
         let Some(directory) = self.directory.clone() else {
             return;
         };
+        directory.evict_idle();
         let mesh_ids = directory.mesh_ids();
         if mesh_ids.is_empty() {
             return;

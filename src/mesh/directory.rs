@@ -92,6 +92,19 @@ impl MeshView {
     }
 }
 
+/// `live_sessions` of an entry taken out of the directory: no session may
+/// join it any more (the hello looks the mesh up again).
+const EVICTED: u32 = u32::MAX;
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum Admission {
+    Admitted,
+    /// At `MAX_CONNECTIONS_PER_MESH`.
+    Full,
+    /// The entry was evicted meanwhile: look the mesh up again.
+    Evicted,
+}
+
 pub struct MeshEntry {
     pub id: Box<str>,
     view: ArcSwap<MeshView>,
@@ -107,13 +120,17 @@ impl MeshEntry {
         self.view.load()
     }
 
-    /// Claims a connection slot; false at capacity.
-    pub fn try_admit(&self, max: u32) -> bool {
-        self.live_sessions
+    /// Claims a connection slot.
+    pub fn try_admit(&self, max: u32) -> Admission {
+        match self
+            .live_sessions
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max).then_some(n + 1)
-            })
-            .is_ok()
+                (n < max && n != EVICTED).then(|| n + 1)
+            }) {
+            Ok(_) => Admission::Admitted,
+            Err(EVICTED) => Admission::Evicted,
+            Err(_) => Admission::Full,
+        }
     }
 
     pub fn release(&self) {
@@ -176,25 +193,50 @@ impl Directory {
             .cloned()
     }
 
-    /// Create or refresh a mesh from its member rows.
+    /// Create or refresh a mesh from its member rows. A new entry is
+    /// published only once its view is filled, so no hello sees it empty.
     pub fn install(&self, mesh_id: &str, rows: &[MemberRow]) -> Arc<MeshEntry> {
+        if let Some(entry) = self.get(mesh_id) {
+            entry.apply(rows);
+            return entry;
+        }
+        let fresh = Arc::new(MeshEntry {
+            id: mesh_id.into(),
+            view: ArcSwap::from_pointee(MeshView::default()),
+            live_sessions: AtomicU32::new(0),
+            live_shards: ShardMask::default(),
+            loaded_at: Mutex::new(Instant::now()),
+        });
+        fresh.apply(rows);
         let entry = self
             .meshes
             .lock()
             .expect("directory lock")
             .entry(mesh_id.into())
-            .or_insert_with(|| {
-                Arc::new(MeshEntry {
-                    id: mesh_id.into(),
-                    view: ArcSwap::from_pointee(MeshView::default()),
-                    live_sessions: AtomicU32::new(0),
-                    live_shards: ShardMask::default(),
-                    loaded_at: Mutex::new(Instant::now()),
-                })
-            })
+            .or_insert_with(|| fresh.clone())
             .clone();
-        entry.apply(rows);
+        if !Arc::ptr_eq(&entry, &fresh) {
+            entry.apply(rows);
+        }
         entry
+    }
+
+    /// Drops meshes nobody is connected to and nothing is held for, so the
+    /// periodic refresh only reloads meshes in use. An entry is closed to
+    /// new sessions atomically before it goes (see `Admission::Evicted`).
+    pub fn evict_idle(&self) -> usize {
+        let mut meshes = self.meshes.lock().expect("directory lock");
+        let before = meshes.len();
+        meshes.retain(|_, mesh| {
+            let nothing_held = mesh.view().members().iter().all(|m| m.held.is_empty());
+            let evicted = nothing_held
+                && mesh
+                    .live_sessions
+                    .compare_exchange(0, EVICTED, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok();
+            !evicted
+        });
+        before - meshes.len()
     }
 
     /// The ids of every loaded mesh, for the periodic refresh.
@@ -242,10 +284,25 @@ mod tests {
     fn capacity_is_exact() {
         let dir = Directory::default();
         let mesh = dir.install("m", &[]);
-        assert!(mesh.try_admit(2));
-        assert!(mesh.try_admit(2));
-        assert!(!mesh.try_admit(2));
+        assert_eq!(mesh.try_admit(2), Admission::Admitted);
+        assert_eq!(mesh.try_admit(2), Admission::Admitted);
+        assert_eq!(mesh.try_admit(2), Admission::Full);
         mesh.release();
-        assert!(mesh.try_admit(2));
+        assert_eq!(mesh.try_admit(2), Admission::Admitted);
+    }
+
+    #[test]
+    fn idle_meshes_are_evicted_and_closed_to_new_sessions() {
+        let dir = Directory::default();
+        let busy = dir.install("busy", &[row("a", "aa", false)]);
+        assert_eq!(busy.try_admit(5), Admission::Admitted);
+        let idle = dir.install("idle", &[row("b", "bb", false)]);
+        assert_eq!(dir.evict_idle(), 1);
+        assert!(dir.get("idle").is_none());
+        assert!(dir.get("busy").is_some());
+        assert_eq!(idle.try_admit(5), Admission::Evicted);
+        // A fresh lookup makes a new, open entry.
+        let again = dir.install("idle", &[row("b", "bb", false)]);
+        assert_eq!(again.try_admit(5), Admission::Admitted);
     }
 }

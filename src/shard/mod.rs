@@ -21,7 +21,7 @@ mod signal;
 pub use close::CloseReason;
 
 use crate::broker::BrokerContext;
-use crate::ids::IdGen;
+use crate::ids::{IdGen, Rfc3339Clock};
 use crate::mesh::directory::MemberEntry;
 use crate::mesh::routes::{first_shard, LocalRoutes, Route};
 use crate::metrics::{LocalHistograms, ShardMetrics};
@@ -80,6 +80,7 @@ pub struct Shard {
     pub metrics: Arc<ShardMetrics>,
     pub histograms: RefCell<LocalHistograms>,
     pub ids: RefCell<IdGen>,
+    pub clock: RefCell<Rfc3339Clock>,
     /// simd-json's scratch space and a copy of the message being parsed
     /// (it parses in place), shared by the shard's sessions: one per shard
     /// rather than per connection keeps idle connections small.
@@ -155,6 +156,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         metrics: ctx.metrics.shard(spec.index).clone(),
         histograms: RefCell::new(LocalHistograms::new()),
         ids: RefCell::new(IdGen::new(spec.index as u16)),
+        clock: RefCell::new(Rfc3339Clock::default()),
         json: RefCell::new((simd_json::Buffers::default(), Vec::new())),
         routes: RefCell::new(LocalRoutes::new(spec.index)),
         conns: RefCell::new(HashMap::new()),

@@ -8,7 +8,7 @@ use super::outbound::{QueuedFrame, Stamp, StampKind};
 use super::{Shard, ShardEvent};
 use crate::db::DbCommand;
 use crate::hook::Status;
-use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::directory::{Admission, MemberEntry, MeshEntry};
 use crate::mesh::routes::plan_send;
 use crate::mesh::Envelope;
 use crate::metrics::RejectReason;
@@ -312,28 +312,35 @@ impl Session {
                 "not a current member of this mesh with this key",
             )
         };
-        let mesh = ctx
-            .directory_lookup(&hello.mesh_id, &hello.member_id, &hello.pubkey)
-            .await
-            .map_err(|_| {
-                ProtocolError::new(
-                    ErrorCode::Unavailable,
-                    "membership is unavailable (database down)",
-                )
-            })?
-            .ok_or_else(unauthorized)?;
-        let member = mesh
-            .view()
-            .member(&hello.member_id)
-            .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey))
-            .cloned()
-            .ok_or_else(unauthorized)?;
-        if !mesh.try_admit(ctx.config.max_connections_per_mesh) {
-            return Err(ProtocolError::new(
-                ErrorCode::Capacity,
-                "mesh is at MAX_CONNECTIONS_PER_MESH",
-            ));
-        }
+        let (mesh, member) = loop {
+            let mesh = ctx
+                .directory_lookup(&hello.mesh_id, &hello.member_id, &hello.pubkey)
+                .await
+                .map_err(|_| {
+                    ProtocolError::new(
+                        ErrorCode::Unavailable,
+                        "membership is unavailable (database down)",
+                    )
+                })?
+                .ok_or_else(unauthorized)?;
+            let member = mesh
+                .view()
+                .member(&hello.member_id)
+                .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey))
+                .cloned()
+                .ok_or_else(unauthorized)?;
+            match mesh.try_admit(ctx.config.max_connections_per_mesh) {
+                Admission::Admitted => break (mesh, member),
+                Admission::Full => {
+                    return Err(ProtocolError::new(
+                        ErrorCode::Capacity,
+                        "mesh is at MAX_CONNECTIONS_PER_MESH",
+                    ))
+                }
+                // Evicted while we looked: the next lookup loads it afresh.
+                Admission::Evicted => continue,
+            }
+        };
         let presence_id = self.shard.ids.borrow_mut().next_id();
         self.shard
             .routes
@@ -357,16 +364,12 @@ impl Session {
 
     fn process_send(&self, send: &Send<'_>, read_at: Instant) {
         let joined = self.joined.as_ref().expect("send after hello");
-        let (priority, nonce, ciphertext, id) =
-            (send.priority, &*send.nonce, &*send.ciphertext, &*send.id);
+        let (priority, id) = (send.priority, &*send.id);
         let view = joined.mesh.view();
-        let direct;
-        let targets: Box<dyn Iterator<Item = &Arc<MemberEntry>>> = match &send.target {
+        // Resolve a direct target before doing any work for the send.
+        let direct = match &send.target {
             Target::Member(pubkey) => match view.member_by_pubkey(pubkey) {
-                Some(member) => {
-                    direct = member.clone();
-                    Box::new(std::iter::once(&direct))
-                }
+                Some(member) => Some(member),
                 None => {
                     return self.send_error(
                         &ProtocolError::new(
@@ -377,36 +380,27 @@ impl Session {
                     )
                 }
             },
-            Target::All => Box::new(
-                view.members()
-                    .iter()
-                    .filter(|m| !Arc::ptr_eq(m, &joined.member)),
-            ),
+            Target::All => None,
             // The parser answers unsupported_target before a send gets here.
             Target::Unsupported => return,
         };
         let message_id = self.shard.ids.borrow_mut().next_id();
-        let created_at = humantime::format_rfc3339_millis(SystemTime::now()).to_string();
-        let mut json = Vec::with_capacity(192 + nonce.len() + ciphertext.len());
-        protocol::write_push(
-            &mut json,
-            &PushFields {
-                message_id: &message_id,
-                mesh_id: &joined.mesh.id,
-                sender_pubkey: &joined.member.pubkey,
-                priority,
-                nonce,
-                ciphertext,
-                created_at: &created_at,
-            },
-        );
         let envelope = Arc::new(Envelope {
-            message_id: message_id.as_str().into(),
+            frame: self.push_frame(send, &message_id),
+            message_id: message_id.into_boxed_str(),
             priority,
-            frame: ws::encode_server_frame(OpCode::Text, &json),
             sent_at: read_at,
         });
-        let plan = match plan_send(&envelope, targets) {
+        let planned = match direct {
+            Some(member) => plan_send(&envelope, std::iter::once(member)),
+            None => plan_send(
+                &envelope,
+                view.members()
+                    .iter()
+                    .filter(|m| !Arc::ptr_eq(m, &joined.member)),
+            ),
+        };
+        let plan = match planned {
             Ok(plan) => plan,
             Err(_) => {
                 return self.send_error(
@@ -432,7 +426,7 @@ impl Session {
         }
         self.shard.metrics.message_routed(priority);
         let mut ack = Vec::with_capacity(96);
-        protocol::write_ack(&mut ack, id, &message_id, None);
+        protocol::write_ack(&mut ack, id, &envelope.message_id, None);
         let stamp = Stamp {
             sent_at: read_at,
             priority,
@@ -440,6 +434,29 @@ impl Session {
         };
         self.link
             .reply(ws::encode_server_frame(OpCode::Text, &ack), Some(stamp));
+    }
+
+    /// The push frame, serialized once straight into its WebSocket frame.
+    fn push_frame(&self, send: &Send<'_>, message_id: &str) -> bytes::Bytes {
+        let joined = self.joined.as_ref().expect("send after hello");
+        let mut clock = self.shard.clock.borrow_mut();
+        let mut frame = Vec::with_capacity(
+            ws::SERVER_HEADER_ROOM + 200 + send.nonce.len() + send.ciphertext.len(),
+        );
+        frame.resize(ws::SERVER_HEADER_ROOM, 0);
+        protocol::write_push(
+            &mut frame,
+            &PushFields {
+                message_id,
+                mesh_id: &joined.mesh.id,
+                sender_pubkey: &joined.member.pubkey,
+                priority: send.priority,
+                nonce: &send.nonce,
+                ciphertext: &send.ciphertext,
+                created_at: clock.now_rfc3339(),
+            },
+        );
+        ws::finish_server_frame(frame, OpCode::Text)
     }
 
     fn process_set_status(&mut self, status: Status) {

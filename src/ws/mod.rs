@@ -30,7 +30,8 @@ pub mod message;
 
 pub use frame::{
     close_frame, decode_client_frame, encode_client_frame, encode_server_frame,
-    parse_close_payload, write_server_frame, FrameError, FrameHeader, OpCode,
+    finish_server_frame, parse_close_payload, write_server_frame, FrameError, FrameHeader, OpCode,
+    SERVER_HEADER_ROOM,
 };
 pub use handshake::{accept_key, is_valid_client_key, switching_protocols_response};
 pub use message::{Incoming, MessageAssembler, MessageError};
