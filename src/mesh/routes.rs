@@ -9,7 +9,7 @@
 use super::directory::{MemberEntry, MeshEntry};
 use super::held::HeldFull;
 use super::Envelope;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 use std::rc::Rc;
 use std::sync::Arc;
 
@@ -95,9 +95,9 @@ pub struct Delivered {
 
 pub struct LocalRoutes<S> {
     shard: usize,
-    by_member: HashMap<usize, MemberSessions<S>>,
+    by_member: FxHashMap<usize, MemberSessions<S>>,
     /// Local session count per mesh.
-    by_mesh: HashMap<usize, usize>,
+    by_mesh: FxHashMap<usize, usize>,
 }
 
 fn key<T>(entry: &Arc<T>) -> usize {
@@ -108,8 +108,8 @@ impl<S: Recipient> LocalRoutes<S> {
     pub fn new(shard: usize) -> Self {
         LocalRoutes {
             shard,
-            by_member: HashMap::new(),
-            by_mesh: HashMap::new(),
+            by_member: FxHashMap::default(),
+            by_mesh: FxHashMap::default(),
         }
     }
 

@@ -30,9 +30,23 @@ enum Outcome {
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     let _ = stream.set_nodelay(true);
     let conn = shard.register_conn(stream.as_raw_fd());
+    // Two phases in sequence, so a WebSocket's long-lived state does not
+    // carry the HTTP phase's locals (the future is as big as its largest
+    // phase, and 100k idle sessions multiply it): the HTTP phase is boxed
+    // and freed before the session starts.
+    let upgraded = Box::pin(serve_http(&shard, &mut stream)).await;
+    if let Some(buf) = upgraded {
+        session::run(shard.clone(), stream, buf, conn, peer).await;
+    }
+    shard.unregister_conn(conn);
+}
+
+/// The HTTP/1.1 keep-alive loop. Returns the read buffer (with any bytes
+/// already received after the handshake) once a request was upgraded.
+async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Vec<u8>> {
     let mut buf: Vec<u8> = Vec::with_capacity(READ_INITIAL);
     loop {
-        let head = match read_head(&mut stream, &mut buf).await {
+        let head = match read_head(stream, &mut buf).await {
             Ok(Some(head)) => head,
             Ok(None) => break,
             Err(status) => {
@@ -62,23 +76,19 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
                 break;
             }
         }
-        if !read_exact_len(&mut stream, &mut buf, head.head_len + body_len).await {
+        if !read_exact_len(stream, &mut buf, head.head_len + body_len).await {
             break;
         }
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let mut body = buf[head.head_len..head.head_len + body_len].to_vec();
         buf.drain(..head.head_len + body_len);
-        match route(&shard, &head, &mut body) {
+        match route(shard, &head, &mut body) {
             Outcome::Upgrade { key } => {
                 let (res, _) = stream
                     .write_all(ws::switching_protocols_response(&key))
                     .await;
                 shard.histograms.borrow_mut().record_http(started.elapsed());
-                if res.is_ok() {
-                    session::run(shard.clone(), stream, buf, conn, peer).await;
-                }
-                shard.unregister_conn(conn);
-                return;
+                return res.is_ok().then_some(buf);
             }
             Outcome::Respond(response) => {
                 let bytes = if head.method == Method::Head {
@@ -94,7 +104,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
             }
         }
     }
-    shard.unregister_conn(conn);
+    None
 }
 
 /// Reads until a whole request head is buffered. Ok(None): the peer closed

@@ -179,7 +179,9 @@ fn now_millis() -> i64 {
 impl Session {
     async fn process_message(&mut self, data: &[u8]) {
         if let Some(hello) = self.process_parsed(data) {
-            self.process_hello(hello).await;
+            // Boxed: the hello path (signature, directory load) is big and
+            // runs once; keeping it out of line keeps idle sessions small.
+            Box::pin(self.process_hello(hello)).await;
         }
     }
 
