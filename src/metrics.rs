@@ -331,6 +331,8 @@ pub struct ShardMetrics {
     routed: [AtomicU64; 3],
     rejected: LabeledCounters,
     messages_in: AtomicU64,
+    socket_writes: AtomicU64,
+    frames_written: AtomicU64,
     hook_requests: AtomicU64,
     hook_rate_limited: AtomicU64,
     published: Mutex<ShardLats>,
@@ -346,6 +348,8 @@ impl ShardMetrics {
             routed: Default::default(),
             rejected: LabeledCounters::new(&MESSAGE_REJECT_REASONS),
             messages_in: AtomicU64::new(0),
+            socket_writes: AtomicU64::new(0),
+            frames_written: AtomicU64::new(0),
             hook_requests: AtomicU64::new(0),
             hook_rate_limited: AtomicU64::new(0),
             published: Mutex::new(ShardLats::default()),
@@ -376,6 +380,13 @@ impl ShardMetrics {
     /// `broker_shard_messages_total{shard}`.
     pub fn message_received(&self) {
         self.messages_in.fetch_add(1, Relaxed);
+    }
+
+    /// One WebSocket socket write carried `frames` frames: frames per write
+    /// is the batching that decides fan-out throughput.
+    pub fn socket_write(&self, frames: usize) {
+        self.socket_writes.fetch_add(1, Relaxed);
+        self.frames_written.fetch_add(frames as u64, Relaxed);
     }
 
     /// A `send` was routed (acked).
@@ -519,6 +530,8 @@ impl Metrics {
             hook_rate_limited: 0,
             shard_active: Vec::with_capacity(self.shards.len()),
             shard_messages: Vec::with_capacity(self.shards.len()),
+            shard_socket_writes: Vec::with_capacity(self.shards.len()),
+            shard_frames_written: Vec::with_capacity(self.shards.len()),
             queue_depth: self.global.queue_depth.load(Relaxed),
             ttl_sweeps: self.global.ttl_sweeps.load(Relaxed),
             ttl_flipped: self.global.ttl_flipped.load(Relaxed),
@@ -541,6 +554,10 @@ impl Metrics {
             }
             shard.rejected.collect_into(&mut s.rejected_msgs);
             s.shard_messages.push(shard.messages_in.load(Relaxed));
+            s.shard_socket_writes
+                .push(shard.socket_writes.load(Relaxed));
+            s.shard_frames_written
+                .push(shard.frames_written.load(Relaxed));
             s.hook_requests += shard.hook_requests.load(Relaxed);
             s.hook_rate_limited += shard.hook_rate_limited.load(Relaxed);
             lats.add(&lock(&shard.published));
@@ -579,6 +596,8 @@ struct Snapshot {
     hook_rate_limited: u64,
     shard_active: Vec<i64>,
     shard_messages: Vec<u64>,
+    shard_socket_writes: Vec<u64>,
+    shard_frames_written: Vec<u64>,
     queue_depth: i64,
     ttl_sweeps: u64,
     ttl_flipped: u64,
@@ -786,14 +805,25 @@ impl Collector for Snapshot {
                 ConstGauge::new(*v).encode(m.encode_family(&[("shard", i.to_string())])?)?;
             }
         }
-        {
-            let mut m = e.encode_descriptor(
+        for (name, help, values) in [
+            (
                 "broker_shard_messages",
                 "Client messages received, by shard.",
-                None,
-                MetricType::Counter,
-            )?;
-            for (i, v) in self.shard_messages.iter().enumerate() {
+                &self.shard_messages,
+            ),
+            (
+                "broker_shard_socket_writes",
+                "WebSocket socket writes, by shard.",
+                &self.shard_socket_writes,
+            ),
+            (
+                "broker_shard_frames_written",
+                "WebSocket frames written (frames per socket write is the write batching), by shard.",
+                &self.shard_frames_written,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (i, v) in values.iter().enumerate() {
                 ConstCounter::new(*v).encode(m.encode_family(&[("shard", i.to_string())])?)?;
             }
         }

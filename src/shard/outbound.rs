@@ -112,14 +112,11 @@ impl Outbound {
         self.queued_bytes.get()
     }
 
-    /// Waits for frames and moves all of them into `batch`. Returns false when
-    /// the queue is closed and fully drained: the writer is done.
-    pub async fn take_all(&self, batch: &mut Vec<QueuedFrame>) -> bool {
+    /// Waits until frames are queued. Returns false when the queue is
+    /// closed and fully drained: the writer is done.
+    pub async fn wait_ready(&self) -> bool {
         poll_fn(|cx| {
-            let mut queue = self.queue.borrow_mut();
-            if !queue.is_empty() {
-                batch.extend(queue.drain(..));
-                self.queued_bytes.set(0);
+            if !self.queue.borrow().is_empty() {
                 return Poll::Ready(true);
             }
             if self.closing.get() {
@@ -129,6 +126,12 @@ impl Outbound {
             Poll::Pending
         })
         .await
+    }
+
+    /// Moves every queued frame into `batch`.
+    pub fn take_now(&self, batch: &mut Vec<QueuedFrame>) {
+        batch.extend(self.queue.borrow_mut().drain(..));
+        self.queued_bytes.set(0);
     }
 
     fn wake_writer(&self) {
@@ -153,5 +156,9 @@ mod tests {
         // Nothing is queued after the close frame.
         assert!(out.push(Bytes::from_static(b"x"), None).is_ok());
         assert_eq!(out.queued_bytes(), 2);
+        let mut batch = Vec::new();
+        out.take_now(&mut batch);
+        assert_eq!(batch.len(), 1);
+        assert_eq!(out.queued_bytes(), 0);
     }
 }

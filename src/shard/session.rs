@@ -5,6 +5,7 @@ use super::close::CloseReason;
 use super::conn::read_more;
 use super::link::SessionLink;
 use super::outbound::{QueuedFrame, Stamp, StampKind};
+use super::signal::yield_now;
 use super::{Shard, ShardEvent};
 use crate::db::DbCommand;
 use crate::hook::Status;
@@ -132,7 +133,14 @@ pub async fn run(
 async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard: Rc<Shard>) {
     let mut batch: Vec<QueuedFrame> = Vec::new();
     let mut buffer: Vec<u8> = Vec::new();
-    while link.out.take_all(&mut batch).await {
+    while link.out.wait_ready().await {
+        // Let every task already runnable this turn (readers routing more
+        // sends) queue its frames first: one write then carries them all.
+        yield_now().await;
+        link.out.take_now(&mut batch);
+        if batch.is_empty() {
+            continue; // aborted meanwhile
+        }
         let result = if batch.len() == 1 {
             writer.write_all(batch[0].frame.clone()).await.0
         } else {
@@ -152,6 +160,7 @@ async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard:
             link.shut();
             break;
         }
+        shard.metrics.socket_write(batch.len());
         let now = Instant::now();
         let mut histograms = shard.histograms.borrow_mut();
         for stamp in batch.drain(..).filter_map(|q| q.stamp) {
