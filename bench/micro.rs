@@ -9,7 +9,7 @@ use meshbroker::mesh::routes::{plan_send, LocalRoutes};
 use meshbroker::mesh::Envelope;
 use meshbroker::protocol::{self, PushFields};
 use meshbroker::shard::link::SessionLink;
-use meshbroker::shard::outbound::QueuedFrame;
+use meshbroker::shard::outbound::FrameBatch;
 use meshbroker::ws::{self, OpCode};
 use std::hint::black_box;
 use std::rc::Rc;
@@ -107,7 +107,7 @@ fn routing(c: &mut Criterion) {
             .collect();
         let frame = ws::encode_server_frame(OpCode::Text, send_json().as_bytes());
         group.throughput(Throughput::Elements(n as u64));
-        let mut batch = Vec::new();
+        let mut batch = FrameBatch::default();
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let envelope = Arc::new(Envelope {
@@ -131,9 +131,9 @@ fn routing(c: &mut Criterion) {
 }
 
 /// What a connection's writer does first: take every queued frame.
-fn drain(session: &SessionLink, batch: &mut Vec<QueuedFrame>) {
+fn drain(session: &SessionLink, batch: &mut FrameBatch) {
     session.out.take_now(batch);
-    batch.clear();
+    batch.drain_stamps().for_each(drop);
 }
 
 criterion_group!(benches, frames, protocol_messages, routing);

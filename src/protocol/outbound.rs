@@ -77,7 +77,10 @@ fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // A fold without early exit, so the compiler vectorizes the scan.
-    if !bytes.iter().fold(false, |found, &b| found | needs_escape(b)) {
+    if !bytes
+        .iter()
+        .fold(false, |found, &b| found | needs_escape(b))
+    {
         out.extend_from_slice(bytes);
     } else {
         write_escaped(out, bytes);

@@ -36,6 +36,46 @@ pub struct QueuedFrame {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Overflow;
 
+/// Most iovecs one writev takes (Linux's IOV_MAX).
+const MAX_IOVECS: usize = 1024;
+
+/// Frames taken for one write, with the iovecs that point into them. The
+/// frames are owned here while the kernel reads them, so no copy is needed.
+#[derive(Default)]
+pub struct FrameBatch {
+    frames: Vec<QueuedFrame>,
+    iovecs: Vec<libc::iovec>,
+}
+
+impl FrameBatch {
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Empties the batch (after its write), yielding the latency stamps.
+    pub fn drain_stamps(&mut self) -> impl Iterator<Item = Stamp> + '_ {
+        self.iovecs.clear();
+        self.frames.drain(..).filter_map(|q| q.stamp)
+    }
+}
+
+// SAFETY: `iovecs` point into the `Bytes` held in `frames`, which neither
+// move nor change while the runtime owns the batch; both vectors are only
+// touched by `take_now` and `drain_stamps`, never during a write.
+unsafe impl monoio::buf::IoVecBuf for FrameBatch {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iovecs.as_ptr()
+    }
+
+    fn read_iovec_len(&self) -> usize {
+        self.iovecs.len()
+    }
+}
+
 pub struct Outbound {
     queue: RefCell<VecDeque<QueuedFrame>>,
     queued_bytes: Cell<usize>,
@@ -128,10 +168,20 @@ impl Outbound {
         .await
     }
 
-    /// Moves every queued frame into `batch`.
-    pub fn take_now(&self, batch: &mut Vec<QueuedFrame>) {
-        batch.extend(self.queue.borrow_mut().drain(..));
-        self.queued_bytes.set(0);
+    /// Moves queued frames into `batch`, at most what one writev takes.
+    pub fn take_now(&self, batch: &mut FrameBatch) {
+        let mut queue = self.queue.borrow_mut();
+        let take = queue.len().min(MAX_IOVECS - batch.frames.len());
+        let mut bytes = 0;
+        for queued in queue.drain(..take) {
+            bytes += queued.frame.len();
+            batch.iovecs.push(libc::iovec {
+                iov_base: queued.frame.as_ptr() as *mut libc::c_void,
+                iov_len: queued.frame.len(),
+            });
+            batch.frames.push(queued);
+        }
+        self.queued_bytes.set(self.queued_bytes.get() - bytes);
     }
 
     fn wake_writer(&self) {
@@ -156,7 +206,7 @@ mod tests {
         // Nothing is queued after the close frame.
         assert!(out.push(Bytes::from_static(b"x"), None).is_ok());
         assert_eq!(out.queued_bytes(), 2);
-        let mut batch = Vec::new();
+        let mut batch = FrameBatch::default();
         out.take_now(&mut batch);
         assert_eq!(batch.len(), 1);
         assert_eq!(out.queued_bytes(), 0);

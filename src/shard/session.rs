@@ -4,7 +4,7 @@
 use super::close::CloseReason;
 use super::conn::read_more;
 use super::link::SessionLink;
-use super::outbound::{QueuedFrame, Stamp, StampKind};
+use super::outbound::{FrameBatch, Stamp, StampKind};
 use super::signal::yield_now;
 use super::{Shard, ShardEvent};
 use crate::db::DbCommand;
@@ -29,9 +29,6 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Hello timestamps further than this from the broker's clock are stale.
 const MAX_CLOCK_SKEW_MS: i64 = 60_000;
-/// A writer batch buffer bigger than this is freed after use, so idle
-/// connections do not keep burst-sized buffers.
-const KEEP_WRITE_BUFFER: usize = 64 * 1024;
 /// How long teardown waits for the writer to flush before shutting the socket.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
 
@@ -131,8 +128,7 @@ pub async fn run(
 /// Drains the outbound queue: everything queued since the last write goes
 /// out in one syscall. Ends after the close frame (or on abort).
 async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard: Rc<Shard>) {
-    let mut batch: Vec<QueuedFrame> = Vec::new();
-    let mut buffer: Vec<u8> = Vec::new();
+    let mut batch = FrameBatch::default();
     while link.out.wait_ready().await {
         // Let every task already runnable this turn (readers routing more
         // sends) queue its frames first: one write then carries them all.
@@ -141,20 +137,9 @@ async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard:
         if batch.is_empty() {
             continue; // aborted meanwhile
         }
-        let result = if batch.len() == 1 {
-            writer.write_all(batch[0].frame.clone()).await.0
-        } else {
-            buffer.clear();
-            for queued in &batch {
-                buffer.extend_from_slice(&queued.frame);
-            }
-            let (result, returned) = writer.write_all(buffer).await;
-            buffer = returned;
-            if buffer.capacity() > KEEP_WRITE_BUFFER {
-                buffer = Vec::new();
-            }
-            result
-        };
+        // One writev straight from the shared frames: no copy in user space.
+        let (result, returned) = writer.write_vectored_all(batch).await;
+        batch = returned;
         if result.is_err() {
             link.out.abort();
             link.shut();
@@ -163,7 +148,7 @@ async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard:
         shard.metrics.socket_write(batch.len());
         let now = Instant::now();
         let mut histograms = shard.histograms.borrow_mut();
-        for stamp in batch.drain(..).filter_map(|q| q.stamp) {
+        for stamp in batch.drain_stamps() {
             record_stamp(&mut histograms, stamp, now);
         }
     }
