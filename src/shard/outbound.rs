@@ -45,9 +45,29 @@ const MAX_IOVECS: usize = 1024;
 pub struct FrameBatch {
     frames: Vec<QueuedFrame>,
     iovecs: Vec<libc::iovec>,
+    /// First iovec not yet fully written.
+    written: usize,
 }
 
 impl FrameBatch {
+    /// Accounts for a (possibly partial) write of `n` bytes; true once the
+    /// whole batch is out. (monoio 0.2.4's `write_vectored_all` does not
+    /// advance a partly written iovec's base, which corrupts the stream on
+    /// a short write, so the broker keeps this bookkeeping itself.)
+    pub fn advance(&mut self, mut n: usize) -> bool {
+        while let Some(iovec) = self.iovecs.get_mut(self.written) {
+            if n < iovec.iov_len {
+                // SAFETY: n < iov_len, so the pointer stays inside the frame.
+                iovec.iov_base = unsafe { iovec.iov_base.cast::<u8>().add(n) }.cast();
+                iovec.iov_len -= n;
+                return false;
+            }
+            n -= iovec.iov_len;
+            self.written += 1;
+        }
+        true
+    }
+
     pub fn len(&self) -> usize {
         self.frames.len()
     }
@@ -59,20 +79,21 @@ impl FrameBatch {
     /// Empties the batch (after its write), yielding the latency stamps.
     pub fn drain_stamps(&mut self) -> impl Iterator<Item = Stamp> + '_ {
         self.iovecs.clear();
+        self.written = 0;
         self.frames.drain(..).filter_map(|q| q.stamp)
     }
 }
 
 // SAFETY: `iovecs` point into the `Bytes` held in `frames`, which neither
-// move nor change while the runtime owns the batch; both vectors are only
-// touched by `take_now` and `drain_stamps`, never during a write.
+// move nor change while the runtime owns the batch; the vectors are only
+// touched by `take_now`, `advance` and `drain_stamps`, never during a write.
 unsafe impl monoio::buf::IoVecBuf for FrameBatch {
     fn read_iovec_ptr(&self) -> *const libc::iovec {
-        self.iovecs.as_ptr()
+        self.iovecs[self.written..].as_ptr()
     }
 
     fn read_iovec_len(&self) -> usize {
-        self.iovecs.len()
+        self.iovecs.len() - self.written
     }
 }
 
@@ -210,5 +231,33 @@ mod tests {
         out.take_now(&mut batch);
         assert_eq!(batch.len(), 1);
         assert_eq!(out.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn short_writes_advance_into_the_right_frame() {
+        let out = Outbound::new(1024);
+        out.push(Bytes::from_static(b"abc"), None).unwrap();
+        out.push(Bytes::from_static(b"defgh"), None).unwrap();
+        let mut batch = FrameBatch::default();
+        out.take_now(&mut batch);
+        let pending = |b: &FrameBatch| -> Vec<u8> {
+            use monoio::buf::IoVecBuf;
+            let iovecs =
+                unsafe { std::slice::from_raw_parts(b.read_iovec_ptr(), b.read_iovec_len()) };
+            iovecs
+                .iter()
+                .flat_map(|v| unsafe {
+                    std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len)
+                })
+                .copied()
+                .collect()
+        };
+        assert!(!batch.advance(2));
+        assert_eq!(pending(&batch), b"cdefgh");
+        assert!(!batch.advance(3));
+        assert_eq!(pending(&batch), b"fgh");
+        assert!(batch.advance(3));
+        assert_eq!(batch.drain_stamps().count(), 0);
+        assert!(batch.is_empty());
     }
 }

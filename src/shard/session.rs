@@ -18,7 +18,7 @@ use crate::protocol::{
 };
 use crate::ws::{self, Incoming, MessageAssembler, OpCode};
 use ed25519_dalek::{Signature, VerifyingKey};
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt, Splitable};
+use monoio::io::{AsyncWriteRent, Splitable};
 use monoio::net::tcp::TcpOwnedWriteHalf;
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
@@ -137,9 +137,20 @@ async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard:
         if batch.is_empty() {
             continue; // aborted meanwhile
         }
-        // One writev straight from the shared frames: no copy in user space.
-        let (result, returned) = writer.write_vectored_all(batch).await;
-        batch = returned;
+        // writev straight from the shared frames: no copy in user space.
+        let mut result = Ok(());
+        loop {
+            let (written, returned) = writer.writev(batch).await;
+            batch = returned;
+            match written {
+                Ok(0) => result = Err(()),
+                Ok(n) if !batch.advance(n) => continue,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(_) => result = Err(()),
+            }
+            break;
+        }
         if result.is_err() {
             link.out.abort();
             link.shut();
