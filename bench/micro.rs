@@ -5,7 +5,7 @@
 //! `cargo bench --bench micro` (results under target/criterion).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use meshbroker::mesh::directory::{Directory, MemberRow};
-use meshbroker::mesh::routes::{plan_send, LocalRoutes};
+use meshbroker::mesh::routes::{plan_broadcast, LocalRoutes};
 use meshbroker::mesh::Envelope;
 use meshbroker::protocol::{self, PushFields};
 use meshbroker::shard::link::SessionLink;
@@ -116,8 +116,7 @@ fn routing(c: &mut Criterion) {
                     frame: frame.clone(),
                     sent_at: Instant::now(),
                 });
-                let targets = members.iter().filter(|m| !Arc::ptr_eq(m, &sender));
-                let plan = plan_send(&envelope, targets).unwrap();
+                let plan = plan_broadcast(&envelope, &mesh, &sender).unwrap();
                 let done = routes.deliver_route(plan.route.as_ref().unwrap());
                 // Empty the queues as each writer would, keeping memory flat.
                 for session in &sessions {

@@ -1,11 +1,15 @@
 //! One shard's slice of the routing table and the delivery rules that use it.
 //!
-//! A send is split by `plan_send` into: the route (members with a live
-//! session somewhere, each with the shards it was live on at send time) and
-//! envelopes held for members with none. Every shard named by the route —
-//! the sender's own included — applies it with `deliver_route` to its local
-//! sessions. Keys are the addresses of the shared member and mesh entries:
-//! sessions hold those `Arc`s, so the addresses are stable while they count.
+//! A send is planned on the sender's shard: envelopes are held for target
+//! members with no live session anywhere, and a `Route` (shared by `Arc`)
+//! names the shards that have sessions of the others. Every shard the route
+//! names — the sender's own included — applies it with `deliver_route` to
+//! its local sessions. A direct route names its member; a broadcast names
+//! the mesh and whom to skip, so planning it clones nothing per member and
+//! each shard walks only its own sessions of that mesh. Keys are the
+//! addresses of the shared member and mesh entries: sessions hold those
+//! `Arc`s, so the addresses are stable while they count (Fx hashing: the
+//! keys are addresses, hashed on every push).
 use super::directory::{MemberEntry, MeshEntry};
 use super::held::HeldFull;
 use super::Envelope;
@@ -20,16 +24,26 @@ pub trait Recipient {
     fn deliver(&self, envelope: &Envelope) -> bool;
 }
 
-/// A member with a live session somewhere when the send was routed.
-pub struct LiveTarget {
-    pub member: Arc<MemberEntry>,
-    pub shards: u64,
+/// Who a route is for.
+pub enum Targets {
+    /// One member, with the shards it was live on at send time.
+    Member {
+        member: Arc<MemberEntry>,
+        shards: u64,
+    },
+    /// Every member of the mesh but the sender's and those the envelope
+    /// was held for (sorted entry addresses), as each shard finds them.
+    AllBut {
+        sender: Arc<MemberEntry>,
+        held_for: Vec<usize>,
+    },
 }
 
 /// What a send routes live; shared (`Arc`) by every shard it names.
 pub struct Route {
     pub envelope: Arc<Envelope>,
-    pub targets: Box<[LiveTarget]>,
+    pub mesh: Arc<MeshEntry>,
+    pub targets: Targets,
 }
 
 /// The outcome of planning one send.
@@ -43,32 +57,65 @@ pub struct Plan {
     pub held: Vec<(Arc<MemberEntry>, u64)>,
 }
 
-/// Splits a send to `targets` into its live route and held envelopes.
-pub fn plan_send<'a>(
+/// A send to one member: live somewhere, or held for it.
+pub fn plan_direct(
     envelope: &Arc<Envelope>,
-    targets: impl Iterator<Item = &'a Arc<MemberEntry>>,
+    mesh: &Arc<MeshEntry>,
+    member: &Arc<MemberEntry>,
 ) -> Result<Plan, HeldFull> {
     let mut plan = Plan::default();
-    let mut live = Vec::new();
-    for member in targets {
+    let shards = member.live_shards.get();
+    if shards == 0 {
+        let now_live = member
+            .held
+            .hold(envelope.clone(), || member.live_shards.get())?;
+        plan.held.push((member.clone(), now_live));
+        return Ok(plan);
+    }
+    plan.shards = shards;
+    plan.route = Some(Arc::new(Route {
+        envelope: envelope.clone(),
+        mesh: mesh.clone(),
+        targets: Targets::Member {
+            member: member.clone(),
+            shards,
+        },
+    }));
+    Ok(plan)
+}
+
+/// A send to every other member of the sender's mesh.
+pub fn plan_broadcast(
+    envelope: &Arc<Envelope>,
+    mesh: &Arc<MeshEntry>,
+    sender: &Arc<MemberEntry>,
+) -> Result<Plan, HeldFull> {
+    let mut plan = Plan::default();
+    let mut held_for = Vec::new();
+    for member in mesh.view().members() {
+        if Arc::ptr_eq(member, sender) {
+            continue;
+        }
         let shards = member.live_shards.get();
         if shards != 0 {
             plan.shards |= shards;
-            live.push(LiveTarget {
-                member: member.clone(),
-                shards,
-            });
-        } else {
-            let now_live = member
-                .held
-                .hold(envelope.clone(), || member.live_shards.get())?;
-            plan.held.push((member.clone(), now_live));
+            continue;
         }
+        let now_live = member
+            .held
+            .hold(envelope.clone(), || member.live_shards.get())?;
+        plan.held.push((member.clone(), now_live));
+        held_for.push(key(member));
     }
-    if !live.is_empty() {
+    if plan.shards != 0 {
+        held_for.sort_unstable();
         plan.route = Some(Arc::new(Route {
             envelope: envelope.clone(),
-            targets: live.into_boxed_slice(),
+            mesh: mesh.clone(),
+            targets: Targets::AllBut {
+                sender: sender.clone(),
+                held_for,
+            },
         }));
     }
     Ok(plan)
@@ -85,19 +132,18 @@ struct MemberSessions<S> {
 }
 
 /// What applying a route on this shard did.
-#[derive(Default, Debug, PartialEq, Eq)]
+#[derive(Default)]
 pub struct Delivered {
     pub pushes: usize,
     /// Members it had to hold the envelope for after all (their sessions
     /// left while the route was in flight), with shards live meanwhile.
-    pub held: Vec<(usize, u64)>,
+    pub held: Vec<(Arc<MemberEntry>, u64)>,
 }
 
 pub struct LocalRoutes<S> {
     shard: usize,
-    by_member: FxHashMap<usize, MemberSessions<S>>,
-    /// Local session count per mesh.
-    by_mesh: FxHashMap<usize, usize>,
+    /// Local sessions by mesh, then by member.
+    by_mesh: FxHashMap<usize, FxHashMap<usize, MemberSessions<S>>>,
 }
 
 fn key<T>(entry: &Arc<T>) -> usize {
@@ -108,7 +154,6 @@ impl<S: Recipient> LocalRoutes<S> {
     pub fn new(shard: usize) -> Self {
         LocalRoutes {
             shard,
-            by_member: FxHashMap::default(),
             by_mesh: FxHashMap::default(),
         }
     }
@@ -119,8 +164,11 @@ impl<S: Recipient> LocalRoutes<S> {
 
     /// Registers a session, marking this shard live for its member and mesh.
     pub fn add(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, session: Rc<S>) {
-        let entry = self
-            .by_member
+        let members = self.by_mesh.entry(key(mesh)).or_default();
+        if members.is_empty() {
+            mesh.live_shards.set(self.shard);
+        }
+        let entry = members
             .entry(key(member))
             .or_insert_with(|| MemberSessions {
                 member: member.clone(),
@@ -130,75 +178,86 @@ impl<S: Recipient> LocalRoutes<S> {
         if entry.sessions.len() == 1 {
             member.live_shards.set(self.shard);
         }
-        let count = self.by_mesh.entry(key(mesh)).or_insert(0);
-        *count += 1;
-        if *count == 1 {
-            mesh.live_shards.set(self.shard);
-        }
     }
 
     /// Unregisters a session; the last one of a member or mesh clears this
     /// shard's bit.
     pub fn remove(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, session: &Rc<S>) {
-        if let Some(entry) = self.by_member.get_mut(&key(member)) {
+        let Some(members) = self.by_mesh.get_mut(&key(mesh)) else {
+            return;
+        };
+        if let Some(entry) = members.get_mut(&key(member)) {
             entry.sessions.retain(|s| !Rc::ptr_eq(s, session));
             if entry.sessions.is_empty() {
-                self.by_member.remove(&key(member));
+                members.remove(&key(member));
                 member.live_shards.clear(self.shard);
             }
         }
-        if let Some(count) = self.by_mesh.get_mut(&key(mesh)) {
-            *count -= 1;
-            if *count == 0 {
-                self.by_mesh.remove(&key(mesh));
-                mesh.live_shards.clear(self.shard);
-            }
+        if members.is_empty() {
+            self.by_mesh.remove(&key(mesh));
+            mesh.live_shards.clear(self.shard);
         }
     }
 
-    pub fn sessions_of(&self, member: &Arc<MemberEntry>) -> &[Rc<S>] {
-        self.by_member
-            .get(&key(member))
+    fn sessions_of(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) -> &[Rc<S>] {
+        self.by_mesh
+            .get(&key(mesh))
+            .and_then(|members| members.get(&key(member)))
             .map_or(&[], |e| e.sessions.as_slice())
     }
 
     /// Every local session whose member has been revoked.
     pub fn revoked_sessions(&self) -> Vec<Rc<S>> {
-        self.by_member
+        self.by_mesh
             .values()
+            .flat_map(|members| members.values())
             .filter(|e| e.member.is_revoked())
             .flat_map(|e| e.sessions.iter().cloned())
             .collect()
     }
 
-    /// Applies a route to this shard's sessions: each target member live here
-    /// at send time gets the envelope on every local session. A target whose
-    /// sessions here are gone — and which no other shard of the route still
-    /// serves — holds it instead, so it is never lost.
+    /// Applies a route to this shard's sessions. A direct target live here
+    /// at send time gets the envelope on every local session; if those are
+    /// gone — and no other shard of the route still serves the member — it
+    /// is held instead, so it is never lost. A broadcast reaches every local
+    /// session of the mesh but the sender's member's and the held-for ones.
     pub fn deliver_route(&self, route: &Route) -> Delivered {
         let mut done = Delivered::default();
-        for target in route.targets.iter() {
-            if target.shards & self.bit() == 0 {
-                continue;
-            }
-            let mut pushed = false;
-            for session in self.sessions_of(&target.member) {
-                if session.deliver(&route.envelope) {
-                    done.pushes += 1;
-                    pushed = true;
+        match &route.targets {
+            Targets::Member { member, shards } => {
+                if shards & self.bit() == 0 {
+                    return done;
+                }
+                for session in self.sessions_of(&route.mesh, member) {
+                    if session.deliver(&route.envelope) {
+                        done.pushes += 1;
+                    }
+                }
+                let others = shards & !self.bit() & member.live_shards.get();
+                if done.pushes == 0 && others == 0 {
+                    if let Ok(now_live) = member
+                        .held
+                        .hold(route.envelope.clone(), || member.live_shards.get())
+                    {
+                        done.held.push((member.clone(), now_live));
+                    }
                 }
             }
-            if pushed {
-                continue;
-            }
-            let others = target.shards & !self.bit() & target.member.live_shards.get();
-            if others == 0 {
-                let member = &target.member;
-                if let Ok(now_live) = member
-                    .held
-                    .hold(route.envelope.clone(), || member.live_shards.get())
-                {
-                    done.held.push((key(member), now_live));
+            Targets::AllBut { sender, held_for } => {
+                let Some(members) = self.by_mesh.get(&key(&route.mesh)) else {
+                    return done;
+                };
+                for (member_key, entry) in members {
+                    if Arc::ptr_eq(&entry.member, sender)
+                        || (!held_for.is_empty() && held_for.binary_search(member_key).is_ok())
+                    {
+                        continue;
+                    }
+                    for session in &entry.sessions {
+                        if session.deliver(&route.envelope) {
+                            done.pushes += 1;
+                        }
+                    }
                 }
             }
         }
@@ -208,8 +267,13 @@ impl<S: Recipient> LocalRoutes<S> {
     /// Delivers a member's held envelopes, oldest first, to `session` (or,
     /// without one, to the first local session that takes each). Returns the
     /// number delivered; envelopes no session took are held again.
-    pub fn drain_held(&self, member: &Arc<MemberEntry>, session: Option<&Rc<S>>) -> usize {
-        let sessions = self.sessions_of(member);
+    pub fn drain_held(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        session: Option<&Rc<S>>,
+    ) -> usize {
+        let sessions = self.sessions_of(mesh, member);
         if sessions.is_empty() {
             return 0;
         }
@@ -275,21 +339,21 @@ mod tests {
         let view = mesh.view();
         let b = view.member("b").unwrap().clone();
         for id in ["m1", "m2"] {
-            let plan = plan_send(&envelope(id), std::iter::once(&b)).unwrap();
+            let plan = plan_direct(&envelope(id), &mesh, &b).unwrap();
             assert!(plan.route.is_none());
             assert_eq!(plan.held.len(), 1);
         }
         let mut routes = LocalRoutes::new(0);
         let session = Rc::new(Inbox::default());
         routes.add(&mesh, &b, session.clone());
-        assert_eq!(routes.drain_held(&b, Some(&session)), 2);
+        assert_eq!(routes.drain_held(&mesh, &b, Some(&session)), 2);
         assert_eq!(*session.0.borrow(), ["m1", "m2"]);
         assert!(b.held.is_empty());
     }
 
     #[test]
     fn route_reaches_every_local_session_once_and_holds_if_gone() {
-        let mesh = mesh(&["a", "b"]);
+        let mesh = mesh(&["a", "b", "c"]);
         let view = mesh.view();
         let b = view.member("b").unwrap().clone();
         let mut routes = LocalRoutes::new(1);
@@ -298,8 +362,9 @@ mod tests {
         routes.add(&mesh, &b, s2.clone());
         assert_eq!(b.live_shards.get(), 0b10);
         assert_eq!(mesh.live_shards.get(), 0b10);
-        let plan = plan_send(&envelope("m1"), view.members().iter()).unwrap();
-        // `a` has no session: held; `b` is live on shard 1.
+        let a = view.member("a").unwrap().clone();
+        let plan = plan_broadcast(&envelope("m1"), &mesh, &a).unwrap();
+        // `c` has no session: held; `b` is live on shard 1; `a` sends.
         assert_eq!(plan.held.len(), 1);
         assert_eq!(plan.shards, 0b10);
         let route = plan.route.unwrap();
@@ -307,7 +372,7 @@ mod tests {
         assert_eq!(s1.0.borrow().len(), 1);
         assert_eq!(s2.0.borrow().len(), 1);
         // Both sessions leave before a second route lands: it is held.
-        let plan = plan_send(&envelope("m2"), std::iter::once(&b)).unwrap();
+        let plan = plan_direct(&envelope("m2"), &mesh, &b).unwrap();
         routes.remove(&mesh, &b, &s1);
         routes.remove(&mesh, &b, &s2);
         assert_eq!(b.live_shards.get(), 0);
@@ -315,5 +380,31 @@ mod tests {
         let done = routes.deliver_route(&plan.route.unwrap());
         assert_eq!(done.pushes, 0);
         assert_eq!(b.held.len(), 1);
+    }
+
+    #[test]
+    fn broadcast_skips_the_sender_and_members_it_was_held_for() {
+        let mesh = mesh(&["a", "b", "c"]);
+        let view = mesh.view();
+        let (a, b, c) = (
+            view.member("a").unwrap().clone(),
+            view.member("b").unwrap().clone(),
+            view.member("c").unwrap().clone(),
+        );
+        let mut routes = LocalRoutes::new(0);
+        let (sa, sb) = (Rc::new(Inbox::default()), Rc::new(Inbox::default()));
+        routes.add(&mesh, &a, sa.clone());
+        routes.add(&mesh, &b, sb.clone());
+        let plan = plan_broadcast(&envelope("m1"), &mesh, &a).unwrap();
+        assert_eq!(plan.held.len(), 1);
+        // `c` connects before the route is applied: it drains the held copy
+        // and must not get the live one too.
+        let sc = Rc::new(Inbox::default());
+        routes.add(&mesh, &c, sc.clone());
+        assert_eq!(routes.drain_held(&mesh, &c, Some(&sc)), 1);
+        assert_eq!(routes.deliver_route(&plan.route.unwrap()).pushes, 1);
+        assert!(sa.0.borrow().is_empty());
+        assert_eq!(*sb.0.borrow(), ["m1"]);
+        assert_eq!(*sc.0.borrow(), ["m1"]);
     }
 }

@@ -22,7 +22,7 @@ pub use close::CloseReason;
 
 use crate::broker::BrokerContext;
 use crate::ids::{IdGen, Rfc3339Clock};
-use crate::mesh::directory::MemberEntry;
+use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::routes::{first_shard, LocalRoutes, Route};
 use crate::metrics::{LocalHistograms, ShardMetrics};
 use inbox::{Inbox, InboxSender, Wakeup};
@@ -42,7 +42,7 @@ pub enum ShardEvent {
     /// Deliver a routed envelope to this shard's sessions of its targets.
     Route(Arc<Route>),
     /// A member's held queue has envelopes and this shard has a session of it.
-    DrainHeld(Arc<MemberEntry>),
+    DrainHeld(Arc<MeshEntry>, Arc<MemberEntry>),
 }
 
 /// Items are batches: one per sending shard per wakeup.
@@ -291,34 +291,32 @@ impl Shard {
     fn process_event(&self, event: ShardEvent) {
         match event {
             ShardEvent::Route(route) => self.deliver_route(&route),
-            ShardEvent::DrainHeld(member) => self.drain_held(&member),
+            ShardEvent::DrainHeld(mesh, member) => self.drain_held(&mesh, &member),
         }
     }
 
     pub fn deliver_route(&self, route: &Route) {
         let done = self.routes.borrow().deliver_route(route);
-        for (member_key, now_live) in done.held {
-            let member = route
-                .targets
-                .iter()
-                .find(|t| Arc::as_ptr(&t.member) as usize == member_key)
-                .map(|t| t.member.clone());
-            if let Some(member) = member {
-                self.ctx.metrics.global().queue_depth_add(1);
-                self.request_drain(&member, now_live);
-            }
+        for (member, now_live) in done.held {
+            self.ctx.metrics.global().queue_depth_add(1);
+            self.request_drain(&route.mesh, &member, now_live);
         }
     }
 
     /// Ask a shard that has a session of `member` to drain its held queue.
-    pub fn request_drain(&self, member: &Arc<MemberEntry>, live_shards: u64) {
+    pub fn request_drain(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        live_shards: u64,
+    ) {
         if let Some(dest) = first_shard(live_shards) {
-            self.send_to(dest, ShardEvent::DrainHeld(member.clone()));
+            self.send_to(dest, ShardEvent::DrainHeld(mesh.clone(), member.clone()));
         }
     }
 
-    pub fn drain_held(&self, member: &Arc<MemberEntry>) {
-        let delivered = self.routes.borrow().drain_held(member, None);
+    pub fn drain_held(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
+        let delivered = self.routes.borrow().drain_held(mesh, member, None);
         self.ctx
             .metrics
             .global()
@@ -326,7 +324,7 @@ impl Shard {
         if delivered == 0 && !member.held.is_empty() {
             // Our sessions left meanwhile: pass it on to one that has one.
             let others = member.live_shards.get() & !(1 << self.index);
-            self.request_drain(member, others);
+            self.request_drain(mesh, member, others);
         }
     }
 

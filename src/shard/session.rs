@@ -10,7 +10,7 @@ use super::{Shard, ShardEvent};
 use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::mesh::directory::{Admission, MemberEntry, MeshEntry};
-use crate::mesh::routes::plan_send;
+use crate::mesh::routes::{plan_broadcast, plan_direct};
 use crate::mesh::Envelope;
 use crate::metrics::RejectReason;
 use crate::protocol::{
@@ -287,11 +287,11 @@ impl Session {
                     .reply(ws::encode_server_frame(OpCode::Text, &json), None);
                 tracing::info!(target: "ws", peer = %self.peer, shard = self.shard.index, mesh = %joined.mesh.id,
                     member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id, "ws hello");
-                let drained = self
-                    .shard
-                    .routes
-                    .borrow()
-                    .drain_held(&joined.member, Some(&self.link));
+                let drained = self.shard.routes.borrow().drain_held(
+                    &joined.mesh,
+                    &joined.member,
+                    Some(&self.link),
+                );
                 self.shard
                     .ctx
                     .metrics
@@ -399,13 +399,8 @@ impl Session {
             sent_at: read_at,
         });
         let planned = match direct {
-            Some(member) => plan_send(&envelope, std::iter::once(member)),
-            None => plan_send(
-                &envelope,
-                view.members()
-                    .iter()
-                    .filter(|m| !Arc::ptr_eq(m, &joined.member)),
-            ),
+            Some(member) => plan_direct(&envelope, &joined.mesh, member),
+            None => plan_broadcast(&envelope, &joined.mesh, &joined.member),
         };
         let plan = match planned {
             Ok(plan) => plan,
@@ -420,7 +415,7 @@ impl Session {
         global.queue_depth_add(plan.held.len() as i64);
         for (member, now_live) in &plan.held {
             if *now_live != 0 {
-                self.shard.request_drain(member, *now_live);
+                self.shard.request_drain(&joined.mesh, member, *now_live);
             }
         }
         if let Some(route) = plan.route {
@@ -499,8 +494,11 @@ impl Session {
         });
         // Envelopes that raced in for this member go to a session elsewhere.
         if !joined.member.held.is_empty() {
-            self.shard
-                .request_drain(&joined.member, joined.member.live_shards.get());
+            self.shard.request_drain(
+                &joined.mesh,
+                &joined.member,
+                joined.member.live_shards.get(),
+            );
         }
         tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
             presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
