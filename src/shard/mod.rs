@@ -21,6 +21,7 @@ mod signal;
 pub use close::CloseReason;
 
 use crate::broker::BrokerContext;
+use crate::db::DbCommand;
 use crate::ids::{IdGen, Rfc3339Clock};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::routes::{first_shard, LocalRoutes, Route};
@@ -58,6 +59,8 @@ const INBOX_DRAIN: usize = 64;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Housekeeping period: histograms, liveness, revocations.
 const TICK: Duration = Duration::from_secs(1);
+/// How long presence writes gather on the shard before the db thread gets them.
+const DB_FLUSH: Duration = Duration::from_millis(5);
 pub const PING_INTERVAL: Duration = Duration::from_secs(30);
 pub const PING_TIMEOUT: Duration = Duration::from_secs(75);
 
@@ -92,6 +95,10 @@ pub struct Shard {
     /// and sent by the flusher as one batch per destination.
     outgoing: RefCell<Vec<Vec<ShardEvent>>>,
     flusher: Cell<Option<Waker>>,
+    /// Presence writes gathered for the db thread and handed over together
+    /// every `DB_FLUSH`: one cross-thread wakeup per burst, not per hello.
+    db_outbox: RefCell<Vec<DbCommand>>,
+    db_flusher: Cell<Option<Waker>>,
     shutdown: LocalSignal,
     all_closed: LocalSignal,
 }
@@ -163,6 +170,8 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         next_conn: Cell::new(0),
         outgoing: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
         flusher: Cell::new(None),
+        db_outbox: RefCell::new(Vec::new()),
+        db_flusher: Cell::new(None),
         shutdown: LocalSignal::default(),
         all_closed: LocalSignal::default(),
         ctx,
@@ -176,6 +185,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     };
     monoio::spawn(inbox_loop(shard.clone(), spec.inbox));
     monoio::spawn(flush_loop(shard.clone()));
+    monoio::spawn(db_flush_loop(shard.clone()));
     monoio::spawn(housekeeping(shard.clone()));
     loop {
         monoio::select! {
@@ -195,6 +205,9 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     drop(listener);
     shard.close_all();
     let _ = monoio::time::timeout(SHUTDOWN_GRACE, shard.all_closed.wait()).await;
+    // The closed sessions' presence rows go to the db thread, which the
+    // broker stops only after every shard has returned.
+    shard.flush_db();
     shard.histograms.borrow_mut().publish(&shard.metrics);
 }
 
@@ -252,6 +265,26 @@ async fn flush_loop(shard: Rc<Shard>) {
     }
 }
 
+/// Hands the gathered presence writes to the db thread. They are not on
+/// any client's path, so a few milliseconds of gathering cost nothing and
+/// spare the db thread a wakeup per command.
+async fn db_flush_loop(shard: Rc<Shard>) {
+    loop {
+        poll_fn(|cx| {
+            if !shard.db_outbox.borrow().is_empty() {
+                return Poll::Ready(());
+            }
+            shard.db_flusher.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        if !shard.is_shutting_down() {
+            monoio::time::sleep(DB_FLUSH).await;
+        }
+        shard.flush_db();
+    }
+}
+
 async fn housekeeping(shard: Rc<Shard>) {
     loop {
         monoio::time::sleep(TICK).await;
@@ -274,6 +307,23 @@ async fn housekeeping(shard: Rc<Shard>) {
 impl Shard {
     pub fn shard_count(&self) -> usize {
         self.ctx.shards.len()
+    }
+
+    /// Queue a presence write for the db thread (see `db_flush_loop`).
+    pub fn to_db(&self, command: DbCommand) {
+        self.db_outbox.borrow_mut().push(command);
+        if let Some(waker) = self.db_flusher.take() {
+            waker.wake();
+        }
+    }
+
+    fn flush_db(&self) {
+        let commands = std::mem::take(&mut *self.db_outbox.borrow_mut());
+        for command in commands {
+            // A full queue means Postgres has been away for long: the db
+            // thread counts what it drops; presence rows are best effort.
+            let _ = self.ctx.db.try_send(command);
+        }
     }
 
     /// Queue an event for another shard (or handle it here, for this one).

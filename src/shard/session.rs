@@ -353,7 +353,7 @@ impl Session {
             .routes
             .borrow_mut()
             .add(&mesh, &member, self.link.clone());
-        let _ = ctx.db.try_send(DbCommand::PresenceOpen {
+        self.shard.to_db(DbCommand::PresenceOpen {
             id: presence_id.clone(),
             member_id: member.id.to_string(),
             session_id: hello.session_id.clone(),
@@ -470,7 +470,7 @@ impl Session {
 
     fn process_pong(&self) {
         if let Some(joined) = &self.joined {
-            let _ = self.shard.ctx.db.try_send(DbCommand::PresencePing {
+            self.shard.to_db(DbCommand::PresencePing {
                 id: joined.presence_id.clone(),
                 at: SystemTime::now(),
             });
@@ -487,7 +487,7 @@ impl Session {
             .borrow_mut()
             .remove(&joined.mesh, &joined.member, &self.link);
         joined.mesh.release();
-        let _ = self.shard.ctx.db.try_send(DbCommand::PresenceClose {
+        self.shard.to_db(DbCommand::PresenceClose {
             id: joined.presence_id.clone(),
             member_id: joined.member.id.to_string(),
             at: SystemTime::now(),
