@@ -13,13 +13,12 @@ use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
 
-/// A new connection's read buffer: enough for a request head or a hello.
-/// Idle connections keep only this (the broker holds 100k+ of them); the
-/// buffer doubles while a peer sends more per read and is given back once
-/// it drains, so busy peers still read in large chunks.
-const READ_INITIAL: usize = 512;
-/// A drained buffer larger than this is given back.
-const READ_KEEP: usize = 64 * 1024;
+/// Read buffers are sized from the last read: an idle connection (the
+/// broker holds 100k+ of them, each with a read always pending) keeps only
+/// `READ_MIN` bytes until it sends; after that, room for twice its last
+/// read, up to `READ_MAX`. A buffer is resized only when it is empty.
+const READ_MIN: usize = 256;
+const READ_MAX: usize = 64 * 1024;
 
 /// What a request turns into.
 enum Outcome {
@@ -43,8 +42,8 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
 
 /// The HTTP/1.1 keep-alive loop. Returns the read buffer (with any bytes
 /// already received after the handshake) once a request was upgraded.
-async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf: Vec<u8> = Vec::with_capacity(READ_INITIAL);
+async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf> {
+    let mut buf = ReadBuf::default();
     loop {
         let head = match read_head(stream, &mut buf).await {
             Ok(Some(head)) => head,
@@ -70,7 +69,7 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Vec<u8>
             let _ = stream.write_all(response.to_bytes(false)).await;
             break;
         }
-        if head.expect_continue && body_len > 0 && buf.len() < head.head_len + body_len {
+        if head.expect_continue && body_len > 0 && buf.data.len() < head.head_len + body_len {
             let continue_line = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
             if stream.write_all(continue_line).await.0.is_err() {
                 break;
@@ -80,8 +79,8 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Vec<u8>
             break;
         }
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
-        let mut body = buf[head.head_len..head.head_len + body_len].to_vec();
-        buf.drain(..head.head_len + body_len);
+        let mut body = buf.data[head.head_len..head.head_len + body_len].to_vec();
+        buf.data.drain(..head.head_len + body_len);
         match route(shard, &head, &mut body) {
             Outcome::Upgrade { key } => {
                 let (res, _) = stream
@@ -109,45 +108,67 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<Vec<u8>
 
 /// Reads until a whole request head is buffered. Ok(None): the peer closed
 /// (or the shard shut the socket) between requests. Err: the status to answer.
-async fn read_head(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<Option<RequestHead>, u16> {
+async fn read_head(stream: &mut TcpStream, buf: &mut ReadBuf) -> Result<Option<RequestHead>, u16> {
     loop {
-        if !buf.is_empty() {
-            match parse_head(buf) {
+        if !buf.data.is_empty() {
+            match parse_head(&buf.data) {
                 Ok(Some(head)) => return Ok(Some(head)),
                 Ok(None) => {}
                 Err(e) => return Err(e.status()),
             }
         }
-        if !read_more(stream, buf).await {
+        if !buf.fill(stream).await {
             return Ok(None);
         }
     }
 }
 
-async fn read_exact_len(stream: &mut TcpStream, buf: &mut Vec<u8>, len: usize) -> bool {
-    while buf.len() < len {
-        if !read_more(stream, buf).await {
+async fn read_exact_len(stream: &mut TcpStream, buf: &mut ReadBuf, len: usize) -> bool {
+    while buf.data.len() < len {
+        if !buf.fill(stream).await {
             return false;
         }
     }
     true
 }
 
-/// Appends what the socket has to `buf`; false on EOF or error.
-pub(super) async fn read_more(stream: &mut impl AsyncReadRent, buf: &mut Vec<u8>) -> bool {
-    if buf.is_empty() && buf.capacity() > READ_KEEP {
-        *buf = Vec::with_capacity(READ_INITIAL);
+/// A connection's read buffer and the size of its last read.
+#[derive(Default)]
+pub(super) struct ReadBuf {
+    pub data: Vec<u8>,
+    last_read: usize,
+}
+
+impl ReadBuf {
+    /// Appends what the socket has; false on EOF or error.
+    pub async fn fill(&mut self, stream: &mut impl AsyncReadRent) -> bool {
+        if self.data.is_empty() {
+            // Room for twice the last read: a peer whose reads carry more
+            // gets more room, so its reads (and the broker's answers) batch
+            // ever more messages per syscall. Measured: keeping a single
+            // message's read at its own size halves direct-send throughput.
+            let want = (2 * self.last_read)
+                .clamp(READ_MIN, READ_MAX)
+                .next_power_of_two();
+            if self.data.capacity() != want {
+                self.data = Vec::with_capacity(want);
+            }
+        } else if self.data.capacity() - self.data.len() < READ_MIN / 2 {
+            self.data.reserve(self.data.capacity().max(READ_MIN));
+        }
+        let len = self.data.len();
+        let cap = self.data.capacity();
+        let owned = std::mem::take(&mut self.data);
+        let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
+        self.data = slice.into_inner();
+        match res {
+            Ok(n) if n > 0 => {
+                self.last_read = n;
+                true
+            }
+            _ => false,
+        }
     }
-    let spare = buf.capacity() - buf.len();
-    if spare < READ_INITIAL / 2 {
-        buf.reserve(buf.capacity().max(READ_INITIAL));
-    }
-    let len = buf.len();
-    let cap = buf.capacity();
-    let owned = std::mem::take(buf);
-    let (res, slice) = stream.read(owned.slice_mut(len..cap)).await;
-    *buf = slice.into_inner();
-    matches!(res, Ok(n) if n > 0)
 }
 
 fn route(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Outcome {

@@ -2,7 +2,7 @@
 //! set_status), the writer task that drains the outbound queue one batch per
 //! syscall, and the session's lifecycle in the routing table and Postgres.
 use super::close::CloseReason;
-use super::conn::read_more;
+use super::conn::ReadBuf;
 use super::link::SessionLink;
 use super::outbound::{FrameBatch, Stamp, StampKind};
 use super::signal::yield_now;
@@ -50,7 +50,7 @@ struct Session {
 pub async fn run(
     shard: Rc<Shard>,
     stream: TcpStream,
-    mut buf: Vec<u8>,
+    mut buf: ReadBuf,
     conn: u64,
     peer: SocketAddr,
 ) {
@@ -76,7 +76,7 @@ pub async fn run(
     let reason = 'session: loop {
         let mut consumed = 0;
         loop {
-            let header = match ws::decode_client_frame(&mut buf[consumed..], max_message) {
+            let header = match ws::decode_client_frame(&mut buf.data[consumed..], max_message) {
                 Ok(Some(header)) => header,
                 Ok(None) => break,
                 Err(e) => {
@@ -85,7 +85,7 @@ pub async fn run(
                 }
             };
             let range = header.payload_range();
-            let payload = &buf[consumed + range.start..consumed + range.end];
+            let payload = &buf.data[consumed + range.start..consumed + range.end];
             consumed += range.end;
             link.heard(Instant::now());
             match assembler.push(&header, payload) {
@@ -107,8 +107,8 @@ pub async fn run(
                 }
             }
         }
-        buf.drain(..consumed);
-        if !read_more(&mut reader, &mut buf).await {
+        buf.data.drain(..consumed);
+        if !buf.fill(&mut reader).await {
             break link.close_reason().or(Some(CloseReason::PeerGone));
         }
     }
