@@ -155,7 +155,16 @@ for r in rows:
 lines += ["", "CPU % is of one core (200 % = both cores). Which side ran out of CPU: compare the broker's and loadgen's columns with 200 %.", "", "## Commands", ""]
 for r in rows:
     lines.append(f"- {r['label']}: `{r['args']} --url ws://127.0.0.1:PORT/ws --database-url … --json`")
-lines += ["", "## Raw reports", "", "```"] + [json.dumps(r) for r in rows] + ["```", ""]
-open(out, "w").write("\n".join(lines))
+lines += ["", "## Raw reports", "", "```"] + [json.dumps(r) for r in rows] + ["```"]
+# The matrix replaces what the last run wrote; hand-written notes outside
+# the markers (the optimization log) are kept.
+begin, end = "<!-- matrix:begin -->", "<!-- matrix:end -->"
+block = "\n".join([begin] + lines + [end])
+old = open(out).read() if os.path.exists(out) else ""
+if begin in old and end in old:
+    text = old[:old.index(begin)] + block + old[old.index(end) + len(end):]
+else:
+    text = block + "\n"
+open(out, "w").write(text)
 print(f"wrote {out}", file=sys.stderr)
 EOF

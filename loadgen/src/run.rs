@@ -8,7 +8,7 @@ use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Delivery};
 use crate::wire::{SendTemplate, WS_KEY};
-use crate::worker::{self, Control, Hists, RunShared, Slot, Worker, WorkerShared};
+use crate::worker::{self, Control, Hists, RunShared, Slot, Tally, Worker, WorkerShared};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
@@ -35,40 +35,10 @@ impl Drop for Cleanup {
     }
 }
 
-#[derive(Default, Clone, Copy)]
-struct Totals {
-    sent: u64,
-    acked: u64,
-    send_errors: u64,
-    expected: u64,
-    pushes: u64,
-    duplicates: u64,
-    foreign: u64,
-    hellos: u64,
-    run_hellos: u64,
-    hello_failures: u64,
-    conn_failures: u64,
-    broker_closes: u64,
-    ready: u64,
-}
-
-fn totals(shared: &[Arc<WorkerShared>]) -> Totals {
-    let mut t = Totals::default();
+fn totals(shared: &[Arc<WorkerShared>]) -> Tally {
+    let mut t = Tally::default();
     for s in shared {
-        let c = &s.counters;
-        t.sent += c.sent.load(Relaxed);
-        t.acked += c.acked.load(Relaxed);
-        t.send_errors += c.send_errors.load(Relaxed);
-        t.expected += c.expected.load(Relaxed);
-        t.pushes += c.pushes.load(Relaxed);
-        t.duplicates += c.duplicates.load(Relaxed);
-        t.foreign += c.foreign.load(Relaxed);
-        t.hellos += c.hellos.load(Relaxed);
-        t.run_hellos += c.run_hellos.load(Relaxed);
-        t.hello_failures += c.hello_failures.load(Relaxed);
-        t.conn_failures += c.conn_failures.load(Relaxed);
-        t.broker_closes += c.broker_closes.load(Relaxed);
-        t.ready += c.ready.load(Relaxed);
+        t.add(&s.counters.snapshot());
     }
     t
 }
@@ -293,7 +263,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     ctl.phase.store(worker::PHASE_RUN, Relaxed);
 
     // The load, with a progress line each second.
-    let mut prev = Totals::default();
+    let mut prev = Tally::default();
     let mut next_tick = started + Duration::from_secs(1);
     let mut failure = None;
     loop {

@@ -51,56 +51,54 @@ impl Control {
     }
 }
 
-/// Cumulative counters of one worker (only that worker writes them).
-#[derive(Default)]
-pub struct Counters {
-    pub sent: AtomicU64,
-    pub acked: AtomicU64,
-    pub send_errors: AtomicU64,
-    pub expected: AtomicU64,
-    pub pushes: AtomicU64,
-    pub duplicates: AtomicU64,
-    pub foreign: AtomicU64,
-    pub hellos: AtomicU64,
-    pub run_hellos: AtomicU64,
-    pub hello_failures: AtomicU64,
-    pub conn_failures: AtomicU64,
-    pub broker_closes: AtomicU64,
-    pub ready: AtomicU64,
+/// One worker's running counts; summed over workers for the report.
+#[derive(Default, Clone, Copy)]
+pub struct Tally {
+    pub sent: u64,
+    pub acked: u64,
+    pub send_errors: u64,
+    pub expected: u64,
+    pub pushes: u64,
+    pub duplicates: u64,
+    pub foreign: u64,
+    pub hellos: u64,
+    pub run_hellos: u64,
+    pub hello_failures: u64,
+    pub conn_failures: u64,
+    pub broker_closes: u64,
+    pub ready: u64,
 }
 
-#[derive(Default, Clone, Copy)]
-struct Local {
-    sent: u64,
-    acked: u64,
-    send_errors: u64,
-    expected: u64,
-    pushes: u64,
-    duplicates: u64,
-    foreign: u64,
-    hellos: u64,
-    run_hellos: u64,
-    hello_failures: u64,
-    conn_failures: u64,
-    broker_closes: u64,
-    ready: u64,
+impl Tally {
+    pub fn add(&mut self, o: &Tally) {
+        self.sent += o.sent;
+        self.acked += o.acked;
+        self.send_errors += o.send_errors;
+        self.expected += o.expected;
+        self.pushes += o.pushes;
+        self.duplicates += o.duplicates;
+        self.foreign += o.foreign;
+        self.hellos += o.hellos;
+        self.run_hellos += o.run_hellos;
+        self.hello_failures += o.hello_failures;
+        self.conn_failures += o.conn_failures;
+        self.broker_closes += o.broker_closes;
+        self.ready += o.ready;
+    }
 }
+
+/// A worker's last published tally (every `PUBLISH_EVERY_NS`), read by the
+/// main thread for progress lines and the report.
+#[derive(Default)]
+pub struct Counters(Mutex<Tally>);
 
 impl Counters {
-    fn publish(&self, l: &Local) {
-        self.sent.store(l.sent, Relaxed);
-        self.acked.store(l.acked, Relaxed);
-        self.send_errors.store(l.send_errors, Relaxed);
-        self.expected.store(l.expected, Relaxed);
-        self.pushes.store(l.pushes, Relaxed);
-        self.duplicates.store(l.duplicates, Relaxed);
-        self.foreign.store(l.foreign, Relaxed);
-        self.hellos.store(l.hellos, Relaxed);
-        self.run_hellos.store(l.run_hellos, Relaxed);
-        self.hello_failures.store(l.hello_failures, Relaxed);
-        self.conn_failures.store(l.conn_failures, Relaxed);
-        self.broker_closes.store(l.broker_closes, Relaxed);
-        self.ready.store(l.ready, Relaxed);
+    fn publish(&self, tally: &Tally) {
+        *self.0.lock().expect("counters lock") = *tally;
+    }
+
+    pub fn snapshot(&self) -> Tally {
+        *self.0.lock().expect("counters lock")
     }
 }
 
@@ -206,7 +204,7 @@ struct Env {
     run: Arc<RunShared>,
     ctl: Arc<Control>,
     shared: Arc<WorkerShared>,
-    local: Local,
+    local: Tally,
     hists: Hists,
     errors: BTreeMap<String, u64>,
     closes: BTreeMap<u16, u64>,
@@ -451,7 +449,7 @@ impl Worker {
                 run,
                 ctl,
                 shared,
-                local: Local::default(),
+                local: Tally::default(),
                 hists: Hists::default(),
                 errors: BTreeMap::new(),
                 closes: BTreeMap::new(),
