@@ -264,6 +264,19 @@ fn a_slow_reader_is_cut_off_with_1013_and_others_keep_receiving() {
         "broker_connections_closed_total{reason=\"slow_reader\"}",
         |v| v >= 1.0,
     );
+
+    // Nothing acked is lost: what the cut-off session never got (queued but
+    // unwritten, and everything sent after the cut) is held for its member
+    // and arrives, once, when the member connects again.
+    let mut again = Peer::connect(&broker, &members[1]);
+    let rest = again.drain_pushes(Duration::from_secs(2));
+    assert_eq!(
+        pushes + rest.len(),
+        sent_to_slow,
+        "{pushes} read before the cut + {} after reconnecting",
+        rest.len()
+    );
+    broker.wait_metric("broker_queue_depth", |v| v == 0.0);
 }
 
 /// The PKCS#8 DER form of an ed25519 secret key (RFC 8410), which Node's

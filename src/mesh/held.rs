@@ -2,6 +2,7 @@
 //! creation order, each to be delivered once.
 use super::Envelope;
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// Per-member bound, so one member that never connects cannot eat the heap;
@@ -14,6 +15,9 @@ pub struct HeldFull;
 #[derive(Default)]
 pub struct HeldQueue {
     queue: Mutex<VecDeque<Arc<Envelope>>>,
+    /// Mirrors the queue's length, so writers can ask "anything held?"
+    /// after every socket write without taking the lock.
+    len: AtomicUsize,
 }
 
 impl HeldQueue {
@@ -31,16 +35,30 @@ impl HeldQueue {
             return Err(HeldFull);
         }
         queue.push_back(envelope);
+        self.len.store(queue.len(), Ordering::Release);
         Ok(live_shards())
     }
 
-    /// Takes every held envelope, oldest first.
-    pub fn take_all(&self) -> VecDeque<Arc<Envelope>> {
-        std::mem::take(&mut *self.queue.lock().expect("held lock"))
+    /// Takes the oldest envelope if `accept` agrees (a session has room).
+    pub fn pop_front_if(&self, accept: impl FnOnce(&Envelope) -> bool) -> Option<Arc<Envelope>> {
+        let mut queue = self.queue.lock().expect("held lock");
+        let envelope = queue.pop_front_if(|envelope| accept(envelope))?;
+        self.len.store(queue.len(), Ordering::Release);
+        Some(envelope)
+    }
+
+    /// Puts envelopes taken out (or handed back by a cut-off session) back
+    /// at the front, oldest first, ahead of anything held meanwhile.
+    pub fn push_front(&self, envelopes: Vec<Arc<Envelope>>) {
+        let mut queue = self.queue.lock().expect("held lock");
+        for envelope in envelopes.into_iter().rev() {
+            queue.push_front(envelope);
+        }
+        self.len.store(queue.len(), Ordering::Release);
     }
 
     pub fn len(&self) -> usize {
-        self.queue.lock().expect("held lock").len()
+        self.len.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -19,9 +19,21 @@ use std::sync::Arc;
 
 /// A live session as routing sees it.
 pub trait Recipient {
-    /// Queue the envelope's frame; false when the session could not take it
-    /// (it is being cut off or closed), so another session should.
-    fn deliver(&self, envelope: &Envelope) -> bool;
+    /// Queue the envelope's push frame.
+    fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery;
+
+    /// Bytes it can queue before its outbound bound.
+    fn room(&self) -> usize;
+}
+
+/// What a session did with an envelope.
+pub enum Delivery {
+    Taken,
+    /// Closing: it takes nothing more.
+    Refused,
+    /// Over its outbound bound: cut off now, handing back the envelopes it
+    /// had queued but not written (oldest first).
+    CutOff(Vec<Arc<Envelope>>),
 }
 
 /// Who a route is for.
@@ -217,10 +229,9 @@ impl<S: Recipient> LocalRoutes<S> {
     }
 
     /// Applies a route to this shard's sessions. A direct target live here
-    /// at send time gets the envelope on every local session; if those are
-    /// gone — and no other shard of the route still serves the member — it
-    /// is held instead, so it is never lost. A broadcast reaches every local
-    /// session of the mesh but the sender's member's and the held-for ones.
+    /// at send time gets the envelope on every local session; a broadcast
+    /// reaches every local session of the mesh but the sender's member's and
+    /// the held-for ones.
     pub fn deliver_route(&self, route: &Route) -> Delivered {
         let mut done = Delivered::default();
         match &route.targets {
@@ -228,20 +239,9 @@ impl<S: Recipient> LocalRoutes<S> {
                 if shards & self.bit() == 0 {
                     return done;
                 }
-                for session in self.sessions_of(&route.mesh, member) {
-                    if session.deliver(&route.envelope) {
-                        done.pushes += 1;
-                    }
-                }
                 let others = shards & !self.bit() & member.live_shards.get();
-                if done.pushes == 0 && others == 0 {
-                    if let Ok(now_live) = member
-                        .held
-                        .hold(route.envelope.clone(), || member.live_shards.get())
-                    {
-                        done.held.push((member.clone(), now_live));
-                    }
-                }
+                let sessions = self.sessions_of(&route.mesh, member);
+                self.deliver_to(member, sessions, &route.envelope, others, &mut done);
             }
             Targets::AllBut { sender, held_for } => {
                 let Some(members) = self.by_mesh.get(&key(&route.mesh)) else {
@@ -253,20 +253,60 @@ impl<S: Recipient> LocalRoutes<S> {
                     {
                         continue;
                     }
-                    for session in &entry.sessions {
-                        if session.deliver(&route.envelope) {
-                            done.pushes += 1;
-                        }
-                    }
+                    let others = entry.member.live_shards.get() & !self.bit();
+                    self.deliver_to(
+                        &entry.member,
+                        &entry.sessions,
+                        &route.envelope,
+                        others,
+                        &mut done,
+                    );
                 }
             }
         }
         done
     }
 
+    /// Delivers to one member's local sessions. If none of them took it and
+    /// no other shard serves the member (its sessions here are closing, or
+    /// were just cut off), the envelope is held instead — after whatever a
+    /// cut-off session still had queued — so an acked envelope is not lost.
+    fn deliver_to(
+        &self,
+        member: &Arc<MemberEntry>,
+        sessions: &[Rc<S>],
+        envelope: &Arc<Envelope>,
+        other_shards: u64,
+        done: &mut Delivered,
+    ) {
+        let mut took = false;
+        let mut orphans = Vec::new();
+        for session in sessions {
+            match session.deliver(envelope) {
+                Delivery::Taken => {
+                    done.pushes += 1;
+                    took = true;
+                }
+                Delivery::Refused => {}
+                Delivery::CutOff(mut queued) => orphans.append(&mut queued),
+            }
+        }
+        if took || other_shards != 0 {
+            // The member has it on another session, which also had
+            // everything the cut-off one had queued.
+            return;
+        }
+        for envelope in orphans.into_iter().chain(std::iter::once(envelope.clone())) {
+            if let Ok(now_live) = member.held.hold(envelope, || member.live_shards.get()) {
+                done.held.push((member.clone(), now_live));
+            }
+        }
+    }
+
     /// Delivers a member's held envelopes, oldest first, to `session` (or,
-    /// without one, to the first local session that takes each). Returns the
-    /// number delivered; envelopes no session took are held again.
+    /// without one, to any local session of the member), as many as fit
+    /// its outbound bound: the rest stay held, in order, and its writer
+    /// asks for more once it has written. Returns the number delivered.
     pub fn drain_held(
         &self,
         mesh: &Arc<MeshEntry>,
@@ -277,17 +317,28 @@ impl<S: Recipient> LocalRoutes<S> {
         if sessions.is_empty() {
             return 0;
         }
+        let candidates = session.map_or(sessions, std::slice::from_ref);
         let mut delivered = 0;
-        for envelope in member.held.take_all() {
-            let took = match session {
-                Some(s) => s.deliver(&envelope),
-                None => sessions.iter().any(|s| s.deliver(&envelope)),
+        loop {
+            let mut target = None;
+            let Some(envelope) = member.held.pop_front_if(|envelope| {
+                target = candidates.iter().find(|s| s.room() >= envelope.frame.len());
+                target.is_some()
+            }) else {
+                break;
             };
-            if took {
-                delivered += 1;
-            } else {
-                // Back in the queue for the member's next session.
-                let _ = member.held.hold(envelope, || 0);
+            match target.expect("accepted with a target").deliver(&envelope) {
+                Delivery::Taken => delivered += 1,
+                Delivery::Refused => {
+                    member.held.push_front(vec![envelope]);
+                    break;
+                }
+                Delivery::CutOff(mut orphans) => {
+                    delivered -= orphans.len().min(delivered);
+                    orphans.push(envelope);
+                    member.held.push_front(orphans);
+                    break;
+                }
             }
         }
         delivered
@@ -306,9 +357,13 @@ mod tests {
     struct Inbox(RefCell<Vec<String>>);
 
     impl Recipient for Inbox {
-        fn deliver(&self, envelope: &Envelope) -> bool {
+        fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
             self.0.borrow_mut().push(envelope.message_id.to_string());
-            true
+            Delivery::Taken
+        }
+
+        fn room(&self) -> usize {
+            usize::MAX
         }
     }
 
@@ -406,5 +461,55 @@ mod tests {
         assert!(sa.0.borrow().is_empty());
         assert_eq!(*sb.0.borrow(), ["m1"]);
         assert_eq!(*sc.0.borrow(), ["m1"]);
+    }
+
+    /// Takes frames until `room` bytes are used, then cuts itself off.
+    struct Tight {
+        room: std::cell::Cell<usize>,
+        got: RefCell<Vec<String>>,
+    }
+
+    impl Recipient for Tight {
+        fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
+            if envelope.frame.len() > self.room.get() {
+                return Delivery::CutOff(Vec::new());
+            }
+            self.room.set(self.room.get() - envelope.frame.len());
+            self.got.borrow_mut().push(envelope.message_id.to_string());
+            Delivery::Taken
+        }
+
+        fn room(&self) -> usize {
+            self.room.get()
+        }
+    }
+
+    #[test]
+    fn draining_stops_at_the_sessions_room_and_keeps_order() {
+        let mesh = mesh(&["a"]);
+        let a = mesh.view().member("a").unwrap().clone();
+        for id in ["m1", "m2", "m3"] {
+            let envelope = Arc::new(Envelope {
+                message_id: id.into(),
+                priority: Priority::Next,
+                frame: bytes::Bytes::from_static(b"0123456789"),
+                sent_at: Instant::now(),
+            });
+            plan_direct(&envelope, &mesh, &a).unwrap();
+        }
+        let mut routes = LocalRoutes::new(0);
+        let session = Rc::new(Tight {
+            room: std::cell::Cell::new(25),
+            got: RefCell::new(Vec::new()),
+        });
+        routes.add(&mesh, &a, session.clone());
+        assert_eq!(routes.drain_held(&mesh, &a, Some(&session)), 2);
+        assert_eq!(*session.got.borrow(), ["m1", "m2"]);
+        assert_eq!(a.held.len(), 1);
+        // The writer freed room: the rest follows, in order.
+        session.room.set(100);
+        assert_eq!(routes.drain_held(&mesh, &a, Some(&session)), 1);
+        assert_eq!(*session.got.borrow(), ["m1", "m2", "m3"]);
+        assert!(a.held.is_empty());
     }
 }

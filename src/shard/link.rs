@@ -2,13 +2,15 @@
 //! WebSocket session: its outbound queue and its liveness clock. The session
 //! task itself owns the socket's read side and the protocol state.
 use super::close::CloseReason;
-use super::outbound::{Outbound, Stamp, StampKind};
+use super::outbound::{Outbound, Stamp};
 use super::{shutdown_socket, PING_INTERVAL, PING_TIMEOUT};
-use crate::mesh::routes::Recipient;
+use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::routes::{Delivery, Recipient};
 use crate::mesh::Envelope;
 use crate::ws::{self, OpCode};
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a closing peer gets to answer our close frame (or, when it is
@@ -22,6 +24,8 @@ pub struct SessionLink {
     last_ping: Cell<Instant>,
     closing: Cell<Option<CloseReason>>,
     shut_at: Cell<Option<Instant>>,
+    /// Set at hello: whose envelopes this session receives.
+    member: RefCell<Option<(Arc<MeshEntry>, Arc<MemberEntry>)>>,
 }
 
 impl SessionLink {
@@ -34,7 +38,21 @@ impl SessionLink {
             last_ping: Cell::new(now),
             closing: Cell::new(None),
             shut_at: Cell::new(None),
+            member: RefCell::new(None),
         }
+    }
+
+    pub fn joined(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
+        *self.member.borrow_mut() = Some((mesh.clone(), member.clone()));
+    }
+
+    /// The member, when it has envelopes held that this session may take.
+    pub fn member_with_held(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
+        self.member
+            .borrow()
+            .as_ref()
+            .filter(|(_, member)| !member.held.is_empty())
+            .cloned()
     }
 
     /// Any frame from the peer proves it alive.
@@ -50,8 +68,13 @@ impl SessionLink {
     /// queued (or instead of it, for a slow reader), and the socket is shut
     /// if the peer has not finished the handshake within the grace period.
     pub fn close(&self, reason: CloseReason) {
+        self.start_close(reason);
+    }
+
+    /// `close`, returning the envelopes a slow reader's queue still held.
+    fn start_close(&self, reason: CloseReason) -> Vec<Arc<Envelope>> {
         if self.closing.get().is_some() {
-            return;
+            return Vec::new();
         }
         self.closing.set(Some(reason));
         let grace = match reason {
@@ -62,7 +85,7 @@ impl SessionLink {
         self.out.close(
             ws::close_frame(reason.code(), reason.as_str()),
             reason == CloseReason::SlowReader,
-        );
+        )
     }
 
     /// Records that the peer closed first; our answer echoes its code.
@@ -116,21 +139,21 @@ impl SessionLink {
 }
 
 impl Recipient for SessionLink {
-    fn deliver(&self, envelope: &Envelope) -> bool {
+    fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
         if self.closing.get().is_some() {
-            return false;
+            return Delivery::Refused;
         }
-        let stamp = Stamp {
-            sent_at: envelope.sent_at,
-            priority: envelope.priority,
-            kind: StampKind::Push,
-        };
-        match self.out.push(envelope.frame.clone(), Some(stamp)) {
-            Ok(()) => true,
-            Err(_) => {
-                self.close(CloseReason::SlowReader);
-                false
-            }
+        match self.out.push_envelope(envelope) {
+            Ok(()) => Delivery::Taken,
+            Err(_) => Delivery::CutOff(self.start_close(CloseReason::SlowReader)),
+        }
+    }
+
+    fn room(&self) -> usize {
+        if self.closing.get().is_some() {
+            0
+        } else {
+            self.out.room()
         }
     }
 }

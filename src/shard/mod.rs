@@ -365,6 +365,20 @@ impl Shard {
         }
     }
 
+    /// Held envelopes of `member` to one session (its hello, or room freed).
+    pub fn drain_held_to(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        session: &Rc<SessionLink>,
+    ) {
+        let delivered = self.routes.borrow().drain_held(mesh, member, Some(session));
+        self.ctx
+            .metrics
+            .global()
+            .queue_depth_add(-(delivered as i64));
+    }
+
     pub fn drain_held(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
         let delivered = self.routes.borrow().drain_held(mesh, member, None);
         self.ctx

@@ -1,15 +1,17 @@
 //! A connection's outbound queue: encoded frames waiting for the socket.
 //!
-//! Routing pushes shared frames (`Bytes`, one allocation for every recipient)
+//! Routing pushes shared envelopes (one encoded frame for every recipient)
 //! and the connection's writer task takes everything queued in one go and
 //! writes it with one syscall, so a burst of pushes costs one write per socket
 //! per wakeup. The queue is bounded in bytes: a peer that stops reading is cut
 //! off (close 1013), never buffered without limit.
+use crate::mesh::Envelope;
 use crate::protocol::Priority;
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::future::poll_fn;
+use std::sync::Arc;
 use std::task::{Poll, Waker};
 use std::time::Instant;
 
@@ -28,9 +30,32 @@ pub enum StampKind {
     Push,
 }
 
-pub struct QueuedFrame {
-    pub frame: Bytes,
-    pub stamp: Option<Stamp>,
+/// A frame waiting for the socket: a routed envelope's push (kept as the
+/// envelope, so a session that is cut off can hand it back to its member),
+/// or a frame the session answers with.
+pub enum QueuedFrame {
+    Push(Arc<Envelope>),
+    Reply { frame: Bytes, stamp: Option<Stamp> },
+}
+
+impl QueuedFrame {
+    fn bytes(&self) -> &Bytes {
+        match self {
+            QueuedFrame::Push(envelope) => &envelope.frame,
+            QueuedFrame::Reply { frame, .. } => frame,
+        }
+    }
+
+    fn stamp(&self) -> Option<Stamp> {
+        match self {
+            QueuedFrame::Push(envelope) => Some(Stamp {
+                sent_at: envelope.sent_at,
+                priority: envelope.priority,
+                kind: StampKind::Push,
+            }),
+            QueuedFrame::Reply { stamp, .. } => *stamp,
+        }
+    }
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -80,11 +105,11 @@ impl FrameBatch {
     pub fn drain_stamps(&mut self) -> impl Iterator<Item = Stamp> + '_ {
         self.iovecs.clear();
         self.written = 0;
-        self.frames.drain(..).filter_map(|q| q.stamp)
+        self.frames.drain(..).filter_map(|q| q.stamp())
     }
 }
 
-// SAFETY: `iovecs` point into the `Bytes` held in `frames`, which neither
+// SAFETY: `iovecs` point into the frames held in `frames`, which neither
 // move nor change while the runtime owns the batch; the vectors are only
 // touched by `take_now`, `advance` and `drain_stamps`, never during a write.
 unsafe impl monoio::buf::IoVecBuf for FrameBatch {
@@ -117,20 +142,27 @@ impl Outbound {
         }
     }
 
-    /// Queue a frame. Over the byte bound nothing is queued and the caller
-    /// must cut the connection off.
+    /// Queue a frame this session answers with. Over the byte bound nothing
+    /// is queued and the caller must cut the connection off.
     pub fn push(&self, frame: Bytes, stamp: Option<Stamp>) -> Result<(), Overflow> {
+        self.enqueue(QueuedFrame::Reply { frame, stamp })
+    }
+
+    /// Queue a routed envelope's push (same bound).
+    pub fn push_envelope(&self, envelope: &Arc<Envelope>) -> Result<(), Overflow> {
+        self.enqueue(QueuedFrame::Push(envelope.clone()))
+    }
+
+    fn enqueue(&self, queued: QueuedFrame) -> Result<(), Overflow> {
         if self.closing.get() {
             return Ok(());
         }
-        let bytes = self.queued_bytes.get() + frame.len();
+        let bytes = self.queued_bytes.get() + queued.bytes().len();
         if bytes > self.limit {
             return Err(Overflow);
         }
         self.queued_bytes.set(bytes);
-        self.queue
-            .borrow_mut()
-            .push_back(QueuedFrame { frame, stamp });
+        self.queue.borrow_mut().push_back(queued);
         self.wake_writer();
         Ok(())
     }
@@ -138,23 +170,32 @@ impl Outbound {
     /// Queue a close frame as the last frame. With `discard_pending`, frames
     /// not yet handed to the socket are dropped first (the peer is too slow
     /// to deserve them); otherwise they go out before the close.
-    pub fn close(&self, close_frame: Bytes, discard_pending: bool) {
+    /// Returns the envelopes discarded, oldest first.
+    pub fn close(&self, close_frame: Bytes, discard_pending: bool) -> Vec<Arc<Envelope>> {
         if self.closing.replace(true) {
-            return;
+            return Vec::new();
         }
         let mut queue = self.queue.borrow_mut();
+        let mut discarded = Vec::new();
         if discard_pending {
-            queue.clear();
+            discarded = queue
+                .drain(..)
+                .filter_map(|queued| match queued {
+                    QueuedFrame::Push(envelope) => Some(envelope),
+                    QueuedFrame::Reply { .. } => None,
+                })
+                .collect();
             self.queued_bytes.set(0);
         }
         self.queued_bytes
             .set(self.queued_bytes.get() + close_frame.len());
-        queue.push_back(QueuedFrame {
+        queue.push_back(QueuedFrame::Reply {
             frame: close_frame,
             stamp: None,
         });
         drop(queue);
         self.wake_writer();
+        discarded
     }
 
     /// Stop without a close frame (the peer is gone): the writer ends.
@@ -167,6 +208,11 @@ impl Outbound {
 
     pub fn is_closing(&self) -> bool {
         self.closing.get()
+    }
+
+    /// Bytes that can still be queued before the bound.
+    pub fn room(&self) -> usize {
+        self.limit.saturating_sub(self.queued_bytes.get())
     }
 
     pub fn queued_bytes(&self) -> usize {
@@ -195,10 +241,11 @@ impl Outbound {
         let take = queue.len().min(MAX_IOVECS - batch.frames.len());
         let mut bytes = 0;
         for queued in queue.drain(..take) {
-            bytes += queued.frame.len();
+            let frame = queued.bytes();
+            bytes += frame.len();
             batch.iovecs.push(libc::iovec {
-                iov_base: queued.frame.as_ptr() as *mut libc::c_void,
-                iov_len: queued.frame.len(),
+                iov_base: frame.as_ptr() as *mut libc::c_void,
+                iov_len: frame.len(),
             });
             batch.frames.push(queued);
         }
@@ -222,7 +269,7 @@ mod tests {
         assert!(out.push(Bytes::from_static(b"12345"), None).is_ok());
         assert!(out.push(Bytes::from_static(b"12345"), None).is_ok());
         assert_eq!(out.push(Bytes::from_static(b"1"), None), Err(Overflow));
-        out.close(Bytes::from_static(b"cl"), true);
+        assert!(out.close(Bytes::from_static(b"cl"), true).is_empty());
         assert_eq!(out.queued_bytes(), 2);
         // Nothing is queued after the close frame.
         assert!(out.push(Bytes::from_static(b"x"), None).is_ok());

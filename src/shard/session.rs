@@ -157,6 +157,11 @@ async fn write_loop(mut writer: TcpOwnedWriteHalf, link: Rc<SessionLink>, shard:
             break;
         }
         shard.metrics.socket_write(batch.len());
+        // Room freed: envelopes still held for this session's member (a
+        // backlog bigger than one outbound bound) come next.
+        if let Some((mesh, member)) = link.member_with_held() {
+            shard.drain_held_to(&mesh, &member, &link);
+        }
         let now = Instant::now();
         let mut histograms = shard.histograms.borrow_mut();
         for stamp in batch.drain_stamps() {
@@ -287,16 +292,9 @@ impl Session {
                     .reply(ws::encode_server_frame(OpCode::Text, &json), None);
                 tracing::info!(target: "ws", peer = %self.peer, shard = self.shard.index, mesh = %joined.mesh.id,
                     member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id, "ws hello");
-                let drained = self.shard.routes.borrow().drain_held(
-                    &joined.mesh,
-                    &joined.member,
-                    Some(&self.link),
-                );
+                self.link.joined(&joined.mesh, &joined.member);
                 self.shard
-                    .ctx
-                    .metrics
-                    .global()
-                    .queue_depth_add(-(drained as i64));
+                    .drain_held_to(&joined.mesh, &joined.member, &self.link);
                 self.joined = Some(joined);
             }
             Err(e) => self.refuse_hello(e),

@@ -420,6 +420,19 @@ impl Peer {
         }
     }
 
+    /// Every push that arrives until nothing has for `quiet` (buffered
+    /// ones first).
+    pub fn drain_pushes(&mut self, quiet: Duration) -> Vec<Value> {
+        let mut pushes: Vec<Value> = self.pushes.drain(..).collect();
+        while let Some(event) = self.next_event(quiet) {
+            match event {
+                Event::Json(v) if v["type"] == "push" => pushes.push(v),
+                other => panic!("expected pushes, got {other:?}"),
+            }
+        }
+        pushes
+    }
+
     /// Asserts that no message (push or otherwise) arrives for `quiet`.
     pub fn expect_nothing(&mut self, quiet: Duration) {
         assert!(
