@@ -22,6 +22,24 @@ pub const MAX_SHARDS: usize = 64;
 /// adding one to an `Instant` can never overflow.
 pub const MAX_SECONDS: u64 = 10 * 365 * 24 * 60 * 60;
 
+/// `BROKER_IO_DRIVER` (ours): which monoio driver the shards run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum IoDriver {
+    /// io_uring where the kernel allows it, else epoll (with a warning).
+    Auto,
+    /// epoll only (what `Auto` falls back to); tests run on both.
+    Epoll,
+}
+
+impl IoDriver {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IoDriver::Auto => "auto",
+            IoDriver::Epoll => "epoll",
+        }
+    }
+}
+
 /// `NODE_ENV`: the original's name, kept for existing deployments.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum NodeEnv {
@@ -65,6 +83,7 @@ pub struct Config {
     /// `MEMBER_REFRESH_SECONDS` (ours): how often loaded meshes' members are
     /// reloaded, i.e. how long a revocation takes to close live sessions.
     pub member_refresh: Duration,
+    pub io_driver: IoDriver,
 }
 
 /// One bad variable: its name, the value as given, and what was expected.
@@ -294,6 +313,15 @@ impl Config {
             1024 * 1024 * 1024,
         ) as usize;
         let member_refresh = r.seconds("MEMBER_REFRESH_SECONDS", 5);
+        let io_driver = match r.get("BROKER_IO_DRIVER").as_deref().map(str::trim) {
+            None | Some("auto") => IoDriver::Auto,
+            Some("epoll") => IoDriver::Epoll,
+            Some(other) => {
+                let other = other.to_owned();
+                r.fail("BROKER_IO_DRIVER", &other, "auto or epoll");
+                IoDriver::Auto
+            }
+        };
 
         if !r.errors.is_empty() {
             return Err(ConfigErrors(r.errors));
@@ -315,6 +343,7 @@ impl Config {
             data_dir,
             max_outbound_bytes,
             member_refresh,
+            io_driver,
         })
     }
 
@@ -360,6 +389,7 @@ impl Config {
                 "MEMBER_REFRESH_SECONDS",
                 self.member_refresh.as_secs().to_string(),
             ),
+            ("BROKER_IO_DRIVER", self.io_driver.as_str().to_owned()),
         ]
     }
 }
@@ -546,6 +576,7 @@ mod tests {
             ("HOOK_RATE_LIMIT_PER_MIN", "0", "from 1 to"),
             ("NODE_ENV", "prod", "development, production, test"),
             ("LOG_LEVEL", "verbose", "error, warn, info, debug, trace"),
+            ("BROKER_IO_DRIVER", "kqueue", "auto or epoll"),
         ];
         for (var, value, expected) in cases {
             let errs = errors(&[(var, value)]);

@@ -403,3 +403,36 @@ fn held_envelopes_are_committed_to_postgres_before_the_ack() {
     });
     assert!(delivered, "delivered_at was not set for {id}");
 }
+
+/// The same routing on the epoll driver the broker falls back to where
+/// io_uring is unavailable.
+#[test]
+fn routing_works_on_the_epoll_driver() {
+    let broker = start(&[("BROKER_IO_DRIVER", "epoll")]);
+    broker.wait_for_log_where("shard runtime", WAIT, |l| l["driver"] == "epoll");
+    let members = seed_mesh(&broker.db, "epoll", 6);
+    let mut peers: Vec<Peer> = members.iter().map(|m| Peer::connect(&broker, m)).collect();
+    let ack = peers[0].send(&members[1].pubkey, "now", "n1", "direct", "d1");
+    assert_push(
+        &peers[1].recv_push(WAIT),
+        &ack,
+        &members[0],
+        "now",
+        "n1",
+        "direct",
+    );
+    let ack = peers[2].send("*", "low", "n2", "to all", "b1");
+    for (i, peer) in peers.iter_mut().enumerate() {
+        if i != 2 {
+            assert_push(
+                &peer.recv_push(WAIT),
+                &ack,
+                &members[2],
+                "low",
+                "n2",
+                "to all",
+            );
+        }
+    }
+    expect_nothing_all(peers.iter_mut());
+}

@@ -21,6 +21,7 @@ mod signal;
 pub use close::CloseReason;
 
 use crate::broker::BrokerContext;
+use crate::config::IoDriver;
 use crate::db::DbCommand;
 use crate::ids::{IdGen, Rfc3339Clock};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
@@ -116,7 +117,7 @@ pub fn spawn(
                     tracing::warn!(target: "shard", shard = spec.index, "pin failed");
                 }
             }
-            match build_runtime(spec.index) {
+            match build_runtime(spec.index, ctx.config.io_driver) {
                 Ok(mut rt) => rt.block_on(run(spec, ctx)),
                 Err(e) => {
                     tracing::error!(target: "shard", shard = spec.index, error = %e, "runtime failed");
@@ -132,7 +133,11 @@ type ShardRuntime = monoio::FusionRuntime<
 
 /// io_uring first; the epoll driver where io_uring is missing or refused
 /// (old kernel, seccomp, memlock limits).
-fn build_runtime(index: usize) -> std::io::Result<ShardRuntime> {
+fn build_runtime(index: usize, driver: IoDriver) -> std::io::Result<ShardRuntime> {
+    if driver == IoDriver::Epoll {
+        tracing::info!(target: "shard", shard = index, driver = "epoll", "shard runtime");
+        return epoll_runtime();
+    }
     let uring = if monoio::utils::detect_uring() {
         monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
             .with_entries(4096)
@@ -143,17 +148,21 @@ fn build_runtime(index: usize) -> std::io::Result<ShardRuntime> {
     };
     match uring {
         Ok(rt) => {
-            tracing::debug!(target: "shard", shard = index, driver = "io_uring", "runtime started");
+            tracing::info!(target: "shard", shard = index, driver = "io_uring", "shard runtime");
             Ok(rt.into())
         }
         Err(e) => {
-            tracing::warn!(target: "shard", shard = index, driver = "legacy", error = %e, "io_uring unavailable, using epoll");
-            Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
-                .enable_timer()
-                .build()?
-                .into())
+            tracing::warn!(target: "shard", shard = index, driver = "epoll", error = %e, "io_uring unavailable");
+            epoll_runtime()
         }
     }
+}
+
+fn epoll_runtime() -> std::io::Result<ShardRuntime> {
+    Ok(monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+        .enable_timer()
+        .build()?
+        .into())
 }
 
 async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {

@@ -37,6 +37,7 @@ const CONFIG_VARS: &[&str] = &[
     "LOG_LEVEL",
     "MAX_OUTBOUND_BYTES",
     "MEMBER_REFRESH_SECONDS",
+    "BROKER_IO_DRIVER",
 ];
 
 const START_TIMEOUT: Duration = Duration::from_secs(20);
