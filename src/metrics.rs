@@ -453,10 +453,6 @@ impl GlobalMetrics {
         self.queue_depth.fetch_add(delta, Relaxed);
     }
 
-    pub fn set_queue_depth(&self, depth: i64) {
-        self.queue_depth.store(depth, Relaxed);
-    }
-
     /// One TTL sweep ran and flipped `flipped` sessions from working to idle.
     pub fn ttl_sweep(&self, flipped: u64) {
         self.ttl_sweeps.fetch_add(1, Relaxed);
@@ -487,13 +483,9 @@ impl Metrics {
         })
     }
 
-    /// Shard `i`'s metrics. Panics when `i >= shard_count()`.
+    /// Shard `i`'s metrics (panics when there is no such shard).
     pub fn shard(&self, i: usize) -> &Arc<ShardMetrics> {
         &self.shards[i]
-    }
-
-    pub fn shard_count(&self) -> usize {
-        self.shards.len()
     }
 
     pub fn global(&self) -> &GlobalMetrics {

@@ -314,10 +314,6 @@ async fn housekeeping(shard: Rc<Shard>) {
 }
 
 impl Shard {
-    pub fn shard_count(&self) -> usize {
-        self.ctx.shards.len()
-    }
-
     /// Queue a presence write for the db thread (see `db_flush_loop`).
     pub fn to_db(&self, command: DbCommand) {
         self.db_outbox.borrow_mut().push(command);
