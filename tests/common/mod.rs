@@ -373,8 +373,16 @@ impl Broker {
     }
 
     /// Waits up to `timeout` for the broker to exit.
+    /// Waits for the process to exit, then (briefly) for the stderr reader
+    /// to reach EOF, so the logs include the last lines it wrote.
     pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
-        wait_child(&mut self.child, timeout)
+        let status = wait_child(&mut self.child, timeout)?;
+        let (lock, cv) = &*self.log;
+        let state = lock.lock().unwrap();
+        let _ = cv
+            .wait_timeout_while(state, Duration::from_secs(5), |st| !st.eof)
+            .unwrap();
+        Some(status)
     }
 }
 
