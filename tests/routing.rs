@@ -436,3 +436,66 @@ fn routing_works_on_the_epoll_driver() {
     }
     expect_nothing_all(peers.iter_mut());
 }
+
+/// A client that keeps sending but never reads is cut off when the answers
+/// to its own messages fill its outbound queue; the pushes it was sent are
+/// not lost.
+#[test]
+fn a_client_cut_off_by_its_own_answers_keeps_its_pushes() {
+    let broker = start(&[("MAX_OUTBOUND_BYTES", "65536")]);
+    let members = seed_mesh(&broker.db, "answers", 2);
+    let mut sender = Peer::connect(&broker, &members[0]);
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&broker.addr().into()).unwrap();
+    let mut flooder = Peer::over(&broker, TcpStream::from(socket));
+    assert_eq!(flooder.hello(&members[1])["type"], "hello_ack");
+
+    // Flood, with a push to the flooder now and then, until the broker has
+    // cut it off: from then on its pushes are held for its member.
+    let ct = ciphertext(5, 1024);
+    let mut pushed = 0;
+    let mut sends = 0;
+    while broker.metric("broker_queue_depth") == 0.0 {
+        assert!(
+            pushed < 400,
+            "the flooder was never cut off after {sends} sends"
+        );
+        for _ in 0..500 {
+            // Not a member: each send is answered `unknown_target`.
+            flooder.send_json(&serde_json::json!({
+                "type": "send", "targetSpec": "ab".repeat(32), "nonce": "n",
+                "ciphertext": "x", "id": format!("f{sends}"),
+            }));
+            sends += 1;
+        }
+        sender.send(&members[1].pubkey, "now", "p", &ct, &format!("p{pushed}"));
+        pushed += 1;
+    }
+
+    // The flooder finally reads: answers and some pushes, then the close.
+    let mut read = 0;
+    loop {
+        match flooder.next_event(WAIT) {
+            Some(Event::Json(v)) if v["type"] == "push" => read += 1,
+            Some(Event::Json(_)) => {}
+            Some(Event::Close(code)) => {
+                assert_eq!(code, Some(1013));
+                break;
+            }
+            other => panic!("expected the close 1013, got {other:?}"),
+        }
+    }
+    let mut again = Peer::connect(&broker, &members[1]);
+    let rest = again.drain_pushes(Duration::from_secs(2));
+    assert_eq!(
+        read + rest.len(),
+        pushed,
+        "{read} read before the cut, {} after",
+        rest.len()
+    );
+    broker.wait_metric(
+        "broker_connections_closed_total{reason=\"slow_reader\"}",
+        |v| v >= 1.0,
+    );
+}

@@ -26,6 +26,7 @@ pub struct SessionLink {
     shut_at: Cell<Option<Instant>>,
     /// Set at hello: whose envelopes this session receives.
     member: RefCell<Option<(Arc<MeshEntry>, Arc<MemberEntry>)>>,
+    orphans: RefCell<Vec<Arc<Envelope>>>,
 }
 
 impl SessionLink {
@@ -39,6 +40,7 @@ impl SessionLink {
             closing: Cell::new(None),
             shut_at: Cell::new(None),
             member: RefCell::new(None),
+            orphans: RefCell::new(Vec::new()),
         }
     }
 
@@ -67,8 +69,16 @@ impl SessionLink {
     /// Starts a broker-side close: the close frame goes out after what is
     /// queued (or instead of it, for a slow reader), and the socket is shut
     /// if the peer has not finished the handshake within the grace period.
+    /// What a slow reader's queue still held is kept for the session's
+    /// teardown to hand back to its member (see `take_orphans`).
     pub fn close(&self, reason: CloseReason) {
-        self.start_close(reason);
+        let orphans = self.start_close(reason);
+        self.orphans.borrow_mut().extend(orphans);
+    }
+
+    /// Envelopes this session was cut off before writing.
+    pub fn take_orphans(&self) -> Vec<Arc<Envelope>> {
+        std::mem::take(&mut *self.orphans.borrow_mut())
     }
 
     /// `close`, returning the envelopes a slow reader's queue still held.

@@ -485,6 +485,15 @@ impl Session {
             .borrow_mut()
             .remove(&joined.mesh, &joined.member, &self.link);
         joined.mesh.release();
+        // Cut off (its own answers overflowed the queue) with pushes still
+        // queued: the member keeps them unless another of its sessions,
+        // which got the same pushes, is still live.
+        let orphans = self.link.take_orphans();
+        if !orphans.is_empty() && joined.member.live_shards.get() == 0 {
+            let count = orphans.len() as i64;
+            joined.member.held.push_front(orphans);
+            self.shard.ctx.metrics.global().queue_depth_add(count);
+        }
         self.shard.to_db(DbCommand::PresenceClose {
             id: joined.presence_id.clone(),
             member_id: joined.member.id.to_string(),
