@@ -76,6 +76,35 @@ fn signed_hello_is_acked_and_recorded_as_presence() {
     );
 }
 
+/// PROTOCOL.md §7: shutdown marks every live presence disconnected.
+#[test]
+fn shutdown_closes_every_live_presence() {
+    let mut broker = start(&[]);
+    let members = seed_mesh(&broker.db, "closing", 4);
+    let peers: Vec<Peer> = members.iter().map(|m| Peer::connect(&broker, m)).collect();
+    let ids: Vec<String> = peers.iter().map(|p| p.presence_id.clone()).collect();
+    assert!(
+        poll(WAIT, || ids
+            .iter()
+            .all(|id| presence_row(&broker.db, id).is_some())),
+        "presence rows were not written"
+    );
+    broker.broker.sigterm();
+    let status = broker
+        .broker
+        .wait_exit(Duration::from_secs(20))
+        .expect("exits");
+    assert_eq!(status.code(), Some(0));
+    for id in &ids {
+        let row = presence_row(&broker.db, id).expect("row");
+        assert!(
+            !row.get::<_, bool>("live"),
+            "presence {id} still open after shutdown"
+        );
+    }
+    drop(peers);
+}
+
 #[test]
 fn refused_hellos_answer_the_code_then_close_1008() {
     let broker = start(&[]);

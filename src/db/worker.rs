@@ -68,6 +68,11 @@ const CLOSE_STALE_PRESENCE_SQL: &str = "\
 UPDATE mesh.presence SET disconnected_at = now()::timestamp
 WHERE disconnected_at IS NULL AND connected_at < $1";
 
+/// At shutdown: the rows this run opened (connected since it started).
+const CLOSE_RUN_PRESENCE_SQL: &str = "\
+UPDATE mesh.presence SET disconnected_at = now()::timestamp
+WHERE disconnected_at IS NULL AND connected_at >= $1";
+
 /// Connect, set up the session, migrate and prepare. Returns the number
 /// of migrations applied.
 async fn open(config: &Config, started: SystemTime) -> Result<(Live, usize), DbError> {
@@ -417,6 +422,20 @@ impl Worker {
         if lost > 0 {
             self.status.add_dropped(lost as u64);
             tracing::warn!(target: "db", lost, "db flush abandoned");
+        }
+        // PROTOCOL.md §7: every presence this run opened ends now, including
+        // sessions whose peers never finished the close handshake.
+        if let Some(live) = conn.as_ref() {
+            let started = self.started;
+            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 1] = [&started];
+            let closing = live.client.execute(CLOSE_RUN_PRESENCE_SQL, &params);
+            match timeout(WRITE_TIMEOUT, closing).await {
+                Ok(Ok(closed)) => tracing::info!(target: "db", closed, "presence closed"),
+                Ok(Err(e)) => tracing::warn!(target: "db", error = %e, "presence close failed"),
+                Err(_) => {
+                    tracing::warn!(target: "db", error = "timed out", "presence close failed")
+                }
+            }
         }
         self.status.set_buffered(0);
         self.mark_down(&mut conn);
