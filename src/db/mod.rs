@@ -32,11 +32,15 @@
 //!   time and the refused commands are dropped (`db write rejected`,
 //!   counted in `writes_dropped`), so one bad command cannot wedge the
 //!   queue.
-//! - **Shutdown.** When every `DbHandle` is dropped the channel closes; the
-//!   thread flushes the backlog (reconnecting if needed) for at most
-//!   [`SHUTDOWN_FLUSH_TIMEOUT`] (8 s, [`DbOptions::shutdown_flush`]), logs what it could not write (`db flush
-//!   abandoned`, `lost=…`, at warn, also counted as dropped), and returns:
-//!   `DbThread::join` then returns.
+//! - **Shutdown.** `DbThread::join` (called once the shards are gone)
+//!   closes the channel; the thread flushes the backlog (reconnecting if
+//!   needed) for at most [`SHUTDOWN_FLUSH_TIMEOUT`] (8 s,
+//!   [`DbOptions::shutdown_flush`]), logs what it could not write (`db flush
+//!   abandoned`, `lost=…`, at warn, also counted as dropped), closes every
+//!   presence row this run opened, and returns.
+//! - **Member lookups.** A second task with its own connection (`members`)
+//!   answers hellos' member lookups and refreshes the directory every
+//!   [`DbOptions::member_refresh`], so a lookup never waits behind writes.
 //! - **Batch latency.** The audit-write-batch latency histogram lives in
 //!   `metrics`, not here: pass a [`BatchObserver`] in
 //!   [`DbOptions::on_batch`] to [`spawn_with`]; it is called on the
@@ -46,7 +50,7 @@
 //!
 //! Module map: `health` (DbStatus), `migrate` (embedded migrations),
 //! `batch` (SQL and the batch write), `backlog` (bounded in-memory FIFO),
-//! `worker` (the thread's loop).
+//! `worker` (the thread's loop), `members` (member lookups and refresh).
 
 mod backlog;
 mod batch;
