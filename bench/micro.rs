@@ -47,6 +47,13 @@ fn protocol_messages(c: &mut Criterion) {
     let json = send_json();
     let mut group = c.benchmark_group("protocol");
     group.bench_function("parse_send", |b| {
+        let mut parser = protocol::Parser::default();
+        b.iter(|| {
+            let parsed = parser.parse(json.as_bytes()).unwrap();
+            black_box(&parsed);
+        })
+    });
+    group.bench_function("parse_send_tree", |b| {
         let mut buffers = simd_json::Buffers::default();
         let mut scratch = Vec::new();
         b.iter(|| {

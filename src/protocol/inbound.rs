@@ -47,9 +47,91 @@ pub struct Send<'a> {
     pub id: Cow<'a, str>,
 }
 
-/// Parse one WebSocket message. `buf` is unescaped in place by simd-json;
-/// `buffers` is the shard's reusable parser scratch space. Strings are moved
-/// out of the parsed tree, so they stay borrowed from `buf` where they can.
+/// A shard's reusable parsing space: simd-json's buffers and two copies of
+/// the message (simd-json parses in place), one per parser below.
+#[derive(Default)]
+pub struct Parser {
+    buffers: Buffers,
+    plain: Vec<u8>,
+    full: Vec<u8>,
+}
+
+impl Parser {
+    /// Parses one WebSocket message. A send with plain fields — nearly every
+    /// message — is read straight into borrowed strings; anything else (or
+    /// any problem) goes through the tree parser, whose errors name the field.
+    pub fn parse<'a>(&'a mut self, data: &[u8]) -> Result<ClientMessage<'a>, ProtocolError> {
+        self.plain.clear();
+        self.plain.extend_from_slice(data);
+        if let Ok(plain) = simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(
+            &mut self.plain,
+            &mut self.buffers,
+        ) {
+            if let Some(send) = plain.into_send() {
+                return Ok(ClientMessage::Send(send));
+            }
+        }
+        self.full.clear();
+        self.full.extend_from_slice(data);
+        parse_client_message(&mut self.full, &mut self.buffers)
+    }
+}
+
+/// The fast path's view of a send: no tree, no field-by-field checks.
+#[derive(serde::Deserialize)]
+struct PlainSend<'a> {
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(rename = "targetSpec")]
+    target_spec: &'a str,
+    #[serde(default)]
+    priority: Option<&'a str>,
+    nonce: &'a str,
+    ciphertext: &'a str,
+    #[serde(default)]
+    id: Option<&'a str>,
+}
+
+impl<'a> PlainSend<'a> {
+    /// `None` unless it is a valid send: errors are the tree parser's job.
+    fn into_send(self) -> Option<Send<'a>> {
+        if self.kind != "send" {
+            return None;
+        }
+        let target = match classify_target(Cow::Borrowed(self.target_spec))? {
+            Target::Unsupported => return None,
+            target => target,
+        };
+        let priority = match self.priority {
+            None => Priority::Next,
+            Some(p) => Priority::parse(p)?,
+        };
+        Some(Send {
+            target,
+            priority,
+            nonce: Cow::Borrowed(self.nonce),
+            ciphertext: Cow::Borrowed(self.ciphertext),
+            id: Cow::Borrowed(self.id.unwrap_or("")),
+        })
+    }
+}
+
+/// `*`, a member pubkey, or a form not routed yet; `None` when empty.
+fn classify_target(spec: Cow<'_, str>) -> Option<Target<'_>> {
+    if spec.is_empty() {
+        None
+    } else if spec == "*" {
+        Some(Target::All)
+    } else if is_hex(&spec, 64) {
+        Some(Target::Member(spec))
+    } else {
+        Some(Target::Unsupported)
+    }
+}
+
+/// The tree parser. `buf` is unescaped in place by simd-json; `buffers` is
+/// reusable scratch space. Strings are moved out of the parsed tree, so they
+/// stay borrowed from `buf` where they can.
 pub fn parse_client_message<'a>(
     buf: &'a mut [u8],
     buffers: &mut Buffers,
@@ -129,13 +211,7 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
 
 fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>, ProtocolError> {
     let target_spec = fields.non_empty_str("targetSpec")?;
-    let target = if target_spec == "*" {
-        Target::All
-    } else if is_hex(&target_spec, 64) {
-        Target::Member(target_spec)
-    } else {
-        Target::Unsupported
-    };
+    let target = classify_target(target_spec).expect("non-empty targetSpec");
     let priority = match fields.optional_str("priority")? {
         None => Priority::Next,
         Some(p) => Priority::parse(&p)
@@ -205,12 +281,37 @@ impl<'a> Fields<'a> {
 mod tests {
     use super::*;
 
+    /// Through the shard's parser (fast path, then the tree parser).
     fn parse(json: &str) -> Result<String, (ErrorCode, String, Option<String>)> {
-        let mut buf = json.as_bytes().to_vec();
-        let mut buffers = Buffers::default();
-        parse_client_message(&mut buf, &mut buffers)
+        Parser::default()
+            .parse(json.as_bytes())
             .map(|m| format!("{m:?}"))
             .map_err(|e| (e.code, e.message.into_owned(), e.id))
+    }
+
+    fn parse_tree(json: &str) -> Result<String, (ErrorCode, String, Option<String>)> {
+        let mut buf = json.as_bytes().to_vec();
+        parse_client_message(&mut buf, &mut Buffers::default())
+            .map(|m| format!("{m:?}"))
+            .map_err(|e| (e.code, e.message.into_owned(), e.id))
+    }
+
+    #[test]
+    fn the_fast_path_agrees_with_the_tree_parser() {
+        let cases = [
+            format!(r#"{{"type":"send","targetSpec":"{KEY}","priority":"low","nonce":"n","ciphertext":"c","id":"1"}}"#),
+            r#"{"type":"send","targetSpec":"*","nonce":"a\"b","ciphertext":"\u00e9","extra":{"x":[1]}}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"*","priority":null,"nonce":"n","ciphertext":"c","id":null}"#.to_owned(),
+            r#"{"ciphertext":"c","nonce":"n","targetSpec":"*","type":"send"}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"","nonce":"n","ciphertext":"c","id":"e"}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"tag:x","nonce":"n","ciphertext":"c","id":"u"}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"*","priority":"soon","nonce":"n","ciphertext":"c"}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"*","nonce":1,"ciphertext":"c","id":"t"}"#.to_owned(),
+            r#"{"type":"set_status","status":"idle","targetSpec":"*","nonce":"n","ciphertext":"c"}"#.to_owned(),
+        ];
+        for json in cases {
+            assert_eq!(parse(&json), parse_tree(&json), "{json}");
+        }
     }
 
     const KEY: &str = "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90";

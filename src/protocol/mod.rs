@@ -8,7 +8,7 @@
 mod inbound;
 mod outbound;
 
-pub use inbound::{parse_client_message, ClientMessage, Hello, Send, Target};
+pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
 pub use outbound::{write_ack, write_error, write_hello_ack, write_push, PushFields};
 
 use std::borrow::Cow;

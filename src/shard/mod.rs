@@ -85,10 +85,9 @@ pub struct Shard {
     pub histograms: RefCell<LocalHistograms>,
     pub ids: RefCell<IdGen>,
     pub clock: RefCell<Rfc3339Clock>,
-    /// simd-json's scratch space and a copy of the message being parsed
-    /// (it parses in place), shared by the shard's sessions: one per shard
-    /// rather than per connection keeps idle connections small.
-    pub json: RefCell<(simd_json::Buffers, Vec<u8>)>,
+    /// Parsing space shared by the shard's sessions: one per shard rather
+    /// than per connection keeps idle connections small.
+    pub parser: RefCell<crate::protocol::Parser>,
     pub routes: RefCell<LocalRoutes<SessionLink>>,
     conns: RefCell<HashMap<u64, ConnSlot>>,
     next_conn: Cell<u64>,
@@ -173,7 +172,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         histograms: RefCell::new(LocalHistograms::new()),
         ids: RefCell::new(IdGen::new(spec.index as u16)),
         clock: RefCell::new(Rfc3339Clock::default()),
-        json: RefCell::new((simd_json::Buffers::default(), Vec::new())),
+        parser: RefCell::new(crate::protocol::Parser::default()),
         routes: RefCell::new(LocalRoutes::new(spec.index)),
         conns: RefCell::new(HashMap::new()),
         next_conn: Cell::new(0),

@@ -201,13 +201,9 @@ impl Session {
     fn process_parsed(&mut self, data: &[u8]) -> Option<OwnedHello> {
         let read_at = Instant::now();
         self.shard.metrics.message_received();
-        // simd-json parses in place, so it gets its own copy of the message.
         let shard = self.shard.clone();
-        let mut json = shard.json.borrow_mut();
-        let (buffers, scratch) = &mut *json;
-        scratch.clear();
-        scratch.extend_from_slice(data);
-        let parsed = protocol::parse_client_message(scratch, buffers);
+        let mut parser = shard.parser.borrow_mut();
+        let parsed = parser.parse(data);
         match parsed {
             Err(e)
                 if self.joined.is_none()
