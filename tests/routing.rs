@@ -186,6 +186,17 @@ fn held_envelopes_reach_the_first_session_in_order_once() {
     broker.wait_metric("broker_queue_depth", |v| v == 0.0);
 }
 
+/// A session with a tiny kernel receive buffer, for tests whose client stops
+/// reading after its hello.
+fn never_reading(broker: &TestBroker, member: &Member) -> Peer {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    socket.connect(&broker.addr().into()).unwrap();
+    let mut peer = Peer::over(broker, TcpStream::from(socket));
+    assert_eq!(peer.hello(member)["type"], "hello_ack");
+    peer
+}
+
 #[test]
 fn a_slow_reader_is_cut_off_with_1013_and_others_keep_receiving() {
     let broker = start(&[("MAX_OUTBOUND_BYTES", "65536")]);
@@ -193,13 +204,7 @@ fn a_slow_reader_is_cut_off_with_1013_and_others_keep_receiving() {
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut healthy = Peer::connect(&broker, &members[2]);
 
-    // A receiver with a tiny kernel receive buffer that stops reading after
-    // its hello.
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&broker.addr().into()).unwrap();
-    let mut slow = Peer::over(&broker, TcpStream::from(socket));
-    assert_eq!(slow.hello(&members[1])["type"], "hello_ack");
+    let mut slow = never_reading(&broker, &members[1]);
 
     let ct = ciphertext(3, 4096);
     let mut sent_to_slow = 0;
@@ -445,11 +450,7 @@ fn a_client_cut_off_by_its_own_answers_keeps_its_pushes() {
     let broker = start(&[("MAX_OUTBOUND_BYTES", "65536")]);
     let members = seed_mesh(&broker.db, "answers", 2);
     let mut sender = Peer::connect(&broker, &members[0]);
-    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    socket.set_recv_buffer_size(4096).unwrap();
-    socket.connect(&broker.addr().into()).unwrap();
-    let mut flooder = Peer::over(&broker, TcpStream::from(socket));
-    assert_eq!(flooder.hello(&members[1])["type"], "hello_ack");
+    let mut flooder = never_reading(&broker, &members[1]);
 
     // Flood, with a push to the flooder now and then, until the broker has
     // cut it off: from then on its pushes are held for its member.

@@ -6,7 +6,8 @@
 //! member's entry keeps its identity across refreshes: its live-shard mask and
 //! held queue live in it. Shards read views through `ArcSwap` (no lock);
 //! the directory's own map is locked only on hello and on refresh.
-use super::held::HeldQueue;
+use super::held::{HeldFull, HeldQueue};
+use super::Envelope;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
@@ -59,6 +60,12 @@ impl MemberEntry {
             live_shards: ShardMask::default(),
             held: HeldQueue::default(),
         }
+    }
+
+    /// Holds an envelope for this member; returns the shards live right
+    /// after (see `HeldQueue::hold`).
+    pub fn hold(&self, envelope: Arc<Envelope>) -> Result<u64, HeldFull> {
+        self.held.hold(envelope, || self.live_shards.get())
     }
 
     pub fn is_revoked(&self) -> bool {

@@ -78,9 +78,7 @@ pub fn plan_direct(
     let mut plan = Plan::default();
     let shards = member.live_shards.get();
     if shards == 0 {
-        let now_live = member
-            .held
-            .hold(envelope.clone(), || member.live_shards.get())?;
+        let now_live = member.hold(envelope.clone())?;
         plan.held.push((member.clone(), now_live));
         return Ok(plan);
     }
@@ -113,9 +111,7 @@ pub fn plan_broadcast(
             plan.shards |= shards;
             continue;
         }
-        let now_live = member
-            .held
-            .hold(envelope.clone(), || member.live_shards.get())?;
+        let now_live = member.hold(envelope.clone())?;
         plan.held.push((member.clone(), now_live));
         held_for.push(key(member));
     }
@@ -297,7 +293,7 @@ impl<S: Recipient> LocalRoutes<S> {
             return;
         }
         for envelope in orphans.into_iter().chain(std::iter::once(envelope.clone())) {
-            if let Ok(now_live) = member.held.hold(envelope, || member.live_shards.get()) {
+            if let Ok(now_live) = member.hold(envelope) {
                 done.held.push((member.clone(), now_live));
             }
         }

@@ -351,9 +351,15 @@ impl Shard {
 
     pub fn deliver_route(&self, route: &Route) {
         let done = self.routes.borrow().deliver_route(route);
-        for (member, now_live) in done.held {
-            self.ctx.metrics.global().queue_depth_add(1);
-            self.request_drain(&route.mesh, &member, now_live);
+        self.account_held(&route.mesh, &done.held);
+    }
+
+    /// Counts envelopes just held and asks a shard that went live for their
+    /// member meanwhile (a non-zero mask) to drain them.
+    pub fn account_held(&self, mesh: &Arc<MeshEntry>, held: &[(Arc<MemberEntry>, u64)]) {
+        self.ctx.metrics.global().queue_depth_add(held.len() as i64);
+        for (member, now_live) in held {
+            self.request_drain(mesh, member, *now_live);
         }
     }
 

@@ -405,13 +405,7 @@ impl Session {
                 )
             }
         };
-        let global = self.shard.ctx.metrics.global();
-        global.queue_depth_add(plan.held.len() as i64);
-        for (member, now_live) in &plan.held {
-            if *now_live != 0 {
-                self.shard.request_drain(&joined.mesh, member, *now_live);
-            }
-        }
+        self.shard.account_held(&joined.mesh, &plan.held);
         if let Some(route) = plan.route {
             let mut shards = plan.shards;
             while shards != 0 {
