@@ -14,6 +14,8 @@
 //! - `ws`       — RFC 6455 handshake and frame codec; no I/O.
 //! - `http`     — HTTP/1.1 request-head parsing and response building; no I/O.
 //! - `hook`     — `/hook/set-status` body validation and the per-(pid, cwd) token bucket.
+//! - `status`   — a session's status without sockets (§5): the source-ranked write rule,
+//!   what a status may receive, the TTL, and transcript inference on its own thread.
 //! - `metrics`  — per-shard counters and HDR histograms, merged at scrape time.
 //! - `db`       — the one thread that talks to Postgres: migrations, health, member
 //!   lookups, batched writes.
@@ -31,4 +33,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod protocol;
 pub mod shard;
+pub(crate) mod status;
 pub mod ws;
