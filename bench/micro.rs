@@ -4,9 +4,10 @@
 //!
 //! `cargo bench --bench micro` (results under target/criterion).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use meshbroker::mesh::deliver::LocalRoutes;
 use meshbroker::mesh::directory::{Directory, MemberRow};
-use meshbroker::mesh::routes::{plan_broadcast, LocalRoutes};
-use meshbroker::mesh::Envelope;
+use meshbroker::mesh::plan::plan_broadcast;
+use meshbroker::mesh::{Envelope, EnvelopeTarget};
 use meshbroker::protocol::{self, PushFields};
 use meshbroker::shard::link::SessionLink;
 use meshbroker::shard::outbound::FrameBatch;
@@ -14,7 +15,7 @@ use meshbroker::ws::{self, OpCode};
 use std::hint::black_box;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 const CIPHERTEXT_BYTES: usize = 256;
 
@@ -119,11 +120,18 @@ fn routing(c: &mut Criterion) {
             b.iter(|| {
                 let envelope = Arc::new(Envelope {
                     message_id: "m".into(),
+                    mesh: mesh.clone(),
+                    sender: sender.clone(),
+                    target: EnvelopeTarget::All,
                     priority: protocol::Priority::Now,
+                    created_at: SystemTime::now(),
+                    expires_at: SystemTime::now(),
                     frame: frame.clone(),
+                    nonce: 0..0,
+                    ciphertext: 0..0,
                     sent_at: Instant::now(),
                 });
-                let plan = plan_broadcast(&envelope, &mesh, &sender).unwrap();
+                let plan = plan_broadcast(&envelope, usize::MAX).unwrap();
                 let done = routes.deliver_route(plan.route.as_ref().unwrap());
                 // Empty the queues as each writer would, keeping memory flat.
                 for session in &sessions {

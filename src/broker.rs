@@ -12,6 +12,8 @@ use crate::hook::HookRateLimiter;
 use crate::mesh::directory::{Directory, MeshEntry};
 use crate::metrics::Metrics;
 use crate::shard::{self, inbox, ShardSender, ShardSpec, INBOX_BATCHES};
+use crate::status::hook_index::HookIndex;
+use crate::status::transcript::TranscriptReader;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,10 @@ pub struct BrokerContext {
     pub directory: Arc<Directory>,
     pub shards: Vec<ShardSender>,
     pub hook_limiter: Mutex<HookRateLimiter>,
+    /// Where hook signals go: live sessions by cwd, and stashed signals.
+    pub(crate) hooks: HookIndex,
+    /// Reads transcripts off the shards' loops (PROTOCOL.md §5 inference).
+    pub(crate) transcripts: Option<TranscriptReader>,
     pub started_at: Instant,
 }
 
@@ -90,7 +96,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     let shard_count = config.shards;
     let metrics = Metrics::new(shard_count);
     let db_status = Arc::new(DbStatus::new());
-    let directory = Arc::new(Directory::default());
+    let directory = Arc::new(Directory::new(metrics.global().queue_depth_counter()));
     let batch_metrics = metrics.clone();
     let (db, db_thread) = db::spawn_with(
         database_url,
@@ -109,8 +115,17 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| inbox::inbox(INBOX_BATCHES))
         .unzip();
+    let transcripts = match TranscriptReader::spawn(config.claude_projects_dir.clone()) {
+        Ok(reader) => Some(reader),
+        Err(e) => {
+            tracing::warn!(target: "broker", error = %e, "transcript reader failed to start");
+            None
+        }
+    };
     let ctx = Arc::new(BrokerContext {
         hook_limiter: Mutex::new(HookRateLimiter::new(config.hook_rate_limit_per_min)),
+        hooks: HookIndex::default(),
+        transcripts,
         config,
         metrics,
         db,
@@ -147,7 +162,13 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     drop(senders);
     // The shards are gone: this is the last context, and with it the last
     // DbHandle, so the db thread flushes and ends.
-    drop(ctx);
+    if let Ok(BrokerContext {
+        transcripts: Some(reader),
+        ..
+    }) = Arc::try_unwrap(ctx)
+    {
+        reader.shutdown();
+    }
     db_thread.join();
     tracing::info!(target: "broker", "shutdown complete");
     Ok(())

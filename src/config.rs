@@ -84,6 +84,19 @@ pub struct Config {
     /// reloaded, i.e. how long a revocation takes to close live sessions.
     pub member_refresh: Duration,
     pub io_driver: IoDriver,
+    /// `MAX_HELD_PER_MEMBER` (ours): a member holding this many envelopes
+    /// refuses new sends with `unavailable`, so one member that never
+    /// connects cannot eat the heap.
+    pub max_held_per_member: usize,
+    /// `BROKER_PING_INTERVAL_MS`, `BROKER_PING_TIMEOUT_MS` and
+    /// `BROKER_SWEEP_INTERVAL_MS` (for tests): the protocol's 30 s ping,
+    /// 75 s liveness timeout and 15 s status sweep, shortened.
+    pub ping_interval: Duration,
+    pub ping_timeout: Duration,
+    pub sweep_interval: Duration,
+    /// `BROKER_FAULT_PANIC_SESSION_ID` (for tests): a hello with this
+    /// `sessionId` panics its shard, to prove a shard panic stops the broker.
+    pub fault_panic_session_id: Option<String>,
 }
 
 /// One bad variable: its name, the value as given, and what was expected.
@@ -158,6 +171,11 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
                 default
             }
         }
+    }
+
+    /// A test knob in milliseconds, from 10 ms to an hour.
+    fn millis(&mut self, var: &'static str, default: u64) -> Duration {
+        Duration::from_millis(self.int(var, default, 10, 3_600_000))
     }
 
     fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
@@ -323,6 +341,12 @@ impl Config {
             }
         };
 
+        let max_held_per_member = r.int("MAX_HELD_PER_MEMBER", 10_000, 1, 10_000_000) as usize;
+        let ping_interval = r.millis("BROKER_PING_INTERVAL_MS", 30_000);
+        let ping_timeout = r.millis("BROKER_PING_TIMEOUT_MS", 75_000);
+        let sweep_interval = r.millis("BROKER_SWEEP_INTERVAL_MS", 15_000);
+        let fault_panic_session_id = r.get("BROKER_FAULT_PANIC_SESSION_ID");
+
         if !r.errors.is_empty() {
             return Err(ConfigErrors(r.errors));
         }
@@ -344,6 +368,11 @@ impl Config {
             max_outbound_bytes,
             member_refresh,
             io_driver,
+            max_held_per_member,
+            ping_interval,
+            ping_timeout,
+            sweep_interval,
+            fault_panic_session_id,
         })
     }
 
@@ -390,6 +419,19 @@ impl Config {
                 self.member_refresh.as_secs().to_string(),
             ),
             ("BROKER_IO_DRIVER", self.io_driver.as_str().to_owned()),
+            ("MAX_HELD_PER_MEMBER", self.max_held_per_member.to_string()),
+            (
+                "BROKER_PING_INTERVAL_MS",
+                self.ping_interval.as_millis().to_string(),
+            ),
+            (
+                "BROKER_PING_TIMEOUT_MS",
+                self.ping_timeout.as_millis().to_string(),
+            ),
+            (
+                "BROKER_SWEEP_INTERVAL_MS",
+                self.sweep_interval.as_millis().to_string(),
+            ),
         ]
     }
 }

@@ -33,5 +33,5 @@ pub mod mesh;
 pub mod metrics;
 pub mod protocol;
 pub mod shard;
-pub(crate) mod status;
+pub mod status;
 pub mod ws;

@@ -423,7 +423,7 @@ impl ShardMetrics {
 #[derive(Debug)]
 pub struct GlobalMetrics {
     db_healthy: AtomicBool,
-    queue_depth: AtomicI64,
+    queue_depth: Arc<AtomicI64>,
     ttl_sweeps: AtomicU64,
     ttl_flipped: AtomicU64,
     audit_batch: Mutex<Lat>,
@@ -433,7 +433,7 @@ impl GlobalMetrics {
     fn new() -> Self {
         GlobalMetrics {
             db_healthy: AtomicBool::new(false),
-            queue_depth: AtomicI64::new(0),
+            queue_depth: Arc::new(AtomicI64::new(0)),
             ttl_sweeps: AtomicU64::new(0),
             ttl_flipped: AtomicU64::new(0),
             audit_batch: Mutex::new(Lat::default()),
@@ -448,14 +448,17 @@ impl GlobalMetrics {
         self.db_healthy.load(Relaxed)
     }
 
-    /// Held envelopes: add `delta` (negative when delivered/expired).
-    pub fn queue_depth_add(&self, delta: i64) {
-        self.queue_depth.fetch_add(delta, Relaxed);
+    /// The held-envelope count, kept by the held queues themselves.
+    pub fn queue_depth_counter(&self) -> Arc<AtomicI64> {
+        self.queue_depth.clone()
     }
 
-    /// One TTL sweep ran and flipped `flipped` sessions from working to idle.
-    pub fn ttl_sweep(&self, flipped: u64) {
-        self.ttl_sweeps.fetch_add(1, Relaxed);
+    /// A shard's part of a TTL sweep flipped `flipped` sessions from
+    /// working to idle; one shard (`counted`) counts the sweep itself.
+    pub fn ttl_sweep(&self, counted: bool, flipped: u64) {
+        if counted {
+            self.ttl_sweeps.fetch_add(1, Relaxed);
+        }
         self.ttl_flipped.fetch_add(flipped, Relaxed);
     }
 
@@ -1070,10 +1073,12 @@ mod tests {
         b.hook_request(true);
         let g = m.global();
         g.set_db_healthy(true);
-        g.queue_depth_add(5);
-        g.queue_depth_add(-2);
-        g.ttl_sweep(0);
-        g.ttl_sweep(4);
+        let depth = g.queue_depth_counter();
+        depth.fetch_add(5, Relaxed);
+        depth.fetch_sub(2, Relaxed);
+        g.ttl_sweep(true, 0);
+        g.ttl_sweep(false, 1);
+        g.ttl_sweep(true, 3);
 
         assert_eq!(a.connections_active(), 1);
         assert_eq!(b.connections_active(), 0);

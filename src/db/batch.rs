@@ -38,10 +38,18 @@ ON CONFLICT (id) DO NOTHING";
 pub(crate) const PRESENCE_OPEN_SQL: &str = "\
 INSERT INTO mesh.presence (id, member_id, session_id, pid, cwd, status, status_source,
   status_updated_at, connected_at, last_ping_at)
-SELECT t.id, t.member_id, t.session_id, t.pid, t.cwd, 'idle', 'jsonl', t.at, t.at, t.at
-FROM UNNEST($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::timestamp[])
-  AS t(id, member_id, session_id, pid, cwd, at)
+SELECT t.id, t.member_id, t.session_id, t.pid, t.cwd, t.status::mesh.presence_status,
+  t.source::mesh.presence_status_source, t.at, t.at, t.at
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::timestamp[],
+  $7::text[], $8::text[])
+  AS t(id, member_id, session_id, pid, cwd, at, status, source)
 ON CONFLICT (id) DO NOTHING";
+
+pub(crate) const PRESENCE_STATUS_SQL: &str = "\
+UPDATE mesh.presence p SET status = t.status::mesh.presence_status,
+  status_source = t.source::mesh.presence_status_source, status_updated_at = t.at
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamp[]) AS t(id, status, source, at)
+WHERE p.id = t.id";
 
 pub(crate) const PRESENCE_PING_SQL: &str = "\
 UPDATE mesh.presence p SET last_ping_at = t.at
@@ -62,6 +70,7 @@ WHERE m.id = t.id";
 pub(crate) struct Statements {
     stash_pending_status: Statement,
     presence_open: Statement,
+    presence_status: Statement,
     presence_ping: Statement,
     presence_close: Statement,
     member_seen: Statement,
@@ -72,6 +81,7 @@ impl Statements {
         Ok(Self {
             stash_pending_status: client.prepare(STASH_PENDING_STATUS_SQL).await?,
             presence_open: client.prepare(PRESENCE_OPEN_SQL).await?,
+            presence_status: client.prepare(PRESENCE_STATUS_SQL).await?,
             presence_ping: client.prepare(PRESENCE_PING_SQL).await?,
             presence_close: client.prepare(PRESENCE_CLOSE_SQL).await?,
             member_seen: client.prepare(MEMBER_SEEN_SQL).await?,
@@ -88,6 +98,31 @@ pub(crate) struct PresenceOpenRows<'a> {
     pub pid: Vec<i32>,
     pub cwd: Vec<&'a str>,
     pub at: Vec<SystemTime>,
+    pub status: Vec<&'static str>,
+    pub source: Vec<&'static str>,
+}
+
+/// Column arrays for status updates: one row per presence, its last
+/// status in the batch (an `UPDATE … FROM` applies one row per target).
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct PresenceStatusRows<'a> {
+    pub id: Vec<&'a str>,
+    pub status: Vec<&'static str>,
+    pub source: Vec<&'static str>,
+    pub at: Vec<SystemTime>,
+}
+
+impl<'a> PresenceStatusRows<'a> {
+    fn push(&mut self, id: &'a str, status: &'static str, source: &'static str, at: SystemTime) {
+        if let Some(i) = self.id.iter().position(|known| *known == id) {
+            (self.status[i], self.source[i], self.at[i]) = (status, source, at);
+            return;
+        }
+        self.id.push(id);
+        self.status.push(status);
+        self.source.push(source);
+        self.at.push(at);
+    }
 }
 
 /// `(id, at)` pairs as two column arrays, for the timestamp updates.
@@ -119,6 +154,7 @@ pub(crate) struct PendingStatusRows<'a> {
 pub(crate) struct BatchRows<'a> {
     pub pending_status: PendingStatusRows<'a>,
     pub presence_open: PresenceOpenRows<'a>,
+    pub presence_status: PresenceStatusRows<'a>,
     pub presence_ping: IdTimes<'a>,
     pub presence_close: IdTimes<'a>,
     pub member_seen: IdTimes<'a>,
@@ -142,6 +178,8 @@ impl<'a> BatchRows<'a> {
                 session_id,
                 pid,
                 cwd,
+                status,
+                source,
                 at,
             } => {
                 let rows = &mut self.presence_open;
@@ -151,7 +189,17 @@ impl<'a> BatchRows<'a> {
                 rows.pid.push(*pid);
                 rows.cwd.push(cwd);
                 rows.at.push(*at);
+                rows.status.push(status.as_str());
+                rows.source.push(source.as_str());
             }
+            DbCommand::PresenceStatus {
+                id,
+                status,
+                source,
+                at,
+            } => self
+                .presence_status
+                .push(id, status.as_str(), source.as_str(), *at),
             DbCommand::PresencePing { id, at } => self.presence_ping.push(id, *at),
             DbCommand::PresenceClose { id, member_id, at } => {
                 self.presence_close.push(id, *at);
@@ -211,7 +259,18 @@ pub(crate) async fn write_batch(
                     &open.pid,
                     &open.cwd,
                     &open.at,
+                    &open.status,
+                    &open.source,
                 ],
+            )
+            .await?;
+    }
+    let status = &rows.presence_status;
+    if !status.id.is_empty() {
+        client
+            .execute(
+                &statements.presence_status,
+                &[&status.id, &status.status, &status.source, &status.at],
             )
             .await?;
     }

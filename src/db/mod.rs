@@ -65,7 +65,9 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::mpsc;
 
+use crate::hook::Status;
 use crate::mesh::directory::{Directory, MemberRow};
+use crate::status::Source;
 pub use health::DbStatus;
 
 /// Member lookups waiting at once; more are refused (the hello answers
@@ -110,13 +112,23 @@ pub struct PendingStatus {
 #[derive(Debug)]
 pub enum DbCommand {
     StashPendingStatus(PendingStatus),
-    /// A session said hello: its presence row (status idle, source jsonl).
+    /// A session said hello: its presence row, with the status it starts
+    /// with (idle/jsonl, or a stashed hook signal).
     PresenceOpen {
         id: String,
         member_id: String,
         session_id: String,
         pid: i32,
         cwd: String,
+        status: Status,
+        source: Source,
+        at: SystemTime,
+    },
+    /// A status written by the §5 rule (a change, or a bumped time).
+    PresenceStatus {
+        id: String,
+        status: Status,
+        source: Source,
         at: SystemTime,
     },
     /// A pong: refreshes `last_ping_at`.

@@ -6,11 +6,12 @@
 //! member's entry keeps its identity across refreshes: its live-shard mask and
 //! held queue live in it. Shards read views through `ArcSwap` (no lock);
 //! the directory's own map is locked only on hello and on refresh.
-use super::held::{HeldFull, HeldQueue};
+use super::held::HeldQueue;
 use super::Envelope;
+use crate::protocol::Priority;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -46,26 +47,47 @@ pub struct MemberEntry {
     pub id: Box<str>,
     pub pubkey: Box<str>,
     revoked: AtomicBool,
-    /// The shards with at least one live session of this member.
+    /// The shards with at least one live session of this member: they may
+    /// take `now`.
     pub live_shards: ShardMask,
+    /// The shards with at least one idle session of this member: they may
+    /// take `next` and `low` too.
+    pub open_shards: ShardMask,
     pub held: HeldQueue,
 }
 
 impl MemberEntry {
-    fn new(row: &MemberRow) -> Self {
+    fn new(row: &MemberRow, depth: &Arc<AtomicI64>) -> Self {
         MemberEntry {
             id: row.id.as_str().into(),
             pubkey: row.peer_pubkey.to_ascii_lowercase().into(),
             revoked: AtomicBool::new(row.revoked),
             live_shards: ShardMask::default(),
-            held: HeldQueue::default(),
+            open_shards: ShardMask::default(),
+            held: HeldQueue::new(depth.clone()),
         }
     }
 
-    /// Holds an envelope for this member; returns the shards live right
-    /// after (see `HeldQueue::hold`).
-    pub fn hold(&self, envelope: Arc<Envelope>) -> Result<u64, HeldFull> {
-        self.held.hold(envelope, || self.live_shards.get())
+    /// The shards with a session that may take `priority` now (PROTOCOL.md
+    /// §5: idle takes every priority, working and dnd only `now`).
+    pub fn shards_for(&self, priority: Priority) -> u64 {
+        match priority {
+            Priority::Now => self.live_shards.get(),
+            Priority::Next | Priority::Low => self.open_shards.get(),
+        }
+    }
+
+    /// Holds an envelope for this member; returns the shards that may take
+    /// it right after (see `HeldQueue::hold`). Never refuses: the bound is
+    /// checked when a send is planned (`has_room`), before anything is
+    /// acked, so an envelope already acked is never dropped here.
+    pub fn hold(&self, envelope: Arc<Envelope>) -> u64 {
+        self.held.hold(envelope, |p| self.shards_for(p))
+    }
+
+    /// Whether a new send may still be held for this member.
+    pub fn has_room(&self, max_held: usize) -> bool {
+        self.held.is_empty() || self.held.len() < max_held
     }
 
     pub fn is_revoked(&self) -> bool {
@@ -120,6 +142,8 @@ pub struct MeshEntry {
     /// The shards with at least one live session of this mesh.
     pub live_shards: ShardMask,
     loaded_at: Mutex<Instant>,
+    /// The broker-wide held-envelope gauge, for new members' queues.
+    depth: Arc<AtomicI64>,
 }
 
 impl MeshEntry {
@@ -158,7 +182,7 @@ impl MeshEntry {
                 Some(entry) if *entry.pubkey == *row.peer_pubkey.to_ascii_lowercase() => {
                     entry.clone()
                 }
-                _ => Arc::new(MemberEntry::new(row)),
+                _ => Arc::new(MemberEntry::new(row, &self.depth)),
             };
             if row.revoked {
                 entry.revoked.store(true, Ordering::Release);
@@ -189,9 +213,19 @@ impl MeshEntry {
 #[derive(Default)]
 pub struct Directory {
     meshes: Mutex<HashMap<Box<str>, Arc<MeshEntry>>>,
+    /// Envelopes held in every member's queue (`broker_queue_depth`).
+    depth: Arc<AtomicI64>,
 }
 
 impl Directory {
+    /// A directory whose held queues count into `depth`.
+    pub fn new(depth: Arc<AtomicI64>) -> Self {
+        Directory {
+            meshes: Mutex::default(),
+            depth,
+        }
+    }
+
     pub fn get(&self, mesh_id: &str) -> Option<Arc<MeshEntry>> {
         self.meshes
             .lock()
@@ -213,6 +247,7 @@ impl Directory {
             live_sessions: AtomicU32::new(0),
             live_shards: ShardMask::default(),
             loaded_at: Mutex::new(Instant::now()),
+            depth: self.depth.clone(),
         });
         fresh.apply(rows);
         let entry = self

@@ -1,67 +1,146 @@
-//! Envelopes held for a member none of whose sessions could take them, in
-//! creation order, each to be delivered once.
+//! Envelopes held for a member none of whose sessions could take them now:
+//! one queue per priority, each in creation order, served merged by
+//! creation order over the priorities a session accepts, so a `now` held
+//! behind a `next` still reaches a working session. Each envelope is
+//! delivered once.
 use super::Envelope;
+use crate::protocol::Priority;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex};
-
-/// Per-member bound, so one member that never connects cannot eat the heap;
-/// a send that would go over it is answered `unavailable`.
-pub const MAX_HELD_PER_MEMBER: usize = 10_000;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct HeldFull;
 
-#[derive(Default)]
+/// What a drain decides about the oldest held envelope it may consider.
+pub enum Take {
+    /// Deliver it now.
+    Yes,
+    /// No session here accepts this priority: look at the others.
+    SkipPriority,
+    /// A session accepts it but has no room: stop, keeping order.
+    Stop,
+}
+
+/// Bit of a priority in `HeldQueue::nonempty`.
+pub fn priority_bit(p: Priority) -> u8 {
+    1 << p.index()
+}
+
 pub struct HeldQueue {
-    queue: Mutex<VecDeque<Arc<Envelope>>>,
-    /// Mirrors the queue's length, so writers can ask "anything held?"
-    /// after every socket write without taking the lock.
-    len: AtomicUsize,
+    queues: Mutex<[VecDeque<Arc<Envelope>>; 3]>,
+    /// Priorities with something held, so writers can ask "anything for
+    /// me?" after every socket write without taking the lock.
+    nonempty: AtomicU8,
+    /// Envelopes held across the broker (`broker_queue_depth`): every
+    /// change of a held queue goes through here, so the gauge is kept in
+    /// one place.
+    depth: Arc<AtomicI64>,
 }
 
 impl HeldQueue {
-    /// Appends under the lock and returns what `live_shards()` says right
-    /// after, still under the lock. A session's hello marks its shard live
-    /// before it drains, so either the drain sees this envelope or the caller
-    /// sees the new shard and asks it to drain: nothing is stranded.
-    pub fn hold(
-        &self,
-        envelope: Arc<Envelope>,
-        live_shards: impl FnOnce() -> u64,
-    ) -> Result<u64, HeldFull> {
-        let mut queue = self.queue.lock().expect("held lock");
-        if queue.len() >= MAX_HELD_PER_MEMBER {
-            return Err(HeldFull);
+    pub fn new(depth: Arc<AtomicI64>) -> Self {
+        HeldQueue {
+            queues: Mutex::new(Default::default()),
+            nonempty: AtomicU8::new(0),
+            depth,
         }
-        queue.push_back(envelope);
-        self.len.store(queue.len(), Ordering::Release);
-        Ok(live_shards())
     }
 
-    /// Takes the oldest envelope if `accept` agrees (a session has room).
-    pub fn pop_front_if(&self, accept: impl FnOnce(&Envelope) -> bool) -> Option<Arc<Envelope>> {
-        let mut queue = self.queue.lock().expect("held lock");
-        let envelope = queue.pop_front_if(|envelope| accept(envelope))?;
-        self.len.store(queue.len(), Ordering::Release);
-        Some(envelope)
+    /// Holds an envelope in its creation-order place and returns what
+    /// `eligible` (the shards that may take its priority) says right after,
+    /// still under the lock. A session that becomes eligible marks its
+    /// shard before it drains, so either that drain sees this envelope or
+    /// the caller sees the shard and asks it to drain: nothing is stranded.
+    pub fn hold(&self, envelope: Arc<Envelope>, eligible: impl FnOnce(Priority) -> u64) -> u64 {
+        let priority = envelope.priority;
+        let mut queues = self.queues.lock().expect("held lock");
+        insert_in_order(&mut queues[priority.index()], envelope);
+        self.publish(&queues);
+        self.depth.fetch_add(1, Ordering::Relaxed);
+        eligible(priority)
     }
 
-    /// Puts envelopes taken out (or handed back by a cut-off session) back
-    /// at the front, oldest first, ahead of anything held meanwhile.
-    pub fn push_front(&self, envelopes: Vec<Arc<Envelope>>) {
-        let mut queue = self.queue.lock().expect("held lock");
-        for envelope in envelopes.into_iter().rev() {
-            queue.push_front(envelope);
+    /// Puts back envelopes that were taken out or handed back by a cut-off
+    /// session, each in its creation-order place.
+    pub fn hand_back(&self, envelopes: Vec<Arc<Envelope>>) {
+        if envelopes.is_empty() {
+            return;
         }
-        self.len.store(queue.len(), Ordering::Release);
+        let count = envelopes.len() as i64;
+        let mut queues = self.queues.lock().expect("held lock");
+        for envelope in envelopes {
+            insert_in_order(&mut queues[envelope.priority.index()], envelope);
+        }
+        self.publish(&queues);
+        self.depth.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Takes the oldest envelope (by creation, across priorities) that
+    /// `decide` accepts; priorities it skips are passed over, a `Stop`
+    /// ends the search.
+    pub fn take_next(&self, mut decide: impl FnMut(&Envelope) -> Take) -> Option<Arc<Envelope>> {
+        let mut queues = self.queues.lock().expect("held lock");
+        let mut skipped = 0u8;
+        loop {
+            let oldest = (0..3)
+                .filter(|&i| skipped & (1 << i) == 0)
+                .filter_map(|i| queues[i].front().map(|e| (i, e)))
+                .min_by(|a, b| a.1.message_id.cmp(&b.1.message_id))?;
+            let index = oldest.0;
+            match decide(oldest.1) {
+                Take::Yes => {
+                    let envelope = queues[index].pop_front();
+                    self.publish(&queues);
+                    self.depth.fetch_sub(1, Ordering::Relaxed);
+                    return envelope;
+                }
+                Take::SkipPriority => skipped |= 1 << index,
+                Take::Stop => return None,
+            }
+        }
     }
 
     pub fn len(&self) -> usize {
-        self.len.load(Ordering::Acquire)
+        self.queues
+            .lock()
+            .expect("held lock")
+            .iter()
+            .map(VecDeque::len)
+            .sum()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.nonempty.load(Ordering::Acquire) == 0
+    }
+
+    /// Whether anything is held in the priorities of `mask` (`priority_bit`s).
+    pub fn has_any(&self, mask: u8) -> bool {
+        self.nonempty.load(Ordering::Acquire) & mask != 0
+    }
+
+    fn publish(&self, queues: &[VecDeque<Arc<Envelope>>; 3]) {
+        let mask = (0..3)
+            .filter(|&i| !queues[i].is_empty())
+            .fold(0, |m, i| m | (1 << i));
+        self.nonempty.store(mask, Ordering::Release);
+    }
+}
+
+impl Drop for HeldQueue {
+    fn drop(&mut self) {
+        let left = self.len() as i64;
+        self.depth.fetch_sub(left, Ordering::Relaxed);
+    }
+}
+
+/// Message ids sort by creation time: the common case (newest) appends.
+fn insert_in_order(queue: &mut VecDeque<Arc<Envelope>>, envelope: Arc<Envelope>) {
+    match queue.back() {
+        Some(last) if last.message_id > envelope.message_id => {
+            let at = queue.partition_point(|e| e.message_id < envelope.message_id);
+            queue.insert(at, envelope);
+        }
+        _ => queue.push_back(envelope),
     }
 }

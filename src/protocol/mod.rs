@@ -9,7 +9,10 @@ mod inbound;
 mod outbound;
 
 pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
-pub use outbound::{write_ack, write_error, write_hello_ack, write_push, PushFields};
+pub use outbound::{
+    write_ack, write_error, write_hello_ack, write_push, write_str as write_json_str, PushFields,
+    PushRanges,
+};
 
 use std::borrow::Cow;
 

@@ -12,7 +12,14 @@ pub struct PushFields<'a> {
     pub created_at: &'a str,
 }
 
-pub fn write_push(out: &mut Vec<u8>, push: &PushFields<'_>) {
+/// Where the nonce and the ciphertext (JSON-escaped, without quotes) were
+/// written in `out`, so a held envelope reaches them without a copy.
+pub struct PushRanges {
+    pub nonce: std::ops::Range<usize>,
+    pub ciphertext: std::ops::Range<usize>,
+}
+
+pub fn write_push(out: &mut Vec<u8>, push: &PushFields<'_>) -> PushRanges {
     out.reserve(160 + push.nonce.len() + push.ciphertext.len());
     out.extend_from_slice(b"{\"type\":\"push\",\"messageId\":");
     write_str(out, push.message_id);
@@ -23,12 +30,20 @@ pub fn write_push(out: &mut Vec<u8>, push: &PushFields<'_>) {
     out.extend_from_slice(b",\"priority\":\"");
     out.extend_from_slice(push.priority.as_str().as_bytes());
     out.extend_from_slice(b"\",\"nonce\":");
-    write_str(out, push.nonce);
+    let nonce = quoted(out, push.nonce);
     out.extend_from_slice(b",\"ciphertext\":");
-    write_str(out, push.ciphertext);
+    let ciphertext = quoted(out, push.ciphertext);
     out.extend_from_slice(b",\"createdAt\":");
     write_str(out, push.created_at);
     out.push(b'}');
+    PushRanges { nonce, ciphertext }
+}
+
+/// Writes a JSON string; returns where its contents (between the quotes) went.
+fn quoted(out: &mut Vec<u8>, s: &str) -> std::ops::Range<usize> {
+    let start = out.len() + 1;
+    write_str(out, s);
+    start..out.len() - 1
 }
 
 /// `durable` is `None` for the normal ack, `Some(false)` while Postgres is down.
@@ -73,7 +88,7 @@ pub fn write_error(out: &mut Vec<u8>, code: ErrorCode, message: &str, id: Option
 /// A JSON string literal. Nonces and ciphertexts are base64 and almost never
 /// need escaping: one vectorizable scan decides, and the common case is a
 /// single copy.
-fn write_str(out: &mut Vec<u8>, s: &str) {
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
     out.push(b'"');
     let bytes = s.as_bytes();
     // A fold without early exit, so the compiler vectorizes the scan.

@@ -1,8 +1,8 @@
 //! HTTP/1.1 on an accepted socket: keep-alive request loop, the four routes,
 //! and the hand-off of `/ws` upgrades to a WebSocket session.
-use super::{session, Shard};
+use super::{session, Shard, ShardEvent};
 use crate::db::{DbCommand, PendingStatus};
-use crate::hook;
+use crate::hook::{self, HookSignal};
 use crate::http::{self, error_json, parse_head, preflight, Method, RequestHead, Response};
 use crate::ws;
 use monoio::buf::IoBufMut;
@@ -23,7 +23,12 @@ const READ_MAX: usize = 64 * 1024;
 /// What a request turns into.
 enum Outcome {
     Respond(Response),
-    Upgrade { key: String },
+    Upgrade {
+        key: String,
+    },
+    /// A valid hook signal, within its rate: applied to its session, which
+    /// may live on another shard, so it is answered asynchronously.
+    Hook(HookSignal),
 }
 
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
@@ -81,7 +86,11 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let mut body = buf.data[head.head_len..head.head_len + body_len].to_vec();
         buf.data.drain(..head.head_len + body_len);
-        match route(shard, &head, &mut body) {
+        let outcome = match route(shard, &head, &mut body) {
+            Outcome::Hook(signal) => Outcome::Respond(apply_hook(shard, signal).await),
+            other => other,
+        };
+        match outcome {
             Outcome::Upgrade { key } => {
                 let (res, _) = stream
                     .write_all(ws::switching_protocols_response(&key))
@@ -89,6 +98,7 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf
                 shard.histograms.borrow_mut().record_http(started.elapsed());
                 return res.is_ok().then_some(buf);
             }
+            Outcome::Hook(_) => unreachable!("hook signals are applied above"),
             Outcome::Respond(response) => {
                 let bytes = if head.method == Method::Head {
                     response.to_head_bytes(keep_alive)
@@ -181,7 +191,7 @@ fn route(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Outcome {
         (_, _) if wants_upgrade => error_json(404, "WebSocket upgrades are served on /ws only"),
         ("/health", Method::Get | Method::Head) => health(shard),
         ("/metrics", Method::Get | Method::Head) => metrics(shard),
-        ("/hook/set-status", Method::Post) => hook_set_status(shard, body),
+        ("/hook/set-status", Method::Post) => return hook_set_status(shard, body),
         ("/health" | "/metrics", _) => method_not_allowed("GET, OPTIONS"),
         ("/hook/set-status", _) => method_not_allowed("POST, OPTIONS"),
         _ => error_json(404, "not found"),
@@ -241,12 +251,12 @@ fn metrics(shard: &Shard) -> Response {
     )
 }
 
-fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Response {
+fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Outcome {
     let signal = match hook::parse_signal(body) {
         Ok(signal) => signal,
         Err(e) => {
             shard.metrics.hook_request(false);
-            return error_json(e.status(), &e.to_string());
+            return Outcome::Respond(error_json(e.status(), &e.to_string()));
         }
     };
     let allowed = shard
@@ -257,12 +267,43 @@ fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Response {
         .allow(signal.pid, &signal.cwd, Instant::now());
     shard.metrics.hook_request(!allowed);
     if !allowed {
-        return error_json(
+        return Outcome::Respond(error_json(
             429,
             "rate limited: too many hook signals for this (pid, cwd)",
+        ));
+    }
+    Outcome::Hook(signal)
+}
+
+/// PROTOCOL.md §5: the live session matching (pid, cwd), else the newest
+/// live one with that cwd, on whichever shard it is; with none, the signal
+/// is stashed for a session that connects within 10 s.
+async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
+    let ctx = &shard.ctx;
+    if let Some(target) = ctx.hooks.find(signal.pid, &signal.cwd) {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        shard.send_to(
+            target.shard,
+            ShardEvent::HookStatus {
+                conn: target.conn,
+                status: signal.status,
+                reply,
+            },
         );
+        if let Ok(Some(presence_id)) = answer.await {
+            tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(),
+                presence = %presence_id, "hook");
+            let mut body = Vec::with_capacity(64);
+            body.extend_from_slice(br#"{"ok":true,"presence_id":"#);
+            crate::protocol::write_json_str(&mut body, &presence_id);
+            body.push(b'}');
+            return Response::json(200, body);
+        }
+        // The session closed meanwhile: stash, as if it had not been there.
     }
     tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(), pending = true, "hook");
+    ctx.hooks
+        .stash(signal.pid, &signal.cwd, signal.status, Instant::now());
     let stash = PendingStatus {
         id: shard.ids.borrow_mut().next_id(),
         pid: signal.pid,
@@ -270,13 +311,13 @@ fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Response {
         status: signal.status.as_str().to_owned(),
         created_at: SystemTime::now(),
     };
-    if shard
-        .ctx
+    if ctx
         .db
         .try_send(DbCommand::StashPendingStatus(stash))
         .is_err()
     {
-        return error_json(503, "unavailable: the database queue is full");
+        // Memory has it: a session connecting soon still starts with it.
+        tracing::warn!(target: "hook", "pending status not written: db queue full");
     }
     Response::json(200, br#"{"ok":true,"pending":true}"#.to_vec())
 }

@@ -1,12 +1,15 @@
-//! What the shard (routing, housekeeping, shutdown) holds of a live
-//! WebSocket session: its outbound queue and its liveness clock. The session
-//! task itself owns the socket's read side and the protocol state.
+//! What the shard (routing, hooks, housekeeping, shutdown) holds of a live
+//! WebSocket session: its outbound queue, its status, whose envelopes it
+//! takes, and its liveness clock. The session task itself owns the
+//! socket's read side and the protocol state.
 use super::close::CloseReason;
 use super::outbound::{Outbound, Stamp};
-use super::{shutdown_socket, PING_INTERVAL, PING_TIMEOUT};
+use crate::mesh::deliver::{Delivery, Recipient};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
-use crate::mesh::routes::{Delivery, Recipient};
+use crate::mesh::held::priority_bit;
 use crate::mesh::Envelope;
+use crate::protocol::Priority;
+use crate::status::StatusState;
 use crate::ws::{self, OpCode};
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
@@ -26,7 +29,18 @@ pub struct SessionLink {
     shut_at: Cell<Option<Instant>>,
     /// Set at hello: whose envelopes this session receives.
     member: RefCell<Option<(Arc<MeshEntry>, Arc<MemberEntry>)>>,
+    presence_id: RefCell<Box<str>>,
+    status: Cell<StatusState>,
     orphans: RefCell<Vec<Arc<Envelope>>>,
+}
+
+/// Ends a socket's pending reads and writes so its tasks finish.
+pub(crate) fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutdown(2) on a descriptor the shard still owns; errors (e.g.
+    // already disconnected) are harmless here.
+    unsafe {
+        libc::shutdown(fd, libc::SHUT_RDWR);
+    }
 }
 
 impl SessionLink {
@@ -40,20 +54,53 @@ impl SessionLink {
             closing: Cell::new(None),
             shut_at: Cell::new(None),
             member: RefCell::new(None),
+            presence_id: RefCell::new("".into()),
+            status: Cell::new(StatusState::new(now)),
             orphans: RefCell::new(Vec::new()),
         }
     }
 
-    pub fn joined(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
+    /// At hello, before the session is routed to: whose envelopes it takes,
+    /// its presence and the status it starts with.
+    pub fn joined(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        presence_id: &str,
+        status: StatusState,
+    ) {
         *self.member.borrow_mut() = Some((mesh.clone(), member.clone()));
+        *self.presence_id.borrow_mut() = presence_id.into();
+        self.status.set(status);
+    }
+
+    pub fn member(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
+        self.member.borrow().clone()
+    }
+
+    pub fn presence_id(&self) -> Box<str> {
+        self.presence_id.borrow().clone()
+    }
+
+    pub fn status(&self) -> StatusState {
+        self.status.get()
+    }
+
+    /// Records a status; the caller tells routing (`status_changed`).
+    pub fn set_status(&self, status: StatusState) {
+        self.status.set(status);
     }
 
     /// The member, when it has envelopes held that this session may take.
     pub fn member_with_held(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
+        let accepted = Priority::ALL
+            .iter()
+            .filter(|&&p| self.accepts(p))
+            .fold(0, |mask, &p| mask | priority_bit(p));
         self.member
             .borrow()
             .as_ref()
-            .filter(|(_, member)| !member.held.is_empty())
+            .filter(|(_, member)| member.held.has_any(accepted))
             .cloned()
     }
 
@@ -107,8 +154,9 @@ impl SessionLink {
         }
     }
 
-    /// Once a second: ping, time out, or shut a close that overran its grace.
-    pub fn tick(&self, now: Instant) {
+    /// Each housekeeping tick: ping, time out, or shut a close that overran
+    /// its grace.
+    pub fn tick(&self, now: Instant, ping_interval: Duration, ping_timeout: Duration) {
         if let Some(at) = self.shut_at.get() {
             if now >= at {
                 self.shut_at.set(None);
@@ -116,9 +164,9 @@ impl SessionLink {
             }
             return;
         }
-        if now.duration_since(self.last_heard.get()) >= PING_TIMEOUT {
+        if now.duration_since(self.last_heard.get()) >= ping_timeout {
             self.close(CloseReason::Timeout);
-        } else if now.duration_since(self.last_ping.get()) >= PING_INTERVAL {
+        } else if now.duration_since(self.last_ping.get()) >= ping_interval {
             self.last_ping.set(now);
             // A full queue here means a slow reader: push() cuts it off.
             self.send_control(OpCode::Ping, b"");
@@ -149,6 +197,10 @@ impl SessionLink {
 }
 
 impl Recipient for SessionLink {
+    fn accepts(&self, priority: Priority) -> bool {
+        self.closing.get().is_none() && self.status.get().accepts(priority)
+    }
+
     fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
         if self.closing.get().is_some() {
             return Delivery::Refused;

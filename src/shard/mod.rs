@@ -23,12 +23,15 @@ pub use close::CloseReason;
 use crate::broker::BrokerContext;
 use crate::config::IoDriver;
 use crate::db::DbCommand;
+use crate::hook::Status;
 use crate::ids::{IdGen, Rfc3339Clock};
+use crate::mesh::deliver::LocalRoutes;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
-use crate::mesh::routes::{first_shard, LocalRoutes, Route};
+use crate::mesh::plan::{first_shard, Route};
 use crate::metrics::{LocalHistograms, ShardMetrics};
+use crate::status::Source;
 use inbox::{Inbox, InboxSender, Wakeup};
-use link::SessionLink;
+use link::{shutdown_socket, SessionLink};
 use signal::LocalSignal;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -45,6 +48,15 @@ pub enum ShardEvent {
     Route(Arc<Route>),
     /// A member's held queue has envelopes and this shard has a session of it.
     DrainHeld(Arc<MeshEntry>, Arc<MemberEntry>),
+    /// A hook signal for a session of this shard; answered with its
+    /// presence id, or `None` when the session is gone.
+    HookStatus {
+        conn: u64,
+        status: Status,
+        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
+    },
+    /// What a session's transcript says (from the transcript reader).
+    Inferred { conn: u64, status: Status },
 }
 
 /// Items are batches: one per sending shard per wakeup.
@@ -60,10 +72,11 @@ const INBOX_DRAIN: usize = 64;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Housekeeping period: histograms, liveness, revocations.
 const TICK: Duration = Duration::from_secs(1);
+/// Housekeeping runs at least this often when the test knobs shorten the
+/// ping interval.
+const MIN_TICK: Duration = Duration::from_millis(10);
 /// How long presence writes gather on the shard before the db thread gets them.
 const DB_FLUSH: Duration = Duration::from_millis(5);
-pub const PING_INTERVAL: Duration = Duration::from_secs(30);
-pub const PING_TIMEOUT: Duration = Duration::from_secs(75);
 
 pub struct ShardSpec {
     pub index: usize,
@@ -294,20 +307,32 @@ async fn db_flush_loop(shard: Rc<Shard>) {
 }
 
 async fn housekeeping(shard: Rc<Shard>) {
+    let config = &shard.ctx.config;
+    let tick = TICK
+        .min(config.ping_interval / 2)
+        .min(config.sweep_interval)
+        .max(MIN_TICK);
+    let mut next_sweep = Instant::now() + config.sweep_interval;
     loop {
-        monoio::time::sleep(TICK).await;
+        monoio::time::sleep(tick).await;
+        let now = Instant::now();
         shard.histograms.borrow_mut().publish(&shard.metrics);
-        shard.check_liveness(Instant::now());
+        shard.check_liveness(now);
         for session in shard.routes.borrow().revoked_sessions() {
             session.close(CloseReason::Revoked);
         }
-        if shard.index == 0 {
-            shard
-                .ctx
-                .hook_limiter
-                .lock()
-                .expect("hook limiter lock")
-                .gc(Instant::now());
+        if now >= next_sweep {
+            next_sweep = now + config.sweep_interval;
+            shard.sweep_statuses(now);
+            if shard.index == 0 {
+                shard.ctx.hooks.sweep_pending(now);
+                shard
+                    .ctx
+                    .hook_limiter
+                    .lock()
+                    .expect("hook limiter lock")
+                    .gc(now);
+            }
         }
     }
 }
@@ -346,20 +371,42 @@ impl Shard {
         match event {
             ShardEvent::Route(route) => self.deliver_route(&route),
             ShardEvent::DrainHeld(mesh, member) => self.drain_held(&mesh, &member),
+            ShardEvent::HookStatus {
+                conn,
+                status,
+                reply,
+            } => {
+                let presence = self.session_of(conn).filter(|s| s.member().is_some());
+                let answer = presence.map(|session| {
+                    self.write_status(&session, status, Source::Hook);
+                    session.presence_id()
+                });
+                let _ = reply.send(answer);
+            }
+            ShardEvent::Inferred { conn, status } => {
+                if let Some(session) = self.session_of(conn) {
+                    let now = Instant::now();
+                    let window = self.ctx.config.hook_fresh_window;
+                    if session.status().inference_allowed(now, window) {
+                        self.write_status(&session, status, Source::Jsonl);
+                    }
+                    // Inference precedes a hello's first drain (see `hello`).
+                    self.drain_to_session(&session);
+                }
+            }
         }
     }
 
     pub fn deliver_route(&self, route: &Route) {
         let done = self.routes.borrow().deliver_route(route);
-        self.account_held(&route.mesh, &done.held);
+        self.request_drains(&route.envelope.mesh, &done.held);
     }
 
-    /// Counts envelopes just held and asks a shard that went live for their
-    /// member meanwhile (a non-zero mask) to drain them.
-    pub fn account_held(&self, mesh: &Arc<MeshEntry>, held: &[(Arc<MemberEntry>, u64)]) {
-        self.ctx.metrics.global().queue_depth_add(held.len() as i64);
-        for (member, now_live) in held {
-            self.request_drain(mesh, member, *now_live);
+    /// Asks a shard that became able to take envelopes just held (a
+    /// non-zero mask) to drain them.
+    pub fn request_drains(&self, mesh: &Arc<MeshEntry>, held: &[(Arc<MemberEntry>, u64)]) {
+        for (member, now_eligible) in held {
+            self.request_drain(mesh, member, *now_eligible);
         }
     }
 
@@ -375,31 +422,103 @@ impl Shard {
         }
     }
 
-    /// Held envelopes of `member` to one session (its hello, or room freed).
+    /// Held envelopes of `member` to one session (its hello, status change,
+    /// or room freed).
     pub fn drain_held_to(
         &self,
         mesh: &Arc<MeshEntry>,
         member: &Arc<MemberEntry>,
         session: &Rc<SessionLink>,
     ) {
-        let delivered = self.routes.borrow().drain_held(mesh, member, Some(session));
-        self.ctx
-            .metrics
-            .global()
-            .queue_depth_add(-(delivered as i64));
+        self.routes.borrow().drain_held(mesh, member, Some(session));
+    }
+
+    fn drain_to_session(&self, session: &Rc<SessionLink>) {
+        if let Some((mesh, member)) = session.member_with_held() {
+            self.drain_held_to(&mesh, &member, session);
+        }
     }
 
     pub fn drain_held(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
-        let delivered = self.routes.borrow().drain_held(mesh, member, None);
+        let drained = self.routes.borrow().drain_held(mesh, member, None);
+        if drained.delivered == 0 && !drained.waiting_for_room && !member.held.is_empty() {
+            // None of our sessions may take what is held (they left or
+            // turned busy meanwhile): pass it on to a shard that may.
+            let others = crate::protocol::Priority::ALL
+                .iter()
+                .fold(0, |mask, &p| mask | member.shards_for(p))
+                & !(1 << self.index);
+            self.request_drain(mesh, member, others);
+        }
+    }
+
+    /// Writes a status from `source` by the PROTOCOL.md §5 rule; a change
+    /// reaches routing, the presence row and, when the session may now
+    /// take more, its member's held envelopes.
+    pub fn write_status(&self, session: &Rc<SessionLink>, status: Status, source: Source) {
+        let Some((mesh, member)) = session.member() else {
+            return;
+        };
+        let mut state = session.status();
+        let now = Instant::now();
+        let changed = state.write(status, source, now, self.ctx.config.hook_fresh_window);
+        session.set_status(state);
+        self.to_db(DbCommand::PresenceStatus {
+            id: session.presence_id().into(),
+            status: state.status,
+            source: state.source,
+            at: std::time::SystemTime::now(),
+        });
+        if changed {
+            self.routes.borrow().status_changed(&mesh, &member);
+            self.drain_to_session(session);
+        }
+    }
+
+    /// The TTL sweep: sessions `working` longer than `STATUS_TTL_SECONDS`
+    /// flip to idle (source jsonl), which releases what is held for them.
+    fn sweep_statuses(&self, now: Instant) {
+        let ttl = self.ctx.config.status_ttl;
+        let expired: Vec<Rc<SessionLink>> = self
+            .sessions()
+            .into_iter()
+            .filter(|s| s.member().is_some() && s.status().ttl_expired(now, ttl))
+            .collect();
+        for session in &expired {
+            self.write_status(session, Status::Idle, Source::Jsonl);
+        }
         self.ctx
             .metrics
             .global()
-            .queue_depth_add(-(delivered as i64));
-        if delivered == 0 && !member.held.is_empty() {
-            // Our sessions left meanwhile: pass it on to one that has one.
-            let others = member.live_shards.get() & !(1 << self.index);
-            self.request_drain(mesh, member, others);
-        }
+            .ttl_sweep(self.index == 0, expired.len() as u64);
+    }
+
+    /// Asks the transcript reader what a session's transcript says; the
+    /// answer comes back through this shard's inbox. False when there is
+    /// no reader or its queue is full.
+    pub fn request_inference(&self, conn: u64, cwd: &str) -> bool {
+        let Some(reader) = &self.ctx.transcripts else {
+            return false;
+        };
+        let inbox = self.ctx.shards[self.index].clone();
+        reader.request(
+            cwd.to_owned(),
+            Box::new(move |status| {
+                let _ = inbox.try_send(vec![ShardEvent::Inferred { conn, status }]);
+            }),
+        )
+    }
+
+    fn session_of(&self, conn: u64) -> Option<Rc<SessionLink>> {
+        self.conns.borrow().get(&conn)?.session.clone()
+    }
+
+    fn sessions(&self) -> Vec<Rc<SessionLink>> {
+        self.conns
+            .borrow()
+            .values()
+            .filter_map(|c| c.session.clone())
+            .collect()
     }
 
     fn register_conn(&self, fd: RawFd) -> u64 {
@@ -450,23 +569,9 @@ impl Shard {
     }
 
     fn check_liveness(&self, now: Instant) {
-        let sessions: Vec<Rc<SessionLink>> = self
-            .conns
-            .borrow()
-            .values()
-            .filter_map(|c| c.session.clone())
-            .collect();
-        for session in sessions {
-            session.tick(now);
+        let config = &self.ctx.config;
+        for session in self.sessions() {
+            session.tick(now, config.ping_interval, config.ping_timeout);
         }
-    }
-}
-
-/// Ends a socket's pending reads and writes so its tasks finish.
-pub(crate) fn shutdown_socket(fd: RawFd) {
-    // SAFETY: shutdown(2) on a descriptor the shard still owns; errors (e.g.
-    // already disconnected) are harmless here.
-    unsafe {
-        libc::shutdown(fd, libc::SHUT_RDWR);
     }
 }

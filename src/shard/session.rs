@@ -10,18 +10,21 @@ use super::{Shard, ShardEvent};
 use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::mesh::directory::{Admission, MemberEntry, MeshEntry};
-use crate::mesh::routes::{plan_broadcast, plan_direct};
-use crate::mesh::Envelope;
+use crate::mesh::plan::{plan_broadcast, plan_direct};
+use crate::mesh::{Envelope, EnvelopeTarget};
 use crate::metrics::RejectReason;
 use crate::protocol::{
     self, ClientMessage, ErrorCode, Hello, ProtocolError, PushFields, Send, Target,
 };
+use crate::status::hook_index::HookTarget;
+use crate::status::{Source, StatusState};
 use crate::ws::{self, Incoming, MessageAssembler, OpCode};
 use ed25519_dalek::{Signature, VerifyingKey};
 use monoio::io::{AsyncWriteRent, Splitable};
 use monoio::net::tcp::TcpOwnedWriteHalf;
 use monoio::net::TcpStream;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -37,12 +40,13 @@ struct Joined {
     mesh: Arc<MeshEntry>,
     member: Arc<MemberEntry>,
     presence_id: String,
-    status: Status,
+    cwd: String,
 }
 
 struct Session {
     shard: Rc<Shard>,
     link: Rc<SessionLink>,
+    conn: u64,
     peer: SocketAddr,
     joined: Option<Joined>,
 }
@@ -66,6 +70,7 @@ pub async fn run(
     let mut session = Session {
         shard: shard.clone(),
         link: link.clone(),
+        conn,
         peer,
         joined: None,
     };
@@ -287,10 +292,18 @@ impl Session {
                 self.link
                     .reply(ws::encode_server_frame(OpCode::Text, &json), None);
                 tracing::info!(target: "ws", peer = %self.peer, shard = self.shard.index, mesh = %joined.mesh.id,
-                    member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id, "ws hello");
-                self.link.joined(&joined.mesh, &joined.member);
-                self.shard
-                    .drain_held_to(&joined.mesh, &joined.member, &self.link);
+                    member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id,
+                    status = self.link.status().status.as_str(), "ws hello");
+                // Inference runs before held envelopes are released; its
+                // answer drains them. Without a reader, drain now.
+                let window = self.shard.ctx.config.hook_fresh_window;
+                let infer = !joined.member.held.is_empty()
+                    && self.link.status().inference_allowed(Instant::now(), window)
+                    && self.shard.request_inference(self.conn, &joined.cwd);
+                if !infer {
+                    self.shard
+                        .drain_held_to(&joined.mesh, &joined.member, &self.link);
+                }
                 self.joined = Some(joined);
             }
             Err(e) => self.refuse_hello(e),
@@ -342,24 +355,46 @@ impl Session {
                 Admission::Evicted => continue,
             }
         };
+        if ctx.config.fault_panic_session_id.as_deref() == Some(hello.session_id.as_str()) {
+            panic!("fault injection: BROKER_FAULT_PANIC_SESSION_ID");
+        }
         let presence_id = self.shard.ids.borrow_mut().next_id();
+        // A hook that came before the session did sets its first status, so
+        // it holds accordingly from its first envelope.
+        let now = Instant::now();
+        let status = match ctx.hooks.take_pending(hello.pid, &hello.cwd, now) {
+            Some((status, at)) => StatusState::with(status, Source::Hook, at),
+            None => StatusState::new(now),
+        };
+        self.link.joined(&mesh, &member, &presence_id, status);
         self.shard
             .routes
             .borrow_mut()
             .add(&mesh, &member, self.link.clone());
+        ctx.hooks.insert(
+            hello.pid,
+            &hello.cwd,
+            HookTarget {
+                shard: self.shard.index,
+                conn: self.conn,
+                presence_id: presence_id.as_str().into(),
+            },
+        );
         self.shard.to_db(DbCommand::PresenceOpen {
             id: presence_id.clone(),
             member_id: member.id.to_string(),
             session_id: hello.session_id.clone(),
             pid: hello.pid,
             cwd: hello.cwd.clone(),
+            status: status.status,
+            source: status.source,
             at: SystemTime::now(),
         });
         Ok(Joined {
             mesh,
             member,
             presence_id,
-            status: Status::Idle,
+            cwd: hello.cwd.clone(),
         })
     }
 
@@ -386,15 +421,28 @@ impl Session {
             Target::Unsupported => return,
         };
         let message_id = self.shard.ids.borrow_mut().next_id();
+        let (frame, nonce, ciphertext) = self.push_frame(send, &message_id);
+        let created_at = SystemTime::now();
         let envelope = Arc::new(Envelope {
-            frame: self.push_frame(send, &message_id),
+            frame,
+            nonce,
+            ciphertext,
             message_id: message_id.into_boxed_str(),
+            mesh: joined.mesh.clone(),
+            sender: joined.member.clone(),
+            target: match direct {
+                Some(member) => EnvelopeTarget::Member(member.clone()),
+                None => EnvelopeTarget::All,
+            },
             priority,
+            created_at,
+            expires_at: created_at + self.shard.ctx.config.held_ttl,
             sent_at: read_at,
         });
+        let max_held = self.shard.ctx.config.max_held_per_member;
         let planned = match direct {
-            Some(member) => plan_direct(&envelope, &joined.mesh, member),
-            None => plan_broadcast(&envelope, &joined.mesh, &joined.member),
+            Some(member) => plan_direct(&envelope, member, max_held),
+            None => plan_broadcast(&envelope, max_held),
         };
         let plan = match planned {
             Ok(plan) => plan,
@@ -405,9 +453,9 @@ impl Session {
                 )
             }
         };
-        self.shard.account_held(&joined.mesh, &plan.held);
+        self.shard.request_drains(&joined.mesh, &plan.held);
+        let mut shards = plan.shards();
         if let Some(route) = plan.route {
-            let mut shards = plan.shards;
             while shards != 0 {
                 let dest = shards.trailing_zeros() as usize;
                 shards &= shards - 1;
@@ -426,15 +474,20 @@ impl Session {
             .reply(ws::encode_server_frame(OpCode::Text, &ack), Some(stamp));
     }
 
-    /// The push frame, serialized once straight into its WebSocket frame.
-    fn push_frame(&self, send: &Send<'_>, message_id: &str) -> bytes::Bytes {
+    /// The push frame, serialized once straight into its WebSocket frame,
+    /// with where its nonce and ciphertext sit in it.
+    fn push_frame(
+        &self,
+        send: &Send<'_>,
+        message_id: &str,
+    ) -> (bytes::Bytes, Range<u32>, Range<u32>) {
         let joined = self.joined.as_ref().expect("send after hello");
         let mut clock = self.shard.clock.borrow_mut();
         let mut frame = Vec::with_capacity(
             ws::SERVER_HEADER_ROOM + 200 + send.nonce.len() + send.ciphertext.len(),
         );
         frame.resize(ws::SERVER_HEADER_ROOM, 0);
-        protocol::write_push(
+        let ranges = protocol::write_push(
             &mut frame,
             &PushFields {
                 message_id,
@@ -446,13 +499,18 @@ impl Session {
                 created_at: clock.now_rfc3339(),
             },
         );
-        ws::finish_server_frame(frame, OpCode::Text)
+        let written = frame.len();
+        let frame = ws::finish_server_frame(frame, OpCode::Text);
+        // The header took the tail of the reserved room: offsets shift.
+        let shift = written - frame.len();
+        let place = |r: Range<usize>| (r.start - shift) as u32..(r.end - shift) as u32;
+        (frame, place(ranges.nonce), place(ranges.ciphertext))
     }
 
     fn process_set_status(&mut self, status: Status) {
-        if let Some(joined) = self.joined.as_mut() {
-            joined.status = status;
+        if let Some(joined) = &self.joined {
             tracing::info!(target: "ws", presence = %joined.presence_id, status = status.as_str(), "ws set_status");
+            self.shard.write_status(&self.link, status, Source::Manual);
         }
     }
 
@@ -462,6 +520,10 @@ impl Session {
                 id: joined.presence_id.clone(),
                 at: SystemTime::now(),
             });
+            let window = self.shard.ctx.config.hook_fresh_window;
+            if self.link.status().inference_allowed(Instant::now(), window) {
+                self.shard.request_inference(self.conn, &joined.cwd);
+            }
         }
     }
 
@@ -471,32 +533,25 @@ impl Session {
             return;
         };
         self.shard
-            .routes
-            .borrow_mut()
-            .remove(&joined.mesh, &joined.member, &self.link);
-        joined.mesh.release();
+            .ctx
+            .hooks
+            .remove(&joined.cwd, self.shard.index, self.conn);
         // Cut off (its own answers overflowed the queue) with pushes still
-        // queued: the member keeps them unless another of its sessions,
-        // which got the same pushes, is still live.
-        let orphans = self.link.take_orphans();
-        if !orphans.is_empty() && joined.member.live_shards.get() == 0 {
-            let count = orphans.len() as i64;
-            joined.member.held.push_front(orphans);
-            self.shard.ctx.metrics.global().queue_depth_add(count);
-        }
+        // queued: the member keeps what no other session of it may take.
+        let drain_at = self.shard.routes.borrow_mut().leave(
+            &joined.mesh,
+            &joined.member,
+            &self.link,
+            self.link.take_orphans(),
+        );
         self.shard.to_db(DbCommand::PresenceClose {
             id: joined.presence_id.clone(),
             member_id: joined.member.id.to_string(),
             at: SystemTime::now(),
         });
         // Envelopes that raced in for this member go to a session elsewhere.
-        if !joined.member.held.is_empty() {
-            self.shard.request_drain(
-                &joined.mesh,
-                &joined.member,
-                joined.member.live_shards.get(),
-            );
-        }
+        self.shard
+            .request_drain(&joined.mesh, &joined.member, drain_at);
         tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
             presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
     }

@@ -6,9 +6,7 @@
 //! Every function takes `now` and the windows as arguments, so the rule is
 //! tested without sleeping and the caller decides which clock it reads.
 
-// Wired in by the delivery core.
-#![allow(dead_code)]
-
+pub(crate) mod hook_index;
 pub(crate) mod transcript;
 
 use std::time::{Duration, Instant};
@@ -18,7 +16,7 @@ use crate::protocol::Priority;
 
 /// Who set a status, in rank order `hook` > `manual` > `jsonl`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Source {
+pub enum Source {
     /// Inferred from the session's transcript (or the TTL sweep).
     Jsonl,
     /// The session's own `set_status`.
@@ -28,7 +26,7 @@ pub(crate) enum Source {
 }
 
 impl Source {
-    pub(crate) fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             Source::Jsonl => "jsonl",
             Source::Manual => "manual",
@@ -37,7 +35,7 @@ impl Source {
     }
 
     /// Higher wins: hook 2, manual 1, jsonl 0.
-    pub(crate) fn rank(self) -> u8 {
+    pub fn rank(self) -> u8 {
         match self {
             Source::Jsonl => 0,
             Source::Manual => 1,
@@ -48,7 +46,7 @@ impl Source {
 
 /// One session's recorded status, the source that set it and when.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct StatusState {
+pub struct StatusState {
     pub status: Status,
     pub source: Source,
     pub set_at: Instant,
@@ -56,11 +54,11 @@ pub(crate) struct StatusState {
 
 impl StatusState {
     /// A fresh session: `idle`, source `jsonl`, set now.
-    pub(crate) fn new(now: Instant) -> StatusState {
+    pub fn new(now: Instant) -> StatusState {
         StatusState::with(Status::Idle, Source::Jsonl, now)
     }
 
-    pub(crate) fn with(status: Status, source: Source, set_at: Instant) -> StatusState {
+    pub fn with(status: Status, source: Source, set_at: Instant) -> StatusState {
         StatusState {
             status,
             source,
@@ -81,7 +79,7 @@ impl StatusState {
     ///
     /// `dnd` is sacred: a hook or a transcript never touches a `dnd` session,
     /// not even its time; only a manual `set_status` leaves it.
-    pub(crate) fn write(
+    pub fn write(
         &mut self,
         status: Status,
         source: Source,
@@ -109,7 +107,7 @@ impl StatusState {
     /// Whether transcript inference may run now: never for `dnd`, and never
     /// while a hook or manual status is fresh (it would lose to it anyway, and
     /// the read is not free).
-    pub(crate) fn inference_allowed(&self, now: Instant, fresh_window: Duration) -> bool {
+    pub fn inference_allowed(&self, now: Instant, fresh_window: Duration) -> bool {
         match self.status {
             Status::Dnd => false,
             _ => match self.source {
@@ -121,7 +119,7 @@ impl StatusState {
 
     /// Whether a session in this status may receive an envelope of priority `p`
     /// now: `idle` takes everything, `working` and `dnd` only `now`.
-    pub(crate) fn accepts(&self, p: Priority) -> bool {
+    pub fn accepts(&self, p: Priority) -> bool {
         match self.status {
             Status::Idle => true,
             Status::Working | Status::Dnd => p == Priority::Now,
@@ -130,7 +128,7 @@ impl StatusState {
 
     /// Whether the TTL sweep flips this session to `idle`: `working` for longer
     /// than `ttl` (`STATUS_TTL_SECONDS`). `dnd` never expires.
-    pub(crate) fn ttl_expired(&self, now: Instant, ttl: Duration) -> bool {
+    pub fn ttl_expired(&self, now: Instant, ttl: Duration) -> bool {
         self.status == Status::Working && now.saturating_duration_since(self.set_at) > ttl
     }
 }

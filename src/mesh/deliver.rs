@@ -1,0 +1,714 @@
+//! One shard's slice of the routing table and the delivery rules that use
+//! it (PROTOCOL.md §5): a route is pushed to every local session of a
+//! target member that may take its priority now; a member none of whose
+//! sessions anywhere may take it holds it; held envelopes go, oldest first,
+//! each to the first session that may take it.
+//!
+//! Keys are the addresses of the shared member and mesh entries: sessions
+//! hold those `Arc`s, so the addresses are stable while they count (Fx
+//! hashing: the keys are addresses, hashed on every push).
+use super::directory::{MemberEntry, MeshEntry};
+use super::held::Take;
+use super::plan::{key, Route, Targets};
+use super::Envelope;
+use crate::protocol::Priority;
+use rustc_hash::FxHashMap;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// A live session as routing sees it.
+pub trait Recipient {
+    /// Whether it may take this priority now: its status allows it and it
+    /// is not closing.
+    fn accepts(&self, priority: Priority) -> bool;
+
+    /// Queue the envelope's push frame.
+    fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery;
+
+    /// Bytes it can queue before its outbound bound.
+    fn room(&self) -> usize;
+}
+
+/// What a session did with an envelope.
+pub enum Delivery {
+    Taken,
+    /// Closing: it takes nothing more.
+    Refused,
+    /// Over its outbound bound: cut off now, handing back the envelopes it
+    /// had queued but not written (oldest first).
+    CutOff(Vec<Arc<Envelope>>),
+}
+
+struct MemberSessions<S> {
+    member: Arc<MemberEntry>,
+    sessions: Vec<Rc<S>>,
+}
+
+/// What applying a route on this shard did.
+#[derive(Default)]
+pub struct Delivered {
+    pub pushes: usize,
+    /// Members that had to hold envelopes after all (their sessions left or
+    /// turned busy while the route was in flight, or a cut-off session
+    /// handed its queue back), with the shards able to take them meanwhile.
+    pub held: Vec<(Arc<MemberEntry>, u64)>,
+}
+
+/// What draining a member's held queue did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Drained {
+    pub delivered: usize,
+    /// A session here may take what is held but has no room now: its
+    /// writer drains again once it has written.
+    pub waiting_for_room: bool,
+}
+
+pub struct LocalRoutes<S> {
+    shard: usize,
+    /// Local sessions by mesh, then by member.
+    by_mesh: FxHashMap<usize, FxHashMap<usize, MemberSessions<S>>>,
+}
+
+impl<S: Recipient> LocalRoutes<S> {
+    pub fn new(shard: usize) -> Self {
+        LocalRoutes {
+            shard,
+            by_mesh: FxHashMap::default(),
+        }
+    }
+
+    fn bit(&self) -> u64 {
+        1 << self.shard
+    }
+
+    /// Registers a session (its status already set), marking this shard
+    /// live for its member and mesh, and open if it may take `next`.
+    pub fn add(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, session: Rc<S>) {
+        let members = self.by_mesh.entry(key(mesh)).or_default();
+        if members.is_empty() {
+            mesh.live_shards.set(self.shard);
+        }
+        let entry = members
+            .entry(key(member))
+            .or_insert_with(|| MemberSessions {
+                member: member.clone(),
+                sessions: Vec::new(),
+            });
+        entry.sessions.push(session);
+        if entry.sessions.len() == 1 {
+            member.live_shards.set(self.shard);
+        }
+        self.status_changed(mesh, member);
+    }
+
+    /// A local session of `member` changed status (or started closing):
+    /// this shard's open bit follows whether any of them may take `next`.
+    /// A session that opens sets the bit before it drains (see `held`).
+    pub fn status_changed(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
+        let open = self
+            .sessions_of(mesh, member)
+            .iter()
+            .any(|s| s.accepts(Priority::Next));
+        if open {
+            member.open_shards.set(self.shard);
+        } else {
+            member.open_shards.clear(self.shard);
+        }
+    }
+
+    /// A session ends: it leaves the tables, what it was cut off before
+    /// writing goes back to its member (unless another session of the
+    /// member may take it, and so got it too), and only then its slot in
+    /// the mesh is released, so an idle-mesh eviction cannot strand those
+    /// envelopes in an entry nobody looks up any more. Returns the shards
+    /// to ask for a drain when something is held for the member.
+    pub fn leave(
+        &mut self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        session: &Rc<S>,
+        orphans: Vec<Arc<Envelope>>,
+    ) -> u64 {
+        self.remove(mesh, member, session);
+        let uncovered: Vec<_> = orphans
+            .into_iter()
+            .filter(|e| member.shards_for(e.priority) == 0)
+            .collect();
+        member.held.hand_back(uncovered);
+        mesh.release();
+        if member.held.is_empty() {
+            0
+        } else {
+            Priority::ALL
+                .iter()
+                .fold(0, |mask, &p| mask | member.shards_for(p))
+        }
+    }
+
+    fn remove(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, session: &Rc<S>) {
+        let Some(members) = self.by_mesh.get_mut(&key(mesh)) else {
+            return;
+        };
+        if let Some(entry) = members.get_mut(&key(member)) {
+            entry.sessions.retain(|s| !Rc::ptr_eq(s, session));
+            if entry.sessions.is_empty() {
+                members.remove(&key(member));
+                member.live_shards.clear(self.shard);
+                member.open_shards.clear(self.shard);
+            }
+        }
+        if members.is_empty() {
+            self.by_mesh.remove(&key(mesh));
+            mesh.live_shards.clear(self.shard);
+        } else {
+            self.status_changed(mesh, member);
+        }
+    }
+
+    pub fn sessions_of(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) -> &[Rc<S>] {
+        self.by_mesh
+            .get(&key(mesh))
+            .and_then(|members| members.get(&key(member)))
+            .map_or(&[], |e| e.sessions.as_slice())
+    }
+
+    /// Every local session whose member has been revoked.
+    pub fn revoked_sessions(&self) -> Vec<Rc<S>> {
+        self.by_mesh
+            .values()
+            .flat_map(|members| members.values())
+            .filter(|e| e.member.is_revoked())
+            .flat_map(|e| e.sessions.iter().cloned())
+            .collect()
+    }
+
+    /// Applies a route to this shard's sessions. A direct target gets the
+    /// envelope on every local session that may take it; a broadcast
+    /// reaches every such local session of the mesh but the sender's
+    /// member's and the held-for ones.
+    pub fn deliver_route(&self, route: &Route) -> Delivered {
+        let mut done = Delivered::default();
+        if route.shards & self.bit() == 0 {
+            return done;
+        }
+        let envelope = &route.envelope;
+        match &route.targets {
+            Targets::Member(member) => {
+                let sessions = self.sessions_of(&envelope.mesh, member);
+                self.deliver_to(member, sessions, route, &mut done);
+            }
+            Targets::AllBut { held_for } => {
+                let Some(members) = self.by_mesh.get(&key(&envelope.mesh)) else {
+                    return done;
+                };
+                for (member_key, entry) in members {
+                    if Arc::ptr_eq(&entry.member, &envelope.sender)
+                        || (!held_for.is_empty() && held_for.binary_search(member_key).is_ok())
+                    {
+                        continue;
+                    }
+                    self.deliver_to(&entry.member, &entry.sessions, route, &mut done);
+                }
+            }
+        }
+        done
+    }
+
+    /// Delivers to one member's local sessions that may take the envelope.
+    /// If none did and no other shard the route names may take it for the
+    /// member (its sessions here turned busy, are closing, or were just cut
+    /// off), the member holds it — so an acked envelope is not lost.
+    fn deliver_to(
+        &self,
+        member: &Arc<MemberEntry>,
+        sessions: &[Rc<S>],
+        route: &Route,
+        done: &mut Delivered,
+    ) {
+        let envelope = &route.envelope;
+        let mut took = false;
+        let mut orphans = Vec::new();
+        for session in sessions {
+            if !session.accepts(envelope.priority) {
+                continue;
+            }
+            match session.deliver(envelope) {
+                Delivery::Taken => {
+                    done.pushes += 1;
+                    took = true;
+                }
+                Delivery::Refused => {}
+                Delivery::CutOff(mut queued) => orphans.append(&mut queued),
+            }
+        }
+        // What a cut-off session had queued, its member's other sessions
+        // that may take it got too (they took every envelope it took);
+        // the rest goes back to the member.
+        let others = |p: Priority| member.shards_for(p) & !self.bit();
+        let local_taker = |p: Priority| sessions.iter().any(|s| s.accepts(p));
+        orphans.retain(|e| others(e.priority) == 0 && !local_taker(e.priority));
+        let elsewhere = others(envelope.priority) & route.shards;
+        if !orphans.is_empty() || (!took && elsewhere == 0) {
+            if !took && elsewhere == 0 {
+                orphans.push(envelope.clone());
+            }
+            member.held.hand_back(orphans);
+            done.held
+                .push((member.clone(), self.eligible_elsewhere(member)));
+        }
+    }
+
+    /// Shards (this one included) that may take something now held.
+    fn eligible_elsewhere(&self, member: &MemberEntry) -> u64 {
+        Priority::ALL
+            .iter()
+            .fold(0, |mask, &p| mask | member.shards_for(p))
+    }
+
+    /// Delivers a member's held envelopes, oldest first across the
+    /// priorities, each to the first of `session` (or, without one, of the
+    /// member's local sessions) that may take it and has room; the first
+    /// that a session may take but has no room for stops the drain, so
+    /// order is kept, and its writer asks for more once it has written.
+    pub fn drain_held(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        session: Option<&Rc<S>>,
+    ) -> Drained {
+        let sessions = self.sessions_of(mesh, member);
+        let mut drained = Drained::default();
+        if sessions.is_empty() {
+            return drained;
+        }
+        let candidates = session.map_or(sessions, std::slice::from_ref);
+        loop {
+            let mut target = None;
+            let taken = member.held.take_next(|envelope| {
+                let mut takers = candidates
+                    .iter()
+                    .filter(|s| s.accepts(envelope.priority))
+                    .peekable();
+                if takers.peek().is_none() {
+                    return Take::SkipPriority;
+                }
+                target = takers.find(|s| s.room() >= envelope.frame.len());
+                if target.is_some() {
+                    Take::Yes
+                } else {
+                    drained.waiting_for_room = true;
+                    Take::Stop
+                }
+            });
+            let Some(envelope) = taken else { break };
+            match target.expect("taken with a target").deliver(&envelope) {
+                Delivery::Taken => drained.delivered += 1,
+                Delivery::Refused => {
+                    member.held.hand_back(vec![envelope]);
+                    break;
+                }
+                Delivery::CutOff(mut orphans) => {
+                    drained.delivered -= orphans.len().min(drained.delivered);
+                    orphans.push(envelope);
+                    member.held.hand_back(orphans);
+                    break;
+                }
+            }
+        }
+        drained
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::directory::{Directory, MemberRow};
+    use crate::mesh::plan::{plan_broadcast, plan_direct};
+    use crate::mesh::EnvelopeTarget;
+    use std::cell::{Cell, RefCell};
+    use std::sync::atomic::{AtomicI64, Ordering};
+    use std::time::{Instant, SystemTime};
+
+    /// A session with a status (idle unless `busy`) and a byte budget; over
+    /// it, it cuts itself off, handing back what it "had queued".
+    struct Fake {
+        busy: Cell<bool>,
+        closing: Cell<bool>,
+        room: Cell<usize>,
+        got: RefCell<Vec<String>>,
+        queued: RefCell<Vec<Arc<Envelope>>>,
+    }
+
+    impl Fake {
+        fn idle() -> Rc<Fake> {
+            Rc::new(Fake {
+                busy: Cell::new(false),
+                closing: Cell::new(false),
+                room: Cell::new(usize::MAX),
+                got: RefCell::new(Vec::new()),
+                queued: RefCell::new(Vec::new()),
+            })
+        }
+
+        fn working() -> Rc<Fake> {
+            let fake = Fake::idle();
+            fake.busy.set(true);
+            fake
+        }
+
+        fn got(&self) -> Vec<String> {
+            self.got.borrow().clone()
+        }
+    }
+
+    impl Recipient for Fake {
+        fn accepts(&self, priority: Priority) -> bool {
+            !self.closing.get() && (!self.busy.get() || priority == Priority::Now)
+        }
+
+        fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
+            if self.closing.get() {
+                return Delivery::Refused;
+            }
+            if envelope.frame.len() > self.room.get() {
+                self.closing.set(true);
+                return Delivery::CutOff(std::mem::take(&mut *self.queued.borrow_mut()));
+            }
+            self.room.set(self.room.get() - envelope.frame.len());
+            self.got.borrow_mut().push(envelope.message_id.to_string());
+            self.queued.borrow_mut().push(envelope.clone());
+            Delivery::Taken
+        }
+
+        fn room(&self) -> usize {
+            self.room.get()
+        }
+    }
+
+    struct World {
+        directory: Directory,
+        depth: Arc<AtomicI64>,
+        mesh: Arc<MeshEntry>,
+    }
+
+    impl World {
+        fn new(members: &[&str]) -> World {
+            let depth = Arc::new(AtomicI64::new(0));
+            let directory = Directory::new(depth.clone());
+            let rows: Vec<MemberRow> = members
+                .iter()
+                .map(|m| MemberRow {
+                    id: m.to_string(),
+                    peer_pubkey: format!("{m}-key"),
+                    revoked: false,
+                })
+                .collect();
+            let mesh = directory.install("mesh", &rows);
+            assert_eq!(
+                mesh.try_admit(1000),
+                crate::mesh::directory::Admission::Admitted
+            );
+            World {
+                directory,
+                depth,
+                mesh,
+            }
+        }
+
+        fn member(&self, id: &str) -> Arc<MemberEntry> {
+            self.mesh.view().member(id).unwrap().clone()
+        }
+
+        /// Ids sort by creation: `seq` orders them.
+        fn envelope(&self, seq: u32, from: &str, to: Option<&str>, p: Priority) -> Arc<Envelope> {
+            Arc::new(Envelope {
+                message_id: format!("m{seq:04}").into(),
+                mesh: self.mesh.clone(),
+                sender: self.member(from),
+                target: to.map_or(EnvelopeTarget::All, |t| {
+                    EnvelopeTarget::Member(self.member(t))
+                }),
+                priority: p,
+                created_at: SystemTime::now(),
+                expires_at: SystemTime::now(),
+                frame: bytes::Bytes::from_static(b"0123456789"),
+                nonce: 0..0,
+                ciphertext: 0..0,
+                sent_at: Instant::now(),
+            })
+        }
+
+        fn depth(&self) -> i64 {
+            self.depth.load(Ordering::Relaxed)
+        }
+    }
+
+    /// Plans a direct send and applies its route on `routes` (one shard).
+    fn send_direct(
+        world: &World,
+        routes: &LocalRoutes<Fake>,
+        envelope: &Arc<Envelope>,
+        to: &str,
+    ) -> Delivered {
+        let plan = plan_direct(envelope, &world.member(to), 10_000).unwrap();
+        plan.route
+            .map(|route| routes.deliver_route(&route))
+            .unwrap_or_default()
+    }
+
+    #[test]
+    fn a_working_session_gets_now_and_next_waits_for_idle() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::working();
+        routes.add(&world.mesh, &b, session.clone());
+        assert_eq!(b.live_shards.get(), 1);
+        assert_eq!(b.open_shards.get(), 0);
+        send_direct(
+            &world,
+            &routes,
+            &world.envelope(1, "a", Some("b"), Priority::Next),
+            "b",
+        );
+        send_direct(
+            &world,
+            &routes,
+            &world.envelope(2, "a", Some("b"), Priority::Now),
+            "b",
+        );
+        send_direct(
+            &world,
+            &routes,
+            &world.envelope(3, "a", Some("b"), Priority::Low),
+            "b",
+        );
+        assert_eq!(session.got(), ["m0002"]);
+        assert_eq!(world.depth(), 2);
+        // Idle again: the held ones follow in creation order.
+        session.busy.set(false);
+        routes.status_changed(&world.mesh, &b);
+        assert_eq!(b.open_shards.get(), 1);
+        let drained = routes.drain_held(&world.mesh, &b, Some(&session));
+        assert_eq!(drained.delivered, 2);
+        assert_eq!(session.got(), ["m0002", "m0001", "m0003"]);
+        assert_eq!(world.depth(), 0);
+    }
+
+    #[test]
+    fn a_held_now_behind_a_held_next_reaches_a_working_session() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        // Nobody is connected: both are held, `next` first.
+        send_direct(
+            &world,
+            &LocalRoutes::new(0),
+            &world.envelope(1, "a", Some("b"), Priority::Next),
+            "b",
+        );
+        send_direct(
+            &world,
+            &LocalRoutes::new(0),
+            &world.envelope(2, "a", Some("b"), Priority::Now),
+            "b",
+        );
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::working();
+        routes.add(&world.mesh, &b, session.clone());
+        assert_eq!(
+            routes.drain_held(&world.mesh, &b, Some(&session)).delivered,
+            1
+        );
+        assert_eq!(session.got(), ["m0002"]);
+        assert_eq!(b.held.len(), 1);
+    }
+
+    #[test]
+    fn of_two_sessions_only_the_idle_one_gets_next() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let (busy, idle) = (Fake::working(), Fake::idle());
+        routes.add(&world.mesh, &b, busy.clone());
+        routes.add(&world.mesh, &b, idle.clone());
+        send_direct(
+            &world,
+            &routes,
+            &world.envelope(1, "a", Some("b"), Priority::Next),
+            "b",
+        );
+        send_direct(
+            &world,
+            &routes,
+            &world.envelope(2, "a", Some("b"), Priority::Now),
+            "b",
+        );
+        assert_eq!(busy.got(), ["m0002"]);
+        assert_eq!(idle.got(), ["m0001", "m0002"]);
+        // The busy one turning idle gets nothing its sibling got.
+        busy.busy.set(false);
+        routes.status_changed(&world.mesh, &b);
+        assert_eq!(routes.drain_held(&world.mesh, &b, Some(&busy)).delivered, 0);
+        assert_eq!(world.depth(), 0);
+    }
+
+    #[test]
+    fn a_held_envelope_goes_to_one_session_only() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        send_direct(
+            &world,
+            &LocalRoutes::new(0),
+            &world.envelope(1, "a", Some("b"), Priority::Next),
+            "b",
+        );
+        let mut routes = LocalRoutes::new(0);
+        let (s1, s2) = (Fake::idle(), Fake::idle());
+        routes.add(&world.mesh, &b, s1.clone());
+        routes.add(&world.mesh, &b, s2.clone());
+        assert_eq!(routes.drain_held(&world.mesh, &b, None).delivered, 1);
+        assert_eq!(s1.got().len() + s2.got().len(), 1);
+    }
+
+    #[test]
+    fn a_session_turning_busy_in_flight_makes_its_member_hold() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        let envelope = world.envelope(1, "a", Some("b"), Priority::Next);
+        let plan = plan_direct(&envelope, &b, 10).unwrap();
+        // The route is in flight when the session says working.
+        session.busy.set(true);
+        routes.status_changed(&world.mesh, &b);
+        let done = routes.deliver_route(plan.route.as_ref().unwrap());
+        assert_eq!(done.pushes, 0);
+        assert_eq!(done.held.len(), 1);
+        assert_eq!(b.held.len(), 1);
+    }
+
+    #[test]
+    fn broadcast_skips_the_sender_and_members_it_was_held_for() {
+        let world = World::new(&["a", "b", "c"]);
+        let (a, b, c) = (world.member("a"), world.member("b"), world.member("c"));
+        let mut routes = LocalRoutes::new(0);
+        let (sa, sb) = (Fake::idle(), Fake::idle());
+        routes.add(&world.mesh, &a, sa.clone());
+        routes.add(&world.mesh, &b, sb.clone());
+        let envelope = world.envelope(1, "a", None, Priority::Next);
+        let plan = plan_broadcast(&envelope, 10).unwrap();
+        assert_eq!(plan.held.len(), 1);
+        // `c` connects before the route is applied: it drains the held copy
+        // and must not get the live one too.
+        let sc = Fake::idle();
+        routes.add(&world.mesh, &c, sc.clone());
+        assert_eq!(routes.drain_held(&world.mesh, &c, Some(&sc)).delivered, 1);
+        assert_eq!(routes.deliver_route(plan.route.as_ref().unwrap()).pushes, 1);
+        assert!(sa.got().is_empty());
+        assert_eq!(sb.got(), ["m0001"]);
+        assert_eq!(sc.got(), ["m0001"]);
+    }
+
+    /// Review bug 1: a broadcast refused for one full queue held nothing.
+    #[test]
+    fn a_broadcast_refused_for_a_full_queue_holds_nothing() {
+        let world = World::new(&["a", "b", "c"]);
+        let c = world.member("c");
+        for seq in 0..2 {
+            plan_direct(&world.envelope(seq, "a", Some("c"), Priority::Next), &c, 2).unwrap();
+        }
+        assert!(plan_broadcast(&world.envelope(9, "a", None, Priority::Next), 2).is_err());
+        assert!(world.member("b").held.is_empty());
+        assert_eq!(world.depth(), 2);
+    }
+
+    /// Review bug 2: an acked envelope is held even over the bound.
+    #[test]
+    fn a_cut_off_session_hands_everything_back_even_over_the_bound() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        session.room.set(25);
+        routes.add(&world.mesh, &b, session.clone());
+        let plan_cap = 1;
+        for seq in 1..=3 {
+            let envelope = world.envelope(seq, "a", Some("b"), Priority::Next);
+            let plan = plan_direct(&envelope, &b, plan_cap).unwrap();
+            routes.deliver_route(plan.route.as_ref().unwrap());
+        }
+        // Two were queued, the third overflowed: all three are held.
+        assert_eq!(b.held.len(), 3);
+        assert_eq!(world.depth(), 3);
+    }
+
+    /// Review bug 3: a leaving session hands back before it releases its
+    /// slot, so the mesh cannot be evicted with envelopes in it.
+    #[test]
+    fn leaving_hands_back_before_the_mesh_slot_is_released() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        let orphan = world.envelope(1, "a", Some("b"), Priority::Next);
+        // Evict as soon as the slot is free: the hand-back came first.
+        assert_eq!(world.directory.evict_idle(), 0);
+        routes.leave(&world.mesh, &b, &session, vec![orphan]);
+        assert_eq!(
+            world.directory.evict_idle(),
+            0,
+            "held envelopes keep the mesh"
+        );
+        assert_eq!(b.held.len(), 1);
+    }
+
+    #[test]
+    fn draining_stops_at_the_sessions_room_and_keeps_order() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        for seq in 1..=3 {
+            send_direct(
+                &world,
+                &LocalRoutes::new(0),
+                &world.envelope(seq, "a", Some("b"), Priority::Low),
+                "b",
+            );
+        }
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        session.room.set(25);
+        routes.add(&world.mesh, &b, session.clone());
+        let drained = routes.drain_held(&world.mesh, &b, Some(&session));
+        assert_eq!(
+            drained,
+            Drained {
+                delivered: 2,
+                waiting_for_room: true
+            }
+        );
+        session.room.set(100);
+        assert_eq!(
+            routes.drain_held(&world.mesh, &b, Some(&session)).delivered,
+            1
+        );
+        assert_eq!(session.got(), ["m0001", "m0002", "m0003"]);
+    }
+
+    #[test]
+    fn hand_back_keeps_creation_order_across_priorities() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        b.hold(world.envelope(3, "a", Some("b"), Priority::Next));
+        b.held.hand_back(vec![
+            world.envelope(1, "a", Some("b"), Priority::Low),
+            world.envelope(2, "a", Some("b"), Priority::Now),
+        ]);
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        routes.drain_held(&world.mesh, &b, Some(&session));
+        assert_eq!(session.got(), ["m0001", "m0002", "m0003"]);
+    }
+}

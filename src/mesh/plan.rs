@@ -1,0 +1,123 @@
+//! Planning a send on the sender's shard: the envelope goes live to the
+//! shards with a session that may take its priority, and is held now for
+//! every target member with none. A direct route names its member; a
+//! broadcast names the mesh and whom to skip, so planning clones nothing
+//! per member and each shard walks only its own sessions of the mesh.
+use super::directory::MemberEntry;
+use super::held::HeldFull;
+use super::Envelope;
+use std::sync::Arc;
+
+/// Who a route is for.
+pub enum Targets {
+    /// One member.
+    Member(Arc<MemberEntry>),
+    /// Every member of the mesh but the sender's and those the envelope
+    /// was held for (sorted entry addresses), as each shard finds them.
+    AllBut { held_for: Vec<usize> },
+}
+
+/// What a send routes live; shared (`Arc`) by every shard it names.
+pub struct Route {
+    pub envelope: Arc<Envelope>,
+    pub targets: Targets,
+    /// The shards this route goes to: a shard that finds no local taker
+    /// leaves the envelope to another one only if that one is named here.
+    pub shards: u64,
+}
+
+/// The outcome of planning one send.
+#[derive(Default)]
+pub struct Plan {
+    pub route: Option<Arc<Route>>,
+    /// Members the envelope was held for, with the shards that became able
+    /// to take it meanwhile (non-zero: ask one of them to drain).
+    pub held: Vec<(Arc<MemberEntry>, u64)>,
+}
+
+impl Plan {
+    /// Every shard the route names (this one included).
+    pub fn shards(&self) -> u64 {
+        self.route.as_ref().map_or(0, |r| r.shards)
+    }
+}
+
+/// The address of a shared entry, the key of the routing tables.
+pub fn key<T>(entry: &Arc<T>) -> usize {
+    Arc::as_ptr(entry) as usize
+}
+
+/// A send to one member: live where a session may take it, else held.
+/// `max_held`: a member already holding that many refuses new sends.
+pub fn plan_direct(
+    envelope: &Arc<Envelope>,
+    member: &Arc<MemberEntry>,
+    max_held: usize,
+) -> Result<Plan, HeldFull> {
+    let mut plan = Plan::default();
+    let shards = member.shards_for(envelope.priority);
+    if shards == 0 {
+        if !member.has_room(max_held) {
+            return Err(HeldFull);
+        }
+        let now_eligible = member.hold(envelope.clone());
+        plan.held.push((member.clone(), now_eligible));
+        return Ok(plan);
+    }
+    plan.route = Some(Arc::new(Route {
+        envelope: envelope.clone(),
+        targets: Targets::Member(member.clone()),
+        shards,
+    }));
+    Ok(plan)
+}
+
+/// A send to every other member of the sender's mesh. Either every member
+/// that must hold it has room, or nothing is held and the send is refused:
+/// a refused send is never half delivered.
+pub fn plan_broadcast(envelope: &Arc<Envelope>, max_held: usize) -> Result<Plan, HeldFull> {
+    let view = envelope.mesh.view();
+    let priority = envelope.priority;
+    let must_hold = |member: &Arc<MemberEntry>| {
+        !Arc::ptr_eq(member, &envelope.sender) && member.shards_for(priority) == 0
+    };
+    if view
+        .members()
+        .iter()
+        .any(|m| must_hold(m) && !m.has_room(max_held))
+    {
+        return Err(HeldFull);
+    }
+    let mut plan = Plan::default();
+    let mut shards = 0;
+    let mut held_for = Vec::new();
+    for member in view.members() {
+        if Arc::ptr_eq(member, &envelope.sender) {
+            continue;
+        }
+        let eligible = member.shards_for(priority);
+        if eligible != 0 {
+            shards |= eligible;
+            continue;
+        }
+        // Checked above; one that filled up meanwhile still takes it, so
+        // the bound is exceeded by at most the sends in flight.
+        let now_eligible = member.hold(envelope.clone());
+        plan.held.push((member.clone(), now_eligible));
+        held_for.push(key(member));
+    }
+    if shards != 0 {
+        held_for.sort_unstable();
+        plan.route = Some(Arc::new(Route {
+            envelope: envelope.clone(),
+            targets: Targets::AllBut { held_for },
+            shards,
+        }));
+    }
+    Ok(plan)
+}
+
+/// The lowest shard named in a mask.
+pub fn first_shard(mask: u64) -> Option<usize> {
+    (mask != 0).then(|| mask.trailing_zeros() as usize)
+}
