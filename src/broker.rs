@@ -136,6 +136,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::with_capacity(shard_count);
+    let (panicked_tx, panicked) = crossbeam_channel::unbounded();
     for (index, (listener, inbox)) in listeners.into_iter().zip(inboxes).enumerate() {
         let core = (!cores.is_empty()).then(|| cores[index % cores.len()]);
         threads.push(shard::spawn(
@@ -146,18 +147,26 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
                 inbox,
             },
             ctx.clone(),
+            panicked_tx.clone(),
         )?);
     }
     log_listening(&ctx, port);
-    wait_for_signal()?;
-    tracing::info!(target: "broker", "shutdown signal");
+    let signalled = signal_channel()?;
+    let dead_shard = crossbeam_channel::select! {
+        recv(signalled) -> _ => None,
+        recv(panicked) -> index => index.ok(),
+    };
+    match dead_shard {
+        None => tracing::info!(target: "broker", "shutdown signal"),
+        Some(index) => {
+            tracing::error!(target: "broker", shard = index, "shard panicked: stopping the broker")
+        }
+    }
     for sender in &senders {
         sender.request_shutdown();
     }
     for thread in threads {
-        if thread.join().is_err() {
-            tracing::error!(target: "broker", "a shard thread panicked");
-        }
+        let _ = thread.join();
     }
     drop(senders);
     // The shards are gone: this is the last context, and with it the last
@@ -171,7 +180,10 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     }
     db_thread.join();
     tracing::info!(target: "broker", "shutdown complete");
-    Ok(())
+    match dead_shard {
+        None => Ok(()),
+        Some(index) => Err(anyhow::anyhow!("shard {index} panicked")),
+    }
 }
 
 /// One SO_REUSEPORT listener per shard; the kernel spreads connections over
@@ -215,11 +227,19 @@ fn log_listening(ctx: &BrokerContext, port: u16) {
         uring = monoio::utils::detect_uring(), config = %effective, "broker listening");
 }
 
-fn wait_for_signal() -> std::io::Result<()> {
+/// SIGTERM or SIGINT, heard on a thread of its own.
+fn signal_channel() -> std::io::Result<crossbeam_channel::Receiver<()>> {
     let mut signals = signal_hook::iterator::Signals::new([
         signal_hook::consts::SIGTERM,
         signal_hook::consts::SIGINT,
     ])?;
-    signals.forever().next();
-    Ok(())
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if signals.forever().next().is_some() {
+                let _ = tx.send(());
+            }
+        })?;
+    Ok(rx)
 }

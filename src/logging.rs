@@ -38,6 +38,21 @@ pub fn init() {
         .and_then(|v| parse_level(&v))
         .unwrap_or(Level::INFO);
     init_with_level(level);
+    // A panic is one JSON line like every other event, naming the thread.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_default();
+        let location = info
+            .location()
+            .map(|l| format!("{}:{}", l.file(), l.line()));
+        tracing::error!(target: "broker", thread = thread.name().unwrap_or("?"), panic = %message,
+            location = location.as_deref().unwrap_or("?"), "panic");
+    }));
 }
 
 /// Like [`init`] with an explicit level. Returns false when a global

@@ -199,7 +199,21 @@ fn never_reading(broker: &TestBroker, member: &Member) -> Peer {
 
 #[test]
 fn a_slow_reader_is_cut_off_with_1013_and_others_keep_receiving() {
-    let broker = start(&[("MAX_OUTBOUND_BYTES", "65536")]);
+    slow_reader_keeps_every_acked_push(&[("MAX_OUTBOUND_BYTES", "65536")]);
+}
+
+/// Review bug: a cut-off session's queue was handed back through the
+/// bounded hold, so over `MAX_HELD_PER_MEMBER` acked pushes were dropped.
+#[test]
+fn a_cut_off_reader_keeps_every_acked_push_even_over_the_held_bound() {
+    slow_reader_keeps_every_acked_push(&[
+        ("MAX_OUTBOUND_BYTES", "65536"),
+        ("MAX_HELD_PER_MEMBER", "2"),
+    ]);
+}
+
+fn slow_reader_keeps_every_acked_push(env: &[(&str, &str)]) {
+    let broker = start(env);
     let members = seed_mesh(&broker.db, "slow", 3);
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut healthy = Peer::connect(&broker, &members[2]);
@@ -499,4 +513,51 @@ fn a_client_cut_off_by_its_own_answers_keeps_its_pushes() {
         "broker_connections_closed_total{reason=\"slow_reader\"}",
         |v| v >= 1.0,
     );
+}
+
+/// Review bug: a broadcast refused for one member's full held queue had
+/// already held the envelope for the members before it, uncounted.
+#[test]
+fn a_broadcast_refused_for_a_full_queue_reaches_nobody() {
+    let broker = start(&[("MAX_HELD_PER_MEMBER", "2")]);
+    let members = seed_mesh(&broker.db, "full", 3);
+    let mut sender = Peer::connect(&broker, &members[0]);
+    for i in 0..2 {
+        sender.send(&members[2].pubkey, "next", "n", "held", &format!("f{i}"));
+    }
+    broker.wait_metric("broker_queue_depth", |v| v == 2.0);
+    sender.send_json(
+        &serde_json::json!({"type":"send","targetSpec":"*","priority":"next",
+        "nonce":"n","ciphertext":"all","id":"b1"}),
+    );
+    let error = sender.expect_error("unavailable");
+    assert_eq!(error["id"], "b1");
+    let mut late = Peer::connect(&broker, &members[1]);
+    late.expect_nothing(Duration::from_millis(500));
+    assert_eq!(broker.metric("broker_queue_depth"), 2.0);
+}
+
+/// Review bug: a shard that panicked went unnoticed. Now the broker stops,
+/// says so, and exits non-zero for its supervisor to restart it.
+#[test]
+fn a_shard_panic_stops_the_broker_with_a_non_zero_exit() {
+    let mut broker = start(&[("BROKER_FAULT_PANIC_SESSION_ID", "boom")]);
+    let members = seed_mesh(&broker.db, "panic", 1);
+    let mut peer = Peer::open(&broker);
+    let mut hello = hello(&members[0]);
+    hello["sessionId"] = "boom".into();
+    peer.send_json(&hello);
+    let status = broker
+        .broker
+        .wait_exit(Duration::from_secs(20))
+        .expect("the broker exits after a shard panic");
+    assert!(!status.success(), "exit status {status:?}");
+    let logs = broker.logs();
+    assert!(logs.iter().any(|l| l["msg"] == "panic"
+        && l["thread"]
+            .as_str()
+            .is_some_and(|t| t.starts_with("shard-"))));
+    assert!(logs
+        .iter()
+        .any(|l| l["msg"] == "shard panicked: stopping the broker"));
 }

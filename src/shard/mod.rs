@@ -116,14 +116,21 @@ pub struct Shard {
     all_closed: LocalSignal,
 }
 
-/// Starts the shard's thread, named `shard-N` and pinned to its core.
+/// Starts the shard's thread, named `shard-N` and pinned to its core. A
+/// panic ends the thread; `panicked` then hears the shard's index, so the
+/// broker stops instead of limping on with a dead shard.
 pub fn spawn(
     spec: ShardSpec,
     ctx: Arc<BrokerContext>,
+    panicked: crossbeam_channel::Sender<usize>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
         .name(format!("shard-{}", spec.index))
         .spawn(move || {
+            let _notice = PanicNotice {
+                index: spec.index,
+                panicked,
+            };
             if let Some(core) = spec.core {
                 if !core_affinity::set_for_current(core) {
                     tracing::warn!(target: "shard", shard = spec.index, "pin failed");
@@ -136,6 +143,20 @@ pub fn spawn(
                 }
             }
         })
+}
+
+/// Dropped as the shard's thread ends; tells the broker if it unwinds.
+struct PanicNotice {
+    index: usize,
+    panicked: crossbeam_channel::Sender<usize>,
+}
+
+impl Drop for PanicNotice {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let _ = self.panicked.send(self.index);
+        }
+    }
 }
 
 type ShardRuntime = monoio::FusionRuntime<
