@@ -7,89 +7,19 @@
 //! joined the last `BrokerContext` (and with it the last `DbHandle`) is
 //! dropped, which tells the db thread to flush and exit.
 use crate::config::Config;
-use crate::db::{self, DbHandle, DbOptions, DbStatus};
+use crate::context::BrokerContext;
+use crate::db::{self, DbOptions, DbStatus};
 use crate::hook::HookRateLimiter;
-use crate::mesh::directory::{Directory, MeshEntry};
+use crate::inbox::{self, INBOX_BATCHES};
+use crate::mesh::directory::Directory;
 use crate::metrics::Metrics;
-use crate::shard::{self, inbox, ShardSender, ShardSpec, INBOX_BATCHES};
+use crate::shard::{self, ShardSpec};
 use crate::status::hook_index::HookIndex;
 use crate::status::transcript::TranscriptReader;
 use socket2::{Domain, Protocol, Socket, Type};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-
-/// A directory miss (member not in a loaded mesh) reloads the mesh at most
-/// this often, so a stream of bad hellos cannot hammer Postgres. A miss
-/// inside the window waits for it to pass rather than refusing a member
-/// that may just have been added.
-const MISS_RELOAD_AFTER: Duration = Duration::from_secs(1);
-
-/// Everything the shards share, read-mostly.
-pub struct BrokerContext {
-    pub config: Config,
-    pub metrics: Arc<Metrics>,
-    pub db: DbHandle,
-    pub db_status: Arc<DbStatus>,
-    pub directory: Arc<Directory>,
-    pub shards: Vec<ShardSender>,
-    pub hook_limiter: Mutex<HookRateLimiter>,
-    /// Where hook signals go: live sessions by cwd, and stashed signals.
-    pub(crate) hooks: HookIndex,
-    /// Reads transcripts off the shards' loops (PROTOCOL.md §5 inference).
-    pub(crate) transcripts: Option<TranscriptReader>,
-    pub started_at: Instant,
-}
-
-/// The membership could not be loaded (Postgres down or its queue full).
-#[derive(Debug, thiserror::Error)]
-#[error("membership unavailable")]
-pub struct DirectoryUnavailable;
-
-impl BrokerContext {
-    /// The mesh for a hello, loaded from Postgres on first use or on a miss
-    /// (no member with that id and key: it may just have been added, or its
-    /// key rotated). `Ok(None)`: no such mesh (no member rows at all).
-    pub async fn directory_lookup(
-        &self,
-        mesh_id: &str,
-        member_id: &str,
-        pubkey: &str,
-    ) -> Result<Option<Arc<MeshEntry>>, DirectoryUnavailable> {
-        let known = |mesh: &MeshEntry| {
-            mesh.view()
-                .member(member_id)
-                .is_some_and(|m| m.pubkey.eq_ignore_ascii_case(pubkey))
-        };
-        if let Some(mesh) = self.directory.get(mesh_id) {
-            if known(&mesh) {
-                return Ok(Some(mesh));
-            }
-            let missed_at = Instant::now();
-            let since = mesh.loaded_since();
-            if since < MISS_RELOAD_AFTER {
-                monoio::time::sleep(MISS_RELOAD_AFTER - since).await;
-                // Reloaded meanwhile (by a refresh or another miss): that
-                // load is newer than this hello, so its answer stands.
-                if known(&mesh) || mesh.loaded_since() < missed_at.elapsed() {
-                    return Ok(Some(mesh));
-                }
-            }
-        }
-        let answer = self
-            .db
-            .lookup_members(mesh_id)
-            .ok_or(DirectoryUnavailable)?;
-        let rows = answer
-            .await
-            .map_err(|_| DirectoryUnavailable)?
-            .map_err(|_| DirectoryUnavailable)?;
-        if rows.is_empty() && self.directory.get(mesh_id).is_none() {
-            return Ok(None);
-        }
-        Ok(Some(self.directory.install(mesh_id, &rows)))
-    }
-}
+use std::time::Instant;
 
 /// Runs the broker until SIGTERM or SIGINT; returns after a clean shutdown.
 pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {

@@ -23,11 +23,13 @@
 //! - `ids`      — sortable unique ids made on the shard.
 pub mod broker;
 pub mod config;
+pub mod context;
 pub mod db;
 pub mod devdb;
 pub mod hook;
 pub mod http;
 pub mod ids;
+pub mod inbox;
 pub mod logging;
 pub mod mesh;
 pub mod metrics;

@@ -2,13 +2,14 @@
 //! set_status), the writer task that drains the outbound queue one batch per
 //! syscall, and the session's lifecycle in the routing table and Postgres.
 use super::close::CloseReason;
-use super::conn::ReadBuf;
 use super::link::SessionLink;
 use super::outbound::{FrameBatch, Stamp, StampKind};
+use super::readbuf::ReadBuf;
 use super::signal::yield_now;
-use super::{Shard, ShardEvent};
+use super::state::Shard;
 use crate::db::DbCommand;
 use crate::hook::Status;
+use crate::inbox::ShardEvent;
 use crate::mesh::directory::{Admission, MemberEntry, MeshEntry};
 use crate::mesh::plan::{plan_broadcast, plan_direct};
 use crate::mesh::{Envelope, EnvelopeTarget};

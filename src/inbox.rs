@@ -1,4 +1,5 @@
-//! A shard's inbox: a bounded crossbeam channel plus a waker the shard's
+//! What crosses into a shard from other threads (`ShardEvent`) and the
+//! channel it crosses on. A shard's inbox: a bounded crossbeam channel plus a waker the shard's
 //! monoio event loop awaits. Senders on other threads wake the shard only when
 //! it is parked on an empty inbox (`AtomicWaker::wake` is a no-op otherwise),
 //! and the shard drains a bounded batch per wakeup before yielding to its
@@ -9,6 +10,10 @@ use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+
+use crate::hook::Status;
+use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::plan::Route;
 
 struct Shared {
     waker: AtomicWaker,
@@ -112,3 +117,28 @@ impl<T> Inbox<T> {
         out.len() > before
     }
 }
+
+/// What crosses from one shard to another.
+pub enum ShardEvent {
+    /// Deliver a routed envelope to this shard's sessions of its targets.
+    Route(Arc<Route>),
+    /// A member's held queue has envelopes and this shard has a session of it.
+    DrainHeld(Arc<MeshEntry>, Arc<MemberEntry>),
+    /// A hook signal for a session of this shard; answered with its
+    /// presence id, or `None` when the session is gone.
+    HookStatus {
+        conn: u64,
+        status: Status,
+        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
+    },
+    /// What a session's transcript says (from the transcript reader).
+    Inferred { conn: u64, status: Status },
+}
+
+/// Items are batches: one per sending shard per wakeup.
+pub type ShardSender = InboxSender<Vec<ShardEvent>>;
+pub type ShardInbox = Inbox<Vec<ShardEvent>>;
+
+/// Inbox capacity in batches; a full inbox keeps the batch on the sending
+/// shard and retries, it never drops.
+pub const INBOX_BATCHES: usize = 4096;

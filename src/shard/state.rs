@@ -1,0 +1,294 @@
+//! A shard's state, shared by its tasks (`Rc`): its connections, its slice
+//! of the routing table, what it gathers for other shards and the db
+//! thread, and what it does with an event from its inbox, a status write,
+//! a drain or a sweep.
+use super::close::CloseReason;
+use super::link::{shutdown_socket, SessionLink};
+use super::signal::LocalSignal;
+use crate::context::BrokerContext;
+use crate::db::DbCommand;
+use crate::hook::Status;
+use crate::ids::{IdGen, Rfc3339Clock};
+use crate::inbox::ShardEvent;
+use crate::mesh::deliver::LocalRoutes;
+use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::plan::{first_shard, Route};
+use crate::metrics::{LocalHistograms, ShardMetrics};
+use crate::status::Source;
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::os::fd::RawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Waker;
+use std::time::Instant;
+
+/// A connection the shard knows about, for shutdown and housekeeping.
+pub(super) struct ConnSlot {
+    pub(super) fd: RawFd,
+    pub(super) session: Option<Rc<SessionLink>>,
+}
+
+pub struct Shard {
+    pub index: usize,
+    pub ctx: Arc<BrokerContext>,
+    pub metrics: Arc<ShardMetrics>,
+    pub histograms: RefCell<LocalHistograms>,
+    pub ids: RefCell<IdGen>,
+    pub clock: RefCell<Rfc3339Clock>,
+    /// Parsing space shared by the shard's sessions: one per shard rather
+    /// than per connection keeps idle connections small.
+    pub parser: RefCell<crate::protocol::Parser>,
+    pub routes: RefCell<LocalRoutes<SessionLink>>,
+    pub(super) conns: RefCell<HashMap<u64, ConnSlot>>,
+    pub(super) next_conn: Cell<u64>,
+    /// Events for other shards, gathered during one turn of the event loop
+    /// and sent by the flusher as one batch per destination.
+    pub(super) outgoing: RefCell<Vec<Vec<ShardEvent>>>,
+    pub(super) flusher: Cell<Option<Waker>>,
+    /// Presence writes gathered for the db thread and handed over together
+    /// every `DB_FLUSH`: one cross-thread wakeup per burst, not per hello.
+    pub(super) db_outbox: RefCell<Vec<DbCommand>>,
+    pub(super) db_flusher: Cell<Option<Waker>>,
+    pub(super) shutdown: LocalSignal,
+    pub(super) all_closed: LocalSignal,
+}
+
+impl Shard {
+    /// Queue a presence write for the db thread (see `db_flush_loop`).
+    pub fn to_db(&self, command: DbCommand) {
+        self.db_outbox.borrow_mut().push(command);
+        if let Some(waker) = self.db_flusher.take() {
+            waker.wake();
+        }
+    }
+
+    pub(super) fn flush_db(&self) {
+        let commands = std::mem::take(&mut *self.db_outbox.borrow_mut());
+        for command in commands {
+            // A full queue means Postgres has been away for long: the db
+            // thread counts what it drops; presence rows are best effort.
+            let _ = self.ctx.db.try_send(command);
+        }
+    }
+
+    /// Queue an event for another shard (or handle it here, for this one).
+    pub fn send_to(&self, dest: usize, event: ShardEvent) {
+        if dest == self.index {
+            self.process_event(event);
+            return;
+        }
+        self.outgoing.borrow_mut()[dest].push(event);
+        if let Some(waker) = self.flusher.take() {
+            waker.wake();
+        }
+    }
+
+    pub(super) fn process_event(&self, event: ShardEvent) {
+        match event {
+            ShardEvent::Route(route) => self.deliver_route(&route),
+            ShardEvent::DrainHeld(mesh, member) => self.drain_held(&mesh, &member),
+            ShardEvent::HookStatus {
+                conn,
+                status,
+                reply,
+            } => {
+                let presence = self.session_of(conn).filter(|s| s.member().is_some());
+                let answer = presence.map(|session| {
+                    self.write_status(&session, status, Source::Hook);
+                    session.presence_id()
+                });
+                let _ = reply.send(answer);
+            }
+            ShardEvent::Inferred { conn, status } => {
+                if let Some(session) = self.session_of(conn) {
+                    let now = Instant::now();
+                    let window = self.ctx.config.hook_fresh_window;
+                    if session.status().inference_allowed(now, window) {
+                        self.write_status(&session, status, Source::Jsonl);
+                    }
+                    // Inference precedes a hello's first drain (see `hello`).
+                    self.drain_to_session(&session);
+                }
+            }
+        }
+    }
+
+    pub fn deliver_route(&self, route: &Route) {
+        let done = self.routes.borrow().deliver_route(route);
+        self.request_drains(&route.envelope.mesh, &done.held);
+    }
+
+    /// Asks a shard that became able to take envelopes just held (a
+    /// non-zero mask) to drain them.
+    pub fn request_drains(&self, mesh: &Arc<MeshEntry>, held: &[(Arc<MemberEntry>, u64)]) {
+        for (member, now_eligible) in held {
+            self.request_drain(mesh, member, *now_eligible);
+        }
+    }
+
+    /// Ask a shard that has a session of `member` to drain its held queue.
+    pub fn request_drain(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        live_shards: u64,
+    ) {
+        if let Some(dest) = first_shard(live_shards) {
+            self.send_to(dest, ShardEvent::DrainHeld(mesh.clone(), member.clone()));
+        }
+    }
+
+    /// Held envelopes of `member` to one session (its hello, status change,
+    /// or room freed).
+    pub fn drain_held_to(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        session: &Rc<SessionLink>,
+    ) {
+        self.routes.borrow().drain_held(mesh, member, Some(session));
+    }
+
+    pub(super) fn drain_to_session(&self, session: &Rc<SessionLink>) {
+        if let Some((mesh, member)) = session.member_with_held() {
+            self.drain_held_to(&mesh, &member, session);
+        }
+    }
+
+    pub fn drain_held(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
+        let drained = self.routes.borrow().drain_held(mesh, member, None);
+        if drained.delivered == 0 && !drained.waiting_for_room && !member.held.is_empty() {
+            // None of our sessions may take what is held (they left or
+            // turned busy meanwhile): pass it on to a shard that may.
+            let others = crate::protocol::Priority::ALL
+                .iter()
+                .fold(0, |mask, &p| mask | member.shards_for(p))
+                & !(1 << self.index);
+            self.request_drain(mesh, member, others);
+        }
+    }
+
+    /// Writes a status from `source` by the PROTOCOL.md §5 rule; a change
+    /// reaches routing, the presence row and, when the session may now
+    /// take more, its member's held envelopes.
+    pub fn write_status(&self, session: &Rc<SessionLink>, status: Status, source: Source) {
+        let Some((mesh, member)) = session.member() else {
+            return;
+        };
+        let mut state = session.status();
+        let now = Instant::now();
+        let changed = state.write(status, source, now, self.ctx.config.hook_fresh_window);
+        session.set_status(state);
+        self.to_db(DbCommand::PresenceStatus {
+            id: session.presence_id().into(),
+            status: state.status,
+            source: state.source,
+            at: std::time::SystemTime::now(),
+        });
+        if changed {
+            self.routes.borrow().status_changed(&mesh, &member);
+            self.drain_to_session(session);
+        }
+    }
+
+    /// The TTL sweep: sessions `working` longer than `STATUS_TTL_SECONDS`
+    /// flip to idle (source jsonl), which releases what is held for them.
+    pub(super) fn sweep_statuses(&self, now: Instant) {
+        let ttl = self.ctx.config.status_ttl;
+        let expired: Vec<Rc<SessionLink>> = self
+            .sessions()
+            .into_iter()
+            .filter(|s| s.member().is_some() && s.status().ttl_expired(now, ttl))
+            .collect();
+        for session in &expired {
+            self.write_status(session, Status::Idle, Source::Jsonl);
+        }
+        self.ctx
+            .metrics
+            .global()
+            .ttl_sweep(self.index == 0, expired.len() as u64);
+    }
+
+    /// Asks the transcript reader what a session's transcript says; the
+    /// answer comes back through this shard's inbox. False when there is
+    /// no reader or its queue is full.
+    pub fn request_inference(&self, conn: u64, cwd: &str) -> bool {
+        let Some(reader) = &self.ctx.transcripts else {
+            return false;
+        };
+        let inbox = self.ctx.shards[self.index].clone();
+        reader.request(
+            cwd.to_owned(),
+            Box::new(move |status| {
+                let _ = inbox.try_send(vec![ShardEvent::Inferred { conn, status }]);
+            }),
+        )
+    }
+
+    pub(super) fn session_of(&self, conn: u64) -> Option<Rc<SessionLink>> {
+        self.conns.borrow().get(&conn)?.session.clone()
+    }
+
+    pub(super) fn sessions(&self) -> Vec<Rc<SessionLink>> {
+        self.conns
+            .borrow()
+            .values()
+            .filter_map(|c| c.session.clone())
+            .collect()
+    }
+
+    pub(super) fn register_conn(&self, fd: RawFd) -> u64 {
+        let id = self.next_conn.get();
+        self.next_conn.set(id + 1);
+        self.conns
+            .borrow_mut()
+            .insert(id, ConnSlot { fd, session: None });
+        id
+    }
+
+    pub(super) fn attach_session(&self, conn: u64, session: Rc<SessionLink>) {
+        if let Some(slot) = self.conns.borrow_mut().get_mut(&conn) {
+            slot.session = Some(session);
+        }
+    }
+
+    pub(super) fn unregister_conn(&self, conn: u64) {
+        let mut conns = self.conns.borrow_mut();
+        conns.remove(&conn);
+        if conns.is_empty() && self.shutdown.is_fired() {
+            self.all_closed.fire();
+        }
+    }
+
+    pub(super) fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_fired()
+    }
+
+    /// Shutdown: WebSockets get a 1001 close; idle HTTP keep-alive sockets
+    /// are shut so their pending reads end.
+    pub(super) fn close_all(&self) {
+        let conns: Vec<(RawFd, Option<Rc<SessionLink>>)> = self
+            .conns
+            .borrow()
+            .values()
+            .map(|c| (c.fd, c.session.clone()))
+            .collect();
+        if conns.is_empty() {
+            self.all_closed.fire();
+        }
+        for (fd, session) in conns {
+            match session {
+                Some(session) => session.close(CloseReason::Shutdown),
+                None => shutdown_socket(fd),
+            }
+        }
+    }
+
+    pub(super) fn check_liveness(&self, now: Instant) {
+        let config = &self.ctx.config;
+        for session in self.sessions() {
+            session.tick(now, config.ping_interval, config.ping_timeout);
+        }
+    }
+}
