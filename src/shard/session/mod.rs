@@ -1,0 +1,247 @@
+//! One WebSocket peer: the read loop (frames → messages → hello / send /
+//! set_status) and the session's lifecycle in the routing table and Postgres.
+//!
+//! - `writer` — the task that drains the outbound queue, one batch per syscall.
+//! - `hello`  — the signed hello's checks and the session's admission.
+//! - `send`   — a send: its envelope, its plan, its ack.
+mod hello;
+mod send;
+mod writer;
+
+use super::close::CloseReason;
+use super::link::SessionLink;
+use super::readbuf::ReadBuf;
+use super::state::Shard;
+use crate::db::DbCommand;
+use crate::hook::Status;
+use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
+use crate::status::Source;
+use crate::ws::{self, Incoming, MessageAssembler, OpCode};
+use hello::{looks_like_hello, OwnedHello};
+use monoio::io::Splitable;
+use monoio::net::TcpStream;
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long teardown waits for the writer to flush before shutting the socket.
+const WRITER_FLUSH: Duration = Duration::from_secs(5);
+
+/// A session after a successful hello.
+struct Joined {
+    mesh: Arc<MeshEntry>,
+    member: Arc<MemberEntry>,
+    presence_id: String,
+    cwd: String,
+}
+
+struct Session {
+    shard: Rc<Shard>,
+    link: Rc<SessionLink>,
+    conn: u64,
+    peer: SocketAddr,
+    joined: Option<Joined>,
+}
+
+pub async fn run(
+    shard: Rc<Shard>,
+    stream: TcpStream,
+    mut buf: ReadBuf,
+    conn: u64,
+    peer: SocketAddr,
+) {
+    let max_message = shard.ctx.config.max_message_bytes;
+    let link = Rc::new(SessionLink::new(
+        stream.as_raw_fd(),
+        shard.ctx.config.max_outbound_bytes,
+    ));
+    shard.attach_session(conn, link.clone());
+    shard.metrics.conn_opened();
+    let (mut reader, writer) = stream.into_split();
+    let writer = monoio::spawn(writer::write_loop(writer, link.clone(), shard.clone()));
+    let mut session = Session {
+        shard: shard.clone(),
+        link: link.clone(),
+        conn,
+        peer,
+        joined: None,
+    };
+    if shard.is_shutting_down() {
+        link.close(CloseReason::Shutdown);
+    }
+    let mut assembler = MessageAssembler::new(max_message);
+    let reason = 'session: loop {
+        let mut consumed = 0;
+        loop {
+            let header = match ws::decode_client_frame(&mut buf.data[consumed..], max_message) {
+                Ok(Some(header)) => header,
+                Ok(None) => break,
+                Err(e) => {
+                    link.close(CloseReason::from_code(e.close_code()));
+                    break 'session link.close_reason();
+                }
+            };
+            let range = header.payload_range();
+            let payload = &buf.data[consumed + range.start..consumed + range.end];
+            consumed += range.end;
+            link.heard(Instant::now());
+            match assembler.push(&header, payload) {
+                Ok(None) => {}
+                Ok(Some(Incoming::Text(data) | Incoming::Binary(data))) => {
+                    if link.close_reason().is_none() {
+                        session.process_message(data).await;
+                    }
+                }
+                Ok(Some(Incoming::Ping(data))) => link.send_control(OpCode::Pong, data),
+                Ok(Some(Incoming::Pong(_))) => session.process_pong(),
+                Ok(Some(Incoming::Close(code))) => {
+                    link.peer_closed(code);
+                    break 'session link.close_reason();
+                }
+                Err(e) => {
+                    link.close(CloseReason::from_code(e.close_code()));
+                    break 'session link.close_reason();
+                }
+            }
+        }
+        buf.data.drain(..consumed);
+        if !buf.fill(&mut reader).await {
+            break link.close_reason().or(Some(CloseReason::PeerGone));
+        }
+    }
+    .unwrap_or(CloseReason::PeerGone);
+    session.teardown(reason);
+    if reason == CloseReason::PeerGone {
+        link.out.abort();
+    } else if !link.out.is_closing() {
+        link.close(reason);
+    }
+    if monoio::time::timeout(WRITER_FLUSH, writer).await.is_err() {
+        link.shut();
+    }
+    shard.metrics.conn_closed(reason.as_str());
+}
+
+impl Session {
+    async fn process_message(&mut self, data: &[u8]) {
+        if let Some(hello) = self.process_parsed(data) {
+            // Boxed: the hello path (signature, directory load) is big and
+            // runs once; keeping it out of line keeps idle sessions small.
+            Box::pin(self.process_hello(hello)).await;
+        }
+    }
+
+    /// Parses and handles a message on the spot; only a hello, which may
+    /// wait on a directory load, comes back (detached from the parse buffer)
+    /// to be awaited.
+    fn process_parsed(&mut self, data: &[u8]) -> Option<OwnedHello> {
+        let read_at = Instant::now();
+        self.shard.metrics.message_received();
+        let shard = self.shard.clone();
+        let mut parser = shard.parser.borrow_mut();
+        let parsed = parser.parse(data);
+        match parsed {
+            Err(e)
+                if self.joined.is_none()
+                    && e.code == ErrorCode::InvalidField
+                    && looks_like_hello(data) =>
+            {
+                // A malformed hello is still a refused hello.
+                self.refuse_hello(e);
+                None
+            }
+            Err(e) => {
+                self.send_error(&e);
+                None
+            }
+            Ok(ClientMessage::Hello(_)) if self.joined.is_some() => {
+                self.send_error(&ProtocolError::new(
+                    ErrorCode::AlreadyHello,
+                    "this connection already said hello",
+                ));
+                None
+            }
+            Ok(ClientMessage::Hello(hello)) => Some(OwnedHello::from(hello)),
+            Ok(ClientMessage::Send(send)) if self.joined.is_none() => {
+                self.send_error(
+                    &ProtocolError::new(ErrorCode::NoHello, "say hello first")
+                        .with_id(Some(&send.id)),
+                );
+                None
+            }
+            Ok(ClientMessage::Send(send)) => {
+                self.process_send(&send, read_at);
+                None
+            }
+            Ok(ClientMessage::SetStatus(_)) if self.joined.is_none() => {
+                self.send_error(&ProtocolError::new(ErrorCode::NoHello, "say hello first"));
+                None
+            }
+            Ok(ClientMessage::SetStatus(status)) => {
+                self.process_set_status(status);
+                None
+            }
+        }
+    }
+
+    fn send_error(&self, error: &ProtocolError) {
+        self.shard.metrics.message_rejected(error.code.as_str());
+        let mut json = Vec::with_capacity(96);
+        protocol::write_error(&mut json, error.code, &error.message, error.id.as_deref());
+        self.link
+            .reply(ws::encode_server_frame(OpCode::Text, &json), None);
+    }
+
+
+    fn process_set_status(&mut self, status: Status) {
+        if let Some(joined) = &self.joined {
+            tracing::info!(target: "ws", presence = %joined.presence_id, status = status.as_str(), "ws set_status");
+            self.shard.write_status(&self.link, status, Source::Manual);
+        }
+    }
+
+    fn process_pong(&self) {
+        if let Some(joined) = &self.joined {
+            self.shard.to_db(DbCommand::PresencePing {
+                id: joined.presence_id.clone(),
+                at: SystemTime::now(),
+            });
+            let window = self.shard.ctx.config.hook_fresh_window;
+            if self.link.status().inference_allowed(Instant::now(), window) {
+                self.shard.request_inference(self.conn, &joined.cwd);
+            }
+        }
+    }
+
+    fn teardown(&mut self, reason: CloseReason) {
+        let Some(joined) = self.joined.take() else {
+            tracing::info!(target: "ws", peer = %self.peer, reason = reason.as_str(), "ws close");
+            return;
+        };
+        self.shard
+            .ctx
+            .hooks
+            .remove(&joined.cwd, self.shard.index, self.conn);
+        // Cut off (its own answers overflowed the queue) with pushes still
+        // queued: the member keeps what no other session of it may take.
+        let drain_at = self.shard.routes.borrow_mut().leave(
+            &joined.mesh,
+            &joined.member,
+            &self.link,
+            self.link.take_orphans(),
+        );
+        self.shard.to_db(DbCommand::PresenceClose {
+            id: joined.presence_id.clone(),
+            member_id: joined.member.id.to_string(),
+            at: SystemTime::now(),
+        });
+        // Envelopes that raced in for this member go to a session elsewhere.
+        self.shard
+            .request_drain(&joined.mesh, &joined.member, drain_at);
+        tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
+            presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
+    }
+}
