@@ -438,6 +438,11 @@ mod tests {
             })
         }
 
+        /// A direct send from `a` to `b`, applied on `routes` (one shard).
+        fn a_to_b(&self, routes: &LocalRoutes<Fake>, seq: u32, p: Priority) -> Delivered {
+            send_direct(self, routes, &self.envelope(seq, "a", Some("b"), p), "b")
+        }
+
         fn depth(&self) -> i64 {
             self.depth.load(Ordering::Relaxed)
         }
@@ -465,24 +470,9 @@ mod tests {
         routes.add(&world.mesh, &b, session.clone());
         assert_eq!(b.live_shards.get(), 1);
         assert_eq!(b.open_shards.get(), 0);
-        send_direct(
-            &world,
-            &routes,
-            &world.envelope(1, "a", Some("b"), Priority::Next),
-            "b",
-        );
-        send_direct(
-            &world,
-            &routes,
-            &world.envelope(2, "a", Some("b"), Priority::Now),
-            "b",
-        );
-        send_direct(
-            &world,
-            &routes,
-            &world.envelope(3, "a", Some("b"), Priority::Low),
-            "b",
-        );
+        world.a_to_b(&routes, 1, Priority::Next);
+        world.a_to_b(&routes, 2, Priority::Now);
+        world.a_to_b(&routes, 3, Priority::Low);
         assert_eq!(session.got(), ["m0002"]);
         assert_eq!(world.depth(), 2);
         // Idle again: the held ones follow in creation order.
@@ -500,18 +490,8 @@ mod tests {
         let world = World::new(&["a", "b"]);
         let b = world.member("b");
         // Nobody is connected: both are held, `next` first.
-        send_direct(
-            &world,
-            &LocalRoutes::new(0),
-            &world.envelope(1, "a", Some("b"), Priority::Next),
-            "b",
-        );
-        send_direct(
-            &world,
-            &LocalRoutes::new(0),
-            &world.envelope(2, "a", Some("b"), Priority::Now),
-            "b",
-        );
+        world.a_to_b(&LocalRoutes::new(0), 1, Priority::Next);
+        world.a_to_b(&LocalRoutes::new(0), 2, Priority::Now);
         let mut routes = LocalRoutes::new(0);
         let session = Fake::working();
         routes.add(&world.mesh, &b, session.clone());
@@ -531,18 +511,8 @@ mod tests {
         let (busy, idle) = (Fake::working(), Fake::idle());
         routes.add(&world.mesh, &b, busy.clone());
         routes.add(&world.mesh, &b, idle.clone());
-        send_direct(
-            &world,
-            &routes,
-            &world.envelope(1, "a", Some("b"), Priority::Next),
-            "b",
-        );
-        send_direct(
-            &world,
-            &routes,
-            &world.envelope(2, "a", Some("b"), Priority::Now),
-            "b",
-        );
+        world.a_to_b(&routes, 1, Priority::Next);
+        world.a_to_b(&routes, 2, Priority::Now);
         assert_eq!(busy.got(), ["m0002"]);
         assert_eq!(idle.got(), ["m0001", "m0002"]);
         // The busy one turning idle gets nothing its sibling got.
@@ -556,12 +526,7 @@ mod tests {
     fn a_held_envelope_goes_to_one_session_only() {
         let world = World::new(&["a", "b"]);
         let b = world.member("b");
-        send_direct(
-            &world,
-            &LocalRoutes::new(0),
-            &world.envelope(1, "a", Some("b"), Priority::Next),
-            "b",
-        );
+        world.a_to_b(&LocalRoutes::new(0), 1, Priority::Next);
         let mut routes = LocalRoutes::new(0);
         let (s1, s2) = (Fake::idle(), Fake::idle());
         routes.add(&world.mesh, &b, s1.clone());

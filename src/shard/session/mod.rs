@@ -195,7 +195,6 @@ impl Session {
             .reply(ws::encode_server_frame(OpCode::Text, &json), None);
     }
 
-
     fn process_set_status(&mut self, status: Status) {
         if let Some(joined) = &self.joined {
             tracing::info!(target: "ws", presence = %joined.presence_id, status = status.as_str(), "ws set_status");
