@@ -3,7 +3,9 @@
 //! UTF-8), pre-hello message errors, and the spread over shards.
 
 mod common;
+mod support;
 
+use std::io::Write;
 use std::net::TcpStream;
 use std::time::Duration;
 
@@ -358,4 +360,128 @@ fn default_limit_with_64_bit_lengths() {
     assert_eq!((pong.opcode, pong.payload.len()), (0xA, 125));
     ws.send_frame(OpCode::Text, &vec![b' '; 65537], true);
     assert_eq!(ws.read_close_code(), Some(1009));
+}
+
+/// A `send` of exactly `len` bytes: `before` (fields, each followed by a
+/// comma) ahead of a ciphertext padded to length, `after` (fields, each
+/// preceded by a comma) behind it.
+fn big_send(before: &str, after: &str, len: usize) -> Vec<u8> {
+    let head =
+        format!(r#"{{"type":"send","targetSpec":"*","nonce":"bm9uY2U=",{before}"ciphertext":""#);
+    let tail = format!(r#""{after}}}"#);
+    let pad = len - head.len() - tail.len();
+    format!(
+        "{head}{}{tail}",
+        "QUJD".repeat(pad / 4 + 1)[..pad].to_owned()
+    )
+    .into_bytes()
+}
+
+/// Writes raw client frames under a `Peer`'s WebSocket.
+fn send_frames(peer: &mut support::Peer, frames: &[(OpCode, &[u8], bool)]) {
+    let mut wire = Vec::new();
+    for &(opcode, payload, fin) in frames {
+        wire.extend(meshbroker::ws::encode_client_frame(
+            opcode,
+            payload,
+            rand::random(),
+            fin,
+        ));
+    }
+    peer.stream().write_all(&wire).expect("write frames");
+}
+
+/// The next message must be `error too_large` (echoing `id`, or without
+/// one), then the close must be 1009.
+fn expect_too_large(peer: &mut support::Peer, id: Option<&str>) {
+    let error = peer.expect_error("too_large");
+    assert!(error["message"].is_string(), "{error}");
+    match id {
+        Some(id) => assert_eq!(error["id"], id, "{error}"),
+        None => assert!(error.get("id").is_none(), "no id to echo: {error}"),
+    }
+    peer.expect_close(1009);
+}
+
+#[test]
+fn too_large_is_answered_with_the_id_from_the_first_4_kib_before_1009() {
+    const SMALL: usize = 8192;
+    let broker = support::start(&[("MAX_MESSAGE_BYTES", &SMALL.to_string())]);
+    let members = support::seed_mesh(&broker.db, "big", 1);
+    let joined = || support::Peer::connect(&broker, &members[0]);
+
+    // One frame over the limit, the id near the start.
+    let mut peer = joined();
+    let send = big_send(r#""id":"big-1","#, "", SMALL + 2000);
+    send_frames(&mut peer, &[(OpCode::Text, &send, true)]);
+    expect_too_large(&mut peer, Some("big-1"));
+
+    // The id still within the first 4 KiB, but past what the first read
+    // of the frame brings (the read buffer is sized from the hello): the
+    // broker reads on for it.
+    let mut peer = joined();
+    let before = format!(r#""pad":"{}","id":"big-3k","#, "p".repeat(3000));
+    let send = big_send(&before, "", SMALL + 2000);
+    send_frames(&mut peer, &[(OpCode::Text, &send, true)]);
+    expect_too_large(&mut peer, Some("big-3k"));
+
+    // The id after 5 KiB of ciphertext: not in the first 4 KiB.
+    let mut peer = joined();
+    let send = big_send("", r#","id":"big-2""#, SMALL + 2000);
+    assert!(String::from_utf8_lossy(&send).find("big-2").unwrap() > 5 * 1024);
+    send_frames(&mut peer, &[(OpCode::Text, &send, true)]);
+    expect_too_large(&mut peer, None);
+
+    // Fragmented: the third fragment takes the message over the limit.
+    let mut peer = joined();
+    let send = big_send(r#""id":"frag-big","#, "", 9000);
+    send_frames(
+        &mut peer,
+        &[
+            (OpCode::Text, &send[..3000], false),
+            (OpCode::Continuation, &send[3000..6000], false),
+            (OpCode::Continuation, &send[6000..], true),
+        ],
+    );
+    expect_too_large(&mut peer, Some("frag-big"));
+
+    // Fragmented, with a continuation whose header alone is over the limit:
+    // the id comes from the fragment buffered before it.
+    let mut peer = joined();
+    let send = big_send(r#""id":"frag-huge","#, "", SMALL + 2000);
+    send_frames(
+        &mut peer,
+        &[
+            (OpCode::Text, &send[..60], false),
+            (OpCode::Continuation, &send[60..], true),
+        ],
+    );
+    expect_too_large(&mut peer, Some("frag-huge"));
+
+    // Before hello as well.
+    let mut raw = RawWs::connect(broker.addr());
+    raw.send_frame(
+        OpCode::Text,
+        &big_send(r#""id":"early-big","#, "", SMALL + 1),
+        true,
+    );
+    let error = raw.read_json();
+    assert_eq!(
+        (&error["code"], &error["id"]),
+        (&"too_large".into(), &"early-big".into()),
+        "{error}"
+    );
+    assert_eq!(raw.read_close_code(), Some(1009));
+    assert!(raw.wait_eof());
+
+    // Nothing else was affected: a send of exactly the limit is routed.
+    let mut peer = joined();
+    let send = big_send(r#""id":"at-limit","#, "", SMALL);
+    send_frames(&mut peer, &[(OpCode::Text, &send, true)]);
+    let ack = peer.next_reply(support::WAIT);
+    assert_eq!(
+        (&ack["type"], &ack["id"]),
+        (&"ack".into(), &"at-limit".into()),
+        "{ack}"
+    );
 }

@@ -4,15 +4,18 @@
 //! frame's own buffer, then checked field by field so that every error names
 //! the field it is about. Outbound messages are written by hand straight into
 //! a byte buffer: they are few, fixed in shape, and the push frame is on the
-//! hottest path of the broker.
+//! hottest path of the broker. A message too large to parse is only
+//! scanned (`peek_id`) for the `id` to echo in its `error too_large`.
 mod inbound;
 mod outbound;
+mod peek;
 
 pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
 pub use outbound::{
     write_ack, write_error, write_hello_ack, write_push, write_str as write_json_str, PushFields,
     PushRanges,
 };
+pub(crate) use peek::peek_id;
 
 use std::borrow::Cow;
 

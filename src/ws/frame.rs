@@ -201,6 +201,72 @@ pub fn decode_client_frame(
     }))
 }
 
+/// How much of the start of a message over the size limit is kept for
+/// reading its `id` (PROTOCOL.md §4: "from the message's first 4 KiB").
+pub const TOO_LARGE_PREFIX: usize = 4096;
+
+/// A frame that `decode_client_frame` refused with `TooLarge`, its header
+/// read again so that the start of its payload can be reached. Only that
+/// error path pays for this: the decoder itself keeps no extra state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OversizedFrame {
+    pub opcode: OpCode,
+    /// Bytes before the payload (mask key included), as in `FrameHeader`.
+    pub header_len: usize,
+    /// The length the header declares.
+    pub payload_len: u64,
+}
+
+impl OversizedFrame {
+    /// Reads the header of the masked client frame at the start of `buf`.
+    /// Only its length bytes need to have arrived (they have whenever the
+    /// decoder reported `TooLarge`); `None` if they have not, or if `buf`
+    /// does not start with a masked frame header.
+    pub fn parse(buf: &[u8]) -> Option<OversizedFrame> {
+        let [b0, b1, ..] = *buf else {
+            return None;
+        };
+        let opcode = OpCode::from_bits(b0 & 0x0F).ok()?;
+        if b1 & 0x80 == 0 {
+            return None;
+        }
+        let (payload_len, len_bytes) = match b1 & 0x7F {
+            126 => (
+                u64::from(u16::from_be_bytes(buf.get(2..4)?.try_into().ok()?)),
+                2,
+            ),
+            127 => (u64::from_be_bytes(buf.get(2..10)?.try_into().ok()?), 8),
+            short => (u64::from(short), 0),
+        };
+        Some(OversizedFrame {
+            opcode,
+            header_len: 2 + len_bytes + 4,
+            payload_len,
+        })
+    }
+
+    /// Bytes from the frame's start that hold its header and the first
+    /// `limit` bytes of its payload (all of it, if shorter).
+    pub fn needed(&self, limit: usize) -> usize {
+        let prefix = self.payload_len.min(limit as u64) as usize;
+        self.header_len + prefix
+    }
+
+    /// The first `limit` bytes of the payload, as far as `buf` (starting at
+    /// the frame's first byte) holds them, unmasked into a copy; `buf` is
+    /// left as it is. Empty while the mask key has not arrived.
+    pub fn payload_start(&self, buf: &[u8], limit: usize) -> Vec<u8> {
+        let Some(mask) = buf.get(self.header_len - 4..self.header_len) else {
+            return Vec::new();
+        };
+        let mask: [u8; 4] = mask.try_into().expect("4-byte slice");
+        let end = buf.len().min(self.needed(limit));
+        let mut payload = buf[self.header_len..end].to_vec();
+        apply_mask(&mut payload, mask);
+        payload
+    }
+}
+
 /// XOR `data` with the repeating 4-byte `mask` (masking and unmasking are
 /// the same operation), eight bytes at a time.
 fn apply_mask(data: &mut [u8], mask: [u8; 4]) {
@@ -571,6 +637,68 @@ mod tests {
                 max: 999
             })
         );
+    }
+
+    #[test]
+    fn oversized_frame_payload_start_is_unmasked_from_what_has_arrived() {
+        for len in [200usize, 70_000] {
+            let original = payload(len);
+            let wire = encode_client_frame(OpCode::Text, &original, MASK, true);
+            let max = len - 1;
+            let header_len = if len > 65535 { 14 } else { 8 };
+            // At every cut from the length bytes on: refused, and the
+            // header read again gives what has arrived of the payload.
+            for cut in [
+                header_len - 4,
+                header_len - 1,
+                header_len,
+                header_len + 5,
+                150,
+                wire.len(),
+            ] {
+                let mut buf = wire[..cut].to_vec();
+                assert!(
+                    matches!(
+                        decode_client_frame(&mut buf, max),
+                        Err(FrameError::TooLarge { .. })
+                    ),
+                    "len {len} cut {cut}"
+                );
+                assert_eq!(buf, wire[..cut], "the decoder left the buffer alone");
+                let frame = OversizedFrame::parse(&buf).unwrap();
+                assert_eq!(
+                    frame,
+                    OversizedFrame {
+                        opcode: OpCode::Text,
+                        header_len,
+                        payload_len: len as u64
+                    }
+                );
+                assert_eq!(frame.needed(100), header_len + 100);
+                assert_eq!(frame.needed(usize::MAX), header_len + len);
+                let start = frame.payload_start(&buf, 100);
+                let have = cut.saturating_sub(header_len).min(100);
+                assert_eq!(start, original[..have], "len {len} cut {cut}");
+                assert_eq!(
+                    frame.payload_start(&buf, TOO_LARGE_PREFIX),
+                    original[..cut.saturating_sub(header_len).min(TOO_LARGE_PREFIX)]
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn oversized_frame_header_must_have_arrived() {
+        let wire = encode_client_frame(OpCode::Continuation, &payload(70_000), MASK, false);
+        for cut in 0..10 {
+            assert_eq!(OversizedFrame::parse(&wire[..cut]), None, "cut {cut}");
+        }
+        let frame = OversizedFrame::parse(&wire[..10]).unwrap();
+        assert_eq!(frame.opcode, OpCode::Continuation);
+        assert!(frame.payload_start(&wire[..10], 100).is_empty());
+        // Not a client frame.
+        let server = encode_server_frame(OpCode::Text, &payload(300));
+        assert_eq!(OversizedFrame::parse(&server), None);
     }
 
     #[test]

@@ -5,7 +5,9 @@
 //! connections cost a few words each. Unfragmented messages — nearly all of
 //! them — are handed back as a slice of the caller's read buffer, uncopied.
 
-use super::frame::{parse_close_payload, FrameError, FrameHeader, OpCode};
+use super::frame::{
+    parse_close_payload, FrameError, FrameHeader, OpCode, OversizedFrame, TOO_LARGE_PREFIX,
+};
 
 /// A complete message or a control frame, borrowed from the caller's read
 /// buffer (unfragmented) or from the assembler (reassembled).
@@ -47,6 +49,16 @@ impl MessageError {
     }
 }
 
+/// The start of a message refused as too large, for reading its `id`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct MessageStart {
+    /// At most `TOO_LARGE_PREFIX` bytes, unmasked.
+    pub bytes: Vec<u8>,
+    /// How many more bytes of the refused frame would lengthen `bytes`
+    /// (0: it is as long as it can be).
+    pub missing: usize,
+}
+
 /// Per-connection reassembly state.
 pub struct MessageAssembler {
     /// Largest message accepted, inclusive.
@@ -55,7 +67,7 @@ pub struct MessageAssembler {
     fragmented: Option<OpCode>,
     /// The fragments so far. After a reassembled message is returned it
     /// stays here (the caller borrows it) until the next `push`, which frees
-    /// it.
+    /// it. After `MessageError::TooLarge`, the refused message's start.
     buf: Vec<u8>,
     /// Length of the prefix of `buf` known to be valid UTF-8 (text only).
     utf8_checked: usize,
@@ -96,7 +108,8 @@ impl MessageAssembler {
                     return Err(MessageError::ExpectedContinuation);
                 }
                 if payload.len() > self.max_message {
-                    return Err(MessageError::TooLarge);
+                    self.buf.clear();
+                    return Err(self.refuse(payload));
                 }
                 let text = header.opcode == OpCode::Text;
                 if header.fin {
@@ -120,7 +133,7 @@ impl MessageAssembler {
                     return Err(MessageError::UnexpectedContinuation);
                 };
                 if payload.len() > self.max_message - self.buf.len() {
-                    return Err(MessageError::TooLarge);
+                    return Err(self.refuse(payload));
                 }
                 self.buf.extend_from_slice(payload);
                 let text = opcode == OpCode::Text;
@@ -137,6 +150,51 @@ impl MessageAssembler {
                     Incoming::Binary(&self.buf)
                 }))
             }
+        }
+    }
+
+    /// Keeps what `refused_start` returns: the message's start so far
+    /// (already in `buf`), then the refused frame's payload, up to
+    /// `TOO_LARGE_PREFIX` bytes.
+    fn refuse(&mut self, payload: &[u8]) -> MessageError {
+        self.buf.truncate(TOO_LARGE_PREFIX);
+        let room = TOO_LARGE_PREFIX - self.buf.len();
+        self.buf
+            .extend_from_slice(&payload[..payload.len().min(room)]);
+        MessageError::TooLarge
+    }
+
+    /// After `push` failed with `MessageError::TooLarge`: the first (at
+    /// most `TOO_LARGE_PREFIX`) bytes of the refused message, the fragments
+    /// buffered before the frame that went over the limit included. The
+    /// assembler is not to be fed after an error.
+    pub fn refused_start(&self) -> &[u8] {
+        &self.buf[..self.buf.len().min(TOO_LARGE_PREFIX)]
+    }
+
+    /// After `decode_client_frame` refused the frame at the start of
+    /// `frame_bytes` with `FrameError::TooLarge` (from its header alone,
+    /// before its payload arrived): the first (at most `TOO_LARGE_PREFIX`)
+    /// bytes of the message it begins or, for a continuation, continues —
+    /// the fragments buffered so far, then the frame's payload as far as
+    /// `frame_bytes` holds it, unmasked — and how many more bytes of the
+    /// frame would lengthen them. `frame_bytes` is not modified.
+    pub fn oversized_start(&self, frame_bytes: &[u8]) -> MessageStart {
+        let Some(frame) = OversizedFrame::parse(frame_bytes) else {
+            return MessageStart {
+                bytes: Vec::new(),
+                missing: 0,
+            };
+        };
+        let mut bytes = Vec::new();
+        if frame.opcode == OpCode::Continuation && self.fragmented.is_some() {
+            bytes.extend_from_slice(&self.buf[..self.buf.len().min(TOO_LARGE_PREFIX)]);
+        }
+        let room = TOO_LARGE_PREFIX - bytes.len();
+        bytes.extend(frame.payload_start(frame_bytes, room));
+        MessageStart {
+            bytes,
+            missing: frame.needed(room).saturating_sub(frame_bytes.len()),
         }
     }
 
@@ -435,6 +493,111 @@ mod tests {
             feed(&mut asm, OpCode::Continuation, b"a", true),
             Err(MessageError::TooLarge)
         );
+    }
+
+    #[test]
+    fn refused_start_of_a_single_frame_message() {
+        let mut asm = MessageAssembler::new(10);
+        assert_eq!(
+            feed(&mut asm, OpCode::Text, b"{\"id\":\"ab\"}", true),
+            Err(MessageError::TooLarge)
+        );
+        assert_eq!(asm.refused_start(), b"{\"id\":\"ab\"}");
+
+        let mut asm = MessageAssembler::new(5000);
+        let big = payload_of(6000);
+        assert_eq!(
+            feed(&mut asm, OpCode::Binary, &big, true),
+            Err(MessageError::TooLarge)
+        );
+        assert_eq!(asm.refused_start(), &big[..TOO_LARGE_PREFIX]);
+    }
+
+    #[test]
+    fn refused_start_of_a_fragmented_message_is_its_beginning() {
+        let message = payload_of(9000);
+        // Fragments of 3000: the third goes over 8192.
+        let mut asm = MessageAssembler::new(8192);
+        assert_eq!(
+            feed(&mut asm, OpCode::Text, &message[..3000], false),
+            Ok(None)
+        );
+        assert_eq!(
+            feed(&mut asm, OpCode::Continuation, &message[3000..6000], false),
+            Ok(None)
+        );
+        assert_eq!(
+            feed(&mut asm, OpCode::Continuation, &message[6000..], true),
+            Err(MessageError::TooLarge)
+        );
+        assert_eq!(asm.refused_start(), &message[..TOO_LARGE_PREFIX]);
+
+        // A short first fragment: the refused frame's payload fills up the
+        // start.
+        let mut asm = MessageAssembler::new(8192);
+        assert_eq!(
+            feed(&mut asm, OpCode::Text, &message[..100], false),
+            Ok(None)
+        );
+        assert_eq!(
+            feed(&mut asm, OpCode::Continuation, &message[100..], true),
+            Err(MessageError::TooLarge)
+        );
+        assert_eq!(asm.refused_start(), &message[..TOO_LARGE_PREFIX]);
+    }
+
+    #[test]
+    fn oversized_start_of_a_frame_refused_from_its_header() {
+        const MASK: [u8; 4] = [9, 8, 7, 6];
+        let message = payload_of(9000);
+        let asm = MessageAssembler::new(8192);
+        let wire = encode_client_frame(OpCode::Text, &message, MASK, true);
+        // Header (8 bytes) and 1000 payload bytes so far.
+        let part = &wire[..1008];
+        assert!(matches!(
+            decode_client_frame(&mut part.to_vec(), 8192),
+            Err(FrameError::TooLarge { .. })
+        ));
+        let start = asm.oversized_start(part);
+        assert_eq!(start.bytes, &message[..1000]);
+        assert_eq!(start.missing, TOO_LARGE_PREFIX - 1000);
+        let start = asm.oversized_start(&wire);
+        assert_eq!(start.bytes, &message[..TOO_LARGE_PREFIX]);
+        assert_eq!(start.missing, 0);
+        // Only the length bytes: nothing yet.
+        let start = asm.oversized_start(&wire[..4]);
+        assert_eq!(
+            (start.bytes.len(), start.missing),
+            (0, TOO_LARGE_PREFIX + 4)
+        );
+
+        // A continuation over the limit after a buffered first fragment.
+        let mut asm = MessageAssembler::new(8192);
+        assert_eq!(
+            feed(&mut asm, OpCode::Text, &message[..100], false),
+            Ok(None)
+        );
+        let wire = encode_client_frame(OpCode::Continuation, &message[100..], MASK, true);
+        let start = asm.oversized_start(&wire[..500]);
+        assert_eq!(start.bytes, &message[..100 + 492]);
+        assert_eq!(start.missing, TOO_LARGE_PREFIX - 100 - 492);
+        let start = asm.oversized_start(&wire);
+        assert_eq!(start.bytes, &message[..TOO_LARGE_PREFIX]);
+        assert_eq!(start.missing, 0);
+
+        // A new message's frame does not carry an earlier fragment along.
+        let wire = encode_client_frame(OpCode::Binary, &message, MASK, true);
+        assert_eq!(
+            asm.oversized_start(&wire).bytes,
+            &message[..TOO_LARGE_PREFIX]
+        );
+        // Not a frame header.
+        assert_eq!(asm.oversized_start(b"x").bytes, b"");
+    }
+
+    /// ASCII text whose bytes vary (so a slip in unmasking shows).
+    fn payload_of(len: usize) -> Vec<u8> {
+        (0..len).map(|i| b'a' + (i * 7 % 26) as u8).collect()
     }
 
     #[test]

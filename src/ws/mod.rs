@@ -24,6 +24,11 @@
 //! - Fragmented text is checked for UTF-8 as each fragment arrives, so a bad
 //!   sequence fails before the message completes.
 //! - `OpCode::is_control()` is public, for callers that route control frames.
+//! - A message over the limit is answered with `error too_large` echoing the
+//!   `id` in its first `TOO_LARGE_PREFIX` bytes: `OversizedFrame` reaches
+//!   the (unmasked) payload start of a frame refused from its header, and
+//!   `MessageAssembler::refused_start` / `oversized_start` give the start
+//!   of the whole message (fragments buffered before included).
 pub mod frame;
 pub mod handshake;
 pub mod message;
@@ -31,7 +36,7 @@ pub mod message;
 pub use frame::{
     close_frame, decode_client_frame, encode_client_frame, encode_server_frame,
     finish_server_frame, parse_close_payload, write_server_frame, FrameError, FrameHeader, OpCode,
-    SERVER_HEADER_ROOM,
+    OversizedFrame, SERVER_HEADER_ROOM, TOO_LARGE_PREFIX,
 };
 pub use handshake::{accept_key, is_valid_client_key, switching_protocols_response};
-pub use message::{Incoming, MessageAssembler, MessageError};
+pub use message::{Incoming, MessageAssembler, MessageError, MessageStart};

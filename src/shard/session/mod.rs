@@ -80,6 +80,11 @@ pub async fn run(
                 Ok(Some(header)) => header,
                 Ok(None) => break,
                 Err(e) => {
+                    if matches!(e, ws::FrameError::TooLarge { .. }) {
+                        let start =
+                            oversized_start(&mut buf, consumed, &mut reader, &assembler).await;
+                        session.answer_too_large(&start);
+                    }
                     link.close(CloseReason::from_code(e.close_code()));
                     break 'session link.close_reason();
                 }
@@ -102,6 +107,9 @@ pub async fn run(
                     break 'session link.close_reason();
                 }
                 Err(e) => {
+                    if e == ws::MessageError::TooLarge {
+                        session.answer_too_large(assembler.refused_start());
+                    }
                     link.close(CloseReason::from_code(e.close_code()));
                     break 'session link.close_reason();
                 }
@@ -125,7 +133,46 @@ pub async fn run(
     shard.metrics.conn_closed(reason.as_str());
 }
 
+/// The start of the message whose frame at `buf.data[at..]` was refused
+/// from its header alone as over MAX_MESSAGE_BYTES: reads on (for at most a
+/// second) until the first 4 KiB of the message are buffered or the peer
+/// stops, then gives what is there.
+async fn oversized_start(
+    buf: &mut ReadBuf,
+    at: usize,
+    reader: &mut impl monoio::io::AsyncReadRent,
+    assembler: &MessageAssembler,
+) -> Vec<u8> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        // Taken before each read: a read cut off by the deadline takes the
+        // buffer's bytes with it.
+        let start = assembler.oversized_start(buf.data.get(at..).unwrap_or_default());
+        let left = deadline.saturating_duration_since(Instant::now());
+        if start.missing == 0 || left.is_zero() {
+            return start.bytes;
+        }
+        if !matches!(
+            monoio::time::timeout(left, buf.fill(reader)).await,
+            Ok(true)
+        ) {
+            return start.bytes;
+        }
+    }
+}
+
 impl Session {
+    /// PROTOCOL.md §4: a message over MAX_MESSAGE_BYTES is answered with
+    /// `error too_large`, echoing the `id` read from `start` (its first
+    /// 4 KiB), just before the 1009 close.
+    fn answer_too_large(&self, start: &[u8]) {
+        if self.link.close_reason().is_none() {
+            let error =
+                ProtocolError::new(ErrorCode::TooLarge, "message exceeds MAX_MESSAGE_BYTES");
+            self.send_error(&error.with_id(protocol::peek_id(start).as_deref()));
+        }
+    }
+
     async fn process_message(&mut self, data: &[u8]) {
         if let Some(hello) = self.process_parsed(data) {
             // Boxed: the hello path (signature, directory load) is big and
