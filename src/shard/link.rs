@@ -31,6 +31,9 @@ pub struct SessionLink {
     member: RefCell<Option<(Arc<MeshEntry>, Arc<MemberEntry>)>>,
     presence_id: RefCell<Box<str>>,
     status: Cell<StatusState>,
+    /// A transcript read is on its way before held envelopes are released
+    /// (PROTOCOL.md §5): until it answers, nothing held is drained here.
+    inferring: Cell<bool>,
     orphans: RefCell<Vec<Arc<Envelope>>>,
 }
 
@@ -56,6 +59,7 @@ impl SessionLink {
             member: RefCell::new(None),
             presence_id: RefCell::new("".into()),
             status: Cell::new(StatusState::new(now)),
+            inferring: Cell::new(false),
             orphans: RefCell::new(Vec::new()),
         }
     }
@@ -91,8 +95,20 @@ impl SessionLink {
         self.status.set(status);
     }
 
+    /// Holds back drains until the transcript's answer (`inferred`).
+    pub fn start_inference(&self) {
+        self.inferring.set(true);
+    }
+
+    pub fn inferred(&self) {
+        self.inferring.set(false);
+    }
+
     /// The member, when it has envelopes held that this session may take.
     pub fn member_with_held(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
+        if self.inferring.get() {
+            return None;
+        }
         let accepted = Priority::ALL
             .iter()
             .filter(|&&p| self.accepts(p))

@@ -104,6 +104,7 @@ impl Shard {
                 if let Some(session) = self.session_of(conn) {
                     let now = Instant::now();
                     let window = self.ctx.config.hook_fresh_window;
+                    session.inferred();
                     if session.status().inference_allowed(now, window) {
                         self.write_status(&session, status, Source::Jsonl);
                     }

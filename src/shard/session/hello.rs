@@ -64,7 +64,9 @@ impl Session {
                 let infer = !joined.member.held.is_empty()
                     && self.link.status().inference_allowed(Instant::now(), window)
                     && self.shard.request_inference(self.conn, &joined.cwd);
-                if !infer {
+                if infer {
+                    self.link.start_inference();
+                } else {
                     self.shard
                         .drain_held_to(&joined.mesh, &joined.member, &self.link);
                 }
