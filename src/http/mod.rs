@@ -13,5 +13,5 @@
 pub mod request;
 pub mod response;
 
-pub use request::{parse_head, HttpError, Method, RequestHead, MAX_HEADERS, MAX_HEAD_BYTES};
+pub use request::{parse_head, Method, RequestHead};
 pub use response::{error_json, preflight, reason_phrase, Response};

@@ -35,8 +35,6 @@ pub struct RequestHead {
     /// The path, without query string (`/hook/set-status?x=1` → `/hook/set-status`).
     /// An absolute-form target (`http://host/p`) is reduced to its path.
     pub path: String,
-    /// 0 for HTTP/1.0, 1 for HTTP/1.1.
-    pub minor_version: u8,
     /// `Content-Length`, when present (duplicates must agree).
     pub content_length: Option<usize>,
     /// `Transfer-Encoding: chunked` (the only transfer coding accepted).
@@ -119,7 +117,6 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
     let mut head = RequestHead {
         method,
         path: path_of(target).to_owned(),
-        minor_version,
         content_length: None,
         chunked: false,
         keep_alive: minor_version >= 1,
@@ -259,7 +256,6 @@ mod tests {
         let h = ok(raw);
         assert_eq!(h.method, Method::Get);
         assert_eq!(h.path, "/health");
-        assert_eq!(h.minor_version, 1);
         assert_eq!(h.head_len, raw.len());
         assert_eq!(h.content_length, None);
         assert!(!h.chunked && h.keep_alive && !h.upgrade_websocket && !h.expect_continue);

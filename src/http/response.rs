@@ -14,7 +14,6 @@ pub struct Response {
 }
 
 pub const JSON: &str = "application/json";
-pub const TEXT: &str = "text/plain; charset=utf-8";
 
 impl Response {
     pub fn new(status: u16, content_type: &'static str, body: Vec<u8>) -> Self {
@@ -28,10 +27,6 @@ impl Response {
 
     pub fn json(status: u16, body: Vec<u8>) -> Self {
         Self::new(status, JSON, body)
-    }
-
-    pub fn text(status: u16, body: impl Into<Vec<u8>>) -> Self {
-        Self::new(status, TEXT, body.into())
     }
 
     pub fn empty(status: u16) -> Self {
@@ -205,14 +200,5 @@ mod tests {
         assert_eq!(s.matches("Connection:").count(), 1);
         assert!(s.contains("Connection: Upgrade\r\n"));
         assert!(!s.contains("Content-Length"));
-    }
-
-    #[test]
-    fn text_response() {
-        let r = Response::text(503, "down");
-        let s = text_of(&r, true);
-        assert!(s.starts_with("HTTP/1.1 503 Service Unavailable\r\n"));
-        assert!(s.contains("Content-Type: text/plain; charset=utf-8\r\n"));
-        assert!(s.ends_with("\r\n\r\ndown"));
     }
 }
