@@ -1,0 +1,294 @@
+//! The scrape: every shard's counters and published histograms summed into
+//! a snapshot, encoded as Prometheus text with summaries written by hand.
+use std::fmt::Write as _;
+
+use super::histograms::*;
+use super::*;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+// ---------------------------------------------------------------------------
+// Encoding.
+
+#[derive(Debug, Default)]
+pub(super) struct HistSnapshot {
+    pub(super) sum_secs: f64,
+    pub(super) count: u64,
+    /// (upper bound, count in this bucket alone); the last bound is `f64::MAX` (+Inf).
+    pub(super) buckets: Vec<(f64, u64)>,
+    /// Values at [`QUANTILES`], seconds; NaN when empty.
+    pub(super) quantiles: [f64; QUANTILES.len()],
+}
+
+/// Everything a scrape shows, summed over shards.
+#[derive(Debug)]
+pub(super) struct Snapshot {
+    pub(super) connections_total: u64,
+    pub(super) rejected_conns: [u64; 2],
+    pub(super) closed: Vec<(&'static str, u64)>,
+    pub(super) routed: [u64; 3],
+    pub(super) rejected_msgs: Vec<(&'static str, u64)>,
+    pub(super) hook_requests: u64,
+    pub(super) hook_rate_limited: u64,
+    pub(super) shard_active: Vec<i64>,
+    pub(super) shard_messages: Vec<u64>,
+    pub(super) shard_socket_writes: Vec<u64>,
+    pub(super) shard_frames_written: Vec<u64>,
+    pub(super) queue_depth: i64,
+    pub(super) ttl_sweeps: u64,
+    pub(super) ttl_flipped: u64,
+    pub(super) db_healthy: bool,
+    pub(super) http: HistSnapshot,
+    pub(super) send_ack: [HistSnapshot; 3],
+    pub(super) send_push: [HistSnapshot; 3],
+    pub(super) audit_batch: HistSnapshot,
+}
+
+// Histogram family names (without the `_seconds` unit suffix prometheus-client adds).
+pub(super) const HTTP_HIST: &str = "broker_http_request_duration";
+pub(super) const ACK_HIST: &str = "broker_send_ack_latency";
+pub(super) const PUSH_HIST: &str = "broker_send_push_latency";
+pub(super) const AUDIT_HIST: &str = "broker_audit_batch_write";
+
+/// (family name, help, [(priority label, data)]).
+pub(super) type LatencyFamily<'a> = (
+    &'static str,
+    &'static str,
+    Vec<(Option<Priority>, &'a HistSnapshot)>,
+);
+
+impl Snapshot {
+    pub(super) fn priority_hists(
+        hists: &[HistSnapshot; 3],
+    ) -> impl Iterator<Item = (Option<Priority>, &HistSnapshot)> {
+        Priority::ALL.into_iter().map(Some).zip(hists.iter())
+    }
+
+    /// (name, help, [(priority label, data)]) for every latency family.
+    pub(super) fn latency_families(&self) -> [LatencyFamily<'_>; 4] {
+        [
+            (
+                HTTP_HIST,
+                "HTTP request duration (head received to response queued).",
+                vec![(None, &self.http)],
+            ),
+            (
+                ACK_HIST,
+                "Send to ack latency, by priority.",
+                Self::priority_hists(&self.send_ack).collect(),
+            ),
+            (
+                PUSH_HIST,
+                "Send to push latency (per recipient), by priority.",
+                Self::priority_hists(&self.send_push).collect(),
+            ),
+            (
+                AUDIT_HIST,
+                "Audit log batch write duration.",
+                vec![(None, &self.audit_batch)],
+            ),
+        ]
+    }
+
+    /// The hand-written summary families (prometheus-client 0.22 has no summary).
+    pub(super) fn summaries(&self) -> String {
+        let mut out = String::new();
+        for (name, help, series) in self.latency_families() {
+            let family = format!("{name}_seconds_quantiles");
+            let _ = writeln!(
+                out,
+                "# HELP {family} {help} Quantiles from HdrHistogram, since start."
+            );
+            let _ = writeln!(out, "# TYPE {family} summary");
+            for (priority, h) in series {
+                let prefix =
+                    priority.map_or(String::new(), |p| format!("priority=\"{}\",", p.as_str()));
+                let plain = priority.map_or(String::new(), |p| {
+                    format!("{{priority=\"{}\"}}", p.as_str())
+                });
+                for (q, v) in QUANTILES.iter().zip(h.quantiles) {
+                    let _ = writeln!(out, "{family}{{{prefix}quantile=\"{q}\"}} {}", fmt_f64(v));
+                }
+                let _ = writeln!(out, "{family}_sum{plain} {}", fmt_f64(h.sum_secs));
+                let _ = writeln!(out, "{family}_count{plain} {}", h.count);
+            }
+        }
+        out
+    }
+}
+
+pub(super) fn fmt_f64(v: f64) -> String {
+    if v.is_nan() {
+        "NaN".to_owned()
+    } else {
+        format!("{v}")
+    }
+}
+
+pub(super) fn counter(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: u64,
+) -> std::fmt::Result {
+    ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
+}
+
+pub(super) fn gauge(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    v: i64,
+) -> std::fmt::Result {
+    ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
+}
+
+pub(super) fn labeled_counters<'a>(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: impl IntoIterator<Item = (&'a str, u64)>,
+) -> std::fmt::Result {
+    let mut m = enc.encode_descriptor(name, help, None, MetricType::Counter)?;
+    for (value, n) in values {
+        ConstCounter::new(n).encode(m.encode_family(&[(label, value)])?)?;
+    }
+    Ok(())
+}
+
+impl Collector for Snapshot {
+    fn encode(&self, mut enc: DescriptorEncoder) -> std::fmt::Result {
+        let e = &mut enc;
+        let active: i64 = self.shard_active.iter().sum();
+        gauge(
+            e,
+            "broker_connections_active",
+            "Open WebSocket connections.",
+            active,
+        )?;
+        counter(
+            e,
+            "broker_connections",
+            "WebSocket connections opened.",
+            self.connections_total,
+        )?;
+        labeled_counters(
+            e,
+            "broker_connections_rejected",
+            "Hellos refused, by reason.",
+            "reason",
+            RejectReason::ALL
+                .iter()
+                .map(|r| r.as_str())
+                .zip(self.rejected_conns),
+        )?;
+        labeled_counters(
+            e,
+            "broker_connections_closed",
+            "WebSocket connections closed, by close reason.",
+            "reason",
+            self.closed.iter().copied(),
+        )?;
+        labeled_counters(
+            e,
+            "broker_messages_routed",
+            "Sends routed, by priority.",
+            "priority",
+            Priority::ALL.iter().map(|p| p.as_str()).zip(self.routed),
+        )?;
+        labeled_counters(
+            e,
+            "broker_messages_rejected",
+            "Client messages answered with an error, by error code.",
+            "reason",
+            self.rejected_msgs.iter().copied(),
+        )?;
+        gauge(
+            e,
+            "broker_queue_depth",
+            "Held envelopes waiting for their recipient.",
+            self.queue_depth,
+        )?;
+        counter(
+            e,
+            "broker_ttl_sweeps",
+            "Status TTL sweeps run.",
+            self.ttl_sweeps,
+        )?;
+        counter(
+            e,
+            "broker_ttl_flipped",
+            "Sessions flipped from working to idle by the TTL sweep.",
+            self.ttl_flipped,
+        )?;
+        counter(
+            e,
+            "broker_hook_requests",
+            "POST /hook/set-status requests.",
+            self.hook_requests,
+        )?;
+        counter(
+            e,
+            "broker_hook_requests_rate_limited",
+            "POST /hook/set-status requests refused with 429.",
+            self.hook_rate_limited,
+        )?;
+        gauge(
+            e,
+            "broker_db_healthy",
+            "1 when Postgres answers, else 0.",
+            i64::from(self.db_healthy),
+        )?;
+        {
+            let mut m = e.encode_descriptor(
+                "broker_shard_connections_active",
+                "Open WebSocket connections, by shard.",
+                None,
+                MetricType::Gauge,
+            )?;
+            for (i, v) in self.shard_active.iter().enumerate() {
+                ConstGauge::new(*v).encode(m.encode_family(&[("shard", i.to_string())])?)?;
+            }
+        }
+        for (name, help, values) in [
+            (
+                "broker_shard_messages",
+                "Client messages received, by shard.",
+                &self.shard_messages,
+            ),
+            (
+                "broker_shard_socket_writes",
+                "WebSocket socket writes, by shard.",
+                &self.shard_socket_writes,
+            ),
+            (
+                "broker_shard_frames_written",
+                "WebSocket frames written (frames per socket write is the write batching), by shard.",
+                &self.shard_frames_written,
+            ),
+        ] {
+            let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (i, v) in values.iter().enumerate() {
+                ConstCounter::new(*v).encode(m.encode_family(&[("shard", i.to_string())])?)?;
+            }
+        }
+        for (name, help, series) in self.latency_families() {
+            let mut m =
+                e.encode_descriptor(name, help, Some(&Unit::Seconds), MetricType::Histogram)?;
+            for (priority, h) in series {
+                match priority {
+                    None => m.encode_histogram::<()>(h.sum_secs, h.count, &h.buckets, None)?,
+                    Some(p) => m
+                        .encode_family(&[("priority", p.as_str())])?
+                        .encode_histogram::<()>(h.sum_secs, h.count, &h.buckets, None)?,
+                }
+            }
+        }
+        Ok(())
+    }
+}
