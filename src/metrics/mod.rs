@@ -24,7 +24,6 @@
 //! [`MESSAGE_REJECT_REASONS`], shard indexes, and close reasons — `&'static str`s
 //! chosen by the caller (at most [`MAX_LABELS`] distinct ones per family; any more
 //! are counted as `other`).
-
 //!
 //! # Files
 //! - `counters`   — per-shard and global counters, labelled ones in fixed tables.
