@@ -386,6 +386,8 @@ mod tests {
     }
 
     struct World {
+        /// Envelope `seq` was read `seq` µs after this.
+        epoch: Instant,
         directory: Directory,
         depth: Arc<AtomicI64>,
         mesh: Arc<MeshEntry>,
@@ -409,6 +411,7 @@ mod tests {
                 crate::mesh::directory::Admission::Admitted
             );
             World {
+                epoch: Instant::now(),
                 directory,
                 depth,
                 mesh,
@@ -434,7 +437,7 @@ mod tests {
                 frame: bytes::Bytes::from_static(b"0123456789"),
                 nonce: 0..0,
                 ciphertext: 0..0,
-                sent_at: Instant::now(),
+                sent_at: self.epoch + std::time::Duration::from_micros(seq.into()),
             })
         }
 
@@ -659,6 +662,27 @@ mod tests {
             1
         );
         assert_eq!(session.got(), ["m0001", "m0002", "m0003"]);
+    }
+
+    /// Ids sort by millisecond, then shard: an envelope read later on
+    /// shard 0 must still follow one read earlier on shard 1.
+    #[test]
+    fn held_order_follows_the_read_clock_not_the_shard_in_the_id() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let on_shard = |id: &str, seq: u32| {
+            let mut e =
+                Arc::into_inner(world.envelope(seq, "a", Some("b"), Priority::Next)).unwrap();
+            e.message_id = id.into();
+            Arc::new(e)
+        };
+        b.hold(on_shard("t0001-s01", 1));
+        b.hold(on_shard("t0001-s00", 2));
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        routes.drain_held(&world.mesh, &b, Some(&session));
+        assert_eq!(session.got(), ["t0001-s01", "t0001-s00"]);
     }
 
     #[test]

@@ -86,7 +86,7 @@ impl HeldQueue {
             let oldest = (0..3)
                 .filter(|&i| skipped & (1 << i) == 0)
                 .filter_map(|i| queues[i].front().map(|e| (i, e)))
-                .min_by(|a, b| a.1.message_id.cmp(&b.1.message_id))?;
+                .min_by(|a, b| order(a.1).cmp(&order(b.1)))?;
             let index = oldest.0;
             match decide(oldest.1) {
                 Take::Yes => {
@@ -134,11 +134,20 @@ impl Drop for HeldQueue {
     }
 }
 
-/// Message ids sort by creation time: the common case (newest) appends.
+/// Creation order: when the send was read, on the one monotonic clock all
+/// shards share, then the id. (Ids alone sort by millisecond, then shard:
+/// within one millisecond an envelope read on shard 0 would sort before
+/// one read earlier on shard 1, even one whose ack its sender had already
+/// seen.)
+fn order(envelope: &Envelope) -> (std::time::Instant, &str) {
+    (envelope.sent_at, &envelope.message_id)
+}
+
+/// The common case (newest) appends.
 fn insert_in_order(queue: &mut VecDeque<Arc<Envelope>>, envelope: Arc<Envelope>) {
     match queue.back() {
-        Some(last) if last.message_id > envelope.message_id => {
-            let at = queue.partition_point(|e| e.message_id < envelope.message_id);
+        Some(last) if order(last) > order(&envelope) => {
+            let at = queue.partition_point(|e| order(e) < order(&envelope));
             queue.insert(at, envelope);
         }
         _ => queue.push_back(envelope),
