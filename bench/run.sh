@@ -92,6 +92,11 @@ bench "broadcast 1 × 100 peers 256 B (window 4)" "≥ 5,000,000 pushes/s; ≤ 0
   broadcast --meshes 1 --peers 100 --payload 256 --duration "$DURATION" --window 4
 bench "churn 4 × 50 slots" "≥ 20,000 hellos/s" \
   churn --meshes 4 --peers 50 --duration "$DURATION"
+# Status-gated delivery (§5): a short run; its point is correctness.
+GATED_DURATION=5
+[ -n "${QUICK:-}" ] && GATED_DURATION=2
+bench "gated 100 peers (50 working), mix 1:1:1 (window 16)" "0 gating/order violations; held drained after idle" \
+  gated --peers 100 --payload 256 --duration "$GATED_DURATION" --window 16
 
 # Bigger meshes need a higher per-mesh cap; connections are bounded by fds.
 start_broker scale MAX_CONNECTIONS_PER_MESH=20000
@@ -145,6 +150,12 @@ for r in rows:
         other = f"{f(r.get('hellos_per_s'))} hellos/s, {f(r.get('broker_cpu_us_per_hello'), 1)} µs/hello"
     if r.get("broker_rss_per_conn_bytes") is not None:
         other = f"{f(r['broker_rss_per_conn_bytes'])} B RSS/conn"
+    g = r.get("gated")
+    if g:
+        drain = "-" if g.get("drain_s") is None else f"{g['drain_s'] * 1000:,.0f} ms"
+        other = (f"{g['held_pushes']:,}/{g['held_expected']:,} held, drain {drain}, "
+                 f"violations: {g['gating_violations']} gating, {g['held_order_violations']} order, "
+                 f"{g['held_creation_order_violations']} cross-sender order")
     lines.append("| " + " | ".join([
         r["label"], r["aim"], f(r.get("sends_per_s")), f(r.get("pushes_per_s")),
         pct(r.get("ack_ms"), "p99"), pct(r.get("push_ms"), "p99"),

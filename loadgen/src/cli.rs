@@ -1,5 +1,6 @@
 //! Command line and its validation. `Args` is what clap parses; `Config` is
 //! the checked, resolved form every other module reads.
+use crate::gate::Mix;
 use crate::scenario::{self, Scenario};
 use crate::wire::WsTarget;
 use anyhow::{bail, Context, Result};
@@ -20,6 +21,23 @@ pub enum ScenarioName {
     Broadcast,
     Idle,
     Churn,
+    Gated,
+}
+
+/// The status a `gated` peer sets before the load.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum GateStatus {
+    Working,
+    Dnd,
+}
+
+impl GateStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateStatus::Working => "working",
+            GateStatus::Dnd => "dnd",
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -43,7 +61,7 @@ impl PriorityArg {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", version)]
 pub struct Args {
-    /// direct | broadcast | idle | churn
+    /// direct | broadcast | idle | churn | gated
     #[arg(value_enum)]
     pub scenario: ScenarioName,
     /// The broker's WebSocket URL.
@@ -121,6 +139,39 @@ pub struct Args {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// gated: relative weights of now:next:low sends (default 1:1:1).
+    #[arg(long)]
+    pub mix: Option<String>,
+    /// gated: peers per mesh that set themselves working (default half).
+    #[arg(long)]
+    pub working_peers: Option<usize>,
+    /// gated: the status they set (default working; dnd is never swept).
+    #[arg(long, value_enum)]
+    pub gate_status: Option<GateStatus>,
+    /// gated: seconds to wait after every set_status was confirmed, before
+    /// the load (default 0.25).
+    #[arg(long)]
+    pub gate_settle: Option<f64>,
+    /// gated: end the load once a gating peer has this many held sends
+    /// addressed to it (default 8000; the broker holds at most 10000 per
+    /// member).
+    #[arg(long)]
+    pub max_held_per_peer: Option<u32>,
+    /// gated: also fail on held pushes delivered after an envelope of
+    /// another sender that was created later (by default only reported).
+    #[arg(long)]
+    pub strict_order: bool,
+}
+
+/// The `gated` scenario's settings.
+#[derive(Clone, Debug)]
+pub struct GateConfig {
+    pub mix: Mix,
+    pub working_peers: usize,
+    pub status: GateStatus,
+    pub settle: Duration,
+    pub max_held_per_peer: u32,
+    pub strict_order: bool,
 }
 
 /// Where the members come from.
@@ -157,6 +208,8 @@ pub struct Config {
     pub tick: Duration,
     pub cleanup: bool,
     pub progress: bool,
+    /// `gated` only.
+    pub gate: Option<GateConfig>,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -264,6 +317,7 @@ impl Args {
         if self.tick_us == 0 || self.tick_us > 100_000 {
             bail!("--tick-us must be between 1 and 100000");
         }
+        let gate = self.gate_config()?;
         Ok(Config {
             scenario,
             target,
@@ -289,7 +343,49 @@ impl Args {
             tick: Duration::from_micros(self.tick_us),
             cleanup: !self.no_cleanup,
             progress: !self.quiet,
+            gate,
         })
+    }
+
+    fn gate_config(&self) -> Result<Option<GateConfig>> {
+        if self.scenario != ScenarioName::Gated {
+            if self.mix.is_some()
+                || self.working_peers.is_some()
+                || self.gate_status.is_some()
+                || self.gate_settle.is_some()
+                || self.max_held_per_peer.is_some()
+                || self.strict_order
+            {
+                bail!("--mix, --working-peers, --gate-status, --gate-settle, --max-held-per-peer and --strict-order apply to gated only");
+            }
+            return Ok(None);
+        }
+        if self.payload <= MIN_PAYLOAD {
+            bail!("--payload must be more than {MIN_PAYLOAD} bytes for gated (it carries a priority marker)");
+        }
+        let working_peers = self.working_peers.unwrap_or(self.peers / 2);
+        if working_peers == 0 || working_peers > self.peers {
+            bail!(
+                "--working-peers must be between 1 and --peers ({})",
+                self.peers
+            );
+        }
+        let max_held_per_peer = self.max_held_per_peer.unwrap_or(8000);
+        if max_held_per_peer == 0 {
+            bail!("--max-held-per-peer must be at least 1");
+        }
+        Ok(Some(GateConfig {
+            mix: Mix::parse(self.mix.as_deref().unwrap_or("1:1:1"))?,
+            working_peers,
+            status: self.gate_status.unwrap_or(GateStatus::Working),
+            settle: match self.gate_settle {
+                None => Duration::from_millis(250),
+                Some(v) if v.is_finite() && (0.0..=60.0).contains(&v) => Duration::from_secs_f64(v),
+                Some(v) => bail!("--gate-settle must be between 0 and 60 seconds, got {v}"),
+            },
+            max_held_per_peer,
+            strict_order: self.strict_order,
+        }))
     }
 }
 
@@ -351,6 +447,58 @@ mod tests {
         // Idle needs only one peer but no rate.
         assert!(check(&["idle", DB, "--peers", "1"]).is_ok());
         assert!(check(&["idle", DB, "--rate", "10"]).is_err());
+    }
+
+    #[test]
+    fn gated_options() {
+        let c = check(&["gated", DB]).unwrap();
+        let g = c.gate.expect("gated config");
+        assert_eq!(g.working_peers, 50);
+        assert_eq!(g.mix, Mix::default());
+        assert_eq!(g.status, GateStatus::Working);
+        assert_eq!(c.scenario.name(), "gated");
+        let c = check(&[
+            "gated",
+            DB,
+            "--peers",
+            "10",
+            "--working-peers",
+            "3",
+            "--mix",
+            "0:1:1",
+            "--gate-status",
+            "dnd",
+            "--gate-settle",
+            "0",
+        ])
+        .unwrap();
+        let g = c.gate.unwrap();
+        assert_eq!((g.working_peers, g.status), (3, GateStatus::Dnd));
+        assert!(g.settle.is_zero());
+        for bad in [
+            &["--working-peers", "0"][..],
+            &["--working-peers", "101"],
+            &["--mix", "1:1"],
+            &["--mix", "0:0:0"],
+            &["--payload", "32"],
+            &["--gate-settle", "-1"],
+            &["--max-held-per-peer", "0"],
+        ] {
+            let mut argv = vec!["gated", DB];
+            argv.extend_from_slice(bad);
+            assert!(check(&argv).is_err(), "{bad:?} should be refused");
+        }
+        // Gated options belong to gated.
+        assert!(check(&["direct", DB, "--mix", "1:1:1"]).is_err());
+        assert!(check(&["direct", DB, "--strict-order"]).is_err());
+        assert!(
+            check(&["gated", DB, "--strict-order"])
+                .unwrap()
+                .gate
+                .unwrap()
+                .strict_order
+        );
+        assert!(check(&["direct", DB]).unwrap().gate.is_none());
     }
 
     #[test]

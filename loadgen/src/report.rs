@@ -57,12 +57,62 @@ pub struct Report {
     pub errors: BTreeMap<String, u64>,
     pub close_codes: BTreeMap<u16, u64>,
     pub failure: Option<String>,
+    /// `gated` only (else `None`).
+    pub gated: Option<GatedReport>,
+}
+
+/// What the `gated` scenario adds (PROTOCOL.md §5). `push_ms` then covers
+/// live pushes only; held ones are timed by the drain.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct GatedReport {
+    /// `working` or `dnd`.
+    pub status: String,
+    pub mix: String,
+    /// Gating sessions over all meshes.
+    pub working_peers: usize,
+    /// `next`/`low` sends to gating peers (acked or pending; errors excluded).
+    pub held_expected: u64,
+    /// Of those, arrived after the idle flip.
+    pub held_pushes: u64,
+    /// `next`/`low` pushes that reached a peer while it was working/dnd.
+    pub gating_violations: u64,
+    /// Held pushes out of their sender's ack order.
+    pub held_order_violations: u64,
+    /// Held pushes delivered after an envelope certainly created later
+    /// (sent only after this one's ack), whatever the senders. Counts
+    /// towards failure only with `strict_order`.
+    pub held_creation_order_violations: u64,
+    /// `--strict-order`.
+    pub strict_order: bool,
+    /// Held pushes whose ack the sender never got (not order-checked).
+    pub held_unacked: u64,
+    /// First idle flip → last held push, in seconds (None: nothing held arrived).
+    pub drain_s: Option<f64>,
+    /// Per gating peer: its idle flip → its last held push.
+    pub drain_ms: Percentiles,
+    /// The load ended early: a peer reached --max-held-per-peer.
+    pub held_cap_reached: bool,
+}
+
+impl GatedReport {
+    /// What fails the run.
+    pub fn violations(&self) -> u64 {
+        let creation = if self.strict_order {
+            self.held_creation_order_violations
+        } else {
+            0
+        };
+        self.gating_violations + self.held_order_violations + creation
+    }
 }
 
 impl Report {
-    /// Nothing lost, no duplicate, no failure.
+    /// Nothing lost, no duplicate, no failure, no gating or order violation.
     pub fn ok(&self) -> bool {
-        self.lost == 0 && self.duplicates == 0 && self.failure.is_none()
+        self.lost == 0
+            && self.duplicates == 0
+            && self.failure.is_none()
+            && self.gated.as_ref().is_none_or(|g| g.violations() == 0)
     }
 
     pub fn failure_summary(&self) -> String {
@@ -75,6 +125,26 @@ impl Report {
         }
         if self.duplicates > 0 {
             parts.push(format!("{} duplicate pushes", self.duplicates));
+        }
+        if let Some(g) = &self.gated {
+            if g.gating_violations > 0 {
+                parts.push(format!(
+                    "{} next/low pushes reached a {} peer",
+                    g.gating_violations, g.status
+                ));
+            }
+            if g.held_order_violations > 0 {
+                parts.push(format!(
+                    "{} held pushes out of their sender's ack order",
+                    g.held_order_violations
+                ));
+            }
+            if g.strict_order && g.held_creation_order_violations > 0 {
+                parts.push(format!(
+                    "{} held pushes after one created later",
+                    g.held_creation_order_violations
+                ));
+            }
         }
         if let Some(f) = &self.failure {
             parts.push(f.clone());
@@ -140,13 +210,65 @@ impl Report {
                 "  {:<28} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 "latency ms", "p50", "p90", "p99", "p99.9", "max"
             );
-            for (name, p) in [("send→ack", &self.ack_ms), ("send→push", &self.push_ms)] {
+            let push_name = if self.gated.is_some() {
+                "send→push (live)"
+            } else {
+                "send→push"
+            };
+            let mut rows = vec![("send→ack", &self.ack_ms), (push_name, &self.push_ms)];
+            if let Some(g) = self.gated.as_ref().filter(|g| g.drain_ms.count > 0) {
+                rows.push(("idle flip→last held, /peer", &g.drain_ms));
+            }
+            for (name, p) in rows {
                 let _ = writeln!(
                     t,
                     "  {:<28} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
                     name, p.p50, p.p90, p.p99, p.p999, p.max
                 );
             }
+        }
+        if let Some(g) = &self.gated {
+            row(
+                &mut t,
+                "gating",
+                format!(
+                    "{} peers {} ({}){}",
+                    g.working_peers,
+                    g.status,
+                    g.mix,
+                    if g.held_cap_reached {
+                        "; load ended at --max-held-per-peer"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            row(
+                &mut t,
+                "held: after idle / expected",
+                format!("{} / {}", g.held_pushes, g.held_expected),
+            );
+            row(
+                &mut t,
+                "drain (idle flip→last held)",
+                format!("{} s", opt(g.drain_s, 3)),
+            );
+            row(&mut t, "gating violations", g.gating_violations.to_string());
+            row(
+                &mut t,
+                "held order: sender / created",
+                format!(
+                    "{} / {} violations ({}{} never acked)",
+                    g.held_order_violations,
+                    g.held_creation_order_violations,
+                    if g.strict_order {
+                        ""
+                    } else {
+                        "created: reported only, fails with --strict-order; "
+                    },
+                    g.held_unacked
+                ),
+            );
         }
         row(
             &mut t,
@@ -237,5 +359,69 @@ impl Report {
             }
         );
         t
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gating_and_order_violations_fail_the_run() {
+        let clean = Report {
+            gated: Some(GatedReport {
+                status: "working".into(),
+                held_expected: 10,
+                held_pushes: 10,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(clean.ok(), "{}", clean.failure_summary());
+        let with = |f: &dyn Fn(&mut GatedReport)| {
+            let mut r = clean.clone();
+            f(r.gated.as_mut().unwrap());
+            r
+        };
+        for (r, text) in [
+            (
+                with(&|g| g.gating_violations = 3),
+                "3 next/low pushes reached a working peer",
+            ),
+            (
+                with(&|g| g.held_order_violations = 3),
+                "3 held pushes out of their sender's ack order",
+            ),
+            (
+                with(&|g| {
+                    g.held_creation_order_violations = 3;
+                    g.strict_order = true;
+                }),
+                "3 held pushes after one created later",
+            ),
+        ] {
+            assert!(!r.ok());
+            assert!(
+                r.failure_summary().contains(text),
+                "{}",
+                r.failure_summary()
+            );
+            assert!(r.table().contains("FAILED"));
+            let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+            assert_eq!(json["ok"], false);
+        }
+        // Reported, not failing: cross-sender creation order without
+        // --strict-order, and held pushes whose ack never came.
+        let r = with(&|g| {
+            g.held_creation_order_violations = 3;
+            g.held_unacked = 2;
+        });
+        assert!(r.ok(), "{}", r.failure_summary());
+        assert!(r.table().contains("reported only"));
+        // Other scenarios have no gated block.
+        let direct = Report::default();
+        assert!(direct.ok());
+        let json: serde_json::Value = serde_json::from_str(&direct.to_json()).unwrap();
+        assert!(json["gated"].is_null());
     }
 }

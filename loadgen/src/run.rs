@@ -2,8 +2,9 @@
 //! progress lines, broker cost, cleanup, report.
 use crate::cli::{Config, MemberSource};
 use crate::db;
+use crate::gate::{self, GatePlan};
 use crate::procfs::{self, ProcSample};
-use crate::report::Report;
+use crate::report::{GatedReport, Report};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Delivery};
@@ -11,7 +12,7 @@ use crate::wire::{SendTemplate, WS_KEY};
 use crate::worker::{self, Control, Hists, RunShared, Slot, Tally, Worker, WorkerShared};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -139,6 +140,40 @@ pub fn run(cfg: &Config) -> Result<Report> {
     } else {
         Vec::new()
     };
+    let gate_plan = cfg.gate.as_ref().map(|g| {
+        GatePlan::new(
+            roster
+                .meshes
+                .iter()
+                .map(|m| {
+                    let n = m.members.len();
+                    let w = g.working_peers.min(n);
+                    (0..n).map(|p| gate::is_working(p, n, w)).collect()
+                })
+                .collect(),
+            g.mix,
+            g.status.as_str(),
+            cfg.payload,
+            g.max_held_per_peer,
+        )
+    });
+    let working_peers = gate_plan.as_ref().map_or(0, |p| {
+        p.working
+            .iter()
+            .map(|m| m.iter().filter(|&&w| w).count())
+            .sum()
+    });
+    if let Some(g) = &cfg.gate {
+        if g.status == crate::cli::GateStatus::Working
+            && cfg.duration + cfg.grace * 2 > Duration::from_secs(50)
+        {
+            eprintln!(
+                "loadgen: note: gated sessions repeat set_status working every 10 s to stay fresh; \
+                 a broker with STATUS_TTL_SECONDS below the run's length may still flip them \
+                 (use --gate-status dnd for long runs)"
+            );
+        }
+    }
     let run = Arc::new(RunShared {
         pubkeys: roster
             .meshes
@@ -175,6 +210,13 @@ pub fn run(cfg: &Config) -> Result<Report> {
         push_outstanding: (0..connections).map(|_| AtomicI64::new(0)).collect(),
         connect_concurrency: cfg.connect_concurrency,
         tick_ns: cfg.tick.as_nanos() as u64,
+        held_per_peer: if gate_plan.is_some() {
+            (0..connections).map(|_| AtomicU32::new(0)).collect()
+        } else {
+            Vec::new()
+        },
+        gate: gate_plan,
+        held_full: AtomicBool::new(false),
     });
     let ctl = Arc::new(Control {
         phase: AtomicU8::new(worker::PHASE_SETUP),
@@ -251,6 +293,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
     }
     let setup_s = setup_start.elapsed().as_secs_f64();
+    // Gated: every gating session's status is confirmed by its barrier's
+    // ack; the settle covers the status reaching other shards' routing.
+    if let Some(g) = &cfg.gate {
+        std::thread::sleep(g.settle);
+    }
     // Let the broker settle its post-hello work before measuring.
     if scenario.measures_rss_per_connection() {
         std::thread::sleep(Duration::from_millis(500));
@@ -273,6 +320,15 @@ pub fn run(cfg: &Config) -> Result<Report> {
         if elapsed >= cfg.duration || cfg.count.is_some_and(|c| t.sent >= c) {
             break;
         }
+        if run.held_full.load(Relaxed) {
+            if cfg.progress {
+                eprintln!(
+                    "[{:>4.1}s] a gating peer has --max-held-per-peer held sends: load ends",
+                    elapsed.as_secs_f64()
+                );
+            }
+            break;
+        }
         if let Some(f) = first_failure(&shared) {
             failure = Some(f);
             break;
@@ -280,8 +336,13 @@ pub fn run(cfg: &Config) -> Result<Report> {
         if now >= next_tick {
             if cfg.progress {
                 let h = merged_hists(&shared);
+                let gating = if run.gate.is_some() {
+                    format!(" | held {} violations {}", t.held_expected, t.violations)
+                } else {
+                    String::new()
+                };
                 eprintln!(
-                    "[{:>4.0}s] sent/s {:>9} acked/s {:>9} pushes/s {:>10} hellos/s {:>7} | p99 ack {:.3} ms push {:.3} ms | lost-so-far {}",
+                    "[{:>4.0}s] sent/s {:>9} acked/s {:>9} pushes/s {:>10} hellos/s {:>7} | p99 ack {:.3} ms push {:.3} ms | lost-so-far {}{gating}",
                     elapsed.as_secs_f64(),
                     t.sent - prev.sent,
                     t.acked - prev.acked,
@@ -289,7 +350,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                     t.hellos - prev.hellos,
                     h.ack.percentiles().p99,
                     h.push.percentiles().p99,
-                    t.expected.saturating_sub(t.pushes),
+                    t.live_expected().saturating_sub(t.live()),
                 );
             }
             prev = t;
@@ -300,15 +361,44 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let load_s = started.elapsed().as_secs_f64();
     ctl.phase.store(worker::PHASE_DRAIN, Relaxed);
 
-    // Drain: outstanding acks and pushes, within the grace period.
+    // Drain: outstanding acks and (live) pushes, within the grace period.
     let drain_start = Instant::now();
     loop {
         let t = totals(&shared);
-        let settled = t.acked + t.send_errors >= t.sent && t.pushes >= t.expected;
+        let settled = t.acked + t.send_errors >= t.sent && t.live() >= t.live_expected();
         if settled || drain_start.elapsed() >= cfg.grace || failure.is_some() {
             break;
         }
         std::thread::sleep(Duration::from_millis(2));
+    }
+    // Gated: the gating sessions say idle; what was held for them must
+    // arrive, within another grace period.
+    if cfg.gate.is_some() && failure.is_none() {
+        // A publication after the drain, so the progress line is current.
+        std::thread::sleep(Duration::from_millis(120));
+        ctl.phase.store(worker::PHASE_RELEASE, Relaxed);
+        let release_start = Instant::now();
+        loop {
+            let t = totals(&shared);
+            if t.pushes >= t.expected || release_start.elapsed() >= cfg.grace {
+                break;
+            }
+            if let Some(f) = first_failure(&shared) {
+                failure = Some(f);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        if cfg.progress {
+            let t = totals(&shared);
+            eprintln!(
+                "[release] {} of {} held pushes after the idle flip ({:.3} s); {} gating violations",
+                t.held,
+                t.held_expected,
+                release_start.elapsed().as_secs_f64(),
+                t.violations
+            );
+        }
     }
     // Workers publish every 100 ms: wait for a fresh publication.
     std::thread::sleep(Duration::from_millis(120));
@@ -330,6 +420,28 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
     }
     let failure = failure.or_else(|| first_failure(&shared));
+    let gated = cfg.gate.as_ref().map(|g| {
+        let records: Vec<_> = shared
+            .iter()
+            .flat_map(|s| std::mem::take(&mut *s.gate.lock().unwrap()))
+            .collect();
+        let summary = gate::verify(&records);
+        GatedReport {
+            status: g.status.as_str().into(),
+            mix: g.mix.label(),
+            working_peers,
+            held_expected: t.held_expected,
+            held_pushes: t.held,
+            gating_violations: t.violations,
+            held_order_violations: summary.order.sender_order,
+            held_creation_order_violations: summary.order.creation_order,
+            strict_order: g.strict_order,
+            held_unacked: summary.order.never_acked,
+            drain_s: summary.drain_ns.map(|ns| ns as f64 / 1e9),
+            drain_ms: summary.drain_per_peer.percentiles(),
+            held_cap_reached: run.held_full.load(Relaxed),
+        }
+    });
     let delivery = Delivery {
         expected: t.expected,
         unique: t.pushes,
@@ -366,7 +478,10 @@ pub fn run(cfg: &Config) -> Result<Report> {
         connections,
         senders: total_senders,
         payload: cfg.payload,
-        priority: cfg.priority.as_str().into(),
+        priority: match &cfg.gate {
+            Some(g) => g.mix.label(),
+            None => cfg.priority.as_str().into(),
+        },
         window: cfg.window,
         rate: cfg.rate,
         duration_s: load_s,
@@ -407,6 +522,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         errors,
         close_codes,
         failure,
+        gated,
     };
     if report.failure.is_none() {
         if scenario.traffic().is_some() && report.sent == 0 {

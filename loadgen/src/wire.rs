@@ -204,11 +204,33 @@ pub struct SendTemplate {
     target_at: Option<usize>,
     meta_at: usize,
     id_at: usize,
+    /// Gated templates: the id carries target and seq after the timestamp.
+    tagged: bool,
 }
+
+/// Priority markers: the ciphertext's first byte after the metadata in
+/// `gated` sends, so a receiver knows what the sender asked for (`now`,
+/// `next`, `low`) without trusting the broker's label.
+pub const PRIORITY_MARKS: [u8; 3] = [b'N', b'X', b'L'];
+
+/// A gated send's id: timestamp (16 hex) · target member (8 hex) · seq
+/// (8 hex) · priority index (1 digit).
+pub const TAGGED_ID_LEN: usize = 33;
 
 impl SendTemplate {
     /// `direct`: a 64-hex target slot; else `"*"`.
     pub fn new(direct: bool, priority: &str, payload: usize) -> SendTemplate {
+        SendTemplate::build(direct, priority, payload, None)
+    }
+
+    /// A direct send for the `gated` scenario: priority `PRIORITIES[p]`,
+    /// its marker after the metadata and a tagged id.
+    pub fn gated(p: usize, payload: usize) -> SendTemplate {
+        assert!(payload > META_LEN, "gated sends carry a priority marker");
+        SendTemplate::build(true, crate::gate::PRIORITIES[p], payload, Some(p))
+    }
+
+    fn build(direct: bool, priority: &str, payload: usize, tag: Option<usize>) -> SendTemplate {
         assert!(payload >= META_LEN);
         let target = if direct { "0".repeat(64) } else { "*".into() };
         let head = format!(
@@ -218,9 +240,16 @@ impl SendTemplate {
         let meta_at = json.len();
         json.extend(std::iter::repeat_n(b'0', META_LEN));
         json.extend((0..payload - META_LEN).map(|i| b'A' + (i % 26) as u8));
+        if let Some(p) = tag {
+            json[meta_at + META_LEN] = PRIORITY_MARKS[p];
+        }
         json.extend_from_slice(b"\",\"id\":\"");
         let id_at = json.len();
         json.extend(std::iter::repeat_n(b'0', 16));
+        if let Some(p) = tag {
+            json.extend(std::iter::repeat_n(b'0', 16));
+            json.push(b'0' + p as u8);
+        }
         json.extend_from_slice(b"\"}");
         let frame = client_frame(OpCode::Text, &json);
         let header = frame.len() - json.len();
@@ -230,7 +259,27 @@ impl SendTemplate {
             target_at,
             meta_at: header + meta_at,
             id_at: header + id_at,
+            tagged: tag.is_some(),
         }
+    }
+
+    /// Appends one gated send: as [`SendTemplate::write`], and the id also
+    /// names the target member and the seq.
+    pub fn write_tagged(
+        &self,
+        out: &mut Vec<u8>,
+        target: &[u8],
+        target_index: u32,
+        sender: u32,
+        seq: u32,
+        ts_ns: u64,
+    ) {
+        debug_assert!(self.tagged);
+        let start = out.len();
+        self.write(out, target, sender, seq, ts_ns);
+        let at = start + self.id_at + 16;
+        put_hex(&mut out[at..at + 8], target_index as u64);
+        put_hex(&mut out[at + 8..at + 16], seq as u64);
     }
 
     pub fn frame_len(&self) -> usize {
@@ -268,6 +317,15 @@ pub enum Message {
     Ack {
         ts_ns: Option<u64>,
     },
+    /// The ack of a gated send (its id is tagged).
+    TaggedAck {
+        ts_ns: u64,
+        target: u32,
+        seq: u32,
+        priority: usize,
+    },
+    /// The ack of the gating barrier (a `now` send to oneself).
+    BarrierAck,
     HelloAck,
     Error {
         code: String,
@@ -296,6 +354,74 @@ fn parse_meta(meta: &[u8]) -> Option<(u32, u32, u64)> {
     ))
 }
 
+/// Target, seq and priority index from a tagged id (after the timestamp).
+pub fn parse_tag(id: &[u8]) -> Option<(u64, u32, u32, usize)> {
+    if id.len() != TAGGED_ID_LEN {
+        return None;
+    }
+    let p = (id[32] as char).to_digit(10).filter(|&p| p < 3)? as usize;
+    Some((
+        parse_hex(&id[..16])?,
+        parse_hex(&id[16..24])? as u32,
+        parse_hex(&id[24..32])? as u32,
+        p,
+    ))
+}
+
+fn ack_for_id(id: &[u8]) -> Message {
+    if id == BARRIER_ID.as_bytes() {
+        return Message::BarrierAck;
+    }
+    if let Some((ts_ns, target, seq, priority)) = parse_tag(id) {
+        return Message::TaggedAck {
+            ts_ns,
+            target,
+            seq,
+            priority,
+        };
+    }
+    Message::Ack {
+        ts_ns: parse_hex(id),
+    }
+}
+
+/// The id and ciphertext of the gating barrier.
+pub const BARRIER_ID: &str = "loadgen-gate-barrier";
+const BARRIER_CIPHERTEXT: &str = "bG9hZGdlbi1nYXRlLWJhcnJpZXI";
+
+/// `{"type":"set_status","status":…}`.
+pub fn set_status_frame(status: &str) -> Vec<u8> {
+    let json = format!("{{\"type\":\"set_status\",\"status\":\"{status}\"}}");
+    client_frame(OpCode::Text, json.as_bytes())
+}
+
+/// A `now` send to oneself with [`BARRIER_ID`]: its ack proves the broker
+/// has processed everything this connection sent before it.
+pub fn barrier_frame(own_pubkey: &[u8]) -> Vec<u8> {
+    let json = format!(
+        "{{\"type\":\"send\",\"targetSpec\":\"{}\",\"priority\":\"now\",\"nonce\":\"{NONCE}\",\"ciphertext\":\"{BARRIER_CIPHERTEXT}\",\"id\":\"{BARRIER_ID}\"}}",
+        String::from_utf8_lossy(own_pubkey)
+    );
+    client_frame(OpCode::Text, json.as_bytes())
+}
+
+fn ciphertext_of(payload: &[u8]) -> Option<&[u8]> {
+    let at = CIPHERTEXT_FINDER.with(|f| f.find(payload))?;
+    let rest = &payload[at + CIPHERTEXT_KEY.len()..];
+    Some(&rest[..memchr::memchr(b'"', rest)?])
+}
+
+/// The barrier's own push (when the broker delivers a send to oneself).
+pub fn is_barrier_push(payload: &[u8]) -> bool {
+    ciphertext_of(payload) == Some(BARRIER_CIPHERTEXT.as_bytes())
+}
+
+/// The priority index a gated push's sender asked for (its marker).
+pub fn push_priority(payload: &[u8]) -> Option<usize> {
+    let mark = *ciphertext_of(payload)?.get(META_LEN)?;
+    PRIORITY_MARKS.iter().position(|&m| m == mark)
+}
+
 pub fn classify(payload: &[u8]) -> Message {
     if payload.starts_with(PUSH_PREFIX) {
         let at = CIPHERTEXT_FINDER.with(|f| f.find(&payload[PUSH_PREFIX.len()..]));
@@ -310,11 +436,13 @@ pub fn classify(payload: &[u8]) -> Message {
     }
     if payload.starts_with(ACK_PREFIX) {
         let rest = &payload[ACK_PREFIX.len()..];
-        let ts_ns = rest
-            .get(16)
-            .filter(|&&b| b == b'"')
-            .and_then(|_| parse_hex(&rest[..16]));
-        return Message::Ack { ts_ns };
+        if rest.get(16) == Some(&b'"') {
+            return Message::Ack {
+                ts_ns: parse_hex(&rest[..16]),
+            };
+        }
+        let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
+        return ack_for_id(&rest[..end]);
     }
     // Rare kinds: a real JSON parse.
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
@@ -322,9 +450,7 @@ pub fn classify(payload: &[u8]) -> Message {
     };
     match value["type"].as_str() {
         Some("hello_ack") => Message::HelloAck,
-        Some("ack") => Message::Ack {
-            ts_ns: value["id"].as_str().and_then(|s| parse_hex(s.as_bytes())),
-        },
+        Some("ack") => ack_for_id(value["id"].as_str().unwrap_or_default().as_bytes()),
         Some("error") => Message::Error {
             code: value["code"].as_str().unwrap_or("?").to_string(),
             id: value["id"].as_str().map(str::to_string),
@@ -418,6 +544,84 @@ mod tests {
                 code: "unknown_target".into(),
                 id: Some("00".into())
             }
+        );
+    }
+
+    #[test]
+    fn gated_templates_tag_id_and_mark_priority() {
+        for p in 0..3 {
+            let t = SendTemplate::gated(p, 64);
+            let mut out = Vec::new();
+            let target = "cd".repeat(32);
+            t.write_tagged(&mut out, target.as_bytes(), 17, 5, 300, 0xfeed);
+            let h = meshbroker::ws::decode_client_frame(&mut out, 1 << 20)
+                .unwrap()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out[h.payload_range()]).unwrap();
+            assert_eq!(v["priority"], crate::gate::PRIORITIES[p]);
+            assert_eq!(v["targetSpec"], target);
+            let ct = v["ciphertext"].as_str().unwrap();
+            assert_eq!(ct.len(), 64);
+            assert_eq!(parse_meta(ct.as_bytes()), Some((5, 300, 0xfeed)));
+            let id = v["id"].as_str().unwrap();
+            assert_eq!(parse_tag(id.as_bytes()), Some((0xfeed, 17, 300, p)));
+            // The broker's push carries the ciphertext unchanged.
+            let push = format!(
+                r#"{{"type":"push","messageId":"m","priority":"now","ciphertext":"{ct}"}}"#
+            );
+            assert_eq!(push_priority(push.as_bytes()), Some(p));
+            assert!(!is_barrier_push(push.as_bytes()));
+            let ack = format!(r#"{{"type":"ack","id":"{id}","messageId":"m","queued":true}}"#);
+            assert_eq!(
+                classify(ack.as_bytes()),
+                Message::TaggedAck {
+                    ts_ns: 0xfeed,
+                    target: 17,
+                    seq: 300,
+                    priority: p
+                }
+            );
+            // Same, field order changed (the slow path).
+            let ack = format!(r#"{{"type":"ack","messageId":"m","id":"{id}"}}"#);
+            assert!(matches!(
+                classify(ack.as_bytes()),
+                Message::TaggedAck { .. }
+            ));
+        }
+        assert_eq!(parse_tag(b"0000000000000001000000020000000039"), None);
+        assert_eq!(parse_tag(b"000000000000000100000002000000003"), None);
+    }
+
+    #[test]
+    fn barrier_round_trip() {
+        let me = "ef".repeat(32);
+        let mut frame = barrier_frame(me.as_bytes());
+        let h = meshbroker::ws::decode_client_frame(&mut frame, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&frame[h.payload_range()]).unwrap();
+        assert_eq!(v["targetSpec"], me);
+        assert_eq!(v["priority"], "now");
+        let push = format!(
+            r#"{{"type":"push","messageId":"m","ciphertext":"{}"}}"#,
+            v["ciphertext"].as_str().unwrap()
+        );
+        assert!(is_barrier_push(push.as_bytes()));
+        assert_eq!(classify(push.as_bytes()), Message::ForeignPush);
+        let ack = format!(r#"{{"type":"ack","id":"{BARRIER_ID}","messageId":"m","queued":true}}"#);
+        assert_eq!(classify(ack.as_bytes()), Message::BarrierAck);
+        let mut status = set_status_frame("dnd");
+        let h = meshbroker::ws::decode_client_frame(&mut status, 1 << 20)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            &status[h.payload_range()],
+            br#"{"type":"set_status","status":"dnd"}"#
+        );
+        // Untagged acks keep their old meaning.
+        assert_eq!(
+            classify(br#"{"type":"ack","id":"","messageId":"m","queued":true}"#),
+            Message::Ack { ts_ns: None }
         );
     }
 

@@ -1,11 +1,12 @@
 //! One worker thread: a mio (epoll) loop over many connections.
 //!
-//! Each connection goes Connecting → Upgrading → Helloing → Ready (→
-//! Closing). Whatever a loop iteration produces for a connection (sends
-//! refilled by acks, paced sends, pongs) is appended to its write buffer and
-//! written with one syscall at the end of the iteration: many frames per
-//! write. Reads go into one per-thread scratch buffer; only a partial frame
+//! Each connection goes Connecting → Upgrading → Helloing (→ Gating) →
+//! Ready (→ Closing). Whatever a loop iteration produces for a connection
+//! (sends refilled by acks, paced sends, pongs, `gated` status changes) is
+//! appended to its write buffer and written with one syscall at the end of
+//! the iteration: many frames per write. Reads go into one per-thread scratch buffer; only a partial frame
 //! is copied into the connection.
+use crate::gate::{self, Acked, Arrival, GateConn, GatePlan, Verdict};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Latency, Pacer, ReceiverLedger};
@@ -17,14 +18,16 @@ use std::collections::BTreeMap;
 use std::io::{ErrorKind, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicU8, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 pub const PHASE_SETUP: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
 pub const PHASE_DRAIN: u8 = 2;
-pub const PHASE_CLOSE: u8 = 3;
+/// `gated`: the gating sessions say `idle` and receive what was held.
+pub const PHASE_RELEASE: u8 = 3;
+pub const PHASE_CLOSE: u8 = 4;
 
 const TIMER: Token = Token(usize::MAX);
 const SCRATCH: usize = 256 * 1024;
@@ -33,6 +36,10 @@ const CLOSE_WAIT_NS: u64 = 2_000_000_000;
 /// Re-sign a cached hello after this long (the broker allows ±60 s).
 const HELLO_MAX_AGE_MS: i64 = 30_000;
 const PUBLISH_EVERY_NS: u64 = 100_000_000;
+/// `gated`: repeat the gating `set_status` this often, so the manual status
+/// stays fresh (PROTOCOL.md §5: a stale one yields to transcript inference
+/// after HOOK_FRESH_WINDOW_SECONDS, and `working` to the TTL sweep).
+const GATE_REFRESH_NS: u64 = 10_000_000_000;
 
 /// Run-wide control, written by the main thread.
 pub struct Control {
@@ -67,6 +74,12 @@ pub struct Tally {
     pub conn_failures: u64,
     pub broker_closes: u64,
     pub ready: u64,
+    /// `gated`: acked-or-pending `next`/`low` sends to gating peers (part
+    /// of `expected`), those that arrived after the idle flip, and those
+    /// that arrived before it (gating violations; both part of `pushes`).
+    pub held_expected: u64,
+    pub held: u64,
+    pub violations: u64,
 }
 
 impl Tally {
@@ -84,6 +97,19 @@ impl Tally {
         self.conn_failures += o.conn_failures;
         self.broker_closes += o.broker_closes;
         self.ready += o.ready;
+        self.held_expected += o.held_expected;
+        self.held += o.held;
+        self.violations += o.violations;
+    }
+
+    /// Pushes expected at once (not held).
+    pub fn live_expected(&self) -> u64 {
+        self.expected.saturating_sub(self.held_expected)
+    }
+
+    /// Pushes received at once (`now`, or to an idle session).
+    pub fn live(&self) -> u64 {
+        self.pushes.saturating_sub(self.held + self.violations)
     }
 }
 
@@ -105,6 +131,7 @@ impl Counters {
 #[derive(Default, Clone)]
 pub struct Hists {
     pub ack: Latency,
+    /// Live pushes only (held ones are measured by the drain time).
     pub push: Latency,
     pub hello: Latency,
 }
@@ -130,6 +157,9 @@ pub struct WorkerShared {
     pub errors: Mutex<BTreeMap<String, u64>>,
     pub closes: Mutex<BTreeMap<u16, u64>>,
     pub failure: Mutex<Option<String>>,
+    /// `gated`: each connection's records, by (mesh, member), when the
+    /// worker ends.
+    pub gate: Mutex<Vec<((u32, u32), GateConn)>>,
 }
 
 /// One connection's identity: which member of which mesh, whether it sends.
@@ -168,6 +198,13 @@ pub struct RunShared {
     pub push_outstanding: Vec<AtomicI64>,
     pub connect_concurrency: usize,
     pub tick_ns: u64,
+    /// `gated` only.
+    pub gate: Option<GatePlan>,
+    /// `gated`: held sends addressed to each gating peer (global slot).
+    pub held_per_peer: Vec<AtomicU32>,
+    /// `gated`: a peer reached `max_held_per_peer`; the main thread ends
+    /// the load.
+    pub held_full: AtomicBool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -176,6 +213,8 @@ enum State {
     Connecting,
     Upgrading,
     Helloing,
+    /// `gated`: set_status sent, waiting for the barrier's ack.
+    Gating,
     Ready,
     Closing,
 }
@@ -197,6 +236,7 @@ struct Conn {
     /// Churn: when to connect again (0: now).
     retry_at: u64,
     hello: Option<(i64, Vec<u8>)>,
+    gate: Option<Box<GateConn>>,
 }
 
 /// Everything of the worker but the connections (so both can be borrowed).
@@ -284,13 +324,21 @@ impl Env {
                 let seq_slot = &mut conn.seqs[target as usize];
                 let seq = *seq_slot;
                 *seq_slot += 1;
-                template.write(
-                    &mut conn.wbuf,
-                    &run.pubkeys[mesh][target as usize],
-                    me,
-                    seq,
-                    ts,
-                );
+                let pubkey = &run.pubkeys[mesh][target as usize];
+                if let Some(plan) = &run.gate {
+                    let p = plan.mix.pick(self.rand());
+                    plan.templates[p].write_tagged(&mut conn.wbuf, pubkey, target, me, seq, ts);
+                    if p != gate::NOW && plan.working[mesh][target as usize] {
+                        self.local.held_expected += 1;
+                        let g = run.mesh_offsets[mesh] + target as usize;
+                        let n = run.held_per_peer[g].fetch_add(1, Relaxed) + 1;
+                        if n >= plan.max_held_per_peer {
+                            run.held_full.store(true, Relaxed);
+                        }
+                    }
+                } else {
+                    template.write(&mut conn.wbuf, pubkey, me, seq, ts);
+                }
             }
             _ => {
                 let seq = conn.seqs[0];
@@ -429,6 +477,10 @@ impl Worker {
                     closing_since: 0,
                     retry_at: 0,
                     hello: None,
+                    gate: run.gate.as_ref().map(|plan| {
+                        let mesh = &plan.working[slot.mesh as usize];
+                        Box::new(GateConn::new(mesh[slot.member as usize], mesh.len()))
+                    }),
                 }
             })
             .collect();
@@ -476,6 +528,8 @@ impl Worker {
         let mut sending_started = false;
         let mut close_started: Option<u64> = None;
         let mut last_scan = 0u64;
+        let mut last_refresh = 0u64;
+        let mut released = false;
         loop {
             let env = &mut self.env;
             env.phase = env.ctl.phase.load(Relaxed);
@@ -529,7 +583,21 @@ impl Worker {
             // The load starts (once) when the main thread says so.
             if self.env.phase == PHASE_RUN && !sending_started {
                 sending_started = true;
+                last_refresh = self.env.now;
                 self.start_sending();
+            }
+            if self.env.run.gate.is_some() {
+                let phase = self.env.phase;
+                if (phase == PHASE_RUN || phase == PHASE_DRAIN)
+                    && self.env.now.saturating_sub(last_refresh) > GATE_REFRESH_NS
+                {
+                    last_refresh = self.env.now;
+                    self.gate_send(false);
+                }
+                if phase == PHASE_RELEASE && !released {
+                    released = true;
+                    self.gate_send(true);
+                }
             }
             if self.env.phase == PHASE_RUN && self.env.run.rate_per_sender.is_some() {
                 for k in 0..self.senders.len() {
@@ -565,6 +633,42 @@ impl Worker {
             }
         }
         self.publish();
+        if self.env.run.gate.is_some() {
+            let records = self
+                .conns
+                .iter_mut()
+                .filter_map(|c| Some(((c.slot.mesh, c.slot.member), *c.gate.take()?)))
+                .collect();
+            *self.env.shared.gate.lock().unwrap() = records;
+        }
+    }
+
+    /// `gated`: every ready gating session repeats its status (`release`
+    /// false) or says `idle` (true; the release clock starts now).
+    fn gate_send(&mut self, release: bool) {
+        let run = self.env.run.clone();
+        let Some(plan) = &run.gate else {
+            return;
+        };
+        let frame = if release {
+            &plan.idle_frame
+        } else {
+            &plan.gate_frame
+        };
+        for i in 0..self.conns.len() {
+            let conn = &mut self.conns[i];
+            let Some(g) = conn.gate.as_mut() else {
+                continue;
+            };
+            if !g.working || g.released_at.is_some() || conn.state != State::Ready {
+                continue;
+            }
+            if release {
+                g.released_at = Some(self.env.now);
+            }
+            conn.wbuf.extend_from_slice(frame);
+            self.env.mark_dirty(conn);
+        }
     }
 
     fn publish(&mut self) {
@@ -738,7 +842,7 @@ impl Worker {
         let conn = &mut self.conns[i];
         if matches!(
             conn.state,
-            State::Connecting | State::Upgrading | State::Helloing
+            State::Connecting | State::Upgrading | State::Helloing | State::Gating
         ) {
             self.env.in_setup -= 1;
         }
@@ -764,7 +868,7 @@ impl Worker {
             self.drop_conn(i);
             return;
         }
-        if conn.state == State::Helloing {
+        if matches!(conn.state, State::Helloing | State::Gating) {
             self.env.in_setup -= 1;
         }
         if conn.state == State::Ready {
@@ -1057,6 +1161,9 @@ fn on_data(conn: &mut Conn, env: &mut Env, data: &[u8]) -> (usize, Outcome) {
 
 fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome> {
     match wire::classify(payload) {
+        Message::Push { sender, seq, ts_ns } if env.run.gate.is_some() => {
+            gated_push(conn, env, payload, sender, seq, ts_ns);
+        }
         Message::Push { sender, seq, ts_ns } => {
             if conn.ledger.record(sender, seq) {
                 env.local.pushes += 1;
@@ -1069,34 +1176,61 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 env.local.duplicates += 1;
             }
         }
+        Message::ForeignPush if env.run.gate.is_some() && wire::is_barrier_push(payload) => {}
         Message::ForeignPush => env.local.foreign += 1,
-        Message::Ack { ts_ns } => {
-            conn.inflight = conn.inflight.saturating_sub(1);
-            env.local.acked += 1;
-            if let Some(ts) = ts_ns {
-                env.hists.ack.record_since(ts, env.now);
+        Message::Ack { ts_ns } => on_ack(conn, env, ts_ns),
+        Message::TaggedAck {
+            ts_ns, target, seq, ..
+        } => {
+            if let (Some(plan), Some(g)) = (&env.run.gate, conn.gate.as_mut()) {
+                let mesh = conn.slot.mesh as usize;
+                if plan.working[mesh].get(target as usize) == Some(&true) {
+                    if let Some(list) = g.acks.get_mut(target as usize) {
+                        list.push(Acked {
+                            seq,
+                            at_ns: env.now,
+                        });
+                    }
+                }
             }
-            env.refill(conn);
+            on_ack(conn, env, Some(ts_ns));
+        }
+        Message::BarrierAck => {
+            if conn.state == State::Gating {
+                env.in_setup -= 1;
+                ready(conn, env);
+            }
         }
         Message::HelloAck => {
             if conn.state == State::Helloing {
-                env.in_setup -= 1;
                 env.local.hellos += 1;
                 if env.phase == PHASE_RUN {
                     env.local.run_hellos += 1;
                 }
                 env.hists.hello.record_since(conn.started_ns, env.now);
                 if env.run.lifecycle == Lifecycle::Churn {
+                    env.in_setup -= 1;
                     conn.state = State::Closing;
                     conn.wbuf.extend_from_slice(&wire::close_frame(1000));
                     env.mark_dirty(conn);
                     return Some(Outcome::Churned);
                 }
-                conn.state = State::Ready;
-                env.local.ready += 1;
-                if env.phase == PHASE_RUN {
-                    env.refill(conn);
+                if let (Some(plan), Some(g)) = (&env.run.gate, &conn.gate) {
+                    if g.working {
+                        // Set the status, then a `now` send to ourselves:
+                        // the broker handles a connection's messages in
+                        // order, so its ack means the status is applied.
+                        let mesh = conn.slot.mesh as usize;
+                        let me = &env.run.pubkeys[mesh][conn.slot.member as usize];
+                        conn.wbuf.extend_from_slice(&plan.gate_frame);
+                        conn.wbuf.extend_from_slice(&wire::barrier_frame(me));
+                        conn.state = State::Gating;
+                        env.mark_dirty(conn);
+                        return None;
+                    }
                 }
+                env.in_setup -= 1;
+                ready(conn, env);
             }
         }
         Message::Error { code, id } => {
@@ -1105,16 +1239,83 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 env.local.hello_failures += 1;
                 return Some(Outcome::Fail(format!("hello refused: {code}")));
             }
-            if id.is_some() {
+            if conn.state == State::Gating {
+                return Some(Outcome::Fail(format!(
+                    "set_status or its barrier refused: {code}"
+                )));
+            }
+            if let Some(id) = id {
                 env.local.send_errors += 1;
                 conn.inflight = conn.inflight.saturating_sub(1);
                 let per = env.run.expected_per_send[conn.slot.mesh as usize];
                 env.local.expected = env.local.expected.saturating_sub(per);
                 env.run.push_outstanding[conn.slot.global].fetch_sub(per as i64, Relaxed);
+                if let (Some(plan), Some((_, target, _, p))) =
+                    (&env.run.gate, wire::parse_tag(id.as_bytes()))
+                {
+                    let mesh = conn.slot.mesh as usize;
+                    if p != gate::NOW && plan.working[mesh].get(target as usize) == Some(&true) {
+                        env.local.held_expected = env.local.held_expected.saturating_sub(1);
+                    }
+                }
                 env.refill(conn);
             }
         }
         Message::Other => {}
     }
     None
+}
+
+fn on_ack(conn: &mut Conn, env: &mut Env, ts_ns: Option<u64>) {
+    conn.inflight = conn.inflight.saturating_sub(1);
+    env.local.acked += 1;
+    if let Some(ts) = ts_ns {
+        env.hists.ack.record_since(ts, env.now);
+    }
+    env.refill(conn);
+}
+
+/// Admitted (and, for a gating session, its status confirmed).
+fn ready(conn: &mut Conn, env: &mut Env) {
+    conn.state = State::Ready;
+    env.local.ready += 1;
+    if env.phase == PHASE_RUN {
+        env.refill(conn);
+    }
+}
+
+/// A push in the `gated` scenario: duplicates as everywhere; then live,
+/// held (after this session's idle flip) or a gating violation.
+fn gated_push(conn: &mut Conn, env: &mut Env, payload: &[u8], sender: u32, seq: u32, ts_ns: u64) {
+    let Some(priority) = wire::push_priority(payload) else {
+        env.local.foreign += 1;
+        return;
+    };
+    if !conn.ledger.record(sender, seq) {
+        env.local.duplicates += 1;
+        return;
+    }
+    env.local.pushes += 1;
+    let g = env.run.mesh_offsets[conn.slot.mesh as usize] + sender as usize;
+    if g < env.run.push_outstanding.len() {
+        *env.push_seen.entry(g).or_default() += 1;
+    }
+    let (gating, released) = conn
+        .gate
+        .as_ref()
+        .map_or((false, false), |c| (c.working, c.released_at.is_some()));
+    match gate::judge(gating, released, priority) {
+        Verdict::Live => env.hists.push.record_since(ts_ns, env.now),
+        Verdict::Violation => env.local.violations += 1,
+        Verdict::Held => {
+            env.local.held += 1;
+            let c = conn.gate.as_mut().expect("gating session");
+            c.last_held_at = Some(env.now);
+            c.held.push(Arrival {
+                sender,
+                seq,
+                sent_ns: ts_ns,
+            });
+        }
+    }
 }

@@ -4,6 +4,7 @@
 mod broadcast;
 mod churn;
 mod direct;
+mod gated;
 mod idle;
 
 use crate::cli::ScenarioName;
@@ -47,6 +48,11 @@ pub trait Scenario: Send + Sync {
             None => 0,
         }
     }
+    /// Some peers set themselves working/dnd and the run checks gated
+    /// delivery (PROTOCOL.md §5): the `gated` scenario.
+    fn gates(&self) -> bool {
+        false
+    }
     /// Scenario-specific failure, beyond lost pushes (e.g. no hellos at all).
     fn check(&self, _report: &Report) -> Option<String> {
         None
@@ -59,5 +65,6 @@ pub fn by_name(name: ScenarioName) -> Arc<dyn Scenario> {
         ScenarioName::Broadcast => Arc::new(broadcast::Broadcast),
         ScenarioName::Idle => Arc::new(idle::Idle),
         ScenarioName::Churn => Arc::new(churn::Churn),
+        ScenarioName::Gated => Arc::new(gated::Gated),
     }
 }
