@@ -837,7 +837,6 @@ fn a_windows_cwd_finds_its_transcript_under_the_dashed_key() {
 /// only gates later envelopes. So a session whose transcript says a tool is
 /// running gets its held `next` and `low` at connect.
 #[test]
-#[ignore = "broker bug at 2c08762: held envelopes are released at hello before the transcript answers (the writer drains after hello_ack)"]
 fn at_hello_the_transcript_is_asked_before_held_envelopes_are_released() {
     let projects = Projects::new();
     let cwd = "/work/hello-infer";
