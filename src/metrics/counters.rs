@@ -14,18 +14,18 @@ use super::*;
 /// claimed once. Lookup is a short linear scan (a handful of labels in practice).
 #[derive(Debug)]
 pub(super) struct LabeledCounters {
-    pub(super) slots: Box<[Slot]>,
-    pub(super) overflow: AtomicU64,
+    slots: Box<[Slot]>,
+    overflow: AtomicU64,
 }
 
 #[derive(Debug, Default)]
-pub(super) struct Slot {
-    pub(super) name: OnceLock<&'static str>,
-    pub(super) count: AtomicU64,
+struct Slot {
+    name: OnceLock<&'static str>,
+    count: AtomicU64,
 }
 
 impl LabeledCounters {
-    pub(super) fn new(seed: &[&'static str]) -> Self {
+    fn new(seed: &[&'static str]) -> Self {
         let slots: Box<[Slot]> = (0..MAX_LABELS.max(seed.len()))
             .map(|_| Slot::default())
             .collect();
@@ -38,7 +38,7 @@ impl LabeledCounters {
         }
     }
 
-    pub(super) fn inc(&self, label: &'static str) {
+    fn inc(&self, label: &'static str) {
         for slot in self.slots.iter() {
             // Claims the first free slot; a racing writer with another label makes
             // us move on to the next one.
@@ -66,14 +66,11 @@ impl LabeledCounters {
         }
     }
 
-    pub(super) fn total(&self) -> u64 {
+    fn total(&self) -> u64 {
         let named: u64 = self.slots.iter().map(|s| s.count.load(Relaxed)).sum();
         named + self.overflow.load(Relaxed)
     }
 }
-
-// ---------------------------------------------------------------------------
-// Latency histograms.
 
 // ---------------------------------------------------------------------------
 // Shard and global metrics.
@@ -82,7 +79,7 @@ impl LabeledCounters {
 #[derive(Debug)]
 #[repr(align(128))]
 pub struct ShardMetrics {
-    pub(super) index: usize,
+    index: usize,
     pub(super) conns_opened: AtomicU64,
     pub(super) conns_closed: LabeledCounters,
     pub(super) conns_rejected: [AtomicU64; 2],
@@ -180,7 +177,7 @@ impl ShardMetrics {
 /// is low and only scrapes contend).
 #[derive(Debug)]
 pub struct GlobalMetrics {
-    pub(super) db_healthy: AtomicBool,
+    db_healthy: AtomicBool,
     pub(super) queue_depth: Arc<AtomicI64>,
     pub(super) ttl_sweeps: AtomicU64,
     pub(super) ttl_flipped: AtomicU64,
@@ -223,5 +220,117 @@ impl GlobalMetrics {
     /// One audit batch was written to Postgres in `d`.
     pub fn record_audit_batch(&self, d: Duration) {
         lock(&self.audit_batch).record(d);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::testing::{parse_exposition, value, Sample};
+
+    #[test]
+    fn counters_sum_over_shards() {
+        let m = Metrics::new(2);
+        let (a, b) = (m.shard(0), m.shard(1));
+        for _ in 0..3 {
+            a.conn_opened();
+        }
+        b.conn_opened();
+        a.conn_closed("normal");
+        b.conn_closed("normal");
+        a.conn_closed("ping_timeout");
+        a.conn_rejected(RejectReason::Capacity);
+        b.conn_rejected(RejectReason::Unauthorized);
+        b.conn_rejected(RejectReason::Unauthorized);
+        a.message_routed(Priority::Now);
+        b.message_routed(Priority::Now);
+        b.message_routed(Priority::Low);
+        a.message_rejected("bad_json");
+        b.message_rejected("bad_json");
+        b.message_rejected("rate_limited");
+        for _ in 0..5 {
+            a.message_received();
+        }
+        b.message_received();
+        a.hook_request(false);
+        b.hook_request(true);
+        let g = m.global();
+        g.set_db_healthy(true);
+        let depth = g.queue_depth_counter();
+        depth.fetch_add(5, Relaxed);
+        depth.fetch_sub(2, Relaxed);
+        g.ttl_sweep(true, 0);
+        g.ttl_sweep(false, 1);
+        g.ttl_sweep(true, 3);
+
+        assert_eq!(a.connections_active(), 1);
+        assert_eq!(b.connections_active(), 0);
+        assert_eq!(m.connections_active(), 1);
+        let s = parse_exposition(&m.render());
+        assert_eq!(value(&s, "broker_connections_active", &[]), 1.0);
+        assert_eq!(value(&s, "broker_connections_total", &[]), 4.0);
+        let closed = "broker_connections_closed_total";
+        assert_eq!(value(&s, closed, &[("reason", "normal")]), 2.0);
+        assert_eq!(value(&s, closed, &[("reason", "ping_timeout")]), 1.0);
+        let rej = "broker_connections_rejected_total";
+        assert_eq!(value(&s, rej, &[("reason", "capacity")]), 1.0);
+        assert_eq!(value(&s, rej, &[("reason", "unauthorized")]), 2.0);
+        let routed = "broker_messages_routed_total";
+        assert_eq!(value(&s, routed, &[("priority", "now")]), 2.0);
+        assert_eq!(value(&s, routed, &[("priority", "next")]), 0.0);
+        assert_eq!(value(&s, routed, &[("priority", "low")]), 1.0);
+        let mrej = "broker_messages_rejected_total";
+        assert_eq!(value(&s, mrej, &[("reason", "bad_json")]), 2.0);
+        assert_eq!(value(&s, mrej, &[("reason", "rate_limited")]), 1.0);
+        assert_eq!(value(&s, mrej, &[("reason", "internal")]), 0.0);
+        let sm = "broker_shard_messages_total";
+        assert_eq!(value(&s, sm, &[("shard", "0")]), 5.0);
+        assert_eq!(value(&s, sm, &[("shard", "1")]), 1.0);
+        let sa = "broker_shard_connections_active";
+        assert_eq!(value(&s, sa, &[("shard", "0")]), 1.0);
+        assert_eq!(value(&s, sa, &[("shard", "1")]), 0.0);
+        assert_eq!(value(&s, "broker_hook_requests_total", &[]), 2.0);
+        assert_eq!(
+            value(&s, "broker_hook_requests_rate_limited_total", &[]),
+            1.0
+        );
+        assert_eq!(value(&s, "broker_db_healthy", &[]), 1.0);
+        assert_eq!(value(&s, "broker_queue_depth", &[]), 3.0);
+        assert_eq!(value(&s, "broker_ttl_sweeps_total", &[]), 2.0);
+        assert_eq!(value(&s, "broker_ttl_flipped_total", &[]), 4.0);
+    }
+
+    #[test]
+    fn close_reason_labels_are_bounded() {
+        let m = Metrics::new(1);
+        let names: Vec<&'static str> = (0..MAX_LABELS + 5)
+            .map(|i| &*Box::leak(format!("r{i}").into_boxed_str()))
+            .collect();
+        for n in &names {
+            m.shard(0).conn_opened();
+            m.shard(0).conn_closed(n);
+        }
+        m.shard(0).conn_opened();
+        m.shard(0).conn_closed(names[0]);
+        assert_eq!(m.connections_active(), 0);
+        let s = parse_exposition(&m.render());
+        let closed: Vec<&Sample> = s
+            .iter()
+            .filter(|x| x.name == "broker_connections_closed_total")
+            .collect();
+        assert_eq!(closed.len(), MAX_LABELS + 1);
+        let c = "broker_connections_closed_total";
+        assert_eq!(value(&s, c, &[("reason", "r0")]), 2.0);
+        assert_eq!(value(&s, c, &[("reason", "other")]), 5.0);
+    }
+
+    #[test]
+    fn shard_metrics_are_cache_line_aligned() {
+        assert!(std::mem::align_of::<ShardMetrics>() >= 128);
+        let m = Metrics::new(3);
+        for i in 0..3 {
+            assert_eq!(m.shard(i).index(), i);
+            assert_eq!(Arc::as_ptr(m.shard(i)) as usize % 128, 0);
+        }
     }
 }

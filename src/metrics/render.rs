@@ -49,27 +49,27 @@ pub(super) struct Snapshot {
 }
 
 // Histogram family names (without the `_seconds` unit suffix prometheus-client adds).
-pub(super) const HTTP_HIST: &str = "broker_http_request_duration";
-pub(super) const ACK_HIST: &str = "broker_send_ack_latency";
-pub(super) const PUSH_HIST: &str = "broker_send_push_latency";
-pub(super) const AUDIT_HIST: &str = "broker_audit_batch_write";
+const HTTP_HIST: &str = "broker_http_request_duration";
+const ACK_HIST: &str = "broker_send_ack_latency";
+const PUSH_HIST: &str = "broker_send_push_latency";
+const AUDIT_HIST: &str = "broker_audit_batch_write";
 
 /// (family name, help, [(priority label, data)]).
-pub(super) type LatencyFamily<'a> = (
+type LatencyFamily<'a> = (
     &'static str,
     &'static str,
     Vec<(Option<Priority>, &'a HistSnapshot)>,
 );
 
 impl Snapshot {
-    pub(super) fn priority_hists(
+    fn priority_hists(
         hists: &[HistSnapshot; 3],
     ) -> impl Iterator<Item = (Option<Priority>, &HistSnapshot)> {
         Priority::ALL.into_iter().map(Some).zip(hists.iter())
     }
 
     /// (name, help, [(priority label, data)]) for every latency family.
-    pub(super) fn latency_families(&self) -> [LatencyFamily<'_>; 4] {
+    fn latency_families(&self) -> [LatencyFamily<'_>; 4] {
         [
             (
                 HTTP_HIST,
@@ -121,7 +121,7 @@ impl Snapshot {
     }
 }
 
-pub(super) fn fmt_f64(v: f64) -> String {
+fn fmt_f64(v: f64) -> String {
     if v.is_nan() {
         "NaN".to_owned()
     } else {
@@ -129,25 +129,15 @@ pub(super) fn fmt_f64(v: f64) -> String {
     }
 }
 
-pub(super) fn counter(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    v: u64,
-) -> std::fmt::Result {
+fn counter(enc: &mut DescriptorEncoder, name: &str, help: &str, v: u64) -> std::fmt::Result {
     ConstCounter::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Counter)?)
 }
 
-pub(super) fn gauge(
-    enc: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    v: i64,
-) -> std::fmt::Result {
+fn gauge(enc: &mut DescriptorEncoder, name: &str, help: &str, v: i64) -> std::fmt::Result {
     ConstGauge::new(v).encode(enc.encode_descriptor(name, help, None, MetricType::Gauge)?)
 }
 
-pub(super) fn labeled_counters<'a>(
+fn labeled_counters<'a>(
     enc: &mut DescriptorEncoder,
     name: &str,
     help: &str,
@@ -290,5 +280,98 @@ impl Collector for Snapshot {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::testing::{buckets, parse_exposition, value};
+
+    #[test]
+    fn empty_render_is_valid_and_complete() {
+        let m = Metrics::new(2);
+        let text = m.render();
+        let samples = parse_exposition(&text);
+        for name in [
+            "broker_connections_active",
+            "broker_connections_total",
+            "broker_queue_depth",
+            "broker_ttl_sweeps_total",
+            "broker_ttl_flipped_total",
+            "broker_hook_requests_total",
+            "broker_hook_requests_rate_limited_total",
+            "broker_db_healthy",
+        ] {
+            assert_eq!(value(&samples, name, &[]), 0.0, "{name}");
+        }
+        for r in ["capacity", "unauthorized"] {
+            assert_eq!(
+                value(
+                    &samples,
+                    "broker_connections_rejected_total",
+                    &[("reason", r)]
+                ),
+                0.0
+            );
+        }
+        for p in ["now", "next", "low"] {
+            assert_eq!(
+                value(&samples, "broker_messages_routed_total", &[("priority", p)]),
+                0.0
+            );
+        }
+        for r in MESSAGE_REJECT_REASONS {
+            assert_eq!(
+                value(&samples, "broker_messages_rejected_total", &[("reason", r)]),
+                0.0
+            );
+        }
+        for shard in ["0", "1"] {
+            let l = [("shard", shard)];
+            assert_eq!(value(&samples, "broker_shard_connections_active", &l), 0.0);
+            assert_eq!(value(&samples, "broker_shard_messages_total", &l), 0.0);
+        }
+        assert!(text.contains("# TYPE broker_connections_closed counter\n"));
+        // Every latency family exists with zero counts, as histogram and summary.
+        let single = [
+            "broker_http_request_duration_seconds",
+            "broker_audit_batch_write_seconds",
+        ];
+        for name in single {
+            assert_eq!(value(&samples, &format!("{name}_count"), &[]), 0.0);
+            assert_eq!(buckets(&samples, name, None).len(), BUCKETS.len() + 1);
+            let q = format!("{name}_quantiles");
+            assert_eq!(value(&samples, &format!("{q}_count"), &[]), 0.0);
+            assert!(value(&samples, &q, &[("quantile", "0.99")]).is_nan());
+        }
+        for name in [
+            "broker_send_ack_latency_seconds",
+            "broker_send_push_latency_seconds",
+        ] {
+            for p in ["now", "next", "low"] {
+                let l = [("priority", p)];
+                assert_eq!(value(&samples, &format!("{name}_count"), &l), 0.0);
+                assert_eq!(
+                    buckets(&samples, name, Some(("priority", p))).len(),
+                    BUCKETS.len() + 1
+                );
+                let q = format!("{name}_quantiles");
+                assert_eq!(value(&samples, &format!("{q}_count"), &l), 0.0);
+                assert!(value(&samples, &q, &[("priority", p), ("quantile", "0.5")]).is_nan());
+            }
+        }
+        assert!(text.contains("# TYPE broker_http_request_duration_seconds histogram\n"));
+        assert!(text.contains("# TYPE broker_http_request_duration_seconds_quantiles summary\n"));
+        // Family names are unique.
+        let mut types: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| l.split(' ').next().unwrap())
+            .collect();
+        let n = types.len();
+        types.sort_unstable();
+        types.dedup();
+        assert_eq!(types.len(), n);
     }
 }
