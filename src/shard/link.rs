@@ -32,7 +32,8 @@ pub struct SessionLink {
     presence_id: RefCell<Box<str>>,
     status: Cell<StatusState>,
     /// A transcript read is on its way before held envelopes are released
-    /// (PROTOCOL.md §5): until it answers, nothing held is drained here.
+    /// (PROTOCOL.md §5): until it answers, the session takes `now` only, as
+    /// if working (whatever says `next` meanwhile is held, then drained).
     inferring: Cell<bool>,
     orphans: RefCell<Vec<Arc<Envelope>>>,
 }
@@ -95,7 +96,8 @@ impl SessionLink {
         self.status.set(status);
     }
 
-    /// Holds back drains until the transcript's answer (`inferred`).
+    /// Takes `now` only until the transcript's answer (`inferred`); the
+    /// caller tells routing.
     pub fn start_inference(&self) {
         self.inferring.set(true);
     }
@@ -106,9 +108,6 @@ impl SessionLink {
 
     /// The member, when it has envelopes held that this session may take.
     pub fn member_with_held(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
-        if self.inferring.get() {
-            return None;
-        }
         let accepted = Priority::ALL
             .iter()
             .filter(|&&p| self.accepts(p))
@@ -214,7 +213,9 @@ impl SessionLink {
 
 impl Recipient for SessionLink {
     fn accepts(&self, priority: Priority) -> bool {
-        self.closing.get().is_none() && self.status.get().accepts(priority)
+        self.closing.get().is_none()
+            && (priority == Priority::Now
+                || (!self.inferring.get() && self.status.get().accepts(priority)))
     }
 
     fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {

@@ -108,6 +108,9 @@ impl Shard {
                     if session.status().inference_allowed(now, window) {
                         self.write_status(&session, status, Source::Jsonl);
                     }
+                    if let Some((mesh, member)) = session.member() {
+                        self.routes.borrow().status_changed(&mesh, &member);
+                    }
                     // Inference precedes a hello's first drain (see `hello`).
                     self.drain_to_session(&session);
                 }

@@ -66,6 +66,10 @@ impl Session {
                     && self.shard.request_inference(self.conn, &joined.cwd);
                 if infer {
                     self.link.start_inference();
+                    self.shard
+                        .routes
+                        .borrow()
+                        .status_changed(&joined.mesh, &joined.member);
                 } else {
                     self.shard
                         .drain_held_to(&joined.mesh, &joined.member, &self.link);
