@@ -139,9 +139,7 @@ impl<S: Recipient> LocalRoutes<S> {
         if member.held.is_empty() {
             0
         } else {
-            Priority::ALL
-                .iter()
-                .fold(0, |mask, &p| mask | member.shards_for(p))
+            member.live_shards.get()
         }
     }
 
@@ -253,16 +251,8 @@ impl<S: Recipient> LocalRoutes<S> {
                 orphans.push(envelope.clone());
             }
             member.held.hand_back(orphans);
-            done.held
-                .push((member.clone(), self.eligible_elsewhere(member)));
+            done.held.push((member.clone(), member.live_shards.get()));
         }
-    }
-
-    /// Shards (this one included) that may take something now held.
-    fn eligible_elsewhere(&self, member: &MemberEntry) -> u64 {
-        Priority::ALL
-            .iter()
-            .fold(0, |mask, &p| mask | member.shards_for(p))
     }
 
     /// Delivers a member's held envelopes, oldest first across the

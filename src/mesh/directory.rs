@@ -48,7 +48,7 @@ pub struct MemberEntry {
     pub pubkey: Box<str>,
     revoked: AtomicBool,
     /// The shards with at least one live session of this member: they may
-    /// take `now`.
+    /// take `now`, and so anything (an open shard is always live too).
     pub live_shards: ShardMask,
     /// The shards with at least one idle session of this member: they may
     /// take `next` and `low` too.

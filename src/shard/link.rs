@@ -107,16 +107,22 @@ impl SessionLink {
     }
 
     /// The member, when it has envelopes held that this session may take.
+    /// Asked after every socket write: one atomic load when nothing is held.
     pub fn member_with_held(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
+        let joined = self.member.borrow();
+        let (_, member) = joined.as_ref()?;
+        if member.held.is_empty() {
+            return None;
+        }
         let accepted = Priority::ALL
             .iter()
             .filter(|&&p| self.accepts(p))
             .fold(0, |mask, &p| mask | priority_bit(p));
-        self.member
-            .borrow()
-            .as_ref()
-            .filter(|(_, member)| member.held.has_any(accepted))
-            .cloned()
+        if member.held.has_any(accepted) {
+            joined.clone()
+        } else {
+            None
+        }
     }
 
     /// Any frame from the peer proves it alive.

@@ -165,10 +165,7 @@ impl Shard {
         if drained.delivered == 0 && !drained.waiting_for_room && !member.held.is_empty() {
             // None of our sessions may take what is held (they left or
             // turned busy meanwhile): pass it on to a shard that may.
-            let others = crate::protocol::Priority::ALL
-                .iter()
-                .fold(0, |mask, &p| mask | member.shards_for(p))
-                & !(1 << self.index);
+            let others = member.live_shards.get() & !(1 << self.index);
             self.request_drain(mesh, member, others);
         }
     }
