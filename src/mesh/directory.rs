@@ -87,7 +87,7 @@ impl MemberEntry {
 
     /// Whether a new send may still be held for this member.
     pub fn has_room(&self, max_held: usize) -> bool {
-        self.held.is_empty() || self.held.len() < max_held
+        self.held.len() < max_held
     }
 
     pub fn is_revoked(&self) -> bool {

@@ -6,7 +6,7 @@
 use super::Envelope;
 use crate::protocol::Priority;
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicI64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Debug, PartialEq, Eq)]
@@ -32,6 +32,9 @@ pub struct HeldQueue {
     /// Priorities with something held, so writers can ask "anything for
     /// me?" after every socket write without taking the lock.
     nonempty: AtomicU8,
+    /// How many are held, so a send's room check (`MemberEntry::has_room`,
+    /// once per offline member of a broadcast) takes no lock.
+    count: AtomicUsize,
     /// Envelopes held across the broker (`broker_queue_depth`): every
     /// change of a held queue goes through here, so the gauge is kept in
     /// one place.
@@ -43,6 +46,7 @@ impl HeldQueue {
         HeldQueue {
             queues: Mutex::new(Default::default()),
             nonempty: AtomicU8::new(0),
+            count: AtomicUsize::new(0),
             depth,
         }
     }
@@ -102,12 +106,7 @@ impl HeldQueue {
     }
 
     pub fn len(&self) -> usize {
-        self.queues
-            .lock()
-            .expect("held lock")
-            .iter()
-            .map(VecDeque::len)
-            .sum()
+        self.count.load(Ordering::Acquire)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -124,6 +123,8 @@ impl HeldQueue {
             .filter(|&i| !queues[i].is_empty())
             .fold(0, |m, i| m | (1 << i));
         self.nonempty.store(mask, Ordering::Release);
+        let count = queues.iter().map(VecDeque::len).sum();
+        self.count.store(count, Ordering::Release);
     }
 }
 
