@@ -6,7 +6,8 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use meshbroker::mesh::deliver::LocalRoutes;
 use meshbroker::mesh::directory::{Directory, MemberRow};
-use meshbroker::mesh::plan::plan_broadcast;
+use meshbroker::mesh::held::HeldBudget;
+use meshbroker::mesh::plan::{plan_broadcast, HoldLimits};
 use meshbroker::mesh::{Envelope, EnvelopeTarget};
 use meshbroker::protocol::{self, PushFields};
 use meshbroker::shard::link::SessionLink;
@@ -116,6 +117,11 @@ fn routing(c: &mut Criterion) {
         let frame = ws::encode_server_frame(OpCode::Text, send_json().as_bytes());
         group.throughput(Throughput::Elements(n as u64));
         let mut batch = FrameBatch::default();
+        let budget = HeldBudget::new(usize::MAX / 2);
+        let limits = HoldLimits {
+            max_per_member: usize::MAX,
+            budget: &budget,
+        };
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
             b.iter(|| {
                 let envelope = Arc::new(Envelope {
@@ -130,8 +136,10 @@ fn routing(c: &mut Criterion) {
                     nonce: 0..0,
                     ciphertext: 0..0,
                     sent_at: Instant::now(),
+                    restored: false,
+                    holds_in_flight: Default::default(),
                 });
-                let plan = plan_broadcast(&envelope, usize::MAX).unwrap();
+                let plan = plan_broadcast(&envelope, &limits).unwrap();
                 let done = routes.deliver_route(plan.route.as_ref().unwrap());
                 // Empty the queues as each writer would, keeping memory flat.
                 for session in &sessions {
@@ -147,7 +155,7 @@ fn routing(c: &mut Criterion) {
 /// What a connection's writer does first: take every queued frame.
 fn drain(session: &SessionLink, batch: &mut FrameBatch) {
     session.out.take_now(batch);
-    batch.drain_stamps().for_each(drop);
+    batch.finish(drop, drop);
 }
 
 criterion_group!(benches, frames, protocol_messages, routing);

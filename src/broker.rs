@@ -8,10 +8,15 @@
 //! dropped, which tells the db thread to flush and exit.
 use crate::config::Config;
 use crate::context::BrokerContext;
-use crate::db::{self, DbOptions, DbStatus};
+use crate::db::held::HeldBatching;
+use crate::db::{self, DbOptions, DbStatus, HeldOptions, RestoreOptions};
 use crate::hook::HookRateLimiter;
 use crate::inbox::{self, INBOX_BATCHES};
+use crate::inbox::{ShardEvent, ShardSender};
 use crate::mesh::directory::Directory;
+use crate::mesh::directory::MeshEntry;
+use crate::mesh::held::HeldBudget;
+use crate::mesh::plan::first_shard;
 use crate::metrics::Metrics;
 use crate::shard::{self, ShardSpec};
 use crate::status::hook_index::HookIndex;
@@ -27,7 +32,16 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     let metrics = Metrics::new(shard_count);
     let db_status = Arc::new(DbStatus::new());
     let directory = Arc::new(Directory::new(metrics.global().queue_depth_counter()));
+    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
+        .map(|_| inbox::inbox(INBOX_BATCHES))
+        .unzip();
+    let (held, held_rx) = db::held::lane(
+        shard_count,
+        Arc::new(HeldBudget::new(config.max_held_memory_bytes)),
+    );
     let batch_metrics = metrics.clone();
+    let held_metrics = metrics.clone();
+    let drain_senders = senders.clone();
     let (db, db_thread) = db::spawn_with(
         database_url,
         db_status.clone(),
@@ -37,14 +51,26 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
             on_batch: Some(Box::new(move |stats| {
                 batch_metrics.global().record_audit_batch(stats.elapsed)
             })),
+            held: Some(HeldOptions {
+                lane: held.clone(),
+                rx: held_rx,
+                batching: HeldBatching {
+                    max_rows: config.held_batch_max_rows,
+                    max_wait: config.held_batch_max_wait,
+                },
+                on_batch: Some(Box::new(move |stats| {
+                    held_metrics.global().record_held_batch(stats.elapsed)
+                })),
+            }),
+            restore: Some(RestoreOptions {
+                held_ttl: config.held_ttl,
+                on_restored: Box::new(move |mesh| drain_restored(&drain_senders, mesh)),
+            }),
             ..DbOptions::default()
         },
     )?;
     let listeners = bind_listeners(&config, shard_count)?;
     let port = listeners[0].local_addr()?.port();
-    let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
-        .map(|_| inbox::inbox(INBOX_BATCHES))
-        .unzip();
     let transcripts = match TranscriptReader::spawn(config.claude_projects_dir.clone()) {
         Ok(reader) => Some(reader),
         Err(e) => {
@@ -59,6 +85,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         config,
         metrics,
         db,
+        held,
         db_status,
         directory,
         shards: senders.clone(),
@@ -113,6 +140,21 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     match dead_shard {
         None => Ok(()),
         Some(index) => Err(anyhow::anyhow!("shard {index} panicked")),
+    }
+}
+
+/// A mesh whose earlier held envelopes are all loaded: each member with
+/// something held and a live session drains on that session's shard.
+fn drain_restored(shards: &[ShardSender], mesh: &Arc<MeshEntry>) {
+    for member in mesh.view().members() {
+        if member.held.is_empty() {
+            continue;
+        }
+        if let Some(dest) = first_shard(member.live_shards.get()) {
+            let drain = ShardEvent::DrainHeld(mesh.clone(), member.clone());
+            // A full inbox: the member's next arrival or status change drains.
+            let _ = shards[dest].try_send(vec![drain]);
+        }
     }
 }
 

@@ -88,6 +88,14 @@ pub struct Config {
     /// refuses new sends with `unavailable`, so one member that never
     /// connects cannot eat the heap.
     pub max_held_per_member: usize,
+    /// `MAX_HELD_MEMORY_BYTES` (ours): bytes of held envelopes accepted but
+    /// not yet committed to Postgres (it is slow or away); over it a send
+    /// that must be held is refused with `unavailable`.
+    pub max_held_memory_bytes: usize,
+    /// `HELD_BATCH_MAX_ROWS`, `HELD_BATCH_MAX_WAIT_US` (ours): a durable
+    /// batch closes at this many commands or once its oldest waited this long.
+    pub held_batch_max_rows: usize,
+    pub held_batch_max_wait: Duration,
     /// `BROKER_PING_INTERVAL_MS`, `BROKER_PING_TIMEOUT_MS` and
     /// `BROKER_SWEEP_INTERVAL_MS` (for tests): the protocol's 30 s ping,
     /// 75 s liveness timeout and 15 s status sweep, shortened.
@@ -342,6 +350,15 @@ impl Config {
         };
 
         let max_held_per_member = r.int("MAX_HELD_PER_MEMBER", 10_000, 1, 10_000_000) as usize;
+        let max_held_memory_bytes = r.int(
+            "MAX_HELD_MEMORY_BYTES",
+            256 * 1024 * 1024,
+            64 * 1024,
+            64 * 1024 * 1024 * 1024,
+        ) as usize;
+        let held_batch_max_rows = r.int("HELD_BATCH_MAX_ROWS", 2048, 1, 65_536) as usize;
+        let held_batch_max_wait =
+            Duration::from_micros(r.int("HELD_BATCH_MAX_WAIT_US", 500, 0, 1_000_000));
         let ping_interval = r.millis("BROKER_PING_INTERVAL_MS", 30_000);
         let ping_timeout = r.millis("BROKER_PING_TIMEOUT_MS", 75_000);
         let sweep_interval = r.millis("BROKER_SWEEP_INTERVAL_MS", 15_000);
@@ -369,6 +386,9 @@ impl Config {
             member_refresh,
             io_driver,
             max_held_per_member,
+            max_held_memory_bytes,
+            held_batch_max_rows,
+            held_batch_max_wait,
             ping_interval,
             ping_timeout,
             sweep_interval,
@@ -420,6 +440,15 @@ impl Config {
             ),
             ("BROKER_IO_DRIVER", self.io_driver.as_str().to_owned()),
             ("MAX_HELD_PER_MEMBER", self.max_held_per_member.to_string()),
+            (
+                "MAX_HELD_MEMORY_BYTES",
+                self.max_held_memory_bytes.to_string(),
+            ),
+            ("HELD_BATCH_MAX_ROWS", self.held_batch_max_rows.to_string()),
+            (
+                "HELD_BATCH_MAX_WAIT_US",
+                self.held_batch_max_wait.as_micros().to_string(),
+            ),
             (
                 "BROKER_PING_INTERVAL_MS",
                 self.ping_interval.as_millis().to_string(),

@@ -2,6 +2,7 @@
 //! membership directory and its lookup, the db handle, the shards' inboxes,
 //! the hook index and the transcript reader.
 use crate::config::Config;
+use crate::db::held::HeldLane;
 use crate::db::{DbHandle, DbStatus};
 use crate::hook::HookRateLimiter;
 use crate::inbox::ShardSender;
@@ -23,6 +24,8 @@ pub struct BrokerContext {
     pub config: Config,
     pub metrics: Arc<Metrics>,
     pub db: DbHandle,
+    /// The durable lane: held envelopes and their marks (`db::held`).
+    pub held: HeldLane,
     pub db_status: Arc<DbStatus>,
     pub directory: Arc<Directory>,
     pub shards: Vec<ShardSender>,

@@ -375,7 +375,6 @@ fn a_node_ws_client_exchanges_messages_with_a_rust_peer() {
 }
 
 #[test]
-#[ignore = "broker gap: held envelopes live only in memory; PROTOCOL.md §4 says an ack means they are committed to mesh.message_queue"]
 fn held_envelopes_are_committed_to_postgres_before_the_ack() {
     let broker = start(&[]);
     let members = seed_mesh(&broker.db, "durable", 2);

@@ -104,29 +104,37 @@ impl MemberLoader {
             self.conn = Some((client, task));
         }
         let (client, _) = self.conn.as_ref().expect("connected above");
-        let rows = match timeout(WRITE_TIMEOUT, client.query(MEMBERS_SQL, &[&mesh_ids])).await {
-            Ok(Ok(rows)) => rows,
+        match timeout(WRITE_TIMEOUT, query_members(client, mesh_ids)).await {
+            Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => {
                 self.conn = None;
-                return Err(LookupFailed(e.to_string()));
+                Err(LookupFailed(e.to_string()))
             }
             Err(_) => {
                 self.conn = None;
-                return Err(LookupFailed("member lookup timed out".to_owned()));
+                Err(LookupFailed("member lookup timed out".to_owned()))
             }
-        };
-        Ok(rows
-            .iter()
-            .map(|row| {
-                (
-                    row.get::<_, String>(0),
-                    MemberRow {
-                        id: row.get(1),
-                        peer_pubkey: row.get(2),
-                        revoked: row.get(3),
-                    },
-                )
-            })
-            .collect())
+        }
     }
+}
+
+/// `(mesh_id, row)` for every member row of the given meshes.
+pub(crate) async fn query_members(
+    client: &Client,
+    mesh_ids: &[String],
+) -> Result<Vec<(String, MemberRow)>, tokio_postgres::Error> {
+    let rows = client.query(MEMBERS_SQL, &[&mesh_ids]).await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            (
+                row.get::<_, String>(0),
+                MemberRow {
+                    id: row.get(1),
+                    peer_pubkey: row.get(2),
+                    revoked: row.get(3),
+                },
+            )
+        })
+        .collect())
 }

@@ -33,6 +33,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "broker_indexes",
         sql: include_str!("../../migrations/0002_broker_indexes.sql"),
     },
+    Migration {
+        version: 3,
+        name: "held_delivery",
+        sql: include_str!("../../migrations/0003_held_delivery.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -108,8 +113,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2]);
-        assert!(pending(all, &[1, 2]).is_empty());
+        assert_eq!(rest, vec![2, 3]);
+        assert!(pending(all, &[1, 2, 3]).is_empty());
     }
 
     #[test]

@@ -55,8 +55,11 @@
 mod backlog;
 mod batch;
 mod health;
+pub mod held;
+mod held_batch;
 mod members;
 pub mod migrate;
+pub mod restore;
 mod worker;
 
 use std::str::FromStr;
@@ -217,6 +220,27 @@ pub struct DbOptions {
     pub directory: Option<Arc<Directory>>,
     /// How often loaded meshes are reloaded (how long a revocation takes).
     pub member_refresh: Duration,
+    /// The durable lane's receiving side; `None` runs no held writer.
+    pub held: Option<HeldOptions>,
+    /// Loading an earlier run's held envelopes at start (needs
+    /// `directory`); `None` loads nothing.
+    pub restore: Option<RestoreOptions>,
+}
+
+/// The durable lane's writer (see `held`).
+pub struct HeldOptions {
+    pub lane: held::HeldLane,
+    pub rx: mpsc::UnboundedReceiver<held::HeldBatch>,
+    pub batching: held::HeldBatching,
+    /// Called after every committed held batch.
+    pub on_batch: Option<BatchObserver>,
+}
+
+/// The start-up load of held envelopes (see `restore`).
+pub struct RestoreOptions {
+    /// `HELD_TTL_SECONDS`, for rows written without an `expires_at`.
+    pub held_ttl: Duration,
+    pub on_restored: restore::OnRestored,
 }
 
 impl Default for DbOptions {
@@ -228,6 +252,8 @@ impl Default for DbOptions {
             on_batch: None,
             directory: None,
             member_refresh: Duration::from_secs(5),
+            held: None,
+            restore: None,
         }
     }
 }
@@ -248,6 +274,7 @@ impl std::fmt::Debug for DbOptions {
 pub struct DbThread {
     join: std::thread::JoinHandle<()>,
     stop: Arc<tokio::sync::Notify>,
+    held_stop: Arc<tokio::sync::Notify>,
 }
 
 impl DbThread {
@@ -257,6 +284,7 @@ impl DbThread {
     /// so a handle kept by a straggling task cannot hang shutdown.
     pub fn join(self) {
         self.stop.notify_one();
+        self.held_stop.notify_one();
         if self.join.join().is_err() {
             tracing::error!(target: "db", "db writer panicked");
         }
@@ -267,7 +295,7 @@ impl DbThread {
 pub enum DbError {
     #[error("invalid database url: {0}")]
     InvalidUrl(#[source] tokio_postgres::Error),
-    #[error("postgres: {0}")]
+    #[error("postgres: {}", detail(.0))]
     Postgres(#[from] tokio_postgres::Error),
     #[error("migration {version} ({name}) failed: {source}")]
     Migration {
@@ -280,6 +308,15 @@ pub enum DbError {
     Timeout(&'static str),
     #[error("cannot start the db runtime: {0}")]
     Runtime(#[from] std::io::Error),
+}
+
+/// A Postgres error with the server's message, which tokio-postgres keeps
+/// out of its own `Display` ("db error").
+fn detail(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{e}: {} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
 }
 
 fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
@@ -297,7 +334,7 @@ pub fn spawn(database_url: String, status: Arc<DbStatus>) -> std::io::Result<(Db
 pub fn spawn_with(
     database_url: String,
     status: Arc<DbStatus>,
-    options: DbOptions,
+    mut options: DbOptions,
 ) -> std::io::Result<(DbHandle, DbThread)> {
     let config = parse_url(&database_url)
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
@@ -313,17 +350,55 @@ pub fn spawn_with(
         options.member_refresh,
     );
     let stop = Arc::new(tokio::sync::Notify::new());
+    let held_stop = Arc::new(tokio::sync::Notify::new());
+    let started = SystemTime::now();
+    let restorer = match (options.restore.take(), options.directory.clone()) {
+        (Some(restore), Some(directory)) => Some(restore::Restorer {
+            config: config.clone(),
+            started,
+            directory,
+            held_ttl: restore.held_ttl,
+            on_restored: restore.on_restored,
+        }),
+        _ => None,
+    };
+    let held_writer = options.held.take().map(|held| {
+        held::HeldWriter::new(
+            config.clone(),
+            held.rx,
+            held.lane,
+            held.batching,
+            held.on_batch,
+            held_stop.clone(),
+            options.shutdown_flush,
+        )
+    });
     let worker = worker::Worker::new(config, status, rx, stop.clone(), options);
     let join = std::thread::Builder::new()
         .name("db-writer".to_owned())
         .spawn(move || {
             runtime.block_on(async {
                 let loader = tokio::spawn(members.run());
+                let restoring = restorer.map(|r| tokio::spawn(r.run()));
+                let held = held_writer.map(|w| tokio::spawn(w.run()));
                 worker.run().await;
+                if let Some(held) = held {
+                    let _ = held.await;
+                }
                 loader.abort();
+                if let Some(restoring) = restoring {
+                    restoring.abort();
+                }
             })
         })?;
-    Ok((DbHandle { tx, lookups }, DbThread { join, stop }))
+    Ok((
+        DbHandle { tx, lookups },
+        DbThread {
+            join,
+            stop,
+            held_stop,
+        },
+    ))
 }
 
 /// Connect once, run migrations, disconnect: for `meshbroker migrate` and

@@ -191,7 +191,7 @@ enum Attempt {
 /// server error of a transient class (08 connection exception, 40
 /// transaction rollback, 53 insufficient resources, 57 operator
 /// intervention such as a shutdown, 58 system error).
-fn is_transient(e: &tokio_postgres::Error, client: &Client) -> bool {
+pub(crate) fn is_transient(e: &tokio_postgres::Error, client: &Client) -> bool {
     if client.is_closed() {
         return true;
     }

@@ -10,11 +10,12 @@
 use super::directory::{MemberEntry, MeshEntry};
 use super::held::Take;
 use super::plan::{key, Route, Targets};
-use super::Envelope;
+use super::{Envelope, HeldLate, Orphan};
 use crate::protocol::Priority;
 use rustc_hash::FxHashMap;
 use std::rc::Rc;
 use std::sync::Arc;
+use std::time::SystemTime;
 
 /// A live session as routing sees it.
 pub trait Recipient {
@@ -22,8 +23,9 @@ pub trait Recipient {
     /// is not closing.
     fn accepts(&self, priority: Priority) -> bool;
 
-    /// Queue the envelope's push frame.
-    fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery;
+    /// Queue the envelope's push frame; `stored` when it was held for this
+    /// session's member (see `Orphan`).
+    fn deliver(&self, envelope: &Arc<Envelope>, stored: bool) -> Delivery;
 
     /// Bytes it can queue before its outbound bound.
     fn room(&self) -> usize;
@@ -36,7 +38,7 @@ pub enum Delivery {
     Refused,
     /// Over its outbound bound: cut off now, handing back the envelopes it
     /// had queued but not written (oldest first).
-    CutOff(Vec<Arc<Envelope>>),
+    CutOff(Vec<Orphan>),
 }
 
 struct MemberSessions<S> {
@@ -52,15 +54,73 @@ pub struct Delivered {
     /// turned busy while the route was in flight, or a cut-off session
     /// handed its queue back), with the shards able to take them meanwhile.
     pub held: Vec<(Arc<MemberEntry>, u64)>,
+    /// What became held here after its ack: to be stored.
+    pub late: Vec<HeldLate>,
 }
 
 /// What draining a member's held queue did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Default)]
 pub struct Drained {
     pub delivered: usize,
     /// A session here may take what is held but has no room now: its
     /// writer drains again once it has written.
     pub waiting_for_room: bool,
+    /// Expired envelopes met on the way, dropped unpushed.
+    pub expired: Vec<Arc<Envelope>>,
+    /// Live envelopes a session cut off during the drain handed back.
+    pub late: Vec<HeldLate>,
+}
+
+/// What a session leaving did.
+#[derive(Default)]
+pub struct Left {
+    /// The shards to ask for a drain (something is held for the member).
+    pub drain: u64,
+    /// Live envelopes it had not written, now held: to be stored.
+    pub late: Vec<HeldLate>,
+}
+
+/// What a session that is gone (or going) had not written goes back to its
+/// member (see `reclaim`; live ones another session of the member may take
+/// went there too).
+pub fn give_back(member: &Arc<MemberEntry>, orphans: Vec<Orphan>) -> Left {
+    let mut left = Left::default();
+    reclaim(
+        member,
+        orphans,
+        |p| member.shards_for(p) != 0,
+        &mut left.late,
+    );
+    if !member.held.is_empty() {
+        left.drain = member.live_shards.get();
+    }
+    left
+}
+
+/// Gives a cut-off session's unwritten envelopes back to its member: those
+/// held for the member always (they went to this session only), live ones
+/// unless `covered` says another session of the member took them too.
+/// The live ones given back are now held: they go to `late`. True when
+/// anything was given back.
+fn reclaim(
+    member: &Arc<MemberEntry>,
+    orphans: Vec<Orphan>,
+    covered: impl Fn(Priority) -> bool,
+    late: &mut Vec<HeldLate>,
+) -> bool {
+    let mut back = Vec::with_capacity(orphans.len());
+    for orphan in orphans {
+        if orphan.stored {
+            back.push(orphan.envelope);
+        } else if !covered(orphan.envelope.priority) {
+            orphan.envelope.hold_in_flight();
+            late.push((orphan.envelope.clone(), member.clone()));
+            back.push(orphan.envelope);
+        }
+    }
+    let any = !back.is_empty();
+    member.held.hand_back(back);
+    any
 }
 
 pub struct LocalRoutes<S> {
@@ -117,30 +177,20 @@ impl<S: Recipient> LocalRoutes<S> {
     }
 
     /// A session ends: it leaves the tables, what it was cut off before
-    /// writing goes back to its member (unless another session of the
-    /// member may take it, and so got it too), and only then its slot in
-    /// the mesh is released, so an idle-mesh eviction cannot strand those
-    /// envelopes in an entry nobody looks up any more. Returns the shards
-    /// to ask for a drain when something is held for the member.
+    /// writing goes back to its member (see `reclaim`), and only then its
+    /// slot in the mesh is released, so an idle-mesh eviction cannot strand
+    /// those envelopes in an entry nobody looks up any more.
     pub fn leave(
         &mut self,
         mesh: &Arc<MeshEntry>,
         member: &Arc<MemberEntry>,
         session: &Rc<S>,
-        orphans: Vec<Arc<Envelope>>,
-    ) -> u64 {
+        orphans: Vec<Orphan>,
+    ) -> Left {
         self.remove(mesh, member, session);
-        let uncovered: Vec<_> = orphans
-            .into_iter()
-            .filter(|e| member.shards_for(e.priority) == 0)
-            .collect();
-        member.held.hand_back(uncovered);
+        let left = give_back(member, orphans);
         mesh.release();
-        if member.held.is_empty() {
-            0
-        } else {
-            member.live_shards.get()
-        }
+        left
     }
 
     fn remove(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, session: &Rc<S>) {
@@ -230,7 +280,7 @@ impl<S: Recipient> LocalRoutes<S> {
             if !session.accepts(envelope.priority) {
                 continue;
             }
-            match session.deliver(envelope) {
+            match session.deliver(envelope, false) {
                 Delivery::Taken => {
                     done.pushes += 1;
                     took = true;
@@ -239,18 +289,19 @@ impl<S: Recipient> LocalRoutes<S> {
                 Delivery::CutOff(mut queued) => orphans.append(&mut queued),
             }
         }
-        // What a cut-off session had queued, its member's other sessions
-        // that may take it got too (they took every envelope it took);
-        // the rest goes back to the member.
+        // What a cut-off session had queued live, its member's other
+        // sessions that may take it got too (they took every envelope it
+        // took).
         let others = |p: Priority| member.shards_for(p) & !self.bit();
-        let local_taker = |p: Priority| sessions.iter().any(|s| s.accepts(p));
-        orphans.retain(|e| others(e.priority) == 0 && !local_taker(e.priority));
-        let elsewhere = others(envelope.priority) & route.shards;
-        if !orphans.is_empty() || (!took && elsewhere == 0) {
-            if !took && elsewhere == 0 {
-                orphans.push(envelope.clone());
-            }
-            member.held.hand_back(orphans);
+        let covered = |p: Priority| others(p) != 0 || sessions.iter().any(|s| s.accepts(p));
+        let mut reheld = reclaim(member, orphans, covered, &mut done.late);
+        if !took && others(envelope.priority) & route.shards == 0 {
+            envelope.hold_in_flight();
+            member.held.hand_back(vec![envelope.clone()]);
+            done.late.push((envelope.clone(), member.clone()));
+            reheld = true;
+        }
+        if reheld {
             done.held.push((member.clone(), member.live_shards.get()));
         }
     }
@@ -268,39 +319,55 @@ impl<S: Recipient> LocalRoutes<S> {
     ) -> Drained {
         let sessions = self.sessions_of(mesh, member);
         let mut drained = Drained::default();
-        if sessions.is_empty() {
+        // While an earlier run's envelopes load, the ones held now wait
+        // behind them (the loader asks for a drain when it is done).
+        if sessions.is_empty() || mesh.is_restoring() {
             return drained;
         }
         let candidates = session.map_or(sessions, std::slice::from_ref);
+        let now = SystemTime::now();
         loop {
             let mut target = None;
-            let taken = member.held.take_next(|envelope| {
-                let mut takers = candidates
-                    .iter()
-                    .filter(|s| s.accepts(envelope.priority))
-                    .peekable();
-                if takers.peek().is_none() {
-                    return Take::SkipPriority;
-                }
-                target = takers.find(|s| s.room() >= envelope.frame.len());
-                if target.is_some() {
-                    Take::Yes
-                } else {
-                    drained.waiting_for_room = true;
-                    Take::Stop
-                }
-            });
+            let taken = member
+                .held
+                .take_next(now, &mut drained.expired, |envelope| {
+                    let mut takers = candidates
+                        .iter()
+                        .filter(|s| s.accepts(envelope.priority))
+                        .peekable();
+                    if takers.peek().is_none() {
+                        return Take::SkipPriority;
+                    }
+                    target = takers.find(|s| s.room() >= envelope.frame.len());
+                    if target.is_some() {
+                        Take::Yes
+                    } else {
+                        drained.waiting_for_room = true;
+                        Take::Stop
+                    }
+                });
             let Some(envelope) = taken else { break };
-            match target.expect("taken with a target").deliver(&envelope) {
+            match target
+                .expect("taken with a target")
+                .deliver(&envelope, true)
+            {
                 Delivery::Taken => drained.delivered += 1,
                 Delivery::Refused => {
                     member.held.hand_back(vec![envelope]);
                     break;
                 }
                 Delivery::CutOff(mut orphans) => {
-                    drained.delivered -= orphans.len().min(drained.delivered);
-                    orphans.push(envelope);
-                    member.held.hand_back(orphans);
+                    let back = orphans.iter().filter(|o| o.stored).count();
+                    drained.delivered -= back.min(drained.delivered);
+                    orphans.push(Orphan {
+                        envelope,
+                        stored: true,
+                    });
+                    let covered = |p: Priority| {
+                        member.shards_for(p) & !self.bit() != 0
+                            || sessions.iter().any(|s| s.accepts(p))
+                    };
+                    reclaim(member, orphans, covered, &mut drained.late);
                     break;
                 }
             }
@@ -313,7 +380,8 @@ impl<S: Recipient> LocalRoutes<S> {
 mod tests {
     use super::*;
     use crate::mesh::directory::{Directory, MemberRow};
-    use crate::mesh::plan::{plan_broadcast, plan_direct};
+    use crate::mesh::held::HeldBudget;
+    use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits};
     use crate::mesh::EnvelopeTarget;
     use std::cell::{Cell, RefCell};
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -326,7 +394,7 @@ mod tests {
         closing: Cell<bool>,
         room: Cell<usize>,
         got: RefCell<Vec<String>>,
-        queued: RefCell<Vec<Arc<Envelope>>>,
+        queued: RefCell<Vec<Orphan>>,
     }
 
     impl Fake {
@@ -356,7 +424,7 @@ mod tests {
             !self.closing.get() && (!self.busy.get() || priority == Priority::Now)
         }
 
-        fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
+        fn deliver(&self, envelope: &Arc<Envelope>, stored: bool) -> Delivery {
             if self.closing.get() {
                 return Delivery::Refused;
             }
@@ -366,7 +434,10 @@ mod tests {
             }
             self.room.set(self.room.get() - envelope.frame.len());
             self.got.borrow_mut().push(envelope.message_id.to_string());
-            self.queued.borrow_mut().push(envelope.clone());
+            self.queued.borrow_mut().push(Orphan {
+                envelope: envelope.clone(),
+                stored,
+            });
             Delivery::Taken
         }
 
@@ -381,9 +452,17 @@ mod tests {
         directory: Directory,
         depth: Arc<AtomicI64>,
         mesh: Arc<MeshEntry>,
+        budget: HeldBudget,
     }
 
     impl World {
+        fn limits(&self, max_per_member: usize) -> HoldLimits<'_> {
+            HoldLimits {
+                max_per_member,
+                budget: &self.budget,
+            }
+        }
+
         fn new(members: &[&str]) -> World {
             let depth = Arc::new(AtomicI64::new(0));
             let directory = Directory::new(depth.clone());
@@ -405,6 +484,7 @@ mod tests {
                 directory,
                 depth,
                 mesh,
+                budget: HeldBudget::new(usize::MAX / 2),
             }
         }
 
@@ -423,11 +503,13 @@ mod tests {
                 }),
                 priority: p,
                 created_at: SystemTime::now(),
-                expires_at: SystemTime::now(),
+                expires_at: SystemTime::now() + std::time::Duration::from_secs(3600),
                 frame: bytes::Bytes::from_static(b"0123456789"),
                 nonce: 0..0,
                 ciphertext: 0..0,
                 sent_at: self.epoch + std::time::Duration::from_micros(seq.into()),
+                restored: false,
+                holds_in_flight: Default::default(),
             })
         }
 
@@ -448,7 +530,7 @@ mod tests {
         envelope: &Arc<Envelope>,
         to: &str,
     ) -> Delivered {
-        let plan = plan_direct(envelope, &world.member(to), 10_000).unwrap();
+        let plan = plan_direct(envelope, &world.member(to), &world.limits(10_000)).unwrap();
         plan.route
             .map(|route| routes.deliver_route(&route))
             .unwrap_or_default()
@@ -536,7 +618,7 @@ mod tests {
         let session = Fake::idle();
         routes.add(&world.mesh, &b, session.clone());
         let envelope = world.envelope(1, "a", Some("b"), Priority::Next);
-        let plan = plan_direct(&envelope, &b, 10).unwrap();
+        let plan = plan_direct(&envelope, &b, &world.limits(10)).unwrap();
         // The route is in flight when the session says working.
         session.busy.set(true);
         routes.status_changed(&world.mesh, &b);
@@ -555,7 +637,7 @@ mod tests {
         routes.add(&world.mesh, &a, sa.clone());
         routes.add(&world.mesh, &b, sb.clone());
         let envelope = world.envelope(1, "a", None, Priority::Next);
-        let plan = plan_broadcast(&envelope, 10).unwrap();
+        let plan = plan_broadcast(&envelope, &world.limits(10)).unwrap();
         assert_eq!(plan.held.len(), 1);
         // `c` connects before the route is applied: it drains the held copy
         // and must not get the live one too.
@@ -574,9 +656,18 @@ mod tests {
         let world = World::new(&["a", "b", "c"]);
         let c = world.member("c");
         for seq in 0..2 {
-            plan_direct(&world.envelope(seq, "a", Some("c"), Priority::Next), &c, 2).unwrap();
+            plan_direct(
+                &world.envelope(seq, "a", Some("c"), Priority::Next),
+                &c,
+                &world.limits(2),
+            )
+            .unwrap();
         }
-        assert!(plan_broadcast(&world.envelope(9, "a", None, Priority::Next), 2).is_err());
+        assert!(plan_broadcast(
+            &world.envelope(9, "a", None, Priority::Next),
+            &world.limits(2)
+        )
+        .is_err());
         assert!(world.member("b").held.is_empty());
         assert_eq!(world.depth(), 2);
     }
@@ -593,7 +684,7 @@ mod tests {
         let plan_cap = 1;
         for seq in 1..=3 {
             let envelope = world.envelope(seq, "a", Some("b"), Priority::Next);
-            let plan = plan_direct(&envelope, &b, plan_cap).unwrap();
+            let plan = plan_direct(&envelope, &b, &world.limits(plan_cap)).unwrap();
             routes.deliver_route(plan.route.as_ref().unwrap());
         }
         // Two were queued, the third overflowed: all three are held.
@@ -613,7 +704,15 @@ mod tests {
         let orphan = world.envelope(1, "a", Some("b"), Priority::Next);
         // Evict as soon as the slot is free: the hand-back came first.
         assert_eq!(world.directory.evict_idle(), 0);
-        routes.leave(&world.mesh, &b, &session, vec![orphan]);
+        routes.leave(
+            &world.mesh,
+            &b,
+            &session,
+            vec![Orphan {
+                envelope: orphan,
+                stored: false,
+            }],
+        );
         assert_eq!(
             world.directory.evict_idle(),
             0,
@@ -639,13 +738,7 @@ mod tests {
         session.room.set(25);
         routes.add(&world.mesh, &b, session.clone());
         let drained = routes.drain_held(&world.mesh, &b, Some(&session));
-        assert_eq!(
-            drained,
-            Drained {
-                delivered: 2,
-                waiting_for_room: true
-            }
-        );
+        assert_eq!((drained.delivered, drained.waiting_for_room), (2, true));
         session.room.set(100);
         assert_eq!(
             routes.drain_held(&world.mesh, &b, Some(&session)).delivered,

@@ -7,13 +7,13 @@
 //! held queue live in it. Shards read views through `ArcSwap` (no lock);
 //! the directory's own map is locked only on hello and on refresh.
 use super::held::HeldQueue;
-use super::Envelope;
+use super::{Envelope, HeldLate};
 use crate::protocol::Priority;
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 /// Bit i set while shard i has at least one live session of a member or
 /// mesh. SeqCst: the hold/drain handshake (see `held`) relies on a hello's
@@ -66,6 +66,17 @@ impl MemberEntry {
             open_shards: ShardMask::default(),
             held: HeldQueue::new(depth.clone()),
         }
+    }
+
+    /// A sender that is no longer a member, for envelopes it left held (a
+    /// restored row): it takes part in no routing.
+    pub fn former(id: &str, pubkey: &str) -> Arc<MemberEntry> {
+        let row = MemberRow {
+            id: id.to_owned(),
+            peer_pubkey: pubkey.to_owned(),
+            revoked: true,
+        };
+        Arc::new(MemberEntry::new(&row, &Arc::default()))
     }
 
     /// The shards with a session that may take `priority` now (PROTOCOL.md
@@ -141,6 +152,10 @@ pub struct MeshEntry {
     live_sessions: AtomicU32,
     /// The shards with at least one live session of this mesh.
     pub live_shards: ShardMask,
+    /// Set while the held envelopes Postgres kept for this mesh (an earlier
+    /// run's) are being loaded: new sends are held behind them and nothing
+    /// is drained until they are all in place.
+    restoring: AtomicBool,
     loaded_at: Mutex<Instant>,
     /// The broker-wide held-envelope gauge, for new members' queues.
     depth: Arc<AtomicI64>,
@@ -166,6 +181,14 @@ impl MeshEntry {
 
     pub fn release(&self) {
         self.live_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn is_restoring(&self) -> bool {
+        self.restoring.load(Ordering::SeqCst)
+    }
+
+    pub fn set_restoring(&self, restoring: bool) {
+        self.restoring.store(restoring, Ordering::SeqCst);
     }
 
     pub fn loaded_since(&self) -> std::time::Duration {
@@ -246,6 +269,7 @@ impl Directory {
             view: ArcSwap::from_pointee(MeshView::default()),
             live_sessions: AtomicU32::new(0),
             live_shards: ShardMask::default(),
+            restoring: AtomicBool::new(false),
             loaded_at: Mutex::new(Instant::now()),
             depth: self.depth.clone(),
         });
@@ -272,6 +296,7 @@ impl Directory {
         meshes.retain(|_, mesh| {
             let nothing_held = mesh.view().members().iter().all(|m| m.held.is_empty());
             let evicted = nothing_held
+                && !mesh.is_restoring()
                 && mesh
                     .live_sessions
                     .compare_exchange(0, EVICTED, Ordering::AcqRel, Ordering::Acquire)
@@ -279,6 +304,27 @@ impl Directory {
             !evicted
         });
         before - meshes.len()
+    }
+
+    /// Drops every expired held envelope (the 15 s sweep), with the member
+    /// it was held for.
+    pub fn expire_held(&self, now: SystemTime) -> Vec<HeldLate> {
+        let meshes: Vec<Arc<MeshEntry>> = self
+            .meshes
+            .lock()
+            .expect("directory lock")
+            .values()
+            .cloned()
+            .collect();
+        let mut expired = Vec::new();
+        for mesh in meshes {
+            for member in mesh.view().members() {
+                for envelope in member.held.expire(now) {
+                    expired.push((envelope, member.clone()));
+                }
+            }
+        }
+        expired
     }
 
     /// The ids of every loaded mesh, for the periodic refresh.

@@ -8,9 +8,50 @@ use crate::protocol::Priority;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct HeldFull;
+
+/// Bytes of held envelopes accepted but not yet committed to Postgres
+/// (`MAX_HELD_MEMORY_BYTES`): a send that must be held reserves its frame
+/// here and is refused (`unavailable`) over the bound; the db writer
+/// releases it once the row is committed. What became held after its ack
+/// is forced in: it cannot be refused any more.
+#[derive(Debug)]
+pub struct HeldBudget {
+    used: AtomicUsize,
+    max: usize,
+}
+
+impl HeldBudget {
+    pub fn new(max: usize) -> Self {
+        HeldBudget {
+            used: AtomicUsize::new(0),
+            max,
+        }
+    }
+
+    pub fn try_reserve(&self, bytes: usize) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                (used + bytes <= self.max).then_some(used + bytes)
+            })
+            .is_ok()
+    }
+
+    pub fn force(&self, bytes: usize) {
+        self.used.fetch_add(bytes, Ordering::AcqRel);
+    }
+
+    pub fn release(&self, bytes: usize) {
+        self.used.fetch_sub(bytes, Ordering::AcqRel);
+    }
+
+    pub fn used(&self) -> usize {
+        self.used.load(Ordering::Acquire)
+    }
+}
 
 /// What a drain decides about the oldest held envelope it may consider.
 pub enum Take {
@@ -82,8 +123,14 @@ impl HeldQueue {
 
     /// Takes the oldest envelope (by creation, across priorities) that
     /// `decide` accepts; priorities it skips are passed over, a `Stop`
-    /// ends the search.
-    pub fn take_next(&self, mut decide: impl FnMut(&Envelope) -> Take) -> Option<Arc<Envelope>> {
+    /// ends the search. An expired envelope met on the way is never
+    /// offered: it goes to `expired`.
+    pub fn take_next(
+        &self,
+        now: SystemTime,
+        expired: &mut Vec<Arc<Envelope>>,
+        mut decide: impl FnMut(&Envelope) -> Take,
+    ) -> Option<Arc<Envelope>> {
         let mut queues = self.queues.lock().expect("held lock");
         let mut skipped = 0u8;
         loop {
@@ -92,6 +139,12 @@ impl HeldQueue {
                 .filter_map(|i| queues[i].front().map(|e| (i, e)))
                 .min_by(|a, b| order(a.1).cmp(&order(b.1)))?;
             let index = oldest.0;
+            if oldest.1.is_expired(now) {
+                expired.extend(queues[index].pop_front());
+                self.publish(&queues);
+                self.depth.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
             match decide(oldest.1) {
                 Take::Yes => {
                     let envelope = queues[index].pop_front();
@@ -103,6 +156,30 @@ impl HeldQueue {
                 Take::Stop => return None,
             }
         }
+    }
+
+    /// Drops every expired envelope (the 15 s sweep), returning them.
+    pub fn expire(&self, now: SystemTime) -> Vec<Arc<Envelope>> {
+        if self.is_empty() {
+            return Vec::new();
+        }
+        let mut queues = self.queues.lock().expect("held lock");
+        let mut expired = Vec::new();
+        for queue in queues.iter_mut() {
+            queue.retain(|e| {
+                let gone = e.is_expired(now);
+                if gone {
+                    expired.push(e.clone());
+                }
+                !gone
+            });
+        }
+        if !expired.is_empty() {
+            self.publish(&queues);
+            self.depth
+                .fetch_sub(expired.len() as i64, Ordering::Relaxed);
+        }
+        expired
     }
 
     pub fn len(&self) -> usize {
@@ -135,13 +212,24 @@ impl Drop for HeldQueue {
     }
 }
 
-/// Creation order: when the send was read, on the one monotonic clock all
-/// shards share, then the id. (Ids alone sort by millisecond, then shard:
-/// within one millisecond an envelope read on shard 0 would sort before
-/// one read earlier on shard 1, even one whose ack its sender had already
-/// seen.)
-fn order(envelope: &Envelope) -> (std::time::Instant, &str) {
-    (envelope.sent_at, &envelope.message_id)
+/// Creation order. What an earlier run left comes first, by its stored
+/// creation time; then what this run read, by when it was read on the one
+/// monotonic clock all shards share; the id breaks ties. (Ids alone sort by
+/// millisecond, then shard: within one millisecond an envelope read on
+/// shard 0 would sort before one read earlier on shard 1, even one whose
+/// ack its sender had already seen.)
+#[derive(PartialEq, Eq, PartialOrd, Ord)]
+enum Order<'a> {
+    Restored(std::time::SystemTime, &'a str),
+    Read(std::time::Instant, &'a str),
+}
+
+fn order(envelope: &Envelope) -> Order<'_> {
+    if envelope.restored {
+        Order::Restored(envelope.created_at, &envelope.message_id)
+    } else {
+        Order::Read(envelope.sent_at, &envelope.message_id)
+    }
 }
 
 /// The common case (newest) appends.

@@ -19,11 +19,14 @@ pub mod deliver;
 pub mod directory;
 pub mod held;
 pub mod plan;
+pub mod restore;
 
-use crate::protocol::Priority;
+use crate::protocol::{self, Priority, PushFields};
+use crate::ws;
 use bytes::Bytes;
 use directory::{MemberEntry, MeshEntry};
 use std::ops::Range;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -48,11 +51,81 @@ pub struct Envelope {
     /// Where the nonce and ciphertext (JSON-escaped) sit in `frame`.
     pub nonce: Range<u32>,
     pub ciphertext: Range<u32>,
-    /// When the send was read, for the send→push latency histogram.
+    /// When the send was read: its place in held queues, and the start of
+    /// its send→push latency.
     pub sent_at: Instant,
+    /// Loaded from Postgres at start (an earlier run's): it goes before
+    /// everything sent in this run, and has no send→push latency.
+    pub restored: bool,
+    /// Holds of it sent to the db writer and not yet committed: its
+    /// delivery marks wait for them, so a mark never reaches Postgres
+    /// before the row it marks.
+    pub holds_in_flight: AtomicU32,
+}
+
+/// An envelope queued on a session, or handed back by one that was cut
+/// off before writing it: `stored` when it was held for the session's
+/// member (a pending `mesh.message_queue` row stands for it, which its
+/// writing marks delivered), not when it came live.
+pub struct Orphan {
+    pub envelope: Arc<Envelope>,
+    pub stored: bool,
+}
+
+/// An envelope that became held for a member outside its send's plan
+/// (after its ack: the member's sessions left, turned busy or were cut off
+/// while it crossed shards); it must be written to Postgres too.
+pub type HeldLate = (Arc<Envelope>, Arc<MemberEntry>);
+
+/// A push serialized once straight into its WebSocket frame, with where
+/// its nonce and ciphertext sit in it.
+pub struct PushFrame {
+    pub frame: Bytes,
+    pub nonce: Range<u32>,
+    pub ciphertext: Range<u32>,
+}
+
+impl PushFrame {
+    pub fn encode(fields: &PushFields<'_>) -> PushFrame {
+        let mut frame = Vec::with_capacity(
+            ws::SERVER_HEADER_ROOM + 200 + fields.nonce.len() + fields.ciphertext.len(),
+        );
+        frame.resize(ws::SERVER_HEADER_ROOM, 0);
+        let ranges = protocol::write_push(&mut frame, fields);
+        let written = frame.len();
+        let frame = ws::finish_server_frame(frame, ws::OpCode::Text);
+        // The header took the tail of the reserved room: offsets shift.
+        let shift = written - frame.len();
+        let place = |r: Range<usize>| (r.start - shift) as u32..(r.end - shift) as u32;
+        PushFrame {
+            frame,
+            nonce: place(ranges.nonce),
+            ciphertext: place(ranges.ciphertext),
+        }
+    }
 }
 
 impl Envelope {
+    /// Counts a hold of it that must be written (before it is placed in a
+    /// queue, so no drain can mark it first).
+    pub fn hold_in_flight(&self) {
+        self.holds_in_flight.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// A hold was committed (or refused for good).
+    pub fn hold_settled(&self) {
+        self.holds_in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn has_holds_in_flight(&self) -> bool {
+        self.holds_in_flight.load(Ordering::Acquire) != 0
+    }
+
+    /// Whether it may no longer be pushed (PROTOCOL.md §4).
+    pub fn is_expired(&self, now: SystemTime) -> bool {
+        self.expires_at <= now
+    }
+
     /// The nonce as it stands in the push frame (JSON-escaped).
     pub fn nonce_json(&self) -> &[u8] {
         &self.frame[self.nonce.start as usize..self.nonce.end as usize]

@@ -4,9 +4,49 @@
 //! broadcast names the mesh and whom to skip, so planning clones nothing
 //! per member and each shard walks only its own sessions of the mesh.
 use super::directory::MemberEntry;
-use super::held::HeldFull;
+use super::held::HeldBudget;
 use super::Envelope;
+use crate::protocol::Priority;
 use std::sync::Arc;
+
+/// Why a send was refused before anything of it was routed or held.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// A target member already holds `MAX_HELD_PER_MEMBER`.
+    HeldFull,
+    /// Holding it would pass `MAX_HELD_MEMORY_BYTES` of envelopes not yet
+    /// committed (Postgres is slow or away).
+    Unavailable,
+}
+
+/// The bounds a send that must be held is checked against.
+pub struct HoldLimits<'a> {
+    pub max_per_member: usize,
+    pub budget: &'a HeldBudget,
+}
+
+impl HoldLimits<'_> {
+    /// Reserves the envelope's bytes in the budget (released once its row
+    /// is committed) and counts its hold in flight.
+    fn reserve(&self, envelope: &Envelope) -> Result<(), Refused> {
+        if self.budget.try_reserve(envelope.frame.len()) {
+            envelope.hold_in_flight();
+            Ok(())
+        } else {
+            Err(Refused::Unavailable)
+        }
+    }
+}
+
+/// The shards that may take `priority` for `member` now; none while the
+/// mesh's earlier held envelopes are loading, so new sends queue behind them.
+fn eligible(envelope: &Envelope, member: &MemberEntry, priority: Priority) -> u64 {
+    if envelope.mesh.is_restoring() {
+        0
+    } else {
+        member.shards_for(priority)
+    }
+}
 
 /// Who a route is for.
 pub enum Targets {
@@ -31,7 +71,9 @@ pub struct Route {
 pub struct Plan {
     pub route: Option<Arc<Route>>,
     /// Members the envelope was held for, with the shards that became able
-    /// to take it meanwhile (non-zero: ask one of them to drain).
+    /// to take it meanwhile (non-zero: ask one of them to drain). When not
+    /// empty, the envelope's bytes are reserved in the budget and its ack
+    /// waits for its row to be committed.
     pub held: Vec<(Arc<MemberEntry>, u64)>,
 }
 
@@ -48,18 +90,18 @@ pub fn key<T>(entry: &Arc<T>) -> usize {
 }
 
 /// A send to one member: live where a session may take it, else held.
-/// `max_held`: a member already holding that many refuses new sends.
 pub fn plan_direct(
     envelope: &Arc<Envelope>,
     member: &Arc<MemberEntry>,
-    max_held: usize,
-) -> Result<Plan, HeldFull> {
+    limits: &HoldLimits<'_>,
+) -> Result<Plan, Refused> {
     let mut plan = Plan::default();
-    let shards = member.shards_for(envelope.priority);
+    let shards = eligible(envelope, member, envelope.priority);
     if shards == 0 {
-        if !member.has_room(max_held) {
-            return Err(HeldFull);
+        if !member.has_room(limits.max_per_member) {
+            return Err(Refused::HeldFull);
         }
+        limits.reserve(envelope)?;
         let now_eligible = member.hold(envelope.clone());
         plan.held.push((member.clone(), now_eligible));
         return Ok(plan);
@@ -75,18 +117,23 @@ pub fn plan_direct(
 /// A send to every other member of the sender's mesh. Either every member
 /// that must hold it has room, or nothing is held and the send is refused:
 /// a refused send is never half delivered.
-pub fn plan_broadcast(envelope: &Arc<Envelope>, max_held: usize) -> Result<Plan, HeldFull> {
+pub fn plan_broadcast(envelope: &Arc<Envelope>, limits: &HoldLimits<'_>) -> Result<Plan, Refused> {
     let view = envelope.mesh.view();
     let priority = envelope.priority;
     let must_hold = |member: &Arc<MemberEntry>| {
-        !Arc::ptr_eq(member, &envelope.sender) && member.shards_for(priority) == 0
+        !Arc::ptr_eq(member, &envelope.sender) && eligible(envelope, member, priority) == 0
     };
-    if view
-        .members()
-        .iter()
-        .any(|m| must_hold(m) && !m.has_room(max_held))
-    {
-        return Err(HeldFull);
+    let mut holds = false;
+    for member in view.members() {
+        if must_hold(member) {
+            if !member.has_room(limits.max_per_member) {
+                return Err(Refused::HeldFull);
+            }
+            holds = true;
+        }
+    }
+    if holds {
+        limits.reserve(envelope)?;
     }
     let mut plan = Plan::default();
     let mut shards = 0;
@@ -95,7 +142,7 @@ pub fn plan_broadcast(envelope: &Arc<Envelope>, max_held: usize) -> Result<Plan,
         if Arc::ptr_eq(member, &envelope.sender) {
             continue;
         }
-        let eligible = member.shards_for(priority);
+        let eligible = eligible(envelope, member, priority);
         if eligible != 0 {
             shards |= eligible;
             continue;
@@ -105,6 +152,19 @@ pub fn plan_broadcast(envelope: &Arc<Envelope>, max_held: usize) -> Result<Plan,
         let now_eligible = member.hold(envelope.clone());
         plan.held.push((member.clone(), now_eligible));
         held_for.push(key(member));
+    }
+    // Members whose sessions came or went between the two passes: the
+    // reservation follows what was actually held.
+    match (holds, plan.held.is_empty()) {
+        (false, false) => {
+            limits.budget.force(envelope.frame.len());
+            envelope.hold_in_flight();
+        }
+        (true, true) => {
+            limits.budget.release(envelope.frame.len());
+            envelope.hold_settled();
+        }
+        _ => {}
     }
     if shards != 0 {
         held_for.sort_unstable();

@@ -181,7 +181,9 @@ pub struct GlobalMetrics {
     pub(super) queue_depth: Arc<AtomicI64>,
     pub(super) ttl_sweeps: AtomicU64,
     pub(super) ttl_flipped: AtomicU64,
+    pub(super) held_expired: AtomicU64,
     pub(super) audit_batch: Mutex<Lat>,
+    pub(super) held_batch: Mutex<Lat>,
 }
 
 impl GlobalMetrics {
@@ -191,7 +193,9 @@ impl GlobalMetrics {
             queue_depth: Arc::new(AtomicI64::new(0)),
             ttl_sweeps: AtomicU64::new(0),
             ttl_flipped: AtomicU64::new(0),
+            held_expired: AtomicU64::new(0),
             audit_batch: Mutex::new(Lat::default()),
+            held_batch: Mutex::new(Lat::default()),
         }
     }
 
@@ -215,6 +219,16 @@ impl GlobalMetrics {
             self.ttl_sweeps.fetch_add(1, Relaxed);
         }
         self.ttl_flipped.fetch_add(flipped, Relaxed);
+    }
+
+    /// Held envelopes dropped unpushed past their expiry.
+    pub fn held_expired(&self, n: u64) {
+        self.held_expired.fetch_add(n, Relaxed);
+    }
+
+    /// One durable-lane batch (held envelopes, marks) committed in `d`.
+    pub fn record_held_batch(&self, d: Duration) {
+        lock(&self.held_batch).record(d);
     }
 
     /// One audit batch was written to Postgres in `d`.

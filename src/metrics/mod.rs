@@ -155,11 +155,13 @@ impl Metrics {
             queue_depth: self.global.queue_depth.load(Relaxed),
             ttl_sweeps: self.global.ttl_sweeps.load(Relaxed),
             ttl_flipped: self.global.ttl_flipped.load(Relaxed),
+            held_expired: self.global.held_expired.load(Relaxed),
             db_healthy: self.global.db_healthy(),
             http: HistSnapshot::default(),
             send_ack: Default::default(),
             send_push: Default::default(),
             audit_batch: lock(&self.global.audit_batch).snapshot(),
+            held_batch: lock(&self.global.held_batch).snapshot(),
         };
         let mut lats = ShardLats::default();
         for shard in &self.shards {

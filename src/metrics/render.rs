@@ -41,11 +41,13 @@ pub(super) struct Snapshot {
     pub(super) queue_depth: i64,
     pub(super) ttl_sweeps: u64,
     pub(super) ttl_flipped: u64,
+    pub(super) held_expired: u64,
     pub(super) db_healthy: bool,
     pub(super) http: HistSnapshot,
     pub(super) send_ack: [HistSnapshot; 3],
     pub(super) send_push: [HistSnapshot; 3],
     pub(super) audit_batch: HistSnapshot,
+    pub(super) held_batch: HistSnapshot,
 }
 
 // Histogram family names (without the `_seconds` unit suffix prometheus-client adds).
@@ -53,6 +55,7 @@ const HTTP_HIST: &str = "broker_http_request_duration";
 const ACK_HIST: &str = "broker_send_ack_latency";
 const PUSH_HIST: &str = "broker_send_push_latency";
 const AUDIT_HIST: &str = "broker_audit_batch_write";
+const HELD_HIST: &str = "broker_held_batch_write";
 
 /// (family name, help, [(priority label, data)]).
 type LatencyFamily<'a> = (
@@ -69,7 +72,7 @@ impl Snapshot {
     }
 
     /// (name, help, [(priority label, data)]) for every latency family.
-    fn latency_families(&self) -> [LatencyFamily<'_>; 4] {
+    fn latency_families(&self) -> [LatencyFamily<'_>; 5] {
         [
             (
                 HTTP_HIST,
@@ -90,6 +93,11 @@ impl Snapshot {
                 AUDIT_HIST,
                 "Audit log batch write duration.",
                 vec![(None, &self.audit_batch)],
+            ),
+            (
+                HELD_HIST,
+                "Held-envelope batch commit duration (rows, delivery marks, expiries).",
+                vec![(None, &self.held_batch)],
             ),
         ]
     }
@@ -218,6 +226,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "broker_held_expired",
+            "Held envelopes dropped unpushed past HELD_TTL_SECONDS.",
+            self.held_expired,
+        )?;
+        counter(
+            e,
             "broker_hook_requests",
             "POST /hook/set-status requests.",
             self.hook_requests,
@@ -337,6 +351,7 @@ mod tests {
         let single = [
             "broker_http_request_duration_seconds",
             "broker_audit_batch_write_seconds",
+            "broker_held_batch_write_seconds",
         ];
         for name in single {
             assert_eq!(value(&samples, &format!("{name}_count"), &[]), 0.0);

@@ -7,7 +7,7 @@ use super::outbound::{Outbound, Stamp};
 use crate::mesh::deliver::{Delivery, Recipient};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::held::priority_bit;
-use crate::mesh::Envelope;
+use crate::mesh::{Envelope, Orphan};
 use crate::protocol::Priority;
 use crate::status::StatusState;
 use crate::ws::{self, OpCode};
@@ -35,7 +35,9 @@ pub struct SessionLink {
     /// (PROTOCOL.md §5): until it answers, the session takes `now` only, as
     /// if working (whatever says `next` meanwhile is held, then drained).
     inferring: Cell<bool>,
-    orphans: RefCell<Vec<Arc<Envelope>>>,
+    orphans: RefCell<Vec<Orphan>>,
+    /// Set once the teardown took the orphans: later ones go straight back.
+    torn_down: Cell<bool>,
 }
 
 /// Ends a socket's pending reads and writes so its tasks finish.
@@ -62,6 +64,7 @@ impl SessionLink {
             status: Cell::new(StatusState::new(now)),
             inferring: Cell::new(false),
             orphans: RefCell::new(Vec::new()),
+            torn_down: Cell::new(false),
         }
     }
 
@@ -144,13 +147,26 @@ impl SessionLink {
         self.orphans.borrow_mut().extend(orphans);
     }
 
-    /// Envelopes this session was cut off before writing.
-    pub fn take_orphans(&self) -> Vec<Arc<Envelope>> {
+    /// Envelopes this session was cut off before writing, at its teardown.
+    pub fn take_orphans(&self) -> Vec<Orphan> {
+        self.torn_down.set(true);
         std::mem::take(&mut *self.orphans.borrow_mut())
     }
 
+    /// The peer is gone: nothing more is written. What was never written
+    /// (`unwritten`, and what is still queued) is kept for the teardown;
+    /// after it, it is returned for the caller to give back.
+    pub fn abort(&self, mut unwritten: Vec<Orphan>) -> Vec<Orphan> {
+        unwritten.extend(self.out.abort());
+        if self.torn_down.get() {
+            return unwritten;
+        }
+        self.orphans.borrow_mut().extend(unwritten);
+        Vec::new()
+    }
+
     /// `close`, returning the envelopes a slow reader's queue still held.
-    fn start_close(&self, reason: CloseReason) -> Vec<Arc<Envelope>> {
+    fn start_close(&self, reason: CloseReason) -> Vec<Orphan> {
         if self.closing.get().is_some() {
             return Vec::new();
         }
@@ -224,11 +240,11 @@ impl Recipient for SessionLink {
                 || (!self.inferring.get() && self.status.get().accepts(priority)))
     }
 
-    fn deliver(&self, envelope: &Arc<Envelope>) -> Delivery {
+    fn deliver(&self, envelope: &Arc<Envelope>, stored: bool) -> Delivery {
         if self.closing.get().is_some() {
             return Delivery::Refused;
         }
-        match self.out.push_envelope(envelope) {
+        match self.out.push_envelope(envelope, stored) {
             Ok(()) => Delivery::Taken,
             Err(_) => Delivery::CutOff(self.start_close(CloseReason::SlowReader)),
         }

@@ -14,6 +14,7 @@
 //! - `signal`   — a one-shot signal shared by one shard's tasks.
 mod close;
 mod conn;
+mod durable;
 pub mod link;
 pub mod outbound;
 mod readbuf;
@@ -156,6 +157,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         flusher: Cell::new(None),
         db_outbox: RefCell::new(Vec::new()),
         db_flusher: Cell::new(None),
+        durable: Default::default(),
         shutdown: LocalSignal::default(),
         all_closed: LocalSignal::default(),
         ctx,
@@ -170,6 +172,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     monoio::spawn(inbox_loop(shard.clone(), spec.inbox));
     monoio::spawn(flush_loop(shard.clone()));
     monoio::spawn(db_flush_loop(shard.clone()));
+    monoio::spawn(durable::ack_loop(shard.clone()));
     monoio::spawn(housekeeping(shard.clone()));
     loop {
         monoio::select! {
@@ -189,9 +192,11 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     drop(listener);
     shard.close_all();
     let _ = monoio::time::timeout(SHUTDOWN_GRACE, shard.all_closed.wait()).await;
-    // The closed sessions' presence rows go to the db thread, which the
-    // broker stops only after every shard has returned.
+    // The closed sessions' presence rows and what the lane gathered go to
+    // the db thread, which the broker stops only after every shard has
+    // returned.
     shard.flush_db();
+    shard.flush_lane();
     shard.histograms.borrow_mut().publish(&shard.metrics);
 }
 
@@ -221,7 +226,7 @@ async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {
 async fn flush_loop(shard: Rc<Shard>) {
     loop {
         poll_fn(|cx| {
-            if shard.outgoing.borrow().iter().any(|b| !b.is_empty()) {
+            if shard.outgoing.borrow().iter().any(|b| !b.is_empty()) || shard.durable.has_outbox() {
                 return Poll::Ready(());
             }
             shard.flusher.set(Some(cx.waker().clone()));
@@ -230,6 +235,7 @@ async fn flush_loop(shard: Rc<Shard>) {
         .await;
         // Yield once so every task runnable in this turn adds to the batch.
         signal::yield_now().await;
+        shard.flush_lane();
         let mut blocked = false;
         for (dest, sender) in shard.ctx.shards.iter().enumerate() {
             let batch = std::mem::take(&mut shard.outgoing.borrow_mut()[dest]);
@@ -288,6 +294,7 @@ async fn housekeeping(shard: Rc<Shard>) {
             next_sweep = now + config.sweep_interval;
             shard.sweep_statuses(now);
             if shard.index == 0 {
+                shard.sweep_expired();
                 shard.ctx.hooks.sweep_pending(now);
                 shard
                     .ctx

@@ -5,7 +5,7 @@
 //! writes it with one syscall, so a burst of pushes costs one write per socket
 //! per wakeup. The queue is bounded in bytes: a peer that stops reading is cut
 //! off (close 1013), never buffered without limit.
-use crate::mesh::Envelope;
+use crate::mesh::{Envelope, Orphan};
 use crate::protocol::Priority;
 use bytes::Bytes;
 use std::cell::{Cell, RefCell};
@@ -34,21 +34,27 @@ pub enum StampKind {
 /// envelope, so a session that is cut off can hand it back to its member),
 /// or a frame the session answers with.
 pub enum QueuedFrame {
-    Push(Arc<Envelope>),
-    Reply { frame: Bytes, stamp: Option<Stamp> },
+    Push {
+        envelope: Arc<Envelope>,
+        stored: bool,
+    },
+    Reply {
+        frame: Bytes,
+        stamp: Option<Stamp>,
+    },
 }
 
 impl QueuedFrame {
     fn bytes(&self) -> &Bytes {
         match self {
-            QueuedFrame::Push(envelope) => &envelope.frame,
+            QueuedFrame::Push { envelope, .. } => &envelope.frame,
             QueuedFrame::Reply { frame, .. } => frame,
         }
     }
 
     fn stamp(&self) -> Option<Stamp> {
         match self {
-            QueuedFrame::Push(envelope) => Some(Stamp {
+            QueuedFrame::Push { envelope, .. } => (!envelope.restored).then_some(Stamp {
                 sent_at: envelope.sent_at,
                 priority: envelope.priority,
                 kind: StampKind::Push,
@@ -56,6 +62,16 @@ impl QueuedFrame {
             QueuedFrame::Reply { stamp, .. } => *stamp,
         }
     }
+}
+
+/// The envelopes among frames that will not be written.
+fn orphans_of(frames: impl Iterator<Item = QueuedFrame>) -> Vec<Orphan> {
+    frames
+        .filter_map(|queued| match queued {
+            QueuedFrame::Push { envelope, stored } => Some(Orphan { envelope, stored }),
+            QueuedFrame::Reply { .. } => None,
+        })
+        .collect()
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -101,11 +117,32 @@ impl FrameBatch {
         self.frames.is_empty()
     }
 
-    /// Empties the batch (after its write), yielding the latency stamps.
-    pub fn drain_stamps(&mut self) -> impl Iterator<Item = Stamp> + '_ {
+    /// Empties a batch whose write failed: its envelopes, which may not
+    /// have reached the peer.
+    pub fn unwritten(&mut self) -> Vec<Orphan> {
         self.iovecs.clear();
         self.written = 0;
-        self.frames.drain(..).filter_map(|q| q.stamp())
+        orphans_of(self.frames.drain(..))
+    }
+
+    /// Empties the batch (after its write): each frame's latency stamp,
+    /// and each envelope that was held for this session's member (now
+    /// delivered).
+    pub fn finish(&mut self, mut stamp: impl FnMut(Stamp), mut stored: impl FnMut(Arc<Envelope>)) {
+        self.iovecs.clear();
+        self.written = 0;
+        for queued in self.frames.drain(..) {
+            if let Some(s) = queued.stamp() {
+                stamp(s);
+            }
+            if let QueuedFrame::Push {
+                envelope,
+                stored: true,
+            } = queued
+            {
+                stored(envelope);
+            }
+        }
     }
 }
 
@@ -148,9 +185,12 @@ impl Outbound {
         self.enqueue(QueuedFrame::Reply { frame, stamp })
     }
 
-    /// Queue a routed envelope's push (same bound).
-    pub fn push_envelope(&self, envelope: &Arc<Envelope>) -> Result<(), Overflow> {
-        self.enqueue(QueuedFrame::Push(envelope.clone()))
+    /// Queue a routed envelope's push (same bound); `stored` as in `Orphan`.
+    pub fn push_envelope(&self, envelope: &Arc<Envelope>, stored: bool) -> Result<(), Overflow> {
+        self.enqueue(QueuedFrame::Push {
+            envelope: envelope.clone(),
+            stored,
+        })
     }
 
     fn enqueue(&self, queued: QueuedFrame) -> Result<(), Overflow> {
@@ -171,20 +211,14 @@ impl Outbound {
     /// not yet handed to the socket are dropped first (the peer is too slow
     /// to deserve them); otherwise they go out before the close.
     /// Returns the envelopes discarded, oldest first.
-    pub fn close(&self, close_frame: Bytes, discard_pending: bool) -> Vec<Arc<Envelope>> {
+    pub fn close(&self, close_frame: Bytes, discard_pending: bool) -> Vec<Orphan> {
         if self.closing.replace(true) {
             return Vec::new();
         }
         let mut queue = self.queue.borrow_mut();
         let mut discarded = Vec::new();
         if discard_pending {
-            discarded = queue
-                .drain(..)
-                .filter_map(|queued| match queued {
-                    QueuedFrame::Push(envelope) => Some(envelope),
-                    QueuedFrame::Reply { .. } => None,
-                })
-                .collect();
+            discarded = orphans_of(queue.drain(..));
             self.queued_bytes.set(0);
         }
         self.queued_bytes
@@ -199,11 +233,13 @@ impl Outbound {
     }
 
     /// Stop without a close frame (the peer is gone): the writer ends.
-    pub fn abort(&self) {
+    /// Returns the envelopes that were never written.
+    pub fn abort(&self) -> Vec<Orphan> {
         self.closing.set(true);
-        self.queue.borrow_mut().clear();
+        let orphans = orphans_of(self.queue.borrow_mut().drain(..));
         self.queued_bytes.set(0);
         self.wake_writer();
+        orphans
     }
 
     pub fn is_closing(&self) -> bool {
@@ -304,7 +340,9 @@ mod tests {
         assert!(!batch.advance(3));
         assert_eq!(pending(&batch), b"fgh");
         assert!(batch.advance(3));
-        assert_eq!(batch.drain_stamps().count(), 0);
+        let mut stamps = 0;
+        batch.finish(|_| stamps += 1, |_| {});
+        assert_eq!(stamps, 0);
         assert!(batch.is_empty());
     }
 }

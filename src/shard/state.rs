@@ -3,6 +3,7 @@
 //! thread, and what it does with an event from its inbox, a status write,
 //! a drain or a sweep.
 use super::close::CloseReason;
+use super::durable::Durable;
 use super::link::{shutdown_socket, SessionLink};
 use super::signal::LocalSignal;
 use crate::context::BrokerContext;
@@ -10,7 +11,7 @@ use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::ids::{IdGen, Rfc3339Clock};
 use crate::inbox::ShardEvent;
-use crate::mesh::deliver::LocalRoutes;
+use crate::mesh::deliver::{Drained, LocalRoutes};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::plan::{first_shard, Route};
 use crate::metrics::{LocalHistograms, ShardMetrics};
@@ -50,6 +51,8 @@ pub struct Shard {
     /// every `DB_FLUSH`: one cross-thread wakeup per burst, not per hello.
     pub(super) db_outbox: RefCell<Vec<DbCommand>>,
     pub(super) db_flusher: Cell<Option<Waker>>,
+    /// Holds, marks and acks of the durable lane (see `durable`).
+    pub(super) durable: Durable,
     pub(super) shutdown: LocalSignal,
     pub(super) all_closed: LocalSignal,
 }
@@ -79,6 +82,10 @@ impl Shard {
             return;
         }
         self.outgoing.borrow_mut()[dest].push(event);
+        self.wake_flusher();
+    }
+
+    pub(super) fn wake_flusher(&self) {
         if let Some(waker) = self.flusher.take() {
             waker.wake();
         }
@@ -120,6 +127,7 @@ impl Shard {
 
     pub fn deliver_route(&self, route: &Route) {
         let done = self.routes.borrow().deliver_route(route);
+        self.store_late(done.late);
         self.request_drains(&route.envelope.mesh, &done.held);
     }
 
@@ -151,7 +159,15 @@ impl Shard {
         member: &Arc<MemberEntry>,
         session: &Rc<SessionLink>,
     ) {
-        self.routes.borrow().drain_held(mesh, member, Some(session));
+        let drained = self.routes.borrow().drain_held(mesh, member, Some(session));
+        self.drained(drained);
+    }
+
+    /// What a drain dropped or had handed back goes to the lane.
+    fn drained(&self, mut drained: Drained) -> Drained {
+        self.expired(std::mem::take(&mut drained.expired));
+        self.store_late(std::mem::take(&mut drained.late));
+        drained
     }
 
     pub(super) fn drain_to_session(&self, session: &Rc<SessionLink>) {
@@ -162,6 +178,7 @@ impl Shard {
 
     pub fn drain_held(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
         let drained = self.routes.borrow().drain_held(mesh, member, None);
+        let drained = self.drained(drained);
         if drained.delivered == 0 && !drained.waiting_for_room && !member.held.is_empty() {
             // None of our sessions may take what is held (they left or
             // turned busy meanwhile): pass it on to a shard that may.

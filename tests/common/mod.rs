@@ -39,6 +39,9 @@ const CONFIG_VARS: &[&str] = &[
     "MEMBER_REFRESH_SECONDS",
     "BROKER_IO_DRIVER",
     "MAX_HELD_PER_MEMBER",
+    "MAX_HELD_MEMORY_BYTES",
+    "HELD_BATCH_MAX_ROWS",
+    "HELD_BATCH_MAX_WAIT_US",
     "BROKER_PING_INTERVAL_MS",
     "BROKER_PING_TIMEOUT_MS",
     "BROKER_SWEEP_INTERVAL_MS",
@@ -368,6 +371,11 @@ impl Broker {
 
     pub fn sigint(&self) {
         self.signal(libc::SIGINT);
+    }
+
+    /// No chance to clean up: what a crash or the OOM killer does.
+    pub fn sigkill(&self) {
+        self.signal(libc::SIGKILL);
     }
 
     fn signal(&self, sig: libc::c_int) {

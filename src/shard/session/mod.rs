@@ -121,10 +121,12 @@ pub async fn run(
         }
     }
     .unwrap_or(CloseReason::PeerGone);
-    session.teardown(reason);
     if reason == CloseReason::PeerGone {
-        link.out.abort();
-    } else if !link.out.is_closing() {
+        // Before the teardown, so what was never written goes back with it.
+        link.abort(Vec::new());
+    }
+    session.teardown(reason);
+    if reason != CloseReason::PeerGone && !link.out.is_closing() {
         link.close(reason);
     }
     if monoio::time::timeout(WRITER_FLUSH, writer).await.is_err() {
@@ -273,12 +275,13 @@ impl Session {
             .remove(&joined.cwd, self.shard.index, self.conn);
         // Cut off (its own answers overflowed the queue) with pushes still
         // queued: the member keeps what no other session of it may take.
-        let drain_at = self.shard.routes.borrow_mut().leave(
+        let left = self.shard.routes.borrow_mut().leave(
             &joined.mesh,
             &joined.member,
             &self.link,
             self.link.take_orphans(),
         );
+        self.shard.store_late(left.late);
         self.shard.to_db(DbCommand::PresenceClose {
             id: joined.presence_id.clone(),
             member_id: joined.member.id.to_string(),
@@ -286,7 +289,7 @@ impl Session {
         });
         // Envelopes that raced in for this member go to a session elsewhere.
         self.shard
-            .request_drain(&joined.mesh, &joined.member, drain_at);
+            .request_drain(&joined.mesh, &joined.member, left.drain);
         tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
             presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
     }

@@ -4,11 +4,10 @@
 use super::super::outbound::{Stamp, StampKind};
 use super::Session;
 use crate::inbox::ShardEvent;
-use crate::mesh::plan::{plan_broadcast, plan_direct};
-use crate::mesh::{Envelope, EnvelopeTarget};
+use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits, Refused};
+use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
 use crate::protocol::{self, ErrorCode, ProtocolError, PushFields, Send, Target};
 use crate::ws::{self, OpCode};
-use std::ops::Range;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -36,12 +35,23 @@ impl Session {
             Target::Unsupported => return,
         };
         let message_id = self.shard.ids.borrow_mut().next_id();
-        let (frame, nonce, ciphertext) = self.push_frame(send, &message_id);
+        let push = {
+            let mut clock = self.shard.clock.borrow_mut();
+            PushFrame::encode(&PushFields {
+                message_id: &message_id,
+                mesh_id: &joined.mesh.id,
+                sender_pubkey: &joined.member.pubkey,
+                priority,
+                nonce: &send.nonce,
+                ciphertext: &send.ciphertext,
+                created_at: clock.now_rfc3339(),
+            })
+        };
         let created_at = SystemTime::now();
         let envelope = Arc::new(Envelope {
-            frame,
-            nonce,
-            ciphertext,
+            frame: push.frame,
+            nonce: push.nonce,
+            ciphertext: push.ciphertext,
             message_id: message_id.into_boxed_str(),
             mesh: joined.mesh.clone(),
             sender: joined.member.clone(),
@@ -53,19 +63,27 @@ impl Session {
             created_at,
             expires_at: created_at + self.shard.ctx.config.held_ttl,
             sent_at: read_at,
+            restored: false,
+            holds_in_flight: Default::default(),
         });
-        let max_held = self.shard.ctx.config.max_held_per_member;
+        let limits = HoldLimits {
+            max_per_member: self.shard.ctx.config.max_held_per_member,
+            budget: &self.shard.ctx.held.budget,
+        };
         let planned = match direct {
-            Some(member) => plan_direct(&envelope, member, max_held),
-            None => plan_broadcast(&envelope, max_held),
+            Some(member) => plan_direct(&envelope, member, &limits),
+            None => plan_broadcast(&envelope, &limits),
         };
         let plan = match planned {
             Ok(plan) => plan,
-            Err(_) => {
+            Err(refused) => {
+                let message = match refused {
+                    Refused::HeldFull => "a target's held queue is full",
+                    Refused::Unavailable => "too much is waiting to be stored; try again shortly",
+                };
                 return self.send_error(
-                    &ProtocolError::new(ErrorCode::Unavailable, "a target's held queue is full")
-                        .with_id(Some(id)),
-                )
+                    &ProtocolError::new(ErrorCode::Unavailable, message).with_id(Some(id)),
+                );
             }
         };
         self.shard.request_drains(&joined.mesh, &plan.held);
@@ -78,6 +96,13 @@ impl Session {
             }
         }
         self.shard.metrics.message_routed(priority);
+        if !plan.held.is_empty() {
+            // Held for someone: the ack waits for the row's commit.
+            let members = plan.held.into_iter().map(|(member, _)| member).collect();
+            self.shard
+                .store_and_ack(&self.link, id, &envelope, members, read_at);
+            return;
+        }
         let mut ack = Vec::with_capacity(96);
         protocol::write_ack(&mut ack, id, &envelope.message_id, None);
         let stamp = Stamp {
@@ -87,38 +112,5 @@ impl Session {
         };
         self.link
             .reply(ws::encode_server_frame(OpCode::Text, &ack), Some(stamp));
-    }
-
-    /// The push frame, serialized once straight into its WebSocket frame,
-    /// with where its nonce and ciphertext sit in it.
-    fn push_frame(
-        &self,
-        send: &Send<'_>,
-        message_id: &str,
-    ) -> (bytes::Bytes, Range<u32>, Range<u32>) {
-        let joined = self.joined.as_ref().expect("send after hello");
-        let mut clock = self.shard.clock.borrow_mut();
-        let mut frame = Vec::with_capacity(
-            ws::SERVER_HEADER_ROOM + 200 + send.nonce.len() + send.ciphertext.len(),
-        );
-        frame.resize(ws::SERVER_HEADER_ROOM, 0);
-        let ranges = protocol::write_push(
-            &mut frame,
-            &PushFields {
-                message_id,
-                mesh_id: &joined.mesh.id,
-                sender_pubkey: &joined.member.pubkey,
-                priority: send.priority,
-                nonce: &send.nonce,
-                ciphertext: &send.ciphertext,
-                created_at: clock.now_rfc3339(),
-            },
-        );
-        let written = frame.len();
-        let frame = ws::finish_server_frame(frame, OpCode::Text);
-        // The header took the tail of the reserved room: offsets shift.
-        let shift = written - frame.len();
-        let place = |r: Range<usize>| (r.start - shift) as u32..(r.end - shift) as u32;
-        (frame, place(ranges.nonce), place(ranges.ciphertext))
     }
 }

@@ -41,8 +41,9 @@ pub(super) async fn write_loop(
             break;
         }
         if result.is_err() {
-            link.out.abort();
+            let late = link.abort(batch.unwritten());
             link.shut();
+            shard.give_back(&link, late);
             break;
         }
         shard.metrics.socket_write(batch.len());
@@ -53,9 +54,15 @@ pub(super) async fn write_loop(
         }
         let now = Instant::now();
         let mut histograms = shard.histograms.borrow_mut();
-        for stamp in batch.drain_stamps() {
-            record_stamp(&mut histograms, stamp, now);
-        }
+        let member = link.member();
+        batch.finish(
+            |stamp| record_stamp(&mut histograms, stamp, now),
+            |envelope| {
+                if let Some((_, member)) = &member {
+                    shard.mark_delivered(envelope, member);
+                }
+            },
+        );
     }
     let _ = writer.shutdown().await;
 }
