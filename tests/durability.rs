@@ -409,3 +409,37 @@ fn a_broadcast_held_for_three_reaches_each_once_across_a_restart() {
     });
     assert!(done, "delivered_at: every member it was held for has it");
 }
+
+#[test]
+fn new_sends_wait_behind_the_backlog_an_earlier_run_left() {
+    let broker = start(&[]);
+    let db = broker.db.clone();
+    let members = seed_mesh(&db, "backlog", 2);
+    stop(broker.broker);
+    const BACKLOG: usize = 20_000;
+    exec_sql(
+        &db,
+        &format!(
+            "INSERT INTO mesh.message_queue (id, mesh_id, sender_member_id, target_spec, priority, \
+               nonce, ciphertext, created_at, expires_at) \
+             SELECT 'bk-' || lpad(i::text, 6, '0'), 'backlog', '{}', '{}', 'next', 'bg==', 'eA==', \
+               now() - interval '1 hour' + i * interval '1 ms', now() + interval '1 day' \
+             FROM generate_series(1, {BACKLOG}) AS i",
+            members[0].id, members[1].pubkey
+        ),
+    );
+    let broker = Broker::start(&[("DATABASE_URL", &db)]);
+    broker.wait_for_log("db healthy", Duration::from_secs(30));
+    let mut sender = Peer::connect(&broker, &members[0]);
+    let mut receiver = Peer::connect(&broker, &members[1]);
+    let ack = sender.send(&members[1].pubkey, "now", "n-new", "c-new", "new");
+    let mut ids = Vec::with_capacity(BACKLOG + 1);
+    while ids.len() <= BACKLOG {
+        let push = receiver.recv_push(Duration::from_secs(30));
+        ids.push(push["messageId"].as_str().unwrap().to_owned());
+    }
+    let expected: Vec<String> = (1..=BACKLOG).map(|i| format!("bk-{i:06}")).collect();
+    assert!(ids[..BACKLOG] == expected[..], "the backlog comes first, in order");
+    assert_eq!(ids[BACKLOG], ack["messageId"].as_str().unwrap());
+    receiver.expect_nothing(QUIET);
+}

@@ -565,3 +565,24 @@ async fn until(deadline: Option<Instant>) {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::task::Waker;
+
+    #[test]
+    fn the_watermark_answers_once_resolved_passes_and_says_what_is_durable() {
+        let commits = Commits::default();
+        let mut cx = Context::from_waker(Waker::noop());
+        assert!(commits.poll_past(0, &mut cx).is_pending());
+        // Postgres away: 1..=3 answered, none durable.
+        commits.publish(0, 3);
+        assert_eq!(commits.poll_past(0, &mut cx), Poll::Ready((0, 3)));
+        assert!(commits.poll_past(3, &mut cx).is_pending());
+        // Back: 1..=5 committed; the watermarks never go back.
+        commits.publish(5, 5);
+        commits.publish(0, 4);
+        assert_eq!(commits.poll_past(3, &mut cx), Poll::Ready((5, 5)));
+    }
+}

@@ -381,7 +381,7 @@ mod tests {
     use super::*;
     use crate::mesh::directory::{Directory, MemberRow};
     use crate::mesh::held::HeldBudget;
-    use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits};
+    use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits, Refused};
     use crate::mesh::EnvelopeTarget;
     use std::cell::{Cell, RefCell};
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -782,5 +782,143 @@ mod tests {
         routes.add(&world.mesh, &b, session.clone());
         routes.drain_held(&world.mesh, &b, Some(&session));
         assert_eq!(session.got(), ["m0001", "m0002", "m0003"]);
+    }
+
+    #[test]
+    fn what_becomes_held_after_its_ack_is_reported_for_storing() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        let envelope = world.envelope(1, "a", Some("b"), Priority::Next);
+        let plan = plan_direct(&envelope, &b, &world.limits(10)).unwrap();
+        assert!(plan.held.is_empty(), "live at planning: acked at once");
+        session.busy.set(true);
+        routes.status_changed(&world.mesh, &b);
+        let done = routes.deliver_route(plan.route.as_ref().unwrap());
+        assert_eq!(done.late.len(), 1);
+        assert!(Arc::ptr_eq(&done.late[0].0, &envelope));
+        assert!(envelope.has_holds_in_flight(), "its marks wait for the row");
+    }
+
+    #[test]
+    fn a_cut_off_session_gives_back_held_envelopes_always_and_live_ones_if_uncovered() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let (s1, s2) = (Fake::idle(), Fake::idle());
+        routes.add(&world.mesh, &b, s1.clone());
+        routes.add(&world.mesh, &b, s2.clone());
+        let live = world.envelope(1, "a", Some("b"), Priority::Next);
+        let held = world.envelope(2, "a", Some("b"), Priority::Next);
+        let orphans = vec![
+            Orphan {
+                envelope: live,
+                stored: false,
+            },
+            Orphan {
+                envelope: held.clone(),
+                stored: true,
+            },
+        ];
+        // s2 may take both: the live one it got too, the held one it did not.
+        let left = routes.leave(&world.mesh, &b, &s1, orphans);
+        assert!(left.late.is_empty(), "nothing new to store");
+        assert_eq!(b.held.len(), 1);
+        assert_eq!(left.drain, 1);
+        routes.drain_held(&world.mesh, &b, Some(&s2));
+        assert_eq!(s2.got(), ["m0002"]);
+
+        // With no other session, the live one is held too, and must be stored.
+        let s3 = Fake::idle();
+        routes.add(&world.mesh, &b, s3.clone());
+        let live = world.envelope(3, "a", Some("b"), Priority::Next);
+        routes.leave(&world.mesh, &b, &s2, vec![]);
+        let left = routes.leave(
+            &world.mesh,
+            &b,
+            &s3,
+            vec![Orphan {
+                envelope: live,
+                stored: false,
+            }],
+        );
+        assert_eq!(left.late.len(), 1);
+        assert_eq!(b.held.len(), 1);
+    }
+
+    #[test]
+    fn an_expired_held_envelope_is_never_pushed() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let stale = {
+            let mut e = Arc::into_inner(world.envelope(1, "a", Some("b"), Priority::Next)).unwrap();
+            e.expires_at = SystemTime::now() - std::time::Duration::from_secs(1);
+            Arc::new(e)
+        };
+        b.hold(stale);
+        b.hold(world.envelope(2, "a", Some("b"), Priority::Next));
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        let drained = routes.drain_held(&world.mesh, &b, Some(&session));
+        assert_eq!(session.got(), ["m0002"]);
+        assert_eq!(drained.expired.len(), 1);
+        assert_eq!(world.depth(), 0);
+    }
+
+    #[test]
+    fn the_sweep_drops_expired_envelopes_anywhere_in_the_queue() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        b.hold(world.envelope(1, "a", Some("b"), Priority::Next));
+        let later = SystemTime::now() + std::time::Duration::from_secs(7200);
+        let expired = world.directory.expire_held(later);
+        assert_eq!(expired.len(), 1);
+        assert!(Arc::ptr_eq(&expired[0].1, &b));
+        assert!(b.held.is_empty());
+        assert_eq!(world.depth(), 0);
+    }
+
+    #[test]
+    fn while_a_mesh_restores_sends_are_held_and_nothing_drains() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        world.mesh.set_restoring(true);
+        let envelope = world.envelope(1, "a", Some("b"), Priority::Now);
+        let plan = plan_direct(&envelope, &b, &world.limits(10)).unwrap();
+        assert!(plan.route.is_none());
+        assert_eq!(plan.held.len(), 1, "held behind the backlog");
+        assert_eq!(routes.drain_held(&world.mesh, &b, None).delivered, 0);
+        world.mesh.set_restoring(false);
+        assert_eq!(routes.drain_held(&world.mesh, &b, None).delivered, 1);
+        assert_eq!(session.got(), ["m0001"]);
+    }
+
+    #[test]
+    fn a_send_that_must_be_held_reserves_its_bytes_or_is_refused() {
+        let mut world = World::new(&["a", "b", "c"]);
+        world.budget = HeldBudget::new(25);
+        let b = world.member("b");
+        let first = world.envelope(1, "a", Some("b"), Priority::Next);
+        plan_direct(&first, &b, &world.limits(10)).unwrap();
+        assert_eq!(world.budget.used(), 10);
+        plan_broadcast(
+            &world.envelope(2, "a", None, Priority::Next),
+            &world.limits(10),
+        )
+        .unwrap();
+        assert_eq!(world.budget.used(), 20, "one reservation per envelope");
+        let refused = plan_direct(
+            &world.envelope(3, "a", Some("b"), Priority::Next),
+            &b,
+            &world.limits(10),
+        );
+        assert_eq!(refused.err(), Some(Refused::Unavailable));
+        assert_eq!(b.held.len(), 2, "a refused send holds nothing");
     }
 }
