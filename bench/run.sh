@@ -97,6 +97,15 @@ GATED_DURATION=5
 [ -n "${QUICK:-}" ] && GATED_DURATION=2
 bench "gated 100 peers (50 working), mix 1:1:1 (window 16)" "0 gating/order violations; held drained after idle" \
   gated --peers 100 --payload 256 --duration "$GATED_DURATION" --window 16
+# Held envelopes (§4): 50 senders load 50 offline members, who then connect
+# and drain; exactly-once by messageId. The closed-loop run ends when an
+# offline member has --max-held-per-peer (8000) sends held for it.
+HELD_DURATION=5
+[ -n "${QUICK:-}" ] && HELD_DURATION=2
+bench "held 100 peers (50 offline) 256 B, max rate (window 16)" "≥ 100,000 held sends/s; 0 missing/duplicate" \
+  held --peers 100 --payload 256 --duration "$HELD_DURATION" --window 16
+bench "held 100 peers (50 offline) 256 B at 50,000/s (open loop)" "p99 ack < 10 ms" \
+  held --peers 100 --payload 256 --duration "$HELD_DURATION" --rate 50000
 
 # Bigger meshes need a higher per-mesh cap; connections are bounded by fds.
 start_broker scale MAX_CONNECTIONS_PER_MESH=20000
@@ -156,6 +165,14 @@ for r in rows:
         other = (f"{g['held_pushes']:,}/{g['held_expected']:,} held, drain {drain}, "
                  f"violations: {g['gating_violations']} gating, {g['held_order_violations']} order, "
                  f"{g['held_creation_order_violations']} cross-sender order")
+    h = r.get("held")
+    if h:
+        drain = "-" if h.get("drain_s") is None else f"{h['drain_s'] * 1000:,.0f} ms"
+        ack = r.get("ack_ms") or {}
+        other = (f"ack p50 {pct(ack, 'p50')} / p99 {pct(ack, 'p99')} ms; "
+                 f"{h['held_pushes']:,}/{h['held_expected']:,} held, drain {drain} "
+                 f"({f(h.get('drain_pushes_per_s'))} pushes/s); exactly once: {h['missing']} missing, "
+                 f"{h['duplicates']} dup; {h['unavailable']} unavailable, {h['non_durable_acks']} durable:false")
     lines.append("| " + " | ".join([
         r["label"], r["aim"], f(r.get("sends_per_s")), f(r.get("pushes_per_s")),
         pct(r.get("ack_ms"), "p99"), pct(r.get("push_ms"), "p99"),

@@ -22,6 +22,7 @@ pub enum ScenarioName {
     Idle,
     Churn,
     Gated,
+    Held,
 }
 
 /// The status a `gated` peer sets before the load.
@@ -61,7 +62,7 @@ impl PriorityArg {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", version)]
 pub struct Args {
-    /// direct | broadcast | idle | churn | gated
+    /// direct | broadcast | idle | churn | gated | held
     #[arg(value_enum)]
     pub scenario: ScenarioName,
     /// The broker's WebSocket URL.
@@ -98,7 +99,8 @@ pub struct Args {
     /// default 16, open-loop default 100000.
     #[arg(long)]
     pub window: Option<usize>,
-    /// How many peers per mesh send (default: all).
+    /// How many peers per mesh send (default: all; held: half, the rest
+    /// are the offline recipients).
     #[arg(long)]
     pub senders: Option<usize>,
     #[arg(long, value_enum, default_value_t = PriorityArg::Now)]
@@ -152,15 +154,19 @@ pub struct Args {
     /// the load (default 0.25).
     #[arg(long)]
     pub gate_settle: Option<f64>,
-    /// gated: end the load once a gating peer has this many held sends
-    /// addressed to it (default 8000; the broker holds at most 10000 per
-    /// member).
+    /// gated, held: end the load once a gating (held: offline) peer has
+    /// this many held sends addressed to it (default 8000; the broker holds
+    /// at most 10000 per member).
     #[arg(long)]
     pub max_held_per_peer: Option<u32>,
     /// gated: also fail on held pushes delivered after an envelope of
     /// another sender that was created later (by default only reported).
     #[arg(long)]
     pub strict_order: bool,
+    /// held: every N-th send of each sender goes to `*` (held for every
+    /// offline member, live to the other senders); default: direct only.
+    #[arg(long)]
+    pub broadcast_every: Option<u64>,
 }
 
 /// The `gated` scenario's settings.
@@ -172,6 +178,13 @@ pub struct GateConfig {
     pub settle: Duration,
     pub max_held_per_peer: u32,
     pub strict_order: bool,
+}
+
+/// The `held` scenario's settings.
+#[derive(Clone, Debug)]
+pub struct HeldConfig {
+    pub broadcast_every: Option<u64>,
+    pub max_held_per_peer: u32,
 }
 
 /// Where the members come from.
@@ -210,6 +223,8 @@ pub struct Config {
     pub progress: bool,
     /// `gated` only.
     pub gate: Option<GateConfig>,
+    /// `held` only.
+    pub held: Option<HeldConfig>,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -279,11 +294,20 @@ impl Args {
             None if self.rate.is_some() => 100_000,
             None => 16,
         };
+        let held = self.scenario == ScenarioName::Held;
+        let max_senders = if held { self.peers - 1 } else { self.peers };
         if let Some(s) = self.senders {
-            if s == 0 || s > self.peers {
-                bail!("--senders must be between 1 and --peers ({})", self.peers);
+            if s == 0 || s > max_senders {
+                bail!(
+                    "--senders must be between 1 and {max_senders} for {}",
+                    scenario.name()
+                );
             }
         }
+        let senders = match self.senders {
+            None if held => Some((self.peers / 2).max(1)),
+            s => s,
+        };
         let threads = match self.threads {
             Some(0) => bail!("--threads must be at least 1"),
             Some(t) if t > 1024 => bail!("--threads must be at most 1024"),
@@ -318,6 +342,7 @@ impl Args {
             bail!("--tick-us must be between 1 and 100000");
         }
         let gate = self.gate_config()?;
+        let held = self.held_config()?;
         Ok(Config {
             scenario,
             target,
@@ -330,7 +355,7 @@ impl Args {
             count: self.count,
             rate: self.rate,
             window,
-            senders: self.senders,
+            senders,
             priority: self.priority,
             broker_pid: self.broker_pid,
             json: self.json,
@@ -344,7 +369,35 @@ impl Args {
             cleanup: !self.no_cleanup,
             progress: !self.quiet,
             gate,
+            held,
         })
+    }
+
+    fn max_held_per_peer(&self) -> Result<u32> {
+        let max = self.max_held_per_peer.unwrap_or(8000);
+        if max == 0 {
+            bail!("--max-held-per-peer must be at least 1");
+        }
+        Ok(max)
+    }
+
+    fn held_config(&self) -> Result<Option<HeldConfig>> {
+        if self.scenario != ScenarioName::Held {
+            if self.broadcast_every.is_some() {
+                bail!("--broadcast-every applies to held only");
+            }
+            return Ok(None);
+        }
+        if self.payload <= MIN_PAYLOAD {
+            bail!("--payload must be more than {MIN_PAYLOAD} bytes for held (it carries a priority marker)");
+        }
+        if self.broadcast_every == Some(0) {
+            bail!("--broadcast-every must be at least 1");
+        }
+        Ok(Some(HeldConfig {
+            broadcast_every: self.broadcast_every,
+            max_held_per_peer: self.max_held_per_peer()?,
+        }))
     }
 
     fn gate_config(&self) -> Result<Option<GateConfig>> {
@@ -353,10 +406,12 @@ impl Args {
                 || self.working_peers.is_some()
                 || self.gate_status.is_some()
                 || self.gate_settle.is_some()
-                || self.max_held_per_peer.is_some()
                 || self.strict_order
             {
-                bail!("--mix, --working-peers, --gate-status, --gate-settle, --max-held-per-peer and --strict-order apply to gated only");
+                bail!("--mix, --working-peers, --gate-status, --gate-settle and --strict-order apply to gated only");
+            }
+            if self.max_held_per_peer.is_some() && self.scenario != ScenarioName::Held {
+                bail!("--max-held-per-peer applies to gated and held only");
             }
             return Ok(None);
         }
@@ -370,10 +425,7 @@ impl Args {
                 self.peers
             );
         }
-        let max_held_per_peer = self.max_held_per_peer.unwrap_or(8000);
-        if max_held_per_peer == 0 {
-            bail!("--max-held-per-peer must be at least 1");
-        }
+        let max_held_per_peer = self.max_held_per_peer()?;
         Ok(Some(GateConfig {
             mix: Mix::parse(self.mix.as_deref().unwrap_or("1:1:1"))?,
             working_peers,
@@ -499,6 +551,64 @@ mod tests {
                 .strict_order
         );
         assert!(check(&["direct", DB]).unwrap().gate.is_none());
+    }
+
+    #[test]
+    fn held_options() {
+        let c = check(&["held", DB]).unwrap();
+        let h = c.held.expect("held config");
+        assert_eq!(h.broadcast_every, None);
+        assert_eq!(h.max_held_per_peer, 8000);
+        // Half the peers send; the others are the offline recipients.
+        assert_eq!(c.senders, Some(50));
+        assert_eq!(c.scenario.name(), "held");
+        assert!(c.gate.is_none());
+        let c = check(&[
+            "held",
+            DB,
+            "--peers",
+            "3",
+            "--senders",
+            "2",
+            "--broadcast-every",
+            "10",
+            "--max-held-per-peer",
+            "5",
+            "--rate",
+            "1000",
+        ])
+        .unwrap();
+        let h = c.held.unwrap();
+        assert_eq!((h.broadcast_every, h.max_held_per_peer), (Some(10), 5));
+        assert_eq!(c.senders, Some(2));
+        assert_eq!(
+            check(&["held", DB, "--peers", "2"]).unwrap().senders,
+            Some(1)
+        );
+        for bad in [
+            &["--senders", "100"][..],
+            &["--senders", "0"],
+            &["--peers", "1"],
+            &["--broadcast-every", "0"],
+            &["--max-held-per-peer", "0"],
+            &["--payload", "32"],
+            &["--mix", "1:1:1"],
+        ] {
+            let mut argv = vec!["held", DB];
+            argv.extend_from_slice(bad);
+            assert!(check(&argv).is_err(), "{bad:?} should be refused");
+        }
+        // Held options belong to held (and the per-peer cap to gated too).
+        assert!(check(&["direct", DB, "--broadcast-every", "2"]).is_err());
+        assert!(check(&["gated", DB, "--broadcast-every", "2"]).is_err());
+        assert!(check(&["direct", DB, "--max-held-per-peer", "5"]).is_err());
+        assert!(check(&["gated", DB, "--max-held-per-peer", "5"]).is_ok());
+        assert!(check(&["direct", DB]).unwrap().held.is_none());
+        // Everywhere else --senders may be all of the peers.
+        assert_eq!(
+            check(&["direct", DB, "--senders", "100"]).unwrap().senders,
+            Some(100)
+        );
     }
 
     #[test]

@@ -73,10 +73,25 @@ pub fn remove(url: &str, mesh_ids: &[String]) -> Result<()> {
             "DELETE FROM mesh.member WHERE mesh_id = ANY($1)".into(),
             "DELETE FROM mesh.mesh WHERE id = ANY($1)".into(),
         ] {
-            client
-                .execute(&sql, &[&mesh_ids])
-                .await
-                .with_context(|| format!("cleanup: {sql}"))?;
+            // The broker may still be marking the run's held envelopes
+            // delivered: a deadlock with it is retried, a few times.
+            let mut attempt = 1;
+            loop {
+                match client.execute(&sql, &[&mesh_ids]).await {
+                    Ok(_) => break,
+                    Err(e)
+                        if attempt < 5
+                            && e.code()
+                                == Some(
+                                    &tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED,
+                                ) =>
+                    {
+                        attempt += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+                    }
+                    Err(e) => return Err(e).with_context(|| format!("cleanup: {sql}")),
+                }
+            }
         }
         Ok(())
     })

@@ -13,17 +13,20 @@
 //!   (coordinated-omission correction), loss and duplicate accounting.
 //! - `worker`   — one thread's event loop (mio/epoll, many connections,
 //!   batched writes).
-//! - `scenario` — `direct`, `broadcast`, `idle`, `churn`, `gated`, one
+//! - `scenario` — `direct`, `broadcast`, `idle`, `churn`, `gated`, `held`, one
 //!   module each, behind the [`scenario::Scenario`] trait so later ones
 //!   plug in.
 //! - `gate`     — the `gated` scenario's accounting: who gates, the
 //!   priority mix, gating violations, the held-order check.
+//! - `held`     — the `held` scenario's accounting: offline recipients,
+//!   what each send owes whom, the exactly-once check by `messageId`.
 //! - `procfs`   — the broker's CPU time and RSS from /proc, pid from a port.
 //! - `report`   — the final table and the JSON summary.
 //! - `run`      — ties it together: setup, phases, progress, teardown.
 pub mod cli;
 pub mod db;
 pub mod gate;
+pub mod held;
 pub mod procfs;
 pub mod report;
 pub mod roster;

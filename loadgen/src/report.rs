@@ -59,6 +59,8 @@ pub struct Report {
     pub failure: Option<String>,
     /// `gated` only (else `None`).
     pub gated: Option<GatedReport>,
+    /// `held` only (else `None`).
+    pub held: Option<HeldReport>,
 }
 
 /// What the `gated` scenario adds (PROTOCOL.md §5). `push_ms` then covers
@@ -94,6 +96,53 @@ pub struct GatedReport {
     pub held_cap_reached: bool,
 }
 
+/// What the `held` scenario adds (PROTOCOL.md §4 held envelopes). The
+/// run-wide figures (sends/s, acks/s, `ack_ms`, broker CPU per send) are
+/// those of the hold phase, when every direct send must be held;
+/// `pushes`/`push_ms` there are the live copies of `*` sends; `lost` and
+/// `duplicates` come from the exactly-once check below.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct HeldReport {
+    /// Offline members over all meshes (connected only for the drain).
+    pub recipients: usize,
+    /// `--broadcast-every`.
+    pub broadcast_every: Option<u64>,
+    /// Pushes owed to offline members by the sends (acked or pending;
+    /// refused ones excluded), and those that arrived in the drain.
+    pub held_expected: u64,
+    pub held_pushes: u64,
+    /// Acks that said `"durable":false` (held in memory only).
+    pub non_durable_acks: u64,
+    /// Sends refused with `unavailable` (the broker's bound on held
+    /// envelopes): counted, not a failure.
+    pub unavailable: u64,
+    /// Sends neither acked nor refused by the end.
+    pub never_acked: u64,
+    /// Exactly-once by `messageId`: (id, member) deliveries the acks call
+    /// for, those pushed, never pushed, pushed again, pushed without an
+    /// ack naming that member, and acks repeating an id.
+    pub owed: u64,
+    pub delivered: u64,
+    pub missing: u64,
+    pub duplicates: u64,
+    pub unexpected: u64,
+    pub reused_ids: u64,
+    /// First recipient connect → last held push, in seconds.
+    pub drain_s: Option<f64>,
+    pub drain_pushes_per_s: Option<f64>,
+    /// The broker's CPU during the drain, per held push.
+    pub drain_broker_cpu_us_per_push: Option<f64>,
+    /// The load ended early: a recipient reached --max-held-per-peer.
+    pub held_cap_reached: bool,
+}
+
+impl HeldReport {
+    /// What fails the run.
+    pub fn violations(&self) -> u64 {
+        self.missing + self.duplicates + self.unexpected + self.reused_ids + self.never_acked
+    }
+}
+
 impl GatedReport {
     /// What fails the run.
     pub fn violations(&self) -> u64 {
@@ -113,11 +162,17 @@ impl Report {
             && self.duplicates == 0
             && self.failure.is_none()
             && self.gated.as_ref().is_none_or(|g| g.violations() == 0)
+            && self.held.as_ref().is_none_or(|h| h.violations() == 0)
     }
 
     pub fn failure_summary(&self) -> String {
         let mut parts = Vec::new();
-        if self.lost > 0 {
+        if let Some(h) = self.held.as_ref().filter(|h| h.missing > 0) {
+            parts.push(format!(
+                "{} of {} acked deliveries never pushed",
+                h.missing, h.owed
+            ));
+        } else if self.lost > 0 {
             parts.push(format!(
                 "{} of {} expected pushes lost",
                 self.lost, self.expected_pushes
@@ -144,6 +199,20 @@ impl Report {
                     "{} held pushes after one created later",
                     g.held_creation_order_violations
                 ));
+            }
+        }
+        if let Some(h) = &self.held {
+            for (n, what) in [
+                (
+                    h.unexpected,
+                    "pushes whose messageId no ack named for that member",
+                ),
+                (h.reused_ids, "acks reusing another send's messageId"),
+                (h.never_acked, "sends neither acked nor refused"),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
             }
         }
         if let Some(f) = &self.failure {
@@ -204,13 +273,21 @@ impl Report {
                 format!("{} / {}", self.lost, self.duplicates),
             );
             row(&mut t, "sends/s", format!("{:.0}", self.sends_per_s));
-            row(&mut t, "pushes/s", format!("{:.0}", self.pushes_per_s));
+            row(
+                &mut t,
+                if self.held.is_some() {
+                    "pushes/s (live)"
+                } else {
+                    "pushes/s"
+                },
+                format!("{:.0}", self.pushes_per_s),
+            );
             let _ = writeln!(
                 t,
                 "  {:<28} {:>9} {:>9} {:>9} {:>9} {:>9}",
                 "latency ms", "p50", "p90", "p99", "p99.9", "max"
             );
-            let push_name = if self.gated.is_some() {
+            let push_name = if self.gated.is_some() || self.held.is_some() {
                 "send→push (live)"
             } else {
                 "send→push"
@@ -267,6 +344,62 @@ impl Report {
                         "created: reported only, fails with --strict-order; "
                     },
                     g.held_unacked
+                ),
+            );
+        }
+        if let Some(h) = &self.held {
+            row(
+                &mut t,
+                "held for",
+                format!(
+                    "{} offline members ({}){}",
+                    h.recipients,
+                    h.broadcast_every
+                        .map_or("direct sends only".into(), |k| format!(
+                            "every {k}th send to *"
+                        )),
+                    if h.held_cap_reached {
+                        "; load ended at --max-held-per-peer"
+                    } else {
+                        ""
+                    }
+                ),
+            );
+            row(
+                &mut t,
+                "acks/s (hold phase)",
+                format!(
+                    "{:.0} (durable:false {}, unavailable {})",
+                    self.acks_per_s, h.non_durable_acks, h.unavailable
+                ),
+            );
+            row(
+                &mut t,
+                "held: drained / expected",
+                format!("{} / {}", h.held_pushes, h.held_expected),
+            );
+            row(
+                &mut t,
+                "drain",
+                format!(
+                    "{} s, {} pushes/s, broker {} µs/push",
+                    opt(h.drain_s, 3),
+                    opt(h.drain_pushes_per_s, 0),
+                    opt(h.drain_broker_cpu_us_per_push, 3)
+                ),
+            );
+            row(
+                &mut t,
+                "exactly once (messageId)",
+                format!(
+                    "{} / {} delivered; missing {}, duplicates {}, unexpected {}, reused ids {}, never acked {}",
+                    h.delivered,
+                    h.owed,
+                    h.missing,
+                    h.duplicates,
+                    h.unexpected,
+                    h.reused_ids,
+                    h.never_acked
                 ),
             );
         }
@@ -418,10 +551,73 @@ mod tests {
         });
         assert!(r.ok(), "{}", r.failure_summary());
         assert!(r.table().contains("reported only"));
-        // Other scenarios have no gated block.
+        // Other scenarios have no gated or held block.
         let direct = Report::default();
         assert!(direct.ok());
         let json: serde_json::Value = serde_json::from_str(&direct.to_json()).unwrap();
         assert!(json["gated"].is_null());
+        assert!(json["held"].is_null());
+    }
+
+    #[test]
+    fn exactly_once_violations_fail_a_held_run() {
+        let clean = Report {
+            held: Some(HeldReport {
+                owed: 10,
+                delivered: 10,
+                held_expected: 10,
+                held_pushes: 10,
+                // Refusals at the broker's bound and non-durable acks are
+                // reported, never failures.
+                unavailable: 4,
+                non_durable_acks: 2,
+                ..Default::default()
+            }),
+            send_errors: 4,
+            ..Default::default()
+        };
+        assert!(clean.ok(), "{}", clean.failure_summary());
+        assert!(clean.table().contains("durable:false 2, unavailable 4"));
+        let with = |f: &dyn Fn(&mut HeldReport)| {
+            let mut r = clean.clone();
+            f(r.held.as_mut().unwrap());
+            r
+        };
+        for (r, text) in [
+            (
+                with(&|h| h.missing = 3),
+                "3 of 10 acked deliveries never pushed",
+            ),
+            (
+                // The run reports the id check's duplicates as its own.
+                Report {
+                    duplicates: 2,
+                    ..with(&|h| h.duplicates = 2)
+                },
+                "2 duplicate pushes",
+            ),
+            (
+                with(&|h| h.unexpected = 1),
+                "1 pushes whose messageId no ack named for that member",
+            ),
+            (
+                with(&|h| h.reused_ids = 1),
+                "1 acks reusing another send's messageId",
+            ),
+            (
+                with(&|h| h.never_acked = 5),
+                "5 sends neither acked nor refused",
+            ),
+        ] {
+            assert!(!r.ok());
+            assert!(
+                r.failure_summary().contains(text),
+                "{}",
+                r.failure_summary()
+            );
+            assert!(r.table().contains("FAILED"));
+            let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+            assert_eq!(json["ok"], false);
+        }
     }
 }

@@ -3,8 +3,9 @@
 use crate::cli::{Config, MemberSource};
 use crate::db;
 use crate::gate::{self, GatePlan};
+use crate::held::{self, HeldPlan};
 use crate::procfs::{self, ProcSample};
-use crate::report::{GatedReport, Report};
+use crate::report::{GatedReport, HeldReport, Report};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Delivery};
@@ -111,19 +112,48 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let sample = || broker_pid.and_then(procfs::sample);
     let before_setup = sample();
 
-    // Slots: one session per member; the first `senders` of each mesh send.
+    // Slots: one session per member; the first `senders` of each mesh
+    // send. In `held` the others are offline until the drain (at least
+    // one per mesh).
+    let senders_per_mesh: Vec<usize> = roster
+        .meshes
+        .iter()
+        .map(|mesh| {
+            let n = mesh.members.len();
+            let s = cfg.senders.unwrap_or(n);
+            if cfg.held.is_some() {
+                s.min(n - 1)
+            } else {
+                s
+            }
+        })
+        .collect();
     let mut slots = Vec::with_capacity(connections);
     for (m, mesh) in roster.meshes.iter().enumerate() {
-        let senders = cfg.senders.unwrap_or(mesh.members.len());
+        let senders = senders_per_mesh[m];
         for p in 0..mesh.members.len() {
             slots.push(Slot {
                 global: slots.len(),
                 mesh: m as u32,
                 member: p as u32,
                 sender: p < senders,
+                offline: cfg.held.is_some() && p >= senders,
             });
         }
     }
+    let offline = slots.iter().filter(|s| s.offline).count();
+    let online = connections - offline;
+    let held_plan = cfg.held.as_ref().map(|h| {
+        // PriorityArg is declared in the order of gate::PRIORITIES.
+        let p = cfg.priority as usize;
+        HeldPlan {
+            senders: senders_per_mesh.clone(),
+            direct: SendTemplate::tagged(true, p, cfg.payload),
+            broadcast: SendTemplate::tagged(false, p, cfg.payload),
+            broadcast_every: h.broadcast_every,
+            max_held_per_peer: h.max_held_per_peer,
+        }
+    });
     let total_senders = if scenario.traffic().is_some() {
         slots.iter().filter(|s| s.sender).count()
     } else {
@@ -210,12 +240,13 @@ pub fn run(cfg: &Config) -> Result<Report> {
         push_outstanding: (0..connections).map(|_| AtomicI64::new(0)).collect(),
         connect_concurrency: cfg.connect_concurrency,
         tick_ns: cfg.tick.as_nanos() as u64,
-        held_per_peer: if gate_plan.is_some() {
+        held_per_peer: if gate_plan.is_some() || held_plan.is_some() {
             (0..connections).map(|_| AtomicU32::new(0)).collect()
         } else {
             Vec::new()
         },
         gate: gate_plan,
+        held: held_plan,
         held_full: AtomicBool::new(false),
     });
     let ctl = Arc::new(Control {
@@ -263,31 +294,26 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
     };
 
-    // Setup: every session connected and admitted (churn connects during the run).
+    // Setup: every session connected and admitted (churn connects during
+    // the run; held recipients for the drain).
     if scenario.lifecycle() == Lifecycle::Hold {
         let mut last_print = Instant::now();
         loop {
             let t = totals(&shared);
             if let Some(f) = first_failure(&shared) {
                 stop_workers(handles);
-                bail!(
-                    "setup failed after {} of {connections} hellos: {f}",
-                    t.ready
-                );
+                bail!("setup failed after {} of {online} hellos: {f}", t.ready);
             }
-            if t.ready as usize >= connections {
+            if t.ready as usize >= online {
                 break;
             }
             if setup_start.elapsed() > cfg.setup_timeout {
                 stop_workers(handles);
-                bail!(
-                    "setup timed out: {} of {connections} sessions admitted",
-                    t.ready
-                );
+                bail!("setup timed out: {} of {online} sessions admitted", t.ready);
             }
             if cfg.progress && last_print.elapsed() >= Duration::from_secs(1) {
                 last_print = Instant::now();
-                eprintln!("[setup] {} / {connections} sessions admitted", t.ready);
+                eprintln!("[setup] {} / {online} sessions admitted", t.ready);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
@@ -323,8 +349,13 @@ pub fn run(cfg: &Config) -> Result<Report> {
         if run.held_full.load(Relaxed) {
             if cfg.progress {
                 eprintln!(
-                    "[{:>4.1}s] a gating peer has --max-held-per-peer held sends: load ends",
-                    elapsed.as_secs_f64()
+                    "[{:>4.1}s] {} peer has --max-held-per-peer held sends: load ends",
+                    elapsed.as_secs_f64(),
+                    if run.gate.is_some() {
+                        "a gating"
+                    } else {
+                        "an offline"
+                    }
                 );
             }
             break;
@@ -338,6 +369,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 let h = merged_hists(&shared);
                 let gating = if run.gate.is_some() {
                     format!(" | held {} violations {}", t.held_expected, t.violations)
+                } else if run.held.is_some() {
+                    format!(
+                        " | held {} unavailable {} durable:false {}",
+                        t.held_expected, t.unavailable, t.non_durable
+                    )
                 } else {
                     String::new()
                 };
@@ -400,10 +436,28 @@ pub fn run(cfg: &Config) -> Result<Report> {
             );
         }
     }
+    // Held: the hold phase (its broker CPU, acks/s) ends here; then the
+    // offline recipients connect and drain what was held for them.
+    let mut hold_end = None;
+    if cfg.held.is_some() && failure.is_none() {
+        std::thread::sleep(Duration::from_millis(120));
+        hold_end = Some((
+            (started.elapsed().as_secs_f64() - 0.12).max(load_s),
+            sample(),
+        ));
+        failure = drain_held(cfg, &ctl, &shared, online, offline);
+    }
     // Workers publish every 100 ms: wait for a fresh publication.
     std::thread::sleep(Duration::from_millis(120));
-    let active_s = (started.elapsed().as_secs_f64() - 0.12).max(load_s);
-    let at_end = sample();
+    let after = sample();
+    let (active_s, at_end, at_drain_end) = match hold_end {
+        Some((hold_s, at_hold)) => (hold_s, at_hold, after),
+        None => (
+            (started.elapsed().as_secs_f64() - 0.12).max(load_s),
+            after,
+            None,
+        ),
+    };
     let cpu_used = procfs::self_cpu().saturating_sub(cpu_start);
     stop_workers(handles);
 
@@ -442,6 +496,43 @@ pub fn run(cfg: &Config) -> Result<Report> {
             held_cap_reached: run.held_full.load(Relaxed),
         }
     });
+    let held = cfg.held.as_ref().map(|h| {
+        let records: Vec<_> = shared
+            .iter()
+            .flat_map(|s| std::mem::take(&mut *s.held.lock().unwrap()))
+            .collect();
+        let sizes: Vec<usize> = roster.meshes.iter().map(|m| m.members.len()).collect();
+        let summary = held::verify(&sizes, &records);
+        let drain_s = summary.drain_ns.map(|ns| ns as f64 / 1e9);
+        let drain_cpu = match (at_end, at_drain_end) {
+            (Some(a), Some(b)) => Some(b.cpu.saturating_sub(a.cpu).as_secs_f64()),
+            _ => None,
+        };
+        HeldReport {
+            recipients: offline,
+            broadcast_every: h.broadcast_every,
+            held_expected: t.held_expected,
+            held_pushes: t.held,
+            non_durable_acks: t.non_durable,
+            unavailable: t.unavailable,
+            never_acked: t.sent.saturating_sub(t.acked + t.send_errors),
+            owed: summary.check.owed,
+            delivered: summary.check.delivered,
+            missing: summary.check.missing,
+            duplicates: summary.check.duplicates,
+            unexpected: summary.check.unexpected,
+            reused_ids: summary.check.reused_ids,
+            drain_s,
+            drain_pushes_per_s: drain_s.filter(|&d| d > 0.0).map(|d| t.held as f64 / d),
+            drain_broker_cpu_us_per_push: drain_cpu
+                .filter(|_| t.held > 0)
+                .map(|c| c * 1e6 / t.held as f64),
+            held_cap_reached: run.held_full.load(Relaxed),
+        }
+    });
+    // Held: the id check is the delivery check; the hold phase's pushes
+    // are the live copies of `*` sends.
+    let live_pushes = t.live();
     let delivery = Delivery {
         expected: t.expected,
         unique: t.pushes,
@@ -452,6 +543,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
         _ => None,
     };
     let per = |n: u64| broker_cpu.filter(|_| n > 0).map(|c| c * 1e6 / n as f64);
+    let hold_pushes = if held.is_some() {
+        live_pushes
+    } else {
+        t.pushes
+    };
     let rss_per_conn = match (before_setup, at_start) {
         (Some(ProcSample { rss_bytes: a, .. }), Some(ProcSample { rss_bytes: b, .. }))
             if scenario.measures_rss_per_connection() && connections > 0 =>
@@ -492,13 +588,13 @@ pub fn run(cfg: &Config) -> Result<Report> {
         send_errors: t.send_errors,
         pushes: t.pushes,
         expected_pushes: t.expected,
-        lost: delivery.lost(),
-        duplicates: t.duplicates,
+        lost: held.as_ref().map_or(delivery.lost(), |h| h.missing),
+        duplicates: held.as_ref().map_or(t.duplicates, |h| h.duplicates),
         unexpected_pushes: delivery.unexpected(),
         foreign_pushes: t.foreign,
         sends_per_s: t.sent as f64 / load_s,
         acks_per_s: t.acked as f64 / active_s,
-        pushes_per_s: t.pushes as f64 / active_s,
+        pushes_per_s: hold_pushes as f64 / active_s,
         ack_ms: hists.ack.percentiles(),
         push_ms: hists.push.percentiles(),
         hello_ms: hists.hello.percentiles(),
@@ -511,7 +607,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         broker_pid,
         broker_cpu_s: broker_cpu,
         broker_cpu_pct: broker_cpu.map(|c| c * 100.0 / active_s),
-        broker_cpu_us_per_push: per(t.pushes),
+        broker_cpu_us_per_push: per(hold_pushes),
         broker_cpu_us_per_send: per(t.sent),
         broker_cpu_us_per_hello: per(t.run_hellos),
         broker_rss_bytes: at_end.or(at_start).map(|s| s.rss_bytes),
@@ -523,15 +619,78 @@ pub fn run(cfg: &Config) -> Result<Report> {
         close_codes,
         failure,
         gated,
+        held,
     };
+    // Held: `unavailable` is the broker's bound on held envelopes, counted
+    // apart, not a failure.
+    let refused_ok = report.held.as_ref().map_or(0, |h| h.unavailable);
     if report.failure.is_none() {
         if scenario.traffic().is_some() && report.sent == 0 {
             report.failure = Some("nothing was sent".into());
-        } else if report.send_errors > 0 {
-            report.failure = Some(format!("{} sends answered with error", report.send_errors));
+        } else if report.send_errors > refused_ok {
+            report.failure = Some(format!(
+                "{} sends answered with error",
+                report.send_errors - refused_ok
+            ));
         } else if let Some(f) = scenario.check(&report) {
             report.failure = Some(f);
         }
     }
     Ok(report)
+}
+
+/// `held`: the offline recipients connect; waits until every held push
+/// arrived, or nothing (no push, no admitted hello) happened for `--grace`.
+fn drain_held(
+    cfg: &Config,
+    ctl: &Control,
+    shared: &[Arc<WorkerShared>],
+    online: usize,
+    recipients: usize,
+) -> Option<String> {
+    ctl.phase.store(worker::PHASE_RELEASE, Relaxed);
+    let start = Instant::now();
+    let mut seen = (0, 0);
+    let mut moved = start;
+    let mut prev_held = 0;
+    let mut next_print = start + Duration::from_secs(1);
+    loop {
+        let t = totals(shared);
+        if let Some(f) = first_failure(shared) {
+            return Some(f);
+        }
+        if t.held >= t.held_expected {
+            break;
+        }
+        let now = Instant::now();
+        if (t.held, t.ready) != seen {
+            seen = (t.held, t.ready);
+            moved = now;
+        } else if now - moved >= cfg.grace {
+            break;
+        }
+        if cfg.progress && now >= next_print {
+            eprintln!(
+                "[drain {:>3.0}s] held pushes {} / {} ({}/s), recipients admitted {} / {recipients}",
+                (now - start).as_secs_f64(),
+                t.held,
+                t.held_expected,
+                t.held - prev_held,
+                (t.ready as usize).saturating_sub(online),
+            );
+            prev_held = t.held;
+            next_print += Duration::from_secs(1);
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    if cfg.progress {
+        let t = totals(shared);
+        eprintln!(
+            "[drain] {} of {} held pushes ({:.3} s after the recipients began to connect)",
+            t.held,
+            t.held_expected,
+            start.elapsed().as_secs_f64()
+        );
+    }
+    None
 }

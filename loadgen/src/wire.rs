@@ -226,8 +226,14 @@ impl SendTemplate {
     /// A direct send for the `gated` scenario: priority `PRIORITIES[p]`,
     /// its marker after the metadata and a tagged id.
     pub fn gated(p: usize, payload: usize) -> SendTemplate {
-        assert!(payload > META_LEN, "gated sends carry a priority marker");
-        SendTemplate::build(true, crate::gate::PRIORITIES[p], payload, Some(p))
+        SendTemplate::tagged(true, p, payload)
+    }
+
+    /// Like [`SendTemplate::gated`], direct or to `*` (the `held` scenario:
+    /// a tagged id tells the ack's reader whom the send was for).
+    pub fn tagged(direct: bool, p: usize, payload: usize) -> SendTemplate {
+        assert!(payload > META_LEN, "tagged sends carry a priority marker");
+        SendTemplate::build(direct, crate::gate::PRIORITIES[p], payload, Some(p))
     }
 
     fn build(direct: bool, priority: &str, payload: usize, tag: Option<usize>) -> SendTemplate {
@@ -411,6 +417,21 @@ fn ciphertext_of(payload: &[u8]) -> Option<&[u8]> {
     Some(&rest[..memchr::memchr(b'"', rest)?])
 }
 
+const MESSAGE_ID_KEY: &[u8] = b"\"messageId\":\"";
+
+/// The `messageId` of an ack or a push (the broker's id, opaque here).
+pub fn message_id(payload: &[u8]) -> Option<&[u8]> {
+    let at = memchr::memmem::find(payload, MESSAGE_ID_KEY)?;
+    let rest = &payload[at + MESSAGE_ID_KEY.len()..];
+    Some(&rest[..memchr::memchr(b'"', rest)?])
+}
+
+/// An ack saying `"durable":false` (PROTOCOL.md §4: held in memory only,
+/// while Postgres is unreachable).
+pub fn is_non_durable_ack(payload: &[u8]) -> bool {
+    memchr::memmem::find(payload, b"\"durable\":false").is_some()
+}
+
 /// The barrier's own push (when the broker delivers a send to oneself).
 pub fn is_barrier_push(payload: &[u8]) -> bool {
     ciphertext_of(payload) == Some(BARRIER_CIPHERTEXT.as_bytes())
@@ -590,6 +611,31 @@ mod tests {
         }
         assert_eq!(parse_tag(b"0000000000000001000000020000000039"), None);
         assert_eq!(parse_tag(b"000000000000000100000002000000003"), None);
+    }
+
+    #[test]
+    fn broadcast_templates_tag_too_and_ids_are_read() {
+        let t = SendTemplate::tagged(false, 1, 64);
+        let mut out = Vec::new();
+        t.write_tagged(&mut out, b"", u32::MAX, 2, 9, 0xbeef);
+        let h = meshbroker::ws::decode_client_frame(&mut out, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out[h.payload_range()]).unwrap();
+        assert_eq!(v["targetSpec"], "*");
+        assert_eq!(v["priority"], "next");
+        let id = v["id"].as_str().unwrap();
+        assert_eq!(parse_tag(id.as_bytes()), Some((0xbeef, u32::MAX, 9, 1)));
+        let ack = br#"{"type":"ack","id":"x","messageId":"01kb2m","queued":true}"#;
+        assert_eq!(message_id(ack), Some(&b"01kb2m"[..]));
+        assert!(!is_non_durable_ack(ack));
+        let outage = br#"{"type":"ack","id":"x","messageId":"m2","queued":true,"durable":false}"#;
+        assert_eq!(message_id(outage), Some(&b"m2"[..]));
+        assert!(is_non_durable_ack(outage));
+        assert!(!is_non_durable_ack(br#"{"durable":true}"#));
+        let push = br#"{"type":"push","messageId":"m3","meshId":"x","ciphertext":"c"}"#;
+        assert_eq!(message_id(push), Some(&b"m3"[..]));
+        assert_eq!(message_id(br#"{"type":"push"}"#), None);
     }
 
     #[test]

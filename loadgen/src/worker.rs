@@ -1,12 +1,14 @@
 //! One worker thread: a mio (epoll) loop over many connections.
 //!
 //! Each connection goes Connecting → Upgrading → Helloing (→ Gating) →
-//! Ready (→ Closing). Whatever a loop iteration produces for a connection
+//! Ready (→ Closing); a `held` recipient only once the drain begins.
+//! Whatever a loop iteration produces for a connection
 //! (sends refilled by acks, paced sends, pongs, `gated` status changes) is
 //! appended to its write buffer and written with one syscall at the end of
 //! the iteration: many frames per write. Reads go into one per-thread scratch buffer; only a partial frame
 //! is copied into the connection.
 use crate::gate::{self, Acked, Arrival, GateConn, GatePlan, Verdict};
+use crate::held::{HeldConn, HeldPlan, BROADCAST};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Latency, Pacer, ReceiverLedger};
@@ -25,7 +27,8 @@ use std::time::Duration;
 pub const PHASE_SETUP: u8 = 0;
 pub const PHASE_RUN: u8 = 1;
 pub const PHASE_DRAIN: u8 = 2;
-/// `gated`: the gating sessions say `idle` and receive what was held.
+/// `gated`: the gating sessions say `idle` and receive what was held;
+/// `held`: the offline recipients connect and receive it.
 pub const PHASE_RELEASE: u8 = 3;
 pub const PHASE_CLOSE: u8 = 4;
 
@@ -80,6 +83,10 @@ pub struct Tally {
     pub held_expected: u64,
     pub held: u64,
     pub violations: u64,
+    /// Sends refused with `unavailable` (part of `send_errors`).
+    pub unavailable: u64,
+    /// Acks that said `"durable":false`.
+    pub non_durable: u64,
 }
 
 impl Tally {
@@ -100,9 +107,12 @@ impl Tally {
         self.held_expected += o.held_expected;
         self.held += o.held;
         self.violations += o.violations;
+        self.unavailable += o.unavailable;
+        self.non_durable += o.non_durable;
     }
 
-    /// Pushes expected at once (not held).
+    /// Pushes expected at once (not held). In `held`, `held_expected` and
+    /// `held` are the pushes owed to and received by offline recipients.
     pub fn live_expected(&self) -> u64 {
         self.expected.saturating_sub(self.held_expected)
     }
@@ -160,6 +170,8 @@ pub struct WorkerShared {
     /// `gated`: each connection's records, by (mesh, member), when the
     /// worker ends.
     pub gate: Mutex<Vec<((u32, u32), GateConn)>>,
+    /// `held`: the same.
+    pub held: Mutex<Vec<((u32, u32), HeldConn)>>,
 }
 
 /// One connection's identity: which member of which mesh, whether it sends.
@@ -170,6 +182,8 @@ pub struct Slot {
     pub mesh: u32,
     pub member: u32,
     pub sender: bool,
+    /// Connects only when the drain begins (`held` recipients).
+    pub offline: bool,
 }
 
 /// Immutable run data every worker reads.
@@ -200,10 +214,12 @@ pub struct RunShared {
     pub tick_ns: u64,
     /// `gated` only.
     pub gate: Option<GatePlan>,
-    /// `gated`: held sends addressed to each gating peer (global slot).
+    /// `held` only.
+    pub held: Option<HeldPlan>,
+    /// `gated`, `held`: held sends addressed to each gating (offline) peer
+    /// (global slot).
     pub held_per_peer: Vec<AtomicU32>,
-    /// `gated`: a peer reached `max_held_per_peer`; the main thread ends
-    /// the load.
+    /// A peer reached `max_held_per_peer`; the main thread ends the load.
     pub held_full: AtomicBool,
 }
 
@@ -237,6 +253,7 @@ struct Conn {
     retry_at: u64,
     hello: Option<(i64, Vec<u8>)>,
     gate: Option<Box<GateConn>>,
+    held: Option<Box<HeldConn>>,
 }
 
 /// Everything of the worker but the connections (so both can be borrowed).
@@ -311,6 +328,10 @@ impl Env {
     /// Appends one send with timestamp `ts` to the connection.
     fn write_send(&mut self, conn: &mut Conn, ts: u64) {
         let run = self.run.clone();
+        if let Some(plan) = &run.held {
+            self.write_held_send(plan, conn, ts);
+            return;
+        }
         let template = run.template.as_ref().expect("traffic scenario");
         let mesh = conn.slot.mesh as usize;
         let me = conn.slot.member;
@@ -352,6 +373,49 @@ impl Env {
         self.local.sent += 1;
         conn.inflight += 1;
         self.mark_dirty(conn);
+    }
+
+    /// `held`: a direct send to a random offline member, or every
+    /// `--broadcast-every`-th one to `*`; one sequence per sender.
+    fn write_held_send(&mut self, plan: &HeldPlan, conn: &mut Conn, ts: u64) {
+        let run = self.run.clone();
+        let mesh = conn.slot.mesh as usize;
+        let n = run.pubkeys[mesh].len();
+        let senders = plan.senders[mesh];
+        let seq = conn.seqs[0];
+        conn.seqs[0] += 1;
+        let me = conn.slot.member;
+        let offline = run.mesh_offsets[mesh] + senders..run.mesh_offsets[mesh] + n;
+        let target = if plan.is_broadcast(seq as u64) {
+            plan.broadcast
+                .write_tagged(&mut conn.wbuf, b"", BROADCAST, me, seq, ts);
+            for g in offline {
+                self.count_held(plan, g);
+            }
+            BROADCAST
+        } else {
+            let target = senders + (self.rand() % (n - senders) as u64) as usize;
+            let pubkey = &run.pubkeys[mesh][target];
+            plan.direct
+                .write_tagged(&mut conn.wbuf, pubkey, target as u32, me, seq, ts);
+            self.count_held(plan, run.mesh_offsets[mesh] + target);
+            target as u32
+        };
+        let (owed, held) = plan.owed(mesh, n, target);
+        self.local.expected += owed;
+        self.local.held_expected += held;
+        run.push_outstanding[conn.slot.global].fetch_add((owed - held) as i64, Relaxed);
+        self.local.sent += 1;
+        conn.inflight += 1;
+        self.mark_dirty(conn);
+    }
+
+    /// One more send held for the offline peer `g` (global slot).
+    fn count_held(&self, plan: &HeldPlan, g: usize) {
+        let n = self.run.held_per_peer[g].fetch_add(1, Relaxed) + 1;
+        if n >= plan.max_held_per_peer {
+            self.run.held_full.store(true, Relaxed);
+        }
     }
 
     /// Closed loop: top the connection's window up.
@@ -406,6 +470,8 @@ pub struct Worker {
     scratch: Vec<u8>,
     timerfd: Option<std::os::fd::OwnedFd>,
     pending: std::collections::VecDeque<usize>,
+    /// Offline slots, connected when the drain begins.
+    deferred: Vec<usize>,
     senders: Vec<usize>,
 }
 
@@ -457,6 +523,7 @@ impl Worker {
                     senders.push(i);
                 }
                 let seqs = match run.traffic {
+                    Some(Traffic::Direct) if run.held.is_some() => vec![0],
                     Some(Traffic::Direct) => vec![0; run.pubkeys[slot.mesh as usize].len()],
                     Some(Traffic::Broadcast) => vec![0],
                     None => Vec::new(),
@@ -481,6 +548,10 @@ impl Worker {
                         let mesh = &plan.working[slot.mesh as usize];
                         Box::new(GateConn::new(mesh[slot.member as usize], mesh.len()))
                     }),
+                    held: run
+                        .held
+                        .as_ref()
+                        .map(|_| Box::new(HeldConn::new(slot.offline))),
                 }
             })
             .collect();
@@ -492,7 +563,8 @@ impl Worker {
         } else {
             None
         };
-        let pending = (0..conns.len()).collect();
+        let (deferred, pending): (Vec<usize>, Vec<usize>) =
+            (0..conns.len()).partition(|&i| conns[i].slot.offline);
         Ok(Worker {
             poll,
             conns,
@@ -517,7 +589,8 @@ impl Worker {
             },
             scratch: vec![0; SCRATCH],
             timerfd,
-            pending,
+            pending: pending.into(),
+            deferred,
             senders,
         })
     }
@@ -599,6 +672,9 @@ impl Worker {
                     self.gate_send(true);
                 }
             }
+            if self.env.phase == PHASE_RELEASE && !self.deferred.is_empty() {
+                self.pending.extend(self.deferred.drain(..));
+            }
             if self.env.phase == PHASE_RUN && self.env.run.rate_per_sender.is_some() {
                 for k in 0..self.senders.len() {
                     let i = self.senders[k];
@@ -640,6 +716,14 @@ impl Worker {
                 .filter_map(|c| Some(((c.slot.mesh, c.slot.member), *c.gate.take()?)))
                 .collect();
             *self.env.shared.gate.lock().unwrap() = records;
+        }
+        if self.env.run.held.is_some() {
+            let records = self
+                .conns
+                .iter_mut()
+                .filter_map(|c| Some(((c.slot.mesh, c.slot.member), *c.held.take()?)))
+                .collect();
+            *self.env.shared.held.lock().unwrap() = records;
         }
     }
 
@@ -742,7 +826,8 @@ impl Worker {
         if churn && self.env.phase != PHASE_RUN {
             return;
         }
-        if self.env.phase >= PHASE_DRAIN {
+        // Held recipients connect in the release phase.
+        if self.env.phase == PHASE_DRAIN || self.env.phase >= PHASE_CLOSE {
             return;
         }
         let mut deferred = Vec::new();
@@ -808,6 +893,9 @@ impl Worker {
         conn.sock = Some(stream);
         conn.state = State::Connecting;
         conn.started_ns = self.env.now;
+        if let Some(h) = conn.held.as_mut().filter(|h| h.recipient) {
+            h.connect_at.get_or_insert(self.env.now);
+        }
         conn.partial.clear();
         conn.wbuf.clear();
         conn.wpos = 0;
@@ -1164,6 +1252,9 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
         Message::Push { sender, seq, ts_ns } if env.run.gate.is_some() => {
             gated_push(conn, env, payload, sender, seq, ts_ns);
         }
+        Message::Push { sender, ts_ns, .. } if env.run.held.is_some() => {
+            held_push(conn, env, payload, sender, ts_ns);
+        }
         Message::Push { sender, seq, ts_ns } => {
             if conn.ledger.record(sender, seq) {
                 env.local.pushes += 1;
@@ -1182,6 +1273,15 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
         Message::TaggedAck {
             ts_ns, target, seq, ..
         } => {
+            if let Some(h) = conn.held.as_mut() {
+                if wire::is_non_durable_ack(payload) {
+                    env.local.non_durable += 1;
+                }
+                match wire::message_id(payload) {
+                    Some(id) => h.record_ack(id, target),
+                    None => env.error_seen("loadgen: ack without messageId"),
+                }
+            }
             if let (Some(plan), Some(g)) = (&env.run.gate, conn.gate.as_mut()) {
                 let mesh = conn.slot.mesh as usize;
                 if plan.working[mesh].get(target as usize) == Some(&true) {
@@ -1246,10 +1346,20 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
             }
             if let Some(id) = id {
                 env.local.send_errors += 1;
+                if code == "unavailable" {
+                    env.local.unavailable += 1;
+                }
                 conn.inflight = conn.inflight.saturating_sub(1);
-                let per = env.run.expected_per_send[conn.slot.mesh as usize];
+                let mesh = conn.slot.mesh as usize;
+                let (per, held) = match (&env.run.held, wire::parse_tag(id.as_bytes())) {
+                    (Some(plan), Some((_, target, _, _))) => {
+                        plan.owed(mesh, env.run.pubkeys[mesh].len(), target)
+                    }
+                    _ => (env.run.expected_per_send[mesh], 0),
+                };
                 env.local.expected = env.local.expected.saturating_sub(per);
-                env.run.push_outstanding[conn.slot.global].fetch_sub(per as i64, Relaxed);
+                env.local.held_expected = env.local.held_expected.saturating_sub(held);
+                env.run.push_outstanding[conn.slot.global].fetch_sub((per - held) as i64, Relaxed);
                 if let (Some(plan), Some((_, target, _, p))) =
                     (&env.run.gate, wire::parse_tag(id.as_bytes()))
                 {
@@ -1318,4 +1428,24 @@ fn gated_push(conn: &mut Conn, env: &mut Env, payload: &[u8], sender: u32, seq: 
             });
         }
     }
+}
+
+/// A push in the `held` scenario: its `messageId` is recorded for the
+/// exactly-once check (duplicates are found there, by id). To an offline
+/// recipient it is a held push; to a sender, a live copy of a `*`.
+fn held_push(conn: &mut Conn, env: &mut Env, payload: &[u8], sender: u32, ts_ns: u64) {
+    let Some(h) = conn.held.as_mut() else {
+        return;
+    };
+    h.record_push(wire::message_id(payload), env.now);
+    env.local.pushes += 1;
+    if h.recipient {
+        env.local.held += 1;
+        return;
+    }
+    let g = env.run.mesh_offsets[conn.slot.mesh as usize] + sender as usize;
+    if g < env.run.push_outstanding.len() {
+        *env.push_seen.entry(g).or_default() += 1;
+    }
+    env.hists.push.record_since(ts_ns, env.now);
 }

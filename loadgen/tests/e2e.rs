@@ -89,6 +89,28 @@ fn every_scenario_runs_without_loss() {
     );
     assert_eq!(broadcast.pushes, broadcast.sent * 4);
 
+    // Held: 3 senders, 3 offline members; every 5th send to `*`.
+    let held = run(
+        &broker,
+        &db,
+        "held",
+        &[
+            "--peers",
+            "6",
+            "--senders",
+            "3",
+            "--broadcast-every",
+            "5",
+            "--window",
+            "4",
+        ],
+    );
+    let h = held.held.as_ref().expect("held block");
+    assert_eq!(h.recipients, 3);
+    assert!(h.owed > 0 && h.delivered == h.owed, "{h:?}");
+    assert_eq!(h.held_pushes, h.held_expected);
+    assert_eq!(held.acked, held.sent);
+
     let idle = run(&broker, &db, "idle", &["--meshes", "3", "--peers", "20"]);
     assert_eq!(idle.hellos, 60);
     assert!(idle.broker_rss_per_conn_bytes.is_some());

@@ -1,10 +1,11 @@
 //! Scenarios: what each connection does once it said hello. One module
-//! each; a later scenario (`held`, `hooks`) adds a module and a line in
+//! each; a later scenario (`hooks`) adds a module and a line in
 //! [`by_name`], and overrides the trait methods it needs.
 mod broadcast;
 mod churn;
 mod direct;
 mod gated;
+mod held;
 mod idle;
 
 use crate::cli::ScenarioName;
@@ -66,5 +67,6 @@ pub fn by_name(name: ScenarioName) -> Arc<dyn Scenario> {
         ScenarioName::Idle => Arc::new(idle::Idle),
         ScenarioName::Churn => Arc::new(churn::Churn),
         ScenarioName::Gated => Arc::new(gated::Gated),
+        ScenarioName::Held => Arc::new(held::Held),
     }
 }
