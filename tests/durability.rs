@@ -439,7 +439,10 @@ fn new_sends_wait_behind_the_backlog_an_earlier_run_left() {
         ids.push(push["messageId"].as_str().unwrap().to_owned());
     }
     let expected: Vec<String> = (1..=BACKLOG).map(|i| format!("bk-{i:06}")).collect();
-    assert!(ids[..BACKLOG] == expected[..], "the backlog comes first, in order");
+    assert!(
+        ids[..BACKLOG] == expected[..],
+        "the backlog comes first, in order"
+    );
     assert_eq!(ids[BACKLOG], ack["messageId"].as_str().unwrap());
     receiver.expect_nothing(QUIET);
 }

@@ -54,11 +54,13 @@ pub(super) async fn write_loop(
         }
         let now = Instant::now();
         let mut histograms = shard.histograms.borrow_mut();
-        let member = link.member();
+        // The member only when a held envelope went out: cloning its shared
+        // entry on every write would bounce its count between cores.
+        let mut member = None;
         batch.finish(
             |stamp| record_stamp(&mut histograms, stamp, now),
             |envelope| {
-                if let Some((_, member)) = &member {
+                if let Some((_, member)) = member.get_or_insert_with(|| link.member()) {
                     shard.mark_delivered(envelope, member);
                 }
             },
