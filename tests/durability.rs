@@ -146,6 +146,10 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
     broker.wait_for_log("db healthy", Duration::from_secs(30));
     let members = seed_mesh(&db, "outage", 6);
     let (online, offline) = members.split_at(2);
+    // A mesh deleted while its held envelopes wait to be written: its rows
+    // can never be written, and must not hold up anyone else's.
+    let doomed = seed_mesh(&db, "doomed", 2);
+    let mut doomed_sender = Peer::connect(&broker, &doomed[0]);
     let mut sender = Peer::connect(&broker, &online[0]);
     let mut listener = Peer::connect(&broker, &online[1]);
     send_many(&mut sender, offline, 300, "up");
@@ -163,6 +167,8 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
     let live = sender.send(&online[1].pubkey, "now", "n-live", "c-live", "live");
     assert_eq!(listener.recv_push(WAIT)["messageId"], live["messageId"]);
     // Held ones are kept in memory and said to be so.
+    send_many(&mut doomed_sender, &doomed[1..], 50, "doomed");
+    assert_eq!(read_acks(&mut doomed_sender, 50, WAIT).len(), 50);
     send_many(&mut sender, offline, 300, "down");
     let down = read_acks(&mut sender, 300, WAIT);
     assert_eq!(down.len(), 300);
@@ -173,6 +179,7 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
     acked.extend(down);
 
     pg.restart().expect("restart Postgres");
+    exec_sql(&db, "DELETE FROM mesh.mesh WHERE id = 'doomed'");
     assert!(health(200), "/health back to 200 without a broker restart");
     let ids: Vec<&str> = acked.iter().map(|a| a.message_id.as_str()).collect();
     let all_stored = poll(Duration::from_secs(15), || {

@@ -38,7 +38,7 @@ use tokio::sync::mpsc;
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_postgres::Config;
 
-use super::held_batch::{write_held_batch, HeldStatements};
+use super::held_batch::{write_held_batch, HeldStatements, Inserts};
 use super::worker::{connect, is_transient, Backoff, ConnTask};
 use super::{run_migrations, BatchObserver, BatchStats, WRITE_TIMEOUT};
 use crate::mesh::directory::MemberEntry;
@@ -376,14 +376,18 @@ impl HeldWriter {
             };
         }
         let started = Instant::now();
-        let outcome = {
-            let commands: Vec<&HeldCommand> = batch.iter().map(|i| &i.command).collect();
-            let write = timeout(
-                WRITE_TIMEOUT,
-                write_held_batch(client, statements, &commands),
-            );
-            self.drive(write).await
-        };
+        let commands: Vec<&HeldCommand> = batch.iter().map(|i| &i.command).collect();
+        let mut outcome = self
+            .attempt(client, statements, &commands, Inserts::Plain)
+            .await;
+        if matches!(&outcome, Some(Ok(Err(e))) if !is_transient(e, client)) {
+            // Refused for its data, most likely rows of a mesh or sender
+            // deleted meanwhile: once more, skipping those.
+            outcome = self
+                .attempt(client, statements, &commands, Inserts::Checked)
+                .await;
+        }
+        drop(commands);
         match outcome {
             Some(Ok(Ok(()))) => {
                 if let Some(observe) = self.on_batch.as_mut() {
@@ -416,6 +420,20 @@ impl HeldWriter {
         }
     }
 
+    async fn attempt(
+        &mut self,
+        client: &tokio_postgres::Client,
+        statements: &HeldStatements,
+        commands: &[&HeldCommand],
+        inserts: Inserts,
+    ) -> Option<Result<Result<(), tokio_postgres::Error>, tokio::time::error::Elapsed>> {
+        let write = timeout(
+            WRITE_TIMEOUT,
+            write_held_batch(client, statements, commands, inserts),
+        );
+        self.drive(write).await
+    }
+
     /// A batch the server refused for its data: one command at a time, so
     /// only the command at fault is given up (logged, its hold settled).
     async fn write_singly(
@@ -427,8 +445,10 @@ impl HeldWriter {
         let mut rest = batch.into_iter();
         while let Some(item) = rest.next() {
             let one = [&item.command];
-            let write = timeout(WRITE_TIMEOUT, write_held_batch(client, statements, &one));
-            match self.drive(write).await {
+            let outcome = self
+                .attempt(client, statements, &one, Inserts::Checked)
+                .await;
+            match outcome {
                 Some(Ok(Ok(()))) => self.committed(vec![item]),
                 Some(Ok(Err(e))) if !is_transient(&e, client) => {
                     tracing::warn!(target: "db", error = %e, commands = 1, "held write rejected");

@@ -14,27 +14,60 @@ use tokio_postgres::{Client, Statement};
 use super::held::HeldCommand;
 use crate::mesh::{Envelope, EnvelopeTarget};
 
-const INSERT_ROWS_SQL: &str = "\
-INSERT INTO mesh.message_queue (id, mesh_id, sender_member_id, target_spec, priority, nonce,
-  ciphertext, created_at, expires_at)
+macro_rules! insert_rows_sql {
+    ($filter:literal) => {
+        concat!(
+            "INSERT INTO mesh.message_queue (id, mesh_id, sender_member_id, target_spec, priority,
+  nonce, ciphertext, created_at, expires_at)
 SELECT t.id, t.mesh_id, t.sender, t.target_spec, t.priority::mesh.message_priority, t.nonce,
   t.ciphertext, t.created_at, t.expires_at
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
   $8::timestamp[], $9::timestamp[])
   AS t(id, mesh_id, sender, target_spec, priority, nonce, ciphertext, created_at, expires_at)
-ON CONFLICT (id) DO NOTHING";
+",
+            $filter,
+            "ON CONFLICT (id) DO NOTHING"
+        )
+    };
+}
+
+const INSERT_ROWS_SQL: &str = insert_rows_sql!("");
+
+/// The same, skipping rows whose mesh or sender is gone (deleted while
+/// they waited): the fallback for a batch refused for its foreign keys,
+/// so rows that can never be written cost one statement, not one each.
+const INSERT_ROWS_CHECKED_SQL: &str = insert_rows_sql!(
+    "WHERE EXISTS (SELECT 1 FROM mesh.mesh m WHERE m.id = t.mesh_id)
+  AND EXISTS (SELECT 1 FROM mesh.member s WHERE s.id = t.sender)
+"
+);
 
 /// Broadcast holds: who each is held for. A member held again after the
 /// row was rolled up as delivered reopens it.
-const INSERT_MEMBERS_SQL: &str = "\
-WITH added AS (
+macro_rules! insert_members_sql {
+    ($filter:literal) => {
+        concat!(
+            "WITH added AS (
   INSERT INTO mesh.message_delivery (message_id, member_id)
-  SELECT * FROM UNNEST($1::text[], $2::text[])
-  ON CONFLICT DO NOTHING
+  SELECT * FROM UNNEST($1::text[], $2::text[]) AS t(message_id, member_id)
+",
+            $filter,
+            "  ON CONFLICT DO NOTHING
   RETURNING message_id
 )
 UPDATE mesh.message_queue q SET delivered_at = NULL
-WHERE q.id IN (SELECT message_id FROM added) AND q.delivered_at IS NOT NULL";
+WHERE q.id IN (SELECT message_id FROM added) AND q.delivered_at IS NOT NULL"
+        )
+    };
+}
+
+const INSERT_MEMBERS_SQL: &str = insert_members_sql!("");
+
+/// The same for rows whose message row was skipped (see above).
+const INSERT_MEMBERS_CHECKED_SQL: &str = insert_members_sql!(
+    "  WHERE EXISTS (SELECT 1 FROM mesh.message_queue q WHERE q.id = t.message_id)
+"
+);
 
 const MARK_DIRECT_SQL: &str = "\
 UPDATE mesh.message_queue q SET delivered_at = t.at
@@ -69,6 +102,8 @@ DELETE FROM mesh.message_queue WHERE id = ANY($1::text[]) AND delivered_at IS NU
 pub(crate) struct HeldStatements {
     insert_rows: Statement,
     insert_members: Statement,
+    insert_rows_checked: Statement,
+    insert_members_checked: Statement,
     mark_direct: Statement,
     mark_members: Statement,
     expire: Statement,
@@ -79,6 +114,8 @@ impl HeldStatements {
         Ok(Self {
             insert_rows: client.prepare(INSERT_ROWS_SQL).await?,
             insert_members: client.prepare(INSERT_MEMBERS_SQL).await?,
+            insert_rows_checked: client.prepare(INSERT_ROWS_CHECKED_SQL).await?,
+            insert_members_checked: client.prepare(INSERT_MEMBERS_CHECKED_SQL).await?,
             mark_direct: client.prepare(MARK_DIRECT_SQL).await?,
             mark_members: client.prepare(MARK_MEMBERS_SQL).await?,
             expire: client.prepare(EXPIRE_SQL).await?,
@@ -172,12 +209,27 @@ impl<'a> HeldRows<'a> {
     }
 }
 
+/// Whether a batch's inserts skip rows that can no longer be written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Inserts {
+    Plain,
+    Checked,
+}
+
 /// Writes one batch in one transaction (see the module doc).
 pub(crate) async fn write_held_batch(
     client: &Client,
     statements: &HeldStatements,
     commands: &[&HeldCommand],
+    inserts: Inserts,
 ) -> Result<(), tokio_postgres::Error> {
+    let (insert_rows_statement, insert_members_statement) = match inserts {
+        Inserts::Plain => (&statements.insert_rows, &statements.insert_members),
+        Inserts::Checked => (
+            &statements.insert_rows_checked,
+            &statements.insert_members_checked,
+        ),
+    };
     let mut rows = HeldRows::default();
     for command in commands {
         rows.push(command);
@@ -190,7 +242,7 @@ pub(crate) async fn write_held_batch(
         }
         client
             .execute(
-                &statements.insert_rows,
+                insert_rows_statement,
                 &[
                     &r.id,
                     &r.mesh_id,
@@ -210,10 +262,7 @@ pub(crate) async fn write_held_batch(
             return skip().await;
         }
         client
-            .execute(
-                &statements.insert_members,
-                &[&r.member_message, &r.member_id],
-            )
+            .execute(insert_members_statement, &[&r.member_message, &r.member_id])
             .await
     };
     let mark_direct = async {
