@@ -154,8 +154,7 @@ const BROKER_INDEXES: &[&str] = &[
     "member_mesh_id_idx",
     "member_mesh_id_peer_pubkey_idx",
     "presence_open_member_id_idx",
-    "message_queue_undelivered_idx",
-    "message_queue_undelivered_expires_at_idx",
+    "message_queue_undelivered_mesh_created_idx",
     "pending_status_unapplied_idx",
     "audit_log_mesh_id_created_at_idx",
 ];

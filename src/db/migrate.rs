@@ -38,6 +38,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "held_delivery",
         sql: include_str!("../../migrations/0003_held_delivery.sql"),
     },
+    Migration {
+        version: 4,
+        name: "held_indexes",
+        sql: include_str!("../../migrations/0004_held_indexes.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -113,8 +118,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3]);
-        assert!(pending(all, &[1, 2, 3]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4]);
+        assert!(pending(all, &[1, 2, 3, 4]).is_empty());
     }
 
     #[test]
