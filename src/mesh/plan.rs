@@ -39,9 +39,10 @@ impl HoldLimits<'_> {
 }
 
 /// The shards that may take `priority` for `member` now; none while the
-/// mesh's earlier held envelopes are loading, so new sends queue behind them.
-fn eligible(envelope: &Envelope, member: &MemberEntry, priority: Priority) -> u64 {
-    if envelope.mesh.is_restoring() {
+/// mesh's earlier held envelopes are loading (`restoring`, read once per
+/// send), so new sends queue behind them.
+fn eligible(restoring: bool, member: &MemberEntry, priority: Priority) -> u64 {
+    if restoring {
         0
     } else {
         member.shards_for(priority)
@@ -96,7 +97,7 @@ pub fn plan_direct(
     limits: &HoldLimits<'_>,
 ) -> Result<Plan, Refused> {
     let mut plan = Plan::default();
-    let shards = eligible(envelope, member, envelope.priority);
+    let shards = eligible(envelope.mesh.is_restoring(), member, envelope.priority);
     if shards == 0 {
         if !member.has_room(limits.max_per_member) {
             return Err(Refused::HeldFull);
@@ -120,8 +121,9 @@ pub fn plan_direct(
 pub fn plan_broadcast(envelope: &Arc<Envelope>, limits: &HoldLimits<'_>) -> Result<Plan, Refused> {
     let view = envelope.mesh.view();
     let priority = envelope.priority;
+    let restoring = envelope.mesh.is_restoring();
     let must_hold = |member: &Arc<MemberEntry>| {
-        !Arc::ptr_eq(member, &envelope.sender) && eligible(envelope, member, priority) == 0
+        !Arc::ptr_eq(member, &envelope.sender) && eligible(restoring, member, priority) == 0
     };
     let mut holds = false;
     for member in view.members() {
@@ -142,7 +144,7 @@ pub fn plan_broadcast(envelope: &Arc<Envelope>, limits: &HoldLimits<'_>) -> Resu
         if Arc::ptr_eq(member, &envelope.sender) {
             continue;
         }
-        let eligible = eligible(envelope, member, priority);
+        let eligible = eligible(restoring, member, priority);
         if eligible != 0 {
             shards |= eligible;
             continue;
