@@ -57,6 +57,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
                 batching: HeldBatching {
                     max_rows: config.held_batch_max_rows,
                     max_wait: config.held_batch_max_wait,
+                    connections: config.held_writer_connections,
                 },
                 on_batch: Some(Box::new(move |stats| {
                     held_metrics.global().record_held_batch(stats.elapsed)

@@ -96,6 +96,9 @@ pub struct Config {
     /// batch closes at this many commands or once its oldest waited this long.
     pub held_batch_max_rows: usize,
     pub held_batch_max_wait: Duration,
+    /// `HELD_WRITER_CONNECTIONS` (ours): connections the durable lane writes
+    /// batches on at once (Postgres works on one batch per connection).
+    pub held_writer_connections: usize,
     /// `BROKER_PING_INTERVAL_MS`, `BROKER_PING_TIMEOUT_MS` and
     /// `BROKER_SWEEP_INTERVAL_MS` (for tests): the protocol's 30 s ping,
     /// 75 s liveness timeout and 15 s status sweep, shortened.
@@ -359,6 +362,7 @@ impl Config {
         let held_batch_max_rows = r.int("HELD_BATCH_MAX_ROWS", 2048, 1, 65_536) as usize;
         let held_batch_max_wait =
             Duration::from_micros(r.int("HELD_BATCH_MAX_WAIT_US", 500, 0, 1_000_000));
+        let held_writer_connections = r.int("HELD_WRITER_CONNECTIONS", 1, 1, 16) as usize;
         let ping_interval = r.millis("BROKER_PING_INTERVAL_MS", 30_000);
         let ping_timeout = r.millis("BROKER_PING_TIMEOUT_MS", 75_000);
         let sweep_interval = r.millis("BROKER_SWEEP_INTERVAL_MS", 15_000);
@@ -389,6 +393,7 @@ impl Config {
             max_held_memory_bytes,
             held_batch_max_rows,
             held_batch_max_wait,
+            held_writer_connections,
             ping_interval,
             ping_timeout,
             sweep_interval,
@@ -448,6 +453,10 @@ impl Config {
             (
                 "HELD_BATCH_MAX_WAIT_US",
                 self.held_batch_max_wait.as_micros().to_string(),
+            ),
+            (
+                "HELD_WRITER_CONNECTIONS",
+                self.held_writer_connections.to_string(),
             ),
             (
                 "BROKER_PING_INTERVAL_MS",

@@ -148,11 +148,13 @@ fn settle(budget: &HeldBudget, commands: &[HeldCommand]) {
     }
 }
 
-/// Batch bounds (`HELD_BATCH_MAX_ROWS`, `HELD_BATCH_MAX_WAIT_US`).
+/// Batch bounds (`HELD_BATCH_MAX_ROWS`, `HELD_BATCH_MAX_WAIT_US`) and how
+/// many connections write batches at once (`HELD_WRITER_CONNECTIONS`).
 #[derive(Debug, Clone, Copy)]
 pub struct HeldBatching {
     pub max_rows: usize,
     pub max_wait: Duration,
+    pub connections: usize,
 }
 
 /// The lane and its writer, for `spawn_with`.
@@ -361,96 +363,20 @@ impl HeldWriter {
         }
     }
 
-    async fn write(
-        &mut self,
-        client: &tokio_postgres::Client,
-        statements: &HeldStatements,
-    ) -> Flow {
-        self.fill().await;
-        let batch = self.take_batch();
-        if batch.is_empty() {
-            // Only marks waiting for holds that are not here yet.
-            return match self.drive(sleep(self.batching.max_wait)).await {
-                Some(()) => Flow::Continue,
-                None => Flow::Stop,
-            };
-        }
-        let started = Instant::now();
-        let commands: Vec<&HeldCommand> = batch.iter().map(|i| &i.command).collect();
-        let mut outcome = self
-            .attempt(client, statements, &commands, Inserts::Plain)
-            .await;
-        if matches!(&outcome, Some(Ok(Err(e))) if !is_transient(e, client)) {
-            // Refused for its data, most likely rows of a mesh or sender
-            // deleted meanwhile: once more, skipping those.
-            outcome = self
-                .attempt(client, statements, &commands, Inserts::Checked)
-                .await;
-        }
-        drop(commands);
-        match outcome {
-            Some(Ok(Ok(()))) => {
-                if let Some(observe) = self.on_batch.as_mut() {
-                    observe(BatchStats {
-                        commands: batch.len(),
-                        elapsed: started.elapsed(),
-                    });
-                }
-                self.committed(batch);
-                Flow::Continue
-            }
-            Some(Ok(Err(e))) if !is_transient(&e, client) => {
-                tracing::warn!(target: "db", error = %e, commands = batch.len(), "held write rejected");
-                self.write_singly(client, statements, batch).await
-            }
-            Some(Ok(Err(e))) => {
-                tracing::warn!(target: "db", error = %e, commands = batch.len(), "held write failed");
-                self.requeue(batch);
-                Flow::Down
-            }
-            Some(Err(_)) => {
-                tracing::warn!(target: "db", error = "timed out", commands = batch.len(), "held write failed");
-                self.requeue(batch);
-                Flow::Down
-            }
-            None => {
-                self.requeue(batch);
-                Flow::Stop
-            }
-        }
-    }
-
-    async fn attempt(
-        &mut self,
-        client: &tokio_postgres::Client,
-        statements: &HeldStatements,
-        commands: &[&HeldCommand],
-        inserts: Inserts,
-    ) -> Option<Result<Result<(), tokio_postgres::Error>, tokio::time::error::Elapsed>> {
-        let write = timeout(
-            WRITE_TIMEOUT,
-            write_held_batch(client, statements, commands, inserts),
-        );
-        self.drive(write).await
-    }
-
-    /// A batch the server refused for its data: one command at a time, so
-    /// only the command at fault is given up (logged, its hold settled).
-    async fn write_singly(
-        &mut self,
-        client: &tokio_postgres::Client,
-        statements: &HeldStatements,
-        batch: Vec<Item>,
-    ) -> Flow {
+    /// A batch the server refused for its data even skipping rows whose
+    /// mesh or sender is gone: one command at a time, so only the command
+    /// at fault is given up (logged, its hold settled).
+    async fn write_singly(&mut self, live: &Live, batch: Vec<Item>) -> Flow {
         let mut rest = batch.into_iter();
         while let Some(item) = rest.next() {
             let one = [&item.command];
-            let outcome = self
-                .attempt(client, statements, &one, Inserts::Checked)
-                .await;
-            match outcome {
+            let write = timeout(
+                WRITE_TIMEOUT,
+                write_held_batch(&live.client, &live.statements, &one, Inserts::Checked),
+            );
+            match self.drive(write).await {
                 Some(Ok(Ok(()))) => self.committed(vec![item]),
-                Some(Ok(Err(e))) if !is_transient(&e, client) => {
+                Some(Ok(Err(e))) if !is_transient(&e, &live.client) => {
                     tracing::warn!(target: "db", error = %e, commands = 1, "held write rejected");
                     self.committed(vec![item]);
                 }
@@ -473,26 +399,48 @@ impl HeldWriter {
         }
     }
 
+    fn has_work(&self) -> bool {
+        !self.backlog.is_empty() || !self.waiting.is_empty()
+    }
+
+    /// Opens the lane's connections, all or none.
+    async fn open_all(&mut self) -> Result<Vec<Live>, super::DbError> {
+        let config = self.config.clone();
+        let count = self.batching.connections.max(1);
+        let mut conns = Vec::with_capacity(count);
+        for _ in 0..count {
+            match self.drive(open(&config)).await {
+                Some(Ok(live)) => conns.push(live),
+                Some(Err(e)) => return Err(e),
+                None => return Err(super::DbError::Timeout("shutdown deadline")),
+            }
+        }
+        Ok(conns)
+    }
+
     pub(crate) async fn run(mut self) {
         let mut backoff = Backoff::new();
-        let mut conn: Option<Live> = None;
+        let mut conns: Vec<Live> = Vec::new();
+        let mut inflight: VecDeque<InFlight> = VecDeque::new();
+        let mut turn = 0usize;
         loop {
             if self.expired() {
                 break;
             }
-            let Some(mut live) = conn.take() else {
-                if self.closed() && self.backlog.is_empty() && self.waiting.is_empty() {
+            if conns.is_empty() {
+                if self.closed() && !self.has_work() {
                     break;
                 }
-                let config = self.config.clone();
-                match self.drive(open(&config)).await {
-                    None => break,
-                    Some(Ok(opened)) => {
+                match self.open_all().await {
+                    Ok(opened) => {
                         backoff.reset();
                         self.reachable = true;
-                        conn = Some(opened);
+                        conns = opened;
                     }
-                    Some(Err(e)) => {
+                    Err(e) => {
+                        if self.expired() {
+                            break;
+                        }
                         let delay = backoff.next_delay();
                         tracing::warn!(target: "db", error = %e, "held writer connect failed");
                         self.reachable = false;
@@ -503,33 +451,90 @@ impl HeldWriter {
                     }
                 }
                 continue;
-            };
-            if live.task.is_finished() {
+            }
+            if conns.iter().any(|c| c.task.is_finished()) {
                 tracing::warn!(target: "db", "held writer connection lost");
-                self.down(live);
+                self.down(&mut conns, &mut inflight).await;
                 continue;
             }
-            if !self.backlog.is_empty() || !self.waiting.is_empty() {
-                match self.write(&live.client, &live.statements).await {
-                    Flow::Continue => conn = Some(live),
-                    Flow::Down => self.down(live),
-                    Flow::Stop => break,
+            // One batch in flight per connection; later ones go while the
+            // first commits, so Postgres works on several at once.
+            while inflight.len() < conns.len() && self.has_work() {
+                self.fill().await;
+                let batch = self.take_batch();
+                if batch.is_empty() {
+                    break;
+                }
+                let live = &conns[turn % conns.len()];
+                turn += 1;
+                inflight.push_back(InFlight::start(live, batch));
+            }
+            let Some(oldest) = inflight.front_mut() else {
+                if self.has_work() {
+                    // Only marks waiting for holds that are not here yet.
+                    if self.drive(sleep(self.batching.max_wait)).await.is_none() {
+                        break;
+                    }
+                    continue;
+                }
+                if self.closed() {
+                    break;
+                }
+                let lost = futures_any_finished(&mut conns);
+                tokio::select! {
+                    _ = self.receive() => {}
+                    _ = lost => {
+                        tracing::warn!(target: "db", "held writer connection lost");
+                        self.down(&mut conns, &mut inflight).await;
+                    }
                 }
                 continue;
-            }
-            if self.closed() {
+            };
+            // Commits are taken in the order the batches went out, so each
+            // shard's watermark only ever covers committed holds.
+            let handle = oldest
+                .handle
+                .as_mut()
+                .expect("a batch in flight has its task");
+            let Some(joined) = self.drive(handle).await else {
                 break;
-            }
-            tokio::select! {
-                _ = self.receive() => conn = Some(live),
-                _ = &mut live.task => {
-                    tracing::warn!(target: "db", "held writer connection lost");
-                    self.reachable = false;
-                    self.resolve_unwritten();
+            };
+            let flight = inflight.pop_front().expect("front checked");
+            let started = flight.started;
+            let items = flight.items();
+            match joined {
+                Ok(Written::Committed) => {
+                    if let Some(observe) = self.on_batch.as_mut() {
+                        observe(BatchStats {
+                            commands: items.len(),
+                            elapsed: started.elapsed(),
+                        });
+                    }
+                    self.committed(items);
+                }
+                Ok(Written::Rejected(error)) => {
+                    tracing::warn!(target: "db", error = %error, commands = items.len(), "held write rejected");
+                    match self.write_singly(&conns[0], items).await {
+                        Flow::Continue => {}
+                        Flow::Down => self.down(&mut conns, &mut inflight).await,
+                        Flow::Stop => break,
+                    }
+                }
+                Ok(Written::Failed(error)) => {
+                    tracing::warn!(target: "db", error = %error, commands = items.len(), "held write failed");
+                    inflight.push_front(InFlight::done(items));
+                    self.down(&mut conns, &mut inflight).await;
+                }
+                Err(e) => {
+                    tracing::error!(target: "db", error = %e, commands = items.len(), "held write task failed");
+                    inflight.push_front(InFlight::done(items));
+                    self.down(&mut conns, &mut inflight).await;
                 }
             }
         }
-        let lost = self.backlog.len() + self.waiting.len();
+        let lost = self.backlog.len()
+            + self.waiting.len()
+            + inflight.iter().map(|f| f.items.len()).sum::<usize>();
         if lost > 0 {
             tracing::warn!(target: "db", lost, "held flush abandoned");
         }
@@ -537,10 +542,102 @@ impl HeldWriter {
         tracing::info!(target: "db", "held writer stopped");
     }
 
-    fn down(&mut self, live: Live) {
-        live.task.abort();
+    /// A connection failed: every connection goes, what was in flight goes
+    /// back to the front of the backlog in order (a batch that did commit
+    /// meanwhile is written again, which changes nothing), and holds still
+    /// waiting are answered not durable.
+    async fn down(&mut self, conns: &mut Vec<Live>, inflight: &mut VecDeque<InFlight>) {
+        for live in conns.drain(..) {
+            live.task.abort();
+        }
+        let mut back = Vec::new();
+        for mut flight in inflight.drain(..) {
+            if let Some(handle) = flight.handle.as_mut() {
+                // Its connection is gone: the write ends at once.
+                let _ = handle.await;
+            }
+            back.extend(flight.items());
+        }
+        self.requeue(back);
         self.reachable = false;
         self.resolve_unwritten();
+    }
+}
+
+/// Resolves when one of the connections' I/O tasks ends.
+async fn futures_any_finished(conns: &mut [Live]) {
+    std::future::poll_fn(|cx| {
+        for live in conns.iter_mut() {
+            if std::future::Future::poll(std::pin::Pin::new(&mut live.task), cx).is_ready() {
+                return Poll::Ready(());
+            }
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+/// What one batch's write came to.
+enum Written {
+    Committed,
+    /// Refused for its data, even skipping rows whose mesh or sender is gone.
+    Rejected(String),
+    /// The connection failed or the write timed out: to be retried.
+    Failed(String),
+}
+
+/// A batch being written on one connection.
+struct InFlight {
+    /// Shared with the write task only while it runs.
+    items: Arc<Vec<Item>>,
+    started: Instant,
+    handle: Option<tokio::task::JoinHandle<Written>>,
+}
+
+impl InFlight {
+    fn start(live: &Live, batch: Vec<Item>) -> InFlight {
+        let items = Arc::new(batch);
+        let job = write_batch_on(live.client.clone(), live.statements.clone(), items.clone());
+        InFlight {
+            items,
+            started: Instant::now(),
+            handle: Some(tokio::spawn(job)),
+        }
+    }
+
+    /// A batch already back from its task.
+    fn done(items: Vec<Item>) -> InFlight {
+        InFlight {
+            items: Arc::new(items),
+            started: Instant::now(),
+            handle: None,
+        }
+    }
+
+    /// The batch back, once its task has ended (it dropped its share).
+    fn items(self) -> Vec<Item> {
+        Arc::try_unwrap(self.items).unwrap_or_else(|_| unreachable!("the write task has ended"))
+    }
+}
+
+/// The write task: the batch in one transaction; once more skipping rows
+/// whose mesh or sender is gone if the server refused it for its data.
+async fn write_batch_on(
+    client: Arc<tokio_postgres::Client>,
+    statements: Arc<HeldStatements>,
+    items: Arc<Vec<Item>>,
+) -> Written {
+    let commands: Vec<&HeldCommand> = items.iter().map(|i| &i.command).collect();
+    let mut outcome = Inserts::Plain;
+    loop {
+        let write = write_held_batch(&client, &statements, &commands, outcome);
+        match timeout(WRITE_TIMEOUT, write).await {
+            Ok(Ok(())) => return Written::Committed,
+            Ok(Err(e)) if is_transient(&e, &client) => return Written::Failed(e.to_string()),
+            Ok(Err(e)) if outcome == Inserts::Checked => return Written::Rejected(e.to_string()),
+            Ok(Err(_)) => outcome = Inserts::Checked,
+            Err(_) => return Written::Failed("timed out".to_owned()),
+        }
     }
 }
 
@@ -559,11 +656,11 @@ fn holds_in(batch: &[Item], item: &Item) -> bool {
     here >= pending
 }
 
-/// The writer's connection.
+/// One of the writer's connections.
 struct Live {
-    client: tokio_postgres::Client,
+    client: Arc<tokio_postgres::Client>,
     task: ConnTask,
-    statements: HeldStatements,
+    statements: Arc<HeldStatements>,
 }
 
 async fn open(config: &Config) -> Result<Live, super::DbError> {
@@ -573,9 +670,9 @@ async fn open(config: &Config) -> Result<Live, super::DbError> {
     run_migrations(&mut client).await?;
     let statements = HeldStatements::prepare(&client).await?;
     Ok(Live {
-        client,
+        client: Arc::new(client),
         task,
-        statements,
+        statements: Arc::new(statements),
     })
 }
 
