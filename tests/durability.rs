@@ -108,7 +108,18 @@ fn assert_exactly_once(acked: &[Acked], pushed: &HashMap<String, Vec<String>>) {
 
 #[test]
 fn acked_envelopes_survive_sigkill_under_load() {
-    let mut broker = start(&[]);
+    sigkill_under_load(&[]);
+}
+
+/// With batches in flight on two connections at once, commits still reach
+/// the acks in order.
+#[test]
+fn acked_envelopes_survive_sigkill_with_two_writer_connections() {
+    sigkill_under_load(&[("HELD_WRITER_CONNECTIONS", "2")]);
+}
+
+fn sigkill_under_load(env: &[(&str, &str)]) {
+    let mut broker = start(env);
     let db = broker.db.clone();
     let members = seed_mesh(&db, "kill", 9);
     let (senders, offline) = members.split_at(1);
