@@ -182,6 +182,7 @@ pub struct GlobalMetrics {
     pub(super) ttl_sweeps: AtomicU64,
     pub(super) ttl_flipped: AtomicU64,
     pub(super) audit_batch: Mutex<Lat>,
+    pub(super) audit_dropped: Arc<AtomicU64>,
 }
 
 impl GlobalMetrics {
@@ -192,6 +193,7 @@ impl GlobalMetrics {
             ttl_sweeps: AtomicU64::new(0),
             ttl_flipped: AtomicU64::new(0),
             audit_batch: Mutex::new(Lat::default()),
+            audit_dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -215,6 +217,12 @@ impl GlobalMetrics {
             self.ttl_sweeps.fetch_add(1, Relaxed);
         }
         self.ttl_flipped.fetch_add(flipped, Relaxed);
+    }
+
+    /// Audit events accepted and never written, counted by the audit lane
+    /// itself (`broker_audit_dropped_total`).
+    pub fn audit_dropped_counter(&self) -> Arc<AtomicU64> {
+        self.audit_dropped.clone()
     }
 
     /// One audit batch was written to Postgres in `d`.
@@ -262,6 +270,7 @@ mod tests {
         g.ttl_sweep(true, 0);
         g.ttl_sweep(false, 1);
         g.ttl_sweep(true, 3);
+        g.audit_dropped_counter().fetch_add(6, Relaxed);
 
         assert_eq!(a.connections_active(), 1);
         assert_eq!(b.connections_active(), 0);
@@ -298,6 +307,7 @@ mod tests {
         assert_eq!(value(&s, "broker_queue_depth", &[]), 3.0);
         assert_eq!(value(&s, "broker_ttl_sweeps_total", &[]), 2.0);
         assert_eq!(value(&s, "broker_ttl_flipped_total", &[]), 4.0);
+        assert_eq!(value(&s, "broker_audit_dropped_total", &[]), 6.0);
     }
 
     #[test]
