@@ -8,7 +8,7 @@
 //! dropped, which tells the db thread to flush and exit.
 use crate::config::Config;
 use crate::context::BrokerContext;
-use crate::db::{self, DbOptions, DbStatus};
+use crate::db::{self, AuditOptions, DbOptions, DbStatus};
 use crate::hook::HookRateLimiter;
 use crate::inbox::{self, INBOX_BATCHES};
 use crate::mesh::directory::Directory;
@@ -34,9 +34,15 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         DbOptions {
             directory: Some(directory.clone()),
             member_refresh: config.member_refresh,
-            on_batch: Some(Box::new(move |stats| {
-                batch_metrics.global().record_audit_batch(stats.elapsed)
-            })),
+            audit: AuditOptions {
+                max_rows: config.audit_batch_max_rows,
+                max_wait: config.audit_batch_max_wait,
+                max_buffered: config.audit_buffer_events,
+                dropped: metrics.global().audit_dropped_counter(),
+                on_batch: Some(Box::new(move |stats| {
+                    batch_metrics.global().record_audit_batch(stats.elapsed)
+                })),
+            },
             ..DbOptions::default()
         },
     )?;
@@ -58,6 +64,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         transcripts,
         config,
         metrics,
+        audit: db.audit().clone(),
         db,
         db_status,
         directory,

@@ -161,7 +161,7 @@ impl Inbox {
 }
 
 /// Sleeps until `deadline`, or forever without one.
-async fn until(deadline: Option<Instant>) {
+pub(crate) async fn until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => sleep_until(d).await,
         None => std::future::pending().await,
@@ -191,7 +191,7 @@ enum Attempt {
 /// server error of a transient class (08 connection exception, 40
 /// transaction rollback, 53 insufficient resources, 57 operator
 /// intervention such as a shutdown, 58 system error).
-fn is_transient(e: &tokio_postgres::Error, client: &Client) -> bool {
+pub(crate) fn is_transient(e: &tokio_postgres::Error, client: &Client) -> bool {
     if client.is_closed() {
         return true;
     }
