@@ -9,7 +9,7 @@
 use crate::config::Config;
 use crate::context::BrokerContext;
 use crate::db::held::HeldBatching;
-use crate::db::{self, DbOptions, DbStatus, HeldOptions, RestoreOptions};
+use crate::db::{self, AuditOptions, DbOptions, DbStatus, HeldOptions, RestoreOptions};
 use crate::hook::HookRateLimiter;
 use crate::inbox::{self, INBOX_BATCHES};
 use crate::inbox::{ShardEvent, ShardSender};
@@ -48,9 +48,6 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         DbOptions {
             directory: Some(directory.clone()),
             member_refresh: config.member_refresh,
-            on_batch: Some(Box::new(move |stats| {
-                batch_metrics.global().record_audit_batch(stats.elapsed)
-            })),
             held: Some(HeldOptions {
                 lane: held.clone(),
                 rx: held_rx,
@@ -67,6 +64,15 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
                 held_ttl: config.held_ttl,
                 on_restored: Box::new(move |mesh| drain_restored(&drain_senders, mesh)),
             }),
+            audit: AuditOptions {
+                max_rows: config.audit_batch_max_rows,
+                max_wait: config.audit_batch_max_wait,
+                max_buffered: config.audit_buffer_events,
+                dropped: metrics.global().audit_dropped_counter(),
+                on_batch: Some(Box::new(move |stats| {
+                    batch_metrics.global().record_audit_batch(stats.elapsed)
+                })),
+            },
             ..DbOptions::default()
         },
     )?;
@@ -85,6 +91,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         transcripts,
         config,
         metrics,
+        audit: db.audit().clone(),
         db,
         held,
         db_status,

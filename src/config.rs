@@ -99,6 +99,14 @@ pub struct Config {
     /// `HELD_WRITER_CONNECTIONS` (ours): connections the durable lane writes
     /// batches on at once (Postgres works on one batch per connection).
     pub held_writer_connections: usize,
+    /// `AUDIT_BATCH_MAX_ROWS` and `AUDIT_BATCH_MAX_WAIT_US` (ours): an
+    /// audit batch is written at this many events, or once its oldest has
+    /// waited this long.
+    pub audit_batch_max_rows: usize,
+    pub audit_batch_max_wait: Duration,
+    /// `AUDIT_BUFFER_EVENTS` (ours): audit events kept in memory while
+    /// Postgres is down; over it the oldest are dropped (counted).
+    pub audit_buffer_events: usize,
     /// `BROKER_PING_INTERVAL_MS`, `BROKER_PING_TIMEOUT_MS` and
     /// `BROKER_SWEEP_INTERVAL_MS` (for tests): the protocol's 30 s ping,
     /// 75 s liveness timeout and 15 s status sweep, shortened.
@@ -363,6 +371,10 @@ impl Config {
         let held_batch_max_wait =
             Duration::from_micros(r.int("HELD_BATCH_MAX_WAIT_US", 500, 0, 1_000_000));
         let held_writer_connections = r.int("HELD_WRITER_CONNECTIONS", 1, 1, 16) as usize;
+        let audit_batch_max_rows = r.int("AUDIT_BATCH_MAX_ROWS", 1024, 1, 65_536) as usize;
+        let audit_batch_max_wait =
+            Duration::from_micros(r.int("AUDIT_BATCH_MAX_WAIT_US", 2000, 0, 1_000_000));
+        let audit_buffer_events = r.int("AUDIT_BUFFER_EVENTS", 100_000, 1, 10_000_000) as usize;
         let ping_interval = r.millis("BROKER_PING_INTERVAL_MS", 30_000);
         let ping_timeout = r.millis("BROKER_PING_TIMEOUT_MS", 75_000);
         let sweep_interval = r.millis("BROKER_SWEEP_INTERVAL_MS", 15_000);
@@ -394,6 +406,9 @@ impl Config {
             held_batch_max_rows,
             held_batch_max_wait,
             held_writer_connections,
+            audit_batch_max_rows,
+            audit_batch_max_wait,
+            audit_buffer_events,
             ping_interval,
             ping_timeout,
             sweep_interval,
@@ -458,6 +473,15 @@ impl Config {
                 "HELD_WRITER_CONNECTIONS",
                 self.held_writer_connections.to_string(),
             ),
+            (
+                "AUDIT_BATCH_MAX_ROWS",
+                self.audit_batch_max_rows.to_string(),
+            ),
+            (
+                "AUDIT_BATCH_MAX_WAIT_US",
+                self.audit_batch_max_wait.as_micros().to_string(),
+            ),
+            ("AUDIT_BUFFER_EVENTS", self.audit_buffer_events.to_string()),
             (
                 "BROKER_PING_INTERVAL_MS",
                 self.ping_interval.as_millis().to_string(),
@@ -563,6 +587,9 @@ mod tests {
             PathBuf::from("/home/u/.claude/projects")
         );
         assert_eq!(c.data_dir, PathBuf::from(".meshbroker"));
+        assert_eq!(c.audit_batch_max_rows, 1024);
+        assert_eq!(c.audit_batch_max_wait, Duration::from_micros(2000));
+        assert_eq!(c.audit_buffer_events, 100_000);
     }
 
     #[test]
@@ -598,6 +625,9 @@ mod tests {
             ("HOME", "/h"),
             ("MESHBROKER_DATA_DIR", "/var/lib/mb"),
             ("LOG_LEVEL", "debug"),
+            ("AUDIT_BATCH_MAX_ROWS", "10"),
+            ("AUDIT_BATCH_MAX_WAIT_US", "0"),
+            ("AUDIT_BUFFER_EVENTS", "50"),
         ])
         .unwrap();
         assert_eq!(
@@ -617,6 +647,9 @@ mod tests {
         assert_eq!(c.git_sha, "abc123");
         assert_eq!(c.claude_projects_dir, PathBuf::from("/h/p"));
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/mb"));
+        assert_eq!(c.audit_batch_max_rows, 10);
+        assert_eq!(c.audit_batch_max_wait, Duration::ZERO);
+        assert_eq!(c.audit_buffer_events, 50);
         assert_eq!(
             parse(&[("BROKER_HOST", "localhost")]).unwrap().host,
             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -657,6 +690,9 @@ mod tests {
             ("NODE_ENV", "prod", "development, production, test"),
             ("LOG_LEVEL", "verbose", "error, warn, info, debug, trace"),
             ("BROKER_IO_DRIVER", "kqueue", "auto or epoll"),
+            ("AUDIT_BATCH_MAX_ROWS", "0", "from 1 to 65536"),
+            ("AUDIT_BATCH_MAX_WAIT_US", "1000001", "from 0 to 1000000"),
+            ("AUDIT_BUFFER_EVENTS", "0", "from 1 to 10000000"),
         ];
         for (var, value, expected) in cases {
             let errs = errors(&[(var, value)]);
@@ -781,6 +817,9 @@ mod tests {
             "GIT_SHA",
             "CLAUDE_PROJECTS_DIR",
             "MESHBROKER_DATA_DIR",
+            "AUDIT_BATCH_MAX_ROWS",
+            "AUDIT_BATCH_MAX_WAIT_US",
+            "AUDIT_BUFFER_EVENTS",
         ] {
             assert!(names.contains(&var), "{var} missing");
         }

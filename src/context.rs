@@ -1,9 +1,9 @@
 //! What every shard shares, read-mostly: configuration, metrics, the
-//! membership directory and its lookup, the db handle, the shards' inboxes,
-//! the hook index and the transcript reader.
+//! membership directory and its lookup, the db handle and audit lane, the
+//! shards' inboxes, the hook index and the transcript reader.
 use crate::config::Config;
 use crate::db::held::HeldLane;
-use crate::db::{DbHandle, DbStatus};
+use crate::db::{AuditLane, DbHandle, DbStatus};
 use crate::hook::HookRateLimiter;
 use crate::inbox::ShardSender;
 use crate::mesh::directory::{Directory, MeshEntry};
@@ -26,6 +26,8 @@ pub struct BrokerContext {
     pub db: DbHandle,
     /// The durable lane: held envelopes and their marks (`db::held`).
     pub held: HeldLane,
+    /// Where audit events go (never blocks; may drop, counted).
+    pub(crate) audit: AuditLane,
     pub db_status: Arc<DbStatus>,
     pub directory: Arc<Directory>,
     pub shards: Vec<ShardSender>,

@@ -20,10 +20,13 @@
 //! - `http`     — HTTP/1.1 request-head parsing and response building; no I/O.
 //! - `hook`     — `/hook/set-status` body validation and the per-(pid, cwd) token bucket.
 //! - `metrics`  — per-shard counters and HDR histograms, merged at scrape time.
+//! - `audit`    — audit events (PROTOCOL.md §8 `mesh.audit_log`), built where they
+//!   happen from shared handles, metadata only; written by the db thread's audit lane.
 //! - `db`       — the one thread that talks to Postgres: migrations, health, member
-//!   lookups, batched writes.
+//!   lookups, batched writes, the audit lane.
 //! - `devdb`    — the embedded development Postgres (initdb/pg_ctl), also used by tests.
 //! - `ids`      — sortable unique ids made on the shard.
+pub(crate) mod audit;
 pub mod broker;
 pub mod config;
 pub(crate) mod context;

@@ -210,6 +210,21 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
     );
     let pushed = collect_pushes(&broker, offline);
     assert_exactly_once(&acked, &pushed);
+    // The audit trail covers the whole run, outage included, but for what
+    // it counted as dropped.
+    let sends = 300 + 1 + 300;
+    let audited = poll(Duration::from_secs(15), || {
+        let rows = query_rows(
+            &db,
+            "SELECT count(*) FROM mesh.audit_log WHERE event_type = 'send' AND mesh_id = 'outage'",
+        )[0]
+        .get::<_, i64>(0);
+        let metrics = http(broker.addr(), "GET", "/metrics", &[], b"");
+        let text = String::from_utf8_lossy(&metrics.body).into_owned();
+        let dropped = metric_value(&text, "broker_audit_dropped_total").unwrap_or(0.0);
+        rows as f64 + dropped >= sends as f64
+    });
+    assert!(audited, "send rows missing from the audit trail");
     drop(broker);
     let _ = pg.stop();
     let _ = std::fs::remove_dir_all(&root);
@@ -426,6 +441,22 @@ fn a_broadcast_held_for_three_reaches_each_once_across_a_restart() {
             == 1
     });
     assert!(done, "delivered_at: every member it was held for has it");
+    let trail = query_rows(
+        &db,
+        "SELECT event_type, metadata::text FROM mesh.audit_log WHERE mesh_id = 'bcast'",
+    );
+    let held = trail
+        .iter()
+        .filter(|r| r.get::<_, String>(0) == "held")
+        .count();
+    assert_eq!(held, 4, "held for three, and the direct one");
+    assert!(
+        trail
+            .iter()
+            .all(|r| !r.get::<_, String>(1).contains("c-all")
+                && !r.get::<_, String>(1).contains("n-all")),
+        "no nonce or ciphertext in the audit trail"
+    );
 }
 
 #[test]

@@ -28,6 +28,11 @@ impl<T> Backlog<T> {
         self.queue.is_empty()
     }
 
+    /// The oldest command.
+    pub(crate) fn front(&self) -> Option<&T> {
+        self.queue.front()
+    }
+
     /// Appends the newest commands; returns how many old ones were dropped
     /// to stay within the bound.
     pub(crate) fn extend(&mut self, cmds: impl IntoIterator<Item = T>) -> usize {
@@ -65,7 +70,9 @@ mod tests {
     fn keeps_order_and_batches_oldest_first() {
         let mut b = Backlog::new(10);
         assert_eq!(b.extend(1..=5), 0);
+        assert_eq!(b.front(), Some(&1));
         assert_eq!(b.take_batch(3), vec![1, 2, 3]);
+        assert_eq!(b.front(), Some(&4));
         assert_eq!(b.take_batch(10), vec![4, 5]);
         assert!(b.is_empty());
     }

@@ -41,17 +41,24 @@
 //! - **Member lookups.** A second task with its own connection (`members`)
 //!   answers hellos' member lookups and refreshes the directory every
 //!   [`DbOptions::member_refresh`], so a lookup never waits behind writes.
-//! - **Batch latency.** The audit-write-batch latency histogram lives in
-//!   `metrics`, not here: pass a [`BatchObserver`] in
-//!   [`DbOptions::on_batch`] to [`spawn_with`]; it is called on the
-//!   db-writer thread after every committed batch with the batch size and
-//!   the write's wall time (measured around `write_batch`, so it includes
-//!   the round trip). `spawn` is `spawn_with` and the defaults.
+//! - **Audit.** A third task with its own connection (`audit`) writes
+//!   `mesh.audit_log` in batches from a lane of its own
+//!   ([`DbOptions::audit`]), which may drop (counted) and never delays the
+//!   presence writes; it stops with the presence writer, on its deadline.
+//! - **Batch latency.** Histograms live in `metrics`, not here: pass a
+//!   [`BatchObserver`] in [`DbOptions::on_batch`] (presence batches) or
+//!   [`AuditOptions::on_batch`] (audit batches, what
+//!   `broker_audit_batch_write_seconds` shows) to [`spawn_with`]; it is
+//!   called on the db-writer thread after every committed batch with the
+//!   batch size and the write's wall time (the round trip included).
+//!   `spawn` is `spawn_with` and the defaults.
 //!
 //! Module map: `health` (DbStatus), `migrate` (embedded migrations),
 //! `batch` (SQL and the batch write), `backlog` (bounded in-memory FIFO),
-//! `worker` (the thread's loop), `members` (member lookups and refresh).
+//! `worker` (the thread's loop), `members` (member lookups and refresh),
+//! `audit` (the audit lane and its writer).
 
+mod audit;
 mod backlog;
 mod batch;
 mod health;
@@ -71,6 +78,8 @@ use tokio::sync::mpsc;
 use crate::hook::Status;
 use crate::mesh::directory::{Directory, MemberRow};
 use crate::status::Source;
+pub(crate) use audit::AuditLane;
+pub use audit::AuditOptions;
 pub use health::DbStatus;
 
 /// Member lookups waiting at once; more are refused (the hello answers
@@ -167,9 +176,16 @@ pub struct DbQueueFull(pub DbCommand);
 pub struct DbHandle {
     tx: mpsc::Sender<DbCommand>,
     lookups: mpsc::Sender<(String, MembersReply)>,
+    audit: AuditLane,
 }
 
 impl DbHandle {
+    /// The audit lane (see `audit`): events that may be dropped, never
+    /// in the way of presence writes.
+    pub(crate) fn audit(&self) -> &AuditLane {
+        &self.audit
+    }
+
     /// Asks for a mesh's member rows (hello on a mesh not loaded yet, or a
     /// miss). Never blocks; `None` when the lookup queue is full or gone.
     pub fn lookup_members(
@@ -225,6 +241,8 @@ pub struct DbOptions {
     /// Loading an earlier run's held envelopes at start (needs
     /// `directory`); `None` loads nothing.
     pub restore: Option<RestoreOptions>,
+    /// The audit lane's batches and bounds.
+    pub audit: AuditOptions,
 }
 
 /// The durable lane's writer (see `held`).
@@ -254,6 +272,7 @@ impl Default for DbOptions {
             member_refresh: Duration::from_secs(5),
             held: None,
             restore: None,
+            audit: AuditOptions::default(),
         }
     }
 }
@@ -265,6 +284,7 @@ impl std::fmt::Debug for DbOptions {
             .field("max_buffered", &self.max_buffered)
             .field("shutdown_flush", &self.shutdown_flush)
             .field("on_batch", &self.on_batch.is_some())
+            .field("audit", &self.audit)
             .finish()
     }
 }
@@ -275,6 +295,7 @@ pub struct DbThread {
     join: std::thread::JoinHandle<()>,
     stop: Arc<tokio::sync::Notify>,
     held_stop: Arc<tokio::sync::Notify>,
+    audit_stop: Arc<tokio::sync::Notify>,
 }
 
 impl DbThread {
@@ -285,6 +306,7 @@ impl DbThread {
     pub fn join(self) {
         self.stop.notify_one();
         self.held_stop.notify_one();
+        self.audit_stop.notify_one();
         if self.join.join().is_err() {
             tracing::error!(target: "db", "db writer panicked");
         }
@@ -349,6 +371,12 @@ pub fn spawn_with(
         options.directory.clone(),
         options.member_refresh,
     );
+    let (audit, audit_writer) = AuditLane::new(
+        config.clone(),
+        std::mem::take(&mut options.audit),
+        options.shutdown_flush,
+    );
+    let audit_stop = audit_writer.stopper();
     let stop = Arc::new(tokio::sync::Notify::new());
     let held_stop = Arc::new(tokio::sync::Notify::new());
     let started = SystemTime::now();
@@ -381,6 +409,7 @@ pub fn spawn_with(
                 let loader = tokio::spawn(members.run());
                 let restoring = restorer.map(|r| tokio::spawn(r.run()));
                 let held = held_writer.map(|w| tokio::spawn(w.run()));
+                let audit = tokio::spawn(audit_writer.run());
                 worker.run().await;
                 if let Some(held) = held {
                     let _ = held.await;
@@ -389,14 +418,17 @@ pub fn spawn_with(
                 if let Some(restoring) = restoring {
                     restoring.abort();
                 }
+                // Stopped with the worker, on the same deadline.
+                let _ = audit.await;
             })
         })?;
     Ok((
-        DbHandle { tx, lookups },
+        DbHandle { tx, lookups, audit },
         DbThread {
             join,
             stop,
             held_stop,
+            audit_stop,
         },
     ))
 }

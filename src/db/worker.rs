@@ -161,7 +161,7 @@ impl Inbox {
 }
 
 /// Sleeps until `deadline`, or forever without one.
-async fn until(deadline: Option<Instant>) {
+pub(crate) async fn until(deadline: Option<Instant>) {
     match deadline {
         Some(d) => sleep_until(d).await,
         None => std::future::pending().await,

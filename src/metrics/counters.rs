@@ -184,6 +184,7 @@ pub struct GlobalMetrics {
     pub(super) held_expired: AtomicU64,
     pub(super) audit_batch: Mutex<Lat>,
     pub(super) held_batch: Mutex<Lat>,
+    pub(super) audit_dropped: Arc<AtomicU64>,
 }
 
 impl GlobalMetrics {
@@ -196,6 +197,7 @@ impl GlobalMetrics {
             held_expired: AtomicU64::new(0),
             audit_batch: Mutex::new(Lat::default()),
             held_batch: Mutex::new(Lat::default()),
+            audit_dropped: Arc::new(AtomicU64::new(0)),
         }
     }
 
@@ -229,6 +231,12 @@ impl GlobalMetrics {
     /// One durable-lane batch (held envelopes, marks) committed in `d`.
     pub fn record_held_batch(&self, d: Duration) {
         lock(&self.held_batch).record(d);
+    }
+
+    /// Audit events accepted and never written, counted by the audit lane
+    /// itself (`broker_audit_dropped_total`).
+    pub fn audit_dropped_counter(&self) -> Arc<AtomicU64> {
+        self.audit_dropped.clone()
     }
 
     /// One audit batch was written to Postgres in `d`.
@@ -276,6 +284,7 @@ mod tests {
         g.ttl_sweep(true, 0);
         g.ttl_sweep(false, 1);
         g.ttl_sweep(true, 3);
+        g.audit_dropped_counter().fetch_add(6, Relaxed);
 
         assert_eq!(a.connections_active(), 1);
         assert_eq!(b.connections_active(), 0);
@@ -312,6 +321,7 @@ mod tests {
         assert_eq!(value(&s, "broker_queue_depth", &[]), 3.0);
         assert_eq!(value(&s, "broker_ttl_sweeps_total", &[]), 2.0);
         assert_eq!(value(&s, "broker_ttl_flipped_total", &[]), 4.0);
+        assert_eq!(value(&s, "broker_audit_dropped_total", &[]), 6.0);
     }
 
     #[test]

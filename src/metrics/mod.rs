@@ -12,8 +12,9 @@
 //!   the shard's `Mutex`-guarded published copy and clears them: the hot path never
 //!   locks and a scrape sees data at most ~1 s old. Histograms are allocated on
 //!   first use (≈140 KiB each), so unused priorities cost nothing.
-//! - Global values (DB health, held-envelope depth, TTL sweeps, audit-batch latency)
-//!   are written by whichever thread owns them; see [`GlobalMetrics`].
+//! - Global values (DB health, held-envelope depth, TTL sweeps, audit-batch latency
+//!   and audit drops) are written by whichever thread owns them; see
+//!   [`GlobalMetrics`].
 //! - [`Metrics::render`] sums the shards and encodes OpenMetrics text with
 //!   `prometheus-client`. prometheus-client 0.22 cannot encode summaries, so the
 //!   p50/p90/p99/p99.9 summaries are written by hand as `<histogram>_quantiles`
@@ -156,6 +157,7 @@ impl Metrics {
             ttl_sweeps: self.global.ttl_sweeps.load(Relaxed),
             ttl_flipped: self.global.ttl_flipped.load(Relaxed),
             held_expired: self.global.held_expired.load(Relaxed),
+            audit_dropped: self.global.audit_dropped.load(Relaxed),
             db_healthy: self.global.db_healthy(),
             http: HistSnapshot::default(),
             send_ack: Default::default(),

@@ -42,6 +42,7 @@ pub(super) struct Snapshot {
     pub(super) ttl_sweeps: u64,
     pub(super) ttl_flipped: u64,
     pub(super) held_expired: u64,
+    pub(super) audit_dropped: u64,
     pub(super) db_healthy: bool,
     pub(super) http: HistSnapshot,
     pub(super) send_ack: [HistSnapshot; 3],
@@ -232,6 +233,12 @@ impl Collector for Snapshot {
         )?;
         counter(
             e,
+            "broker_audit_dropped",
+            "Audit events never written (lane full, Postgres away too long, refused rows).",
+            self.audit_dropped,
+        )?;
+        counter(
+            e,
             "broker_hook_requests",
             "POST /hook/set-status requests.",
             self.hook_requests,
@@ -313,6 +320,7 @@ mod tests {
             "broker_queue_depth",
             "broker_ttl_sweeps_total",
             "broker_ttl_flipped_total",
+            "broker_audit_dropped_total",
             "broker_hook_requests_total",
             "broker_hook_requests_rate_limited_total",
             "broker_db_healthy",

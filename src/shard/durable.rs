@@ -6,6 +6,7 @@
 use super::link::SessionLink;
 use super::outbound::{Stamp, StampKind};
 use super::state::Shard;
+use crate::audit::AuditEvent;
 use crate::db::held::{HeldBatch, HeldCommand};
 use crate::mesh::deliver::give_back;
 use crate::mesh::directory::MemberEntry;
@@ -79,6 +80,7 @@ impl Shard {
     /// forced into the budget (they cannot be refused any more).
     pub fn store_late(&self, late: Vec<HeldLate>) {
         for (envelope, member) in late {
+            self.audit(AuditEvent::held(&envelope, &member));
             self.ctx.held.budget.force(envelope.frame.len());
             self.to_lane(HeldCommand::Hold {
                 envelope,
@@ -103,6 +105,7 @@ impl Shard {
 
     /// A held envelope was written to a session of `member`.
     pub fn mark_delivered(&self, envelope: Arc<Envelope>, member: &Arc<MemberEntry>) {
+        self.audit(AuditEvent::deliver(&envelope, member));
         self.to_lane(HeldCommand::Delivered {
             envelope,
             member: member.clone(),
@@ -110,13 +113,15 @@ impl Shard {
         });
     }
 
-    /// Held envelopes dropped unpushed, past their expiry.
-    pub fn expired(&self, expired: Vec<Arc<Envelope>>) {
+    /// Held envelopes dropped unpushed, past their expiry, with the member
+    /// each was held for.
+    pub fn expired(&self, expired: Vec<HeldLate>) {
         if expired.is_empty() {
             return;
         }
         self.ctx.metrics.global().held_expired(expired.len() as u64);
-        for envelope in expired {
+        for (envelope, member) in expired {
+            self.audit(AuditEvent::expired(&envelope, &member));
             self.to_lane(HeldCommand::Expired { envelope });
         }
     }
@@ -124,8 +129,7 @@ impl Shard {
     /// The 15 s sweep: every expired held envelope goes (shard 0 sweeps
     /// the whole directory).
     pub(super) fn sweep_expired(&self) {
-        let expired = self.ctx.directory.expire_held(SystemTime::now());
-        self.expired(expired.into_iter().map(|(envelope, _)| envelope).collect());
+        self.expired(self.ctx.directory.expire_held(SystemTime::now()));
     }
 
     /// Hands what this turn gathered to the db writer.

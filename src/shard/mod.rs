@@ -49,7 +49,8 @@ const TICK: Duration = Duration::from_secs(1);
 /// Housekeeping runs at least this often when the test knobs shorten the
 /// ping interval.
 const MIN_TICK: Duration = Duration::from_millis(10);
-/// How long presence writes gather on the shard before the db thread gets them.
+/// How long presence writes and audit events gather on the shard before
+/// the db thread gets them.
 const DB_FLUSH: Duration = Duration::from_millis(5);
 
 pub struct ShardSpec {
@@ -156,6 +157,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         outgoing: RefCell::new((0..shards).map(|_| Vec::new()).collect()),
         flusher: Cell::new(None),
         db_outbox: RefCell::new(Vec::new()),
+        audit_outbox: RefCell::new(Vec::new()),
         db_flusher: Cell::new(None),
         durable: Default::default(),
         shutdown: LocalSignal::default(),
@@ -192,9 +194,9 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     drop(listener);
     shard.close_all();
     let _ = monoio::time::timeout(SHUTDOWN_GRACE, shard.all_closed.wait()).await;
-    // The closed sessions' presence rows and what the lane gathered go to
-    // the db thread, which the broker stops only after every shard has
-    // returned.
+    // The closed sessions' presence rows, audit events and what the durable
+    // lane gathered go to the db thread, which the broker stops only after
+    // every shard has returned.
     shard.flush_db();
     shard.flush_lane();
     shard.histograms.borrow_mut().publish(&shard.metrics);
@@ -255,13 +257,13 @@ async fn flush_loop(shard: Rc<Shard>) {
     }
 }
 
-/// Hands the gathered presence writes to the db thread. They are not on
-/// any client's path, so a few milliseconds of gathering cost nothing and
-/// spare the db thread a wakeup per command.
+/// Hands the gathered presence writes and audit events to the db thread.
+/// They are not on any client's path, so a few milliseconds of gathering
+/// cost nothing and spare the db thread a wakeup per command.
 async fn db_flush_loop(shard: Rc<Shard>) {
     loop {
         poll_fn(|cx| {
-            if !shard.db_outbox.borrow().is_empty() {
+            if shard.has_db_work() {
                 return Poll::Ready(());
             }
             shard.db_flusher.set(Some(cx.waker().clone()));

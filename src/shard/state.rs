@@ -6,6 +6,7 @@ use super::close::CloseReason;
 use super::durable::Durable;
 use super::link::{shutdown_socket, SessionLink};
 use super::signal::LocalSignal;
+use crate::audit::AuditEvent;
 use crate::context::BrokerContext;
 use crate::db::DbCommand;
 use crate::hook::Status;
@@ -50,6 +51,8 @@ pub struct Shard {
     /// Presence writes gathered for the db thread and handed over together
     /// every `DB_FLUSH`: one cross-thread wakeup per burst, not per hello.
     pub(super) db_outbox: RefCell<Vec<DbCommand>>,
+    /// Audit events, gathered and handed over the same way, in one `Vec`.
+    pub(super) audit_outbox: RefCell<Vec<AuditEvent>>,
     pub(super) db_flusher: Cell<Option<Waker>>,
     /// Holds, marks and acks of the durable lane (see `durable`).
     pub(super) durable: Durable,
@@ -66,6 +69,19 @@ impl Shard {
         }
     }
 
+    /// Queue an audit event for the db thread's audit lane (see
+    /// `db_flush_loop`): a push here, one hand-over per flush.
+    pub(crate) fn audit(&self, event: AuditEvent) {
+        self.audit_outbox.borrow_mut().push(event);
+        if let Some(waker) = self.db_flusher.take() {
+            waker.wake();
+        }
+    }
+
+    pub(super) fn has_db_work(&self) -> bool {
+        !self.db_outbox.borrow().is_empty() || !self.audit_outbox.borrow().is_empty()
+    }
+
     pub(super) fn flush_db(&self) {
         let commands = std::mem::take(&mut *self.db_outbox.borrow_mut());
         for command in commands {
@@ -73,6 +89,10 @@ impl Shard {
             // thread counts what it drops; presence rows are best effort.
             let _ = self.ctx.db.try_send(command);
         }
+        // Never blocks; what the lane cannot take it counts as dropped.
+        self.ctx
+            .audit
+            .send(std::mem::take(&mut *self.audit_outbox.borrow_mut()));
     }
 
     /// Queue an event for another shard (or handle it here, for this one).
@@ -100,10 +120,17 @@ impl Shard {
                 status,
                 reply,
             } => {
-                let presence = self.session_of(conn).filter(|s| s.member().is_some());
-                let answer = presence.map(|session| {
+                let presence = self.session_of(conn).and_then(|s| Some((s.member()?, s)));
+                let answer = presence.map(|((mesh, member), session)| {
+                    let presence_id = session.presence_id();
+                    self.audit(AuditEvent::hook_status(
+                        &mesh,
+                        &member,
+                        &presence_id,
+                        status,
+                    ));
                     self.write_status(&session, status, Source::Hook);
-                    session.presence_id()
+                    presence_id
                 });
                 let _ = reply.send(answer);
             }
@@ -160,12 +187,14 @@ impl Shard {
         session: &Rc<SessionLink>,
     ) {
         let drained = self.routes.borrow().drain_held(mesh, member, Some(session));
-        self.drained(drained);
+        self.drained(member, drained);
     }
 
-    /// What a drain dropped or had handed back goes to the lane.
-    fn drained(&self, mut drained: Drained) -> Drained {
-        self.expired(std::mem::take(&mut drained.expired));
+    /// What a drain of `member`'s queue dropped or had handed back goes to
+    /// the lane.
+    fn drained(&self, member: &Arc<MemberEntry>, mut drained: Drained) -> Drained {
+        let expired = std::mem::take(&mut drained.expired);
+        self.expired(expired.into_iter().map(|e| (e, member.clone())).collect());
         self.store_late(std::mem::take(&mut drained.late));
         drained
     }
@@ -178,7 +207,7 @@ impl Shard {
 
     pub fn drain_held(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
         let drained = self.routes.borrow().drain_held(mesh, member, None);
-        let drained = self.drained(drained);
+        let drained = self.drained(member, drained);
         if drained.delivered == 0 && !drained.waiting_for_room && !member.held.is_empty() {
             // None of our sessions may take what is held (they left or
             // turned busy meanwhile): pass it on to a shard that may.
@@ -195,11 +224,23 @@ impl Shard {
             return;
         };
         let mut state = session.status();
+        let from = state.status;
         let now = Instant::now();
         let changed = state.write(status, source, now, self.ctx.config.hook_fresh_window);
         session.set_status(state);
+        let presence_id = session.presence_id();
+        if changed {
+            self.audit(AuditEvent::status_change(
+                &mesh,
+                &member,
+                &presence_id,
+                from,
+                state.status,
+                state.source,
+            ));
+        }
         self.to_db(DbCommand::PresenceStatus {
-            id: session.presence_id().into(),
+            id: presence_id.into(),
             status: state.status,
             source: state.source,
             at: std::time::SystemTime::now(),

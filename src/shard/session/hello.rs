@@ -3,6 +3,7 @@
 //! signal, or idle), its place in the routing table and the hook index, its
 //! presence row, and its held envelopes.
 use super::{Joined, Session};
+use crate::audit::AuditEvent;
 use crate::db::DbCommand;
 use crate::mesh::directory::Admission;
 use crate::metrics::RejectReason;
@@ -58,6 +59,13 @@ impl Session {
                 tracing::info!(target: "ws", peer = %self.peer, shard = self.shard.index, mesh = %joined.mesh.id,
                     member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id,
                     status = self.link.status().status.as_str(), "ws hello");
+                self.shard.audit(AuditEvent::connect(
+                    &joined.mesh,
+                    &joined.member,
+                    &joined.presence_id,
+                    &hello.session_id,
+                    hello.pid,
+                ));
                 // Inference runs before held envelopes are released; its
                 // answer drains them. Without a reader, drain now.
                 let window = self.shard.ctx.config.hook_fresh_window;
@@ -76,7 +84,15 @@ impl Session {
                 }
                 self.joined = Some(joined);
             }
-            Err(e) => self.refuse_hello(e),
+            Err(e) => {
+                // Audited only in a mesh the directory knows: the row's
+                // mesh must exist, and an unknown one is anyone's guess.
+                if let Some(mesh) = self.shard.ctx.directory.get(&hello.mesh_id) {
+                    self.shard
+                        .audit(AuditEvent::hello_refused(&mesh, &hello.member_id, e.code));
+                }
+                self.refuse_hello(e)
+            }
         }
     }
 

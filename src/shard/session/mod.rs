@@ -12,6 +12,7 @@ use super::close::CloseReason;
 use super::link::SessionLink;
 use super::readbuf::ReadBuf;
 use super::state::Shard;
+use crate::audit::AuditEvent;
 use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
@@ -171,7 +172,7 @@ impl Session {
         if self.link.close_reason().is_none() {
             let error =
                 ProtocolError::new(ErrorCode::TooLarge, "message exceeds MAX_MESSAGE_BYTES");
-            self.send_error(&error.with_id(protocol::peek_id(start).as_deref()));
+            self.reject(&error.with_id(protocol::peek_id(start).as_deref()));
         }
     }
 
@@ -203,11 +204,11 @@ impl Session {
                 None
             }
             Err(e) => {
-                self.send_error(&e);
+                self.reject(&e);
                 None
             }
             Ok(ClientMessage::Hello(_)) if self.joined.is_some() => {
-                self.send_error(&ProtocolError::new(
+                self.reject(&ProtocolError::new(
                     ErrorCode::AlreadyHello,
                     "this connection already said hello",
                 ));
@@ -234,6 +235,17 @@ impl Session {
                 None
             }
         }
+    }
+
+    /// Answers a message with `error`; once the session has joined, the
+    /// refusal is audited too (`rejected`). Before the hello no mesh is
+    /// known: a refused hello is audited by `process_hello`.
+    fn reject(&self, error: &ProtocolError) {
+        if let Some(joined) = &self.joined {
+            self.shard
+                .audit(AuditEvent::rejected(&joined.mesh, &joined.member, error));
+        }
+        self.send_error(error);
     }
 
     fn send_error(&self, error: &ProtocolError) {
@@ -287,6 +299,12 @@ impl Session {
             member_id: joined.member.id.to_string(),
             at: SystemTime::now(),
         });
+        self.shard.audit(AuditEvent::disconnect(
+            &joined.mesh,
+            &joined.member,
+            &joined.presence_id,
+            reason,
+        ));
         // Envelopes that raced in for this member go to a session elsewhere.
         self.shard
             .request_drain(&joined.mesh, &joined.member, left.drain);

@@ -3,6 +3,7 @@
 //! take it, and ack.
 use super::super::outbound::{Stamp, StampKind};
 use super::Session;
+use crate::audit::AuditEvent;
 use crate::inbox::ShardEvent;
 use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
@@ -21,7 +22,7 @@ impl Session {
             Target::Member(pubkey) => match view.member_by_pubkey(pubkey) {
                 Some(member) => Some(member),
                 None => {
-                    return self.send_error(
+                    return self.reject(
                         &ProtocolError::new(
                             ErrorCode::UnknownTarget,
                             "targetSpec is not a current member of this mesh",
@@ -81,11 +82,19 @@ impl Session {
                     Refused::HeldFull => "a target's held queue is full",
                     Refused::Unavailable => "too much is waiting to be stored; try again shortly",
                 };
-                return self.send_error(
+                return self.reject(
                     &ProtocolError::new(ErrorCode::Unavailable, message).with_id(Some(id)),
                 );
             }
         };
+        let recipients = match direct {
+            Some(_) => 1,
+            None => view.members().len().saturating_sub(1) as u32,
+        };
+        self.shard.audit(AuditEvent::send(&envelope, recipients));
+        for (member, _) in &plan.held {
+            self.shard.audit(AuditEvent::held(&envelope, member));
+        }
         self.shard.request_drains(&joined.mesh, &plan.held);
         let mut shards = plan.shards();
         if let Some(route) = plan.route {
