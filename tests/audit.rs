@@ -2,14 +2,16 @@
 //! session's life writes (connect, status changes, hook signals, refused
 //! messages, disconnect with its reason), refused hellos in a known mesh,
 //! the batch metrics, that no nonce or ciphertext ever lands in the table,
-//! that a deleted mesh does not wedge the lane, and that SIGTERM flushes
+//! that a deleted mesh does not wedge the lane, that events made while
+//! Postgres is down are written when it is back, and that SIGTERM flushes
 //! what is queued. Writes are batched, so every check polls the table.
 mod common;
 mod support;
 
 use std::time::Duration;
 
-use common::{exec_sql, http, query_rows};
+use common::{exec_sql, http, query_rows, world_traversable_tempdir, Broker};
+use meshbroker::devdb::LocalPostgres;
 use serde_json::{json, Value};
 use support::*;
 
@@ -272,6 +274,49 @@ fn a_deleted_mesh_does_not_wedge_the_lane() {
     assert_eq!(kept.last().unwrap().metadata["reason"], "client_closed");
     assert!(rows(&broker.db, "gone").is_empty());
     assert_eq!(broker.metric("broker_audit_dropped_total"), 0.0);
+}
+
+#[test]
+fn events_made_while_postgres_is_down_are_written_when_it_is_back() {
+    // A cluster of its own: stopping the shared one would hit other tests.
+    let root = world_traversable_tempdir("meshbroker-audit-outage-");
+    let pg = LocalPostgres::start(&root.join("data"), true).expect("start Postgres");
+    pg.create_database("outage").expect("create the database");
+    let db = pg.url("outage");
+    let broker = TestBroker {
+        broker: Broker::start(&[("DATABASE_URL", db.as_str())]),
+        db: db.clone(),
+    };
+    broker.wait_for_log("db healthy", Duration::from_secs(30));
+    let members = seed_mesh(&db, "down", 1);
+    let mut peer = Peer::connect(&broker, &members[0]);
+    wait_rows(&db, "down", |r| count(r, "connect") == 1);
+
+    pg.stop().expect("stop Postgres");
+    let health = || http(broker.addr(), "GET", "/health", &[], b"").status;
+    assert!(poll(WAIT, || health() == 503), "/health stayed up");
+    // A joined session keeps working; its events wait in the buffer.
+    for status in ["working", "idle", "dnd"] {
+        peer.send_json(&json!({"type": "set_status", "status": status}));
+    }
+    peer.send_text("{not json");
+    peer.expect_error("bad_json");
+
+    pg.restart().expect("restart Postgres");
+    let rows = wait_rows(&db, "down", |r| {
+        count(r, "status_change") == 3 && count(r, "rejected") == 1
+    });
+    let statuses: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r.event_type == "status_change")
+        .map(|r| &r.metadata["status"])
+        .collect();
+    assert_eq!(statuses, ["working", "idle", "dnd"]);
+    assert_eq!(broker.metric("broker_audit_dropped_total"), 0.0);
+    drop(peer);
+    drop(broker);
+    drop(pg);
+    let _ = std::fs::remove_dir_all(&root);
 }
 
 #[test]

@@ -18,9 +18,10 @@
 //!   arrive while it is written gather for the next one.
 //! - **Postgres down.** Events wait in a buffer of at most `max_buffered`
 //!   (`AUDIT_BUFFER_EVENTS`); over it the oldest are dropped and counted.
-//!   The writer reconnects with the presence writer's backoff; until the
-//!   presence writer has migrated a fresh database, preparing the INSERT
-//!   fails and counts as a failed connect.
+//!   The writer reconnects with the presence writer's backoff, reset only
+//!   by a successful write (a server that takes connections but fails every
+//!   write is not retried in a loop). Until the presence writer has migrated
+//!   a fresh database, preparing the INSERT fails like a failed connect.
 //! - **Refused data.** The INSERT skips rows whose mesh is gone (a deleted
 //!   mesh must not wedge the lane on the foreign key). A batch the server
 //!   still refuses for its data is split in halves until each refused row
@@ -451,10 +452,7 @@ impl AuditWriter {
                 let config = self.config.clone();
                 match self.drive(open(&config)).await {
                     None => break,
-                    Some(Ok(live)) => {
-                        backoff.reset();
-                        conn = Some(live);
-                    }
+                    Some(Ok(live)) => conn = Some(live),
                     Some(Err(e)) => {
                         // The presence writer logs Postgres being away.
                         tracing::debug!(target: "db", error = %e, "audit connect failed");
@@ -467,10 +465,13 @@ impl AuditWriter {
             };
             let batch = self.buffer.take_batch(self.max_rows);
             match self.write(live, batch).await {
-                Flow::Continue => {}
+                Flow::Continue => backoff.reset(),
                 Flow::Down => {
                     if let Some(live) = conn.take() {
                         live.task.abort();
+                    }
+                    if self.drive(sleep(backoff.next_delay())).await.is_none() {
+                        break;
                     }
                 }
                 Flow::Stop => break,
