@@ -66,6 +66,66 @@ impl Stage {
     }
 }
 
+/// Every `event_type`, in the order of their bits in an [`AuditSelection`].
+pub const EVENT_TYPES: [&str; 9] = [
+    "connect",
+    "disconnect",
+    "send",
+    "deliver",
+    "held",
+    "expired",
+    "rejected",
+    "hook_status",
+    "status_change",
+];
+
+/// Which event types are recorded (`AUDIT_EVENTS`): an operator whose
+/// meshes send more than Postgres can audit may leave out the per-message
+/// ones (`send`, `held`, `deliver`), which cost a row each.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AuditSelection(u16);
+
+impl AuditSelection {
+    pub const ALL: AuditSelection = AuditSelection((1 << EVENT_TYPES.len()) - 1);
+
+    /// `all`, `none`, or a comma-separated list of event types.
+    pub fn parse(text: &str) -> Option<AuditSelection> {
+        match text.trim() {
+            "all" => return Some(Self::ALL),
+            "none" => return Some(AuditSelection(0)),
+            _ => {}
+        }
+        let mut bits = 0;
+        for name in text.split(',').map(str::trim) {
+            let index = EVENT_TYPES.iter().position(|t| *t == name)?;
+            bits |= 1 << index;
+        }
+        Some(AuditSelection(bits))
+    }
+
+    pub fn records(self, event_type: &str) -> bool {
+        EVENT_TYPES
+            .iter()
+            .position(|t| *t == event_type)
+            .is_some_and(|index| self.0 & (1 << index) != 0)
+    }
+
+    /// As `parse` reads it, for the `broker listening` line.
+    pub fn describe(self) -> String {
+        match self {
+            Self::ALL => "all".to_owned(),
+            AuditSelection(0) => "none".to_owned(),
+            AuditSelection(bits) => EVENT_TYPES
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| bits & (1 << i) != 0)
+                .map(|(_, t)| *t)
+                .collect::<Vec<_>>()
+                .join(","),
+        }
+    }
+}
+
 /// What happened, with the metadata each event type records.
 pub(crate) enum AuditKind {
     /// A hello was acknowledged.
@@ -494,6 +554,19 @@ fn write_json_str(out: &mut String, s: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn audit_events_select_by_type() {
+        assert_eq!(AuditSelection::parse("all"), Some(AuditSelection::ALL));
+        let none = AuditSelection::parse("none").unwrap();
+        assert!(EVENT_TYPES.iter().all(|t| !none.records(t)));
+        let some = AuditSelection::parse("connect, disconnect,rejected").unwrap();
+        assert!(some.records("connect") && some.records("rejected"));
+        assert!(!some.records("send") && !some.records("held"));
+        assert_eq!(some.describe(), "connect,disconnect,rejected");
+        assert_eq!(AuditSelection::parse("connect,sends"), None);
+        assert_eq!(AuditSelection::ALL.describe(), "all");
+    }
     use crate::mesh::directory::{Directory, MemberRow};
     use serde_json::{json, Value};
     use std::time::Instant;

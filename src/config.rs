@@ -6,6 +6,7 @@
 //! time. An empty value counts as unset (shells and compose files often
 //! export `VAR=` to mean "default").
 
+use crate::audit::{AuditSelection, EVENT_TYPES};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::PathBuf;
@@ -107,6 +108,8 @@ pub struct Config {
     /// `AUDIT_BUFFER_EVENTS` (ours): audit events kept in memory while
     /// Postgres is down; over it the oldest are dropped (counted).
     pub audit_buffer_events: usize,
+    /// `AUDIT_EVENTS` (ours): the event types written to `mesh.audit_log`.
+    pub audit_events: AuditSelection,
     /// `BROKER_PING_INTERVAL_MS`, `BROKER_PING_TIMEOUT_MS` and
     /// `BROKER_SWEEP_INTERVAL_MS` (for tests): the protocol's 30 s ping,
     /// 75 s liveness timeout and 15 s status sweep, shortened.
@@ -375,6 +378,17 @@ impl Config {
         let audit_batch_max_wait =
             Duration::from_micros(r.int("AUDIT_BATCH_MAX_WAIT_US", 2000, 0, 1_000_000));
         let audit_buffer_events = r.int("AUDIT_BUFFER_EVENTS", 100_000, 1, 10_000_000) as usize;
+        let audit_events = match r.get("AUDIT_EVENTS") {
+            None => AuditSelection::ALL,
+            Some(text) => AuditSelection::parse(&text).unwrap_or_else(|| {
+                let expected = format!(
+                    "all, none, or a comma-separated list of: {}",
+                    EVENT_TYPES.join(", ")
+                );
+                r.fail("AUDIT_EVENTS", &text, expected);
+                AuditSelection::ALL
+            }),
+        };
         let ping_interval = r.millis("BROKER_PING_INTERVAL_MS", 30_000);
         let ping_timeout = r.millis("BROKER_PING_TIMEOUT_MS", 75_000);
         let sweep_interval = r.millis("BROKER_SWEEP_INTERVAL_MS", 15_000);
@@ -409,6 +423,7 @@ impl Config {
             audit_batch_max_rows,
             audit_batch_max_wait,
             audit_buffer_events,
+            audit_events,
             ping_interval,
             ping_timeout,
             sweep_interval,
@@ -482,6 +497,7 @@ impl Config {
                 self.audit_batch_max_wait.as_micros().to_string(),
             ),
             ("AUDIT_BUFFER_EVENTS", self.audit_buffer_events.to_string()),
+            ("AUDIT_EVENTS", self.audit_events.describe()),
             (
                 "BROKER_PING_INTERVAL_MS",
                 self.ping_interval.as_millis().to_string(),

@@ -79,8 +79,11 @@ impl Shard {
     /// Envelopes that became held after their ack: stored too, their bytes
     /// forced into the budget (they cannot be refused any more).
     pub fn store_late(&self, late: Vec<HeldLate>) {
+        let audited = self.audits("held");
         for (envelope, member) in late {
-            self.audit(AuditEvent::held(&envelope, &member));
+            if audited {
+                self.audit(AuditEvent::held(&envelope, &member));
+            }
             self.ctx.held.budget.force(envelope.frame.len());
             self.to_lane(HeldCommand::Hold {
                 envelope,
@@ -105,7 +108,9 @@ impl Shard {
 
     /// A held envelope was written to a session of `member`.
     pub fn mark_delivered(&self, envelope: Arc<Envelope>, member: &Arc<MemberEntry>) {
-        self.audit(AuditEvent::deliver(&envelope, member));
+        if self.audits("deliver") {
+            self.audit(AuditEvent::deliver(&envelope, member));
+        }
         self.to_lane(HeldCommand::Delivered {
             envelope,
             member: member.clone(),

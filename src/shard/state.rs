@@ -72,10 +72,19 @@ impl Shard {
     /// Queue an audit event for the db thread's audit lane (see
     /// `db_flush_loop`): a push here, one hand-over per flush.
     pub(crate) fn audit(&self, event: AuditEvent) {
+        if !self.audits(event.kind.event_type()) {
+            return;
+        }
         self.audit_outbox.borrow_mut().push(event);
         if let Some(waker) = self.db_flusher.take() {
             waker.wake();
         }
+    }
+
+    /// Whether `AUDIT_EVENTS` records this event type: the hot path asks
+    /// before it builds an event.
+    pub(crate) fn audits(&self, event_type: &str) -> bool {
+        self.ctx.config.audit_events.records(event_type)
     }
 
     pub(super) fn has_db_work(&self) -> bool {

@@ -91,9 +91,13 @@ impl Session {
             Some(_) => 1,
             None => view.members().len().saturating_sub(1) as u32,
         };
-        self.shard.audit(AuditEvent::send(&envelope, recipients));
-        for (member, _) in &plan.held {
-            self.shard.audit(AuditEvent::held(&envelope, member));
+        if self.shard.audits("send") {
+            self.shard.audit(AuditEvent::send(&envelope, recipients));
+        }
+        if self.shard.audits("held") {
+            for (member, _) in &plan.held {
+                self.shard.audit(AuditEvent::held(&envelope, member));
+            }
         }
         self.shard.request_drains(&joined.mesh, &plan.held);
         let mut shards = plan.shards();
