@@ -43,7 +43,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 
 use super::backlog::Backlog;
-use super::worker::{connect, is_transient, until, Backoff, ConnTask};
+use super::intake::{until, Intake};
+use super::worker::{connect, is_transient, Backoff, ConnTask};
 use super::{BatchObserver, BatchStats, DbError, WRITE_TIMEOUT};
 use crate::audit::AuditEvent;
 use crate::ids::IdGen;
@@ -135,8 +136,7 @@ impl AuditLane {
         };
         let writer = AuditWriter {
             config,
-            rx,
-            stop: Arc::new(Notify::new()),
+            intake: Intake::new(rx, Arc::new(Notify::new()), shutdown_flush),
             received: Vec::with_capacity(RECEIVE_MAX),
             buffer: Backlog::new(options.max_buffered),
             ids: IdGen::new(AUDIT_ID_SHARD),
@@ -144,8 +144,6 @@ impl AuditLane {
             max_wait: options.max_wait,
             dropped: options.dropped,
             on_batch: options.on_batch,
-            shutdown_flush,
-            deadline: None,
         };
         (lane, writer)
     }
@@ -260,8 +258,7 @@ fn render_metadata(rows: &[Accepted]) -> (String, Vec<usize>) {
 /// The task writing `mesh.audit_log`; see the module doc.
 pub(crate) struct AuditWriter {
     config: Config,
-    rx: mpsc::Receiver<Vec<AuditEvent>>,
-    stop: Arc<Notify>,
+    intake: Intake<mpsc::Receiver<Vec<AuditEvent>>>,
     received: Vec<Vec<AuditEvent>>,
     buffer: Backlog<Accepted>,
     ids: IdGen,
@@ -269,23 +266,20 @@ pub(crate) struct AuditWriter {
     max_wait: Duration,
     dropped: Arc<AtomicU64>,
     on_batch: Option<BatchObserver>,
-    shutdown_flush: Duration,
-    /// Set when the channel has closed: the flush must end by then.
-    deadline: Option<Instant>,
 }
 
 impl AuditWriter {
     /// Notified by `DbThread::join`: take what is queued, write it, stop.
     pub(crate) fn stopper(&self) -> Arc<Notify> {
-        self.stop.clone()
+        self.intake.stopper()
     }
 
     fn closed(&self) -> bool {
-        self.deadline.is_some()
+        self.intake.closed()
     }
 
     fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.intake.expired()
     }
 
     fn count_dropped(&self, n: usize) {
@@ -297,20 +291,7 @@ impl AuditWriter {
     /// Waits for events and accepts them into the buffer. On a stop or the
     /// channel's end, starts the shutdown clock; never resolves after it.
     async fn receive(&mut self) {
-        if self.closed() {
-            return std::future::pending().await;
-        }
-        // Both cancel safe. A stop closes the channel: what is queued is
-        // still received, then recv_many says 0.
-        let received = tokio::select! {
-            n = self.rx.recv_many(&mut self.received, RECEIVE_MAX) => n,
-            _ = self.stop.notified() => {
-                self.rx.close();
-                return;
-            }
-        };
-        if received == 0 {
-            self.deadline = Some(Instant::now() + self.shutdown_flush);
+        if self.intake.receive(&mut self.received, RECEIVE_MAX).await == 0 {
             return;
         }
         let now = Instant::now();
@@ -329,7 +310,7 @@ impl AuditWriter {
     async fn drive<F: Future>(&mut self, fut: F) -> Option<F::Output> {
         tokio::pin!(fut);
         loop {
-            let deadline = self.deadline;
+            let deadline = self.intake.deadline();
             tokio::select! {
                 biased;
                 out = &mut fut => return Some(out),
@@ -479,9 +460,9 @@ impl AuditWriter {
         }
         // What the deadline cut off: the buffer, and hand-overs not yet
         // received.
-        self.rx.close();
+        self.intake.rx.close();
         let mut lost = self.buffer.len();
-        while let Ok(events) = self.rx.try_recv() {
+        while let Ok(events) = self.intake.rx.try_recv() {
             lost += events.len();
         }
         if lost > 0 {

@@ -39,6 +39,7 @@ use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_postgres::Config;
 
 use super::held_batch::{write_held_batch, HeldStatements, Inserts};
+use super::intake::{until, Intake};
 use super::worker::{connect, is_transient, Backoff, ConnTask};
 use super::{run_migrations, BatchObserver, BatchStats, WRITE_TIMEOUT};
 use crate::mesh::directory::MemberEntry;
@@ -181,13 +182,11 @@ struct Item {
 }
 
 pub(crate) struct HeldWriter {
-    pub(crate) config: Config,
-    pub(crate) rx: mpsc::UnboundedReceiver<HeldBatch>,
-    pub(crate) lane: HeldLane,
-    pub(crate) batching: HeldBatching,
-    pub(crate) on_batch: Option<BatchObserver>,
-    pub(crate) stop: Arc<tokio::sync::Notify>,
-    pub(crate) shutdown_flush: Duration,
+    config: Config,
+    intake: Intake<mpsc::UnboundedReceiver<HeldBatch>>,
+    lane: HeldLane,
+    batching: HeldBatching,
+    on_batch: Option<BatchObserver>,
     backlog: VecDeque<Item>,
     /// Marks and expiries whose holds are not committed yet.
     waiting: Vec<Item>,
@@ -197,7 +196,6 @@ pub(crate) struct HeldWriter {
     /// holds received meanwhile are resolved at once (acked not durable).
     /// A first connect still under way does not count as down.
     reachable: bool,
-    deadline: Option<Instant>,
 }
 
 enum Flow {
@@ -219,44 +217,29 @@ impl HeldWriter {
         let shards = lane.commits.len();
         HeldWriter {
             config,
-            rx,
+            intake: Intake::new(rx, stop, shutdown_flush),
             lane,
             batching,
             on_batch,
-            stop,
-            shutdown_flush,
             backlog: VecDeque::new(),
             waiting: Vec::new(),
             received: vec![0; shards],
             reachable: true,
-            deadline: None,
         }
     }
 
     fn closed(&self) -> bool {
-        self.deadline.is_some()
+        self.intake.closed()
     }
 
     fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.intake.expired()
     }
 
-    /// Waits for batches and moves them into the backlog. On close, starts
-    /// the shutdown clock; never resolves after that.
+    /// Waits for batches and moves them into the backlog (see `intake`).
     async fn receive(&mut self) {
-        if self.closed() {
-            return std::future::pending().await;
-        }
         let mut batches = Vec::with_capacity(64);
-        let received = tokio::select! {
-            n = self.rx.recv_many(&mut batches, 64) => n,
-            _ = self.stop.notified() => {
-                self.rx.close();
-                return;
-            }
-        };
-        if received == 0 {
-            self.deadline = Some(Instant::now() + self.shutdown_flush);
+        if self.intake.receive(&mut batches, 64).await == 0 {
             return;
         }
         let now = Instant::now();
@@ -291,7 +274,7 @@ impl HeldWriter {
     async fn drive<F: std::future::Future>(&mut self, fut: F) -> Option<F::Output> {
         tokio::pin!(fut);
         loop {
-            let deadline = self.deadline;
+            let deadline = self.intake.deadline();
             tokio::select! {
                 biased;
                 out = &mut fut => return Some(out),
@@ -674,13 +657,6 @@ async fn open(config: &Config) -> Result<Live, super::DbError> {
         task,
         statements: Arc::new(statements),
     })
-}
-
-async fn until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => std::future::pending().await,
-    }
 }
 
 #[cfg(test)]

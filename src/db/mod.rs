@@ -64,6 +64,7 @@ mod batch;
 mod health;
 pub mod held;
 mod held_batch;
+mod intake;
 mod members;
 pub mod migrate;
 pub mod restore;

@@ -12,6 +12,7 @@ use tokio_postgres::{Client, Config, NoTls};
 
 use super::backlog::Backlog;
 use super::batch::{write_batch, Statements};
+use super::intake::{until, Intake};
 use super::{
     run_migrations, BatchObserver, BatchStats, DbCommand, DbError, DbOptions, DbStatus,
     BACKOFF_MAX, BACKOFF_MIN, BATCH_MAX, CONNECT_TIMEOUT, PING_INTERVAL, PING_TIMEOUT,
@@ -96,41 +97,24 @@ async fn open(config: &Config, started: SystemTime) -> Result<(Live, usize), DbE
 /// The receiving side: the channel, the backlog it fills, and the shutdown
 /// deadline once the channel has closed.
 struct Inbox {
-    rx: mpsc::Receiver<DbCommand>,
-    stop: Arc<tokio::sync::Notify>,
+    intake: Intake<mpsc::Receiver<DbCommand>>,
     backlog: Backlog<DbCommand>,
     buf: Vec<DbCommand>,
-    deadline: Option<Instant>,
-    shutdown_flush: Duration,
     status: Arc<DbStatus>,
 }
 
 impl Inbox {
     fn closed(&self) -> bool {
-        self.deadline.is_some()
+        self.intake.closed()
     }
 
     fn expired(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
+        self.intake.expired()
     }
 
-    /// Waits for commands and moves them into the backlog. On channel
-    /// close, starts the shutdown clock; never resolves after that.
+    /// Waits for commands and moves them into the backlog (see `intake`).
     async fn receive(&mut self) {
-        if self.closed() {
-            return std::future::pending().await;
-        }
-        // recv_many and notified are cancel safe. A stop closes the channel:
-        // what is already queued is still received, then recv_many says 0.
-        let received = tokio::select! {
-            n = self.rx.recv_many(&mut self.buf, BATCH_MAX) => n,
-            _ = self.stop.notified() => {
-                self.rx.close();
-                return;
-            }
-        };
-        if received == 0 {
-            self.deadline = Some(Instant::now() + self.shutdown_flush);
+        if self.intake.receive(&mut self.buf, BATCH_MAX).await == 0 {
             return;
         }
         let dropped = self.backlog.extend(self.buf.drain(..));
@@ -149,7 +133,7 @@ impl Inbox {
     async fn drive<F: Future>(&mut self, fut: F) -> Option<F::Output> {
         tokio::pin!(fut);
         loop {
-            let deadline = self.deadline;
+            let deadline = self.intake.deadline();
             tokio::select! {
                 biased;
                 out = &mut fut => return Some(out),
@@ -157,14 +141,6 @@ impl Inbox {
                 _ = self.receive() => {}
             }
         }
-    }
-}
-
-/// Sleeps until `deadline`, or forever without one.
-pub(crate) async fn until(deadline: Option<Instant>) {
-    match deadline {
-        Some(d) => sleep_until(d).await,
-        None => std::future::pending().await,
     }
 }
 
@@ -218,12 +194,9 @@ impl Worker {
         options: DbOptions,
     ) -> Self {
         let inbox = Inbox {
-            rx,
-            stop,
+            intake: Intake::new(rx, stop, options.shutdown_flush),
             backlog: Backlog::new(options.max_buffered),
             buf: Vec::with_capacity(BATCH_MAX),
-            deadline: None,
-            shutdown_flush: options.shutdown_flush,
             status: status.clone(),
         };
         Self {
