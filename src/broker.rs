@@ -32,6 +32,9 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     let metrics = Metrics::new(shard_count);
     let db_status = Arc::new(DbStatus::new());
     let directory = Arc::new(Directory::new(metrics.global().queue_depth_counter()));
+    // Opened by the start-up load (`db::restore`) once it knows which meshes
+    // have an earlier run's envelopes.
+    directory.close_gate();
     let (senders, inboxes): (Vec<_>, Vec<_>) = (0..shard_count)
         .map(|_| inbox::inbox(INBOX_BATCHES))
         .unzip();

@@ -93,6 +93,10 @@ pub struct Commits {
     /// Highest ack sequence answered: committed, or given up on for now
     /// (Postgres away) and to be acked `durable:false`.
     resolved: AtomicU64,
+    /// Sequences whose hold the server refused for its data (its mesh or
+    /// sender deleted meanwhile): answered with an error, not an ack.
+    refused: std::sync::Mutex<Vec<u64>>,
+    any_refused: std::sync::atomic::AtomicBool,
     waker: AtomicWaker,
 }
 
@@ -111,6 +115,28 @@ impl Commits {
             Some(marks) => Poll::Ready(marks),
             None => Poll::Pending,
         }
+    }
+
+    /// Whether the hold of `seq` was refused (taken off the list); one
+    /// atomic load when none was.
+    pub fn take_refused(&self, seq: u64) -> bool {
+        if !self.any_refused.load(Ordering::Acquire) {
+            return false;
+        }
+        let mut refused = self.refused.lock().expect("refused lock");
+        let found = refused.iter().position(|&s| s == seq);
+        if let Some(at) = found {
+            refused.swap_remove(at);
+        }
+        self.any_refused
+            .store(!refused.is_empty(), Ordering::Release);
+        found.is_some()
+    }
+
+    /// Before the watermark passes `seq`, so its ack never goes out.
+    fn refuse(&self, seq: u64) {
+        self.refused.lock().expect("refused lock").push(seq);
+        self.any_refused.store(true, Ordering::Release);
     }
 
     fn publish(&self, durable: u64, resolved: u64) {
@@ -361,6 +387,11 @@ impl HeldWriter {
                 Some(Ok(Ok(()))) => self.committed(vec![item]),
                 Some(Ok(Err(e))) if !is_transient(&e, &live.client) => {
                     tracing::warn!(target: "db", error = %e, commands = 1, "held write rejected");
+                    if let HeldCommand::Hold { ack, .. } = &item.command {
+                        if *ack != 0 {
+                            self.lane.commits[item.shard].refuse(*ack);
+                        }
+                    }
                     self.committed(vec![item]);
                 }
                 outcome => {
@@ -677,5 +708,15 @@ mod tests {
         commits.publish(5, 5);
         commits.publish(0, 4);
         assert_eq!(commits.poll_past(3, &mut cx), Poll::Ready((5, 5)));
+    }
+
+    #[test]
+    fn a_refused_hold_is_reported_once_to_its_shard() {
+        let commits = Commits::default();
+        assert!(!commits.take_refused(7));
+        commits.refuse(7);
+        assert!(!commits.take_refused(6));
+        assert!(commits.take_refused(7));
+        assert!(!commits.take_refused(7));
     }
 }

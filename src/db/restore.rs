@@ -10,7 +10,10 @@
 //!    sender, so that from then on each member gets it once.
 //! 3. The meshes with rows are loaded into the directory and marked
 //!    *restoring*: sends to them are held behind the backlog, and nothing is
-//!    drained, until the mesh's rows are all in place.
+//!    drained, until the mesh's rows are all in place. Until this step is
+//!    done every mesh counts as restoring (the directory's start-up gate,
+//!    opened at once if Postgres cannot be reached), so no send made in the
+//!    first moments overtakes a backlog not yet known.
 //! 4. The rows stream in creation order per mesh through a cursor, a page
 //!    at a time; when a mesh is done it is released (`on_restored` asks the
 //!    shards of its members to drain). A connection lost mid-way resumes
@@ -109,6 +112,7 @@ impl Restorer {
                 if !prepared {
                     restored.expired = self.prepare(&client, &mut pending).await?;
                     prepared = true;
+                    self.open_gate();
                 }
                 self.load(&mut client, &mut cursor, &mut pending, &mut restored)
                     .await?;
@@ -119,6 +123,9 @@ impl Restorer {
             match attempt.await {
                 Ok(()) => break,
                 Err(e) => {
+                    // Postgres is away (or refuses the load): live routing
+                    // must not wait for it.
+                    self.open_gate();
                     let delay = backoff.next_delay();
                     tracing::warn!(target: "db", error = %e, "held restore failed");
                     sleep(delay).await;
@@ -217,6 +224,16 @@ impl Restorer {
         }
         transaction.commit().await?;
         Ok(())
+    }
+
+    /// The meshes with a backlog are marked: every other mesh may route
+    /// and drain again (see `Directory::close_gate`).
+    fn open_gate(&self) {
+        for mesh in self.directory.open_gate() {
+            if !mesh.is_restoring() {
+                (self.on_restored)(&mesh);
+            }
+        }
     }
 
     fn release(&self, mesh: &Arc<MeshEntry>) {

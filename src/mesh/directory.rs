@@ -159,6 +159,8 @@ pub struct MeshEntry {
     loaded_at: Mutex<Instant>,
     /// The broker-wide held-envelope gauge, for new members' queues.
     depth: Arc<AtomicI64>,
+    /// The directory's start-up gate (see `Directory::close_gate`).
+    gate: Arc<AtomicBool>,
 }
 
 impl MeshEntry {
@@ -183,8 +185,10 @@ impl MeshEntry {
         self.live_sessions.fetch_sub(1, Ordering::AcqRel);
     }
 
+    /// While its earlier held envelopes load, or until the start-up load
+    /// knows which meshes have some.
     pub fn is_restoring(&self) -> bool {
-        self.restoring.load(Ordering::SeqCst)
+        self.restoring.load(Ordering::SeqCst) || self.gate.load(Ordering::SeqCst)
     }
 
     pub fn set_restoring(&self, restoring: bool) {
@@ -238,6 +242,11 @@ pub struct Directory {
     meshes: Mutex<HashMap<Box<str>, Arc<MeshEntry>>>,
     /// Envelopes held in every member's queue (`broker_queue_depth`).
     depth: Arc<AtomicI64>,
+    /// Closed at start until the start-up load has marked the meshes with
+    /// an earlier run's envelopes (or found Postgres unreachable): until
+    /// then every mesh counts as restoring, so no send overtakes a backlog
+    /// not yet known.
+    gate: Arc<AtomicBool>,
 }
 
 impl Directory {
@@ -246,7 +255,24 @@ impl Directory {
         Directory {
             meshes: Mutex::default(),
             depth,
+            gate: Arc::default(),
         }
+    }
+
+    pub fn close_gate(&self) {
+        self.gate.store(true, Ordering::SeqCst);
+    }
+
+    /// Opens the start-up gate; returns the meshes loaded meanwhile, whose
+    /// members may now drain what was held behind it.
+    pub fn open_gate(&self) -> Vec<Arc<MeshEntry>> {
+        self.gate.store(false, Ordering::SeqCst);
+        self.meshes
+            .lock()
+            .expect("directory lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn get(&self, mesh_id: &str) -> Option<Arc<MeshEntry>> {
@@ -272,6 +298,7 @@ impl Directory {
             restoring: AtomicBool::new(false),
             loaded_at: Mutex::new(Instant::now()),
             depth: self.depth.clone(),
+            gate: self.gate.clone(),
         });
         fresh.apply(rows);
         let entry = self

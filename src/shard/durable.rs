@@ -11,7 +11,7 @@ use crate::db::held::{HeldBatch, HeldCommand};
 use crate::mesh::deliver::give_back;
 use crate::mesh::directory::MemberEntry;
 use crate::mesh::{Envelope, HeldLate, Orphan};
-use crate::protocol;
+use crate::protocol::{self, ErrorCode};
 use crate::ws::{self, OpCode};
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -150,9 +150,27 @@ impl Shard {
 
     /// Sends the acks the db writer has answered.
     fn release_acks(&self, durable: u64, resolved: u64) {
+        let commits = &self.ctx.held.commits[self.index];
         let mut acks = self.durable.acks.borrow_mut();
         while acks.front().is_some_and(|a| a.seq <= resolved) {
             let waiting = acks.pop_front().expect("front checked");
+            if commits.take_refused(waiting.seq) {
+                // Postgres refused the row for good: the send is refused,
+                // rather than acked as something it is not.
+                let mut error = Vec::with_capacity(128);
+                protocol::write_error(
+                    &mut error,
+                    ErrorCode::Unavailable,
+                    "the envelope could not be stored",
+                    Some(&waiting.id),
+                );
+                self.metrics
+                    .message_rejected(ErrorCode::Unavailable.as_str());
+                waiting
+                    .link
+                    .reply(ws::encode_server_frame(OpCode::Text, &error), None);
+                continue;
+            }
             let mut ack = Vec::with_capacity(112);
             let durable = (waiting.seq > durable).then_some(false);
             protocol::write_ack(&mut ack, &waiting.id, &waiting.envelope.message_id, durable);
