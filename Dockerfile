@@ -17,7 +17,9 @@ ENV GIT_SHA=${GIT_SHA} \
     BROKER_PORT=7900
 USER meshbroker
 EXPOSE 7900
-# No curl in this image: the binary checks its own /health.
+# Liveness, not readiness: /health/live stays 200 while Postgres is away, so
+# a database outage never gets the broker restarted (probe readiness with
+# `meshbroker healthcheck --ready`, i.e. /health). No curl in this image.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=10s --retries=3 \
     CMD ["/usr/local/bin/meshbroker", "healthcheck"]
 ENTRYPOINT ["/usr/local/bin/meshbroker"]

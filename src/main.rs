@@ -11,7 +11,10 @@ commands:
   (none)          run the broker (configured by environment variables; see README.md)
   --check-config  validate the configuration, print the effective values, exit
   migrate         run the database migrations and exit
-  healthcheck     GET /health on the local broker; exit 0 when it answers 200
+  healthcheck     GET /health/live on the local broker (liveness: up whatever
+                  Postgres does); exit 0 when it answers 200
+  healthcheck --ready
+                  GET /health instead (readiness: 503 while Postgres is away)
   --version       print the version
   --help          print this help";
 
@@ -49,7 +52,10 @@ fn main() -> ExitCode {
             }
             Ok(())
         }
-        Some("healthcheck") => healthcheck(&config),
+        Some("healthcheck") => {
+            let ready = std::env::args().nth(2).as_deref() == Some("--ready");
+            healthcheck(&config, if ready { "/health" } else { "/health/live" })
+        }
         Some("migrate") => {
             logging::init();
             with_database(&config, |url| {
@@ -94,8 +100,8 @@ fn with_database(
     result
 }
 
-/// For the Docker HEALTHCHECK: no curl in the runtime image.
-fn healthcheck(config: &Config) -> anyhow::Result<()> {
+/// For the Docker HEALTHCHECK and other probes: no curl in the runtime image.
+fn healthcheck(config: &Config, path: &str) -> anyhow::Result<()> {
     use std::io::{Read, Write};
     let host = if config.host.is_unspecified() {
         std::net::IpAddr::from([127, 0, 0, 1])
@@ -106,7 +112,8 @@ fn healthcheck(config: &Config) -> anyhow::Result<()> {
     let timeout = std::time::Duration::from_secs(3);
     let mut stream = std::net::TcpStream::connect_timeout(&addr, timeout)?;
     stream.set_read_timeout(Some(timeout))?;
-    stream.write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes())?;
     let mut reply = String::new();
     stream.read_to_string(&mut reply)?;
     let status = reply.lines().next().unwrap_or_default();

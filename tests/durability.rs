@@ -174,6 +174,27 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
         })
     };
     assert!(health(503), "/health stays 200 with Postgres down");
+    // Liveness is not readiness: a database outage must not get the broker
+    // restarted by its probes.
+    let live = http(broker.addr(), "GET", "/health/live", &[], b"");
+    assert_eq!(live.status, 200, "{}", live.text());
+    assert_eq!(live.json()["status"], "ok");
+    let port = broker.port().to_string();
+    let probe = |args: &[&str]| {
+        common::run_broker_args_expect_exit(
+            args,
+            &[("BROKER_PORT", port.as_str()), ("BROKER_HOST", "127.0.0.1")],
+        )
+        .0
+    };
+    assert!(
+        probe(&["healthcheck"]).success(),
+        "the liveness probe passes"
+    );
+    assert!(
+        !probe(&["healthcheck", "--ready"]).success(),
+        "the readiness probe fails while Postgres is down"
+    );
     // Live routing goes on.
     let live = sender.send(&online[1].pubkey, "now", "n-live", "c-live", "live");
     assert_eq!(listener.recv_push(WAIT)["messageId"], live["messageId"]);

@@ -336,7 +336,7 @@ fn pipelined_requests_and_head_without_body() {
 
     // HEAD: the head of a GET, no body, so the next response on the
     // connection starts right after it.
-    for path in ["/health", "/metrics"] {
+    for path in ["/health", "/health/live", "/metrics"] {
         let request = format!(
             "HEAD {path} HTTP/1.1\r\nHost: x\r\n\r\n\
              GET /nope HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"

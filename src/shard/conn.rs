@@ -146,9 +146,10 @@ fn route(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Outcome {
         ("/ws", _) => return websocket_upgrade(head),
         (_, _) if wants_upgrade => error_json(404, "WebSocket upgrades are served on /ws only"),
         ("/health", Method::Get | Method::Head) => health(shard),
+        ("/health/live", Method::Get | Method::Head) => live(shard),
         ("/metrics", Method::Get | Method::Head) => metrics(shard),
         ("/hook/set-status", Method::Post) => return hook_set_status(shard, body),
-        ("/health" | "/metrics", _) => method_not_allowed("GET, OPTIONS"),
+        ("/health" | "/health/live" | "/metrics", _) => method_not_allowed("GET, OPTIONS"),
         ("/hook/set-status", _) => method_not_allowed("POST, OPTIONS"),
         _ => error_json(404, "not found"),
     };
@@ -195,6 +196,16 @@ fn health(shard: &Shard) -> Response {
         "uptime": ctx.started_at.elapsed().as_secs(),
     });
     Response::json(if up { 200 } else { 503 }, body.to_string().into_bytes())
+}
+
+/// Liveness (PROTOCOL.md §2): answered by a shard's loop, so 200 means the
+/// process serves requests; Postgres being away must not get it restarted.
+fn live(shard: &Shard) -> Response {
+    let body = serde_json::json!({
+        "status": "ok",
+        "uptime": shard.ctx.started_at.elapsed().as_secs(),
+    });
+    Response::json(200, body.to_string().into_bytes())
 }
 
 fn metrics(shard: &Shard) -> Response {
