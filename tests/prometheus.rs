@@ -14,6 +14,35 @@ use std::time::Duration;
 use support::*;
 
 const RULES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/deploy/prometheus/alerts.yml");
+const DASHBOARD: &str = concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/deploy/grafana/meshbroker.json"
+);
+
+/// Every PromQL expression of every dashboard panel, with its panel.
+fn dashboard_queries() -> Vec<(String, String)> {
+    let text = std::fs::read_to_string(DASHBOARD).unwrap();
+    let dashboard: Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|panel| {
+            let title = panel["title"].as_str().unwrap_or_default().to_owned();
+            panel["targets"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+                .into_iter()
+                .map(move |t| {
+                    (
+                        title.clone(),
+                        t["expr"].as_str().unwrap_or_default().to_owned(),
+                    )
+                })
+        })
+        .collect()
+}
 
 fn tool(name: &str) -> Option<PathBuf> {
     std::env::var_os("PATH")?
@@ -181,6 +210,17 @@ fn alerts_name_exported_metrics_and_the_db_alert_follows_postgres() {
         missing.is_empty(),
         "rules name metrics the broker does not export: {missing:?}"
     );
+
+    // Every panel of the dashboard shows something (rates need a few
+    // scrapes first).
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 20, "{} panel queries", queries.len());
+    for (panel, expr) in &queries {
+        let shows = poll(Duration::from_secs(30), || {
+            !prometheus.query(expr).is_empty()
+        });
+        assert!(shows, "panel {panel:?}: no series for {expr}");
+    }
 
     pg.stop().expect("stop Postgres");
     let pending = poll(Duration::from_secs(60), || {
