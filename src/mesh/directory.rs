@@ -264,9 +264,12 @@ impl Directory {
     }
 
     /// Opens the start-up gate; returns the meshes loaded meanwhile, whose
-    /// members may now drain what was held behind it.
+    /// members may now drain what was held behind it (none when it was
+    /// open already: a retried start-up load asks for no drains again).
     pub fn open_gate(&self) -> Vec<Arc<MeshEntry>> {
-        self.gate.store(false, Ordering::SeqCst);
+        if !self.gate.swap(false, Ordering::SeqCst) {
+            return Vec::new();
+        }
         self.meshes
             .lock()
             .expect("directory lock")
