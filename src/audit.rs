@@ -579,6 +579,7 @@ mod tests {
             id: id.into(),
             peer_pubkey: key.into(),
             revoked: false,
+            ..MemberRow::default()
         });
         Directory::default().install("mesh-1", &rows)
     }

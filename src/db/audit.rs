@@ -485,6 +485,7 @@ mod tests {
             id: "alice".into(),
             peer_pubkey: "aa".into(),
             revoked: false,
+            ..MemberRow::default()
         }];
         let mesh = Directory::default().install("mesh-1", &rows);
         let alice = mesh.view().member("alice").unwrap().clone();

@@ -133,6 +133,7 @@ pub(crate) async fn query_members(
                     id: row.get(1),
                     peer_pubkey: row.get(2),
                     revoked: row.get(3),
+                    ..MemberRow::default()
                 },
             )
         })

@@ -472,6 +472,7 @@ mod tests {
                     id: m.to_string(),
                     peer_pubkey: format!("{m}-key"),
                     revoked: false,
+                    ..MemberRow::default()
                 })
                 .collect();
             let mesh = directory.install("mesh", &rows);

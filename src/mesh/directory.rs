@@ -35,12 +35,16 @@ impl ShardMask {
     }
 }
 
-/// One `mesh.member` row as the broker needs it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One `mesh.member` row as the broker needs it, with the member's
+/// `mesh.member_group` rows.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MemberRow {
     pub id: String,
     pub peer_pubkey: String,
     pub revoked: bool,
+    pub display_name: String,
+    /// `(name, role)` as stored.
+    pub groups: Vec<(String, Option<String>)>,
 }
 
 pub struct MemberEntry {
@@ -75,6 +79,7 @@ impl MemberEntry {
             id: id.to_owned(),
             peer_pubkey: pubkey.to_owned(),
             revoked: true,
+            ..MemberRow::default()
         };
         Arc::new(MemberEntry::new(&row, &Arc::default()))
     }
@@ -377,6 +382,7 @@ mod tests {
             id: id.into(),
             peer_pubkey: key.into(),
             revoked,
+            ..MemberRow::default()
         }
     }
 

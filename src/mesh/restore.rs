@@ -96,6 +96,7 @@ mod tests {
             id: id.into(),
             peer_pubkey: format!("{id}-key"),
             revoked: false,
+            ..MemberRow::default()
         }
     }
 

@@ -6,10 +6,12 @@
 //! a byte buffer: they are few, fixed in shape, and the push frame is on the
 //! hottest path of the broker. A message too large to parse is only
 //! scanned (`peek_id`) for the `id` to echo in its `error too_large`.
+mod group;
 mod inbound;
 mod outbound;
 mod peek;
 
+pub use group::GroupName;
 pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
 pub use outbound::{
     write_ack, write_error, write_hello_ack, write_push, write_str as write_json_str, PushFields,
