@@ -67,7 +67,7 @@ impl Stage {
 }
 
 /// Every `event_type`, in the order of their bits in an [`AuditSelection`].
-pub const EVENT_TYPES: [&str; 9] = [
+pub const EVENT_TYPES: [&str; 12] = [
     "connect",
     "disconnect",
     "send",
@@ -77,6 +77,9 @@ pub const EVENT_TYPES: [&str; 9] = [
     "rejected",
     "hook_status",
     "status_change",
+    "resume",
+    "group_join",
+    "group_leave",
 ];
 
 /// Which event types are recorded (`AUDIT_EVENTS`): an operator whose
@@ -134,15 +137,30 @@ pub(crate) enum AuditKind {
         session_id: Box<str>,
         pid: i32,
     },
-    /// A joined session ended.
+    /// A hello took over a session in its grace, or a live one it replaced
+    /// (PROTOCOL.md §9).
+    Resume {
+        presence_id: Box<str>,
+        session_id: Box<str>,
+        replaced: bool,
+    },
+    /// The member joined a group, or changed its role there.
+    GroupJoin {
+        name: Box<str>,
+        role: Option<Box<str>>,
+    },
+    /// The member left a group.
+    GroupLeave { name: Box<str> },
+    /// A joined session's connection ended.
     Disconnect {
         presence_id: Box<str>,
         reason: CloseReason,
     },
     /// A send was accepted; the event's target is the member for a direct
-    /// send, none for `*`.
+    /// send, none for `*` and groups (whose target spec it keeps).
     Send {
         message_id: Box<str>,
+        many: Option<Box<str>>,
         priority: Priority,
         /// Bytes of the push frame.
         size: u32,
@@ -190,6 +208,9 @@ impl AuditKind {
     pub(crate) fn event_type(&self) -> &'static str {
         match self {
             AuditKind::Connect { .. } => "connect",
+            AuditKind::Resume { .. } => "resume",
+            AuditKind::GroupJoin { .. } => "group_join",
+            AuditKind::GroupLeave { .. } => "group_leave",
             AuditKind::Disconnect { .. } => "disconnect",
             AuditKind::Send { .. } => "send",
             AuditKind::Deliver { .. } => "deliver",
@@ -274,14 +295,49 @@ impl AuditEvent {
         Self::by_member(mesh, member, None, kind)
     }
 
+    /// A hello took over `presence_id` (in its grace, or `replaced` live).
+    pub(crate) fn resume(
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        presence_id: &str,
+        session_id: &str,
+        replaced: bool,
+    ) -> Self {
+        let kind = AuditKind::Resume {
+            presence_id: presence_id.into(),
+            session_id: client_str(session_id),
+            replaced,
+        };
+        Self::by_member(mesh, member, None, kind)
+    }
+
+    pub(crate) fn group_join(
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        name: &str,
+        role: Option<&str>,
+    ) -> Self {
+        let kind = AuditKind::GroupJoin {
+            name: name.into(),
+            role: role.map(client_str),
+        };
+        Self::by_member(mesh, member, None, kind)
+    }
+
+    pub(crate) fn group_leave(mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, name: &str) -> Self {
+        let kind = AuditKind::GroupLeave { name: name.into() };
+        Self::by_member(mesh, member, None, kind)
+    }
+
     /// A send accepted for `recipients` members (live or held).
     pub(crate) fn send(envelope: &Envelope, recipients: u32) -> Self {
-        let target = match &envelope.target {
-            EnvelopeTarget::Member(member) => Some(member),
-            EnvelopeTarget::All => None,
+        let (target, many) = match &envelope.target {
+            EnvelopeTarget::Member(member) => (Some(member), None),
+            EnvelopeTarget::Many(spec) => (None, Some(client_str(spec))),
         };
         let kind = AuditKind::Send {
             message_id: envelope.message_id.clone(),
+            many,
             priority: envelope.priority,
             size: u32::try_from(envelope.frame.len()).unwrap_or(u32::MAX),
             recipients,
@@ -402,6 +458,22 @@ impl AuditEvent {
                 o.str("presenceId", presence_id);
                 o.str("sessionId", session_id);
             }
+            AuditKind::Resume {
+                presence_id,
+                session_id,
+                replaced,
+            } => {
+                o.str("presenceId", presence_id);
+                o.bool("replaced", *replaced);
+                o.str("sessionId", session_id);
+            }
+            AuditKind::GroupJoin { name, role } => {
+                o.str("name", name);
+                if let Some(role) = role {
+                    o.str("role", role);
+                }
+            }
+            AuditKind::GroupLeave { name } => o.str("name", name),
             AuditKind::Disconnect {
                 presence_id,
                 reason,
@@ -412,6 +484,7 @@ impl AuditEvent {
             }
             AuditKind::Send {
                 message_id,
+                many,
                 priority,
                 size,
                 recipients,
@@ -420,10 +493,12 @@ impl AuditEvent {
                 o.str("priority", priority.as_str());
                 o.int("recipients", i64::from(*recipients));
                 o.int("size", i64::from(*size));
-                o.str(
-                    "targetSpec",
-                    self.target.as_deref().map_or("*", |m| &m.pubkey),
-                );
+                let spec = match (&self.target, many) {
+                    (Some(member), _) => &*member.pubkey,
+                    (None, Some(spec)) => spec,
+                    (None, None) => "*",
+                };
+                o.str("targetSpec", spec);
             }
             AuditKind::Deliver {
                 message_id,
@@ -516,6 +591,11 @@ impl<'a> Object<'a> {
     fn str(&mut self, key: &'static str, value: &str) {
         self.key(key);
         write_json_str(self.out, value);
+    }
+
+    fn bool(&mut self, key: &'static str, value: bool) {
+        self.key(key);
+        self.out.push_str(if value { "true" } else { "false" });
     }
 
     fn int(&mut self, key: &'static str, value: i64) {
@@ -683,7 +763,7 @@ mod tests {
                    "size": size, "targetSpec": TARGET_KEY})
         );
 
-        let all = envelope(&mesh, EnvelopeTarget::All);
+        let all = envelope(&mesh, EnvelopeTarget::Many("*".into()));
         let broadcast = AuditEvent::send(&all, 7);
         assert_eq!(broadcast.target_id(), None);
         assert_eq!(metadata(&broadcast)["targetSpec"], "*");

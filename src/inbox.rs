@@ -13,6 +13,7 @@ use std::task::Poll;
 
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::peers::SessionEntry;
 use crate::mesh::plan::Route;
 
 struct Shared {
@@ -133,6 +134,22 @@ pub enum ShardEvent {
     },
     /// What a session's transcript says (from the transcript reader).
     Inferred { conn: u64, status: Status },
+    /// A peer event about a session of `about`, for this shard's sessions
+    /// of the mesh that asked for events (PROTOCOL.md §9).
+    PeerEvent {
+        mesh: Arc<MeshEntry>,
+        about: Arc<MemberEntry>,
+        frame: bytes::Bytes,
+    },
+    /// A hello on another shard took over the session of this shard's
+    /// connection `conn`: close it (4000).
+    Replaced { conn: u64 },
+    /// A hello on another shard resumed a session this shard kept away:
+    /// stop listing it.
+    Resumed {
+        mesh: Arc<MeshEntry>,
+        entry: Arc<SessionEntry>,
+    },
 }
 
 /// Items are batches: one per sending shard per wakeup.

@@ -162,7 +162,7 @@ struct HeldRows<'a> {
 }
 
 fn is_broadcast(envelope: &Envelope) -> bool {
-    matches!(envelope.target, EnvelopeTarget::All)
+    matches!(envelope.target, EnvelopeTarget::Many(_))
 }
 
 impl<'a> HeldRows<'a> {
@@ -174,10 +174,7 @@ impl<'a> HeldRows<'a> {
                 self.id.push(&envelope.message_id);
                 self.mesh_id.push(&envelope.mesh.id);
                 self.sender.push(&envelope.sender.id);
-                self.target_spec.push(match &envelope.target {
-                    EnvelopeTarget::Member(member) => &member.pubkey,
-                    EnvelopeTarget::All => "*",
-                });
+                self.target_spec.push(envelope.target.spec());
                 self.priority.push(envelope.priority.as_str());
                 self.nonce.push(unescaped(envelope.nonce_json()));
                 self.ciphertext.push(unescaped(envelope.ciphertext_json()));

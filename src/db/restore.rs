@@ -59,7 +59,7 @@ const ROWS_SQL: &str = "\
 SELECT q.id, q.mesh_id, q.sender_member_id, s.peer_pubkey, q.target_spec, q.priority::text,
   q.nonce, q.ciphertext, q.created_at,
   COALESCE(q.expires_at, q.created_at + make_interval(secs => $1::float8)),
-  CASE WHEN q.target_spec = '*' THEN ARRAY(
+  CASE WHEN q.target_spec = '*' OR left(q.target_spec, 1) IN ('@', '#') THEN ARRAY(
     SELECT d.member_id FROM mesh.message_delivery d
     WHERE d.message_id = q.id AND d.delivered_at IS NULL ORDER BY d.member_id)
   END
@@ -245,7 +245,10 @@ impl Restorer {
 fn stored_envelope(row: &tokio_postgres::Row) -> StoredEnvelope {
     let target_spec: String = row.get(4);
     let target = match row.get::<_, Option<Vec<String>>>(10) {
-        Some(members) => StoredTarget::Members(members),
+        Some(ids) => StoredTarget::Members {
+            spec: target_spec,
+            ids,
+        },
         None => StoredTarget::Member(target_spec),
     };
     let priority: String = row.get(5);

@@ -29,6 +29,13 @@ pub trait Recipient {
 
     /// Bytes it can queue before its outbound bound.
     fn room(&self) -> usize;
+
+    /// Whether it asked for peer events (PROTOCOL.md §9).
+    fn wants_peer_events(&self) -> bool;
+
+    /// Queue a peer event: never held, never gated; a session over its
+    /// outbound bound is cut off like for any frame. True when queued.
+    fn notify(&self, frame: &bytes::Bytes) -> bool;
 }
 
 /// What a session did with an envelope.
@@ -176,10 +183,11 @@ impl<S: Recipient> LocalRoutes<S> {
         }
     }
 
-    /// A session ends: it leaves the tables, what it was cut off before
-    /// writing goes back to its member (see `reclaim`), and only then its
-    /// slot in the mesh is released, so an idle-mesh eviction cannot strand
-    /// those envelopes in an entry nobody looks up any more.
+    /// A connection ends: it leaves the tables and what it was cut off
+    /// before writing goes back to its member (see `reclaim`). Its session's
+    /// slot in the mesh is released by the caller only after this (when the
+    /// session ends, not while it is away), so an idle-mesh eviction cannot
+    /// strand those envelopes in an entry nobody looks up any more.
     pub fn leave(
         &mut self,
         mesh: &Arc<MeshEntry>,
@@ -188,9 +196,7 @@ impl<S: Recipient> LocalRoutes<S> {
         orphans: Vec<Orphan>,
     ) -> Left {
         self.remove(mesh, member, session);
-        let left = give_back(member, orphans);
-        mesh.release();
-        left
+        give_back(member, orphans)
     }
 
     fn remove(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, session: &Rc<S>) {
@@ -246,20 +252,30 @@ impl<S: Recipient> LocalRoutes<S> {
                 self.deliver_to(member, sessions, route, &mut done);
             }
             Targets::AllBut { held_for } => {
-                let Some(members) = self.by_mesh.get(&key(&envelope.mesh)) else {
-                    return done;
-                };
-                for (member_key, entry) in members {
-                    if Arc::ptr_eq(&entry.member, &envelope.sender)
-                        || (!held_for.is_empty() && held_for.binary_search(member_key).is_ok())
-                    {
-                        continue;
-                    }
-                    self.deliver_to(&entry.member, &entry.sessions, route, &mut done);
-                }
+                let skipped =
+                    |k: &usize| !held_for.is_empty() && held_for.binary_search(k).is_ok();
+                self.deliver_to_mesh(route, |k| !skipped(k), &mut done);
+            }
+            Targets::Listed { members } => {
+                self.deliver_to_mesh(route, |k| members.binary_search(k).is_ok(), &mut done);
             }
         }
         done
+    }
+
+    /// Delivers to every local member of the route's mesh but the sender's
+    /// that `wanted` (by entry address).
+    fn deliver_to_mesh(&self, route: &Route, wanted: impl Fn(&usize) -> bool, done: &mut Delivered) {
+        let envelope = &route.envelope;
+        let Some(members) = self.by_mesh.get(&key(&envelope.mesh)) else {
+            return;
+        };
+        for (member_key, entry) in members {
+            if Arc::ptr_eq(&entry.member, &envelope.sender) || !wanted(member_key) {
+                continue;
+            }
+            self.deliver_to(&entry.member, &entry.sessions, route, done);
+        }
     }
 
     /// Delivers to one member's local sessions that may take the envelope.
@@ -304,6 +320,26 @@ impl<S: Recipient> LocalRoutes<S> {
         if reheld {
             done.held.push((member.clone(), member.live_shards.get()));
         }
+    }
+
+    /// Queues a peer event about a session of `about` on every local
+    /// session of the mesh that asked for events, but its own member's.
+    /// Returns how many got it.
+    pub fn notify_peers(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        about: &Arc<MemberEntry>,
+        frame: &bytes::Bytes,
+    ) -> usize {
+        let Some(members) = self.by_mesh.get(&key(mesh)) else {
+            return 0;
+        };
+        members
+            .values()
+            .filter(|entry| !Arc::ptr_eq(&entry.member, about))
+            .flat_map(|entry| entry.sessions.iter())
+            .filter(|session| session.wants_peer_events() && session.notify(frame))
+            .count()
     }
 
     /// Delivers a member's held envelopes, oldest first across the
@@ -381,7 +417,7 @@ mod tests {
     use super::*;
     use crate::mesh::directory::{Directory, MemberRow};
     use crate::mesh::held::HeldBudget;
-    use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits, Refused};
+    use crate::mesh::plan::{plan_direct, plan_many, Audience, HoldLimits, Refused};
     use crate::mesh::EnvelopeTarget;
     use std::cell::{Cell, RefCell};
     use std::sync::atomic::{AtomicI64, Ordering};
@@ -395,6 +431,8 @@ mod tests {
         room: Cell<usize>,
         got: RefCell<Vec<String>>,
         queued: RefCell<Vec<Orphan>>,
+        wants_events: Cell<bool>,
+        events: Cell<usize>,
     }
 
     impl Fake {
@@ -405,6 +443,8 @@ mod tests {
                 room: Cell::new(usize::MAX),
                 got: RefCell::new(Vec::new()),
                 queued: RefCell::new(Vec::new()),
+                wants_events: Cell::new(false),
+                events: Cell::new(0),
             })
         }
 
@@ -443,6 +483,15 @@ mod tests {
 
         fn room(&self) -> usize {
             self.room.get()
+        }
+
+        fn wants_peer_events(&self) -> bool {
+            self.wants_events.get()
+        }
+
+        fn notify(&self, _frame: &bytes::Bytes) -> bool {
+            self.events.set(self.events.get() + 1);
+            true
         }
     }
 
@@ -499,7 +548,7 @@ mod tests {
                 message_id: format!("m{seq:04}").into(),
                 mesh: self.mesh.clone(),
                 sender: self.member(from),
-                target: to.map_or(EnvelopeTarget::All, |t| {
+                target: to.map_or(EnvelopeTarget::Many("*".into()), |t| {
                     EnvelopeTarget::Member(self.member(t))
                 }),
                 priority: p,
@@ -638,7 +687,7 @@ mod tests {
         routes.add(&world.mesh, &a, sa.clone());
         routes.add(&world.mesh, &b, sb.clone());
         let envelope = world.envelope(1, "a", None, Priority::Next);
-        let plan = plan_broadcast(&envelope, &world.limits(10)).unwrap();
+        let plan = plan_many(&envelope, Audience::All, &world.limits(10)).unwrap();
         assert_eq!(plan.held.len(), 1);
         // `c` connects before the route is applied: it drains the held copy
         // and must not get the live one too.
@@ -664,8 +713,9 @@ mod tests {
             )
             .unwrap();
         }
-        assert!(plan_broadcast(
+        assert!(plan_many(
             &world.envelope(9, "a", None, Priority::Next),
+            Audience::All,
             &world.limits(2)
         )
         .is_err());
@@ -908,8 +958,9 @@ mod tests {
         let first = world.envelope(1, "a", Some("b"), Priority::Next);
         plan_direct(&first, &b, &world.limits(10)).unwrap();
         assert_eq!(world.budget.used(), 10);
-        plan_broadcast(
+        plan_many(
             &world.envelope(2, "a", None, Priority::Next),
+            Audience::All,
             &world.limits(10),
         )
         .unwrap();
@@ -921,5 +972,78 @@ mod tests {
         );
         assert_eq!(refused.err(), Some(Refused::Unavailable));
         assert_eq!(b.held.len(), 2, "a refused send holds nothing");
+    }
+
+    fn join(world: &World, member: &str, group: &str) {
+        let name = crate::protocol::GroupName::parse(group).unwrap();
+        assert_eq!(world.member(member).join_group(name, None), Ok(true));
+    }
+
+    #[test]
+    fn a_group_send_reaches_subgroups_holds_for_the_absent_and_skips_the_rest() {
+        let world = World::new(&["a", "b", "c", "d"]);
+        join(&world, "a", "eng");
+        join(&world, "b", "eng/backend");
+        join(&world, "c", "eng");
+        join(&world, "d", "engineering");
+        let mut routes = LocalRoutes::new(0);
+        let sessions: Vec<Rc<Fake>> = ["a", "b", "d"]
+            .iter()
+            .map(|m| {
+                let s = Fake::idle();
+                routes.add(&world.mesh, &world.member(m), s.clone());
+                s
+            })
+            .collect();
+        let eng = crate::protocol::GroupName::parse("eng").unwrap();
+        let envelope = world.envelope(1, "a", None, Priority::Next);
+        let plan = plan_many(&envelope, Audience::Group(&eng), &world.limits(10)).unwrap();
+        // `c` is offline: it holds it; the sender's member never gets it.
+        assert_eq!(plan.held.len(), 1);
+        assert!(Arc::ptr_eq(&plan.held[0].0, &world.member("c")));
+        let done = routes.deliver_route(plan.route.as_ref().unwrap());
+        assert_eq!(done.pushes, 1);
+        let got: Vec<usize> = sessions.iter().map(|s| s.got().len()).collect();
+        assert_eq!(got, [0, 1, 0]);
+        // A member who joins while the route is in flight does not get it.
+        join(&world, "d", "eng");
+        routes.deliver_route(plan.route.as_ref().unwrap());
+        assert_eq!(sessions[2].got().len(), 0);
+    }
+
+    #[test]
+    fn a_group_with_nobody_but_the_sender_is_refused() {
+        let world = World::new(&["a", "b"]);
+        join(&world, "a", "solo");
+        let solo = crate::protocol::GroupName::parse("solo").unwrap();
+        let nobody = crate::protocol::GroupName::parse("nobody").unwrap();
+        for group in [&solo, &nobody] {
+            let envelope = world.envelope(1, "a", None, Priority::Now);
+            let refused = plan_many(&envelope, Audience::Group(group), &world.limits(10));
+            assert_eq!(refused.err(), Some(Refused::NobodyInGroup));
+        }
+        assert_eq!(world.budget.used(), 0);
+    }
+
+    #[test]
+    fn peer_events_go_to_those_who_asked_but_never_to_the_own_member() {
+        let world = World::new(&["a", "b", "c"]);
+        let mut routes = LocalRoutes::new(0);
+        let (a1, a2, b, c) = (Fake::idle(), Fake::idle(), Fake::working(), Fake::idle());
+        for (member, session) in [("a", &a1), ("a", &a2), ("b", &b), ("c", &c)] {
+            routes.add(&world.mesh, &world.member(member), (*session).clone());
+        }
+        for s in [&a2, &b] {
+            s.wants_events.set(true);
+        }
+        let frame = bytes::Bytes::from_static(b"event");
+        // About a session of `a`: `a2` asked but is `a`'s own; `b` is busy
+        // but events are never gated; `c` did not ask.
+        assert_eq!(routes.notify_peers(&world.mesh, &world.member("a"), &frame), 1);
+        assert_eq!(
+            [a1.events.get(), a2.events.get(), b.events.get(), c.events.get()],
+            [0, 0, 1, 0]
+        );
+        assert_eq!(routes.notify_peers(&world.mesh, &world.member("c"), &frame), 2);
     }
 }

@@ -6,9 +6,11 @@
 //! member's entry keeps its identity across refreshes: its live-shard mask and
 //! held queue live in it. Shards read views through `ArcSwap` (no lock);
 //! the directory's own map is locked only on hello and on refresh.
+use super::bucket::SendBucket;
 use super::held::HeldQueue;
+use super::peers::{MemberSessions, PeerBoard};
 use super::{Envelope, HeldLate};
-use crate::protocol::Priority;
+use crate::protocol::{GroupName, Priority};
 use arc_swap::ArcSwap;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, Ordering};
@@ -47,9 +49,35 @@ pub struct MemberRow {
     pub groups: Vec<(String, Option<String>)>,
 }
 
+/// Most groups a member may be in (PROTOCOL.md §9).
+pub const MAX_GROUPS: usize = 64;
+
+/// A member's place in a group (`mesh.member_group`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Membership {
+    pub name: GroupName,
+    pub role: Option<Box<str>>,
+}
+
+/// A join over `MAX_GROUPS`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooManyGroups;
+
 pub struct MemberEntry {
     pub id: Box<str>,
     pub pubkey: Box<str>,
+    /// `mesh.member.display_name`, kept fresh by the refresh.
+    display_name: ArcSwap<Box<str>>,
+    /// Its groups, by name. Loaded with the member and then changed only
+    /// by this broker (written through to Postgres), so a refresh never
+    /// undoes a join whose write is still on its way.
+    groups: ArcSwap<Vec<Membership>>,
+    /// Serializes joins and leaves (readers never wait).
+    group_writes: Mutex<()>,
+    /// Its sessions, live or away (see `peers`).
+    pub sessions: MemberSessions,
+    /// Its send budget, shared by its sessions (`SEND_RATE_PER_MIN`).
+    pub send_bucket: SendBucket,
     revoked: AtomicBool,
     /// The shards with at least one live session of this member: they may
     /// take `now`, and so anything (an open shard is always live too).
@@ -62,9 +90,26 @@ pub struct MemberEntry {
 
 impl MemberEntry {
     fn new(row: &MemberRow, depth: &Arc<AtomicI64>) -> Self {
+        let mut groups: Vec<Membership> = row
+            .groups
+            .iter()
+            .filter_map(|(name, role)| {
+                Some(Membership {
+                    name: GroupName::parse(name)?,
+                    role: role.as_deref().map(Into::into),
+                })
+            })
+            .collect();
+        groups.sort_by(|a, b| a.name.cmp(&b.name));
+        groups.dedup_by(|a, b| a.name == b.name);
         MemberEntry {
             id: row.id.as_str().into(),
             pubkey: row.peer_pubkey.to_ascii_lowercase().into(),
+            display_name: ArcSwap::from_pointee(row.display_name.as_str().into()),
+            groups: ArcSwap::from_pointee(groups),
+            group_writes: Mutex::new(()),
+            sessions: MemberSessions::default(),
+            send_bucket: SendBucket::default(),
             revoked: AtomicBool::new(row.revoked),
             live_shards: ShardMask::default(),
             open_shards: ShardMask::default(),
@@ -109,6 +154,57 @@ impl MemberEntry {
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
     }
+
+    pub fn display_name(&self) -> Arc<Box<str>> {
+        self.display_name.load_full()
+    }
+
+    /// Its groups, sorted by name.
+    pub fn groups(&self) -> Arc<Vec<Membership>> {
+        self.groups.load_full()
+    }
+
+    /// Whether `@group` reaches it: it is in that group or one below it.
+    pub fn is_reached_by(&self, group: &GroupName) -> bool {
+        self.groups.load().iter().any(|m| m.name.is_within(group))
+    }
+
+    /// Joins a group, or changes its role there (a join without a role
+    /// keeps the one it has). True when anything changed.
+    pub fn join_group(&self, name: GroupName, role: Option<&str>) -> Result<bool, TooManyGroups> {
+        let _writes = self.group_writes.lock().expect("group writes lock");
+        let current = self.groups.load_full();
+        let mut next: Vec<Membership> = (*current).clone();
+        let full = next.len() >= MAX_GROUPS;
+        match next.iter_mut().find(|m| m.name == name) {
+            Some(member) => match role {
+                Some(role) if member.role.as_deref() != Some(role) => member.role = Some(role.into()),
+                _ => return Ok(false),
+            },
+            None if full => return Err(TooManyGroups),
+            None => {
+                next.push(Membership {
+                    name,
+                    role: role.map(Into::into),
+                });
+                next.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+        }
+        self.groups.store(Arc::new(next));
+        Ok(true)
+    }
+
+    /// Leaves a group; true when it was in it.
+    pub fn leave_group(&self, name: &GroupName) -> bool {
+        let _writes = self.group_writes.lock().expect("group writes lock");
+        let current = self.groups.load_full();
+        if !current.iter().any(|m| m.name == *name) {
+            return false;
+        }
+        let next = current.iter().filter(|m| m.name != *name).cloned().collect();
+        self.groups.store(Arc::new(next));
+        true
+    }
 }
 
 /// An immutable snapshot of a mesh's current (non-revoked) members.
@@ -152,6 +248,8 @@ pub enum Admission {
 
 pub struct MeshEntry {
     pub id: Box<str>,
+    /// Its sessions as `list_peers` sees them.
+    pub board: PeerBoard,
     view: ArcSwap<MeshView>,
     /// Live sessions on all shards, for `MAX_CONNECTIONS_PER_MESH`.
     live_sessions: AtomicU32,
@@ -212,6 +310,11 @@ impl MeshEntry {
         for row in rows {
             let entry = match old.by_id.get(row.id.as_str()) {
                 Some(entry) if *entry.pubkey == *row.peer_pubkey.to_ascii_lowercase() => {
+                    if ***entry.display_name.load() != *row.display_name {
+                        entry
+                            .display_name
+                            .store(Arc::new(row.display_name.as_str().into()));
+                    }
                     entry.clone()
                 }
                 _ => Arc::new(MemberEntry::new(row, &self.depth)),
@@ -300,6 +403,7 @@ impl Directory {
         }
         let fresh = Arc::new(MeshEntry {
             id: mesh_id.into(),
+            board: PeerBoard::default(),
             view: ArcSwap::from_pointee(MeshView::default()),
             live_sessions: AtomicU32::new(0),
             live_shards: ShardMask::default(),

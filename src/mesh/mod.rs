@@ -15,9 +15,11 @@
 //! One send: `shard::session` parses it and calls `plan`; the route crosses
 //! to other shards through `shard::inbox`; `deliver` queues the shared frame
 //! on each session's `shard::outbound`, whose writer puts it on the socket.
+pub mod bucket;
 pub mod deliver;
 pub mod directory;
 pub mod held;
+pub mod peers;
 pub mod plan;
 pub mod restore;
 
@@ -30,10 +32,22 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-/// Whom a send was addressed to, as written.
+/// Whom a send was addressed to.
 pub enum EnvelopeTarget {
     Member(Arc<MemberEntry>),
-    All,
+    /// `*`, `@all`, `@group` or `#group`, as written: several members, each
+    /// with its own delivery state when held (`mesh.message_delivery`).
+    Many(Box<str>),
+}
+
+impl EnvelopeTarget {
+    /// `target_spec` as stored and as pushed.
+    pub fn spec(&self) -> &str {
+        match self {
+            EnvelopeTarget::Member(member) => &member.pubkey,
+            EnvelopeTarget::Many(spec) => spec,
+        }
+    }
 }
 
 /// One routed message. Its push frame is encoded once (WebSocket header and

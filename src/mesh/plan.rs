@@ -2,11 +2,13 @@
 //! shards with a session that may take its priority, and is held now for
 //! every target member with none. A direct route names its member; a
 //! broadcast names the mesh and whom to skip, so planning clones nothing
-//! per member and each shard walks only its own sessions of the mesh.
+//! per member and each shard walks only its own sessions of the mesh; a
+//! group send is a broadcast restricted to the group's members, planned by
+//! the same code, whose route lists the members it is live for.
 use super::directory::MemberEntry;
 use super::held::HeldBudget;
 use super::Envelope;
-use crate::protocol::Priority;
+use crate::protocol::{GroupName, Priority};
 use std::sync::Arc;
 
 /// Why a send was refused before anything of it was routed or held.
@@ -17,6 +19,8 @@ pub enum Refused {
     /// Holding it would pass `MAX_HELD_MEMORY_BYTES` of envelopes not yet
     /// committed (Postgres is slow or away).
     Unavailable,
+    /// A group send whose group has no member but the sender's.
+    NobodyInGroup,
 }
 
 /// The bounds a send that must be held is checked against.
@@ -56,6 +60,28 @@ pub enum Targets {
     /// Every member of the mesh but the sender's and those the envelope
     /// was held for (sorted entry addresses), as each shard finds them.
     AllBut { held_for: Vec<usize> },
+    /// The members of a group it goes to live (sorted entry addresses):
+    /// membership is decided once, here, whatever joins or leaves while
+    /// the route is in flight.
+    Listed { members: Vec<usize> },
+}
+
+/// Whom a send to several members is for, besides never the sender's member.
+#[derive(Clone, Copy)]
+pub enum Audience<'a> {
+    /// `*` and `@all`.
+    All,
+    /// `@group` and `#group`: its members and those of the groups below it.
+    Group(&'a GroupName),
+}
+
+impl Audience<'_> {
+    fn includes(self, member: &MemberEntry) -> bool {
+        match self {
+            Audience::All => true,
+            Audience::Group(group) => member.is_reached_by(group),
+        }
+    }
 }
 
 /// What a send routes live; shared (`Arc`) by every shard it names.
@@ -115,24 +141,36 @@ pub fn plan_direct(
     Ok(plan)
 }
 
-/// A send to every other member of the sender's mesh. Either every member
-/// that must hold it has room, or nothing is held and the send is refused:
-/// a refused send is never half delivered.
-pub fn plan_broadcast(envelope: &Arc<Envelope>, limits: &HoldLimits<'_>) -> Result<Plan, Refused> {
+/// A send to every other member of the sender's mesh in `audience`.
+/// Either every member that must hold it has room, or nothing is held and
+/// the send is refused: a refused send is never half delivered.
+pub fn plan_many(
+    envelope: &Arc<Envelope>,
+    audience: Audience<'_>,
+    limits: &HoldLimits<'_>,
+) -> Result<Plan, Refused> {
     let view = envelope.mesh.view();
     let priority = envelope.priority;
     let restoring = envelope.mesh.is_restoring();
-    let must_hold = |member: &Arc<MemberEntry>| {
-        !Arc::ptr_eq(member, &envelope.sender) && eligible(restoring, member, priority) == 0
+    let is_target = |member: &Arc<MemberEntry>| {
+        !Arc::ptr_eq(member, &envelope.sender) && audience.includes(member)
     };
     let mut holds = false;
+    let mut anyone = false;
     for member in view.members() {
-        if must_hold(member) {
+        if !is_target(member) {
+            continue;
+        }
+        anyone = true;
+        if eligible(restoring, member, priority) == 0 {
             if !member.has_room(limits.max_per_member) {
                 return Err(Refused::HeldFull);
             }
             holds = true;
         }
+    }
+    if !anyone && matches!(audience, Audience::Group(_)) {
+        return Err(Refused::NobodyInGroup);
     }
     if holds {
         limits.reserve(envelope)?;
@@ -140,13 +178,17 @@ pub fn plan_broadcast(envelope: &Arc<Envelope>, limits: &HoldLimits<'_>) -> Resu
     let mut plan = Plan::default();
     let mut shards = 0;
     let mut held_for = Vec::new();
+    let mut live_for = Vec::new();
     for member in view.members() {
-        if Arc::ptr_eq(member, &envelope.sender) {
+        if !is_target(member) {
             continue;
         }
         let eligible = eligible(restoring, member, priority);
         if eligible != 0 {
             shards |= eligible;
+            if let Audience::Group(_) = audience {
+                live_for.push(key(member));
+            }
             continue;
         }
         // Checked above; one that filled up meanwhile still takes it, so
@@ -169,10 +211,19 @@ pub fn plan_broadcast(envelope: &Arc<Envelope>, limits: &HoldLimits<'_>) -> Resu
         _ => {}
     }
     if shards != 0 {
-        held_for.sort_unstable();
+        let targets = match audience {
+            Audience::All => {
+                held_for.sort_unstable();
+                Targets::AllBut { held_for }
+            }
+            Audience::Group(_) => {
+                live_for.sort_unstable();
+                Targets::Listed { members: live_for }
+            }
+        };
         plan.route = Some(Arc::new(Route {
             envelope: envelope.clone(),
-            targets: Targets::AllBut { held_for },
+            targets,
             shards,
         }));
     }

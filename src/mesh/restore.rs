@@ -12,8 +12,9 @@ use std::time::{Instant, SystemTime};
 pub enum StoredTarget {
     /// A direct row: its `target_spec`, the member's pubkey.
     Member(String),
-    /// A `*` row: the ids of the members that have not got it yet.
-    Members(Vec<String>),
+    /// A `*` or group row (`spec`, as written): the ids of the members that
+    /// have not got it yet.
+    Members { spec: String, ids: Vec<String> },
 }
 
 /// One undelivered, unexpired `mesh.message_queue` row.
@@ -39,7 +40,7 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         StoredTarget::Member(pubkey) => {
             view.member_by_pubkey(pubkey).cloned().into_iter().collect()
         }
-        StoredTarget::Members(ids) => ids
+        StoredTarget::Members { ids, .. } => ids
             .iter()
             .filter_map(|id| view.member(id).cloned())
             .collect(),
@@ -67,7 +68,7 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         sender,
         target: match row.target {
             StoredTarget::Member(_) => EnvelopeTarget::Member(members[0].clone()),
-            StoredTarget::Members(_) => EnvelopeTarget::All,
+            StoredTarget::Members { spec, .. } => EnvelopeTarget::Many(spec.into()),
         },
         priority: row.priority,
         created_at: row.created_at,
@@ -128,7 +129,10 @@ mod tests {
             &mesh,
             stored(
                 "new",
-                StoredTarget::Members(vec!["a".into(), "b".into(), "x".into()]),
+                StoredTarget::Members {
+                    spec: "*".into(),
+                    ids: vec!["a".into(), "b".into(), "x".into()],
+                },
                 10,
             ),
         );

@@ -26,6 +26,8 @@ pub enum CloseReason {
     IoError,
     /// The broker could not serve the session (1011).
     Internal,
+    /// A newer connection took over this one's session (4000, §9).
+    Replaced,
 }
 
 impl CloseReason {
@@ -43,6 +45,7 @@ impl CloseReason {
             CloseReason::Timeout => "timeout",
             CloseReason::IoError => "io_error",
             CloseReason::Internal => "internal",
+            CloseReason::Replaced => "session_replaced",
         }
     }
 
@@ -57,7 +60,20 @@ impl CloseReason {
             CloseReason::TooLarge => 1009,
             CloseReason::Internal => 1011,
             CloseReason::SlowReader => 1013,
+            CloseReason::Replaced => 4000,
         }
+    }
+
+    /// The socket was lost without a close handshake (reset, EOF, liveness
+    /// timeout, slow-reader cut): the session waits out its grace (§9).
+    pub fn is_lost(self) -> bool {
+        matches!(
+            self,
+            CloseReason::PeerGone
+                | CloseReason::IoError
+                | CloseReason::Timeout
+                | CloseReason::SlowReader
+        )
     }
 
     /// The reason for a codec error's close code.

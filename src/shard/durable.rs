@@ -25,6 +25,7 @@ struct WaitingAck {
     seq: u64,
     link: Rc<SessionLink>,
     id: Box<str>,
+    req_id: Option<Box<str>>,
     envelope: Arc<Envelope>,
     read_at: Instant,
 }
@@ -55,7 +56,7 @@ impl Shard {
     pub fn store_and_ack(
         &self,
         link: &Rc<SessionLink>,
-        id: &str,
+        (id, req_id): (&str, Option<&str>),
         envelope: &Arc<Envelope>,
         members: Vec<Arc<MemberEntry>>,
         read_at: Instant,
@@ -71,6 +72,7 @@ impl Shard {
             seq,
             link: link.clone(),
             id: id.into(),
+            req_id: req_id.map(Into::into),
             envelope: envelope.clone(),
             read_at,
         });
@@ -163,6 +165,7 @@ impl Shard {
                     ErrorCode::Unavailable,
                     "the envelope could not be stored",
                     Some(&waiting.id),
+                    waiting.req_id.as_deref(),
                 );
                 self.metrics
                     .message_rejected(ErrorCode::Unavailable.as_str());
@@ -173,7 +176,13 @@ impl Shard {
             }
             let mut ack = Vec::with_capacity(112);
             let durable = (waiting.seq > durable).then_some(false);
-            protocol::write_ack(&mut ack, &waiting.id, &waiting.envelope.message_id, durable);
+            protocol::write_ack(
+                &mut ack,
+                &waiting.id,
+                &waiting.envelope.message_id,
+                durable,
+                waiting.req_id.as_deref(),
+            );
             let stamp = Stamp {
                 sent_at: waiting.read_at,
                 priority: waiting.envelope.priority,

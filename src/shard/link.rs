@@ -7,6 +7,7 @@ use super::outbound::{Outbound, Stamp};
 use crate::mesh::deliver::{Delivery, Recipient};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::held::priority_bit;
+use crate::mesh::peers::SessionEntry;
 use crate::mesh::{Envelope, Orphan};
 use crate::protocol::Priority;
 use crate::status::StatusState;
@@ -29,8 +30,13 @@ pub struct SessionLink {
     shut_at: Cell<Option<Instant>>,
     /// Set at hello: whose envelopes this session receives.
     member: RefCell<Option<(Arc<MeshEntry>, Arc<MemberEntry>)>>,
-    presence_id: RefCell<Box<str>>,
+    /// Set at hello: the session it holds (its presence), shared with the
+    /// directory and with a later connection that resumes it.
+    entry: RefCell<Option<Arc<SessionEntry>>>,
+    /// Its own copy of the entry's status: routing reads it on every push.
     status: Cell<StatusState>,
+    /// It asked for peer events (`hello.capabilities`).
+    peer_events: Cell<bool>,
     /// A transcript read is on its way before held envelopes are released
     /// (PROTOCOL.md §5): until it answers, the session takes `now` only, as
     /// if working (whatever says `next` meanwhile is held, then drained).
@@ -60,8 +66,9 @@ impl SessionLink {
             closing: Cell::new(None),
             shut_at: Cell::new(None),
             member: RefCell::new(None),
-            presence_id: RefCell::new("".into()),
+            entry: RefCell::new(None),
             status: Cell::new(StatusState::new(now)),
+            peer_events: Cell::new(false),
             inferring: Cell::new(false),
             orphans: RefCell::new(Vec::new()),
             torn_down: Cell::new(false),
@@ -69,34 +76,41 @@ impl SessionLink {
     }
 
     /// At hello, before the session is routed to: whose envelopes it takes,
-    /// its presence and the status it starts with.
-    pub fn joined(
-        &self,
-        mesh: &Arc<MeshEntry>,
-        member: &Arc<MemberEntry>,
-        presence_id: &str,
-        status: StatusState,
-    ) {
-        *self.member.borrow_mut() = Some((mesh.clone(), member.clone()));
-        *self.presence_id.borrow_mut() = presence_id.into();
-        self.status.set(status);
+    /// the session it holds (with the status it starts or resumes with),
+    /// and whether it wants peer events.
+    pub fn joined(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>, peer_events: bool) {
+        *self.member.borrow_mut() = Some((mesh.clone(), entry.member.clone()));
+        self.status.set(entry.state().status);
+        *self.entry.borrow_mut() = Some(entry.clone());
+        self.peer_events.set(peer_events);
     }
 
     pub fn member(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
         self.member.borrow().clone()
     }
 
+    pub fn entry(&self) -> Option<Arc<SessionEntry>> {
+        self.entry.borrow().clone()
+    }
+
     pub fn presence_id(&self) -> Box<str> {
-        self.presence_id.borrow().clone()
+        self.entry
+            .borrow()
+            .as_ref()
+            .map_or_else(|| "".into(), |e| e.presence_id.clone())
     }
 
     pub fn status(&self) -> StatusState {
         self.status.get()
     }
 
-    /// Records a status; the caller tells routing (`status_changed`).
+    /// Records a status, in the shared entry too; the caller tells routing
+    /// (`status_changed`).
     pub fn set_status(&self, status: StatusState) {
         self.status.set(status);
+        if let Some(entry) = &*self.entry.borrow() {
+            entry.set_status(status);
+        }
     }
 
     /// Takes `now` only until the transcript's answer (`inferred`); the
@@ -256,5 +270,17 @@ impl Recipient for SessionLink {
         } else {
             self.out.room()
         }
+    }
+
+    fn wants_peer_events(&self) -> bool {
+        self.peer_events.get()
+    }
+
+    fn notify(&self, frame: &bytes::Bytes) -> bool {
+        if self.closing.get().is_some() {
+            return false;
+        }
+        self.reply(frame.clone(), None);
+        self.closing.get().is_none()
     }
 }

@@ -17,6 +17,7 @@ mod conn;
 mod durable;
 pub mod link;
 pub mod outbound;
+mod presence;
 mod readbuf;
 mod session;
 mod signal;
@@ -160,6 +161,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         audit_outbox: RefCell::new(Vec::new()),
         db_flusher: Cell::new(None),
         durable: Default::default(),
+        board: Default::default(),
         shutdown: LocalSignal::default(),
         all_closed: LocalSignal::default(),
         ctx,
@@ -175,6 +177,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     monoio::spawn(flush_loop(shard.clone()));
     monoio::spawn(db_flush_loop(shard.clone()));
     monoio::spawn(durable::ack_loop(shard.clone()));
+    monoio::spawn(presence::publish_loop(shard.clone()));
     monoio::spawn(housekeeping(shard.clone()));
     loop {
         monoio::select! {

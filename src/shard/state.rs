@@ -4,6 +4,7 @@
 //! a drain or a sweep.
 use super::close::CloseReason;
 use super::durable::Durable;
+use super::presence::LocalBoard;
 use super::link::{shutdown_socket, SessionLink};
 use super::signal::LocalSignal;
 use crate::audit::AuditEvent;
@@ -14,6 +15,7 @@ use crate::ids::{IdGen, Rfc3339Clock};
 use crate::inbox::ShardEvent;
 use crate::mesh::deliver::{Drained, LocalRoutes};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::peers::PeerEvent;
 use crate::mesh::plan::{first_shard, Route};
 use crate::metrics::{LocalHistograms, ShardMetrics};
 use crate::status::Source;
@@ -56,6 +58,8 @@ pub struct Shard {
     pub(super) db_flusher: Cell<Option<Waker>>,
     /// Holds, marks and acks of the durable lane (see `durable`).
     pub(super) durable: Durable,
+    /// This shard's parts of the meshes' peer boards (see `presence`).
+    pub(super) board: LocalBoard,
     pub(super) shutdown: LocalSignal,
     pub(super) all_closed: LocalSignal,
 }
@@ -143,6 +147,11 @@ impl Shard {
                 });
                 let _ = reply.send(answer);
             }
+            ShardEvent::PeerEvent { mesh, about, frame } => {
+                self.deliver_peer_event(&mesh, &about, &frame)
+            }
+            ShardEvent::Replaced { conn } => self.close_replaced(conn),
+            ShardEvent::Resumed { mesh, entry } => self.board_release(&mesh, &entry),
             ShardEvent::Inferred { conn, status } => {
                 if let Some(session) = self.session_of(conn) {
                     let now = Instant::now();
@@ -256,6 +265,9 @@ impl Shard {
         });
         if changed {
             self.routes.borrow().status_changed(&mesh, &member);
+            if let Some(entry) = session.entry() {
+                self.announce(&mesh, &entry, PeerEvent::Status);
+            }
             self.drain_to_session(session);
         }
     }

@@ -5,14 +5,19 @@
 use super::{Joined, Session};
 use crate::audit::AuditEvent;
 use crate::db::DbCommand;
-use crate::mesh::directory::Admission;
+use crate::inbox::ShardEvent;
+use crate::mesh::directory::{Admission, MemberEntry};
+use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession, PeerEvent};
 use crate::metrics::RejectReason;
-use crate::protocol::{self, ErrorCode, Hello, ProtocolError};
+use crate::protocol::{
+    self, Capabilities, ErrorCode, GroupName, GroupRole, Hello, HelloAck, ProtocolError,
+};
 use crate::shard::CloseReason;
 use crate::status::hook_index::HookTarget;
 use crate::status::{Source, StatusState};
 use crate::ws::{self, OpCode};
 use ed25519_dalek::{Signature, VerifyingKey};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Hello timestamps further than this from the broker's clock are stale.
@@ -46,44 +51,7 @@ impl Session {
 
     pub(super) async fn process_hello(&mut self, hello: OwnedHello) {
         match self.admit(&hello).await {
-            Ok(joined) => {
-                let mut json = Vec::with_capacity(128);
-                protocol::write_hello_ack(
-                    &mut json,
-                    &joined.presence_id,
-                    &joined.mesh.id,
-                    &joined.member.id,
-                );
-                self.link
-                    .reply(ws::encode_server_frame(OpCode::Text, &json), None);
-                tracing::info!(target: "ws", peer = %self.peer, shard = self.shard.index, mesh = %joined.mesh.id,
-                    member = %joined.member.id, presence = %joined.presence_id, session = %hello.session_id,
-                    status = self.link.status().status.as_str(), "ws hello");
-                self.shard.audit(AuditEvent::connect(
-                    &joined.mesh,
-                    &joined.member,
-                    &joined.presence_id,
-                    &hello.session_id,
-                    hello.pid,
-                ));
-                // Inference runs before held envelopes are released; its
-                // answer drains them. Without a reader, drain now.
-                let window = self.shard.ctx.config.hook_fresh_window;
-                let infer = !joined.member.held.is_empty()
-                    && self.link.status().inference_allowed(Instant::now(), window)
-                    && self.shard.request_inference(self.conn, &joined.cwd);
-                if infer {
-                    self.link.start_inference();
-                    self.shard
-                        .routes
-                        .borrow()
-                        .status_changed(&joined.mesh, &joined.member);
-                } else {
-                    self.shard
-                        .drain_held_to(&joined.mesh, &joined.member, &self.link);
-                }
-                self.joined = Some(joined);
-            }
+            Ok((joined, claim)) => self.welcome(&hello, joined, &claim),
             Err(e) => {
                 // Audited only in a mesh the directory knows: the row's
                 // mesh must exist, and an unknown one is anyone's guess.
@@ -91,13 +59,98 @@ impl Session {
                     self.shard
                         .audit(AuditEvent::hello_refused(&mesh, &hello.member_id, e.code));
                 }
-                self.refuse_hello(e)
+                self.refuse_hello(e.with_req_id(hello.req_id.as_deref()))
             }
         }
     }
 
-    /// PROTOCOL.md §4 hello checks, then registration.
-    async fn admit(&mut self, hello: &OwnedHello) -> Result<Joined, ProtocolError> {
+    /// After admission: the hello's groups, the answer, the audit, the
+    /// peers' events, the session that was taken over, and what is held.
+    fn welcome(&mut self, hello: &OwnedHello, joined: Joined, claim: &Claim) {
+        let shard = &self.shard;
+        let (mesh, member) = (&joined.mesh, &joined.member);
+        let entry = claim.entry();
+        for (name, role) in &hello.groups {
+            // Within MAX_GROUPS: the parser refused more.
+            let _ = shard.join_group(mesh, member, name.clone(), role.as_deref());
+        }
+        let groups = member.groups();
+        let roles: Vec<GroupRole<'_>> = groups
+            .iter()
+            .map(|m| GroupRole {
+                name: m.name.as_str(),
+                role: m.role.as_deref(),
+            })
+            .collect();
+        let state = entry.state();
+        let member_name = member.display_name();
+        let mut json = Vec::with_capacity(256);
+        protocol::write_hello_ack(
+            &mut json,
+            &HelloAck {
+                presence_id: &entry.presence_id,
+                mesh_id: &mesh.id,
+                member_id: &member.id,
+                member_display_name: &member_name,
+                display_name: &state.display_name,
+                groups: &roles,
+                capabilities: granted(hello.capabilities),
+                resumed: !matches!(claim, Claim::New(_)),
+                req_id: hello.req_id.as_deref(),
+            },
+        );
+        self.link
+            .reply(ws::encode_server_frame(OpCode::Text, &json), None);
+        tracing::info!(target: "ws", peer = %self.peer, shard = shard.index, mesh = %mesh.id,
+            member = %member.id, presence = %entry.presence_id, session = %hello.session_id,
+            status = self.link.status().status.as_str(), resumed = !matches!(claim, Claim::New(_)), "ws hello");
+        shard.audit(AuditEvent::connect(
+            mesh,
+            member,
+            &entry.presence_id,
+            &hello.session_id,
+            hello.pid,
+        ));
+        match claim {
+            Claim::New(_) => shard.announce(mesh, entry, PeerEvent::Joined),
+            Claim::Resumed { from_shard, .. } => {
+                shard.metrics.session_resumed();
+                shard.metrics.session_away_ended();
+                shard.audit(AuditEvent::resume(mesh, member, &entry.presence_id, &entry.session_id, false));
+                shard.send_to(
+                    *from_shard,
+                    ShardEvent::Resumed {
+                        mesh: mesh.clone(),
+                        entry: entry.clone(),
+                    },
+                );
+                shard.announce(mesh, entry, PeerEvent::Returned);
+            }
+            Claim::Replaced { shard: at, conn, .. } => {
+                shard.metrics.session_replaced();
+                shard.audit(AuditEvent::resume(mesh, member, &entry.presence_id, &entry.session_id, true));
+                shard.send_to(*at, ShardEvent::Replaced { conn: *conn });
+            }
+        }
+        // Inference runs before held envelopes are released; its
+        // answer drains them. Without a reader, drain now.
+        let window = shard.ctx.config.hook_fresh_window;
+        let infer = !member.held.is_empty()
+            && self.link.status().inference_allowed(Instant::now(), window)
+            && shard.request_inference(self.conn, &joined.cwd);
+        if infer {
+            self.link.start_inference();
+            shard.routes.borrow().status_changed(mesh, member);
+        } else {
+            shard.drain_held_to(mesh, member, &self.link);
+        }
+        self.joined = Some(joined);
+    }
+
+    /// PROTOCOL.md §4 hello checks, then the session: a new one (if the
+    /// mesh has room), or the member's session with this `sessionId`
+    /// taken over (§9), then registration.
+    async fn admit(&mut self, hello: &OwnedHello) -> Result<(Joined, Claim), ProtocolError> {
         if (now_millis() - hello.timestamp).abs() > MAX_CLOCK_SKEW_MS {
             return Err(ProtocolError::new(
                 ErrorCode::StaleTimestamp,
@@ -112,7 +165,12 @@ impl Session {
                 "not a current member of this mesh with this key",
             )
         };
-        let (mesh, member) = loop {
+        let holder = Holder::Live {
+            shard: self.shard.index,
+            conn: self.conn,
+        };
+        let now = Instant::now();
+        let (mesh, member, claim) = loop {
             let mesh = ctx
                 .directory_lookup(&hello.mesh_id, &hello.member_id, &hello.pubkey)
                 .await
@@ -129,59 +187,104 @@ impl Session {
                 .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey))
                 .cloned()
                 .ok_or_else(unauthorized)?;
-            match mesh.try_admit(ctx.config.max_connections_per_mesh) {
-                Admission::Admitted => break (mesh, member),
-                Admission::Full => {
-                    return Err(ProtocolError::new(
+            let claimed = MemberSessions::claim(&member, &hello.session_id, holder, || {
+                match mesh.try_admit(ctx.config.max_connections_per_mesh) {
+                    Admission::Admitted => Ok(self.new_session(hello, &member, now)),
+                    Admission::Full => Err(Some(ProtocolError::new(
                         ErrorCode::Capacity,
                         "mesh is at MAX_CONNECTIONS_PER_MESH",
-                    ))
+                    ))),
+                    // Evicted while we looked: the next lookup loads it afresh.
+                    Admission::Evicted => Err(None),
                 }
-                // Evicted while we looked: the next lookup loads it afresh.
-                Admission::Evicted => continue,
+            });
+            match claimed {
+                Ok(claim) => break (mesh, member, claim),
+                Err(Some(refused)) => return Err(refused),
+                Err(None) => continue,
             }
         };
         if ctx.config.fault_panic_session_id.as_deref() == Some(hello.session_id.as_str()) {
             panic!("fault injection: BROKER_FAULT_PANIC_SESSION_ID");
         }
-        let presence_id = self.shard.ids.borrow_mut().next_id();
-        // A hook that came before the session did sets its first status, so
-        // it holds accordingly from its first envelope.
-        let now = Instant::now();
-        let status = match ctx.hooks.take_pending(hello.pid, &hello.cwd, now) {
-            Some((status, at)) => StatusState::with(status, Source::Hook, at),
-            None => StatusState::new(now),
-        };
-        self.link.joined(&mesh, &member, &presence_id, status);
+        let entry = claim.entry();
+        if let (false, Some(name)) = (matches!(claim, Claim::New(_)), &hello.display_name) {
+            entry.set_display_name(name.as_str().into());
+        }
+        self.link
+            .joined(&mesh, entry, hello.capabilities.peer_events);
         self.shard
             .routes
             .borrow_mut()
             .add(&mesh, &member, self.link.clone());
+        self.shard.board_add(&mesh, entry);
         ctx.hooks.insert(
             hello.pid,
             &hello.cwd,
             HookTarget {
                 shard: self.shard.index,
                 conn: self.conn,
-                presence_id: presence_id.as_str().into(),
+                presence_id: entry.presence_id.clone(),
             },
         );
-        self.shard.to_db(DbCommand::PresenceOpen {
-            id: presence_id.clone(),
-            member_id: member.id.to_string(),
-            session_id: hello.session_id.clone(),
-            pid: hello.pid,
-            cwd: hello.cwd.clone(),
-            status: status.status,
-            source: status.source,
-            at: SystemTime::now(),
+        let status = entry.state().status;
+        self.shard.to_db(match claim {
+            // A presence taken over keeps its row (still open: a session in
+            // grace has not ended).
+            Claim::Resumed { .. } | Claim::Replaced { .. } => DbCommand::PresencePing {
+                id: entry.presence_id.to_string(),
+                at: SystemTime::now(),
+            },
+            Claim::New(_) => DbCommand::PresenceOpen {
+                id: entry.presence_id.to_string(),
+                member_id: member.id.to_string(),
+                session_id: hello.session_id.clone(),
+                pid: hello.pid,
+                cwd: hello.cwd.clone(),
+                status: status.status,
+                source: status.source,
+                at: SystemTime::now(),
+            },
         });
-        Ok(Joined {
+        let joined = Joined {
             mesh,
             member,
-            presence_id,
+            entry: entry.clone(),
             cwd: hello.cwd.clone(),
-        })
+        };
+        Ok((joined, claim))
+    }
+
+    /// A new session's presence: its id, and its first status (a hook that
+    /// came before the session did, so it holds accordingly from its first
+    /// envelope, or idle).
+    fn new_session(&self, hello: &OwnedHello, member: &MemberEntry, now: Instant) -> NewSession {
+        let status = match self.shard.ctx.hooks.take_pending(hello.pid, &hello.cwd, now) {
+            Some((status, at)) => StatusState::with(status, Source::Hook, at),
+            None => StatusState::new(now),
+        };
+        let display_name: Arc<str> = match &hello.display_name {
+            Some(name) => name.as_str().into(),
+            None => (**member.display_name()).into(),
+        };
+        NewSession {
+            presence_id: self.shard.ids.borrow_mut().next_id().into(),
+            pid: hello.pid,
+            cwd: hello.cwd.as_str().into(),
+            connected_at: self.shard.clock.borrow_mut().now_rfc3339().into(),
+            display_name,
+            status,
+        }
+    }
+}
+
+/// The capabilities the broker honours of those asked for: `peer_events`.
+/// (`client_ack` is accepted and not granted until acknowledged delivery
+/// is built: a client must not believe it has it.)
+fn granted(asked: Capabilities) -> Capabilities {
+    Capabilities {
+        peer_events: asked.peer_events,
+        ..Capabilities::default()
     }
 }
 
@@ -239,10 +342,14 @@ pub(super) struct OwnedHello {
     cwd: String,
     timestamp: i64,
     signature: String,
+    display_name: Option<String>,
+    groups: Vec<(GroupName, Option<String>)>,
+    capabilities: Capabilities,
+    req_id: Option<String>,
 }
 
-impl From<Hello<'_>> for OwnedHello {
-    fn from(hello: Hello<'_>) -> Self {
+impl OwnedHello {
+    pub(super) fn new(hello: Hello<'_>, req_id: Option<&str>) -> Self {
         OwnedHello {
             mesh_id: hello.mesh_id.into_owned(),
             member_id: hello.member_id.into_owned(),
@@ -252,6 +359,14 @@ impl From<Hello<'_>> for OwnedHello {
             cwd: hello.cwd.into_owned(),
             timestamp: hello.timestamp,
             signature: hello.signature.into_owned(),
+            display_name: hello.display_name.map(|n| n.into_owned()),
+            groups: hello
+                .groups
+                .into_iter()
+                .map(|g| (g.name, g.role.map(|r| r.into_owned())))
+                .collect(),
+            capabilities: hello.capabilities,
+            req_id: req_id.map(str::to_owned),
         }
     }
 }

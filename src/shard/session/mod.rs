@@ -16,6 +16,7 @@ use crate::audit::AuditEvent;
 use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::peers::{self, Departure, Holder, MemberSessions, PeerEvent, SessionEntry};
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 use crate::status::Source;
 use crate::ws::{self, Incoming, MessageAssembler, OpCode};
@@ -35,7 +36,8 @@ const WRITER_FLUSH: Duration = Duration::from_secs(5);
 struct Joined {
     mesh: Arc<MeshEntry>,
     member: Arc<MemberEntry>,
-    presence_id: String,
+    /// The session it holds: its presence, shared with the directory.
+    entry: Arc<SessionEntry>,
     cwd: String,
 }
 
@@ -192,46 +194,88 @@ impl Session {
         self.shard.metrics.message_received();
         let shard = self.shard.clone();
         let mut parser = shard.parser.borrow_mut();
-        let parsed = parser.parse(data);
-        match parsed {
-            Err(e)
-                if self.joined.is_none()
-                    && e.code == ErrorCode::InvalidField
-                    && looks_like_hello(data) =>
-            {
-                // A malformed hello is still a refused hello.
-                self.refuse_hello(e);
-                None
-            }
+        let parsed = match parser.parse(data) {
+            Ok(parsed) => parsed,
             Err(e) => {
-                self.reject(&e);
-                None
+                if self.joined.is_none()
+                    && matches!(
+                        e.code,
+                        ErrorCode::InvalidField | ErrorCode::UnsupportedProtocol
+                    )
+                    && looks_like_hello(data)
+                {
+                    // A malformed hello is still a refused hello.
+                    self.refuse_hello(e);
+                } else {
+                    self.reject(&e);
+                }
+                return None;
             }
-            Ok(ClientMessage::Hello(_)) if self.joined.is_some() => {
-                self.reject(&ProtocolError::new(
-                    ErrorCode::AlreadyHello,
-                    "this connection already said hello",
-                ));
-                None
-            }
-            Ok(ClientMessage::Hello(hello)) => Some(OwnedHello::from(hello)),
-            Ok(ClientMessage::Send(send)) if self.joined.is_none() => {
-                self.send_error(
-                    &ProtocolError::new(ErrorCode::NoHello, "say hello first")
-                        .with_id(Some(&send.id)),
+        };
+        let req_id = parsed.req_id.as_deref();
+        let no_hello = |id: Option<&str>| {
+            ProtocolError::new(ErrorCode::NoHello, "say hello first")
+                .with_id(id)
+                .with_req_id(req_id)
+        };
+        match parsed.message {
+            ClientMessage::Hello(_) if self.joined.is_some() => {
+                self.reject(
+                    &ProtocolError::new(
+                        ErrorCode::AlreadyHello,
+                        "this connection already said hello",
+                    )
+                    .with_req_id(req_id),
                 );
                 None
             }
-            Ok(ClientMessage::Send(send)) => {
-                self.process_send(&send, read_at);
+            ClientMessage::Hello(hello) => Some(OwnedHello::new(hello, req_id)),
+            ClientMessage::Send(send) if self.joined.is_none() => {
+                self.send_error(&no_hello(Some(&send.id)));
                 None
             }
-            Ok(ClientMessage::SetStatus(_)) if self.joined.is_none() => {
-                self.send_error(&ProtocolError::new(ErrorCode::NoHello, "say hello first"));
+            _ if self.joined.is_none() => {
+                self.send_error(&no_hello(None));
                 None
             }
-            Ok(ClientMessage::SetStatus(status)) => {
+            ClientMessage::Send(send) => {
+                self.process_send(&send, req_id, read_at);
+                None
+            }
+            ClientMessage::SetStatus(status) => {
                 self.process_set_status(status);
+                None
+            }
+            ClientMessage::ListPeers => {
+                self.process_list_peers(req_id);
+                None
+            }
+            ClientMessage::SetSummary(summary) => {
+                self.process_set_summary(summary.as_deref());
+                None
+            }
+            ClientMessage::JoinGroup(join) => {
+                let joined = self.joined.as_ref().expect("joined");
+                let result = shard.join_group(
+                    &joined.mesh,
+                    &joined.member,
+                    join.name,
+                    join.role.as_deref(),
+                );
+                if result.is_err() {
+                    self.reject(
+                        &ProtocolError::invalid_field(
+                            "name",
+                            "would make more than 64 groups for this member",
+                        )
+                        .with_req_id(req_id),
+                    );
+                }
+                None
+            }
+            ClientMessage::LeaveGroup { name } => {
+                let joined = self.joined.as_ref().expect("joined");
+                shard.leave_group(&joined.mesh, &joined.member, &name);
                 None
             }
         }
@@ -251,22 +295,57 @@ impl Session {
     fn send_error(&self, error: &ProtocolError) {
         self.shard.metrics.message_rejected(error.code.as_str());
         let mut json = Vec::with_capacity(96);
-        protocol::write_error(&mut json, error.code, &error.message, error.id.as_deref());
+        protocol::write_error(
+            &mut json,
+            error.code,
+            &error.message,
+            error.id.as_deref(),
+            error.req_id.as_deref(),
+        );
         self.link
             .reply(ws::encode_server_frame(OpCode::Text, &json), None);
     }
 
     fn process_set_status(&mut self, status: Status) {
         if let Some(joined) = &self.joined {
-            tracing::info!(target: "ws", presence = %joined.presence_id, status = status.as_str(), "ws set_status");
+            tracing::info!(target: "ws", presence = %joined.entry.presence_id, status = status.as_str(), "ws set_status");
             self.shard.write_status(&self.link, status, Source::Manual);
+        }
+    }
+
+    /// PROTOCOL.md §9 list_peers: the mesh's board, read on this shard.
+    /// A list too large for the session's outbound bound is refused rather
+    /// than cutting the session off.
+    fn process_list_peers(&self, req_id: Option<&str>) {
+        let joined = self.joined.as_ref().expect("joined");
+        self.shard.metrics.peers_listed();
+        let mut json = Vec::with_capacity(4096);
+        peers::write_peers_list(&mut json, &joined.mesh.board, &joined.entry, req_id);
+        let frame = ws::encode_server_frame(OpCode::Text, &json);
+        if frame.len() > self.link.out.room() {
+            return self.reject(
+                &ProtocolError::new(
+                    ErrorCode::Unavailable,
+                    "the peer list is larger than MAX_OUTBOUND_BYTES allows now",
+                )
+                .with_req_id(req_id),
+            );
+        }
+        self.link.reply(frame, None);
+    }
+
+    fn process_set_summary(&self, summary: Option<&str>) {
+        let joined = self.joined.as_ref().expect("joined");
+        if joined.entry.set_summary(summary.map(Into::into)) {
+            self.shard
+                .announce(&joined.mesh, &joined.entry, PeerEvent::Summary);
         }
     }
 
     fn process_pong(&self) {
         if let Some(joined) = &self.joined {
             self.shard.to_db(DbCommand::PresencePing {
-                id: joined.presence_id.clone(),
+                id: joined.entry.presence_id.to_string(),
                 at: SystemTime::now(),
             });
             let window = self.shard.ctx.config.hook_fresh_window;
@@ -281,34 +360,43 @@ impl Session {
             tracing::info!(target: "ws", peer = %self.peer, reason = reason.as_str(), "ws close");
             return;
         };
-        self.shard
-            .ctx
-            .hooks
-            .remove(&joined.cwd, self.shard.index, self.conn);
+        let shard = self.shard.clone();
+        let entry = &joined.entry;
+        shard.ctx.hooks.remove(&joined.cwd, shard.index, self.conn);
+        // A lost socket leaves the session away in its grace (PROTOCOL.md
+        // §9); a close frame, a revocation or the broker's shutdown ends it.
+        let keep = reason.is_lost()
+            && !shard.ctx.config.session_grace.is_zero()
+            && !shard.is_shutting_down();
+        let holder = Holder::Live {
+            shard: shard.index,
+            conn: self.conn,
+        };
+        let departure = MemberSessions::depart(entry, holder, keep);
         // Cut off (its own answers overflowed the queue) with pushes still
         // queued: the member keeps what no other session of it may take.
-        let left = self.shard.routes.borrow_mut().leave(
+        let left = shard.routes.borrow_mut().leave(
             &joined.mesh,
             &joined.member,
             &self.link,
             self.link.take_orphans(),
         );
-        self.shard.store_late(left.late);
-        self.shard.to_db(DbCommand::PresenceClose {
-            id: joined.presence_id.clone(),
-            member_id: joined.member.id.to_string(),
-            at: SystemTime::now(),
-        });
-        self.shard.audit(AuditEvent::disconnect(
+        shard.store_late(left.late);
+        match departure {
+            Departure::Ended => shard.end_session(&joined.mesh, entry),
+            Departure::Away { spell } => shard.start_grace(&joined.mesh, entry, spell),
+            Departure::TakenOver => shard.board_release(&joined.mesh, entry),
+        }
+        shard.audit(AuditEvent::disconnect(
             &joined.mesh,
             &joined.member,
-            &joined.presence_id,
+            &entry.presence_id,
             reason,
         ));
         // Envelopes that raced in for this member go to a session elsewhere.
-        self.shard
-            .request_drain(&joined.mesh, &joined.member, left.drain);
+        shard.request_drain(&joined.mesh, &joined.member, left.drain);
         tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
-            presence = %joined.presence_id, reason = reason.as_str(), code = reason.code(), "ws close");
+            presence = %entry.presence_id, reason = reason.as_str(), code = reason.code(),
+            away = matches!(departure, Departure::Away { .. }), "ws close");
     }
 }

@@ -1,11 +1,13 @@
-//! A send (PROTOCOL.md §4): resolve the target, build the envelope with its
-//! push frame serialized once, plan it, route it to the shards that may
-//! take it, and ack.
+//! A send (PROTOCOL.md §4, §9–§10): the member's send rate, the target (a
+//! member, everyone, or a group), the envelope with its push frame
+//! serialized once, its plan, its route to the shards that may take it,
+//! and the ack.
 use super::super::outbound::{Stamp, StampKind};
 use super::Session;
 use crate::audit::AuditEvent;
 use crate::inbox::ShardEvent;
-use crate::mesh::plan::{plan_broadcast, plan_direct, HoldLimits, Refused};
+use crate::mesh::bucket::SendRate;
+use crate::mesh::plan::{plan_direct, plan_many, Audience, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
 use crate::protocol::{self, ErrorCode, ProtocolError, PushFields, Send, Target};
 use crate::ws::{self, OpCode};
@@ -13,25 +15,39 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 impl Session {
-    pub(super) fn process_send(&self, send: &Send<'_>, read_at: Instant) {
+    pub(super) fn process_send(&self, send: &Send<'_>, req_id: Option<&str>, read_at: Instant) {
         let joined = self.joined.as_ref().expect("send after hello");
         let (priority, id) = (send.priority, &*send.id);
+        let refuse = |code, message| {
+            self.reject(
+                &ProtocolError::new(code, message)
+                    .with_id(Some(id))
+                    .with_req_id(req_id),
+            )
+        };
+        let config = &self.shard.ctx.config;
+        let rate = SendRate::new(config.send_rate_per_min, config.send_burst);
+        if !joined.member.send_bucket.take(rate, read_at) {
+            self.shard.metrics.send_rate_limited();
+            return refuse(
+                ErrorCode::RateLimited,
+                "this member is over SEND_RATE_PER_MIN (SEND_BURST at once)",
+            );
+        }
         let view = joined.mesh.view();
         // Resolve a direct target before doing any work for the send.
-        let direct = match &send.target {
+        let (direct, audience) = match &send.target {
             Target::Member(pubkey) => match view.member_by_pubkey(pubkey) {
-                Some(member) => Some(member),
+                Some(member) => (Some(member), Audience::All),
                 None => {
-                    return self.reject(
-                        &ProtocolError::new(
-                            ErrorCode::UnknownTarget,
-                            "targetSpec is not a current member of this mesh",
-                        )
-                        .with_id(Some(id)),
+                    return refuse(
+                        ErrorCode::UnknownTarget,
+                        "targetSpec is not a current member of this mesh",
                     )
                 }
             },
-            Target::All => None,
+            Target::All => (None, Audience::All),
+            Target::Group(name) => (None, Audience::Group(name)),
             // The parser answers unsupported_target before a send gets here.
             Target::Unsupported => return,
         };
@@ -42,6 +58,7 @@ impl Session {
                 message_id: &message_id,
                 mesh_id: &joined.mesh.id,
                 sender_pubkey: &joined.member.pubkey,
+                target_spec: direct.is_none().then_some(&*send.target_spec),
                 priority,
                 nonce: &send.nonce,
                 ciphertext: &send.ciphertext,
@@ -58,41 +75,56 @@ impl Session {
             sender: joined.member.clone(),
             target: match direct {
                 Some(member) => EnvelopeTarget::Member(member.clone()),
-                None => EnvelopeTarget::All,
+                None => EnvelopeTarget::Many(send.target_spec.as_ref().into()),
             },
             priority,
             created_at,
-            expires_at: created_at + self.shard.ctx.config.held_ttl,
+            expires_at: created_at + config.held_ttl,
             sent_at: read_at,
             restored: false,
             holds_in_flight: Default::default(),
         });
         let limits = HoldLimits {
-            max_per_member: self.shard.ctx.config.max_held_per_member,
+            max_per_member: config.max_held_per_member,
             budget: &self.shard.ctx.held.budget,
         };
         let planned = match direct {
             Some(member) => plan_direct(&envelope, member, &limits),
-            None => plan_broadcast(&envelope, &limits),
+            None => plan_many(&envelope, audience, &limits),
         };
         let plan = match planned {
             Ok(plan) => plan,
-            Err(refused) => {
-                let message = match refused {
-                    Refused::HeldFull => "a target's held queue is full",
-                    Refused::Unavailable => "too much is waiting to be stored; try again shortly",
-                };
-                return self.reject(
-                    &ProtocolError::new(ErrorCode::Unavailable, message).with_id(Some(id)),
-                );
+            Err(Refused::NobodyInGroup) => {
+                return refuse(
+                    ErrorCode::UnknownTarget,
+                    "no member of that group but yours",
+                )
+            }
+            Err(Refused::HeldFull) => {
+                return refuse(ErrorCode::Unavailable, "a target's held queue is full")
+            }
+            Err(Refused::Unavailable) => {
+                return refuse(
+                    ErrorCode::Unavailable,
+                    "too much is waiting to be stored; try again shortly",
+                )
             }
         };
-        let recipients = match direct {
-            Some(_) => 1,
-            None => view.members().len().saturating_sub(1) as u32,
-        };
+        if let Audience::Group(_) = audience {
+            self.shard.metrics.group_send();
+        }
         if self.shard.audits("send") {
-            self.shard.audit(AuditEvent::send(&envelope, recipients));
+            let recipients = match (direct, audience) {
+                (Some(_), _) => 1,
+                (None, Audience::All) => view.members().len().saturating_sub(1),
+                (None, Audience::Group(group)) => view
+                    .members()
+                    .iter()
+                    .filter(|m| !Arc::ptr_eq(m, &joined.member) && m.is_reached_by(group))
+                    .count(),
+            };
+            self.shard
+                .audit(AuditEvent::send(&envelope, recipients as u32));
         }
         if self.shard.audits("held") {
             for (member, _) in &plan.held {
@@ -113,11 +145,11 @@ impl Session {
             // Held for someone: the ack waits for the row's commit.
             let members = plan.held.into_iter().map(|(member, _)| member).collect();
             self.shard
-                .store_and_ack(&self.link, id, &envelope, members, read_at);
+                .store_and_ack(&self.link, (id, req_id), &envelope, members, read_at);
             return;
         }
         let mut ack = Vec::with_capacity(96);
-        protocol::write_ack(&mut ack, id, &envelope.message_id, None);
+        protocol::write_ack(&mut ack, id, &envelope.message_id, None, req_id);
         let stamp = Stamp {
             sent_at: read_at,
             priority,

@@ -1,0 +1,227 @@
+//! The shard's side of the peer directory (PROTOCOL.md §9): the part of
+//! each mesh's board it publishes, peer events, and sessions in their
+//! grace.
+//!
+//! Arrivals and departures mark the mesh's part dirty; the publisher
+//! republishes dirty parts at the end of the loop turn, then at most once
+//! per `PUBLISH_EVERY`, so a burst of hellos costs one copy per mesh and
+//! `list_peers` on any shard sees changes well within its 100 ms.
+use super::close::CloseReason;
+use super::signal;
+use super::state::Shard;
+use crate::audit::AuditEvent;
+use crate::db::DbCommand;
+use crate::inbox::ShardEvent;
+use crate::mesh::directory::{MemberEntry, MeshEntry, TooManyGroups};
+use crate::mesh::peers::{self, MemberSessions, PeerEvent, SessionEntry};
+use crate::mesh::plan::key;
+use crate::protocol::GroupName;
+use rustc_hash::FxHashMap;
+use std::cell::RefCell;
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::Poll;
+use std::time::{Duration, SystemTime};
+
+/// Least time between two publications of one shard's parts.
+const PUBLISH_EVERY: Duration = Duration::from_millis(10);
+
+/// One mesh's sessions on this shard, live or away.
+struct LocalPart {
+    mesh: Arc<MeshEntry>,
+    sessions: FxHashMap<usize, Arc<SessionEntry>>,
+    dirty: bool,
+}
+
+/// This shard's parts of every mesh's board.
+#[derive(Default)]
+pub(super) struct LocalBoard {
+    parts: RefCell<FxHashMap<usize, LocalPart>>,
+    any_dirty: std::cell::Cell<bool>,
+    publisher: std::cell::Cell<Option<std::task::Waker>>,
+}
+
+impl LocalBoard {
+    fn mark(&self, part: &mut LocalPart) {
+        part.dirty = true;
+        self.any_dirty.set(true);
+        if let Some(waker) = self.publisher.take() {
+            waker.wake();
+        }
+    }
+}
+
+impl Shard {
+    /// Lists a session this shard now holds.
+    pub(super) fn board_add(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>) {
+        let mut parts = self.board.parts.borrow_mut();
+        let part = parts.entry(key(mesh)).or_insert_with(|| LocalPart {
+            mesh: mesh.clone(),
+            sessions: FxHashMap::default(),
+            dirty: false,
+        });
+        if part.sessions.insert(key(entry), entry.clone()).is_none() {
+            self.board.mark(part);
+        }
+    }
+
+    /// Stops listing a session here (it ended, or another shard holds it).
+    pub(super) fn board_remove(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>) {
+        let mut parts = self.board.parts.borrow_mut();
+        if let Some(part) = parts.get_mut(&key(mesh)) {
+            if part.sessions.remove(&key(entry)).is_some() {
+                self.board.mark(part);
+            }
+        }
+    }
+
+    /// Another shard took over a session this one listed.
+    pub(super) fn board_release(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>) {
+        if entry.holder().shard() != self.index {
+            self.board_remove(mesh, entry);
+        }
+    }
+
+    /// Tells every session of the mesh that asked for peer events, on
+    /// every shard, about `entry` (never its own member's sessions). The
+    /// frame is encoded once and shared.
+    pub(super) fn announce(&self, mesh: &Arc<MeshEntry>, entry: &SessionEntry, event: PeerEvent) {
+        let message_id = self.ids.borrow_mut().next_id();
+        let frame = {
+            let mut clock = self.clock.borrow_mut();
+            peers::event_frame(event, entry, &mesh.id, &message_id, clock.now_rfc3339())
+        };
+        let mut shards = mesh.live_shards.get();
+        while shards != 0 {
+            let dest = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
+            self.send_to(
+                dest,
+                ShardEvent::PeerEvent {
+                    mesh: mesh.clone(),
+                    about: entry.member.clone(),
+                    frame: frame.clone(),
+                },
+            );
+        }
+    }
+
+    pub(super) fn deliver_peer_event(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        about: &Arc<MemberEntry>,
+        frame: &bytes::Bytes,
+    ) {
+        let sent = self.routes.borrow().notify_peers(mesh, about, frame);
+        self.metrics.peer_events_sent(sent as u64);
+    }
+
+    /// A session is over (its client closed, or its grace ran out): its
+    /// listing, presence row and mesh slot go, and its peers hear it left.
+    pub(super) fn end_session(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>) {
+        self.board_remove(mesh, entry);
+        self.to_db(DbCommand::PresenceClose {
+            id: entry.presence_id.to_string(),
+            member_id: entry.member.id.to_string(),
+            at: SystemTime::now(),
+        });
+        mesh.release();
+        self.announce(mesh, entry, PeerEvent::Left);
+    }
+
+    /// A session whose socket was lost stays listed as away; after the
+    /// grace, unless it was resumed meanwhile, it ends.
+    pub(super) fn start_grace(self: &Rc<Self>, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>, spell: u64) {
+        self.metrics.session_went_away();
+        let shard = self.clone();
+        let (mesh, entry) = (mesh.clone(), entry.clone());
+        let grace = self.ctx.config.session_grace;
+        monoio::spawn(async move {
+            monoio::time::sleep(grace).await;
+            if MemberSessions::end_away(&entry, shard.index, spell) {
+                shard.metrics.session_away_ended();
+                shard.end_session(&mesh, &entry);
+            }
+        });
+    }
+
+    /// Closes a connection of this shard whose session a newer one took
+    /// over (4000).
+    pub(super) fn close_replaced(&self, conn: u64) {
+        if let Some(session) = self.session_of(conn) {
+            session.close(CloseReason::Replaced);
+        }
+    }
+}
+
+/// Republishes the dirty parts of this shard's board.
+pub(super) async fn publish_loop(shard: Rc<Shard>) {
+    loop {
+        poll_fn(|cx| {
+            if shard.board.any_dirty.get() {
+                return Poll::Ready(());
+            }
+            shard.board.publisher.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await;
+        // Let every arrival of this turn land first.
+        signal::yield_now().await;
+        shard.board.any_dirty.set(false);
+        let mut parts = shard.board.parts.borrow_mut();
+        parts.retain(|_, part| {
+            if part.dirty {
+                part.dirty = false;
+                part.mesh
+                    .board
+                    .publish(shard.index, part.sessions.values().cloned().collect());
+            }
+            !part.sessions.is_empty()
+        });
+        drop(parts);
+        monoio::time::sleep(PUBLISH_EVERY).await;
+    }
+}
+
+impl Shard {
+    /// `join_group` (or `hello.groups`): the member's groups change at
+    /// once for every shard, and the change is written through.
+    pub(super) fn join_group(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        name: GroupName,
+        role: Option<&str>,
+    ) -> Result<(), TooManyGroups> {
+        if member.join_group(name.clone(), role)? {
+            let role = member
+                .groups()
+                .iter()
+                .find(|m| m.name == name)
+                .and_then(|m| m.role.as_deref().map(str::to_owned));
+            self.audit(AuditEvent::group_join(mesh, member, name.as_str(), role.as_deref()));
+            self.to_db(DbCommand::GroupMembership {
+                member_id: member.id.to_string(),
+                name: name.as_str().to_owned(),
+                role,
+                joined: true,
+                at: SystemTime::now(),
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn leave_group(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, name: &GroupName) {
+        if member.leave_group(name) {
+            self.audit(AuditEvent::group_leave(mesh, member, name.as_str()));
+            self.to_db(DbCommand::GroupMembership {
+                member_id: member.id.to_string(),
+                name: name.as_str().to_owned(),
+                role: None,
+                joined: false,
+                at: SystemTime::now(),
+            });
+        }
+    }
+}
