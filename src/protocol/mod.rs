@@ -5,7 +5,8 @@
 //! the field it is about. Outbound messages are written by hand straight into
 //! a byte buffer: they are few, fixed in shape, and the push frame is on the
 //! hottest path of the broker. A message too large to parse is only
-//! scanned (`peek_id`) for the `id` to echo in its `error too_large`.
+//! scanned (`peek_ids`) for the `id` and `_reqId` to echo in its `error
+//! too_large`.
 mod group;
 mod inbound;
 mod outbound;
@@ -17,9 +18,12 @@ pub use outbound::{
     write_ack, write_error, write_hello_ack, write_push, write_str as write_json_str, PushFields,
     PushRanges,
 };
-pub(crate) use peek::peek_id;
+pub(crate) use peek::peek_ids;
 
 use std::borrow::Cow;
+
+/// Most characters in a `_reqId` (PROTOCOL.md §9).
+pub const MAX_REQ_ID_CHARS: usize = 64;
 
 /// Delivery priority of an envelope (`mesh.message_priority`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,12 +100,14 @@ impl ErrorCode {
     }
 }
 
-/// An error to answer with an `error` message; `id` echoes a send's id.
+/// An error to answer with an `error` message; `id` echoes a send's id and
+/// `req_id` the message's `_reqId` (PROTOCOL.md §9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
     pub code: ErrorCode,
     pub message: Cow<'static, str>,
     pub id: Option<String>,
+    pub req_id: Option<String>,
 }
 
 impl ProtocolError {
@@ -110,11 +116,17 @@ impl ProtocolError {
             code,
             message: message.into(),
             id: None,
+            req_id: None,
         }
     }
 
     pub fn with_id(mut self, id: Option<&str>) -> Self {
         self.id = id.map(str::to_owned);
+        self
+    }
+
+    pub fn with_req_id(mut self, req_id: Option<&str>) -> Self {
+        self.req_id = req_id.map(str::to_owned);
         self
     }
 
