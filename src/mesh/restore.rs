@@ -56,6 +56,7 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         message_id: &row.id,
         mesh_id: &mesh.id,
         sender_pubkey: &sender.pubkey,
+        target_spec: None,
         priority: row.priority,
         nonce: &row.nonce,
         ciphertext: &row.ciphertext,

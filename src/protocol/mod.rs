@@ -1,4 +1,5 @@
-//! The JSON messages of PROTOCOL.md §4, parsed and serialized; no I/O.
+//! The JSON messages of PROTOCOL.md §4 and §9–§10, parsed and serialized;
+//! no I/O.
 //!
 //! Inbound messages are parsed with simd-json into a borrowed tree over the
 //! frame's own buffer, then checked field by field so that every error names
@@ -15,7 +16,8 @@ mod peek;
 pub use group::GroupName;
 pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
 pub use outbound::{
-    write_ack, write_error, write_hello_ack, write_push, write_str as write_json_str, PushFields,
+    write_ack, write_error, write_hello_ack, write_peer, write_peer_event, write_push,
+    write_str as write_json_str, GroupRole, HelloAck, PeerFields, PeersListWriter, PushFields,
     PushRanges,
 };
 pub(crate) use peek::peek_ids;
@@ -58,7 +60,38 @@ impl Priority {
     }
 }
 
-/// The `code` of an `error` message (PROTOCOL.md §4).
+/// The opt-in features of PROTOCOL.md §9–§11 a hello asks for, or a
+/// hello_ack grants (`capabilities`, an array of their names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    /// `peer_events`: pushes about the other sessions of the mesh (§9).
+    pub peer_events: bool,
+    /// `client_ack`: acknowledged delivery (§11).
+    pub client_ack: bool,
+}
+
+impl Capabilities {
+    /// Turns on the capability `name`; unknown names are ignored (§9).
+    pub fn insert(&mut self, name: &str) {
+        match name {
+            "peer_events" => self.peer_events = true,
+            "client_ack" => self.client_ack = true,
+            _ => {}
+        }
+    }
+
+    /// The names of the capabilities that are on, in a fixed order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.peer_events, "peer_events"),
+            (self.client_ack, "client_ack"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+    }
+}
+
+/// The `code` of an `error` message (PROTOCOL.md §4, §9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     NoHello,
@@ -76,6 +109,8 @@ pub enum ErrorCode {
     UnknownTarget,
     Unavailable,
     Internal,
+    /// A hello's `protocolVersion` above the versions the broker speaks.
+    UnsupportedProtocol,
 }
 
 impl ErrorCode {
@@ -96,6 +131,7 @@ impl ErrorCode {
             ErrorCode::UnknownTarget => "unknown_target",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
         }
     }
 }

@@ -163,6 +163,7 @@ impl Shard {
                     ErrorCode::Unavailable,
                     "the envelope could not be stored",
                     Some(&waiting.id),
+                    None,
                 );
                 self.metrics
                     .message_rejected(ErrorCode::Unavailable.as_str());
@@ -173,7 +174,13 @@ impl Shard {
             }
             let mut ack = Vec::with_capacity(112);
             let durable = (waiting.seq > durable).then_some(false);
-            protocol::write_ack(&mut ack, &waiting.id, &waiting.envelope.message_id, durable);
+            protocol::write_ack(
+                &mut ack,
+                &waiting.id,
+                &waiting.envelope.message_id,
+                durable,
+                None,
+            );
             let stamp = Stamp {
                 sent_at: waiting.read_at,
                 priority: waiting.envelope.priority,

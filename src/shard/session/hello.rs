@@ -50,9 +50,17 @@ impl Session {
                 let mut json = Vec::with_capacity(128);
                 protocol::write_hello_ack(
                     &mut json,
-                    &joined.presence_id,
-                    &joined.mesh.id,
-                    &joined.member.id,
+                    &protocol::HelloAck {
+                        presence_id: &joined.presence_id,
+                        mesh_id: &joined.mesh.id,
+                        member_id: &joined.member.id,
+                        member_display_name: "",
+                        display_name: "",
+                        groups: &[],
+                        capabilities: Default::default(),
+                        resumed: false,
+                        req_id: None,
+                    },
                 );
                 self.link
                     .reply(ws::encode_server_frame(OpCode::Text, &json), None);

@@ -254,7 +254,13 @@ impl Session {
     fn send_error(&self, error: &ProtocolError) {
         self.shard.metrics.message_rejected(error.code.as_str());
         let mut json = Vec::with_capacity(96);
-        protocol::write_error(&mut json, error.code, &error.message, error.id.as_deref());
+        protocol::write_error(
+            &mut json,
+            error.code,
+            &error.message,
+            error.id.as_deref(),
+            None,
+        );
         self.link
             .reply(ws::encode_server_frame(OpCode::Text, &json), None);
     }

@@ -42,6 +42,7 @@ impl Session {
                 message_id: &message_id,
                 mesh_id: &joined.mesh.id,
                 sender_pubkey: &joined.member.pubkey,
+                target_spec: None,
                 priority,
                 nonce: &send.nonce,
                 ciphertext: &send.ciphertext,
@@ -117,7 +118,7 @@ impl Session {
             return;
         }
         let mut ack = Vec::with_capacity(96);
-        protocol::write_ack(&mut ack, id, &envelope.message_id, None);
+        protocol::write_ack(&mut ack, id, &envelope.message_id, None, None);
         let stamp = Stamp {
             sent_at: read_at,
             priority,
