@@ -14,7 +14,9 @@ mod outbound;
 mod peek;
 
 pub use group::GroupName;
-pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
+pub use inbound::{
+    parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,
+};
 pub use outbound::{
     write_ack, write_error, write_hello_ack, write_peer, write_peer_event, write_push,
     write_str as write_json_str, GroupRole, HelloAck, PeerFields, PeersListWriter, PushFields,

@@ -195,7 +195,8 @@ impl Session {
         self.shard.metrics.message_received();
         let shard = self.shard.clone();
         let mut parser = shard.parser.borrow_mut();
-        let parsed = parser.parse(data);
+        // The `_reqId` is not echoed yet (PROTOCOL.md §9).
+        let parsed = parser.parse(data).map(|parsed| parsed.message);
         match parsed {
             Err(e)
                 if self.joined.is_none()
@@ -235,6 +236,19 @@ impl Session {
             }
             Ok(ClientMessage::SetStatus(status)) => {
                 self.process_set_status(status);
+                None
+            }
+            // Parsed, not handled yet: answered as before they were parsed.
+            Ok(
+                ClientMessage::ListPeers
+                | ClientMessage::SetSummary(_)
+                | ClientMessage::JoinGroup(_)
+                | ClientMessage::LeaveGroup { .. },
+            ) => {
+                self.reject(&ProtocolError::new(
+                    ErrorCode::UnknownType,
+                    "unknown message type",
+                ));
                 None
             }
         }

@@ -32,6 +32,16 @@ impl Session {
                 }
             },
             Target::All => None,
+            // Group sends are parsed but not routed yet: answered as before.
+            Target::Group(_) => {
+                return self.reject(
+                    &ProtocolError::new(
+                        ErrorCode::UnsupportedTarget,
+                        "targetSpec must be a member pubkey or '*'",
+                    )
+                    .with_id(Some(id)),
+                )
+            }
             // The parser answers unsupported_target before a send gets here.
             Target::Unsupported => return,
         };
