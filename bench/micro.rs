@@ -77,6 +77,7 @@ fn protocol_messages(c: &mut Criterion) {
                     mesh_id: "mesh-1",
                     sender_pubkey:
                         "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                    target_spec: None,
                     priority: protocol::Priority::Now,
                     nonce: "bm9uY2Vub25jZW5vbmNl",
                     ciphertext: &ciphertext,
@@ -99,6 +100,7 @@ fn routing(c: &mut Criterion) {
                 id: format!("m{i}"),
                 peer_pubkey: format!("{i:064x}"),
                 revoked: false,
+                ..MemberRow::default()
             })
             .collect();
         let mesh = Directory::default().install("bench", &rows);

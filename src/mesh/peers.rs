@@ -342,7 +342,7 @@ pub fn write_peers_list(
     let mut list = PeersListWriter::begin(out);
     board.for_each(|entry, state| {
         with_fields(entry, state, |fields| {
-            list.entry(fields, Arc::ptr_eq(entry, me));
+            list.peer(fields, Some(Arc::ptr_eq(entry, me)));
         })
     });
     list.finish(req_id);

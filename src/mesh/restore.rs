@@ -57,6 +57,10 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         message_id: &row.id,
         mesh_id: &mesh.id,
         sender_pubkey: &sender.pubkey,
+        target_spec: match &row.target {
+            StoredTarget::Member(_) => None,
+            StoredTarget::Members { spec, .. } => Some(spec),
+        },
         priority: row.priority,
         nonce: &row.nonce,
         ciphertext: &row.ciphertext,

@@ -1,15 +1,45 @@
 //! Client → broker messages (see mod.rs for why the tree is walked by hand).
-use super::{ErrorCode, Priority, ProtocolError};
+use super::{Capabilities, ErrorCode, GroupName, Priority, ProtocolError, MAX_REQ_ID_CHARS};
 use simd_json::prelude::*;
 use simd_json::value::borrowed::{to_value_with_buffers, Value};
 use simd_json::Buffers;
 use std::borrow::Cow;
+use std::fmt::Display;
+
+/// Most characters in a hello's `displayName` (PROTOCOL.md §9).
+const MAX_DISPLAY_NAME_CHARS: usize = 64;
+/// Most characters in a group `role` (§10).
+const MAX_ROLE_CHARS: usize = 32;
+/// Most entries in a hello's `groups` (§9).
+const MAX_HELLO_GROUPS: usize = 64;
+/// Most characters in a `set_summary` (§9).
+const MAX_SUMMARY_CHARS: usize = 1024;
+/// The protocol versions the broker speaks (§9).
+const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u64> = 1..=2;
+
+/// A parsed message and the `_reqId` every answer to it echoes (§9).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Parsed<'a> {
+    pub message: ClientMessage<'a>,
+    pub req_id: Option<Cow<'a, str>>,
+}
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMessage<'a> {
     Hello(Hello<'a>),
     Send(Send<'a>),
     SetStatus(crate::hook::Status),
+    /// `list_peers` (§9).
+    ListPeers,
+    /// `set_summary` (§9); `None` clears the summary (`null`, `""` or no
+    /// `summary` at all).
+    SetSummary(Option<Cow<'a, str>>),
+    /// `join_group` (§10).
+    JoinGroup(GroupJoin<'a>),
+    /// `leave_group` (§10).
+    LeaveGroup {
+        name: GroupName,
+    },
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -25,21 +55,45 @@ pub struct Hello<'a> {
     pub timestamp: i64,
     /// 128 hex digits (checked).
     pub signature: Cow<'a, str>,
+    /// `displayName`, this session's name (at most 64 characters), as
+    /// written; `None` when absent.
+    pub display_name: Option<Cow<'a, str>>,
+    /// `groups` to join on admit (at most 64), in the order written.
+    pub groups: Vec<GroupJoin<'a>>,
+    /// The `capabilities` asked for; unknown names are ignored.
+    pub capabilities: Capabilities,
+    /// `protocolVersion`: 1 (also when absent) or 2.
+    pub protocol_version: u32,
 }
 
+/// A group to join, with the member's role in it (at most 32 characters):
+/// `join_group` and each entry of a hello's `groups` (§10).
+#[derive(Debug, PartialEq, Eq)]
+pub struct GroupJoin<'a> {
+    pub name: GroupName,
+    pub role: Option<Cow<'a, str>>,
+}
+
+/// What a send's `targetSpec` names (§4, §10).
 #[derive(Debug, PartialEq, Eq)]
 pub enum Target<'a> {
-    /// A member's pubkey (64 hex digits).
+    /// A member's (or a session's) pubkey: 64 hex digits.
     Member(Cow<'a, str>),
-    /// `*`: every other member of the mesh.
+    /// `*` or `@all`: every other member of the mesh.
     All,
-    /// `#channel`, `tag:x` and any other form the broker does not route yet.
+    /// `@<group>` or `#<group>`: every other member in that group or a
+    /// group below it.
+    Group(GroupName),
+    /// `tag:x`, a bare word and any other form the broker does not route:
+    /// answered `unsupported_target`.
     Unsupported,
 }
 
 #[derive(Debug, PartialEq, Eq)]
 pub struct Send<'a> {
     pub target: Target<'a>,
+    /// `targetSpec` as written (pushes of non-direct sends carry it).
+    pub target_spec: Cow<'a, str>,
     pub priority: Priority,
     pub nonce: Cow<'a, str>,
     pub ciphertext: Cow<'a, str>,
@@ -60,15 +114,15 @@ impl Parser {
     /// Parses one WebSocket message. A send with plain fields — nearly every
     /// message — is read straight into borrowed strings; anything else (or
     /// any problem) goes through the tree parser, whose errors name the field.
-    pub fn parse<'a>(&'a mut self, data: &[u8]) -> Result<ClientMessage<'a>, ProtocolError> {
+    pub fn parse<'a>(&'a mut self, data: &[u8]) -> Result<Parsed<'a>, ProtocolError> {
         self.plain.clear();
         self.plain.extend_from_slice(data);
         if let Ok(plain) = simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(
             &mut self.plain,
             &mut self.buffers,
         ) {
-            if let Some(send) = plain.into_send() {
-                return Ok(ClientMessage::Send(send));
+            if let Some(parsed) = plain.into_parsed() {
+                return Ok(parsed);
             }
         }
         self.full.clear();
@@ -90,15 +144,21 @@ struct PlainSend<'a> {
     ciphertext: &'a str,
     #[serde(default)]
     id: Option<&'a str>,
+    #[serde(default, rename = "_reqId")]
+    req_id: Option<&'a str>,
 }
 
 impl<'a> PlainSend<'a> {
     /// `None` unless it is a valid send: errors are the tree parser's job.
-    fn into_send(self) -> Option<Send<'a>> {
+    fn into_parsed(self) -> Option<Parsed<'a>> {
         if self.kind != "send" {
             return None;
         }
-        let target = match classify_target(Cow::Borrowed(self.target_spec))? {
+        if self.req_id.is_some_and(|r| !fits(r, MAX_REQ_ID_CHARS)) {
+            return None;
+        }
+        let target_spec = Cow::Borrowed(self.target_spec);
+        let target = match classify_target(&target_spec)? {
             Target::Unsupported => return None,
             target => target,
         };
@@ -106,27 +166,39 @@ impl<'a> PlainSend<'a> {
             None => Priority::Next,
             Some(p) => Priority::parse(p)?,
         };
-        Some(Send {
-            target,
-            priority,
-            nonce: Cow::Borrowed(self.nonce),
-            ciphertext: Cow::Borrowed(self.ciphertext),
-            id: Cow::Borrowed(self.id.unwrap_or("")),
+        Some(Parsed {
+            message: ClientMessage::Send(Send {
+                target,
+                target_spec,
+                priority,
+                nonce: Cow::Borrowed(self.nonce),
+                ciphertext: Cow::Borrowed(self.ciphertext),
+                id: Cow::Borrowed(self.id.unwrap_or("")),
+            }),
+            req_id: self.req_id.map(Cow::Borrowed),
         })
     }
 }
 
-/// `*`, a member pubkey, or a form not routed yet; `None` when empty.
-fn classify_target(spec: Cow<'_, str>) -> Option<Target<'_>> {
-    if spec.is_empty() {
-        None
-    } else if spec == "*" {
-        Some(Target::All)
-    } else if is_hex(&spec, 64) {
-        Some(Target::Member(spec))
-    } else {
-        Some(Target::Unsupported)
+/// Classifies a `targetSpec`: `None` for `@` or `#` before something that
+/// is not a valid group name. `@all` (group names compare in lowercase, and
+/// `#<name>` is `@<name>`) is `*`.
+fn classify_target<'a>(spec: &Cow<'a, str>) -> Option<Target<'a>> {
+    if spec == "*" {
+        return Some(Target::All);
     }
+    if is_hex(spec, 64) {
+        return Some(Target::Member(spec.clone()));
+    }
+    let Some(name) = spec.strip_prefix(['@', '#']) else {
+        return Some(Target::Unsupported);
+    };
+    let group = GroupName::parse(name)?;
+    Some(if group.as_str() == "all" {
+        Target::All
+    } else {
+        Target::Group(group)
+    })
 }
 
 /// The tree parser. `buf` is unescaped in place by simd-json; `buffers` is
@@ -135,7 +207,7 @@ fn classify_target(spec: Cow<'_, str>) -> Option<Target<'_>> {
 pub fn parse_client_message<'a>(
     buf: &'a mut [u8],
     buffers: &mut Buffers,
-) -> Result<ClientMessage<'a>, ProtocolError> {
+) -> Result<Parsed<'a>, ProtocolError> {
     let root = to_value_with_buffers(buf, buffers)
         .map_err(|_| ProtocolError::new(ErrorCode::BadJson, "message is not valid JSON"))?;
     let Value::Object(object) = root else {
@@ -144,25 +216,56 @@ pub fn parse_client_message<'a>(
             "message is not a JSON object",
         ));
     };
-    let mut fields = Fields(*object);
+    let mut fields = Fields::new(*object);
+    // `_reqId` is taken first so that every error echoes it once it is
+    // valid; a bad one is answered after `type` (and a send's `id`) are read.
+    let (req_id, bad_req_id) = match fields.limited_str("_reqId", MAX_REQ_ID_CHARS) {
+        Ok(req_id) => (req_id, None),
+        Err(e) => (None, Some(e)),
+    };
+    let message =
+        parse_message(&mut fields, bad_req_id).map_err(|e| e.with_req_id(req_id.as_deref()))?;
+    Ok(Parsed { message, req_id })
+}
+
+fn parse_message<'a>(
+    fields: &mut Fields<'a>,
+    bad_req_id: Option<ProtocolError>,
+) -> Result<ClientMessage<'a>, ProtocolError> {
     let kind = fields.required_str("type")?;
+    if kind == "send" {
+        // Every error answering a send echoes its id, so read it first.
+        let id = fields.optional_str("id")?.unwrap_or_default();
+        let send = match bad_req_id {
+            Some(e) => Err(e),
+            None => parse_send(fields, id.clone()),
+        };
+        return send
+            .map(ClientMessage::Send)
+            .map_err(|e| e.with_id(Some(&id)));
+    }
+    if let Some(e) = bad_req_id {
+        return Err(e);
+    }
     match kind.as_ref() {
-        "hello" => parse_hello(&mut fields).map(ClientMessage::Hello),
-        "send" => {
-            // Every error answering a send echoes its id, so read it first.
-            let id = fields.optional_str("id")?.unwrap_or_default();
-            parse_send(&mut fields, id.clone())
-                .map(ClientMessage::Send)
-                .map_err(|e| e.with_id(Some(&id)))
-        }
+        "hello" => parse_hello(fields).map(ClientMessage::Hello),
         "set_status" => {
             let status = fields.required_str("status")?;
             crate::hook::Status::parse(&status)
                 .map(ClientMessage::SetStatus)
-                .ok_or_else(|| {
-                    ProtocolError::invalid_field("status", "must be idle, working or dnd")
-                })
+                .ok_or_else(|| fields.invalid("status", "must be idle, working or dnd"))
         }
+        "list_peers" => Ok(ClientMessage::ListPeers),
+        "set_summary" => {
+            let summary = fields.limited_str("summary", MAX_SUMMARY_CHARS)?;
+            Ok(ClientMessage::SetSummary(
+                summary.filter(|summary| !summary.is_empty()),
+            ))
+        }
+        "join_group" => parse_group_join(fields).map(ClientMessage::JoinGroup),
+        "leave_group" => Ok(ClientMessage::LeaveGroup {
+            name: fields.group_name("name")?,
+        }),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             "unknown message type",
@@ -171,32 +274,30 @@ pub fn parse_client_message<'a>(
 }
 
 fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> {
+    // First, so a client of a later protocol learns that, whatever the
+    // shape of the rest of its hello.
+    let protocol_version = parse_protocol_version(fields)?;
     let mesh_id = fields.non_empty_str("meshId")?;
     let member_id = fields.non_empty_str("memberId")?;
     let pubkey = fields.required_str("pubkey")?;
     if !is_hex(&pubkey, 64) {
-        return Err(ProtocolError::invalid_field(
-            "pubkey",
-            "must be 64 hex digits",
-        ));
+        return Err(fields.invalid("pubkey", "must be 64 hex digits"));
     }
     let session_id = fields.non_empty_str("sessionId")?;
     let pid = fields.required_i64("pid")?;
     let pid = i32::try_from(pid)
         .ok()
         .filter(|pid| *pid >= 0)
-        .ok_or_else(|| {
-            ProtocolError::invalid_field("pid", "must be a non-negative 32-bit integer")
-        })?;
+        .ok_or_else(|| fields.invalid("pid", "must be a non-negative 32-bit integer"))?;
     let cwd = fields.non_empty_str("cwd")?;
     let timestamp = fields.required_i64("timestamp")?;
     let signature = fields.required_str("signature")?;
     if !is_hex(&signature, 128) {
-        return Err(ProtocolError::invalid_field(
-            "signature",
-            "must be 128 hex digits",
-        ));
+        return Err(fields.invalid("signature", "must be 128 hex digits"));
     }
+    let display_name = fields.limited_str("displayName", MAX_DISPLAY_NAME_CHARS)?;
+    let groups = parse_hello_groups(fields)?;
+    let capabilities = parse_capabilities(fields)?;
     Ok(Hello {
         mesh_id,
         member_id,
@@ -206,27 +307,107 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
         cwd,
         timestamp,
         signature,
+        display_name,
+        groups,
+        capabilities,
+        protocol_version,
     })
+}
+
+/// `protocolVersion`: absent or `null` is 1; above 2 is answered
+/// `unsupported_protocol`.
+fn parse_protocol_version(fields: &mut Fields<'_>) -> Result<u32, ProtocolError> {
+    const NAME: &str = "protocolVersion";
+    let Some(value) = fields.take(NAME) else {
+        return Ok(1);
+    };
+    match value.as_u64() {
+        Some(v) if PROTOCOL_VERSIONS.contains(&v) => Ok(v as u32),
+        Some(v) if v > *PROTOCOL_VERSIONS.end() => Err(ProtocolError::new(
+            ErrorCode::UnsupportedProtocol,
+            format!("protocolVersion {v} is not supported: the broker speaks 1 and 2"),
+        )),
+        _ => Err(fields.invalid(NAME, "must be a positive integer")),
+    }
+}
+
+/// A hello's `groups`: an array of at most 64 `{name, role}` objects.
+fn parse_hello_groups<'a>(fields: &mut Fields<'a>) -> Result<Vec<GroupJoin<'a>>, ProtocolError> {
+    const NAME: &str = "groups";
+    let entries = match fields.take(NAME) {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(fields.invalid(NAME, "must be an array of {name, role} objects")),
+    };
+    if entries.len() > MAX_HELLO_GROUPS {
+        return Err(fields.invalid(
+            NAME,
+            format_args!("must have at most {MAX_HELLO_GROUPS} entries"),
+        ));
+    }
+    entries
+        .into_iter()
+        .enumerate()
+        .map(|(index, entry)| match entry {
+            Value::Object(object) => parse_group_join(&mut Fields::within(*object, NAME, index)),
+            _ => Err(fields.invalid(
+                NAME,
+                format_args!("entry {index} is not a {{name, role}} object"),
+            )),
+        })
+        .collect()
+}
+
+/// `{name, role}` of a join_group or of a hello's group.
+fn parse_group_join<'a>(fields: &mut Fields<'a>) -> Result<GroupJoin<'a>, ProtocolError> {
+    let name = fields.group_name("name")?;
+    let role = fields.limited_str("role", MAX_ROLE_CHARS)?;
+    Ok(GroupJoin { name, role })
+}
+
+/// A hello's `capabilities`: an array of strings, unknown ones ignored.
+fn parse_capabilities(fields: &mut Fields<'_>) -> Result<Capabilities, ProtocolError> {
+    const NAME: &str = "capabilities";
+    let mut capabilities = Capabilities::default();
+    match fields.take(NAME) {
+        None => {}
+        Some(Value::Array(names)) => {
+            for name in names.iter() {
+                match name {
+                    Value::String(name) => capabilities.insert(name),
+                    _ => return Err(fields.invalid(NAME, "must be an array of strings")),
+                }
+            }
+        }
+        Some(_) => return Err(fields.invalid(NAME, "must be an array of strings")),
+    }
+    Ok(capabilities)
 }
 
 fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>, ProtocolError> {
     let target_spec = fields.non_empty_str("targetSpec")?;
-    let target = classify_target(target_spec).expect("non-empty targetSpec");
+    let target = classify_target(&target_spec).ok_or_else(|| {
+        fields.invalid(
+            "targetSpec",
+            "has '@' or '#' before what is not a valid group name",
+        )
+    })?;
     let priority = match fields.optional_str("priority")? {
         None => Priority::Next,
         Some(p) => Priority::parse(&p)
-            .ok_or_else(|| ProtocolError::invalid_field("priority", "must be now, next or low"))?,
+            .ok_or_else(|| fields.invalid("priority", "must be now, next or low"))?,
     };
     let nonce = fields.required_str("nonce")?;
     let ciphertext = fields.required_str("ciphertext")?;
     if target == Target::Unsupported {
         return Err(ProtocolError::new(
             ErrorCode::UnsupportedTarget,
-            "targetSpec must be a member pubkey or '*'",
+            "targetSpec must be a member pubkey, '*', '@all', '@<group>' or '#<group>'",
         ));
     }
     Ok(Send {
         target,
+        target_spec,
         priority,
         nonce,
         ciphertext,
@@ -238,41 +419,99 @@ fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// The message's fields, taken out one by one with errors that name them.
-struct Fields<'a>(simd_json::value::borrowed::Object<'a>);
+/// Whether `s` has at most `max` characters (not bytes).
+fn fits(s: &str, max: usize) -> bool {
+    s.len() <= max || s.chars().count() <= max
+}
+
+/// The message's fields (or those of an entry of one of its arrays), taken
+/// out one by one with errors that name them.
+struct Fields<'a> {
+    object: simd_json::value::borrowed::Object<'a>,
+    /// For an entry of an array field: the array's name and the index.
+    within: Option<(&'static str, usize)>,
+}
 
 impl<'a> Fields<'a> {
+    fn new(object: simd_json::value::borrowed::Object<'a>) -> Self {
+        Fields {
+            object,
+            within: None,
+        }
+    }
+
+    fn within(
+        object: simd_json::value::borrowed::Object<'a>,
+        array: &'static str,
+        index: usize,
+    ) -> Self {
+        Fields {
+            object,
+            within: Some((array, index)),
+        }
+    }
+
+    /// `invalid_field` about `name`, an entry's field named with its array.
+    fn invalid(&self, name: &'static str, expected: impl Display) -> ProtocolError {
+        let message = match self.within {
+            None => format!("field '{name}' {expected}"),
+            Some((array, index)) => format!("field '{array}' entry {index}: '{name}' {expected}"),
+        };
+        ProtocolError::new(ErrorCode::InvalidField, message)
+    }
+
     fn take(&mut self, name: &'static str) -> Option<Value<'a>> {
-        self.0.remove(name).filter(|v| !v.is_null())
+        self.object.remove(name).filter(|v| !v.is_null())
     }
 
     fn optional_str(&mut self, name: &'static str) -> Result<Option<Cow<'a, str>>, ProtocolError> {
         match self.take(name) {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
-            Some(_) => Err(ProtocolError::invalid_field(name, "must be a string")),
+            Some(_) => Err(self.invalid(name, "must be a string")),
         }
     }
 
     fn required_str(&mut self, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
         self.optional_str(name)?
-            .ok_or_else(|| ProtocolError::invalid_field(name, "is required"))
+            .ok_or_else(|| self.invalid(name, "is required"))
     }
 
     fn non_empty_str(&mut self, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
         let s = self.required_str(name)?;
         if s.is_empty() {
-            return Err(ProtocolError::invalid_field(name, "must not be empty"));
+            return Err(self.invalid(name, "must not be empty"));
         }
         Ok(s)
     }
 
+    /// An optional string of at most `max` characters.
+    fn limited_str(
+        &mut self,
+        name: &'static str,
+        max: usize,
+    ) -> Result<Option<Cow<'a, str>>, ProtocolError> {
+        let s = self.optional_str(name)?;
+        match s {
+            Some(s) if !fits(&s, max) => {
+                Err(self.invalid(name, format_args!("must be at most {max} characters")))
+            }
+            s => Ok(s),
+        }
+    }
+
+    /// A required group name (§10), in lowercase.
+    fn group_name(&mut self, name: &'static str) -> Result<GroupName, ProtocolError> {
+        let s = self.required_str(name)?;
+        GroupName::parse(&s).ok_or_else(|| self.invalid(name, "is not a valid group name"))
+    }
+
     fn required_i64(&mut self, name: &'static str) -> Result<i64, ProtocolError> {
         match self.take(name) {
-            None => Err(ProtocolError::invalid_field(name, "is required")),
+            None => Err(self.invalid(name, "is required")),
             Some(v) => v
                 .as_i64()
-                .ok_or_else(|| ProtocolError::invalid_field(name, "must be an integer")),
+                .ok_or_else(|| self.invalid(name, "must be an integer")),
         }
     }
 }
@@ -281,24 +520,48 @@ impl<'a> Fields<'a> {
 mod tests {
     use super::*;
 
+    /// An error as the tests compare it: code, message, id, `_reqId`.
+    type Refusal = (ErrorCode, String, Option<String>, Option<String>);
+
+    fn refusal(e: ProtocolError) -> Refusal {
+        (e.code, e.message.into_owned(), e.id, e.req_id)
+    }
+
     /// Through the shard's parser (fast path, then the tree parser).
-    fn parse(json: &str) -> Result<String, (ErrorCode, String, Option<String>)> {
+    fn parse(json: &str) -> Result<String, Refusal> {
         Parser::default()
             .parse(json.as_bytes())
             .map(|m| format!("{m:?}"))
-            .map_err(|e| (e.code, e.message.into_owned(), e.id))
+            .map_err(refusal)
     }
 
-    fn parse_tree(json: &str) -> Result<String, (ErrorCode, String, Option<String>)> {
+    fn parse_tree(json: &str) -> Result<String, Refusal> {
         let mut buf = json.as_bytes().to_vec();
         parse_client_message(&mut buf, &mut Buffers::default())
             .map(|m| format!("{m:?}"))
-            .map_err(|e| (e.code, e.message.into_owned(), e.id))
+            .map_err(refusal)
+    }
+
+    /// Whether the fast path alone takes `json`.
+    fn fast(json: &str) -> bool {
+        let mut buf = json.as_bytes().to_vec();
+        simd_json::serde::from_slice::<PlainSend<'_>>(&mut buf)
+            .ok()
+            .and_then(PlainSend::into_parsed)
+            .is_some()
+    }
+
+    fn plain_send(spec: &str, extra: &str) -> String {
+        format!(
+            r#"{{"type":"send","targetSpec":"{spec}","nonce":"n","ciphertext":"c","id":"s"{extra}}}"#
+        )
     }
 
     #[test]
     fn the_fast_path_agrees_with_the_tree_parser() {
-        let cases = [
+        let long = "x".repeat(65);
+        let wide = "é".repeat(64);
+        let mut cases = vec![
             format!(r#"{{"type":"send","targetSpec":"{KEY}","priority":"low","nonce":"n","ciphertext":"c","id":"1"}}"#),
             r#"{"type":"send","targetSpec":"*","nonce":"a\"b","ciphertext":"\u00e9","extra":{"x":[1]}}"#.to_owned(),
             r#"{"type":"send","targetSpec":"*","priority":null,"nonce":"n","ciphertext":"c","id":null}"#.to_owned(),
@@ -308,9 +571,57 @@ mod tests {
             r#"{"type":"send","targetSpec":"*","priority":"soon","nonce":"n","ciphertext":"c"}"#.to_owned(),
             r#"{"type":"send","targetSpec":"*","nonce":1,"ciphertext":"c","id":"t"}"#.to_owned(),
             r#"{"type":"set_status","status":"idle","targetSpec":"*","nonce":"n","ciphertext":"c"}"#.to_owned(),
+            r#"{"type":"list_peers","targetSpec":"*","nonce":"n","ciphertext":"c","_reqId":"r"}"#.to_owned(),
+            plain_send("*", r#","_reqId":"r1""#),
+            plain_send("*", r#","_reqId":null"#),
+            plain_send("*", r#","_reqId":"r\"1""#),
+            plain_send("*", &format!(r#","_reqId":"{wide}""#)),
+            plain_send("*", &format!(r#","_reqId":"{long}""#)),
+            plain_send("*", r#","_reqId":7"#),
+            plain_send("*", r#","priority":"soon","_reqId":"r2""#),
+            plain_send("tag:x", r#","_reqId":"r3""#),
+            plain_send("", r#","_reqId":"r4""#),
+            plain_send("@", r#","_reqId":"r5""#),
         ];
+        for spec in [
+            "@all",
+            "@ALL",
+            "#all",
+            "@eng",
+            "#eng",
+            "@Eng/API",
+            "@eng/",
+            "#_x",
+            "@a/b/c/d/e",
+            "@e ng",
+            "#",
+            "bob",
+            "*x",
+        ] {
+            cases.push(plain_send(spec, ""));
+            cases.push(plain_send(spec, r#","_reqId":"q""#));
+        }
         for json in cases {
             assert_eq!(parse(&json), parse_tree(&json), "{json}");
+        }
+    }
+
+    #[test]
+    fn the_fast_path_takes_plain_sends_to_every_routed_target() {
+        for spec in ["*", "@all", "@eng", "#eng", "@eng/backend", KEY] {
+            assert!(fast(&plain_send(spec, "")), "{spec}");
+            assert!(fast(&plain_send(spec, r#","_reqId":"r""#)), "{spec}");
+        }
+        let wide = "é".repeat(64);
+        assert!(fast(&plain_send("*", &format!(r#","_reqId":"{wide}""#))));
+        let long = "é".repeat(65);
+        for json in [
+            plain_send("*", &format!(r#","_reqId":"{long}""#)),
+            plain_send("tag:x", ""),
+            plain_send("@_x", ""),
+            plain_send("", ""),
+        ] {
+            assert!(!fast(&json), "{json}");
         }
     }
 
@@ -323,6 +634,27 @@ mod tests {
         )
     }
 
+    /// Parses and hands the message to `check`.
+    fn with_parsed(json: &str, check: impl FnOnce(Parsed<'_>)) {
+        let mut parser = Parser::default();
+        check(
+            parser
+                .parse(json.as_bytes())
+                .unwrap_or_else(|e| panic!("{json}: {e:?}")),
+        );
+    }
+
+    fn with_hello(extra: &str, check: impl FnOnce(Hello<'_>)) {
+        with_parsed(&hello(extra), |parsed| match parsed.message {
+            ClientMessage::Hello(hello) => check(hello),
+            other => panic!("not a hello: {other:?}"),
+        });
+    }
+
+    fn group(name: &str) -> GroupName {
+        GroupName::parse(name).unwrap()
+    }
+
     #[test]
     fn hello_parses_and_ignores_unknown_fields() {
         let out = parse(&hello(r#","extra":[1,2]"#)).unwrap();
@@ -331,7 +663,89 @@ mod tests {
     }
 
     #[test]
+    fn hello_extensions_default_when_absent() {
+        with_hello("", |hello| {
+            assert_eq!(hello.display_name, None);
+            assert!(hello.groups.is_empty());
+            assert_eq!(hello.capabilities, Capabilities::default());
+            assert_eq!(hello.protocol_version, 1);
+        });
+        let nulls =
+            r#","displayName":null,"groups":null,"capabilities":null,"protocolVersion":null"#;
+        with_hello(nulls, |hello| {
+            assert_eq!(hello.display_name, None);
+            assert!(hello.groups.is_empty());
+            assert_eq!(hello.capabilities, Capabilities::default());
+            assert_eq!(hello.protocol_version, 1);
+        });
+    }
+
+    #[test]
+    fn hello_extensions() {
+        let name = "é".repeat(64);
+        let extra = format!(
+            r#","displayName":"{name}","groups":[{{"name":"Eng/Backend","role":"lead"}},{{"name":"ops"}},{{"name":"qa","role":null}}],"capabilities":["peer_events","telepathy","client_ack"],"protocolVersion":2,"_reqId":"h1""#
+        );
+        with_parsed(&hello(&extra), |parsed| {
+            assert_eq!(parsed.req_id.as_deref(), Some("h1"));
+            let ClientMessage::Hello(hello) = parsed.message else {
+                panic!("not a hello");
+            };
+            assert_eq!(hello.display_name.as_deref(), Some(name.as_str()));
+            assert_eq!(
+                hello.groups,
+                [
+                    GroupJoin {
+                        name: group("eng/backend"),
+                        role: Some("lead".into()),
+                    },
+                    GroupJoin {
+                        name: group("ops"),
+                        role: None,
+                    },
+                    GroupJoin {
+                        name: group("qa"),
+                        role: None,
+                    },
+                ]
+            );
+            assert_eq!(
+                hello.capabilities,
+                Capabilities {
+                    peer_events: true,
+                    client_ack: true,
+                }
+            );
+            assert_eq!(hello.protocol_version, 2);
+        });
+        with_hello(
+            r#","capabilities":["client_ack"],"protocolVersion":1"#,
+            |hello| {
+                assert_eq!(
+                    hello.capabilities,
+                    Capabilities {
+                        peer_events: false,
+                        client_ack: true,
+                    }
+                );
+                assert_eq!(hello.protocol_version, 1);
+            },
+        );
+        let most: Vec<String> = (0..64).map(|i| format!(r#"{{"name":"g{i}"}}"#)).collect();
+        with_hello(&format!(r#","groups":[{}]"#, most.join(",")), |hello| {
+            assert_eq!(hello.groups.len(), 64);
+        });
+    }
+
+    #[test]
     fn hello_field_errors_name_the_field() {
+        let many: Vec<String> = (0..65).map(|i| format!(r#"{{"name":"g{i}"}}"#)).collect();
+        let many = format!(r#","groups":[{}]"#, many.join(","));
+        let long_name = format!(r#","displayName":"{}""#, "n".repeat(65));
+        let long_role = format!(
+            r#","groups":[{{"name":"eng","role":"{}"}}]"#,
+            "r".repeat(33)
+        );
         let cases = [
             (hello("").replace(KEY, "abc"), "pubkey"),
             (hello("").replace(r#""pid":12"#, r#""pid":"12""#), "pid"),
@@ -340,12 +754,60 @@ mod tests {
             (hello("").replace(r#""cwd":"/w""#, r#""cwd":"""#), "cwd"),
             (hello("").replace("1764200000000", "1.5"), "timestamp"),
             (hello("").replace(&"ab".repeat(64), "zz"), "signature"),
+            (hello(&long_name), "displayName"),
+            (hello(r#","displayName":5"#), "displayName"),
+            (hello(r#","groups":{"name":"eng"}"#), "groups"),
+            (hello(r#","groups":"eng""#), "groups"),
+            (hello(&many), "groups"),
+            (hello(r#","groups":["eng"]"#), "groups"),
+            (hello(r#","groups":[{"name":"eng"},null]"#), "groups"),
+            (hello(r#","groups":[{"role":"x"}]"#), "groups"),
+            (hello(&long_role), "groups"),
+            (hello(r#","groups":[{"name":"eng","role":1}]"#), "groups"),
+            (hello(r#","capabilities":"peer_events""#), "capabilities"),
+            (
+                hello(r#","capabilities":["peer_events",1]"#),
+                "capabilities",
+            ),
+            (hello(r#","protocolVersion":0"#), "protocolVersion"),
+            (hello(r#","protocolVersion":-2"#), "protocolVersion"),
+            (hello(r#","protocolVersion":1.5"#), "protocolVersion"),
+            (hello(r#","protocolVersion":"2""#), "protocolVersion"),
+            (hello(r#","_reqId":5"#), "_reqId"),
         ];
         for (json, field) in cases {
-            let (code, message, _) = parse(&json).unwrap_err();
+            let (code, message, _, _) = parse(&json).unwrap_err();
             assert_eq!(code, ErrorCode::InvalidField, "{json}");
             assert!(message.contains(field), "{message} should name {field}");
         }
+    }
+
+    #[test]
+    fn a_bad_group_name_in_a_hello_names_groups_and_says_so() {
+        for name in ["_eng", "a/b/c/d/e", "", "e ng"] {
+            let json = hello(&format!(
+                r#","groups":[{{"name":"ok"}},{{"name":"{name}"}}],"_reqId":"r""#
+            ));
+            let (code, message, _, req_id) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField);
+            assert!(message.contains("'groups'"), "{message}");
+            assert!(message.contains("entry 1"), "{message}");
+            assert!(message.contains("not a valid group name"), "{message}");
+            assert_eq!(req_id.as_deref(), Some("r"));
+        }
+    }
+
+    #[test]
+    fn a_later_protocol_is_unsupported_whatever_else_the_hello_says() {
+        for version in ["3", "1000", "18446744073709551615"] {
+            let json = hello(&format!(r#","protocolVersion":{version},"_reqId":"v""#));
+            let (code, message, _, req_id) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::UnsupportedProtocol, "{version}");
+            assert!(message.contains(version), "{message}");
+            assert_eq!(req_id.as_deref(), Some("v"));
+        }
+        let json = r#"{"type":"hello","protocolVersion":3}"#;
+        assert_eq!(parse(json).unwrap_err().0, ErrorCode::UnsupportedProtocol);
     }
 
     #[test]
@@ -357,13 +819,56 @@ mod tests {
             r#"{{"type":"send","targetSpec":"{KEY}","priority":"now","nonce":"n","ciphertext":"c","id":"7"}}"#
         );
         assert!(parse(&direct).unwrap().contains("Member"));
-        for spec in ["#general", "tag:x", "bob"] {
-            let json = format!(
-                r#"{{"type":"send","targetSpec":"{spec}","nonce":"n","ciphertext":"c","id":"q"}}"#
-            );
-            let (code, _, id) = parse(&json).unwrap_err();
-            assert_eq!(code, ErrorCode::UnsupportedTarget);
-            assert_eq!(id.as_deref(), Some("q"));
+        for spec in ["tag:x", "bob", "*x", "all"] {
+            let (code, _, id, _) = parse(&plain_send(spec, "")).unwrap_err();
+            assert_eq!(code, ErrorCode::UnsupportedTarget, "{spec}");
+            assert_eq!(id.as_deref(), Some("s"));
+        }
+    }
+
+    /// The target and the spec as written of a send.
+    fn target_of(json: &str) -> (String, String) {
+        let mut out = None;
+        with_parsed(json, |parsed| match parsed.message {
+            ClientMessage::Send(send) => {
+                out = Some((format!("{:?}", send.target), send.target_spec.into_owned()))
+            }
+            other => panic!("not a send: {other:?}"),
+        });
+        out.unwrap()
+    }
+
+    #[test]
+    fn group_targets() {
+        let all = format!("{:?}", Target::All);
+        for spec in ["*", "@all", "@ALL", "#all"] {
+            assert_eq!(target_of(&plain_send(spec, "")), (all.clone(), spec.into()));
+        }
+        for (spec, name) in [
+            ("@eng", "eng"),
+            ("#eng", "eng"),
+            ("@Eng/Backend", "eng/backend"),
+            ("#a/b/c/d", "a/b/c/d"),
+            ("@allies", "allies"),
+        ] {
+            let want = format!("{:?}", Target::Group(group(name)));
+            assert_eq!(target_of(&plain_send(spec, "")), (want, spec.into()));
+        }
+        let member = target_of(&plain_send(KEY, ""));
+        assert_eq!(member.0, format!("{:?}", Target::Member(KEY.into())));
+        assert_eq!(member.1, KEY);
+        // Escaped: through the tree parser, still as written (unescaped).
+        let escaped =
+            target_of(r#"{"type":"send","targetSpec":"\u0040eng","nonce":"n","ciphertext":"c"}"#);
+        assert_eq!(escaped.1, "@eng");
+        for spec in ["@", "#", "@_x", "#eng/", "@a/b/c/d/e", "@e ng", "#é"] {
+            let (code, message, id, req_id) =
+                parse(&plain_send(spec, r#","_reqId":"g""#)).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{spec}");
+            assert!(message.contains("targetSpec"), "{message}");
+            assert!(message.contains("not a valid group name"), "{message}");
+            assert_eq!(id.as_deref(), Some("s"));
+            assert_eq!(req_id.as_deref(), Some("g"));
         }
     }
 
@@ -386,16 +891,101 @@ mod tests {
                 r#"{"type":"send","targetSpec":"*","nonce":"n","id":"a"}"#,
                 "ciphertext",
             ),
+            (
+                r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","id":"a","_reqId":[]}"#,
+                "_reqId",
+            ),
         ];
         for (json, field) in cases {
-            let (code, message, id) = parse(json).unwrap_err();
+            let (code, message, id, _) = parse(json).unwrap_err();
             assert_eq!(code, ErrorCode::InvalidField);
             assert!(message.contains(field), "{message}");
             assert_eq!(id.as_deref(), Some("a"));
         }
-        let (code, message, _) = parse(r#"{"type":"send","id":5}"#).unwrap_err();
+        let (code, message, _, _) = parse(r#"{"type":"send","id":5}"#).unwrap_err();
         assert_eq!(code, ErrorCode::InvalidField);
         assert!(message.contains("id"));
+    }
+
+    #[test]
+    fn req_id_is_read_and_echoed_by_every_later_error() {
+        with_parsed(r#"{"type":"list_peers","_reqId":"a\"b"}"#, |parsed| {
+            assert_eq!(parsed.message, ClientMessage::ListPeers);
+            assert_eq!(parsed.req_id.as_deref(), Some("a\"b"));
+        });
+        with_parsed(&plain_send("*", r#","_reqId":"r""#), |parsed| {
+            assert_eq!(parsed.req_id.as_deref(), Some("r"));
+        });
+        with_parsed(&plain_send("*", ""), |parsed| {
+            assert_eq!(parsed.req_id, None)
+        });
+        let wide = "é".repeat(64);
+        with_parsed(
+            &format!(r#"{{"type":"list_peers","_reqId":"{wide}"}}"#),
+            |parsed| assert_eq!(parsed.req_id.as_deref(), Some(wide.as_str())),
+        );
+        let cases = [
+            (
+                plain_send("*", r#","priority":"soon","_reqId":"r""#),
+                ErrorCode::InvalidField,
+                Some("s"),
+            ),
+            (
+                plain_send("tag:x", r#","_reqId":"r""#),
+                ErrorCode::UnsupportedTarget,
+                Some("s"),
+            ),
+            (
+                r#"{"type":"send","id":5,"_reqId":"r"}"#.to_owned(),
+                ErrorCode::InvalidField,
+                None,
+            ),
+            (
+                hello(r#","pid":"x","_reqId":"r""#).replace(r#""pid":12,"#, ""),
+                ErrorCode::InvalidField,
+                None,
+            ),
+            (
+                r#"{"_reqId":"r","type":"dance"}"#.to_owned(),
+                ErrorCode::UnknownType,
+                None,
+            ),
+            (
+                r#"{"_reqId":"r"}"#.to_owned(),
+                ErrorCode::InvalidField,
+                None,
+            ),
+            (
+                r#"{"_reqId":"r","type":"set_status","status":"busy"}"#.to_owned(),
+                ErrorCode::InvalidField,
+                None,
+            ),
+            (
+                r#"{"_reqId":"r","type":"set_summary","summary":1}"#.to_owned(),
+                ErrorCode::InvalidField,
+                None,
+            ),
+            (
+                r#"{"_reqId":"r","type":"join_group"}"#.to_owned(),
+                ErrorCode::InvalidField,
+                None,
+            ),
+        ];
+        for (json, code, id) in cases {
+            let got = parse(&json).unwrap_err();
+            assert_eq!(got.0, code, "{json}");
+            assert_eq!(got.2.as_deref(), id, "{json}");
+            assert_eq!(got.3.as_deref(), Some("r"), "{json}");
+        }
+        let long = "x".repeat(65);
+        for bad in [format!(r#""{long}""#), "5".to_owned(), "{}".to_owned()] {
+            let json = format!(r#"{{"type":"list_peers","_reqId":{bad}}}"#);
+            let (code, message, id, req_id) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{json}");
+            assert!(message.contains("'_reqId'"), "{message}");
+            assert_eq!((id, req_id), (None, None));
+        }
+        assert_eq!(parse("{nope").unwrap_err().3, None);
     }
 
     #[test]
@@ -430,5 +1020,100 @@ mod tests {
                 .0,
             ErrorCode::InvalidField
         );
+    }
+
+    fn message_of(json: &str) -> String {
+        let mut out = String::new();
+        with_parsed(json, |parsed| out = format!("{:?}", parsed.message));
+        out
+    }
+
+    #[test]
+    fn list_peers_and_set_summary() {
+        assert_eq!(
+            message_of(r#"{"type":"list_peers","extra":1}"#),
+            format!("{:?}", ClientMessage::ListPeers)
+        );
+        let clear = format!("{:?}", ClientMessage::SetSummary(None));
+        for json in [
+            r#"{"type":"set_summary"}"#,
+            r#"{"type":"set_summary","summary":null}"#,
+            r#"{"type":"set_summary","summary":""}"#,
+        ] {
+            assert_eq!(message_of(json), clear, "{json}");
+        }
+        let most = "é".repeat(1024);
+        let json = format!(r#"{{"type":"set_summary","summary":"{most}"}}"#);
+        assert_eq!(
+            message_of(&json),
+            format!(
+                "{:?}",
+                ClientMessage::SetSummary(Some(most.as_str().into()))
+            )
+        );
+        let over = format!(
+            r#"{{"type":"set_summary","summary":"{}"}}"#,
+            "x".repeat(1025)
+        );
+        for json in [
+            over.as_str(),
+            r#"{"type":"set_summary","summary":5}"#,
+            r#"{"type":"set_summary","summary":["x"]}"#,
+        ] {
+            let (code, message, _, _) = parse(json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField);
+            assert!(message.contains("'summary'"), "{message}");
+        }
+    }
+
+    #[test]
+    fn join_and_leave_group() {
+        let join = |name: &str, role: Option<&str>| {
+            format!(
+                "{:?}",
+                ClientMessage::JoinGroup(GroupJoin {
+                    name: group(name),
+                    role: role.map(Cow::Borrowed),
+                })
+            )
+        };
+        assert_eq!(
+            message_of(r#"{"type":"join_group","name":"Eng/API"}"#),
+            join("eng/api", None)
+        );
+        let role = "r".repeat(32);
+        assert_eq!(
+            message_of(&format!(
+                r#"{{"type":"join_group","name":"ops","role":"{role}"}}"#
+            )),
+            join("ops", Some(&role))
+        );
+        assert_eq!(
+            message_of(r#"{"type":"join_group","name":"ops","role":null}"#),
+            join("ops", None)
+        );
+        assert_eq!(
+            message_of(r#"{"type":"leave_group","name":"OPS"}"#),
+            format!("{:?}", ClientMessage::LeaveGroup { name: group("ops") })
+        );
+        let long_role = format!(
+            r#"{{"type":"join_group","name":"ops","role":"{}"}}"#,
+            "r".repeat(33)
+        );
+        let cases = [
+            (r#"{"type":"join_group"}"#, "'name'"),
+            (r#"{"type":"join_group","name":5}"#, "'name'"),
+            (r#"{"type":"join_group","name":"_x"}"#, "'name'"),
+            (r#"{"type":"join_group","name":"a/b/c/d/e"}"#, "'name'"),
+            (r#"{"type":"join_group","name":"ops","role":5}"#, "'role'"),
+            (&long_role, "'role'"),
+            (r#"{"type":"leave_group"}"#, "'name'"),
+            (r#"{"type":"leave_group","name":"e ng"}"#, "'name'"),
+        ];
+        for (json, field) in cases {
+            let (code, message, _, _) = parse(json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{json}");
+            assert!(message.contains(field), "{message} should name {field}");
+        }
     }
 }

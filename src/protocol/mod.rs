@@ -1,25 +1,33 @@
-//! The JSON messages of PROTOCOL.md §4, parsed and serialized; no I/O.
+//! The JSON messages of PROTOCOL.md §4 and §9–§10, parsed and serialized;
+//! no I/O.
 //!
 //! Inbound messages are parsed with simd-json into a borrowed tree over the
 //! frame's own buffer, then checked field by field so that every error names
 //! the field it is about. Outbound messages are written by hand straight into
 //! a byte buffer: they are few, fixed in shape, and the push frame is on the
 //! hottest path of the broker. A message too large to parse is only
-//! scanned (`peek_id`) for the `id` to echo in its `error too_large`.
+//! scanned (`peek_ids`) for the `id` and `_reqId` to echo in its `error
+//! too_large`.
 mod group;
 mod inbound;
 mod outbound;
 mod peek;
 
 pub use group::GroupName;
-pub use inbound::{parse_client_message, ClientMessage, Hello, Parser, Send, Target};
+pub use inbound::{
+    parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,
+};
 pub use outbound::{
-    write_ack, write_error, write_hello_ack, write_push, write_str as write_json_str, PushFields,
+    write_ack, write_error, write_hello_ack, write_peer, write_peer_event, write_push,
+    write_str as write_json_str, GroupRole, HelloAck, PeerFields, PeersListWriter, PushFields,
     PushRanges,
 };
-pub(crate) use peek::peek_id;
+pub(crate) use peek::peek_ids;
 
 use std::borrow::Cow;
+
+/// Most characters in a `_reqId` (PROTOCOL.md §9).
+pub const MAX_REQ_ID_CHARS: usize = 64;
 
 /// Delivery priority of an envelope (`mesh.message_priority`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -54,7 +62,38 @@ impl Priority {
     }
 }
 
-/// The `code` of an `error` message (PROTOCOL.md §4).
+/// The opt-in features of PROTOCOL.md §9–§11 a hello asks for, or a
+/// hello_ack grants (`capabilities`, an array of their names).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Capabilities {
+    /// `peer_events`: pushes about the other sessions of the mesh (§9).
+    pub peer_events: bool,
+    /// `client_ack`: acknowledged delivery (§11).
+    pub client_ack: bool,
+}
+
+impl Capabilities {
+    /// Turns on the capability `name`; unknown names are ignored (§9).
+    pub fn insert(&mut self, name: &str) {
+        match name {
+            "peer_events" => self.peer_events = true,
+            "client_ack" => self.client_ack = true,
+            _ => {}
+        }
+    }
+
+    /// The names of the capabilities that are on, in a fixed order.
+    pub fn names(self) -> impl Iterator<Item = &'static str> {
+        [
+            (self.peer_events, "peer_events"),
+            (self.client_ack, "client_ack"),
+        ]
+        .into_iter()
+        .filter_map(|(on, name)| on.then_some(name))
+    }
+}
+
+/// The `code` of an `error` message (PROTOCOL.md §4, §9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ErrorCode {
     NoHello,
@@ -72,6 +111,8 @@ pub enum ErrorCode {
     UnknownTarget,
     Unavailable,
     Internal,
+    /// A hello's `protocolVersion` above the versions the broker speaks.
+    UnsupportedProtocol,
 }
 
 impl ErrorCode {
@@ -92,16 +133,19 @@ impl ErrorCode {
             ErrorCode::UnknownTarget => "unknown_target",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::UnsupportedProtocol => "unsupported_protocol",
         }
     }
 }
 
-/// An error to answer with an `error` message; `id` echoes a send's id.
+/// An error to answer with an `error` message; `id` echoes a send's id and
+/// `req_id` the message's `_reqId` (PROTOCOL.md §9).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProtocolError {
     pub code: ErrorCode,
     pub message: Cow<'static, str>,
     pub id: Option<String>,
+    pub req_id: Option<String>,
 }
 
 impl ProtocolError {
@@ -110,11 +154,17 @@ impl ProtocolError {
             code,
             message: message.into(),
             id: None,
+            req_id: None,
         }
     }
 
     pub fn with_id(mut self, id: Option<&str>) -> Self {
         self.id = id.map(str::to_owned);
+        self
+    }
+
+    pub fn with_req_id(mut self, req_id: Option<&str>) -> Self {
+        self.req_id = req_id.map(str::to_owned);
         self
     }
 

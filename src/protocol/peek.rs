@@ -1,21 +1,42 @@
-//! Reads the top-level `"id"` of a JSON message from its first bytes only,
-//! for answering a message too large to parse (PROTOCOL.md §4: `error
-//! too_large` echoes the send's `id` when it can be read from the first
-//! 4 KiB). The prefix may be cut anywhere, so this is a small forgiving
-//! scanner, not a parser: it walks the top-level object's members, skips
-//! their values (nested objects, arrays and strings, which may contain an
-//! `"id"` of their own) and stops at the first top-level `"id"` whose value
-//! is a complete string. Anything it cannot read gives `None`.
+//! Reads the top-level `"id"` and `"_reqId"` of a JSON message from its
+//! first bytes only, for answering a message too large to parse
+//! (PROTOCOL.md §4: `error too_large` echoes the send's `id` when it can be
+//! read from the first 4 KiB; §9: every answer echoes `_reqId`). The prefix
+//! may be cut anywhere, so this is a small forgiving scanner, not a parser:
+//! it walks the top-level object's members, skips their values (nested
+//! objects, arrays and strings, which may contain an `"id"` of their own)
+//! and keeps the first top-level `"id"` and `"_reqId"` whose values are
+//! complete strings. Anything it cannot read ends the walk with what it has.
 
-/// The value of the top-level `"id"` string field of the JSON object that
-/// `prefix` begins, if it lies complete within `prefix`. Keys and values
-/// are compared and returned unescaped; an `id` that is not a string is
-/// ignored (a later string-valued one is still found).
-pub(crate) fn peek_id(prefix: &[u8]) -> Option<String> {
+use super::MAX_REQ_ID_CHARS;
+
+/// The correlation ids found in a message's first bytes.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub(crate) struct PeekedIds {
+    /// The top-level `"id"` string.
+    pub id: Option<String>,
+    /// The top-level `"_reqId"` string, when it is a valid one (at most
+    /// 64 characters).
+    pub req_id: Option<String>,
+}
+
+/// The values of the top-level `"id"` and `"_reqId"` string fields of the
+/// JSON object that `prefix` begins, each if it lies complete within
+/// `prefix`. Keys and values are compared and returned unescaped; a value
+/// that is not a string (or a `_reqId` over its limit) is ignored, and a
+/// later valid one is still found.
+pub(crate) fn peek_ids(prefix: &[u8]) -> PeekedIds {
+    let mut found = PeekedIds::default();
     let mut s = Scanner { buf: prefix, at: 0 };
+    // `None` only says where the walk stopped: what was found is kept.
+    let _ = walk(&mut s, &mut found);
+    found
+}
+
+fn walk(s: &mut Scanner<'_>, found: &mut PeekedIds) -> Option<()> {
     s.skip_ws();
     s.expect(b'{')?;
-    loop {
+    while found.id.is_none() || found.req_id.is_none() {
         s.skip_ws();
         match s.peek()? {
             b'}' => return None,
@@ -30,11 +51,27 @@ pub(crate) fn peek_id(prefix: &[u8]) -> Option<String> {
         s.skip_ws();
         s.expect(b':')?;
         s.skip_ws();
-        if key == b"id" && s.peek()? == b'"' {
-            return String::from_utf8(s.string()?).ok();
+        let slot = match key.as_slice() {
+            b"id" if found.id.is_none() => &mut found.id,
+            b"_reqId" if found.req_id.is_none() => &mut found.req_id,
+            _ => {
+                s.skip_value()?;
+                continue;
+            }
+        };
+        if s.peek()? != b'"' {
+            s.skip_value()?;
+            continue;
         }
-        s.skip_value()?;
+        let value = String::from_utf8(s.string()?).ok();
+        let limit = if key == b"_reqId" {
+            MAX_REQ_ID_CHARS
+        } else {
+            usize::MAX
+        };
+        *slot = value.filter(|v| v.chars().count() <= limit);
     }
+    Some(())
 }
 
 struct Scanner<'a> {
@@ -197,10 +234,18 @@ impl Scanner<'_> {
 
 #[cfg(test)]
 mod tests {
-    use super::peek_id;
+    use super::{peek_ids, PeekedIds};
 
     fn id(text: &str) -> Option<String> {
         peek_id(text.as_bytes())
+    }
+
+    fn peek_id(prefix: &[u8]) -> Option<String> {
+        peek_ids(prefix).id
+    }
+
+    fn req_id(text: &str) -> Option<String> {
+        peek_ids(text.as_bytes()).req_id
     }
 
     #[test]
@@ -297,5 +342,56 @@ mod tests {
         assert_eq!(peek_id(&[0xFF, b'{']), None);
         assert_eq!(id(r#"{id:"x"}"#), None);
         assert_eq!(peek_id(b"{\"id\":\"\xFF\"}"), None);
+    }
+
+    #[test]
+    fn both_ids_in_any_order() {
+        let both = PeekedIds {
+            id: Some("s1".into()),
+            req_id: Some("r1".into()),
+        };
+        assert_eq!(
+            peek_ids(br#"{"type":"send","_reqId":"r1","id":"s1","ciphertext":"c"}"#),
+            both
+        );
+        assert_eq!(peek_ids(br#"{"id":"s1","nonce":"n","_reqId":"r1"}"#), both);
+        assert_eq!(
+            req_id(r#"{"type":"list_peers","_reqId":"r\"2"}"#),
+            Some("r\"2".into())
+        );
+        assert_eq!(req_id(r#"{"id":"s1"}"#), None);
+        // A nested `_reqId` is not the message's.
+        assert_eq!(req_id(r#"{"meta":{"_reqId":"inner"},"x":1}"#), None);
+    }
+
+    #[test]
+    fn one_id_is_kept_when_the_prefix_ends_before_the_other() {
+        let mut text = String::from(r#"{"_reqId":"early","ciphertext":""#);
+        text.push_str(&"QUJD".repeat(2000));
+        let full = format!(r#"{text}","id":"late"}}"#);
+        let cut = peek_ids(&full.as_bytes()[..4096]);
+        assert_eq!(cut.req_id.as_deref(), Some("early"));
+        assert_eq!(cut.id, None);
+        let whole = peek_ids(full.as_bytes());
+        assert_eq!(whole.id.as_deref(), Some("late"));
+        assert_eq!(whole.req_id.as_deref(), Some("early"));
+    }
+
+    #[test]
+    fn a_req_id_over_64_chars_or_not_a_string_is_ignored() {
+        let long = "é".repeat(65);
+        assert_eq!(req_id(&format!(r#"{{"_reqId":"{long}","id":"x"}}"#)), None);
+        assert_eq!(
+            peek_ids(format!(r#"{{"_reqId":"{long}","id":"x"}}"#).as_bytes()).id,
+            Some("x".into())
+        );
+        // 64 characters (128 bytes) is within the limit.
+        let max = "é".repeat(64);
+        assert_eq!(req_id(&format!(r#"{{"_reqId":"{max}"}}"#)), Some(max));
+        assert_eq!(
+            req_id(r#"{"_reqId":7,"_reqId":"second"}"#),
+            Some("second".into())
+        );
+        assert_eq!(req_id(r#"{"_reqId":null}"#), None);
     }
 }

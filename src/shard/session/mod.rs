@@ -168,13 +168,16 @@ async fn oversized_start(
 
 impl Session {
     /// PROTOCOL.md §4: a message over MAX_MESSAGE_BYTES is answered with
-    /// `error too_large`, echoing the `id` read from `start` (its first
-    /// 4 KiB), just before the 1009 close.
+    /// `error too_large`, echoing the `id` and `_reqId` read from `start`
+    /// (its first 4 KiB), just before the 1009 close.
     fn answer_too_large(&self, start: &[u8]) {
         if self.link.close_reason().is_none() {
+            let ids = protocol::peek_ids(start);
             let error =
-                ProtocolError::new(ErrorCode::TooLarge, "message exceeds MAX_MESSAGE_BYTES");
-            self.reject(&error.with_id(protocol::peek_id(start).as_deref()));
+                ProtocolError::new(ErrorCode::TooLarge, "message exceeds MAX_MESSAGE_BYTES")
+                    .with_id(ids.id.as_deref())
+                    .with_req_id(ids.req_id.as_deref());
+            self.reject(&error);
         }
     }
 
