@@ -99,6 +99,7 @@ fn routing(c: &mut Criterion) {
                 id: format!("m{i}"),
                 peer_pubkey: format!("{i:064x}"),
                 revoked: false,
+                ..MemberRow::default()
             })
             .collect();
         let mesh = Directory::default().install("bench", &rows);
