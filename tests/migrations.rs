@@ -419,6 +419,25 @@ async fn an_existing_member_group_table_keeps_its_rows() {
     assert_eq!(rows[0].get::<_, &str>(1), "eng/backend");
     assert_eq!(rows[0].get::<_, Option<&str>>(2), Some("lead"));
     assert_eq!(rows[0].get::<_, &str>(3), "2025-01-02 03:04:05");
+
+    // The broker reads it: members come with their groups.
+    let (handle, thread) = db::spawn(url.clone(), Arc::new(DbStatus::new())).unwrap();
+    let answer = handle.lookup_members("mesh-1").expect("lookup queued");
+    let mut members = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered in time")
+        .unwrap()
+        .expect("lookup succeeded");
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(members.len(), 2);
+    assert_eq!(members[0].display_name, "Ada");
+    assert_eq!(
+        members[0].groups,
+        [("eng/backend".to_owned(), Some("lead".to_owned()))]
+    );
+    assert!(members[1].groups.is_empty());
+    drop(handle);
+    join_within(thread, Duration::from_secs(3));
 }
 
 #[tokio::test]
