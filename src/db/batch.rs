@@ -221,18 +221,23 @@ impl<'a> BatchRows<'a> {
     }
 }
 
-/// Writes one batch: one statement per kind present, in the order that
-/// keeps a session's rows consistent (open before ping before close). Each
-/// statement is idempotent, so a batch retried after a partial write is
-/// harmless.
+/// Writes one batch in one transaction: `BEGIN`, one statement per kind
+/// present, in the order that keeps a session's rows consistent (open
+/// before status before ping before close), and `COMMIT`, sent back to
+/// back so the batch costs one round trip. Each statement is idempotent, so
+/// a batch retried after a timeout whose outcome is unknown is harmless.
 pub(crate) async fn write_batch(
     client: &Client,
     statements: &Statements,
     cmds: &[DbCommand],
 ) -> Result<(), tokio_postgres::Error> {
     let rows = BatchRows::from_commands(cmds);
+    let skip = || async { Ok::<u64, tokio_postgres::Error>(0) };
     let ps = &rows.pending_status;
-    if !ps.id.is_empty() {
+    let stash = async {
+        if ps.id.is_empty() {
+            return skip().await;
+        }
         client
             .execute(
                 &statements.stash_pending_status,
@@ -245,10 +250,13 @@ pub(crate) async fn write_batch(
                     &HOOK_SOURCE,
                 ],
             )
-            .await?;
-    }
+            .await
+    };
     let open = &rows.presence_open;
-    if !open.id.is_empty() {
+    let presence_open = async {
+        if open.id.is_empty() {
+            return skip().await;
+        }
         client
             .execute(
                 &statements.presence_open,
@@ -263,27 +271,47 @@ pub(crate) async fn write_batch(
                     &open.source,
                 ],
             )
-            .await?;
-    }
+            .await
+    };
     let status = &rows.presence_status;
-    if !status.id.is_empty() {
+    let presence_status = async {
+        if status.id.is_empty() {
+            return skip().await;
+        }
         client
             .execute(
                 &statements.presence_status,
                 &[&status.id, &status.status, &status.source, &status.at],
             )
-            .await?;
-    }
-    for (statement, pairs) in [
-        (&statements.presence_ping, &rows.presence_ping),
-        (&statements.presence_close, &rows.presence_close),
-        (&statements.member_seen, &rows.member_seen),
-    ] {
-        if !pairs.id.is_empty() {
-            client.execute(statement, &[&pairs.id, &pairs.at]).await?;
-        }
-    }
+            .await
+    };
+
+    // try_join! polls in order, so the requests go out back to back; a
+    // failing statement aborts the transaction and COMMIT then rolls back.
+    tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        stash,
+        presence_open,
+        presence_status,
+        update_times(client, &statements.presence_ping, &rows.presence_ping),
+        update_times(client, &statements.presence_close, &rows.presence_close),
+        update_times(client, &statements.member_seen, &rows.member_seen),
+        client.batch_execute("COMMIT"),
+    )?;
     Ok(())
+}
+
+/// One of the timestamp updates, with its `(id, at)` column pair; nothing
+/// is sent when there are no rows.
+async fn update_times(
+    client: &Client,
+    statement: &Statement,
+    pairs: &IdTimes<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    if pairs.id.is_empty() {
+        return Ok(0);
+    }
+    client.execute(statement, &[&pairs.id, &pairs.at]).await
 }
 
 #[cfg(test)]

@@ -18,7 +18,8 @@
 //!   success logs `db healthy` and marks it up.
 //! - **Batching.** Commands are received with `recv_many` into an in-memory
 //!   backlog, and written oldest first in batches of up to [`BATCH_MAX`],
-//!   each batch one multi-row statement per command kind (see `batch`). The
+//!   each batch one transaction of one multi-row statement per command kind,
+//!   sent back to back in one round trip (see `batch`). The
 //!   channel keeps being drained while a connect, a write or a ping is in
 //!   flight, so shards see `DbQueueFull` only if this thread is starved.
 //! - **Postgres down.** The backlog keeps commands in order, bounded by
