@@ -436,6 +436,52 @@ async fn an_existing_member_group_table_keeps_its_rows() {
         [("eng/backend".to_owned(), Some("lead".to_owned()))]
     );
     assert!(members[1].groups.is_empty());
+
+    // And writes it: a rejoin keeps the row's joined_at, a leave deletes.
+    let group =
+        |member_id: &str, name: &str, role: Option<&str>, joined| DbCommand::GroupMembership {
+            member_id: member_id.to_owned(),
+            name: name.to_owned(),
+            role: role.map(str::to_owned),
+            joined,
+            at: SystemTime::now(),
+        };
+    handle
+        .try_send(group("m-ada", "eng/backend", Some("chief"), true))
+        .unwrap();
+    handle.try_send(group("m-bob", "ops", None, true)).unwrap();
+    handle.try_send(group("m-bob", "ops", None, false)).unwrap();
+    handle.try_send(group("m-bob", "eng", None, true)).unwrap();
+    let want = vec![
+        (
+            "m-ada".to_owned(),
+            "eng/backend".to_owned(),
+            Some("chief".to_owned()),
+            "2025-01-02 03:04:05".to_owned(),
+        ),
+        ("m-bob".to_owned(), "eng".to_owned(), None, String::new()),
+    ];
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while Instant::now() < until {
+        got = c
+            .query(
+                "SELECT member_id, name, role,
+                   CASE WHEN member_id = 'm-ada' THEN joined_at::text ELSE '' END
+                 FROM mesh.member_group ORDER BY member_id, name",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect::<Vec<(String, String, Option<String>, String)>>();
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, want);
     drop(handle);
     join_within(thread, Duration::from_secs(3));
 }

@@ -156,6 +156,20 @@ pub enum DbCommand {
         member_id: String,
         at: SystemTime,
     },
+    /// A member joined (`joined`) or left a group (PROTOCOL.md §10):
+    /// upserts or deletes its `mesh.member_group` row. `name` as
+    /// `GroupName` normalizes it (lowercase). A join of a group the member
+    /// is in only changes `role` (`joined_at` stays the first join's, `at`
+    /// for a new row). Within one batch only the last command per
+    /// `(member_id, name)` counts. A join for a member row that is gone is
+    /// skipped.
+    GroupMembership {
+        member_id: String,
+        name: String,
+        role: Option<String>,
+        joined: bool,
+        at: SystemTime,
+    },
 }
 
 /// The answer to a member lookup.
