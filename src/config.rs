@@ -73,6 +73,14 @@ pub struct Config {
     pub max_connections_per_mesh: u32,
     pub max_message_bytes: usize,
     pub hook_rate_limit_per_min: u32,
+    /// `SESSION_GRACE_SECONDS` (PROTOCOL.md §9): how long a session whose
+    /// socket was lost without a close frame stays `away` and resumable;
+    /// zero disables grace.
+    pub session_grace: Duration,
+    /// `SEND_RATE_PER_MIN` and `SEND_BURST` (§9): each member's send token
+    /// bucket, refilled at this rate per minute, holding at most the burst.
+    pub send_rate_per_min: u32,
+    pub send_burst: u32,
     pub node_env: NodeEnv,
     pub git_sha: String,
     pub claude_projects_dir: PathBuf,
@@ -201,16 +209,21 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
     }
 
     fn seconds(&mut self, var: &'static str, default: u64) -> Duration {
+        self.seconds_from(var, default, 1)
+    }
+
+    /// Whole seconds from `min` to [`MAX_SECONDS`].
+    fn seconds_from(&mut self, var: &'static str, default: u64, min: u64) -> Duration {
         let Some(raw) = self.get(var) else {
             return Duration::from_secs(default);
         };
         match raw.trim().parse::<u64>() {
-            Ok(v) if (1..=MAX_SECONDS).contains(&v) => Duration::from_secs(v),
+            Ok(v) if (min..=MAX_SECONDS).contains(&v) => Duration::from_secs(v),
             _ => {
                 self.fail(
                     var,
                     &raw,
-                    format!("a whole number of seconds from 1 to {MAX_SECONDS}"),
+                    format!("a whole number of seconds from {min} to {MAX_SECONDS}"),
                 );
                 Duration::from_secs(default)
             }
@@ -294,6 +307,10 @@ impl Config {
         ) as usize;
         let hook_rate_limit_per_min =
             r.int("HOOK_RATE_LIMIT_PER_MIN", 30, 1, u32::MAX as u64) as u32;
+        // 0 is allowed: it disables grace.
+        let session_grace = r.seconds_from("SESSION_GRACE_SECONDS", 90, 0);
+        let send_rate_per_min = r.int("SEND_RATE_PER_MIN", 6000, 1, u32::MAX as u64) as u32;
+        let send_burst = r.int("SEND_BURST", 200, 1, u32::MAX as u64) as u32;
 
         let node_env = match r.get("NODE_ENV") {
             None => NodeEnv::Development,
@@ -408,6 +425,9 @@ impl Config {
             max_connections_per_mesh,
             max_message_bytes,
             hook_rate_limit_per_min,
+            session_grace,
+            send_rate_per_min,
+            send_burst,
             node_env,
             git_sha,
             claude_projects_dir,
@@ -461,6 +481,12 @@ impl Config {
                 "HOOK_RATE_LIMIT_PER_MIN",
                 self.hook_rate_limit_per_min.to_string(),
             ),
+            (
+                "SESSION_GRACE_SECONDS",
+                self.session_grace.as_secs().to_string(),
+            ),
+            ("SEND_RATE_PER_MIN", self.send_rate_per_min.to_string()),
+            ("SEND_BURST", self.send_burst.to_string()),
             ("NODE_ENV", self.node_env.as_str().to_owned()),
             ("GIT_SHA", self.git_sha.clone()),
             (
@@ -596,6 +622,9 @@ mod tests {
         assert_eq!(c.max_connections_per_mesh, 100);
         assert_eq!(c.max_message_bytes, 65_536);
         assert_eq!(c.hook_rate_limit_per_min, 30);
+        assert_eq!(c.session_grace, Duration::from_secs(90));
+        assert_eq!(c.send_rate_per_min, 6000);
+        assert_eq!(c.send_burst, 200);
         assert_eq!(c.node_env, NodeEnv::Development);
         assert!(!c.git_sha.is_empty());
         assert_eq!(
@@ -635,6 +664,9 @@ mod tests {
             ("MAX_CONNECTIONS_PER_MESH", "2"),
             ("MAX_MESSAGE_BYTES", "1024"),
             ("HOOK_RATE_LIMIT_PER_MIN", "1"),
+            ("SESSION_GRACE_SECONDS", "5"),
+            ("SEND_RATE_PER_MIN", "60"),
+            ("SEND_BURST", "1"),
             ("NODE_ENV", "production"),
             ("GIT_SHA", "abc123"),
             ("CLAUDE_PROJECTS_DIR", "~/p"),
@@ -659,6 +691,9 @@ mod tests {
         assert_eq!(c.max_connections_per_mesh, 2);
         assert_eq!(c.max_message_bytes, 1024);
         assert_eq!(c.hook_rate_limit_per_min, 1);
+        assert_eq!(c.session_grace, Duration::from_secs(5));
+        assert_eq!(c.send_rate_per_min, 60);
+        assert_eq!(c.send_burst, 1);
         assert_eq!(c.node_env, NodeEnv::Production);
         assert_eq!(c.git_sha, "abc123");
         assert_eq!(c.claude_projects_dir, PathBuf::from("/h/p"));
@@ -666,6 +701,13 @@ mod tests {
         assert_eq!(c.audit_batch_max_rows, 10);
         assert_eq!(c.audit_batch_max_wait, Duration::ZERO);
         assert_eq!(c.audit_buffer_events, 50);
+        // Zero disables grace (unlike the other `*_SECONDS`).
+        assert_eq!(
+            parse(&[("SESSION_GRACE_SECONDS", "0")])
+                .unwrap()
+                .session_grace,
+            Duration::ZERO
+        );
         assert_eq!(
             parse(&[("BROKER_HOST", "localhost")]).unwrap().host,
             IpAddr::V4(Ipv4Addr::LOCALHOST)
@@ -703,6 +745,14 @@ mod tests {
             ("MAX_MESSAGE_BYTES", "1023", "from 1024 to 67108864"),
             ("MAX_MESSAGE_BYTES", "67108865", "from 1024 to 67108864"),
             ("HOOK_RATE_LIMIT_PER_MIN", "0", "from 1 to"),
+            ("SESSION_GRACE_SECONDS", "-1", "seconds from 0 to"),
+            ("SESSION_GRACE_SECONDS", "1.5", "seconds from 0 to"),
+            ("SESSION_GRACE_SECONDS", "999999999999", "seconds from 0 to"),
+            ("SEND_RATE_PER_MIN", "0", "from 1 to 4294967295"),
+            ("SEND_RATE_PER_MIN", "ten", "from 1 to 4294967295"),
+            ("SEND_RATE_PER_MIN", "4294967296", "from 1 to 4294967295"),
+            ("SEND_BURST", "0", "from 1 to 4294967295"),
+            ("SEND_BURST", "-3", "from 1 to 4294967295"),
             ("NODE_ENV", "prod", "development, production, test"),
             ("LOG_LEVEL", "verbose", "error, warn, info, debug, trace"),
             ("BROKER_IO_DRIVER", "kqueue", "auto or epoll"),
@@ -829,6 +879,9 @@ mod tests {
             "MAX_CONNECTIONS_PER_MESH",
             "MAX_MESSAGE_BYTES",
             "HOOK_RATE_LIMIT_PER_MIN",
+            "SESSION_GRACE_SECONDS",
+            "SEND_RATE_PER_MIN",
+            "SEND_BURST",
             "NODE_ENV",
             "GIT_SHA",
             "CLAUDE_PROJECTS_DIR",
@@ -841,5 +894,8 @@ mod tests {
         }
         assert_eq!(eff[0], ("DATABASE_URL", "embedded".to_owned()));
         assert!(eff.contains(&("BROKER_PORT", "0".to_owned())));
+        assert!(eff.contains(&("SESSION_GRACE_SECONDS", "90".to_owned())));
+        assert!(eff.contains(&("SEND_RATE_PER_MIN", "6000".to_owned())));
+        assert!(eff.contains(&("SEND_BURST", "200".to_owned())));
     }
 }

@@ -37,6 +37,9 @@ fn each_bad_variable_alone_exits_1_naming_it() {
         ("LOG_LEVEL", "verbose", "debug"),
         ("MAX_OUTBOUND_BYTES", "1", "integer"),
         ("MEMBER_REFRESH_SECONDS", "0", "seconds"),
+        ("SESSION_GRACE_SECONDS", "-1", "seconds from 0"),
+        ("SEND_RATE_PER_MIN", "0", "from 1"),
+        ("SEND_BURST", "many", "integer"),
     ];
     for (var, value, expected) in cases {
         let (status, stderr) = run_broker_expect_exit(&[(var, value)]);
@@ -100,6 +103,7 @@ fn check_config_prints_effective_values_or_fails() {
             ("DATABASE_URL", "postgres://broker:hunter2@127.0.0.1:1/mesh"),
             ("MAX_MESSAGE_BYTES", "2048"),
             ("HOOK_RATE_LIMIT_PER_MIN", "7"),
+            ("SESSION_GRACE_SECONDS", "0"),
             ("GIT_SHA", "cafe123"),
         ],
     );
@@ -121,6 +125,9 @@ fn check_config_prints_effective_values_or_fails() {
         "NODE_ENV=test",
         "GIT_SHA=cafe123",
         "HELD_TTL_SECONDS=604800",
+        "SESSION_GRACE_SECONDS=0",
+        "SEND_RATE_PER_MIN=6000",
+        "SEND_BURST=200",
     ] {
         assert!(
             stdout.lines().any(|l| l == line),
@@ -223,6 +230,9 @@ fn sigint_exits_0() {
         "MAX_MESSAGE_BYTES=65536",
         "HOOK_RATE_LIMIT_PER_MIN=30",
         "HELD_TTL_SECONDS=604800",
+        "SESSION_GRACE_SECONDS=90",
+        "SEND_RATE_PER_MIN=6000",
+        "SEND_BURST=200",
     ] {
         assert!(config.contains(default), "{default} not in {listening}");
     }

@@ -140,6 +140,19 @@ const SECTION_8_COLUMNS: &[(&str, &str, &str, bool)] = &[
     ),
 ];
 
+/// The same for `mesh.member_group` (PROTOCOL.md §10).
+const SECTION_10_COLUMNS: &[(&str, &str, &str, bool)] = &[
+    ("member_group", "member_id", "text", false),
+    ("member_group", "name", "text", false),
+    ("member_group", "role", "text", true),
+    (
+        "member_group",
+        "joined_at",
+        "timestamp without time zone",
+        false,
+    ),
+];
+
 const ENUMS: &[(&str, &[&str])] = &[
     ("role", &["admin", "member"]),
     ("tier", &["free", "pro", "team", "enterprise"]),
@@ -160,7 +173,7 @@ const BROKER_INDEXES: &[&str] = &[
 ];
 
 async fn assert_section_8_schema(c: &Client) {
-    for (table, column, ty, nullable) in SECTION_8_COLUMNS {
+    for (table, column, ty, nullable) in SECTION_8_COLUMNS.iter().chain(SECTION_10_COLUMNS) {
         let rows = c
             .query(
                 "SELECT format_type(a.atttypid, a.atttypmod), NOT a.attnotnull
@@ -196,7 +209,7 @@ async fn assert_section_8_schema(c: &Client) {
             .collect();
         assert_eq!(got, *labels, "enum mesh.{name}");
     }
-    for table in ["invite", "broker_schema_migrations"] {
+    for table in ["invite", "broker_schema_migrations", "member_group"] {
         let n: i64 = c
             .query_one(
                 "SELECT count(*) FROM information_schema.tables
@@ -364,6 +377,157 @@ async fn runs_on_an_existing_claudemesh_database_and_stashes() {
     assert!(status.is_up());
     drop(handle);
     join_within(thread, Duration::from_secs(3));
+}
+
+/// A mesh with two members on the fixture schema (its `user` row too).
+const SEED_MESH: &str = "\
+INSERT INTO public.\"user\" (id) VALUES ('u-1');
+INSERT INTO mesh.mesh (id, name, slug, owner_user_id) VALUES ('mesh-1', 'One', 'one', 'u-1');
+INSERT INTO mesh.member (id, mesh_id, user_id, peer_pubkey, display_name)
+  VALUES ('m-ada', 'mesh-1', 'u-1', 'aa', 'Ada'), ('m-bob', 'mesh-1', NULL, 'bb', 'Bob');";
+
+/// `mesh.member_group` as a claudemesh web app may already have made it.
+const EXISTING_MEMBER_GROUP: &str = "\
+CREATE TABLE mesh.member_group (
+  member_id text NOT NULL REFERENCES mesh.member(id) ON DELETE CASCADE ON UPDATE CASCADE,
+  name text NOT NULL,
+  role text,
+  joined_at timestamp NOT NULL DEFAULT now(),
+  PRIMARY KEY (member_id, name)
+);
+INSERT INTO mesh.member_group (member_id, name, role, joined_at)
+  VALUES ('m-ada', 'eng/backend', 'lead', '2025-01-02 03:04:05');";
+
+#[tokio::test]
+async fn an_existing_member_group_table_keeps_its_rows() {
+    let url = fresh_database();
+    pg().run_sql(db_name(&url), FIXTURE).expect("load fixture");
+    let mut c = client(&url).await;
+    c.batch_execute(SEED_MESH).await.unwrap();
+    c.batch_execute(EXISTING_MEMBER_GROUP).await.unwrap();
+    assert_eq!(run_migrations(&mut c).await.unwrap(), MIGRATIONS.len());
+    assert_section_8_schema(&c).await;
+    let rows = c
+        .query(
+            "SELECT member_id, name, role, joined_at::text FROM mesh.member_group",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, &str>(0), "m-ada");
+    assert_eq!(rows[0].get::<_, &str>(1), "eng/backend");
+    assert_eq!(rows[0].get::<_, Option<&str>>(2), Some("lead"));
+    assert_eq!(rows[0].get::<_, &str>(3), "2025-01-02 03:04:05");
+
+    // The broker reads it: members come with their groups.
+    let (handle, thread) = db::spawn(url.clone(), Arc::new(DbStatus::new())).unwrap();
+    let answer = handle.lookup_members("mesh-1").expect("lookup queued");
+    let mut members = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered in time")
+        .unwrap()
+        .expect("lookup succeeded");
+    members.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(members.len(), 2);
+    assert_eq!(members[0].display_name, "Ada");
+    assert_eq!(
+        members[0].groups,
+        [("eng/backend".to_owned(), Some("lead".to_owned()))]
+    );
+    assert!(members[1].groups.is_empty());
+
+    // And writes it: a rejoin keeps the row's joined_at, a leave deletes.
+    let group =
+        |member_id: &str, name: &str, role: Option<&str>, joined| DbCommand::GroupMembership {
+            member_id: member_id.to_owned(),
+            name: name.to_owned(),
+            role: role.map(str::to_owned),
+            joined,
+            at: SystemTime::now(),
+        };
+    handle
+        .try_send(group("m-ada", "eng/backend", Some("chief"), true))
+        .unwrap();
+    handle.try_send(group("m-bob", "ops", None, true)).unwrap();
+    handle.try_send(group("m-bob", "ops", None, false)).unwrap();
+    handle.try_send(group("m-bob", "eng", None, true)).unwrap();
+    let want = vec![
+        (
+            "m-ada".to_owned(),
+            "eng/backend".to_owned(),
+            Some("chief".to_owned()),
+            "2025-01-02 03:04:05".to_owned(),
+        ),
+        ("m-bob".to_owned(), "eng".to_owned(), None, String::new()),
+    ];
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while Instant::now() < until {
+        got = c
+            .query(
+                "SELECT member_id, name, role,
+                   CASE WHEN member_id = 'm-ada' THEN joined_at::text ELSE '' END
+                 FROM mesh.member_group ORDER BY member_id, name",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+            .collect::<Vec<(String, String, Option<String>, String)>>();
+        if got == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(got, want);
+    drop(handle);
+    join_within(thread, Duration::from_secs(3));
+}
+
+#[tokio::test]
+async fn member_group_rows_go_with_their_member() {
+    let url = fresh_database();
+    pg().run_sql(db_name(&url), FIXTURE).expect("load fixture");
+    let mut c = client(&url).await;
+    run_migrations(&mut c).await.unwrap();
+    c.batch_execute(SEED_MESH).await.unwrap();
+    c.batch_execute(
+        "INSERT INTO mesh.member_group (member_id, name) VALUES ('m-ada', 'ops'), ('m-bob', 'ops');
+         UPDATE mesh.member SET id = 'm-ada-2' WHERE id = 'm-ada';
+         DELETE FROM mesh.member WHERE id = 'm-bob';",
+    )
+    .await
+    .unwrap();
+    let rows = c
+        .query(
+            "SELECT member_id, name, role, joined_at FROM mesh.member_group",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, &str>(0), "m-ada-2");
+    assert_eq!(rows[0].get::<_, Option<&str>>(2), None);
+    // The default `now()` is UTC: sessions run with TimeZone = 'UTC'.
+    let joined: SystemTime = rows[0].get(3);
+    let skew = SystemTime::now()
+        .duration_since(joined)
+        .unwrap_or_else(|e| e.duration());
+    assert!(skew < Duration::from_secs(60), "joined_at off by {skew:?}");
+    // (member_id, name) is the key.
+    let dup = c
+        .execute(
+            "INSERT INTO mesh.member_group (member_id, name) VALUES ('m-ada-2', 'ops')",
+            &[],
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(
+        dup.code(),
+        Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
+    );
 }
 
 #[tokio::test]

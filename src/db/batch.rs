@@ -19,6 +19,7 @@
 //! (lookups with a reply channel) are not rows: run their query after the
 //! batch's writes and send the result (or the error) on the channel.
 
+use std::collections::HashMap;
 use std::time::SystemTime;
 
 use tokio_postgres::{Client, Statement};
@@ -66,6 +67,24 @@ UPDATE mesh.member m SET last_seen_at = t.at
 FROM UNNEST($1::text[], $2::timestamp[]) AS t(id, at)
 WHERE m.id = t.id";
 
+/// Group joins: new rows, or a new role for a group the member is in
+/// (`joined_at` stays). Joins for a member row that is gone are skipped
+/// rather than refused by the foreign key, so they cannot cost the batch a
+/// retry one command at a time (a member deleted while this runs still can:
+/// the per-command retry then skips it). Each `(member_id, name)` appears
+/// at most once: an `ON CONFLICT DO UPDATE` may not touch a row twice.
+pub(crate) const GROUP_JOIN_SQL: &str = "\
+INSERT INTO mesh.member_group (member_id, name, role, joined_at)
+SELECT t.member_id, t.name, t.role, t.at
+FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamp[]) AS t(member_id, name, role, at)
+WHERE EXISTS (SELECT 1 FROM mesh.member m WHERE m.id = t.member_id)
+ON CONFLICT (member_id, name) DO UPDATE SET role = EXCLUDED.role";
+
+pub(crate) const GROUP_LEAVE_SQL: &str = "\
+DELETE FROM mesh.member_group g
+USING UNNEST($1::text[], $2::text[]) AS t(member_id, name)
+WHERE g.member_id = t.member_id AND g.name = t.name";
+
 /// The writer's statements, prepared once per connection.
 pub(crate) struct Statements {
     stash_pending_status: Statement,
@@ -74,6 +93,8 @@ pub(crate) struct Statements {
     presence_ping: Statement,
     presence_close: Statement,
     member_seen: Statement,
+    group_join: Statement,
+    group_leave: Statement,
 }
 
 impl Statements {
@@ -85,6 +106,8 @@ impl Statements {
             presence_ping: client.prepare(PRESENCE_PING_SQL).await?,
             presence_close: client.prepare(PRESENCE_CLOSE_SQL).await?,
             member_seen: client.prepare(MEMBER_SEEN_SQL).await?,
+            group_join: client.prepare(GROUP_JOIN_SQL).await?,
+            group_leave: client.prepare(GROUP_LEAVE_SQL).await?,
         })
     }
 }
@@ -149,6 +172,73 @@ pub(crate) struct PendingStatusRows<'a> {
     pub created_at: Vec<SystemTime>,
 }
 
+/// One group change: the last one per `(member_id, name)` in the batch.
+#[derive(Debug, PartialEq)]
+struct GroupChange<'a> {
+    role: Option<&'a str>,
+    joined: bool,
+    at: SystemTime,
+}
+
+/// Group joins and leaves, one per `(member_id, name)`: a later command for
+/// the same pair replaces the earlier one, so join → leave → join ends
+/// joined and join → leave ends left. Kept in first-seen order.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct GroupRows<'a> {
+    keys: Vec<(&'a str, &'a str)>,
+    changes: Vec<GroupChange<'a>>,
+    index: HashMap<(&'a str, &'a str), usize>,
+}
+
+/// Column arrays for the group upsert.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct GroupJoinRows<'a> {
+    pub member_id: Vec<&'a str>,
+    pub name: Vec<&'a str>,
+    pub role: Vec<Option<&'a str>>,
+    pub at: Vec<SystemTime>,
+}
+
+/// Column arrays for the group delete.
+#[derive(Debug, Default, PartialEq)]
+pub(crate) struct GroupLeaveRows<'a> {
+    pub member_id: Vec<&'a str>,
+    pub name: Vec<&'a str>,
+}
+
+impl<'a> GroupRows<'a> {
+    fn push(&mut self, member_id: &'a str, name: &'a str, change: GroupChange<'a>) {
+        let key = (member_id, name);
+        match self.index.get(&key) {
+            Some(&i) => self.changes[i] = change,
+            None => {
+                self.index.insert(key, self.keys.len());
+                self.keys.push(key);
+                self.changes.push(change);
+            }
+        }
+    }
+
+    /// The pairs whose last command is a join, and those whose last is a
+    /// leave.
+    pub(crate) fn split(&self) -> (GroupJoinRows<'a>, GroupLeaveRows<'a>) {
+        let mut joins = GroupJoinRows::default();
+        let mut leaves = GroupLeaveRows::default();
+        for (&(member_id, name), change) in self.keys.iter().zip(&self.changes) {
+            if change.joined {
+                joins.member_id.push(member_id);
+                joins.name.push(name);
+                joins.role.push(change.role);
+                joins.at.push(change.at);
+            } else {
+                leaves.member_id.push(member_id);
+                leaves.name.push(name);
+            }
+        }
+        (joins, leaves)
+    }
+}
+
 /// A batch split by kind into column arrays, borrowing from the commands.
 #[derive(Debug, Default, PartialEq)]
 pub(crate) struct BatchRows<'a> {
@@ -158,6 +248,7 @@ pub(crate) struct BatchRows<'a> {
     pub presence_ping: IdTimes<'a>,
     pub presence_close: IdTimes<'a>,
     pub member_seen: IdTimes<'a>,
+    pub groups: GroupRows<'a>,
 }
 
 impl<'a> BatchRows<'a> {
@@ -205,6 +296,21 @@ impl<'a> BatchRows<'a> {
                 self.presence_close.push(id, *at);
                 self.member_seen.push(member_id, *at);
             }
+            DbCommand::GroupMembership {
+                member_id,
+                name,
+                role,
+                joined,
+                at,
+            } => self.groups.push(
+                member_id,
+                name,
+                GroupChange {
+                    role: role.as_deref(),
+                    joined: *joined,
+                    at: *at,
+                },
+            ),
         }
     }
 
@@ -221,18 +327,24 @@ impl<'a> BatchRows<'a> {
     }
 }
 
-/// Writes one batch: one statement per kind present, in the order that
-/// keeps a session's rows consistent (open before ping before close). Each
-/// statement is idempotent, so a batch retried after a partial write is
-/// harmless.
+/// Writes one batch in one transaction: `BEGIN`, one statement per kind
+/// present, in the order that keeps a session's rows consistent (open
+/// before status before ping before close; then group joins and leaves,
+/// whose pairs are disjoint), and `COMMIT`, sent back to
+/// back so the batch costs one round trip. Each statement is idempotent, so
+/// a batch retried after a timeout whose outcome is unknown is harmless.
 pub(crate) async fn write_batch(
     client: &Client,
     statements: &Statements,
     cmds: &[DbCommand],
 ) -> Result<(), tokio_postgres::Error> {
     let rows = BatchRows::from_commands(cmds);
+    let skip = || async { Ok::<u64, tokio_postgres::Error>(0) };
     let ps = &rows.pending_status;
-    if !ps.id.is_empty() {
+    let stash = async {
+        if ps.id.is_empty() {
+            return skip().await;
+        }
         client
             .execute(
                 &statements.stash_pending_status,
@@ -245,10 +357,13 @@ pub(crate) async fn write_batch(
                     &HOOK_SOURCE,
                 ],
             )
-            .await?;
-    }
+            .await
+    };
     let open = &rows.presence_open;
-    if !open.id.is_empty() {
+    let presence_open = async {
+        if open.id.is_empty() {
+            return skip().await;
+        }
         client
             .execute(
                 &statements.presence_open,
@@ -263,27 +378,69 @@ pub(crate) async fn write_batch(
                     &open.source,
                 ],
             )
-            .await?;
-    }
+            .await
+    };
     let status = &rows.presence_status;
-    if !status.id.is_empty() {
+    let presence_status = async {
+        if status.id.is_empty() {
+            return skip().await;
+        }
         client
             .execute(
                 &statements.presence_status,
                 &[&status.id, &status.status, &status.source, &status.at],
             )
-            .await?;
-    }
-    for (statement, pairs) in [
-        (&statements.presence_ping, &rows.presence_ping),
-        (&statements.presence_close, &rows.presence_close),
-        (&statements.member_seen, &rows.member_seen),
-    ] {
-        if !pairs.id.is_empty() {
-            client.execute(statement, &[&pairs.id, &pairs.at]).await?;
+            .await
+    };
+
+    let (joins, leaves) = rows.groups.split();
+    let group_join = async {
+        if joins.member_id.is_empty() {
+            return skip().await;
         }
-    }
+        client
+            .execute(
+                &statements.group_join,
+                &[&joins.member_id, &joins.name, &joins.role, &joins.at],
+            )
+            .await
+    };
+    let group_leave = async {
+        if leaves.member_id.is_empty() {
+            return skip().await;
+        }
+        client
+            .execute(&statements.group_leave, &[&leaves.member_id, &leaves.name])
+            .await
+    };
+    // try_join! polls in order, so the requests go out back to back; a
+    // failing statement aborts the transaction and COMMIT then rolls back.
+    tokio::try_join!(
+        client.batch_execute("BEGIN"),
+        stash,
+        presence_open,
+        presence_status,
+        update_times(client, &statements.presence_ping, &rows.presence_ping),
+        update_times(client, &statements.presence_close, &rows.presence_close),
+        update_times(client, &statements.member_seen, &rows.member_seen),
+        group_join,
+        group_leave,
+        client.batch_execute("COMMIT"),
+    )?;
     Ok(())
+}
+
+/// One of the timestamp updates, with its `(id, at)` column pair; nothing
+/// is sent when there are no rows.
+async fn update_times(
+    client: &Client,
+    statement: &Statement,
+    pairs: &IdTimes<'_>,
+) -> Result<u64, tokio_postgres::Error> {
+    if pairs.id.is_empty() {
+        return Ok(0);
+    }
+    client.execute(statement, &[&pairs.id, &pairs.at]).await
 }
 
 #[cfg(test)]
@@ -314,6 +471,82 @@ mod tests {
         assert_eq!(ps.cwd, vec!["/x", "/y"]);
         assert_eq!(ps.status, vec!["working", "idle"]);
         assert_eq!(ps.created_at.len(), 2);
+    }
+
+    fn group(member_id: &str, name: &str, role: Option<&str>, joined: bool, t: u64) -> DbCommand {
+        DbCommand::GroupMembership {
+            member_id: member_id.to_owned(),
+            name: name.to_owned(),
+            role: role.map(str::to_owned),
+            joined,
+            at: SystemTime::UNIX_EPOCH + Duration::from_secs(t),
+        }
+    }
+
+    #[test]
+    fn only_the_last_group_command_per_member_and_name_counts() {
+        let at = |t| SystemTime::UNIX_EPOCH + Duration::from_secs(t);
+        let cmds = vec![
+            // join → leave → join: joined, with the last role and time.
+            group("ada", "eng", Some("member"), true, 1),
+            group("ada", "eng", None, false, 2),
+            group("ada", "eng", Some("lead"), true, 3),
+            // join → leave: left.
+            group("ada", "ops", Some("x"), true, 4),
+            group("ada", "ops", None, false, 5),
+            // The same name for another member is another row.
+            group("bob", "eng", None, true, 6),
+            // leave → join: joined; a role change is a second join.
+            group("bob", "ops", None, false, 7),
+            group("bob", "ops", Some("a"), true, 8),
+            group("bob", "ops", Some("b"), true, 9),
+            // A leave alone.
+            group("cy", "eng", None, false, 10),
+        ];
+        let rows = BatchRows::from_commands(&cmds);
+        let (joins, leaves) = rows.groups.split();
+        assert_eq!(joins.member_id, vec!["ada", "bob", "bob"]);
+        assert_eq!(joins.name, vec!["eng", "eng", "ops"]);
+        assert_eq!(joins.role, vec![Some("lead"), None, Some("b")]);
+        assert_eq!(joins.at, vec![at(3), at(6), at(9)]);
+        assert_eq!(leaves.member_id, vec!["ada", "cy"]);
+        assert_eq!(leaves.name, vec!["ops", "eng"]);
+        // Nothing else in the batch picked them up.
+        assert_eq!(
+            BatchRows {
+                groups: GroupRows::default(),
+                ..rows
+            },
+            BatchRows::default()
+        );
+    }
+
+    #[test]
+    fn group_pairs_are_matched_exactly() {
+        // Names arrive normalized (`GroupName`); what differs is a new pair.
+        let cmds = vec![
+            group("ada", "eng", None, true, 1),
+            group("ada", "eng/backend", None, false, 2),
+            group("ad", "aeng", None, false, 3),
+        ];
+        let (joins, leaves) = BatchRows::from_commands(&cmds).groups.split();
+        assert_eq!(joins.name, vec!["eng"]);
+        assert_eq!(leaves.member_id, vec!["ada", "ad"]);
+        assert_eq!(leaves.name, vec!["eng/backend", "aeng"]);
+    }
+
+    #[test]
+    fn group_sql_upserts_keeping_joined_at_and_deletes_in_one_statement_each() {
+        let join = GROUP_JOIN_SQL;
+        assert!(
+            join.starts_with("INSERT INTO mesh.member_group (member_id, name, role, joined_at)")
+        );
+        assert_eq!(join.matches("UNNEST(").count(), 1);
+        assert!(join.ends_with("ON CONFLICT (member_id, name) DO UPDATE SET role = EXCLUDED.role"));
+        assert!(!join.contains("joined_at ="));
+        let leave = GROUP_LEAVE_SQL;
+        assert!(leave.starts_with("DELETE FROM mesh.member_group"));
+        assert_eq!(leave.matches("UNNEST(").count(), 1);
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Member lookups for the membership directory, on the db thread.
+//! Member lookups for the membership directory, on the db thread: each
+//! member row with its display name and its `mesh.member_group` rows.
 //!
 //! Hellos on a mesh the directory has not loaded (or that miss a member)
 //! ask for its rows; every `member_refresh` all loaded meshes are reloaded
@@ -16,10 +17,21 @@ use super::worker::{connect, ConnTask};
 use super::{LookupFailed, MembersReply, WRITE_TIMEOUT};
 use crate::mesh::directory::{Directory, MemberRow};
 
+/// Every member row of the given meshes with its groups, in one round
+/// trip: the lateral aggregate yields one row per member (empty arrays when
+/// it has no group), names and roles in the same order, by name in byte
+/// order (`COLLATE "C"`, whatever the database's locale).
 const MEMBERS_SQL: &str = "\
-SELECT mesh_id, id, peer_pubkey, revoked_at IS NOT NULL
-FROM mesh.member
-WHERE mesh_id = ANY($1)";
+SELECT m.mesh_id, m.id, m.peer_pubkey, m.revoked_at IS NOT NULL, m.display_name,
+  COALESCE(g.names, '{}'::text[]), COALESCE(g.roles, '{}'::text[])
+FROM mesh.member m
+LEFT JOIN LATERAL (
+  SELECT array_agg(mg.name::text ORDER BY mg.name COLLATE \"C\") AS names,
+    array_agg(mg.role::text ORDER BY mg.name COLLATE \"C\") AS roles
+  FROM mesh.member_group mg
+  WHERE mg.member_id = m.id
+) g ON true
+WHERE m.mesh_id = ANY($1)";
 
 pub(crate) struct MemberLoader {
     config: Config,
@@ -118,24 +130,27 @@ impl MemberLoader {
     }
 }
 
-/// `(mesh_id, row)` for every member row of the given meshes.
+/// `(mesh_id, row)` for every member row of the given meshes, each with
+/// its display name and its `mesh.member_group` rows (ordered by name).
 pub(crate) async fn query_members(
     client: &Client,
     mesh_ids: &[String],
 ) -> Result<Vec<(String, MemberRow)>, tokio_postgres::Error> {
     let rows = client.query(MEMBERS_SQL, &[&mesh_ids]).await?;
-    Ok(rows
-        .iter()
+    rows.iter()
         .map(|row| {
-            (
-                row.get::<_, String>(0),
+            let names: Vec<String> = row.try_get(5)?;
+            let roles: Vec<Option<String>> = row.try_get(6)?;
+            Ok((
+                row.try_get::<_, String>(0)?,
                 MemberRow {
-                    id: row.get(1),
-                    peer_pubkey: row.get(2),
-                    revoked: row.get(3),
-                    ..MemberRow::default()
+                    id: row.try_get(1)?,
+                    peer_pubkey: row.try_get(2)?,
+                    revoked: row.try_get(3)?,
+                    display_name: row.try_get(4)?,
+                    groups: names.into_iter().zip(roles).collect(),
                 },
-            )
+            ))
         })
-        .collect())
+        .collect()
 }

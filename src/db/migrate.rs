@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "held_indexes",
         sql: include_str!("../../migrations/0004_held_indexes.sql"),
     },
+    Migration {
+        version: 5,
+        name: "member_group",
+        sql: include_str!("../../migrations/0005_member_group.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -118,8 +123,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3, 4]);
-        assert!(pending(all, &[1, 2, 3, 4]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4, 5]);
+        assert!(pending(all, &[1, 2, 3, 4, 5]).is_empty());
     }
 
     #[test]

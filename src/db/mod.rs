@@ -18,7 +18,8 @@
 //!   success logs `db healthy` and marks it up.
 //! - **Batching.** Commands are received with `recv_many` into an in-memory
 //!   backlog, and written oldest first in batches of up to [`BATCH_MAX`],
-//!   each batch one multi-row statement per command kind (see `batch`). The
+//!   each batch one transaction of one multi-row statement per command kind,
+//!   sent back to back in one round trip (see `batch`). The
 //!   channel keeps being drained while a connect, a write or a ping is in
 //!   flight, so shards see `DbQueueFull` only if this thread is starved.
 //! - **Postgres down.** The backlog keeps commands in order, bounded by
@@ -153,6 +154,20 @@ pub enum DbCommand {
     PresenceClose {
         id: String,
         member_id: String,
+        at: SystemTime,
+    },
+    /// A member joined (`joined`) or left a group (PROTOCOL.md §10):
+    /// upserts or deletes its `mesh.member_group` row. `name` as
+    /// `GroupName` normalizes it (lowercase). A join of a group the member
+    /// is in only changes `role` (`joined_at` stays the first join's, `at`
+    /// for a new row). Within one batch only the last command per
+    /// `(member_id, name)` counts. A join for a member row that is gone is
+    /// skipped.
+    GroupMembership {
+        member_id: String,
+        name: String,
+        role: Option<String>,
+        joined: bool,
         at: SystemTime,
     },
 }

@@ -90,7 +90,22 @@ pub struct ShardMetrics {
     pub(super) frames_written: AtomicU64,
     pub(super) hook_requests: AtomicU64,
     pub(super) hook_rate_limited: AtomicU64,
+    pub(super) sessions: SessionCounters,
     pub(super) published: Mutex<ShardLats>,
+}
+
+/// The sessions and peer directory counters (PROTOCOL.md §9–§10).
+#[derive(Debug, Default)]
+pub(super) struct SessionCounters {
+    /// Signed: a session may go away on one shard and leave grace on
+    /// another; only the sum over shards is shown.
+    pub(super) away: AtomicI64,
+    pub(super) resumed: AtomicU64,
+    pub(super) replaced: AtomicU64,
+    pub(super) peer_events: AtomicU64,
+    pub(super) rate_limited: AtomicU64,
+    pub(super) group_sends: AtomicU64,
+    pub(super) peers_listed: AtomicU64,
 }
 
 impl ShardMetrics {
@@ -107,6 +122,7 @@ impl ShardMetrics {
             frames_written: AtomicU64::new(0),
             hook_requests: AtomicU64::new(0),
             hook_rate_limited: AtomicU64::new(0),
+            sessions: SessionCounters::default(),
             published: Mutex::new(ShardLats::default()),
         }
     }
@@ -169,6 +185,54 @@ impl ShardMetrics {
         let closed = self.conns_closed.total();
         let opened = self.conns_opened.load(Relaxed);
         opened.saturating_sub(closed) as i64
+    }
+}
+
+impl ShardMetrics {
+    /// A session lost its socket without a close frame and is now `away`
+    /// in its grace (`broker_sessions_away` +1).
+    pub fn session_went_away(&self) {
+        self.sessions.away.fetch_add(1, Relaxed);
+    }
+
+    /// A session counted by [`session_went_away`](Self::session_went_away)
+    /// left its grace: resumed, or its grace ran out, or the broker stopped
+    /// (`broker_sessions_away` −1). Call exactly once per away session.
+    pub fn session_away_ended(&self) {
+        self.sessions.away.fetch_sub(1, Relaxed);
+    }
+
+    /// A hello took over an existing presence: a session in grace, or a
+    /// live one it replaced (`hello_ack.resumed` true).
+    pub fn session_resumed(&self) {
+        self.sessions.resumed.fetch_add(1, Relaxed);
+    }
+
+    /// A live session was closed with 4000 (`session_replaced`) by a newer
+    /// hello of its member with the same session id or session key.
+    pub fn session_replaced(&self) {
+        self.sessions.replaced.fetch_add(1, Relaxed);
+    }
+
+    /// `n` peer events (`peer_joined`, `peer_left`, …) were pushed, one per
+    /// receiving session.
+    pub fn peer_events_sent(&self, n: u64) {
+        self.sessions.peer_events.fetch_add(n, Relaxed);
+    }
+
+    /// A send was refused with `rate_limited` by its member's send bucket.
+    pub fn send_rate_limited(&self) {
+        self.sessions.rate_limited.fetch_add(1, Relaxed);
+    }
+
+    /// A send to a group (`@<group>`, `#<name>`) was routed.
+    pub fn group_send(&self) {
+        self.sessions.group_sends.fetch_add(1, Relaxed);
+    }
+
+    /// A `list_peers` was answered.
+    pub fn peers_listed(&self) {
+        self.sessions.peers_listed.fetch_add(1, Relaxed);
     }
 }
 
@@ -322,6 +386,45 @@ mod tests {
         assert_eq!(value(&s, "broker_ttl_sweeps_total", &[]), 2.0);
         assert_eq!(value(&s, "broker_ttl_flipped_total", &[]), 4.0);
         assert_eq!(value(&s, "broker_audit_dropped_total", &[]), 6.0);
+    }
+
+    #[test]
+    fn session_counters_sum_over_shards() {
+        let m = Metrics::new(2);
+        let (a, b) = (m.shard(0), m.shard(1));
+        a.session_went_away();
+        a.session_went_away();
+        b.session_went_away();
+        // One resumed on the other shard, one timed out.
+        b.session_away_ended();
+        b.session_resumed();
+        a.session_away_ended();
+        a.session_resumed();
+        a.session_replaced();
+        a.peer_events_sent(3);
+        b.peer_events_sent(4);
+        b.peer_events_sent(0);
+        a.send_rate_limited();
+        b.send_rate_limited();
+        b.send_rate_limited();
+        a.group_send();
+        b.peers_listed();
+        b.peers_listed();
+
+        let s = parse_exposition(&m.render());
+        assert_eq!(value(&s, "broker_sessions_away", &[]), 1.0);
+        assert_eq!(value(&s, "broker_sessions_resumed_total", &[]), 2.0);
+        assert_eq!(value(&s, "broker_sessions_replaced_total", &[]), 1.0);
+        assert_eq!(value(&s, "broker_peer_events_total", &[]), 7.0);
+        assert_eq!(value(&s, "broker_sends_rate_limited_total", &[]), 3.0);
+        assert_eq!(value(&s, "broker_group_sends_total", &[]), 1.0);
+        assert_eq!(value(&s, "broker_list_peers_total", &[]), 2.0);
+        // Not mixed into the connection counters.
+        assert_eq!(value(&s, "broker_connections_active", &[]), 0.0);
+
+        b.session_away_ended();
+        let s = parse_exposition(&m.render());
+        assert_eq!(value(&s, "broker_sessions_away", &[]), 0.0);
     }
 
     #[test]

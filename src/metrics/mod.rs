@@ -149,6 +149,13 @@ impl Metrics {
             rejected_msgs: Vec::new(),
             hook_requests: 0,
             hook_rate_limited: 0,
+            sessions_away: 0,
+            sessions_resumed: 0,
+            sessions_replaced: 0,
+            peer_events: 0,
+            sends_rate_limited: 0,
+            group_sends: 0,
+            peers_listed: 0,
             shard_active: Vec::with_capacity(self.shards.len()),
             shard_messages: Vec::with_capacity(self.shards.len()),
             shard_socket_writes: Vec::with_capacity(self.shards.len()),
@@ -184,8 +191,19 @@ impl Metrics {
                 .push(shard.frames_written.load(Relaxed));
             s.hook_requests += shard.hook_requests.load(Relaxed);
             s.hook_rate_limited += shard.hook_rate_limited.load(Relaxed);
+            let sessions = &shard.sessions;
+            s.sessions_away += sessions.away.load(Relaxed);
+            s.sessions_resumed += sessions.resumed.load(Relaxed);
+            s.sessions_replaced += sessions.replaced.load(Relaxed);
+            s.peer_events += sessions.peer_events.load(Relaxed);
+            s.sends_rate_limited += sessions.rate_limited.load(Relaxed);
+            s.group_sends += sessions.group_sends.load(Relaxed);
+            s.peers_listed += sessions.peers_listed.load(Relaxed);
             lats.add(&lock(&shard.published));
         }
+        // A session may go away on one shard and leave grace on another,
+        // and the shards are read one after the other: never show less than 0.
+        s.sessions_away = s.sessions_away.max(0);
         s.http = lats.http.snapshot();
         for i in 0..3 {
             s.send_ack[i] = lats.send_ack[i].snapshot();

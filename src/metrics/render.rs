@@ -34,6 +34,13 @@ pub(super) struct Snapshot {
     pub(super) rejected_msgs: Vec<(&'static str, u64)>,
     pub(super) hook_requests: u64,
     pub(super) hook_rate_limited: u64,
+    pub(super) sessions_away: i64,
+    pub(super) sessions_resumed: u64,
+    pub(super) sessions_replaced: u64,
+    pub(super) peer_events: u64,
+    pub(super) sends_rate_limited: u64,
+    pub(super) group_sends: u64,
+    pub(super) peers_listed: u64,
     pub(super) shard_active: Vec<i64>,
     pub(super) shard_messages: Vec<u64>,
     pub(super) shard_socket_writes: Vec<u64>,
@@ -251,6 +258,48 @@ impl Collector for Snapshot {
         )?;
         gauge(
             e,
+            "broker_sessions_away",
+            "Sessions whose socket was lost, in their grace (SESSION_GRACE_SECONDS).",
+            self.sessions_away,
+        )?;
+        counter(
+            e,
+            "broker_sessions_resumed",
+            "Hellos that took over an existing presence (in grace, or replaced).",
+            self.sessions_resumed,
+        )?;
+        counter(
+            e,
+            "broker_sessions_replaced",
+            "Live sessions closed with 4000 by a newer hello of the same session.",
+            self.sessions_replaced,
+        )?;
+        counter(
+            e,
+            "broker_peer_events",
+            "Peer events pushed (one per receiving session).",
+            self.peer_events,
+        )?;
+        counter(
+            e,
+            "broker_sends_rate_limited",
+            "Sends refused by their member's send rate (SEND_RATE_PER_MIN, SEND_BURST).",
+            self.sends_rate_limited,
+        )?;
+        counter(
+            e,
+            "broker_group_sends",
+            "Sends to a group routed.",
+            self.group_sends,
+        )?;
+        counter(
+            e,
+            "broker_list_peers",
+            "list_peers requests answered.",
+            self.peers_listed,
+        )?;
+        gauge(
+            e,
             "broker_db_healthy",
             "1 when Postgres answers, else 0.",
             i64::from(self.db_healthy),
@@ -324,6 +373,13 @@ mod tests {
             "broker_hook_requests_total",
             "broker_hook_requests_rate_limited_total",
             "broker_db_healthy",
+            "broker_sessions_away",
+            "broker_sessions_resumed_total",
+            "broker_sessions_replaced_total",
+            "broker_peer_events_total",
+            "broker_sends_rate_limited_total",
+            "broker_group_sends_total",
+            "broker_list_peers_total",
         ] {
             assert_eq!(value(&samples, name, &[]), 0.0, "{name}");
         }
@@ -355,6 +411,22 @@ mod tests {
             assert_eq!(value(&samples, "broker_shard_messages_total", &l), 0.0);
         }
         assert!(text.contains("# TYPE broker_connections_closed counter\n"));
+        assert!(text.contains("# TYPE broker_sessions_away gauge\n"));
+        assert!(text.contains("# HELP broker_sessions_away "));
+        for family in [
+            "broker_sessions_resumed",
+            "broker_sessions_replaced",
+            "broker_peer_events",
+            "broker_sends_rate_limited",
+            "broker_group_sends",
+            "broker_list_peers",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} counter\n")),
+                "{family}"
+            );
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+        }
         // Every latency family exists with zero counts, as histogram and summary.
         let single = [
             "broker_http_request_duration_seconds",
