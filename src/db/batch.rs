@@ -70,8 +70,11 @@ WHERE m.id = t.id";
 /// Group joins: new rows, or a new role for a group the member is in
 /// (`joined_at` stays). Joins for a member row that is gone are skipped
 /// rather than refused by the foreign key, so they cannot cost the batch a
-/// retry one command at a time (a member deleted while this runs still can:
-/// the per-command retry then skips it). Each `(member_id, name)` appears
+/// retry one command at a time. A member deleted while this runs (after
+/// the check, before the key is checked) still gets the batch refused: the
+/// per-command retry then skips the join, except in a batch of that one
+/// command, which is dropped and counted like any refused command (no row
+/// could be written anyway). Each `(member_id, name)` appears
 /// at most once: an `ON CONFLICT DO UPDATE` may not touch a row twice.
 pub(crate) const GROUP_JOIN_SQL: &str = "\
 INSERT INTO mesh.member_group (member_id, name, role, joined_at)
