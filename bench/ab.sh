@@ -20,7 +20,8 @@ start() {
   local bin=$1 dir="$WORK/run-$RANDOM"
   mkdir -p "$dir"; chmod 755 "$dir"
   env -u DATABASE_URL MESHBROKER_DATA_DIR="$dir/data" BROKER_PORT="$PORT" BROKER_HOST=127.0.0.1 \
-    CLAUDE_PROJECTS_DIR="$dir/none" "$bin" 2>"$dir/broker.log" &
+    CLAUDE_PROJECTS_DIR="$dir/none" SEND_RATE_PER_MIN=4000000000 SEND_BURST=4000000000 \
+    "$bin" 2>"$dir/broker.log" &
   BPID=$!
   for _ in $(seq 300); do
     grep -q '"db healthy"' "$dir/broker.log" 2>/dev/null && break

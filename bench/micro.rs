@@ -1,17 +1,21 @@
 //! Criterion micro-benchmarks of the hot pieces: WebSocket frame decode and
-//! encode, protocol parse and push serialization, and routing one envelope
-//! to 1 / 100 / 10,000 local recipient sessions.
+//! encode, protocol parse and push serialization, routing one envelope
+//! to 1 / 100 / 10,000 local recipient sessions, and the peer directory
+//! (publishing a shard's part, writing `peers_list`) at 1,000 and 10,000
+//! sessions per mesh.
 //!
 //! `cargo bench --bench micro` (results under target/criterion).
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use meshbroker::mesh::deliver::LocalRoutes;
-use meshbroker::mesh::directory::{Directory, MemberRow};
+use meshbroker::mesh::directory::{Directory, MemberRow, MeshEntry};
 use meshbroker::mesh::held::HeldBudget;
-use meshbroker::mesh::plan::{plan_broadcast, HoldLimits};
+use meshbroker::mesh::peers::{self, Holder, MemberSessions, NewSession, SessionEntry};
+use meshbroker::mesh::plan::{plan_many, Audience, HoldLimits};
 use meshbroker::mesh::{Envelope, EnvelopeTarget};
 use meshbroker::protocol::{self, PushFields};
 use meshbroker::shard::link::SessionLink;
 use meshbroker::shard::outbound::FrameBatch;
+use meshbroker::status::StatusState;
 use meshbroker::ws::{self, OpCode};
 use std::hint::black_box;
 use std::rc::Rc;
@@ -130,7 +134,7 @@ fn routing(c: &mut Criterion) {
                     message_id: "m".into(),
                     mesh: mesh.clone(),
                     sender: sender.clone(),
-                    target: EnvelopeTarget::All,
+                    target: EnvelopeTarget::Many("*".into()),
                     priority: protocol::Priority::Now,
                     created_at: SystemTime::now(),
                     expires_at: SystemTime::now(),
@@ -141,7 +145,7 @@ fn routing(c: &mut Criterion) {
                     restored: false,
                     holds_in_flight: Default::default(),
                 });
-                let plan = plan_broadcast(&envelope, &limits).unwrap();
+                let plan = plan_many(&envelope, Audience::All, &limits).unwrap();
                 let done = routes.deliver_route(plan.route.as_ref().unwrap());
                 // Empty the queues as each writer would, keeping memory flat.
                 for session in &sessions {
@@ -160,5 +164,71 @@ fn drain(session: &SessionLink, batch: &mut FrameBatch) {
     batch.finish(drop, drop);
 }
 
-criterion_group!(benches, frames, protocol_messages, routing);
+/// A mesh of `n` members with one session each, half listed by each of two
+/// shards (published), and one of the sessions.
+fn directory_of(n: usize) -> (Arc<MeshEntry>, Vec<Arc<SessionEntry>>) {
+    let rows: Vec<MemberRow> = (0..n)
+        .map(|i| MemberRow {
+            id: format!("member-{i:05}"),
+            peer_pubkey: format!("{i:064x}"),
+            display_name: format!("peer {i}"),
+            groups: vec![("eng/backend".into(), Some("dev".into()))],
+            ..MemberRow::default()
+        })
+        .collect();
+    let mesh = Directory::default().install("mesh-bench", &rows);
+    let view = mesh.view();
+    let sessions: Vec<Arc<SessionEntry>> = view
+        .members()
+        .iter()
+        .enumerate()
+        .map(|(i, member)| {
+            let holder = Holder::Live {
+                shard: i % 2,
+                conn: i as u64,
+            };
+            let claim = MemberSessions::claim(member, "session-1", holder, || {
+                Ok::<_, ()>(NewSession {
+                    presence_id: format!("presence-{i:05}").into(),
+                    pid: 4000 + i as i32,
+                    cwd: "/home/dev/projects/meshbroker".into(),
+                    connected_at: "2026-12-02T03:00:00.000Z".into(),
+                    display_name: member.display_name().as_ref().as_ref().into(),
+                    status: StatusState::new(Instant::now()),
+                })
+            });
+            claim.unwrap().entry().clone()
+        })
+        .collect();
+    for shard in 0..2 {
+        let part = sessions.iter().skip(shard).step_by(2).cloned().collect();
+        mesh.board.publish(shard, part);
+    }
+    (mesh, sessions)
+}
+
+fn directory(c: &mut Criterion) {
+    let mut group = c.benchmark_group("directory");
+    for n in [1_000usize, 10_000] {
+        let (mesh, sessions) = directory_of(n);
+        let part: Vec<Arc<SessionEntry>> = sessions.iter().step_by(2).cloned().collect();
+        group.bench_with_input(BenchmarkId::new("publish_half", n), &n, |b, _| {
+            b.iter(|| mesh.board.publish(0, part.clone()))
+        });
+        let mut out = Vec::new();
+        peers::write_peers_list(&mut out, &mesh.board, &sessions[0], Some("r"));
+        group.throughput(Throughput::Bytes(out.len() as u64));
+        group.bench_with_input(BenchmarkId::new("peers_list", n), &n, |b, _| {
+            b.iter(|| {
+                out.clear();
+                peers::write_peers_list(&mut out, &mesh.board, &sessions[0], Some("r"));
+                black_box(out.len())
+            })
+        });
+        eprintln!("directory: {n} sessions, peers_list {} bytes", out.len());
+    }
+    group.finish();
+}
+
+criterion_group!(benches, frames, protocol_messages, routing, directory);
 criterion_main!(benches);

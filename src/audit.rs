@@ -324,7 +324,11 @@ impl AuditEvent {
         Self::by_member(mesh, member, None, kind)
     }
 
-    pub(crate) fn group_leave(mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, name: &str) -> Self {
+    pub(crate) fn group_leave(
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        name: &str,
+    ) -> Self {
         let kind = AuditKind::GroupLeave { name: name.into() };
         Self::by_member(mesh, member, None, kind)
     }

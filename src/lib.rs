@@ -41,5 +41,5 @@ pub mod mesh;
 pub(crate) mod metrics;
 pub mod protocol;
 pub mod shard;
-pub(crate) mod status;
+pub mod status;
 pub mod ws;

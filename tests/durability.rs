@@ -15,6 +15,7 @@ use support::*;
 /// The broker on an existing database, once its backlog is loaded.
 fn restart_on(db: &str, env: &[(&str, &str)]) -> Broker {
     let mut all: Vec<(&str, &str)> = vec![("DATABASE_URL", db)];
+    all.extend_from_slice(&UNLIMITED_SENDS);
     all.extend_from_slice(env);
     let broker = Broker::start(&all);
     broker.wait_for_log("held restored", Duration::from_secs(30));
@@ -25,6 +26,13 @@ fn stop(mut broker: Broker) {
     broker.sigterm();
     let status = broker.wait_exit(Duration::from_secs(15)).expect("exits");
     assert!(status.success(), "{status:?}\n{}", broker.stderr_text());
+}
+
+/// `start`, for tests that send faster than a member's default rate.
+fn flooding(env: &[(&str, &str)]) -> TestBroker {
+    let mut all = UNLIMITED_SENDS.to_vec();
+    all.extend_from_slice(env);
+    start(&all)
 }
 
 /// Sends `count` envelopes round-robin to `targets` without waiting.
@@ -119,7 +127,7 @@ fn acked_envelopes_survive_sigkill_with_two_writer_connections() {
 }
 
 fn sigkill_under_load(env: &[(&str, &str)]) {
-    let mut broker = start(env);
+    let mut broker = flooding(env);
     let db = broker.db.clone();
     let members = seed_mesh(&db, "kill", 9);
     let (senders, offline) = members.split_at(1);
@@ -153,7 +161,11 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
     let pg = LocalPostgres::start(&root.join("data"), true).expect("start Postgres");
     pg.create_database("outage").expect("create database");
     let db = pg.url("outage");
-    let broker = Broker::start(&[("DATABASE_URL", &db)]);
+    let broker = Broker::start(&[
+        ("DATABASE_URL", &db),
+        UNLIMITED_SENDS[0],
+        UNLIMITED_SENDS[1],
+    ]);
     broker.wait_for_log("db healthy", Duration::from_secs(30));
     let members = seed_mesh(&db, "outage", 6);
     let (online, offline) = members.split_at(2);
@@ -253,7 +265,7 @@ fn a_postgres_outage_keeps_routing_and_loses_no_acked_envelope() {
 
 #[test]
 fn sigterm_under_load_exits_cleanly_and_keeps_what_it_acked() {
-    let mut broker = start(&[]);
+    let mut broker = flooding(&[]);
     let db = broker.db.clone();
     let members = seed_mesh(&db, "term", 8);
     let (online, offline) = members.split_at(3);
@@ -294,7 +306,7 @@ fn sigterm_under_load_exits_cleanly_and_keeps_what_it_acked() {
 
 #[test]
 fn expired_envelopes_are_dropped_never_pushed_and_counted() {
-    let broker = start(&[
+    let broker = flooding(&[
         ("HELD_TTL_SECONDS", "1"),
         ("BROKER_SWEEP_INTERVAL_MS", "200"),
     ]);
@@ -326,7 +338,7 @@ fn expired_envelopes_are_dropped_never_pushed_and_counted() {
 
 #[test]
 fn rows_the_old_broker_wrote_are_delivered_under_the_same_rules() {
-    let broker = start(&[]);
+    let broker = flooding(&[]);
     let db = broker.db.clone();
     let members = seed_mesh(&db, "legacy", 3);
     stop(broker.broker);
@@ -387,7 +399,7 @@ fn rows_the_old_broker_wrote_are_delivered_under_the_same_rules() {
 
 #[test]
 fn a_broadcast_held_for_three_reaches_each_once_across_a_restart() {
-    let broker = start(&[]);
+    let broker = flooding(&[]);
     let db = broker.db.clone();
     let members = seed_mesh(&db, "bcast", 4);
     let mut sender = Peer::connect(&broker, &members[0]);
@@ -482,7 +494,7 @@ fn a_broadcast_held_for_three_reaches_each_once_across_a_restart() {
 
 #[test]
 fn new_sends_wait_behind_the_backlog_an_earlier_run_left() {
-    let broker = start(&[]);
+    let broker = flooding(&[]);
     let db = broker.db.clone();
     let members = seed_mesh(&db, "backlog", 2);
     stop(broker.broker);
@@ -498,7 +510,11 @@ fn new_sends_wait_behind_the_backlog_an_earlier_run_left() {
             members[0].id, members[1].pubkey
         ),
     );
-    let broker = Broker::start(&[("DATABASE_URL", &db)]);
+    let broker = Broker::start(&[
+        ("DATABASE_URL", &db),
+        UNLIMITED_SENDS[0],
+        UNLIMITED_SENDS[1],
+    ]);
     broker.wait_for_log("db healthy", Duration::from_secs(30));
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut receiver = Peer::connect(&broker, &members[1]);

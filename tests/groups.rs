@@ -30,8 +30,10 @@ fn group_names(ack: &Value) -> Vec<String> {
 }
 
 fn send_to(peer: &mut Peer, target: &str, id: &str) -> Value {
-    peer.request(&json!({"type": "send", "targetSpec": target, "priority": "next",
-        "nonce": "n", "ciphertext": format!("c-{id}"), "id": id}))
+    peer.request(
+        &json!({"type": "send", "targetSpec": target, "priority": "next",
+        "nonce": "n", "ciphertext": format!("c-{id}"), "id": id}),
+    )
 }
 
 #[test]
@@ -165,8 +167,10 @@ fn leaving_a_group_stops_its_sends_and_membership_survives_a_restart() {
         &db,
         "SELECT member_id, name, role FROM mesh.member_group ORDER BY member_id, name",
     );
-    let stored: Vec<(String, String, Option<String>)> =
-        rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+    let stored: Vec<(String, String, Option<String>)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
     assert_eq!(
         stored,
         [

@@ -300,7 +300,7 @@ fn messages_are_validated_and_never_end_the_session() {
         still_works(&mut peer);
     }
 
-    for (i, target) in ["#general", "tag:x"].into_iter().enumerate() {
+    for (i, target) in ["channel:general", "tag:x"].into_iter().enumerate() {
         let mut send = valid.clone();
         let id = format!("unsupported-{i}");
         send["targetSpec"] = json!(target);

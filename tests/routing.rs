@@ -213,7 +213,9 @@ fn a_cut_off_reader_keeps_every_acked_push_even_over_the_held_bound() {
 }
 
 fn slow_reader_keeps_every_acked_push(env: &[(&str, &str)]) {
-    let broker = start(env);
+    let mut all = UNLIMITED_SENDS.to_vec();
+    all.extend_from_slice(env);
+    let broker = start(&all);
     let members = seed_mesh(&broker.db, "slow", 3);
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut healthy = Peer::connect(&broker, &members[2]);

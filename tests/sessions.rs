@@ -140,23 +140,41 @@ fn req_id_is_echoed_on_every_answer() {
     assert_eq!(reply["_reqId"], "l-2");
     let reply = a.request(&json!({"type": "send", "targetSpec": members[1].pubkey,
         "nonce": "n", "ciphertext": "c", "id": "s", "_reqId": "s-3"}));
-    assert_eq!((reply["type"].as_str(), reply["_reqId"].as_str()), (Some("ack"), Some("s-3")));
+    assert_eq!(
+        (reply["type"].as_str(), reply["_reqId"].as_str()),
+        (Some("ack"), Some("s-3"))
+    );
     let reply = a.request(&json!({"type": "send", "targetSpec": "tag:x",
         "nonce": "n", "ciphertext": "c", "id": "t", "_reqId": "e-4"}));
     assert_eq!(reply["code"], "unsupported_target");
-    assert_eq!((reply["id"].as_str(), reply["_reqId"].as_str()), (Some("t"), Some("e-4")));
+    assert_eq!(
+        (reply["id"].as_str(), reply["_reqId"].as_str()),
+        (Some("t"), Some("e-4"))
+    );
     let reply = a.request(&json!({"type": "dance", "_reqId": "u-5"}));
-    assert_eq!((reply["code"].as_str(), reply["_reqId"].as_str()), (Some("unknown_type"), Some("u-5")));
+    assert_eq!(
+        (reply["code"].as_str(), reply["_reqId"].as_str()),
+        (Some("unknown_type"), Some("u-5"))
+    );
     let reply = a.request(&json!({"type": "set_summary", "summary": 5, "_reqId": "v-6"}));
-    assert_eq!((reply["code"].as_str(), reply["_reqId"].as_str()), (Some("invalid_field"), Some("v-6")));
+    assert_eq!(
+        (reply["code"].as_str(), reply["_reqId"].as_str()),
+        (Some("invalid_field"), Some("v-6"))
+    );
     let long = "r".repeat(65);
     let reply = a.request(&json!({"type": "list_peers", "_reqId": long}));
     assert_eq!(reply["code"], "invalid_field");
-    assert!(reply["message"].as_str().unwrap().contains("_reqId"), "{reply}");
+    assert!(
+        reply["message"].as_str().unwrap().contains("_reqId"),
+        "{reply}"
+    );
     // Before hello too.
     let mut early = Peer::open(&broker);
     let reply = early.request(&json!({"type": "list_peers", "_reqId": "n-7"}));
-    assert_eq!((reply["code"].as_str(), reply["_reqId"].as_str()), (Some("no_hello"), Some("n-7")));
+    assert_eq!(
+        (reply["code"].as_str(), reply["_reqId"].as_str()),
+        (Some("no_hello"), Some("n-7"))
+    );
 }
 
 #[test]
@@ -164,7 +182,11 @@ fn events_reach_only_those_who_asked_and_never_concern_their_own_member() {
     let broker = start(&[("SESSION_GRACE_SECONDS", "30")]);
     let members = seed_mesh(&broker.db, "events", 3);
     let wants = json!({"capabilities": ["peer_events", "something_else"]});
-    let (mut watcher, ack) = connect_with(&broker, &members[0], &hello_with(&members[0], wants.clone()));
+    let (mut watcher, ack) = connect_with(
+        &broker,
+        &members[0],
+        &hello_with(&members[0], wants.clone()),
+    );
     assert_eq!(ack["capabilities"], json!(["peer_events"]));
     assert_eq!(ack["resumed"], false);
     let mut deaf = Peer::connect(&broker, &members[1]);
@@ -183,7 +205,10 @@ fn events_reach_only_those_who_asked_and_never_concern_their_own_member() {
     let summary = &seen[3];
     assert_eq!(summary["eventData"]["summary"], "fixing the build");
     assert_eq!(summary["eventData"]["status"], "working");
-    assert_eq!(summary["eventData"]["presenceId"], other.presence_id.as_str());
+    assert_eq!(
+        summary["eventData"]["presenceId"],
+        other.presence_id.as_str()
+    );
     assert!(summary["eventData"].get("self").is_none());
     for field in ["senderPubkey", "priority", "nonce", "ciphertext"] {
         assert!(summary.get(field).is_some(), "{field} in {summary}");
@@ -214,7 +239,10 @@ fn a_lost_socket_is_away_and_resumes_within_the_grace_with_its_state_and_held_en
     laptop.send_json(&json!({"type": "set_status", "status": "working"}));
     laptop.send_json(&json!({"type": "set_summary", "summary": "on a train"}));
     let presence = laptop.presence_id.clone();
-    assert_eq!(event_names(&events(&mut watcher)), ["peer_joined", "peer_status", "peer_summary"]);
+    assert_eq!(
+        event_names(&events(&mut watcher)),
+        ["peer_joined", "peer_status", "peer_summary"]
+    );
     drop_socket(laptop);
     broker.wait_metric("broker_sessions_away", |v| v == 1.0);
     // While away, a send to the member is held.
@@ -231,9 +259,16 @@ fn a_lost_socket_is_away_and_resumes_within_the_grace_with_its_state_and_held_en
     assert_eq!(event_names(&events(&mut watcher)), ["peer_returned"]);
     let list = list_peers(&mut laptop);
     let me = entry(&list, &presence).expect("listed");
-    assert_eq!((me["status"].as_str(), me["summary"].as_str()), (Some("working"), Some("on a train")));
+    assert_eq!(
+        (me["status"].as_str(), me["summary"].as_str()),
+        (Some("working"), Some("on a train"))
+    );
     assert_eq!(me["away"], false);
-    assert_eq!(list.len(), 3, "no second entry for the resumed session: {list:?}");
+    assert_eq!(
+        list.len(),
+        3,
+        "no second entry for the resumed session: {list:?}"
+    );
     let rows = common::query_rows(
         &broker.db,
         &format!("SELECT disconnected_at IS NULL FROM mesh.presence WHERE id = '{presence}'"),
@@ -252,7 +287,11 @@ fn after_the_grace_a_lost_session_ends_with_peer_left() {
         &members[1],
         &hello_with(&members[1], json!({"capabilities": ["peer_events"]})),
     );
-    let (lost, _) = connect_with(&broker, &members[0], &hello_with(&members[0], json!({"sessionId": "s"})));
+    let (lost, _) = connect_with(
+        &broker,
+        &members[0],
+        &hello_with(&members[0], json!({"sessionId": "s"})),
+    );
     let presence = lost.presence_id.clone();
     assert_eq!(event_names(&events(&mut watcher)), ["peer_joined"]);
     drop_socket(lost);
@@ -262,14 +301,20 @@ fn after_the_grace_a_lost_session_ends_with_peer_left() {
     let ended = poll(WAIT, || {
         common::query_rows(
             &broker.db,
-            &format!("SELECT disconnected_at IS NOT NULL FROM mesh.presence WHERE id = '{presence}'"),
+            &format!(
+                "SELECT disconnected_at IS NOT NULL FROM mesh.presence WHERE id = '{presence}'"
+            ),
         )[0]
         .get::<_, bool>(0)
     });
     assert!(ended, "disconnected_at written after the grace");
     assert!(entry(&list_peers(&mut watcher), &presence).is_none());
     // The same session id now starts a new session.
-    let (_, ack) = connect_with(&broker, &members[0], &hello_with(&members[0], json!({"sessionId": "s"})));
+    let (_, ack) = connect_with(
+        &broker,
+        &members[0],
+        &hello_with(&members[0], json!({"sessionId": "s"})),
+    );
     assert_eq!(ack["resumed"], false);
     assert_ne!(ack["presenceId"], presence.as_str());
 }
@@ -300,12 +345,23 @@ fn a_hello_with_a_live_session_id_replaces_it_and_other_members_are_unaffected()
         &hello_with(&members[2], json!({"capabilities": ["peer_events"]})),
     );
     let shared = json!({"sessionId": "pid-77-1764200000"});
-    let (mut old, _) = connect_with(&broker, &members[0], &hello_with(&members[0], shared.clone()));
+    let (mut old, _) = connect_with(
+        &broker,
+        &members[0],
+        &hello_with(&members[0], shared.clone()),
+    );
     // Another member with the same session id: a separate session.
-    let (mut neighbour, ack) = connect_with(&broker, &members[1], &hello_with(&members[1], shared.clone()));
+    let (mut neighbour, ack) = connect_with(
+        &broker,
+        &members[1],
+        &hello_with(&members[1], shared.clone()),
+    );
     assert_eq!(ack["resumed"], false);
     old.send_json(&json!({"type": "set_summary", "summary": "kept"}));
-    assert_eq!(event_names(&events(&mut watcher)), ["peer_joined", "peer_joined", "peer_summary"]);
+    assert_eq!(
+        event_names(&events(&mut watcher)),
+        ["peer_joined", "peer_joined", "peer_summary"]
+    );
     let (mut new, ack) = connect_with(&broker, &members[0], &hello_with(&members[0], shared));
     assert_eq!(ack["resumed"], true);
     assert_eq!(ack["presenceId"], old.presence_id.as_str());
@@ -318,7 +374,14 @@ fn a_hello_with_a_live_session_id_replaces_it_and_other_members_are_unaffected()
     assert!(entry(&list, &neighbour.presence_id).is_some());
     // Both still work.
     let ack = neighbour.send(&members[0].pubkey, "now", "n", "to-new", "x");
-    assert_push(&new.recv_push(WAIT), &ack, &members[1], "now", "n", "to-new");
+    assert_push(
+        &new.recv_push(WAIT),
+        &ack,
+        &members[1],
+        "now",
+        "n",
+        "to-new",
+    );
     assert_eq!(broker.metric("broker_sessions_replaced_total"), 1.0);
 }
 
@@ -331,12 +394,16 @@ fn the_send_rate_is_per_member_across_its_sessions() {
     let mut other = Peer::connect(&broker, &members[1]);
     let _sink = Peer::connect(&broker, &members[2]);
     let target = members[2].pubkey.clone();
-    for (i, peer) in [&mut one, &mut two, &mut one, &mut two].into_iter().enumerate() {
+    for i in 0..4 {
+        let peer = if i % 2 == 0 { &mut one } else { &mut two };
         peer.send(&target, "now", "n", "c", &format!("ok{i}"));
     }
     let reply = two.request(&json!({"type": "send", "targetSpec": target,
         "nonce": "n", "ciphertext": "c", "id": "over"}));
-    assert_eq!((reply["code"].as_str(), reply["id"].as_str()), (Some("rate_limited"), Some("over")));
+    assert_eq!(
+        (reply["code"].as_str(), reply["id"].as_str()),
+        (Some("rate_limited"), Some("over"))
+    );
     // A reconnect does not refill it.
     two.close();
     let mut three = Peer::connect(&broker, &members[0]);
@@ -357,9 +424,12 @@ fn hello_extensions_are_checked_and_answered() {
     let (mut peer, ack) = connect_with(
         &broker,
         member,
-        &hello_with(member, json!({"displayName": "reviewer", "protocolVersion": 2,
+        &hello_with(
+            member,
+            json!({"displayName": "reviewer", "protocolVersion": 2,
             "groups": [{"name": "Eng/Backend", "role": "lead"}, {"name": "ops"}],
-            "capabilities": ["client_ack"]})),
+            "capabilities": ["client_ack"]}),
+        ),
     );
     assert_eq!(ack["displayName"], "reviewer");
     assert_eq!(ack["memberDisplayName"], format!("peer {}", member.id));
@@ -375,9 +445,18 @@ fn hello_extensions_are_checked_and_answered() {
         (json!({"protocolVersion": 3}), "unsupported_protocol"),
         (json!({"protocolVersion": "2"}), "invalid_field"),
         (json!({"displayName": "x".repeat(65)}), "invalid_field"),
-        (json!({"groups": [{"name": "Not A Group"}]}), "invalid_field"),
-        (json!({"groups": [{"name": "eng", "role": "r".repeat(33)}]}), "invalid_field"),
-        (json!({"groups": (0..65).map(|i| json!({"name": format!("g{i}")})).collect::<Vec<_>>()}), "invalid_field"),
+        (
+            json!({"groups": [{"name": "Not A Group"}]}),
+            "invalid_field",
+        ),
+        (
+            json!({"groups": [{"name": "eng", "role": "r".repeat(33)}]}),
+            "invalid_field",
+        ),
+        (
+            json!({"groups": (0..65).map(|i| json!({"name": format!("g{i}")})).collect::<Vec<_>>()}),
+            "invalid_field",
+        ),
         (json!({"capabilities": "peer_events"}), "invalid_field"),
     ];
     for (extra, code) in refused {
@@ -394,7 +473,10 @@ fn summaries_and_bad_messages_after_hello_keep_the_session_open() {
     let members = seed_mesh(&broker.db, "summ", 1);
     let mut peer = Peer::connect(&broker, &members[0]);
     peer.send_json(&json!({"type": "set_summary", "summary": "s".repeat(1024)}));
-    assert_eq!(list_peers(&mut peer)[0]["summary"].as_str().unwrap().len(), 1024);
+    assert_eq!(
+        list_peers(&mut peer)[0]["summary"].as_str().unwrap().len(),
+        1024
+    );
     let reply = peer.request(&json!({"type": "set_summary", "summary": "s".repeat(1025)}));
     assert_eq!(reply["code"], "invalid_field");
     for clear in [json!(null), json!("")] {
@@ -422,7 +504,10 @@ fn an_older_client_sees_exactly_the_first_protocol() {
     let ack = a.send(&members[1].pubkey, "next", "n", "direct", "d");
     let push = b.recv_push(WAIT);
     assert_push(&push, &ack, &members[0], "next", "n", "direct");
-    assert!(push.get("targetSpec").is_none(), "a direct push has no targetSpec");
+    assert!(
+        push.get("targetSpec").is_none(),
+        "a direct push has no targetSpec"
+    );
     assert!(push.get("subtype").is_none());
     let ack = a.send("*", "now", "n", "all", "b");
     let push = b.recv_push(WAIT);

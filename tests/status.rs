@@ -876,9 +876,11 @@ fn at_hello_the_transcript_is_asked_before_held_envelopes_are_released() {
 
 #[test]
 fn a_client_that_stops_answering_pings_is_closed_and_its_presence_ended() {
+    // Its presence ends after the grace (PROTOCOL.md §9): keep it short.
     let broker = start(&[
         ("BROKER_PING_INTERVAL_MS", "100"),
         ("BROKER_PING_TIMEOUT_MS", "600"),
+        ("SESSION_GRACE_SECONDS", "1"),
     ]);
     let m = seed_mesh(&broker.db, "liveness", 3);
     let mut silent = Peer::connect(&broker, &m[1]);

@@ -24,7 +24,8 @@ pub struct SendRate {
 
 impl SendRate {
     pub fn new(per_minute: u32, burst: u32) -> SendRate {
-        let interval = (Duration::from_secs(60).as_nanos() as u64 / u64::from(per_minute.max(1))).max(1);
+        let interval =
+            (Duration::from_secs(60).as_nanos() as u64 / u64::from(per_minute.max(1))).max(1);
         SendRate {
             interval,
             depth: interval.saturating_mul(u64::from(burst.max(1))),

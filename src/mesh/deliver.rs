@@ -252,8 +252,7 @@ impl<S: Recipient> LocalRoutes<S> {
                 self.deliver_to(member, sessions, route, &mut done);
             }
             Targets::AllBut { held_for } => {
-                let skipped =
-                    |k: &usize| !held_for.is_empty() && held_for.binary_search(k).is_ok();
+                let skipped = |k: &usize| !held_for.is_empty() && held_for.binary_search(k).is_ok();
                 self.deliver_to_mesh(route, |k| !skipped(k), &mut done);
             }
             Targets::Listed { members } => {
@@ -265,7 +264,12 @@ impl<S: Recipient> LocalRoutes<S> {
 
     /// Delivers to every local member of the route's mesh but the sender's
     /// that `wanted` (by entry address).
-    fn deliver_to_mesh(&self, route: &Route, wanted: impl Fn(&usize) -> bool, done: &mut Delivered) {
+    fn deliver_to_mesh(
+        &self,
+        route: &Route,
+        wanted: impl Fn(&usize) -> bool,
+        done: &mut Delivered,
+    ) {
         let envelope = &route.envelope;
         let Some(members) = self.by_mesh.get(&key(&envelope.mesh)) else {
             return;
@@ -1039,11 +1043,22 @@ mod tests {
         let frame = bytes::Bytes::from_static(b"event");
         // About a session of `a`: `a2` asked but is `a`'s own; `b` is busy
         // but events are never gated; `c` did not ask.
-        assert_eq!(routes.notify_peers(&world.mesh, &world.member("a"), &frame), 1);
         assert_eq!(
-            [a1.events.get(), a2.events.get(), b.events.get(), c.events.get()],
+            routes.notify_peers(&world.mesh, &world.member("a"), &frame),
+            1
+        );
+        assert_eq!(
+            [
+                a1.events.get(),
+                a2.events.get(),
+                b.events.get(),
+                c.events.get()
+            ],
             [0, 0, 1, 0]
         );
-        assert_eq!(routes.notify_peers(&world.mesh, &world.member("c"), &frame), 2);
+        assert_eq!(
+            routes.notify_peers(&world.mesh, &world.member("c"), &frame),
+            2
+        );
     }
 }

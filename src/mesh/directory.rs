@@ -178,7 +178,9 @@ impl MemberEntry {
         let full = next.len() >= MAX_GROUPS;
         match next.iter_mut().find(|m| m.name == name) {
             Some(member) => match role {
-                Some(role) if member.role.as_deref() != Some(role) => member.role = Some(role.into()),
+                Some(role) if member.role.as_deref() != Some(role) => {
+                    member.role = Some(role.into())
+                }
                 _ => return Ok(false),
             },
             None if full => return Err(TooManyGroups),
@@ -201,7 +203,11 @@ impl MemberEntry {
         if !current.iter().any(|m| m.name == *name) {
             return false;
         }
-        let next = current.iter().filter(|m| m.name != *name).cloned().collect();
+        let next = current
+            .iter()
+            .filter(|m| m.name != *name)
+            .cloned()
+            .collect();
         self.groups.store(Arc::new(next));
         true
     }

@@ -360,7 +360,14 @@ pub fn event_frame(
     let state = entry.state();
     let mut json = Vec::with_capacity(512);
     with_fields(entry, &state, |fields| {
-        write_peer_event(&mut json, event.as_str(), message_id, mesh_id, created_at, fields)
+        write_peer_event(
+            &mut json,
+            event.as_str(),
+            message_id,
+            mesh_id,
+            created_at,
+            fields,
+        )
     });
     ws::encode_server_frame(OpCode::Text, &json)
 }

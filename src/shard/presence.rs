@@ -53,6 +53,19 @@ impl LocalBoard {
 }
 
 impl Shard {
+    fn publish_board(&self) {
+        self.board.any_dirty.set(false);
+        self.board.parts.borrow_mut().retain(|_, part| {
+            if part.dirty {
+                part.dirty = false;
+                part.mesh
+                    .board
+                    .publish(self.index, part.sessions.values().cloned().collect());
+            }
+            !part.sessions.is_empty()
+        });
+    }
+
     /// Lists a session this shard now holds.
     pub(super) fn board_add(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>) {
         let mut parts = self.board.parts.borrow_mut();
@@ -132,7 +145,12 @@ impl Shard {
 
     /// A session whose socket was lost stays listed as away; after the
     /// grace, unless it was resumed meanwhile, it ends.
-    pub(super) fn start_grace(self: &Rc<Self>, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>, spell: u64) {
+    pub(super) fn start_grace(
+        self: &Rc<Self>,
+        mesh: &Arc<MeshEntry>,
+        entry: &Arc<SessionEntry>,
+        spell: u64,
+    ) {
         self.metrics.session_went_away();
         let shard = self.clone();
         let (mesh, entry) = (mesh.clone(), entry.clone());
@@ -168,18 +186,7 @@ pub(super) async fn publish_loop(shard: Rc<Shard>) {
         .await;
         // Let every arrival of this turn land first.
         signal::yield_now().await;
-        shard.board.any_dirty.set(false);
-        let mut parts = shard.board.parts.borrow_mut();
-        parts.retain(|_, part| {
-            if part.dirty {
-                part.dirty = false;
-                part.mesh
-                    .board
-                    .publish(shard.index, part.sessions.values().cloned().collect());
-            }
-            !part.sessions.is_empty()
-        });
-        drop(parts);
+        shard.publish_board();
         monoio::time::sleep(PUBLISH_EVERY).await;
     }
 }
@@ -200,7 +207,12 @@ impl Shard {
                 .iter()
                 .find(|m| m.name == name)
                 .and_then(|m| m.role.as_deref().map(str::to_owned));
-            self.audit(AuditEvent::group_join(mesh, member, name.as_str(), role.as_deref()));
+            self.audit(AuditEvent::group_join(
+                mesh,
+                member,
+                name.as_str(),
+                role.as_deref(),
+            ));
             self.to_db(DbCommand::GroupMembership {
                 member_id: member.id.to_string(),
                 name: name.as_str().to_owned(),
@@ -212,7 +224,12 @@ impl Shard {
         Ok(())
     }
 
-    pub(super) fn leave_group(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, name: &GroupName) {
+    pub(super) fn leave_group(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        name: &GroupName,
+    ) {
         if member.leave_group(name) {
             self.audit(AuditEvent::group_leave(mesh, member, name.as_str()));
             self.to_db(DbCommand::GroupMembership {

@@ -4,8 +4,8 @@
 //! a drain or a sweep.
 use super::close::CloseReason;
 use super::durable::Durable;
-use super::presence::LocalBoard;
 use super::link::{shutdown_socket, SessionLink};
+use super::presence::LocalBoard;
 use super::signal::LocalSignal;
 use crate::audit::AuditEvent;
 use crate::context::BrokerContext;

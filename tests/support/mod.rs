@@ -21,6 +21,12 @@ use crate::common::{exec_sql, fresh_database, http, Broker};
 
 /// Generous bound for anything the broker should do "soon".
 pub const WAIT: Duration = Duration::from_secs(10);
+/// For tests that send far faster than a member's default send rate
+/// (PROTOCOL.md §9: 200 at once, 100 a second): no limit that they reach.
+pub const UNLIMITED_SENDS: [(&str, &str); 2] = [
+    ("SEND_RATE_PER_MIN", "4000000000"),
+    ("SEND_BURST", "4000000000"),
+];
 /// How long "received nothing" is watched for.
 pub const QUIET: Duration = Duration::from_millis(400);
 

@@ -116,7 +116,13 @@ impl Session {
             Claim::Resumed { from_shard, .. } => {
                 shard.metrics.session_resumed();
                 shard.metrics.session_away_ended();
-                shard.audit(AuditEvent::resume(mesh, member, &entry.presence_id, &entry.session_id, false));
+                shard.audit(AuditEvent::resume(
+                    mesh,
+                    member,
+                    &entry.presence_id,
+                    &entry.session_id,
+                    false,
+                ));
                 shard.send_to(
                     *from_shard,
                     ShardEvent::Resumed {
@@ -126,9 +132,17 @@ impl Session {
                 );
                 shard.announce(mesh, entry, PeerEvent::Returned);
             }
-            Claim::Replaced { shard: at, conn, .. } => {
+            Claim::Replaced {
+                shard: at, conn, ..
+            } => {
                 shard.metrics.session_replaced();
-                shard.audit(AuditEvent::resume(mesh, member, &entry.presence_id, &entry.session_id, true));
+                shard.audit(AuditEvent::resume(
+                    mesh,
+                    member,
+                    &entry.presence_id,
+                    &entry.session_id,
+                    true,
+                ));
                 shard.send_to(*at, ShardEvent::Replaced { conn: *conn });
             }
         }
@@ -259,7 +273,12 @@ impl Session {
     /// came before the session did, so it holds accordingly from its first
     /// envelope, or idle).
     fn new_session(&self, hello: &OwnedHello, member: &MemberEntry, now: Instant) -> NewSession {
-        let status = match self.shard.ctx.hooks.take_pending(hello.pid, &hello.cwd, now) {
+        let status = match self
+            .shard
+            .ctx
+            .hooks
+            .take_pending(hello.pid, &hello.cwd, now)
+        {
             Some((status, at)) => StatusState::with(status, Source::Hook, at),
             None => StatusState::new(now),
         };
