@@ -517,3 +517,27 @@ fn an_older_client_sees_exactly_the_first_protocol() {
         peer.expect_nothing(QUIET);
     }
 }
+
+#[test]
+fn a_peer_list_larger_than_the_outbound_bound_still_arrives() {
+    let broker = start(&[
+        ("MAX_OUTBOUND_BYTES", "65536"),
+        ("MAX_CONNECTIONS_PER_MESH", "1000"),
+    ]);
+    let members = seed_mesh(&broker.db, "big", 200);
+    let mut peers: Vec<Peer> = members.iter().map(|m| Peer::connect(&broker, m)).collect();
+    let me = &mut peers[0];
+    let list = wait_list(me, "all 200 listed", |l| l.len() == 200);
+    let bytes: usize = list.iter().map(|e| e.to_string().len()).sum();
+    assert!(bytes > 65536, "the list ({bytes} B) is over the bound");
+    // Still a working session.
+    let ack = me.send(&members[1].pubkey, "now", "n", "after", "a");
+    assert_push(
+        &peers[1].recv_push(WAIT),
+        &ack,
+        &members[0],
+        "now",
+        "n",
+        "after",
+    );
+}

@@ -193,14 +193,29 @@ impl Outbound {
         })
     }
 
+    /// Queue a reply that may be larger than the byte bound by itself (a
+    /// `peers_list` of a very large mesh): taken when it fits, or when
+    /// nothing else is queued, so a session holds at most one such reply
+    /// past its bound. `Overflow` leaves the session as it was.
+    pub fn push_large(&self, frame: Bytes) -> Result<(), Overflow> {
+        if self.queued_bytes.get() == 0 {
+            return self.enqueue_unbounded(QueuedFrame::Reply { frame, stamp: None });
+        }
+        self.push(frame, None)
+    }
+
     fn enqueue(&self, queued: QueuedFrame) -> Result<(), Overflow> {
+        if self.queued_bytes.get() + queued.bytes().len() > self.limit && !self.closing.get() {
+            return Err(Overflow);
+        }
+        self.enqueue_unbounded(queued)
+    }
+
+    fn enqueue_unbounded(&self, queued: QueuedFrame) -> Result<(), Overflow> {
         if self.closing.get() {
             return Ok(());
         }
         let bytes = self.queued_bytes.get() + queued.bytes().len();
-        if bytes > self.limit {
-            return Err(Overflow);
-        }
         self.queued_bytes.set(bytes);
         self.queue.borrow_mut().push_back(queued);
         self.wake_writer();
@@ -314,6 +329,21 @@ mod tests {
         out.take_now(&mut batch);
         assert_eq!(batch.len(), 1);
         assert_eq!(out.queued_bytes(), 0);
+    }
+
+    #[test]
+    fn a_large_reply_goes_alone_past_the_bound() {
+        let out = Outbound::new(10);
+        let large = Bytes::from_static(b"0123456789abcdef");
+        assert_eq!(out.push(large.clone(), None), Err(Overflow));
+        assert!(out.push_large(large.clone()).is_ok());
+        assert_eq!(out.queued_bytes(), 16);
+        // Not a second one, and nothing else past the bound.
+        assert_eq!(out.push_large(large), Err(Overflow));
+        assert_eq!(out.push(Bytes::from_static(b"x"), None), Err(Overflow));
+        let mut batch = FrameBatch::default();
+        out.take_now(&mut batch);
+        assert!(out.push_large(Bytes::from_static(b"small")).is_ok());
     }
 
     #[test]
