@@ -178,6 +178,42 @@ fn leaving_a_group_stops_its_sends_and_membership_survives_a_restart() {
             (members[1].id.clone(), "ops".into(), Some("oncall".into())),
         ]
     );
+    let audited: Vec<(String, String, Value)> = common::query_rows(
+        &db,
+        "SELECT event_type, actor_peer_id, metadata::text FROM mesh.audit_log \
+         WHERE event_type LIKE 'group_%' ORDER BY created_at, id",
+    )
+    .iter()
+    .map(|r| {
+        let metadata: String = r.get(2);
+        (r.get(0), r.get(1), serde_json::from_str(&metadata).unwrap())
+    })
+    .collect();
+    assert_eq!(
+        audited,
+        [
+            (
+                "group_join".into(),
+                members[1].id.clone(),
+                json!({"name": "ops", "role": "oncall"})
+            ),
+            (
+                "group_join".into(),
+                members[1].id.clone(),
+                json!({"name": "eng"})
+            ),
+            (
+                "group_join".into(),
+                members[2].id.clone(),
+                json!({"name": "eng"})
+            ),
+            (
+                "group_leave".into(),
+                members[2].id.clone(),
+                json!({"name": "eng"})
+            ),
+        ]
+    );
     let broker = Broker::start(&[("DATABASE_URL", &db)]);
     broker.wait_for_log("db healthy", Duration::from_secs(30));
     let mut b = Peer::open(&broker);

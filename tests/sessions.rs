@@ -383,6 +383,20 @@ fn a_hello_with_a_live_session_id_replaces_it_and_other_members_are_unaffected()
         "to-new",
     );
     assert_eq!(broker.metric("broker_sessions_replaced_total"), 1.0);
+    let resumed = poll(WAIT, || {
+        common::query_rows(
+            &broker.db,
+            &format!(
+                "SELECT count(*) FROM mesh.audit_log WHERE event_type = 'resume' \
+                 AND actor_peer_id = '{}' AND metadata->>'replaced' = 'true' \
+                 AND metadata->>'presenceId' = '{}'",
+                members[0].id, old.presence_id
+            ),
+        )[0]
+        .get::<_, i64>(0)
+            == 1
+    });
+    assert!(resumed, "the replacement is audited as a resume");
 }
 
 #[test]
