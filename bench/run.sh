@@ -48,7 +48,8 @@ start_broker() {
   mkdir -p "$dir"
   chmod 755 "$dir"
   env -u DATABASE_URL MESHBROKER_DATA_DIR="$dir/data" BROKER_PORT="$PORT" \
-    BROKER_HOST=127.0.0.1 CLAUDE_PROJECTS_DIR="$dir/none" NODE_ENV=development "$@" \
+    BROKER_HOST=127.0.0.1 CLAUDE_PROJECTS_DIR="$dir/none" NODE_ENV=development \
+    SEND_RATE_PER_MIN=4000000000 SEND_BURST=4000000000 "$@" \
     "$BROKER" 2>"$dir/broker.log" &
   BPID=$!
   for _ in $(seq 300); do

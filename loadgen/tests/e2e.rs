@@ -65,7 +65,13 @@ fn run(broker: &Broker, db: &str, scenario: &str, extra: &[&str]) -> loadgen::Re
 fn every_scenario_runs_without_loss() {
     ensure_broker_binary();
     let db = fresh_database();
-    let broker = Broker::start(&[("DATABASE_URL", &db)]);
+    // The loadgen's peers send far faster than a member's default send
+    // rate (PROTOCOL.md §9): lift it, as bench/run.sh does.
+    let broker = Broker::start(&[
+        ("DATABASE_URL", &db),
+        ("SEND_RATE_PER_MIN", "4000000000"),
+        ("SEND_BURST", "4000000000"),
+    ]);
     // Migrations run after the listener is up.
     broker.wait_for_log("db healthy", std::time::Duration::from_secs(30));
 
