@@ -1333,7 +1333,7 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 ready(conn, env);
             }
         }
-        Message::Error { code, id } => {
+        Message::Error { code, id, .. } => {
             env.error_seen(&code);
             if conn.state == State::Helloing {
                 env.local.hello_failures += 1;
@@ -1371,7 +1371,7 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 env.refill(conn);
             }
         }
-        Message::Other => {}
+        Message::PeersList | Message::Other => {}
     }
     None
 }
