@@ -13,9 +13,9 @@
 //!   (coordinated-omission correction), loss and duplicate accounting.
 //! - `worker`   — one thread's event loop (mio/epoll, many connections,
 //!   batched writes).
-//! - `scenario` — `direct`, `broadcast`, `idle`, `churn`, `gated`, `held`, one
-//!   module each, behind the [`scenario::Scenario`] trait so later ones
-//!   plug in.
+//! - `scenario` — `direct`, `broadcast`, `idle`, `churn`, `gated`, `held`,
+//!   `peers`, one module each, behind the [`scenario::Scenario`] trait so
+//!   later ones plug in.
 //! - `gate`     — the `gated` scenario's accounting: who gates, the
 //!   priority mix, gating violations, the held-order check.
 //! - `held`     — the `held` scenario's accounting: offline recipients,

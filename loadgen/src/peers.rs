@@ -9,6 +9,7 @@
 //! - `N - listers..N`: the listers, issuing `list_peers`;
 //! - everyone else only receives. Whatever its role, every
 //!   `group_every`-th member (0, K, 2K, …) joins the group after its hello.
+use crate::stats::Pacer;
 use crate::wire::SendTemplate;
 use anyhow::{bail, Result};
 use serde::Deserialize;
@@ -131,6 +132,33 @@ impl PeersPlan {
         self.meshes[mesh as usize].role(member)
     }
 }
+
+/// A group sender's or lister's state in the worker.
+#[derive(Clone, Debug)]
+pub struct PeersConn {
+    pub role: Role,
+    /// Its schedule, from the start of the load (none: nothing to send).
+    pub pacer: Option<Pacer>,
+    /// A lister's requests in flight.
+    pub ledger: ListLedger,
+    /// A lister's answers so far (every [`CROSS_CHECK_EVERY`]-th, the
+    /// first included, is also read by the JSON parser).
+    pub answers: u64,
+}
+
+impl PeersConn {
+    pub fn new(role: Role) -> PeersConn {
+        PeersConn {
+            role,
+            pacer: None,
+            ledger: ListLedger::default(),
+            answers: 0,
+        }
+    }
+}
+
+/// How often a lister checks [`scan_peers_list`] against [`parse_peers_list`].
+pub const CROSS_CHECK_EVERY: u64 = 16;
 
 /// One lister's `list_peers` in flight, by `_reqId` (its own sequence,
 /// in decimal).
