@@ -162,4 +162,9 @@ fn every_scenario_runs_without_loss() {
     // Everything the runs created is gone again.
     let left = common::query_rows(&db, "SELECT count(*) FROM mesh.mesh WHERE id LIKE 'lg-%'");
     assert_eq!(left[0].get::<_, i64>(0), 0);
+    let groups = common::query_rows(
+        &db,
+        "SELECT count(*) FROM mesh.member_group WHERE member_id LIKE 'lg-%'",
+    );
+    assert_eq!(groups[0].get::<_, i64>(0), 0);
 }
