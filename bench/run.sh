@@ -123,6 +123,18 @@ for n in 10 100 1000 10000; do
     broadcast --meshes 1 --peers "$n" --payload 256 --duration "$DURATION" --window "$w" --senders "$((n < 100 ? n : 100))"
 done
 
+# The peer directory (§9) and groups (§10): 4 listers issue list_peers at
+# 100/s in all and every answer must list all 1000 sessions; every 4th
+# member joins load/g. Alone, then under open-loop broadcast (50 × 999
+# pushes/s) plus 200 group sends/s to @load, then under closed-loop
+# broadcast (window 1).
+bench "peers 1000 sessions, list_peers 100/s, no other load" "p99 list_peers < 10 ms; 0 wrong counts" \
+  peers --peers 1000 --listers 4 --list-rate 100 --senders 0 --group-rate 0 --duration "$DURATION"
+bench "peers 1000 sessions, list_peers 100/s + broadcast 50/s + group 200/s" "p99 list_peers < 20 ms; 0 wrong counts" \
+  peers --peers 1000 --listers 4 --list-rate 100 --senders 1 --rate 50 --group-rate 200 --duration "$DURATION"
+bench "peers 1000 sessions, list_peers 100/s + closed-loop broadcast (window 1) + group 200/s" "0 wrong counts; list_peers latency reported" \
+  peers --peers 1000 --listers 4 --list-rate 100 --senders 1 --window 1 --group-rate 200 --duration "$DURATION"
+
 # Idle: a fresh broker so that RSS growth is the connections' alone.
 IDLE=100000
 if [ $((IDLE + 500)) -gt "$FDS" ]; then IDLE=$(((FDS - 500) / 1000 * 1000)); fi
@@ -174,6 +186,17 @@ for r in rows:
                  f"{h['held_pushes']:,}/{h['held_expected']:,} held, drain {drain} "
                  f"({f(h.get('drain_pushes_per_s'))} pushes/s); exactly once: {h['missing']} missing, "
                  f"{h['duplicates']} dup; {h['unavailable']} unavailable, {h['non_durable_acks']} durable:false")
+    d = r.get("directory")
+    if d:
+        lu, gp = d.get("list_us") or {}, d.get("group_push_ms") or {}
+        group = ""
+        if d.get("group_sent"):
+            group = (f"; group {f(d.get('group_pushes_per_s'))} pushes/s, "
+                     f"p50/p99 {pct(gp, 'p50')}/{pct(gp, 'p99')} ms")
+        other = (f"list_peers {d['lists_answered']:,}/{d['lists_sent']:,} answered, "
+                 f"p50/p99/max {f(lu.get('p50'))}/{f(lu.get('p99'))}/{f(lu.get('max'))} µs, "
+                 f"{f(d.get('mean_entries'))} entries, {f(d.get('mean_answer_bytes'))} B; "
+                 f"wrong counts {d['list_mismatches']}, errors {d['list_errors']}{group}")
     lines.append("| " + " | ".join([
         r["label"], r["aim"], f(r.get("sends_per_s")), f(r.get("pushes_per_s")),
         pct(r.get("ack_ms"), "p99"), pct(r.get("push_ms"), "p99"),

@@ -23,6 +23,7 @@ pub enum ScenarioName {
     Churn,
     Gated,
     Held,
+    Peers,
 }
 
 /// The status a `gated` peer sets before the load.
@@ -62,7 +63,7 @@ impl PriorityArg {
 #[derive(Parser, Debug, Clone)]
 #[command(name = "loadgen", version)]
 pub struct Args {
-    /// direct | broadcast | idle | churn | gated | held
+    /// direct | broadcast | idle | churn | gated | held | peers
     #[arg(value_enum)]
     pub scenario: ScenarioName,
     /// The broker's WebSocket URL.
@@ -77,9 +78,9 @@ pub struct Args {
     /// Write the generated members to this file (same format as --members).
     #[arg(long)]
     pub write_members: Option<PathBuf>,
-    /// Peers (members, one session each) per mesh.
-    #[arg(long, default_value_t = 100)]
-    pub peers: usize,
+    /// Peers (members, one session each) per mesh (default 100; peers: 1000).
+    #[arg(long)]
+    pub peers: Option<usize>,
     /// Number of meshes.
     #[arg(long, default_value_t = 1)]
     pub meshes: usize,
@@ -100,7 +101,7 @@ pub struct Args {
     #[arg(long)]
     pub window: Option<usize>,
     /// How many peers per mesh send (default: all; held: half, the rest
-    /// are the offline recipients).
+    /// are the offline recipients; peers: 1 broadcast sender, 0 for none).
     #[arg(long)]
     pub senders: Option<usize>,
     #[arg(long, value_enum, default_value_t = PriorityArg::Now)]
@@ -167,6 +168,28 @@ pub struct Args {
     /// offline member, live to the other senders); default: direct only.
     #[arg(long)]
     pub broadcast_every: Option<u64>,
+    /// peers: sessions per mesh issuing list_peers (default 4; the last
+    /// members of each mesh).
+    #[arg(long)]
+    pub listers: Option<usize>,
+    /// peers: list_peers per second over all listers, paced (default 100).
+    #[arg(long)]
+    pub list_rate: Option<f64>,
+    /// peers: every K-th member (0, K, 2K, …) joins --group after its hello
+    /// (default 4).
+    #[arg(long)]
+    pub group_every: Option<usize>,
+    /// peers: the group they join (default load/g).
+    #[arg(long)]
+    pub group: Option<String>,
+    /// peers: where the group sends go, `@name` or `#name` reaching --group
+    /// (default @load).
+    #[arg(long)]
+    pub group_target: Option<String>,
+    /// peers: group sends per second over all meshes, one group sender per
+    /// mesh (default 200; 0: none).
+    #[arg(long)]
+    pub group_rate: Option<f64>,
 }
 
 /// The `gated` scenario's settings.
@@ -185,6 +208,18 @@ pub struct GateConfig {
 pub struct HeldConfig {
     pub broadcast_every: Option<u64>,
     pub max_held_per_peer: u32,
+}
+
+/// The `peers` scenario's settings.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PeersConfig {
+    pub listers: usize,
+    pub list_rate: f64,
+    pub group_every: usize,
+    /// In lowercase, as the broker compares it.
+    pub group: String,
+    pub group_target: String,
+    pub group_rate: f64,
 }
 
 /// Where the members come from.
@@ -225,6 +260,8 @@ pub struct Config {
     pub gate: Option<GateConfig>,
     /// `held` only.
     pub held: Option<HeldConfig>,
+    /// `peers` only: the peer directory and groups.
+    pub directory: Option<PeersConfig>,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -261,14 +298,15 @@ impl Args {
         if self.meshes == 0 {
             bail!("--meshes must be at least 1");
         }
+        let peers = self.peers();
         let min_peers = if scenario.traffic().is_some() { 2 } else { 1 };
-        if self.peers < min_peers {
+        if peers < min_peers {
             bail!(
                 "--peers must be at least {min_peers} for {}",
                 scenario.name()
             );
         }
-        if self.peers.saturating_mul(self.meshes) > 1_000_000 {
+        if peers.saturating_mul(self.meshes) > 1_000_000 {
             bail!("--peers × --meshes must be at most 1000000");
         }
         if !(MIN_PAYLOAD..=MAX_PAYLOAD).contains(&self.payload) {
@@ -295,17 +333,21 @@ impl Args {
             None => 16,
         };
         let held = self.scenario == ScenarioName::Held;
-        let max_senders = if held { self.peers - 1 } else { self.peers };
+        let listing = self.scenario == ScenarioName::Peers;
+        let max_senders = if held { peers - 1 } else { peers };
+        // `peers` may do without broadcast load.
+        let min_senders = usize::from(!listing);
         if let Some(s) = self.senders {
-            if s == 0 || s > max_senders {
+            if s < min_senders || s > max_senders {
                 bail!(
-                    "--senders must be between 1 and {max_senders} for {}",
+                    "--senders must be between {min_senders} and {max_senders} for {}",
                     scenario.name()
                 );
             }
         }
         let senders = match self.senders {
-            None if held => Some((self.peers / 2).max(1)),
+            None if held => Some((peers / 2).max(1)),
+            None if listing => Some(1),
             s => s,
         };
         let threads = match self.threads {
@@ -343,12 +385,13 @@ impl Args {
         }
         let gate = self.gate_config()?;
         let held = self.held_config()?;
+        let directory = self.peers_config(senders.unwrap_or(peers))?;
         Ok(Config {
             scenario,
             target,
             members,
             write_members: self.write_members.clone(),
-            peers: self.peers,
+            peers,
             meshes: self.meshes,
             payload: self.payload,
             duration,
@@ -370,7 +413,90 @@ impl Args {
             progress: !self.quiet,
             gate,
             held,
+            directory,
         })
+    }
+
+    /// `--peers`, or its default for the scenario.
+    fn peers(&self) -> usize {
+        match (self.peers, self.scenario) {
+            (Some(n), _) => n,
+            (None, ScenarioName::Peers) => 1000,
+            (None, _) => 100,
+        }
+    }
+
+    fn peers_config(&self, senders: usize) -> Result<Option<PeersConfig>> {
+        if self.scenario != ScenarioName::Peers {
+            if self.listers.is_some()
+                || self.list_rate.is_some()
+                || self.group_every.is_some()
+                || self.group.is_some()
+                || self.group_target.is_some()
+                || self.group_rate.is_some()
+            {
+                bail!("--listers, --list-rate, --group-every, --group, --group-target and --group-rate apply to peers only");
+            }
+            return Ok(None);
+        }
+        if self.count.is_some() {
+            bail!("--count does not apply to peers (its load is paced by time)");
+        }
+        if senders == 0 && (self.rate.is_some() || self.window.is_some()) {
+            bail!("--rate and --window pace broadcast senders: give --senders 1 or more");
+        }
+        let listers = self.listers.unwrap_or(4);
+        if listers == 0 {
+            bail!("--listers must be at least 1");
+        }
+        let list_rate = self.list_rate.unwrap_or(100.0);
+        if !list_rate.is_finite() || list_rate <= 0.0 || list_rate > 1e6 {
+            bail!("--list-rate must be a number of requests per second in (0, 1000000], got {list_rate}");
+        }
+        let group_rate = self.group_rate.unwrap_or(200.0);
+        if !group_rate.is_finite() || !(0.0..=1e6).contains(&group_rate) {
+            bail!("--group-rate must be a number of sends per second in [0, 1000000], got {group_rate}");
+        }
+        let group_every = self.group_every.unwrap_or(4);
+        if group_every == 0 {
+            bail!("--group-every must be at least 1");
+        }
+        let group = self.group.as_deref().unwrap_or("load/g");
+        let Some(group) = meshbroker::protocol::GroupName::parse(group) else {
+            bail!("--group {group:?} is not a group name (PROTOCOL.md §10: up to four /-separated levels of [a-z0-9][a-z0-9_.-]{{0,63}})");
+        };
+        let group_target = self.group_target.as_deref().unwrap_or("@load");
+        let target_name = group_target
+            .strip_prefix('@')
+            .or_else(|| group_target.strip_prefix('#'));
+        if target_name
+            .and_then(meshbroker::protocol::GroupName::parse)
+            .is_none()
+        {
+            bail!("--group-target must be @<group> or #<group>, got {group_target:?}");
+        }
+        if !crate::peers::target_covers(group_target, group.as_str()) {
+            bail!(
+                "--group-target {group_target} does not reach members of --group {}",
+                group.as_str()
+            );
+        }
+        // Every mesh the run generates has --peers members: check the roles fit.
+        crate::peers::MeshRoles::new(
+            self.peers(),
+            senders,
+            group_rate > 0.0,
+            listers,
+            group_every,
+        )?;
+        Ok(Some(PeersConfig {
+            listers,
+            list_rate,
+            group_every,
+            group: group.as_str().to_string(),
+            group_target: group_target.to_string(),
+            group_rate,
+        }))
     }
 
     fn max_held_per_peer(&self) -> Result<u32> {
@@ -418,12 +544,10 @@ impl Args {
         if self.payload <= MIN_PAYLOAD {
             bail!("--payload must be more than {MIN_PAYLOAD} bytes for gated (it carries a priority marker)");
         }
-        let working_peers = self.working_peers.unwrap_or(self.peers / 2);
-        if working_peers == 0 || working_peers > self.peers {
-            bail!(
-                "--working-peers must be between 1 and --peers ({})",
-                self.peers
-            );
+        let peers = self.peers();
+        let working_peers = self.working_peers.unwrap_or(peers / 2);
+        if working_peers == 0 || working_peers > peers {
+            bail!("--working-peers must be between 1 and --peers ({peers})");
         }
         let max_held_per_peer = self.max_held_per_peer()?;
         Ok(Some(GateConfig {
@@ -609,6 +733,126 @@ mod tests {
             check(&["direct", DB, "--senders", "100"]).unwrap().senders,
             Some(100)
         );
+    }
+
+    #[test]
+    fn peers_options() {
+        let c = check(&["peers", DB]).unwrap();
+        let p = c.directory.clone().expect("peers config");
+        assert_eq!(c.scenario.name(), "peers");
+        assert_eq!(c.peers, 1000);
+        assert_eq!(c.senders, Some(1));
+        assert_eq!(c.window, 16);
+        assert_eq!(
+            p,
+            PeersConfig {
+                listers: 4,
+                list_rate: 100.0,
+                group_every: 4,
+                group: "load/g".into(),
+                group_target: "@load".into(),
+                group_rate: 200.0,
+            }
+        );
+        assert!(c.gate.is_none() && c.held.is_none());
+        assert!(check(&["direct", DB]).unwrap().directory.is_none());
+        let c = check(&[
+            "peers",
+            DB,
+            "--peers",
+            "50",
+            "--senders",
+            "0",
+            "--listers",
+            "2",
+            "--list-rate",
+            "1000",
+            "--group-every",
+            "1",
+            "--group",
+            "Eng/Backend",
+            "--group-target",
+            "#eng",
+            "--group-rate",
+            "0",
+        ])
+        .unwrap();
+        let p = c.directory.unwrap();
+        assert_eq!((c.peers, c.senders), (50, Some(0)));
+        assert_eq!((p.listers, p.list_rate, p.group_every), (2, 1000.0, 1));
+        assert_eq!(
+            (p.group.as_str(), p.group_target.as_str()),
+            ("eng/backend", "#eng")
+        );
+        assert_eq!(p.group_rate, 0.0);
+        // Broadcast load as the other scenarios have it.
+        let c = check(&["peers", DB, "--senders", "3", "--rate", "500"]).unwrap();
+        assert_eq!(
+            (c.senders, c.rate, c.window),
+            (Some(3), Some(500.0), 100_000)
+        );
+        for bad in [
+            &["--listers", "0"][..],
+            &["--list-rate", "0"],
+            &["--list-rate", "inf"],
+            &["--group-rate", "-1"],
+            &["--group-rate", "NaN"],
+            &["--group-every", "0"],
+            &["--group", "Load//g"],
+            &["--group", "_x"],
+            &["--group-target", "load"],
+            &["--group-target", "@"],
+            &["--group-target", "@other"],
+            &["--group-target", "@load/g/x"],
+            &["--count", "10"],
+            &["--senders", "1001"],
+            // 1 sender + the group sender + the listers must fit in the mesh.
+            &["--peers", "5", "--listers", "4"],
+            &["--peers", "5", "--senders", "5"],
+            // Nobody in the group but the group sender.
+            &[
+                "--peers",
+                "3",
+                "--senders",
+                "0",
+                "--listers",
+                "1",
+                "--group-every",
+                "4",
+            ],
+            &["--senders", "0", "--rate", "100"],
+        ] {
+            let mut argv = vec!["peers", DB];
+            argv.extend_from_slice(bad);
+            assert!(check(&argv).is_err(), "{bad:?} should be refused");
+        }
+        // Fits without the group sender.
+        assert!(check(&[
+            "peers",
+            DB,
+            "--peers",
+            "5",
+            "--listers",
+            "4",
+            "--group-rate",
+            "0"
+        ])
+        .is_ok());
+        // Peers options belong to peers.
+        for other in [
+            &["--listers", "2"][..],
+            &["--list-rate", "10"],
+            &["--group-every", "2"],
+            &["--group", "x"],
+            &["--group-target", "@x"],
+            &["--group-rate", "1"],
+        ] {
+            let mut argv = vec!["broadcast", DB];
+            argv.extend_from_slice(other);
+            assert!(check(&argv).is_err(), "{other:?} belongs to peers");
+        }
+        // Elsewhere --senders 0 stays refused.
+        assert!(check(&["broadcast", DB, "--senders", "0"]).is_err());
     }
 
     #[test]

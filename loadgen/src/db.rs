@@ -66,13 +66,22 @@ pub fn remove(url: &str, mesh_ids: &[String]) -> Result<()> {
     block_on(async {
         let client = connect(url).await?;
         let members = "SELECT id FROM mesh.member WHERE mesh_id = ANY($1)";
-        for sql in [
+        // Group membership (PROTOCOL.md §10, `peers`): a claudemesh
+        // database may have its own mesh.member_group, without the cascade
+        // the broker's migration gives it, or none at all.
+        let groups = client
+            .query_one("SELECT to_regclass('mesh.member_group') IS NOT NULL", &[])
+            .await
+            .context("cleanup: look for mesh.member_group")?
+            .get::<_, bool>(0)
+            .then(|| format!("DELETE FROM mesh.member_group WHERE member_id IN ({members})"));
+        for sql in groups.into_iter().chain([
             format!("DELETE FROM mesh.presence WHERE member_id IN ({members})"),
             "DELETE FROM mesh.message_queue WHERE mesh_id = ANY($1)".into(),
             "DELETE FROM mesh.audit_log WHERE mesh_id = ANY($1)".into(),
             "DELETE FROM mesh.member WHERE mesh_id = ANY($1)".into(),
             "DELETE FROM mesh.mesh WHERE id = ANY($1)".into(),
-        ] {
+        ]) {
             // The broker may still be marking the run's held envelopes
             // delivered: a deadlock with it is retried, a few times.
             let mut attempt = 1;

@@ -13,13 +13,16 @@
 //!   (coordinated-omission correction), loss and duplicate accounting.
 //! - `worker`   — one thread's event loop (mio/epoll, many connections,
 //!   batched writes).
-//! - `scenario` — `direct`, `broadcast`, `idle`, `churn`, `gated`, `held`, one
-//!   module each, behind the [`scenario::Scenario`] trait so later ones
-//!   plug in.
+//! - `scenario` — `direct`, `broadcast`, `idle`, `churn`, `gated`, `held`,
+//!   `peers`, one module each, behind the [`scenario::Scenario`] trait so
+//!   later ones plug in.
 //! - `gate`     — the `gated` scenario's accounting: who gates, the
 //!   priority mix, gating violations, the held-order check.
 //! - `held`     — the `held` scenario's accounting: offline recipients,
 //!   what each send owes whom, the exactly-once check by `messageId`.
+//! - `peers`    — the `peers` scenario's roles (broadcast senders, group
+//!   sender, listers, group members), `list_peers` matched to their answers
+//!   by `_reqId`, and the reading and check of a `peers_list`.
 //! - `procfs`   — the broker's CPU time and RSS from /proc, pid from a port.
 //! - `report`   — the final table and the JSON summary.
 //! - `run`      — ties it together: setup, phases, progress, teardown.
@@ -27,6 +30,7 @@ pub mod cli;
 pub mod db;
 pub mod gate;
 pub mod held;
+pub mod peers;
 pub mod procfs;
 pub mod report;
 pub mod roster;

@@ -61,6 +61,61 @@ pub struct Report {
     pub gated: Option<GatedReport>,
     /// `held` only (else `None`).
     pub held: Option<HeldReport>,
+    /// `peers` only (else `None`): the peer directory and groups.
+    pub directory: Option<PeersReport>,
+}
+
+/// What the `peers` scenario adds (PROTOCOL.md §9 `list_peers`, §10
+/// groups). The run-wide `sent`, `pushes`, `expected_pushes`, `lost` and
+/// `duplicates` count broadcasts and group sends together, `push_ms` is
+/// of broadcasts only, `ack_ms` of both.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct PeersReport {
+    /// Listers over all meshes, and their `list_peers` per second in all.
+    pub listers: usize,
+    pub list_rate: f64,
+    pub lists_sent: u64,
+    /// Answered by a `peers_list` echoing the request's `_reqId`.
+    pub lists_answered: u64,
+    pub lists_per_s: f64,
+    /// Answered by an `error` (e.g. `unavailable`).
+    pub list_errors: u64,
+    /// Neither answered nor refused by the end of the grace period.
+    pub list_unanswered: u64,
+    /// Answers not listing exactly the sessions of the lister's mesh.
+    pub list_mismatches: u64,
+    /// Answers without one of our `_reqId`s, or not exactly one `self`, or
+    /// that the cheap reading and the JSON parser read differently.
+    pub list_malformed: u64,
+    /// Request (its intended time: paced, coordinated-omission corrected)
+    /// → `peers_list`, in microseconds.
+    pub list_us: Percentiles,
+    pub mean_entries: Option<f64>,
+    pub mean_answer_bytes: Option<f64>,
+    pub broadcast_pushes: u64,
+    pub broadcast_pushes_per_s: f64,
+    pub group: String,
+    pub group_target: String,
+    pub group_every: usize,
+    /// Members that joined the group, over all meshes.
+    pub group_members: usize,
+    pub group_rate: f64,
+    pub group_sent: u64,
+    pub group_sends_per_s: f64,
+    /// Pushes the group sends called for (one per group member but the
+    /// sender's, for each acked or pending send) and those received.
+    pub group_expected: u64,
+    pub group_pushes: u64,
+    pub group_pushes_per_s: f64,
+    /// Group send → push, per receiving member.
+    pub group_push_ms: Percentiles,
+}
+
+impl PeersReport {
+    /// What fails the run.
+    pub fn violations(&self) -> u64 {
+        self.list_mismatches + self.list_errors + self.list_unanswered + self.list_malformed
+    }
 }
 
 /// What the `gated` scenario adds (PROTOCOL.md §5). `push_ms` then covers
@@ -163,6 +218,10 @@ impl Report {
             && self.failure.is_none()
             && self.gated.as_ref().is_none_or(|g| g.violations() == 0)
             && self.held.as_ref().is_none_or(|h| h.violations() == 0)
+            && self
+                .directory
+                .as_ref()
+                .is_none_or(|p| p.violations() == 0 && p.lists_answered > 0)
     }
 
     pub fn failure_summary(&self) -> String {
@@ -215,8 +274,32 @@ impl Report {
                 }
             }
         }
+        if let Some(p) = &self.directory {
+            for (n, what) in [
+                (
+                    p.list_mismatches,
+                    "peers_list answers without exactly the mesh's sessions",
+                ),
+                (p.list_errors, "list_peers answered with error"),
+                (p.list_unanswered, "list_peers never answered"),
+                (p.list_malformed, "malformed peers_list answers"),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
+            }
+            if p.lists_answered == 0 {
+                parts.push("no list_peers answered".into());
+            }
+        }
         if let Some(f) = &self.failure {
             parts.push(f.clone());
+        }
+        if self.errors.contains_key("rate_limited") {
+            parts.push(
+                "(rate_limited: the broker's per-member SEND_RATE_PER_MIN / SEND_BURST are below this load)"
+                    .into(),
+            );
         }
         parts.join("; ")
     }
@@ -292,9 +375,21 @@ impl Report {
             } else {
                 "send→push"
             };
+            let push_name = if self.directory.is_some() {
+                "send→push (broadcast)"
+            } else {
+                push_name
+            };
             let mut rows = vec![("send→ack", &self.ack_ms), (push_name, &self.push_ms)];
             if let Some(g) = self.gated.as_ref().filter(|g| g.drain_ms.count > 0) {
                 rows.push(("idle flip→last held, /peer", &g.drain_ms));
+            }
+            if let Some(p) = self
+                .directory
+                .as_ref()
+                .filter(|p| p.group_push_ms.count > 0)
+            {
+                rows.push(("group send→push", &p.group_push_ms));
             }
             for (name, p) in rows {
                 let _ = writeln!(
@@ -400,6 +495,71 @@ impl Report {
                     h.unexpected,
                     h.reused_ids,
                     h.never_acked
+                ),
+            );
+        }
+        if let Some(p) = &self.directory {
+            row(
+                &mut t,
+                "list_peers",
+                format!(
+                    "{} answered of {} sent ({:.0}/s from {} listers; aim {}/s)",
+                    p.lists_answered, p.lists_sent, p.lists_per_s, p.listers, p.list_rate
+                ),
+            );
+            row(
+                &mut t,
+                "list_peers faults",
+                format!(
+                    "{} wrong counts, {} errors, {} unanswered, {} malformed",
+                    p.list_mismatches, p.list_errors, p.list_unanswered, p.list_malformed
+                ),
+            );
+            row(
+                &mut t,
+                "per answer",
+                format!(
+                    "{} entries, {} bytes on average",
+                    opt(p.mean_entries, 1),
+                    opt(p.mean_answer_bytes, 0)
+                ),
+            );
+            let _ = writeln!(
+                t,
+                "  {:<28} {:>9} {:>9} {:>9} {:>9} {:>9}",
+                "latency µs", "p50", "p90", "p99", "p99.9", "max"
+            );
+            let l = &p.list_us;
+            let _ = writeln!(
+                t,
+                "  {:<28} {:>9.0} {:>9.0} {:>9.0} {:>9.0} {:>9.0}",
+                "list_peers→peers_list", l.p50, l.p90, l.p99, l.p999, l.max
+            );
+            row(
+                &mut t,
+                "broadcast pushes",
+                format!("{} ({:.0}/s)", p.broadcast_pushes, p.broadcast_pushes_per_s),
+            );
+            row(
+                &mut t,
+                "group",
+                format!(
+                    "{} members joined {} (one in {}); sends to {} at {}/s",
+                    p.group_members, p.group, p.group_every, p.group_target, p.group_rate
+                ),
+            );
+            row(
+                &mut t,
+                "group sends / pushes",
+                format!(
+                    "{} ({:.0}/s) / {} of {} expected ({:.0}/s); send→push p50 {:.3} p99 {:.3} ms",
+                    p.group_sent,
+                    p.group_sends_per_s,
+                    p.group_pushes,
+                    p.group_expected,
+                    p.group_pushes_per_s,
+                    p.group_push_ms.p50,
+                    p.group_push_ms.p99
                 ),
             );
         }
@@ -557,6 +717,60 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(&direct.to_json()).unwrap();
         assert!(json["gated"].is_null());
         assert!(json["held"].is_null());
+    }
+
+    #[test]
+    fn directory_faults_fail_a_peers_run() {
+        let clean = Report {
+            directory: Some(PeersReport {
+                lists_sent: 10,
+                lists_answered: 10,
+                mean_entries: Some(1000.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(clean.ok(), "{}", clean.failure_summary());
+        assert!(clean.table().contains("list_peers→peers_list"));
+        let with = |f: &dyn Fn(&mut PeersReport)| {
+            let mut r = clean.clone();
+            f(r.directory.as_mut().unwrap());
+            r
+        };
+        for (r, text) in [
+            (
+                with(&|p| p.list_mismatches = 3),
+                "3 peers_list answers without exactly the mesh's sessions",
+            ),
+            (
+                with(&|p| p.list_errors = 2),
+                "2 list_peers answered with error",
+            ),
+            (
+                with(&|p| p.list_unanswered = 1),
+                "1 list_peers never answered",
+            ),
+            (
+                with(&|p| p.list_malformed = 4),
+                "4 malformed peers_list answers",
+            ),
+            (with(&|p| p.lists_answered = 0), "no list_peers answered"),
+        ] {
+            assert!(!r.ok());
+            assert!(
+                r.failure_summary().contains(text),
+                "{}",
+                r.failure_summary()
+            );
+            let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+            assert_eq!(json["ok"], false);
+            assert!(json["directory"].is_object());
+        }
+        let mut limited = clean.clone();
+        limited.errors.insert("rate_limited".into(), 5);
+        limited.send_errors = 5;
+        limited.failure = Some("5 sends answered with error".into());
+        assert!(limited.failure_summary().contains("SEND_RATE_PER_MIN"));
     }
 
     #[test]

@@ -4,18 +4,25 @@ use crate::cli::{Config, MemberSource};
 use crate::db;
 use crate::gate::{self, GatePlan};
 use crate::held::{self, HeldPlan};
+use crate::peers::{MeshRoles, PeersPlan};
 use crate::procfs::{self, ProcSample};
-use crate::report::{GatedReport, HeldReport, Report};
+use crate::report::{GatedReport, HeldReport, PeersReport, Report};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Delivery};
-use crate::wire::{SendTemplate, WS_KEY};
+use crate::wire::{self, SendTemplate, WS_KEY};
 use crate::worker::{self, Control, Hists, RunShared, Slot, Tally, Worker, WorkerShared};
 use anyhow::{bail, Context, Result};
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU32, AtomicU64, AtomicU8, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+/// `peers`: the wait between the last admitted session (and confirmed group
+/// join) and the first `list_peers`. PROTOCOL.md §9 lets a `peers_list`
+/// miss changes less than 100 ms old; after this every answer must list
+/// every session.
+const DIRECTORY_SETTLE: Duration = Duration::from_millis(250);
 
 /// Removes the run's meshes from the database when dropped.
 struct Cleanup {
@@ -154,6 +161,40 @@ pub fn run(cfg: &Config) -> Result<Report> {
             max_held_per_peer: h.max_held_per_peer,
         }
     });
+    let peers_plan = match &cfg.directory {
+        None => None,
+        Some(p) => {
+            let meshes = roster
+                .meshes
+                .iter()
+                .zip(&senders_per_mesh)
+                .map(|(m, &s)| {
+                    MeshRoles::new(
+                        m.members.len(),
+                        s,
+                        p.group_rate > 0.0,
+                        p.listers,
+                        p.group_every,
+                    )
+                    .with_context(|| format!("mesh {}", m.id))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let group_senders = meshes.iter().filter(|r| r.group_sender.is_some()).count();
+            let listers = meshes.iter().map(|r| r.listers.len()).sum::<usize>();
+            Some(PeersPlan {
+                meshes,
+                group_every: p.group_every,
+                join_frame: wire::join_group_frame(&p.group),
+                group_template: SendTemplate::to_spec(
+                    &p.group_target,
+                    cfg.priority.as_str(),
+                    cfg.payload,
+                ),
+                group_rate_per_sender: p.group_rate / group_senders.max(1) as f64,
+                list_rate_per_lister: p.list_rate / listers.max(1) as f64,
+            })
+        }
+    };
     let total_senders = if scenario.traffic().is_some() {
         slots.iter().filter(|s| s.sender).count()
     } else {
@@ -247,6 +288,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         },
         gate: gate_plan,
         held: held_plan,
+        peers: peers_plan,
         held_full: AtomicBool::new(false),
     });
     let ctl = Arc::new(Control {
@@ -324,6 +366,11 @@ pub fn run(cfg: &Config) -> Result<Report> {
     if let Some(g) = &cfg.gate {
         std::thread::sleep(g.settle);
     }
+    // Peers: every join is confirmed by its barrier's ack; the settle
+    // covers the directory's allowed staleness.
+    if run.peers.is_some() {
+        std::thread::sleep(DIRECTORY_SETTLE);
+    }
     // Let the broker settle its post-hello work before measuring.
     if scenario.measures_rss_per_connection() {
         std::thread::sleep(Duration::from_millis(500));
@@ -374,6 +421,15 @@ pub fn run(cfg: &Config) -> Result<Report> {
                         " | held {} unavailable {} durable:false {}",
                         t.held_expected, t.unavailable, t.non_durable
                     )
+                } else if run.peers.is_some() {
+                    format!(
+                        " | lists/s {} p99 list {:.3} ms wrong counts {} | group pushes/s {} p99 {:.3} ms",
+                        t.lists_answered - prev.lists_answered,
+                        h.list.percentiles().p99,
+                        t.list_mismatches,
+                        t.group_pushes - prev.group_pushes,
+                        h.group_push.percentiles().p99,
+                    )
                 } else {
                     String::new()
                 };
@@ -401,7 +457,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let drain_start = Instant::now();
     loop {
         let t = totals(&shared);
-        let settled = t.acked + t.send_errors >= t.sent && t.live() >= t.live_expected();
+        let settled = t.acked + t.send_errors >= t.sent
+            && t.live() >= t.live_expected()
+            && t.lists_pending() == 0;
         if settled || drain_start.elapsed() >= cfg.grace || failure.is_some() {
             break;
         }
@@ -548,6 +606,39 @@ pub fn run(cfg: &Config) -> Result<Report> {
     } else {
         t.pushes
     };
+    let directory = cfg.directory.as_ref().map(|p| {
+        let plan = run.peers.as_ref().expect("a peers run has its plan");
+        let per_answer =
+            |n: u64| (t.lists_answered > 0).then(|| n as f64 / t.lists_answered as f64);
+        let broadcast_pushes = t.pushes.saturating_sub(t.group_pushes);
+        PeersReport {
+            listers: plan.meshes.iter().map(|r| r.listers.len()).sum(),
+            list_rate: p.list_rate,
+            lists_sent: t.lists_sent,
+            lists_answered: t.lists_answered,
+            lists_per_s: t.lists_answered as f64 / active_s,
+            list_errors: t.list_errors,
+            list_unanswered: t.lists_pending(),
+            list_mismatches: t.list_mismatches,
+            list_malformed: t.list_malformed,
+            list_us: hists.list.percentiles_in(1e3),
+            mean_entries: per_answer(t.list_entries),
+            mean_answer_bytes: per_answer(t.list_bytes),
+            broadcast_pushes,
+            broadcast_pushes_per_s: broadcast_pushes as f64 / active_s,
+            group: p.group.clone(),
+            group_target: p.group_target.clone(),
+            group_every: p.group_every,
+            group_members: plan.meshes.iter().map(|r| r.group_members).sum(),
+            group_rate: p.group_rate,
+            group_sent: t.group_sent,
+            group_sends_per_s: t.group_sent as f64 / load_s,
+            group_expected: t.group_expected,
+            group_pushes: t.group_pushes,
+            group_pushes_per_s: t.group_pushes as f64 / active_s,
+            group_push_ms: hists.group_push.percentiles(),
+        }
+    });
     let rss_per_conn = match (before_setup, at_start) {
         (Some(ProcSample { rss_bytes: a, .. }), Some(ProcSample { rss_bytes: b, .. }))
             if scenario.measures_rss_per_connection() && connections > 0 =>
@@ -560,6 +651,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         scenario: scenario.name().into(),
         mode: match (scenario.traffic(), cfg.rate) {
             (None, _) => "no sends".into(),
+            (Some(_), _) if directory.is_some() && total_senders == 0 => "no broadcasts".into(),
             (Some(_), Some(r)) => format!("open loop {r}/s"),
             (Some(_), None) => format!("closed loop, window {}", cfg.window),
         },
@@ -620,12 +712,18 @@ pub fn run(cfg: &Config) -> Result<Report> {
         failure,
         gated,
         held,
+        directory,
     };
     // Held: `unavailable` is the broker's bound on held envelopes, counted
     // apart, not a failure.
     let refused_ok = report.held.as_ref().map_or(0, |h| h.unavailable);
     if report.failure.is_none() {
-        if scenario.traffic().is_some() && report.sent == 0 {
+        // Peers may run without broadcasts and without group sends.
+        let sends_due = report
+            .directory
+            .as_ref()
+            .is_none_or(|p| report.senders > 0 || p.group_rate > 0.0);
+        if scenario.traffic().is_some() && sends_due && report.sent == 0 {
             report.failure = Some("nothing was sent".into());
         } else if report.send_errors > refused_ok {
             report.failure = Some(format!(

@@ -52,20 +52,27 @@ impl Latency {
         self.0.is_empty()
     }
 
+    /// In milliseconds.
     pub fn percentiles(&self) -> Percentiles {
-        let ms = |q: f64| self.0.value_at_quantile(q) as f64 / 1e6;
+        self.percentiles_in(1e6)
+    }
+
+    /// In units of `unit_ns` nanoseconds (1e3: microseconds).
+    pub fn percentiles_in(&self, unit_ns: f64) -> Percentiles {
+        let at = |q: f64| self.0.value_at_quantile(q) as f64 / unit_ns;
         Percentiles {
             count: self.0.len(),
-            p50: ms(0.5),
-            p90: ms(0.9),
-            p99: ms(0.99),
-            p999: ms(0.999),
-            max: self.0.max() as f64 / 1e6,
+            p50: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: self.0.max() as f64 / unit_ns,
         }
     }
 }
 
-/// Latency percentiles in milliseconds.
+/// Latency percentiles, in milliseconds unless the field's name says
+/// otherwise (`…_us`: microseconds).
 #[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
 pub struct Percentiles {
     pub count: u64,
@@ -194,6 +201,9 @@ mod tests {
         assert_eq!(p.count, 1000);
         assert!((p.p50 - 0.2).abs() < 0.001, "{p:?}");
         assert!((p.max - 0.2).abs() < 0.001, "{p:?}");
+        let us = h.percentiles_in(1e3);
+        assert!((us.p50 - 200.0).abs() < 1.0, "{us:?}");
+        assert_eq!(us.count, 1000);
         // A clock going backwards records the minimum, never panics.
         h.record_since(10, 5);
     }

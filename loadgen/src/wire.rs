@@ -220,7 +220,17 @@ pub const TAGGED_ID_LEN: usize = 33;
 impl SendTemplate {
     /// `direct`: a 64-hex target slot; else `"*"`.
     pub fn new(direct: bool, priority: &str, payload: usize) -> SendTemplate {
-        SendTemplate::build(direct, priority, payload, None)
+        SendTemplate::build((!direct).then_some("*"), priority, payload, None)
+    }
+
+    /// To a fixed `targetSpec` (`@group`, `#name`, `*`). The spec is
+    /// written as is: it must need no JSON escaping (group names never do).
+    pub fn to_spec(spec: &str, priority: &str, payload: usize) -> SendTemplate {
+        assert!(
+            !spec.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
+            "a target spec that needs no escaping"
+        );
+        SendTemplate::build(Some(spec), priority, payload, None)
     }
 
     /// A direct send for the `gated` scenario: priority `PRIORITIES[p]`,
@@ -233,12 +243,20 @@ impl SendTemplate {
     /// a tagged id tells the ack's reader whom the send was for).
     pub fn tagged(direct: bool, p: usize, payload: usize) -> SendTemplate {
         assert!(payload > META_LEN, "tagged sends carry a priority marker");
-        SendTemplate::build(direct, crate::gate::PRIORITIES[p], payload, Some(p))
+        let spec = (!direct).then_some("*");
+        SendTemplate::build(spec, crate::gate::PRIORITIES[p], payload, Some(p))
     }
 
-    fn build(direct: bool, priority: &str, payload: usize, tag: Option<usize>) -> SendTemplate {
+    /// `spec`: a fixed `targetSpec`; `None`: a 64-hex slot patched per send.
+    fn build(
+        spec: Option<&str>,
+        priority: &str,
+        payload: usize,
+        tag: Option<usize>,
+    ) -> SendTemplate {
         assert!(payload >= META_LEN);
-        let target = if direct { "0".repeat(64) } else { "*".into() };
+        let direct = spec.is_none();
+        let target = spec.map_or_else(|| "0".repeat(64), str::to_string);
         let head = format!(
             "{{\"type\":\"send\",\"targetSpec\":\"{target}\",\"priority\":\"{priority}\",\"nonce\":\"{NONCE}\",\"ciphertext\":\""
         );
@@ -333,14 +351,20 @@ pub enum Message {
     /// The ack of the gating barrier (a `now` send to oneself).
     BarrierAck,
     HelloAck,
+    /// A `peers_list` answer (PROTOCOL.md §9), read by [`crate::peers`].
+    PeersList,
     Error {
         code: String,
         id: Option<String>,
+        /// The `_reqId` it echoes (PROTOCOL.md §9), if any.
+        req_id: Option<String>,
     },
     Other,
 }
 
 const PUSH_PREFIX: &[u8] = b"{\"type\":\"push\"";
+/// How the broker begins a `peers_list` (large: never parsed as a tree here).
+pub const PEERS_LIST_PREFIX: &[u8] = b"{\"type\":\"peers_list\"";
 const ACK_PREFIX: &[u8] = b"{\"type\":\"ack\",\"id\":\"";
 const CIPHERTEXT_KEY: &[u8] = b"\"ciphertext\":\"";
 
@@ -432,6 +456,19 @@ pub fn is_non_durable_ack(payload: &[u8]) -> bool {
     memchr::memmem::find(payload, b"\"durable\":false").is_some()
 }
 
+/// `{"type":"join_group","name":…}` (PROTOCOL.md §10; no reply). `name`
+/// must need no JSON escaping (a valid group name never does).
+pub fn join_group_frame(name: &str) -> Vec<u8> {
+    let json = serde_json::json!({"type": "join_group", "name": name}).to_string();
+    client_frame(OpCode::Text, json.as_bytes())
+}
+
+/// `{"type":"list_peers","_reqId":"<req_id>"}` (PROTOCOL.md §9).
+pub fn list_peers_frame(req_id: u64) -> Vec<u8> {
+    let json = format!("{{\"type\":\"list_peers\",\"_reqId\":\"{req_id}\"}}");
+    client_frame(OpCode::Text, json.as_bytes())
+}
+
 /// The barrier's own push (when the broker delivers a send to oneself).
 pub fn is_barrier_push(payload: &[u8]) -> bool {
     ciphertext_of(payload) == Some(BARRIER_CIPHERTEXT.as_bytes())
@@ -465,6 +502,9 @@ pub fn classify(payload: &[u8]) -> Message {
         let end = memchr::memchr(b'"', rest).unwrap_or(rest.len());
         return ack_for_id(&rest[..end]);
     }
+    if payload.starts_with(PEERS_LIST_PREFIX) {
+        return Message::PeersList;
+    }
     // Rare kinds: a real JSON parse.
     let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) else {
         return Message::Other;
@@ -475,7 +515,9 @@ pub fn classify(payload: &[u8]) -> Message {
         Some("error") => Message::Error {
             code: value["code"].as_str().unwrap_or("?").to_string(),
             id: value["id"].as_str().map(str::to_string),
+            req_id: value["_reqId"].as_str().map(str::to_string),
         },
+        Some("peers_list") => Message::PeersList,
         Some("push") => Message::ForeignPush,
         _ => Message::Other,
     }
@@ -563,9 +605,58 @@ mod tests {
             classify(br#"{"type":"error","code":"unknown_target","message":"x","id":"00"}"#),
             Message::Error {
                 code: "unknown_target".into(),
-                id: Some("00".into())
+                id: Some("00".into()),
+                req_id: None,
             }
         );
+        assert_eq!(
+            classify(br#"{"type":"error","code":"unavailable","message":"x","_reqId":"17"}"#),
+            Message::Error {
+                code: "unavailable".into(),
+                id: None,
+                req_id: Some("17".into()),
+            }
+        );
+        assert_eq!(
+            classify(br#"{"type":"peers_list","peers":[],"_reqId":"3"}"#),
+            Message::PeersList
+        );
+        // Another field order takes the slow path to the same answer.
+        assert_eq!(
+            classify(br#"{"peers":[],"type":"peers_list"}"#),
+            Message::PeersList
+        );
+    }
+
+    #[test]
+    fn group_sends_and_directory_frames() {
+        let t = SendTemplate::to_spec("@load", "next", 64);
+        let mut out = Vec::new();
+        t.write(&mut out, b"", 4, 11, 0xabc);
+        let h = meshbroker::ws::decode_client_frame(&mut out, 1 << 20)
+            .unwrap()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out[h.payload_range()]).unwrap();
+        assert_eq!(v["targetSpec"], "@load");
+        assert_eq!(v["priority"], "next");
+        let ct = v["ciphertext"].as_str().unwrap();
+        assert_eq!(parse_meta(ct.as_bytes()), Some((4, 11, 0xabc)));
+        for (mut frame, want) in [
+            (
+                join_group_frame("load/g"),
+                serde_json::json!({"type": "join_group", "name": "load/g"}),
+            ),
+            (
+                list_peers_frame(42),
+                serde_json::json!({"type": "list_peers", "_reqId": "42"}),
+            ),
+        ] {
+            let h = meshbroker::ws::decode_client_frame(&mut frame, 1 << 20)
+                .unwrap()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&frame[h.payload_range()]).unwrap();
+            assert_eq!(v, want);
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! One worker thread: a mio (epoll) loop over many connections.
 //!
-//! Each connection goes Connecting → Upgrading → Helloing (→ Gating) →
+//! Each connection goes Connecting → Upgrading → Helloing (→ Preparing) →
 //! Ready (→ Closing); a `held` recipient only once the drain begins.
 //! Whatever a loop iteration produces for a connection
 //! (sends refilled by acks, paced sends, pongs, `gated` status changes) is
@@ -9,6 +9,7 @@
 //! is copied into the connection.
 use crate::gate::{self, Acked, Arrival, GateConn, GatePlan, Verdict};
 use crate::held::{HeldConn, HeldPlan, BROADCAST};
+use crate::peers::{self, Fault, PeersConn, PeersPlan, Role};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Latency, Pacer, ReceiverLedger};
@@ -43,6 +44,9 @@ const PUBLISH_EVERY_NS: u64 = 100_000_000;
 /// stays fresh (PROTOCOL.md §5: a stale one yields to transcript inference
 /// after HOOK_FRESH_WINDOW_SECONDS, and `working` to the TTL sweep).
 const GATE_REFRESH_NS: u64 = 10_000_000_000;
+/// `peers`: group sends in flight (sent, not yet acked) before the group
+/// sender stops keeping its schedule (as an open-loop sender's window).
+const GROUP_WINDOW: usize = 100_000;
 
 /// Run-wide control, written by the main thread.
 pub struct Control {
@@ -87,6 +91,23 @@ pub struct Tally {
     pub unavailable: u64,
     /// Acks that said `"durable":false`.
     pub non_durable: u64,
+    /// `peers`: group sends (part of `sent`), the pushes they call for
+    /// (part of `expected`) and those received (part of `pushes`).
+    pub group_sent: u64,
+    pub group_expected: u64,
+    pub group_pushes: u64,
+    /// `peers`: `list_peers` sent; answered by a `peers_list` echoing its
+    /// `_reqId`; answered by an `error`; answers not listing exactly the
+    /// mesh's sessions; malformed answers (no or an unknown `_reqId`, not
+    /// exactly one `self`, the scan and the JSON parser disagreeing); and
+    /// the entries and bytes of the answers.
+    pub lists_sent: u64,
+    pub lists_answered: u64,
+    pub list_errors: u64,
+    pub list_mismatches: u64,
+    pub list_malformed: u64,
+    pub list_entries: u64,
+    pub list_bytes: u64,
 }
 
 impl Tally {
@@ -109,6 +130,22 @@ impl Tally {
         self.violations += o.violations;
         self.unavailable += o.unavailable;
         self.non_durable += o.non_durable;
+        self.group_sent += o.group_sent;
+        self.group_expected += o.group_expected;
+        self.group_pushes += o.group_pushes;
+        self.lists_sent += o.lists_sent;
+        self.lists_answered += o.lists_answered;
+        self.list_errors += o.list_errors;
+        self.list_mismatches += o.list_mismatches;
+        self.list_malformed += o.list_malformed;
+        self.list_entries += o.list_entries;
+        self.list_bytes += o.list_bytes;
+    }
+
+    /// `peers`: requests neither answered nor refused (yet).
+    pub fn lists_pending(&self) -> u64 {
+        self.lists_sent
+            .saturating_sub(self.lists_answered + self.list_errors)
     }
 
     /// Pushes expected at once (not held). In `held`, `held_expected` and
@@ -141,9 +178,14 @@ impl Counters {
 #[derive(Default, Clone)]
 pub struct Hists {
     pub ack: Latency,
-    /// Live pushes only (held ones are measured by the drain time).
+    /// Live pushes only (held ones are measured by the drain time); in
+    /// `peers`, of broadcasts only.
     pub push: Latency,
     pub hello: Latency,
+    /// `peers`: group send→push, per receiving member.
+    pub group_push: Latency,
+    /// `peers`: `list_peers` (intended send) → its `peers_list`.
+    pub list: Latency,
 }
 
 impl Hists {
@@ -151,11 +193,15 @@ impl Hists {
         self.ack.add(&o.ack);
         self.push.add(&o.push);
         self.hello.add(&o.hello);
+        self.group_push.add(&o.group_push);
+        self.list.add(&o.list);
     }
     fn reset(&mut self) {
         self.ack.reset();
         self.push.reset();
         self.hello.reset();
+        self.group_push.reset();
+        self.list.reset();
     }
 }
 
@@ -216,6 +262,8 @@ pub struct RunShared {
     pub gate: Option<GatePlan>,
     /// `held` only.
     pub held: Option<HeldPlan>,
+    /// `peers` only.
+    pub peers: Option<PeersPlan>,
     /// `gated`, `held`: held sends addressed to each gating (offline) peer
     /// (global slot).
     pub held_per_peer: Vec<AtomicU32>,
@@ -229,8 +277,10 @@ enum State {
     Connecting,
     Upgrading,
     Helloing,
-    /// `gated`: set_status sent, waiting for the barrier's ack.
-    Gating,
+    /// What the scenario does before the load (`gated`: set_status;
+    /// `peers`: join_group) is sent, followed by a barrier: waiting for
+    /// the barrier's ack.
+    Preparing,
     Ready,
     Closing,
 }
@@ -254,6 +304,8 @@ struct Conn {
     hello: Option<(i64, Vec<u8>)>,
     gate: Option<Box<GateConn>>,
     held: Option<Box<HeldConn>>,
+    /// `peers`: a group sender's or lister's schedule and requests.
+    peers: Option<Box<PeersConn>>,
 }
 
 /// Everything of the worker but the connections (so both can be borrowed).
@@ -459,6 +511,58 @@ impl Env {
         conn.pacer = Some(pacer);
         next
     }
+
+    /// `peers`: every due group send or `list_peers` of the connection.
+    fn pace_peers(&mut self, conn: &mut Conn) {
+        let run = self.run.clone();
+        let Some(plan) = &run.peers else {
+            return;
+        };
+        let Some(p) = conn.peers.as_mut() else {
+            return;
+        };
+        let role = p.role;
+        let Some(mut pacer) = p.pacer.take() else {
+            return;
+        };
+        loop {
+            if role == Role::GroupSender && conn.inflight >= GROUP_WINDOW {
+                break;
+            }
+            let Some(intended) = pacer.due(self.now) else {
+                break;
+            };
+            match role {
+                Role::GroupSender => self.write_group_send(plan, conn, intended),
+                Role::Lister => {
+                    let p = conn.peers.as_mut().expect("a lister");
+                    let seq = p.ledger.issue(intended);
+                    conn.wbuf.extend_from_slice(&wire::list_peers_frame(seq));
+                    self.local.lists_sent += 1;
+                    self.mark_dirty(conn);
+                }
+                Role::Sender | Role::Receiver => break,
+            }
+        }
+        conn.peers.as_mut().expect("checked above").pacer = Some(pacer);
+    }
+
+    /// `peers`: one send to the group target, timestamped `ts`.
+    fn write_group_send(&mut self, plan: &PeersPlan, conn: &mut Conn, ts: u64) {
+        let mesh = conn.slot.mesh as usize;
+        let seq = conn.seqs[0];
+        conn.seqs[0] += 1;
+        plan.group_template
+            .write(&mut conn.wbuf, b"", conn.slot.member, seq, ts);
+        let per = plan.meshes[mesh].group_expected;
+        self.local.expected += per;
+        self.local.group_expected += per;
+        self.local.group_sent += 1;
+        self.local.sent += 1;
+        self.run.push_outstanding[conn.slot.global].fetch_add(per as i64, Relaxed);
+        conn.inflight += 1;
+        self.mark_dirty(conn);
+    }
 }
 
 pub struct Worker {
@@ -473,6 +577,8 @@ pub struct Worker {
     /// Offline slots, connected when the drain begins.
     deferred: Vec<usize>,
     senders: Vec<usize>,
+    /// `peers`: the group sender and listers (paced on their own).
+    paced: Vec<usize>,
 }
 
 fn timerfd_create() -> Option<std::os::fd::OwnedFd> {
@@ -514,6 +620,7 @@ impl Worker {
         let poll = Poll::new()?;
         let mut index = std::collections::HashMap::new();
         let mut senders = Vec::new();
+        let mut paced = Vec::new();
         let conns: Vec<Conn> = slots
             .into_iter()
             .enumerate()
@@ -521,6 +628,16 @@ impl Worker {
                 index.insert(slot.global, i);
                 if slot.sender && run.traffic.is_some() {
                     senders.push(i);
+                }
+                let peers_role =
+                    run.peers
+                        .as_ref()
+                        .and_then(|plan| match plan.role(slot.mesh, slot.member) {
+                            r @ (Role::GroupSender | Role::Lister) => Some(r),
+                            Role::Sender | Role::Receiver => None,
+                        });
+                if peers_role.is_some() {
+                    paced.push(i);
                 }
                 let seqs = match run.traffic {
                     Some(Traffic::Direct) if run.held.is_some() => vec![0],
@@ -552,10 +669,11 @@ impl Worker {
                         .held
                         .as_ref()
                         .map(|_| Box::new(HeldConn::new(slot.offline))),
+                    peers: peers_role.map(|r| Box::new(PeersConn::new(r))),
                 }
             })
             .collect();
-        let timerfd = if run.rate_per_sender.is_some() {
+        let timerfd = if run.rate_per_sender.is_some() || run.peers.is_some() {
             let fd = timerfd_create().ok_or_else(std::io::Error::last_os_error)?;
             poll.registry()
                 .register(&mut SourceFd(&fd.as_raw_fd()), TIMER, Interest::READABLE)?;
@@ -592,6 +710,7 @@ impl Worker {
             pending: pending.into(),
             deferred,
             senders,
+            paced,
         })
     }
 
@@ -681,6 +800,15 @@ impl Worker {
                     if self.conns[i].state == State::Ready {
                         let conn = &mut self.conns[i];
                         self.env.pace(conn);
+                    }
+                }
+            }
+            if self.env.phase == PHASE_RUN {
+                for k in 0..self.paced.len() {
+                    let i = self.paced[k];
+                    if self.conns[i].state == State::Ready {
+                        let conn = &mut self.conns[i];
+                        self.env.pace_peers(conn);
                     }
                 }
             }
@@ -790,10 +918,20 @@ impl Worker {
             return default;
         }
         let mut next = u64::MAX;
-        for &i in &self.senders {
+        if self.env.run.rate_per_sender.is_some() {
+            for &i in &self.senders {
+                let c = &self.conns[i];
+                if c.state == State::Ready && c.inflight < self.env.run.window {
+                    if let Some(p) = &c.pacer {
+                        next = next.min(p.next_due_ns);
+                    }
+                }
+            }
+        }
+        for &i in &self.paced {
             let c = &self.conns[i];
-            if c.state == State::Ready && c.inflight < self.env.run.window {
-                if let Some(p) = &c.pacer {
+            if c.state == State::Ready {
+                if let Some(p) = c.peers.as_ref().and_then(|p| p.pacer.as_ref()) {
                     next = next.min(p.next_due_ns);
                 }
             }
@@ -817,6 +955,21 @@ impl Worker {
             } else if self.conns[i].state == State::Ready {
                 let conn = &mut self.conns[i];
                 self.env.refill(conn);
+            }
+        }
+        let run = self.env.run.clone();
+        if let Some(plan) = &run.peers {
+            for k in 0..self.paced.len() {
+                let i = self.paced[k];
+                let offset = (self.env.rand() % 1_000_000) as f64 / 1e6;
+                let p = self.conns[i].peers.as_mut().expect("paced");
+                let rate = match p.role {
+                    Role::GroupSender => plan.group_rate_per_sender,
+                    _ => plan.list_rate_per_lister,
+                };
+                if rate > 0.0 {
+                    p.pacer = Some(Pacer::new(rate, start, offset));
+                }
             }
         }
     }
@@ -930,7 +1083,7 @@ impl Worker {
         let conn = &mut self.conns[i];
         if matches!(
             conn.state,
-            State::Connecting | State::Upgrading | State::Helloing | State::Gating
+            State::Connecting | State::Upgrading | State::Helloing | State::Preparing
         ) {
             self.env.in_setup -= 1;
         }
@@ -956,7 +1109,7 @@ impl Worker {
             self.drop_conn(i);
             return;
         }
-        if matches!(conn.state, State::Helloing | State::Gating) {
+        if matches!(conn.state, State::Helloing | State::Preparing) {
             self.env.in_setup -= 1;
         }
         if conn.state == State::Ready {
@@ -1258,16 +1411,29 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
         Message::Push { sender, seq, ts_ns } => {
             if conn.ledger.record(sender, seq) {
                 env.local.pushes += 1;
-                let g = env.run.mesh_offsets[conn.slot.mesh as usize] + sender as usize;
+                let mesh = conn.slot.mesh as usize;
+                let g = env.run.mesh_offsets[mesh] + sender as usize;
                 if g < env.run.push_outstanding.len() {
                     *env.push_seen.entry(g).or_default() += 1;
                 }
-                env.hists.push.record_since(ts_ns, env.now);
+                let group = env
+                    .run
+                    .peers
+                    .as_ref()
+                    .is_some_and(|p| p.meshes[mesh].group_sender == Some(sender));
+                if group {
+                    env.local.group_pushes += 1;
+                    env.hists.group_push.record_since(ts_ns, env.now);
+                } else {
+                    env.hists.push.record_since(ts_ns, env.now);
+                }
             } else {
                 env.local.duplicates += 1;
             }
         }
-        Message::ForeignPush if env.run.gate.is_some() && wire::is_barrier_push(payload) => {}
+        Message::ForeignPush
+            if (env.run.gate.is_some() || env.run.peers.is_some())
+                && wire::is_barrier_push(payload) => {}
         Message::ForeignPush => env.local.foreign += 1,
         Message::Ack { ts_ns } => on_ack(conn, env, ts_ns),
         Message::TaggedAck {
@@ -1296,7 +1462,7 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
             on_ack(conn, env, Some(ts_ns));
         }
         Message::BarrierAck => {
-            if conn.state == State::Gating {
+            if conn.state == State::Preparing {
                 env.in_setup -= 1;
                 ready(conn, env);
             }
@@ -1315,6 +1481,18 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                     env.mark_dirty(conn);
                     return Some(Outcome::Churned);
                 }
+                if let Some(plan) = env.run.peers.as_ref().filter(|p| p.joins(conn.slot.member)) {
+                    // Join the group, then the barrier: its ack means the
+                    // broker has applied the join (a connection's messages
+                    // are handled in order).
+                    let mesh = conn.slot.mesh as usize;
+                    let me = &env.run.pubkeys[mesh][conn.slot.member as usize];
+                    conn.wbuf.extend_from_slice(&plan.join_frame);
+                    conn.wbuf.extend_from_slice(&wire::barrier_frame(me));
+                    conn.state = State::Preparing;
+                    env.mark_dirty(conn);
+                    return None;
+                }
                 if let (Some(plan), Some(g)) = (&env.run.gate, &conn.gate) {
                     if g.working {
                         // Set the status, then a `now` send to ourselves:
@@ -1324,7 +1502,7 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                         let me = &env.run.pubkeys[mesh][conn.slot.member as usize];
                         conn.wbuf.extend_from_slice(&plan.gate_frame);
                         conn.wbuf.extend_from_slice(&wire::barrier_frame(me));
-                        conn.state = State::Gating;
+                        conn.state = State::Preparing;
                         env.mark_dirty(conn);
                         return None;
                     }
@@ -1333,16 +1511,28 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 ready(conn, env);
             }
         }
-        Message::Error { code, id } => {
+        Message::Error { code, id, req_id } => {
             env.error_seen(&code);
             if conn.state == State::Helloing {
                 env.local.hello_failures += 1;
                 return Some(Outcome::Fail(format!("hello refused: {code}")));
             }
-            if conn.state == State::Gating {
+            if conn.state == State::Preparing {
                 return Some(Outcome::Fail(format!(
-                    "set_status or its barrier refused: {code}"
+                    "set_status, join_group or their barrier refused: {code}"
                 )));
+            }
+            if let (Some(r), Some(p)) = (&req_id, conn.peers.as_mut()) {
+                if p.role == Role::Lister {
+                    // A list_peers refused (e.g. `unavailable`).
+                    if p.ledger.answer(r.as_bytes()).is_some() {
+                        env.local.list_errors += 1;
+                    } else {
+                        env.local.list_malformed += 1;
+                        env.error_seen("loadgen: error echoing an unknown _reqId");
+                    }
+                    return None;
+                }
             }
             if let Some(id) = id {
                 env.local.send_errors += 1;
@@ -1351,11 +1541,20 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 }
                 conn.inflight = conn.inflight.saturating_sub(1);
                 let mesh = conn.slot.mesh as usize;
-                let (per, held) = match (&env.run.held, wire::parse_tag(id.as_bytes())) {
-                    (Some(plan), Some((_, target, _, _))) => {
-                        plan.owed(mesh, env.run.pubkeys[mesh].len(), target)
+                let group = env.run.peers.as_ref().and_then(|p| {
+                    let roles = &p.meshes[mesh];
+                    (roles.group_sender == Some(conn.slot.member)).then_some(roles.group_expected)
+                });
+                let (per, held) = if let Some(per) = group {
+                    env.local.group_expected = env.local.group_expected.saturating_sub(per);
+                    (per, 0)
+                } else {
+                    match (&env.run.held, wire::parse_tag(id.as_bytes())) {
+                        (Some(plan), Some((_, target, _, _))) => {
+                            plan.owed(mesh, env.run.pubkeys[mesh].len(), target)
+                        }
+                        _ => (env.run.expected_per_send[mesh], 0),
                     }
-                    _ => (env.run.expected_per_send[mesh], 0),
                 };
                 env.local.expected = env.local.expected.saturating_sub(per);
                 env.local.held_expected = env.local.held_expected.saturating_sub(held);
@@ -1371,6 +1570,7 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 env.refill(conn);
             }
         }
+        Message::PeersList => on_peers_list(conn, env, payload),
         Message::Other => {}
     }
     None
@@ -1448,4 +1648,53 @@ fn held_push(conn: &mut Conn, env: &mut Env, payload: &[u8], sender: u32, ts_ns:
         *env.push_seen.entry(g).or_default() += 1;
     }
     env.hists.push.record_since(ts_ns, env.now);
+}
+
+/// `peers`: a `peers_list` answer, matched to its request by `_reqId` and
+/// checked against the mesh's session count.
+fn on_peers_list(conn: &mut Conn, env: &mut Env, payload: &[u8]) {
+    let run = env.run.clone();
+    let (Some(plan), Some(p)) = (&run.peers, conn.peers.as_mut()) else {
+        env.error_seen("loadgen: peers_list nobody asked for");
+        return;
+    };
+    let scanned = peers::scan_peers_list(payload);
+    if p.answers % peers::CROSS_CHECK_EVERY == 0 {
+        let parsed = peers::parse_peers_list(payload);
+        if parsed.is_none() || parsed != scanned {
+            env.local.list_malformed += 1;
+            env.error_seen("loadgen: peers_list scan and JSON parse disagree");
+        }
+    }
+    p.answers += 1;
+    let Some(answer) = scanned.or_else(|| peers::parse_peers_list(payload)) else {
+        env.local.list_malformed += 1;
+        return;
+    };
+    let Some(sent_ns) = answer
+        .req_id
+        .as_deref()
+        .and_then(|r| p.ledger.answer(r.as_bytes()))
+    else {
+        env.local.list_malformed += 1;
+        env.error_seen("loadgen: peers_list without one of our _reqIds");
+        return;
+    };
+    env.local.lists_answered += 1;
+    env.local.list_entries += answer.entries as u64;
+    env.local.list_bytes += payload.len() as u64;
+    env.hists.list.record_since(sent_ns, env.now);
+    match peers::check_answer(&answer, plan.meshes[conn.slot.mesh as usize].size) {
+        Ok(()) => {}
+        Err(Fault::Count { got, want }) => {
+            env.local.list_mismatches += 1;
+            env.error_seen(&format!(
+                "peers_list: {got} entries, the mesh has {want} sessions"
+            ));
+        }
+        Err(Fault::SelfMarks(n)) => {
+            env.local.list_malformed += 1;
+            env.error_seen(&format!("peers_list: {n} entries marked self"));
+        }
+    }
 }

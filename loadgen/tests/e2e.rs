@@ -117,6 +117,41 @@ fn every_scenario_runs_without_loss() {
     assert_eq!(h.held_pushes, h.held_expected);
     assert_eq!(held.acked, held.sent);
 
+    // The peer directory and groups: every answer lists the whole mesh.
+    let peers = run(
+        &broker,
+        &db,
+        "peers",
+        &[
+            "--meshes",
+            "2",
+            "--peers",
+            "20",
+            "--window",
+            "2",
+            "--listers",
+            "2",
+            "--list-rate",
+            "100",
+            "--group-every",
+            "3",
+            "--group-rate",
+            "100",
+        ],
+    );
+    let p = peers.directory.as_ref().expect("directory block");
+    assert!(
+        p.lists_answered > 0 && p.lists_answered == p.lists_sent,
+        "{p:?}"
+    );
+    assert_eq!(p.mean_entries, Some(20.0));
+    // Members 0, 3, …, 18 of each mesh; the group sender (1) is not one.
+    assert_eq!(p.group_members, 14);
+    assert!(
+        p.group_sent > 0 && p.group_pushes == p.group_sent * 7,
+        "{p:?}"
+    );
+
     let idle = run(&broker, &db, "idle", &["--meshes", "3", "--peers", "20"]);
     assert_eq!(idle.hellos, 60);
     assert!(idle.broker_rss_per_conn_bytes.is_some());
@@ -127,4 +162,9 @@ fn every_scenario_runs_without_loss() {
     // Everything the runs created is gone again.
     let left = common::query_rows(&db, "SELECT count(*) FROM mesh.mesh WHERE id LIKE 'lg-%'");
     assert_eq!(left[0].get::<_, i64>(0), 0);
+    let groups = common::query_rows(
+        &db,
+        "SELECT count(*) FROM mesh.member_group WHERE member_id LIKE 'lg-%'",
+    );
+    assert_eq!(groups[0].get::<_, i64>(0), 0);
 }

@@ -7,6 +7,7 @@ mod direct;
 mod gated;
 mod held;
 mod idle;
+mod peers;
 
 use crate::cli::ScenarioName;
 use crate::report::Report;
@@ -68,5 +69,6 @@ pub fn by_name(name: ScenarioName) -> Arc<dyn Scenario> {
         ScenarioName::Churn => Arc::new(churn::Churn),
         ScenarioName::Gated => Arc::new(gated::Gated),
         ScenarioName::Held => Arc::new(held::Held),
+        ScenarioName::Peers => Arc::new(peers::Peers),
     }
 }
