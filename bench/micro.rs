@@ -144,6 +144,8 @@ fn routing(c: &mut Criterion) {
                     sent_at: Instant::now(),
                     restored: false,
                     holds_in_flight: Default::default(),
+                    redelivered_frame: Default::default(),
+                    client_message_id: None,
                 });
                 let plan = plan_many(&envelope, Audience::All, &limits).unwrap();
                 let done = routes.deliver_route(plan.route.as_ref().unwrap());

@@ -691,6 +691,8 @@ mod tests {
             sent_at: Instant::now(),
             restored: false,
             holds_in_flight: Default::default(),
+            redelivered_frame: Default::default(),
+            client_message_id: None,
         }
     }
 

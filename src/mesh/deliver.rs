@@ -564,6 +564,8 @@ mod tests {
                 sent_at: self.epoch + std::time::Duration::from_micros(seq.into()),
                 restored: false,
                 holds_in_flight: Default::default(),
+                redelivered_frame: Default::default(),
+                client_message_id: None,
             })
         }
 

@@ -8,6 +8,7 @@
 //! the directory's own map is locked only on hello and on refresh.
 use super::bucket::SendBucket;
 use super::held::HeldQueue;
+use super::lease::{MemberLeases, Redeliveries};
 use super::peers::{MemberSessions, PeerBoard};
 use super::{Envelope, HeldLate};
 use crate::protocol::{GroupName, Priority};
@@ -78,6 +79,10 @@ pub struct MemberEntry {
     pub sessions: MemberSessions,
     /// Its send budget, shared by its sessions (`SEND_RATE_PER_MIN`).
     pub send_bucket: SendBucket,
+    /// Pushes written to its `client_ack` sessions and not acked yet.
+    pub leases: MemberLeases,
+    /// What a lapsed lease put back: pushed again as `redelivered`.
+    pub redeliveries: Redeliveries,
     revoked: AtomicBool,
     /// The shards with at least one live session of this member: they may
     /// take `now`, and so anything (an open shard is always live too).
@@ -110,6 +115,8 @@ impl MemberEntry {
             group_writes: Mutex::new(()),
             sessions: MemberSessions::default(),
             send_bucket: SendBucket::default(),
+            leases: MemberLeases::default(),
+            redeliveries: Redeliveries::default(),
             revoked: AtomicBool::new(row.revoked),
             live_shards: ShardMask::default(),
             open_shards: ShardMask::default(),

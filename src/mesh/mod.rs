@@ -19,6 +19,7 @@ pub mod bucket;
 pub mod deliver;
 pub mod directory;
 pub mod held;
+pub mod lease;
 pub mod peers;
 pub mod plan;
 pub mod restore;
@@ -29,7 +30,7 @@ use bytes::Bytes;
 use directory::{MemberEntry, MeshEntry};
 use std::ops::Range;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 /// Whom a send was addressed to.
@@ -75,6 +76,11 @@ pub struct Envelope {
     /// delivery marks wait for them, so a mark never reaches Postgres
     /// before the row it marks.
     pub holds_in_flight: AtomicU32,
+    /// Its push with `"redelivered":true`, made the first time a lapsed
+    /// lease pushes it again (PROTOCOL.md §11), then shared like `frame`.
+    pub redelivered_frame: OnceLock<Bytes>,
+    /// The sender's `client_message_id`, passed through on every push.
+    pub client_message_id: Option<Box<str>>,
 }
 
 /// An envelope queued on a session, or handed back by one that was cut
@@ -138,6 +144,17 @@ impl Envelope {
     /// Whether it may no longer be pushed (PROTOCOL.md §4).
     pub fn is_expired(&self, now: SystemTime) -> bool {
         self.expires_at <= now
+    }
+
+    /// The push frame, or its redelivered form.
+    pub fn push_frame(&self, redelivered: bool) -> &Bytes {
+        if !redelivered {
+            return &self.frame;
+        }
+        self.redelivered_frame.get_or_init(|| {
+            let json = ws::server_frame_payload(&self.frame);
+            ws::encode_server_frame(ws::OpCode::Text, &protocol::mark_redelivered(json))
+        })
     }
 
     /// The nonce as it stands in the push frame (JSON-escaped).

@@ -83,6 +83,8 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         sent_at: Instant::now(),
         restored: true,
         holds_in_flight: Default::default(),
+        redelivered_frame: Default::default(),
+        client_message_id: None,
     });
     for member in &members {
         member.held.hand_back(vec![envelope.clone()]);

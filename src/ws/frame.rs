@@ -336,6 +336,17 @@ pub fn encode_server_frame(opcode: OpCode, payload: &[u8]) -> Bytes {
     Bytes::from(out)
 }
 
+/// The payload of an unmasked server frame this broker encoded (its
+/// header is 2, 4 or 10 bytes, by the length byte).
+pub fn server_frame_payload(frame: &[u8]) -> &[u8] {
+    let header = match frame[1] & 0x7F {
+        126 => 4,
+        127 => 10,
+        _ => 2,
+    };
+    &frame[header..]
+}
+
 /// Room a caller leaves at the front of a buffer for `finish_server_frame`.
 pub const SERVER_HEADER_ROOM: usize = 10;
 
@@ -405,6 +416,15 @@ pub fn encode_client_frame(opcode: OpCode, payload: &[u8], mask: [u8; 4], fin: b
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_server_frame_gives_back_its_payload() {
+        for len in [0usize, 125, 126, 65535, 65536] {
+            let payload = vec![7u8; len];
+            let frame = encode_server_frame(OpCode::Text, &payload);
+            assert_eq!(server_frame_payload(&frame), &payload[..], "{len}");
+        }
+    }
+
     #[test]
     fn finished_frames_match_encoded_ones() {
         for len in [0usize, 125, 126, 65535, 65536] {

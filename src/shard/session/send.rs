@@ -83,6 +83,8 @@ impl Session {
             sent_at: read_at,
             restored: false,
             holds_in_flight: Default::default(),
+            redelivered_frame: Default::default(),
+            client_message_id: None,
         });
         let limits = HoldLimits {
             max_per_member: config.max_held_per_member,
