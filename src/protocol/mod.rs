@@ -19,9 +19,9 @@ pub use inbound::{
     MAX_CLIENT_ACK_IDS, MAX_CLIENT_MESSAGE_ID_CHARS,
 };
 pub use outbound::{
-    write_ack, write_error, write_hello_ack, write_peer, write_peer_event, write_push,
-    write_str as write_json_str, GroupRole, HelloAck, PeerFields, PeersListWriter, PushFields,
-    PushRanges,
+    mark_redelivered, write_ack, write_error, write_hello_ack, write_peer, write_peer_event,
+    write_push, write_str as write_json_str, Ack, GroupRole, HelloAck, PeerFields, PeersListWriter,
+    PushFields, PushRanges,
 };
 pub(crate) use peek::peek_ids;
 
