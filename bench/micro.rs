@@ -83,6 +83,7 @@ fn protocol_messages(c: &mut Criterion) {
                         "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90",
                     target_spec: None,
                     priority: protocol::Priority::Now,
+                    client_message_id: None,
                     nonce: "bm9uY2Vub25jZW5vbmNl",
                     ciphertext: &ciphertext,
                     created_at: "2026-11-27T03:14:24.000Z",

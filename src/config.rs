@@ -19,6 +19,13 @@ pub const MIN_MESSAGE_BYTES: usize = 1024;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Largest accepted `BROKER_SHARDS`.
 pub const MAX_SHARDS: usize = 64;
+/// Largest accepted `CLIENT_ACK_MAX_LEASES`.
+pub const MAX_CLIENT_ACK_LEASES: usize = 1_000_000;
+/// Smallest accepted `CLIENT_ACK_MAX_LEASE_BYTES` (64 KiB): one push of a
+/// default `MAX_MESSAGE_BYTES` send must fit.
+pub const MIN_CLIENT_ACK_LEASE_BYTES: usize = 64 * 1024;
+/// Largest accepted `CLIENT_ACK_MAX_LEASE_BYTES` (1 GiB).
+pub const MAX_CLIENT_ACK_LEASE_BYTES: usize = 1024 * 1024 * 1024;
 /// Largest accepted value of the `*_SECONDS` variables (10 years), so that
 /// adding one to an `Instant` can never overflow.
 pub const MAX_SECONDS: u64 = 10 * 365 * 24 * 60 * 60;
@@ -81,6 +88,14 @@ pub struct Config {
     /// bucket, refilled at this rate per minute, holding at most the burst.
     pub send_rate_per_min: u32,
     pub send_burst: u32,
+    /// `CLIENT_ACK_TIMEOUT_SECONDS` (PROTOCOL.md §11): how long a push to a
+    /// `client_ack` session stays leased, from its write, before it goes
+    /// back to its member's held queue.
+    pub client_ack_timeout: Duration,
+    /// `DEDUPE_WINDOW_SECONDS` (§11): how long a send's `(sender member,
+    /// client_message_id)` makes a later send with the same pair a
+    /// duplicate; zero turns duplicate detection off.
+    pub dedupe_window: Duration,
     pub node_env: NodeEnv,
     pub git_sha: String,
     pub claude_projects_dir: PathBuf,
@@ -89,6 +104,11 @@ pub struct Config {
     /// `MAX_OUTBOUND_BYTES` (ours): a connection's outbound queue bound; a
     /// peer that lets more pile up is cut off with 1013.
     pub max_outbound_bytes: usize,
+    /// `CLIENT_ACK_MAX_LEASES` and `CLIENT_ACK_MAX_LEASE_BYTES` (ours): the
+    /// most unacked pushes (and their bytes) one `client_ack` session may
+    /// hold; a session over either is cut off like a slow reader (1013).
+    pub client_ack_max_leases: usize,
+    pub client_ack_max_lease_bytes: usize,
     /// `MEMBER_REFRESH_SECONDS` (ours): how often loaded meshes' members are
     /// reloaded, i.e. how long a revocation takes to close live sessions.
     pub member_refresh: Duration,
@@ -311,6 +331,9 @@ impl Config {
         let session_grace = r.seconds_from("SESSION_GRACE_SECONDS", 90, 0);
         let send_rate_per_min = r.int("SEND_RATE_PER_MIN", 6000, 1, u32::MAX as u64) as u32;
         let send_burst = r.int("SEND_BURST", 200, 1, u32::MAX as u64) as u32;
+        let client_ack_timeout = r.seconds("CLIENT_ACK_TIMEOUT_SECONDS", 30);
+        // 0 is allowed: no send is a duplicate of an earlier one.
+        let dedupe_window = r.seconds_from("DEDUPE_WINDOW_SECONDS", 600, 0);
 
         let node_env = match r.get("NODE_ENV") {
             None => NodeEnv::Development,
@@ -368,6 +391,18 @@ impl Config {
             4 * 1024 * 1024,
             64 * 1024,
             1024 * 1024 * 1024,
+        ) as usize;
+        let client_ack_max_leases = r.int(
+            "CLIENT_ACK_MAX_LEASES",
+            4096,
+            1,
+            MAX_CLIENT_ACK_LEASES as u64,
+        ) as usize;
+        let client_ack_max_lease_bytes = r.int(
+            "CLIENT_ACK_MAX_LEASE_BYTES",
+            16 * 1024 * 1024,
+            MIN_CLIENT_ACK_LEASE_BYTES as u64,
+            MAX_CLIENT_ACK_LEASE_BYTES as u64,
         ) as usize;
         let member_refresh = r.seconds("MEMBER_REFRESH_SECONDS", 5);
         let io_driver = match r.get("BROKER_IO_DRIVER").as_deref().map(str::trim) {
@@ -428,11 +463,15 @@ impl Config {
             session_grace,
             send_rate_per_min,
             send_burst,
+            client_ack_timeout,
+            dedupe_window,
             node_env,
             git_sha,
             claude_projects_dir,
             data_dir,
             max_outbound_bytes,
+            client_ack_max_leases,
+            client_ack_max_lease_bytes,
             member_refresh,
             io_driver,
             max_held_per_member,
@@ -487,6 +526,14 @@ impl Config {
             ),
             ("SEND_RATE_PER_MIN", self.send_rate_per_min.to_string()),
             ("SEND_BURST", self.send_burst.to_string()),
+            (
+                "CLIENT_ACK_TIMEOUT_SECONDS",
+                self.client_ack_timeout.as_secs().to_string(),
+            ),
+            (
+                "DEDUPE_WINDOW_SECONDS",
+                self.dedupe_window.as_secs().to_string(),
+            ),
             ("NODE_ENV", self.node_env.as_str().to_owned()),
             ("GIT_SHA", self.git_sha.clone()),
             (
@@ -495,6 +542,14 @@ impl Config {
             ),
             ("MESHBROKER_DATA_DIR", self.data_dir.display().to_string()),
             ("MAX_OUTBOUND_BYTES", self.max_outbound_bytes.to_string()),
+            (
+                "CLIENT_ACK_MAX_LEASES",
+                self.client_ack_max_leases.to_string(),
+            ),
+            (
+                "CLIENT_ACK_MAX_LEASE_BYTES",
+                self.client_ack_max_lease_bytes.to_string(),
+            ),
             (
                 "MEMBER_REFRESH_SECONDS",
                 self.member_refresh.as_secs().to_string(),
@@ -625,6 +680,10 @@ mod tests {
         assert_eq!(c.session_grace, Duration::from_secs(90));
         assert_eq!(c.send_rate_per_min, 6000);
         assert_eq!(c.send_burst, 200);
+        assert_eq!(c.client_ack_timeout, Duration::from_secs(30));
+        assert_eq!(c.dedupe_window, Duration::from_secs(600));
+        assert_eq!(c.client_ack_max_leases, 4096);
+        assert_eq!(c.client_ack_max_lease_bytes, 16 * 1024 * 1024);
         assert_eq!(c.node_env, NodeEnv::Development);
         assert!(!c.git_sha.is_empty());
         assert_eq!(
@@ -667,6 +726,10 @@ mod tests {
             ("SESSION_GRACE_SECONDS", "5"),
             ("SEND_RATE_PER_MIN", "60"),
             ("SEND_BURST", "1"),
+            ("CLIENT_ACK_TIMEOUT_SECONDS", "1"),
+            ("DEDUPE_WINDOW_SECONDS", "0"),
+            ("CLIENT_ACK_MAX_LEASES", "1"),
+            ("CLIENT_ACK_MAX_LEASE_BYTES", "65536"),
             ("NODE_ENV", "production"),
             ("GIT_SHA", "abc123"),
             ("CLAUDE_PROJECTS_DIR", "~/p"),
@@ -694,6 +757,11 @@ mod tests {
         assert_eq!(c.session_grace, Duration::from_secs(5));
         assert_eq!(c.send_rate_per_min, 60);
         assert_eq!(c.send_burst, 1);
+        assert_eq!(c.client_ack_timeout, Duration::from_secs(1));
+        // Zero turns duplicate detection off.
+        assert_eq!(c.dedupe_window, Duration::ZERO);
+        assert_eq!(c.client_ack_max_leases, 1);
+        assert_eq!(c.client_ack_max_lease_bytes, MIN_CLIENT_ACK_LEASE_BYTES);
         assert_eq!(c.node_env, NodeEnv::Production);
         assert_eq!(c.git_sha, "abc123");
         assert_eq!(c.claude_projects_dir, PathBuf::from("/h/p"));
@@ -718,6 +786,15 @@ mod tests {
                 .max_message_bytes,
             MAX_MESSAGE_BYTES
         );
+        let most = parse(&[
+            ("CLIENT_ACK_MAX_LEASES", "1000000"),
+            ("CLIENT_ACK_MAX_LEASE_BYTES", "1073741824"),
+            ("DEDUPE_WINDOW_SECONDS", "86400"),
+        ])
+        .unwrap();
+        assert_eq!(most.client_ack_max_leases, MAX_CLIENT_ACK_LEASES);
+        assert_eq!(most.client_ack_max_lease_bytes, MAX_CLIENT_ACK_LEASE_BYTES);
+        assert_eq!(most.dedupe_window, Duration::from_secs(86_400));
     }
 
     #[test]
@@ -753,6 +830,28 @@ mod tests {
             ("SEND_RATE_PER_MIN", "4294967296", "from 1 to 4294967295"),
             ("SEND_BURST", "0", "from 1 to 4294967295"),
             ("SEND_BURST", "-3", "from 1 to 4294967295"),
+            ("CLIENT_ACK_TIMEOUT_SECONDS", "0", "seconds from 1 to"),
+            ("CLIENT_ACK_TIMEOUT_SECONDS", "2.5", "seconds from 1 to"),
+            ("DEDUPE_WINDOW_SECONDS", "-1", "seconds from 0 to"),
+            ("DEDUPE_WINDOW_SECONDS", "10m", "seconds from 0 to"),
+            ("DEDUPE_WINDOW_SECONDS", "999999999999", "seconds from 0 to"),
+            ("CLIENT_ACK_MAX_LEASES", "0", "from 1 to 1000000"),
+            ("CLIENT_ACK_MAX_LEASES", "1000001", "from 1 to 1000000"),
+            (
+                "CLIENT_ACK_MAX_LEASE_BYTES",
+                "65535",
+                "from 65536 to 1073741824",
+            ),
+            (
+                "CLIENT_ACK_MAX_LEASE_BYTES",
+                "1073741825",
+                "from 65536 to 1073741824",
+            ),
+            (
+                "CLIENT_ACK_MAX_LEASE_BYTES",
+                "16MiB",
+                "from 65536 to 1073741824",
+            ),
             ("NODE_ENV", "prod", "development, production, test"),
             ("LOG_LEVEL", "verbose", "error, warn, info, debug, trace"),
             ("BROKER_IO_DRIVER", "kqueue", "auto or epoll"),
@@ -882,6 +981,10 @@ mod tests {
             "SESSION_GRACE_SECONDS",
             "SEND_RATE_PER_MIN",
             "SEND_BURST",
+            "CLIENT_ACK_TIMEOUT_SECONDS",
+            "DEDUPE_WINDOW_SECONDS",
+            "CLIENT_ACK_MAX_LEASES",
+            "CLIENT_ACK_MAX_LEASE_BYTES",
             "NODE_ENV",
             "GIT_SHA",
             "CLAUDE_PROJECTS_DIR",
@@ -897,5 +1000,9 @@ mod tests {
         assert!(eff.contains(&("SESSION_GRACE_SECONDS", "90".to_owned())));
         assert!(eff.contains(&("SEND_RATE_PER_MIN", "6000".to_owned())));
         assert!(eff.contains(&("SEND_BURST", "200".to_owned())));
+        assert!(eff.contains(&("CLIENT_ACK_TIMEOUT_SECONDS", "30".to_owned())));
+        assert!(eff.contains(&("DEDUPE_WINDOW_SECONDS", "600".to_owned())));
+        assert!(eff.contains(&("CLIENT_ACK_MAX_LEASES", "4096".to_owned())));
+        assert!(eff.contains(&("CLIENT_ACK_MAX_LEASE_BYTES", "16777216".to_owned())));
     }
 }

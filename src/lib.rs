@@ -15,7 +15,7 @@
 //!   plan, status-gated delivery, held envelopes; every rule of PROTOCOL.md §5.
 //! - `status`   — a session's status and the §5 write rule, transcript inference (on
 //!   its own thread), and the hook index (live sessions by cwd, stashed signals).
-//! - `protocol` — the JSON messages of PROTOCOL.md §4 and §9–§10, parsed and serialized; no I/O.
+//! - `protocol` — the JSON messages of PROTOCOL.md §4 and §9–§11, parsed and serialized; no I/O.
 //! - `ws`       — RFC 6455 handshake and frame codec; no I/O.
 //! - `http`     — HTTP/1.1 request-head parsing and response building; no I/O.
 //! - `hook`     — `/hook/set-status` body validation and the per-(pid, cwd) token bucket.

@@ -40,6 +40,10 @@ fn each_bad_variable_alone_exits_1_naming_it() {
         ("SESSION_GRACE_SECONDS", "-1", "seconds from 0"),
         ("SEND_RATE_PER_MIN", "0", "from 1"),
         ("SEND_BURST", "many", "integer"),
+        ("CLIENT_ACK_TIMEOUT_SECONDS", "0", "seconds from 1"),
+        ("DEDUPE_WINDOW_SECONDS", "-5", "seconds from 0"),
+        ("CLIENT_ACK_MAX_LEASES", "0", "from 1"),
+        ("CLIENT_ACK_MAX_LEASE_BYTES", "1024", "from 65536"),
     ];
     for (var, value, expected) in cases {
         let (status, stderr) = run_broker_expect_exit(&[(var, value)]);
@@ -104,6 +108,8 @@ fn check_config_prints_effective_values_or_fails() {
             ("MAX_MESSAGE_BYTES", "2048"),
             ("HOOK_RATE_LIMIT_PER_MIN", "7"),
             ("SESSION_GRACE_SECONDS", "0"),
+            ("DEDUPE_WINDOW_SECONDS", "0"),
+            ("CLIENT_ACK_MAX_LEASES", "16"),
             ("GIT_SHA", "cafe123"),
         ],
     );
@@ -128,6 +134,10 @@ fn check_config_prints_effective_values_or_fails() {
         "SESSION_GRACE_SECONDS=0",
         "SEND_RATE_PER_MIN=6000",
         "SEND_BURST=200",
+        "CLIENT_ACK_TIMEOUT_SECONDS=30",
+        "DEDUPE_WINDOW_SECONDS=0",
+        "CLIENT_ACK_MAX_LEASES=16",
+        "CLIENT_ACK_MAX_LEASE_BYTES=16777216",
     ] {
         assert!(
             stdout.lines().any(|l| l == line),
@@ -233,6 +243,10 @@ fn sigint_exits_0() {
         "SESSION_GRACE_SECONDS=90",
         "SEND_RATE_PER_MIN=6000",
         "SEND_BURST=200",
+        "CLIENT_ACK_TIMEOUT_SECONDS=30",
+        "DEDUPE_WINDOW_SECONDS=600",
+        "CLIENT_ACK_MAX_LEASES=4096",
+        "CLIENT_ACK_MAX_LEASE_BYTES=16777216",
     ] {
         assert!(config.contains(default), "{default} not in {listening}");
     }

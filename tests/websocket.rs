@@ -256,6 +256,15 @@ fn messages_before_hello_get_errors_and_keep_the_connection() {
     expect_error(&mut ws, br#"{"type":"dance"}"#, "unknown_type");
     assert_still_open(&mut ws);
 
+    // A client_ack (PROTOCOL.md §11) is a known message: before a hello it
+    // gets no_hello, with its _reqId.
+    let reply = expect_error(
+        &mut ws,
+        br#"{"type":"client_ack","messageId":"m1","_reqId":"a1"}"#,
+        "no_hello",
+    );
+    assert_eq!(reply["_reqId"], "a1", "{reply}");
+
     let reply = expect_error(
         &mut ws,
         br#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","id":"early-1"}"#,

@@ -62,6 +62,7 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
             StoredTarget::Members { spec, .. } => Some(spec),
         },
         priority: row.priority,
+        client_message_id: None,
         nonce: &row.nonce,
         ciphertext: &row.ciphertext,
         created_at: &created,

@@ -16,6 +16,10 @@ const MAX_HELLO_GROUPS: usize = 64;
 const MAX_SUMMARY_CHARS: usize = 1024;
 /// The protocol versions the broker speaks (§9).
 const PROTOCOL_VERSIONS: std::ops::RangeInclusive<u64> = 1..=2;
+/// Most characters in a send's `client_message_id` (§11).
+pub const MAX_CLIENT_MESSAGE_ID_CHARS: usize = 128;
+/// Most ids in one `client_ack`'s `messageIds` (§11).
+pub const MAX_CLIENT_ACK_IDS: usize = 1000;
 
 /// A parsed message and the `_reqId` every answer to it echoes (§9).
 #[derive(Debug, PartialEq, Eq)]
@@ -40,6 +44,10 @@ pub enum ClientMessage<'a> {
     LeaveGroup {
         name: GroupName,
     },
+    /// `client_ack` (§11): the message ids acknowledged, from exactly one
+    /// of `messageId`, `brokerMessageId` (the same meaning) or `messageIds`
+    /// (1 to 1000 ids), in the order written. Never empty.
+    ClientAck(Vec<Cow<'a, str>>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -99,6 +107,11 @@ pub struct Send<'a> {
     pub ciphertext: Cow<'a, str>,
     /// Client correlation id; `""` when absent.
     pub id: Cow<'a, str>,
+    /// `client_message_id` (§11, at most 128 characters): the sender's own
+    /// id for the envelope, passed through on its pushes and the key of
+    /// duplicate detection. `None` when absent, `null` or `""` (an empty id
+    /// would make every later send with it a duplicate).
+    pub client_message_id: Option<Cow<'a, str>>,
 }
 
 /// A shard's reusable parsing space: simd-json's buffers and two copies of
@@ -144,6 +157,8 @@ struct PlainSend<'a> {
     ciphertext: &'a str,
     #[serde(default)]
     id: Option<&'a str>,
+    #[serde(default)]
+    client_message_id: Option<&'a str>,
     #[serde(default, rename = "_reqId")]
     req_id: Option<&'a str>,
 }
@@ -155,6 +170,12 @@ impl<'a> PlainSend<'a> {
             return None;
         }
         if self.req_id.is_some_and(|r| !fits(r, MAX_REQ_ID_CHARS)) {
+            return None;
+        }
+        if self
+            .client_message_id
+            .is_some_and(|c| !fits(c, MAX_CLIENT_MESSAGE_ID_CHARS))
+        {
             return None;
         }
         let target_spec = Cow::Borrowed(self.target_spec);
@@ -174,6 +195,10 @@ impl<'a> PlainSend<'a> {
                 nonce: Cow::Borrowed(self.nonce),
                 ciphertext: Cow::Borrowed(self.ciphertext),
                 id: Cow::Borrowed(self.id.unwrap_or("")),
+                client_message_id: self
+                    .client_message_id
+                    .filter(|c| !c.is_empty())
+                    .map(Cow::Borrowed),
             }),
             req_id: self.req_id.map(Cow::Borrowed),
         })
@@ -266,6 +291,7 @@ fn parse_message<'a>(
         "leave_group" => Ok(ClientMessage::LeaveGroup {
             name: fields.group_name("name")?,
         }),
+        "client_ack" => parse_client_ack(fields).map(ClientMessage::ClientAck),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             "unknown message type",
@@ -399,6 +425,9 @@ fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>,
     };
     let nonce = fields.required_str("nonce")?;
     let ciphertext = fields.required_str("ciphertext")?;
+    let client_message_id = fields
+        .limited_str("client_message_id", MAX_CLIENT_MESSAGE_ID_CHARS)?
+        .filter(|c| !c.is_empty());
     if target == Target::Unsupported {
         return Err(ProtocolError::new(
             ErrorCode::UnsupportedTarget,
@@ -412,7 +441,52 @@ fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>,
         nonce,
         ciphertext,
         id,
+        client_message_id,
     })
+}
+
+/// A `client_ack`'s ids: exactly one of `messageId`, `brokerMessageId` and
+/// `messageIds` (an array of 1 to 1000 strings).
+fn parse_client_ack<'a>(fields: &mut Fields<'a>) -> Result<Vec<Cow<'a, str>>, ProtocolError> {
+    const ONE: &str = "messageId";
+    const BROKER: &str = "brokerMessageId";
+    const MANY: &str = "messageIds";
+    let one = fields.optional_str(ONE)?;
+    let broker = fields.optional_str(BROKER)?;
+    let many = fields.take(MANY);
+    match (one, broker, many) {
+        (None, None, None) => Err(fields.invalid(
+            ONE,
+            format_args!("is required (or '{BROKER}', or '{MANY}')"),
+        )),
+        (Some(_), Some(_), _) => {
+            Err(fields.invalid(BROKER, format_args!("and '{ONE}' are both given: send one")))
+        }
+        (Some(_), None, Some(_)) => {
+            Err(fields.invalid(MANY, format_args!("and '{ONE}' are both given: send one")))
+        }
+        (None, Some(_), Some(_)) => Err(fields.invalid(
+            MANY,
+            format_args!("and '{BROKER}' are both given: send one"),
+        )),
+        (Some(id), None, None) | (None, Some(id), None) => Ok(vec![id]),
+        (None, None, Some(Value::Array(ids))) => {
+            if ids.is_empty() || ids.len() > MAX_CLIENT_ACK_IDS {
+                return Err(fields.invalid(
+                    MANY,
+                    format_args!("must have from 1 to {MAX_CLIENT_ACK_IDS} entries"),
+                ));
+            }
+            ids.into_iter()
+                .enumerate()
+                .map(|(index, id)| match id {
+                    Value::String(id) => Ok(id),
+                    _ => Err(fields.invalid(MANY, format_args!("entry {index} is not a string"))),
+                })
+                .collect()
+        }
+        (None, None, Some(_)) => Err(fields.invalid(MANY, "must be an array of strings")),
+    }
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -582,6 +656,18 @@ mod tests {
             plain_send("tag:x", r#","_reqId":"r3""#),
             plain_send("", r#","_reqId":"r4""#),
             plain_send("@", r#","_reqId":"r5""#),
+            plain_send("*", r#","client_message_id":"c-1""#),
+            plain_send("*", r#","client_message_id":"c\"1""#),
+            plain_send("*", r#","client_message_id":null"#),
+            plain_send("*", r#","client_message_id":"""#),
+            plain_send("*", r#","client_message_id":7"#),
+            plain_send("*", r#","client_message_id":["c"]"#),
+            plain_send("*", &format!(r#","client_message_id":"{}""#, "é".repeat(128))),
+            plain_send("*", &format!(r#","client_message_id":"{}""#, "x".repeat(129))),
+            plain_send("*", &format!(r#","client_message_id":"{}","_reqId":"r6""#, "x".repeat(129))),
+            plain_send("tag:x", r#","client_message_id":"c-2""#),
+            plain_send(KEY, r#","client_message_id":"c-3","_reqId":"r7""#),
+            r#"{"type":"client_ack","messageId":"m1","targetSpec":"*","nonce":"n","ciphertext":"c"}"#.to_owned(),
         ];
         for spec in [
             "@all",
@@ -614,9 +700,21 @@ mod tests {
         }
         let wide = "é".repeat(64);
         assert!(fast(&plain_send("*", &format!(r#","_reqId":"{wide}""#))));
+        let most = "é".repeat(128);
+        for extra in [
+            format!(r#","client_message_id":"{most}""#),
+            r#","client_message_id":"c-1","_reqId":"r""#.to_owned(),
+            r#","client_message_id":null"#.to_owned(),
+        ] {
+            assert!(fast(&plain_send("*", &extra)), "{extra}");
+        }
         let long = "é".repeat(65);
         for json in [
             plain_send("*", &format!(r#","_reqId":"{long}""#)),
+            plain_send(
+                "*",
+                &format!(r#","client_message_id":"{}""#, "x".repeat(129)),
+            ),
             plain_send("tag:x", ""),
             plain_send("@_x", ""),
             plain_send("", ""),
@@ -1115,5 +1213,153 @@ mod tests {
             assert_eq!(code, ErrorCode::InvalidField, "{json}");
             assert!(message.contains(field), "{message} should name {field}");
         }
+    }
+
+    /// The `client_message_id` of a send.
+    fn client_message_id_of(json: &str) -> Option<String> {
+        let mut out = None;
+        with_parsed(json, |parsed| match parsed.message {
+            ClientMessage::Send(send) => out = send.client_message_id.map(Cow::into_owned),
+            other => panic!("not a send: {other:?}"),
+        });
+        out
+    }
+
+    #[test]
+    fn send_client_message_id() {
+        assert_eq!(client_message_id_of(&plain_send("*", "")), None);
+        assert_eq!(
+            client_message_id_of(&plain_send("*", r#","client_message_id":"c-1""#)),
+            Some("c-1".into())
+        );
+        // Escaped: through the tree parser, unescaped.
+        assert_eq!(
+            client_message_id_of(&plain_send("@eng", r#","client_message_id":"a\"\u00e9""#)),
+            Some("a\"é".into())
+        );
+        let most = "é".repeat(128);
+        assert_eq!(
+            client_message_id_of(&plain_send(
+                KEY,
+                &format!(r#","client_message_id":"{most}""#)
+            )),
+            Some(most)
+        );
+        for absent in [r#","client_message_id":null"#, r#","client_message_id":"""#] {
+            assert_eq!(
+                client_message_id_of(&plain_send("*", absent)),
+                None,
+                "{absent}"
+            );
+        }
+        let long = format!(r#","client_message_id":"{}","_reqId":"q""#, "x".repeat(129));
+        for extra in [
+            long.as_str(),
+            r#","client_message_id":5,"_reqId":"q""#,
+            r#","client_message_id":{},"_reqId":"q""#,
+        ] {
+            let (code, message, id, req_id) = parse(&plain_send("*", extra)).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{extra}");
+            assert!(message.contains("'client_message_id'"), "{message}");
+            assert_eq!(id.as_deref(), Some("s"), "{extra}");
+            assert_eq!(req_id.as_deref(), Some("q"), "{extra}");
+        }
+        let (_, message, _, _) = parse(&plain_send("*", &long)).unwrap_err();
+        assert!(message.contains("at most 128 characters"), "{message}");
+    }
+
+    /// The ids of a client_ack, and its `_reqId`.
+    fn acked(json: &str) -> (Vec<String>, Option<String>) {
+        let mut out = None;
+        with_parsed(json, |parsed| match parsed.message {
+            ClientMessage::ClientAck(ids) => {
+                out = Some((
+                    ids.into_iter().map(Cow::into_owned).collect(),
+                    parsed.req_id.map(Cow::into_owned),
+                ))
+            }
+            other => panic!("not a client_ack: {other:?}"),
+        });
+        out.unwrap()
+    }
+
+    #[test]
+    fn client_ack_takes_one_id_or_many() {
+        let ids = |ids: &[&str]| ids.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            acked(r#"{"type":"client_ack","messageId":"m1"}"#),
+            (ids(&["m1"]), None)
+        );
+        assert_eq!(
+            acked(r#"{"type":"client_ack","brokerMessageId":"m\"2","_reqId":"r"}"#),
+            (ids(&["m\"2"]), Some("r".into()))
+        );
+        // A null counts as absent, like every optional field.
+        assert_eq!(
+            acked(r#"{"type":"client_ack","messageId":null,"messageIds":["a","b","a"],"x":1}"#),
+            (ids(&["a", "b", "a"]), None)
+        );
+        let most: Vec<String> = (0..MAX_CLIENT_ACK_IDS).map(|i| format!("m{i}")).collect();
+        let json = format!(
+            r#"{{"type":"client_ack","messageIds":{}}}"#,
+            serde_json::to_string(&most).unwrap()
+        );
+        assert_eq!(acked(&json), (most, None));
+    }
+
+    #[test]
+    fn client_ack_errors_name_the_field_and_echo_the_req_id() {
+        let over: Vec<String> = (0..=MAX_CLIENT_ACK_IDS).map(|i| format!("m{i}")).collect();
+        let over = format!(r#","messageIds":{}"#, serde_json::to_string(&over).unwrap());
+        let cases = [
+            ("", "'messageId' is required"),
+            (r#","messageId":null"#, "'messageId' is required"),
+            (r#","messageId":5"#, "'messageId' must be a string"),
+            (
+                r#","brokerMessageId":["m"]"#,
+                "'brokerMessageId' must be a string",
+            ),
+            (
+                r#","messageId":"a","brokerMessageId":"a""#,
+                "'brokerMessageId'",
+            ),
+            (r#","messageId":"a","messageIds":["b"]"#, "'messageIds'"),
+            (
+                r#","brokerMessageId":"a","messageIds":["b"]"#,
+                "'messageIds'",
+            ),
+            (
+                r#","messageIds":[]"#,
+                "'messageIds' must have from 1 to 1000",
+            ),
+            (over.as_str(), "'messageIds' must have from 1 to 1000"),
+            (r#","messageIds":"m1""#, "'messageIds' must be an array"),
+            (
+                r#","messageIds":{"0":"m1"}"#,
+                "'messageIds' must be an array",
+            ),
+            (
+                r#","messageIds":["m1",2]"#,
+                "'messageIds' entry 1 is not a string",
+            ),
+            (
+                r#","messageIds":[null]"#,
+                "'messageIds' entry 0 is not a string",
+            ),
+        ];
+        for (extra, want) in cases {
+            let json = format!(r#"{{"type":"client_ack","_reqId":"r"{extra}}}"#);
+            let (code, message, id, req_id) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{json}");
+            assert!(message.contains(want), "{message} should say {want}");
+            assert_eq!(id, None, "{json}");
+            assert_eq!(req_id.as_deref(), Some("r"), "{json}");
+        }
+        // A bad _reqId is reported as itself, with nothing to echo.
+        let (code, message, _, req_id) =
+            parse(r#"{"type":"client_ack","messageId":"m","_reqId":5}"#).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidField);
+        assert!(message.contains("'_reqId'"), "{message}");
+        assert_eq!(req_id, None);
     }
 }

@@ -1,4 +1,4 @@
-//! The JSON messages of PROTOCOL.md §4 and §9–§10, parsed and serialized;
+//! The JSON messages of PROTOCOL.md §4 and §9–§11, parsed and serialized;
 //! no I/O.
 //!
 //! Inbound messages are parsed with simd-json into a borrowed tree over the
@@ -16,11 +16,12 @@ mod peek;
 pub use group::GroupName;
 pub use inbound::{
     parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,
+    MAX_CLIENT_ACK_IDS, MAX_CLIENT_MESSAGE_ID_CHARS,
 };
 pub use outbound::{
-    write_ack, write_error, write_hello_ack, write_peer, write_peer_event, write_push,
-    write_str as write_json_str, GroupRole, HelloAck, PeerFields, PeersListWriter, PushFields,
-    PushRanges,
+    mark_redelivered, write_ack, write_error, write_hello_ack, write_peer, write_peer_event,
+    write_push, write_str as write_json_str, Ack, GroupRole, HelloAck, PeerFields, PeersListWriter,
+    PushFields, PushRanges,
 };
 pub(crate) use peek::peek_ids;
 

@@ -10,6 +10,9 @@ pub struct PushFields<'a> {
     /// (PROTOCOL.md §10); `None` for a direct one.
     pub target_spec: Option<&'a str>,
     pub priority: Priority,
+    /// The send's `client_message_id` (PROTOCOL.md §11), passed through on
+    /// every push of the envelope; `None` when it had none.
+    pub client_message_id: Option<&'a str>,
     pub nonce: &'a str,
     pub ciphertext: &'a str,
     pub created_at: &'a str,
@@ -24,7 +27,8 @@ pub struct PushRanges {
 
 pub fn write_push(out: &mut Vec<u8>, push: &PushFields<'_>) -> PushRanges {
     let spec_len = push.target_spec.map_or(0, |spec| 16 + spec.len());
-    out.reserve(160 + spec_len + push.nonce.len() + push.ciphertext.len());
+    let client_id_len = push.client_message_id.map_or(0, |id| 24 + id.len());
+    out.reserve(160 + spec_len + client_id_len + push.nonce.len() + push.ciphertext.len());
     out.extend_from_slice(b"{\"type\":\"push\",\"messageId\":");
     write_str(out, push.message_id);
     out.extend_from_slice(b",\"meshId\":");
@@ -37,7 +41,12 @@ pub fn write_push(out: &mut Vec<u8>, push: &PushFields<'_>) -> PushRanges {
     }
     out.extend_from_slice(b",\"priority\":\"");
     out.extend_from_slice(push.priority.as_str().as_bytes());
-    out.extend_from_slice(b"\",\"nonce\":");
+    out.push(b'"');
+    if let Some(id) = push.client_message_id {
+        out.extend_from_slice(b",\"client_message_id\":");
+        write_str(out, id);
+    }
+    out.extend_from_slice(b",\"nonce\":");
     let nonce = quoted(out, push.nonce);
     out.extend_from_slice(b",\"ciphertext\":");
     let ciphertext = quoted(out, push.ciphertext);
@@ -54,28 +63,55 @@ fn quoted(out: &mut Vec<u8>, s: &str) -> std::ops::Range<usize> {
     start..out.len() - 1
 }
 
-/// `durable` is `None` for the normal ack, `Some(false)` while Postgres is
-/// down; `req_id` echoes the send's `_reqId` (PROTOCOL.md §9).
-pub fn write_ack(
-    out: &mut Vec<u8>,
-    id: &str,
-    message_id: &str,
-    durable: Option<bool>,
-    req_id: Option<&str>,
-) {
+/// A push frame as `write_push` wrote it, marked as a redelivery
+/// (PROTOCOL.md §11): the same object with `,"redelivered":true` before its
+/// final `}`. Everything before that brace keeps its place, so the nonce and
+/// ciphertext ranges of the original frame hold in the marked one too.
+pub fn mark_redelivered(push_json: &[u8]) -> Vec<u8> {
+    const MARK: &[u8] = b",\"redelivered\":true";
+    let end = push_json.iter().rposition(|&b| b == b'}');
+    debug_assert!(end.is_some(), "a push is a JSON object");
+    let end = end.unwrap_or(push_json.len());
+    let mut out = Vec::with_capacity(push_json.len() + MARK.len());
+    out.extend_from_slice(&push_json[..end]);
+    out.extend_from_slice(MARK);
+    out.extend_from_slice(&push_json[end..]);
+    out
+}
+
+/// The fields of an `ack` (PROTOCOL.md §4, §9, §11).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Ack<'a> {
+    /// The send's `id`, echoed (`""` when it had none).
+    pub id: &'a str,
+    pub message_id: &'a str,
+    /// `None` for the normal ack, `Some(false)` while Postgres is down.
+    pub durable: Option<bool>,
+    /// The send repeated a `client_message_id` accepted within the
+    /// dedupe window: `message_id` is the first send's, and the ack says
+    /// `"duplicate":true`.
+    pub duplicate: bool,
+    /// The send's `_reqId`, echoed.
+    pub req_id: Option<&'a str>,
+}
+
+pub fn write_ack(out: &mut Vec<u8>, ack: &Ack<'_>) {
     out.extend_from_slice(b"{\"type\":\"ack\",\"id\":");
-    write_str(out, id);
+    write_str(out, ack.id);
     out.extend_from_slice(b",\"messageId\":");
-    write_str(out, message_id);
+    write_str(out, ack.message_id);
     out.extend_from_slice(b",\"queued\":true");
-    if let Some(durable) = durable {
+    if let Some(durable) = ack.durable {
         out.extend_from_slice(if durable {
             b",\"durable\":true"
         } else {
             b",\"durable\":false"
         });
     }
-    write_req_id(out, req_id);
+    if ack.duplicate {
+        out.extend_from_slice(b",\"duplicate\":true");
+    }
+    write_req_id(out, ack.req_id);
     out.push(b'}');
 }
 
@@ -355,7 +391,7 @@ mod tests {
         serde_json::from_slice(bytes).expect("valid JSON")
     }
 
-    fn push(target_spec: Option<&str>) -> (Vec<u8>, PushRanges) {
+    fn push(target_spec: Option<&str>, client_message_id: Option<&str>) -> (Vec<u8>, PushRanges) {
         let mut out = b"prefix".to_vec();
         let ranges = write_push(
             &mut out,
@@ -365,6 +401,7 @@ mod tests {
                 sender_pubkey: "ab",
                 target_spec,
                 priority: Priority::Low,
+                client_message_id,
                 nonce: "n\\o\n",
                 ciphertext: "c\u{1}é",
                 created_at: "2026-01-01T00:00:00.000Z",
@@ -380,10 +417,20 @@ mod tests {
         }
     }
 
+    /// Every (targetSpec, client_message_id) a push may carry.
+    const PUSH_CASES: [(Option<&str>, Option<&str>); 6] = [
+        (None, None),
+        (Some("@eng"), None),
+        (Some("#a\"b"), None),
+        (None, Some("c-1")),
+        (Some("*"), Some("id \"with\" \\escapes\n")),
+        (None, Some("")),
+    ];
+
     #[test]
     fn push_round_trips_with_escapes() {
-        for spec in [None, Some("@eng"), Some("#a\"b")] {
-            let (out, ranges) = push(spec);
+        for (spec, client_id) in PUSH_CASES {
+            let (out, ranges) = push(spec, client_id);
             let v = parsed(&out);
             assert_eq!(v["type"], "push");
             assert_eq!(v["meshId"], "mesh\"1");
@@ -396,33 +443,99 @@ mod tests {
                 Some(spec) => assert_eq!(v["targetSpec"], spec),
                 None => assert!(v.get("targetSpec").is_none()),
             }
+            match client_id {
+                Some(id) => assert_eq!(v["client_message_id"], id),
+                None => assert!(v.get("client_message_id").is_none()),
+            }
             // The ranges hold the escaped contents, between the quotes.
             assert_eq!(&out[ranges.nonce.clone()], br"n\\o\n");
             assert_eq!(&out[ranges.ciphertext.clone()], "c\\u0001é".as_bytes());
             assert_eq!(out[ranges.nonce.start - 1], b'"');
             assert_eq!(out[ranges.ciphertext.end], b'"');
         }
-        let (out, _) = push(Some("*"));
+        let (out, _) = push(Some("*"), None);
         let text = std::str::from_utf8(&out).unwrap();
         assert!(text.contains(r#""senderPubkey":"ab","targetSpec":"*","priority""#));
+        // client_message_id comes right after the priority.
+        let (out, _) = push(None, Some("c-1"));
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(
+            text.contains(r#""priority":"low","client_message_id":"c-1","nonce":"#),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn a_redelivered_push_keeps_every_field_and_its_ranges() {
+        for (spec, client_id) in PUSH_CASES {
+            let (out, ranges) = push(spec, client_id);
+            let marked = mark_redelivered(&out);
+            assert_eq!(marked.len(), out.len() + r#","redelivered":true"#.len());
+            assert!(marked.ends_with(br#","redelivered":true}"#));
+            let (before, after) = (parsed(&out), parsed(&marked));
+            let mut want = before.as_object().unwrap().clone();
+            want.insert("redelivered".into(), serde_json::Value::Bool(true));
+            assert_eq!(after.as_object().unwrap(), &want);
+            assert_eq!(&marked[ranges.nonce.clone()], &out[ranges.nonce.clone()]);
+            assert_eq!(
+                &marked[ranges.ciphertext.clone()],
+                &out[ranges.ciphertext.clone()]
+            );
+        }
+        // A peer event push too: the mark goes after its eventData object.
+        let mut event = Vec::new();
+        write_peer_event(&mut event, "peer_left", "m", "x", "t", &peer(None));
+        let v = parsed(&mark_redelivered(&event));
+        assert_eq!(v["redelivered"], true);
+        assert!(v["eventData"].get("redelivered").is_none());
     }
 
     #[test]
     fn ack_and_error_shapes() {
         let mut out = Vec::new();
-        write_ack(&mut out, "c1", "m1", None, None);
+        let mut ack = Ack {
+            id: "c1",
+            message_id: "m1",
+            durable: None,
+            duplicate: false,
+            req_id: None,
+        };
+        write_ack(&mut out, &ack);
         let v = parsed(&out);
+        assert_eq!(object_keys(&v), ["id", "messageId", "queued", "type"]);
         assert_eq!(v["type"], "ack");
         assert_eq!(v["id"], "c1");
         assert_eq!(v["messageId"], "m1");
         assert_eq!(v["queued"], true);
-        assert!(v.get("durable").is_none());
-        assert!(v.get("_reqId").is_none());
         out.clear();
-        write_ack(&mut out, "", "m1", Some(false), Some("r\"1"));
+        ack.id = "";
+        ack.durable = Some(false);
+        ack.req_id = Some("r\"1");
+        write_ack(&mut out, &ack);
         let v = parsed(&out);
+        assert_eq!(v["id"], "");
         assert_eq!(v["durable"], false);
         assert_eq!(v["_reqId"], "r\"1");
+        assert!(v.get("duplicate").is_none());
+        out.clear();
+        ack.durable = Some(true);
+        ack.duplicate = true;
+        write_ack(&mut out, &ack);
+        let v = parsed(&out);
+        assert_eq!(
+            object_keys(&v),
+            [
+                "_reqId",
+                "duplicate",
+                "durable",
+                "id",
+                "messageId",
+                "queued",
+                "type"
+            ]
+        );
+        assert_eq!(v["durable"], true);
+        assert_eq!(v["duplicate"], true);
         out.clear();
         write_error(
             &mut out,

@@ -178,10 +178,13 @@ impl Shard {
             let durable = (waiting.seq > durable).then_some(false);
             protocol::write_ack(
                 &mut ack,
-                &waiting.id,
-                &waiting.envelope.message_id,
-                durable,
-                waiting.req_id.as_deref(),
+                &protocol::Ack {
+                    id: &waiting.id,
+                    message_id: &waiting.envelope.message_id,
+                    durable,
+                    duplicate: false,
+                    req_id: waiting.req_id.as_deref(),
+                },
             );
             let stamp = Stamp {
                 sent_at: waiting.read_at,

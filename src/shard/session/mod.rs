@@ -281,6 +281,8 @@ impl Session {
                 shard.leave_group(&joined.mesh, &joined.member, &name);
                 None
             }
+            // leases: issue 10. No reply (PROTOCOL.md §11), nothing leased yet.
+            ClientMessage::ClientAck(_) => None,
         }
     }
 

@@ -60,6 +60,8 @@ impl Session {
                 sender_pubkey: &joined.member.pubkey,
                 target_spec: direct.is_none().then_some(&*send.target_spec),
                 priority,
+                // Passed through by the dedupe work (issue 10).
+                client_message_id: None,
                 nonce: &send.nonce,
                 ciphertext: &send.ciphertext,
                 created_at: clock.now_rfc3339(),
@@ -151,7 +153,16 @@ impl Session {
             return;
         }
         let mut ack = Vec::with_capacity(96);
-        protocol::write_ack(&mut ack, id, &envelope.message_id, None, req_id);
+        protocol::write_ack(
+            &mut ack,
+            &protocol::Ack {
+                id,
+                message_id: &envelope.message_id,
+                durable: None,
+                duplicate: false,
+                req_id,
+            },
+        );
         let stamp = Stamp {
             sent_at: read_at,
             priority,
