@@ -116,7 +116,7 @@ fn routing(c: &mut Criterion) {
         let sessions: Vec<Rc<SessionLink>> = members[1..]
             .iter()
             .map(|member| {
-                let session = Rc::new(SessionLink::new(-1, usize::MAX));
+                let session = Rc::new(SessionLink::new(-1, 0, usize::MAX));
                 routes.add(&mesh, member, session.clone());
                 session
             })
@@ -164,7 +164,7 @@ fn routing(c: &mut Criterion) {
 /// What a connection's writer does first: take every queued frame.
 fn drain(session: &SessionLink, batch: &mut FrameBatch) {
     session.out.take_now(batch);
-    batch.finish(drop, drop);
+    batch.finish(drop, false, |_, _| {});
 }
 
 /// A mesh of `n` members with one session each, half listed by each of two

@@ -18,12 +18,13 @@ macro_rules! insert_rows_sql {
     ($filter:literal) => {
         concat!(
             "INSERT INTO mesh.message_queue (id, mesh_id, sender_member_id, target_spec, priority,
-  nonce, ciphertext, created_at, expires_at)
+  nonce, ciphertext, created_at, expires_at, client_message_id)
 SELECT t.id, t.mesh_id, t.sender, t.target_spec, t.priority::mesh.message_priority, t.nonce,
-  t.ciphertext, t.created_at, t.expires_at
+  t.ciphertext, t.created_at, t.expires_at, t.client_message_id
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
-  $8::timestamp[], $9::timestamp[])
-  AS t(id, mesh_id, sender, target_spec, priority, nonce, ciphertext, created_at, expires_at)
+  $8::timestamp[], $9::timestamp[], $10::text[])
+  AS t(id, mesh_id, sender, target_spec, priority, nonce, ciphertext, created_at, expires_at,
+    client_message_id)
 ",
             $filter,
             "ON CONFLICT (id) DO NOTHING"
@@ -151,6 +152,7 @@ struct HeldRows<'a> {
     ciphertext: Vec<Cow<'a, str>>,
     created_at: Vec<SystemTime>,
     expires_at: Vec<SystemTime>,
+    client_message_id: Vec<Option<&'a str>>,
     member_message: Vec<&'a str>,
     member_id: Vec<&'a str>,
     direct_id: Vec<&'a str>,
@@ -180,6 +182,8 @@ impl<'a> HeldRows<'a> {
                 self.ciphertext.push(unescaped(envelope.ciphertext_json()));
                 self.created_at.push(envelope.created_at);
                 self.expires_at.push(envelope.expires_at);
+                self.client_message_id
+                    .push(envelope.client_message_id.as_deref());
                 if is_broadcast(envelope) {
                     for member in members {
                         self.member_message.push(&envelope.message_id);
@@ -250,6 +254,7 @@ pub(crate) async fn write_held_batch(
                     &r.ciphertext,
                     &r.created_at,
                     &r.expires_at,
+                    &r.client_message_id,
                 ],
             )
             .await

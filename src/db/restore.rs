@@ -62,7 +62,8 @@ SELECT q.id, q.mesh_id, q.sender_member_id, s.peer_pubkey, q.target_spec, q.prio
   CASE WHEN q.target_spec = '*' OR left(q.target_spec, 1) IN ('@', '#') THEN ARRAY(
     SELECT d.member_id FROM mesh.message_delivery d
     WHERE d.message_id = q.id AND d.delivered_at IS NULL ORDER BY d.member_id)
-  END
+  END,
+  q.client_message_id
 FROM mesh.message_queue q
 JOIN mesh.member s ON s.id = q.sender_member_id
 WHERE q.delivered_at IS NULL
@@ -262,5 +263,6 @@ fn stored_envelope(row: &tokio_postgres::Row) -> StoredEnvelope {
         ciphertext: row.get(7),
         created_at: row.get(8),
         expires_at: row.get(9),
+        client_message_id: row.get(11),
     }
 }

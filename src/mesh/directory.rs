@@ -7,6 +7,7 @@
 //! held queue live in it. Shards read views through `ArcSwap` (no lock);
 //! the directory's own map is locked only on hello and on refresh.
 use super::bucket::SendBucket;
+use super::dedupe::SentIds;
 use super::held::HeldQueue;
 use super::lease::{MemberLeases, Redeliveries};
 use super::peers::{MemberSessions, PeerBoard};
@@ -81,6 +82,8 @@ pub struct MemberEntry {
     pub send_bucket: SendBucket,
     /// Pushes written to its `client_ack` sessions and not acked yet.
     pub leases: MemberLeases,
+    /// Its recent sends' `client_message_id`s (duplicate sends).
+    pub sent_ids: SentIds,
     /// What a lapsed lease put back: pushed again as `redelivered`.
     pub redeliveries: Redeliveries,
     revoked: AtomicBool,
@@ -116,6 +119,7 @@ impl MemberEntry {
             sessions: MemberSessions::default(),
             send_bucket: SendBucket::default(),
             leases: MemberLeases::default(),
+            sent_ids: SentIds::default(),
             redeliveries: Redeliveries::default(),
             revoked: AtomicBool::new(row.revoked),
             live_shards: ShardMask::default(),

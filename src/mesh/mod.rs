@@ -16,6 +16,7 @@
 //! to other shards through `shard::inbox`; `deliver` queues the shared frame
 //! on each session's `shard::outbound`, whose writer puts it on the socket.
 pub mod bucket;
+pub mod dedupe;
 pub mod deliver;
 pub mod directory;
 pub mod held;

@@ -29,6 +29,9 @@ pub struct StoredEnvelope {
     pub ciphertext: String,
     pub created_at: SystemTime,
     pub expires_at: SystemTime,
+    /// The sender's `client_message_id`: it keeps deduplicating the
+    /// sender's retries across the restart (PROTOCOL.md §11).
+    pub client_message_id: Option<String>,
 }
 
 /// Holds a stored row for each member it is still for (the mesh's current
@@ -62,7 +65,7 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
             StoredTarget::Members { spec, .. } => Some(spec),
         },
         priority: row.priority,
-        client_message_id: None,
+        client_message_id: row.client_message_id.as_deref(),
         nonce: &row.nonce,
         ciphertext: &row.ciphertext,
         created_at: &created,
@@ -85,8 +88,14 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         restored: true,
         holds_in_flight: Default::default(),
         redelivered_frame: Default::default(),
-        client_message_id: None,
+        client_message_id: row.client_message_id.map(Into::into),
     });
+    if let Some(client_id) = &envelope.client_message_id {
+        envelope
+            .sender
+            .sent_ids
+            .remember(client_id, &envelope.message_id, envelope.created_at);
+    }
     for member in &members {
         member.held.hand_back(vec![envelope.clone()]);
     }
@@ -120,6 +129,7 @@ mod tests {
             ciphertext: "c1".into(),
             created_at,
             expires_at: created_at + Duration::from_secs(3600),
+            client_message_id: None,
         }
     }
 

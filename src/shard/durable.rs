@@ -86,13 +86,25 @@ impl Shard {
             if audited {
                 self.audit(AuditEvent::held(&envelope, &member));
             }
-            self.ctx.held.budget.force(envelope.frame.len());
-            self.to_lane(HeldCommand::Hold {
-                envelope,
-                members: vec![member],
-                ack: 0,
-            });
+            self.store_unawaited(envelope, member);
         }
+    }
+
+    /// An envelope leased to `member` that was never held: stored now, so
+    /// a crash before the client ack delivers it again (PROTOCOL.md §11).
+    pub(super) fn store_leased(&self, envelope: Arc<Envelope>, member: Arc<MemberEntry>) {
+        envelope.hold_in_flight();
+        self.store_unawaited(envelope, member);
+    }
+
+    /// A hold no ack waits for (its hold in flight already counted).
+    fn store_unawaited(&self, envelope: Arc<Envelope>, member: Arc<MemberEntry>) {
+        self.ctx.held.budget.force(envelope.frame.len());
+        self.to_lane(HeldCommand::Hold {
+            envelope,
+            members: vec![member],
+            ack: 0,
+        });
     }
 
     /// What a session whose teardown is done had not written goes back to
@@ -108,8 +120,10 @@ impl Shard {
         }
     }
 
-    /// A held envelope was written to a session of `member`.
+    /// A held envelope was written to a session of `member` (or, leased,
+    /// acked by one).
     pub fn mark_delivered(&self, envelope: Arc<Envelope>, member: &Arc<MemberEntry>) {
+        member.redeliveries.remove(&envelope.message_id);
         if self.audits("deliver") {
             self.audit(AuditEvent::deliver(&envelope, member));
         }

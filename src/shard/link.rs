@@ -7,6 +7,7 @@ use super::outbound::{Outbound, Stamp};
 use crate::mesh::deliver::{Delivery, Recipient};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::held::priority_bit;
+use crate::mesh::lease::SessionLeases;
 use crate::mesh::peers::SessionEntry;
 use crate::mesh::{Envelope, Orphan};
 use crate::protocol::Priority;
@@ -21,8 +22,17 @@ use std::time::{Duration, Instant};
 /// too slow to read, to take it) before the socket is shut.
 const CLOSE_GRACE: Duration = Duration::from_secs(5);
 
+/// A `client_ack` session's leases and their bound.
+pub struct LeaseBound {
+    pub held: SessionLeases,
+    pub max_count: usize,
+    pub max_bytes: usize,
+}
+
 pub struct SessionLink {
     fd: RawFd,
+    /// Its connection's id on its shard.
+    pub conn: u64,
     pub out: Outbound,
     last_heard: Cell<Instant>,
     last_ping: Cell<Instant>,
@@ -37,6 +47,9 @@ pub struct SessionLink {
     status: Cell<StatusState>,
     /// It asked for peer events (`hello.capabilities`).
     peer_events: Cell<bool>,
+    /// Set when it asked for `client_ack`: its written pushes are leases
+    /// (PROTOCOL.md §11), bounded by count and bytes.
+    leases: RefCell<Option<LeaseBound>>,
     /// A transcript read is on its way before held envelopes are released
     /// (PROTOCOL.md §5): until it answers, the session takes `now` only, as
     /// if working (whatever says `next` meanwhile is held, then drained).
@@ -56,10 +69,11 @@ pub(crate) fn shutdown_socket(fd: RawFd) {
 }
 
 impl SessionLink {
-    pub fn new(fd: RawFd, outbound_limit: usize) -> Self {
+    pub fn new(fd: RawFd, conn: u64, outbound_limit: usize) -> Self {
         let now = Instant::now();
         SessionLink {
             fd,
+            conn,
             out: Outbound::new(outbound_limit),
             last_heard: Cell::new(now),
             last_ping: Cell::new(now),
@@ -69,6 +83,7 @@ impl SessionLink {
             entry: RefCell::new(None),
             status: Cell::new(StatusState::new(now)),
             peer_events: Cell::new(false),
+            leases: RefCell::new(None),
             inferring: Cell::new(false),
             orphans: RefCell::new(Vec::new()),
             torn_down: Cell::new(false),
@@ -87,6 +102,39 @@ impl SessionLink {
 
     pub fn member(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
         self.member.borrow().clone()
+    }
+
+    /// From its hello on, its written pushes are leases.
+    pub fn lease_pushes(&self, max_count: usize, max_bytes: usize) {
+        *self.leases.borrow_mut() = Some(LeaseBound {
+            held: SessionLeases::default(),
+            max_count,
+            max_bytes,
+        });
+    }
+
+    pub fn is_leasing(&self) -> bool {
+        self.leases.borrow().is_some()
+    }
+
+    /// Its leases, when it leases pushes.
+    pub fn leases(&self) -> std::cell::RefMut<'_, Option<LeaseBound>> {
+        self.leases.borrow_mut()
+    }
+
+    /// Whether one more push of `bytes` stays within its lease bound;
+    /// leases acked through other sessions are forgotten first when it
+    /// looks full.
+    fn lease_room(&self, member: &MemberEntry, bytes: usize) -> bool {
+        let mut leases = self.leases.borrow_mut();
+        let Some(bound) = leases.as_mut() else {
+            return true;
+        };
+        if bound.held.has_room(bytes, bound.max_count, bound.max_bytes) {
+            return true;
+        }
+        bound.held.prune(|id, token| member.leases.is_open(id, token));
+        bound.held.has_room(bytes, bound.max_count, bound.max_bytes)
     }
 
     pub fn entry(&self) -> Option<Arc<SessionEntry>> {
@@ -258,7 +306,18 @@ impl Recipient for SessionLink {
         if self.closing.get().is_some() {
             return Delivery::Refused;
         }
-        match self.out.push_envelope(envelope, stored) {
+        // Only a held envelope can be one a lapsed lease put back.
+        let mut redelivered = false;
+        if stored || self.is_leasing() {
+            let member = self.member.borrow();
+            let member = &member.as_ref().expect("routed after hello").1;
+            redelivered = stored && member.redeliveries.contains(&envelope.message_id);
+            // A reader that leaves its leases unacked is a slow reader.
+            if !self.lease_room(member, envelope.frame.len()) {
+                return Delivery::CutOff(self.start_close(CloseReason::SlowReader));
+            }
+        }
+        match self.out.push_envelope(envelope, stored, redelivered) {
             Ok(()) => Delivery::Taken,
             Err(_) => Delivery::CutOff(self.start_close(CloseReason::SlowReader)),
         }

@@ -15,6 +15,7 @@
 mod close;
 mod conn;
 mod durable;
+mod leases;
 pub mod link;
 pub mod outbound;
 mod presence;
@@ -162,6 +163,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
         db_flusher: Cell::new(None),
         durable: Default::default(),
         board: Default::default(),
+        leases: Default::default(),
         shutdown: LocalSignal::default(),
         all_closed: LocalSignal::default(),
         ctx,
@@ -178,6 +180,7 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     monoio::spawn(db_flush_loop(shard.clone()));
     monoio::spawn(durable::ack_loop(shard.clone()));
     monoio::spawn(presence::publish_loop(shard.clone()));
+    monoio::spawn(leases::lease_loop(shard.clone()));
     monoio::spawn(housekeeping(shard.clone()));
     loop {
         monoio::select! {

@@ -37,6 +37,8 @@ pub enum QueuedFrame {
     Push {
         envelope: Arc<Envelope>,
         stored: bool,
+        /// Pushed again after a lapsed lease (its `redelivered` frame).
+        redelivered: bool,
     },
     Reply {
         frame: Bytes,
@@ -47,7 +49,11 @@ pub enum QueuedFrame {
 impl QueuedFrame {
     fn bytes(&self) -> &Bytes {
         match self {
-            QueuedFrame::Push { envelope, .. } => &envelope.frame,
+            QueuedFrame::Push {
+                envelope,
+                redelivered,
+                ..
+            } => envelope.push_frame(*redelivered),
             QueuedFrame::Reply { frame, .. } => frame,
         }
     }
@@ -68,7 +74,9 @@ impl QueuedFrame {
 fn orphans_of(frames: impl Iterator<Item = QueuedFrame>) -> Vec<Orphan> {
     frames
         .filter_map(|queued| match queued {
-            QueuedFrame::Push { envelope, stored } => Some(Orphan { envelope, stored }),
+            QueuedFrame::Push {
+                envelope, stored, ..
+            } => Some(Orphan { envelope, stored }),
             QueuedFrame::Reply { .. } => None,
         })
         .collect()
@@ -126,9 +134,15 @@ impl FrameBatch {
     }
 
     /// Empties the batch (after its write): each frame's latency stamp,
-    /// and each envelope that was held for this session's member (now
-    /// delivered).
-    pub fn finish(&mut self, mut stamp: impl FnMut(Stamp), mut stored: impl FnMut(Arc<Envelope>)) {
+    /// and each envelope `written` must hear of: those held for this
+    /// session's member (now delivered), and with `leasing` every push (a
+    /// `client_ack` session leases them), with whether it was held.
+    pub fn finish(
+        &mut self,
+        mut stamp: impl FnMut(Stamp),
+        leasing: bool,
+        mut written: impl FnMut(Arc<Envelope>, bool),
+    ) {
         self.iovecs.clear();
         self.written = 0;
         for queued in self.frames.drain(..) {
@@ -136,11 +150,12 @@ impl FrameBatch {
                 stamp(s);
             }
             if let QueuedFrame::Push {
-                envelope,
-                stored: true,
+                envelope, stored, ..
             } = queued
             {
-                stored(envelope);
+                if stored || leasing {
+                    written(envelope, stored);
+                }
             }
         }
     }
@@ -185,11 +200,18 @@ impl Outbound {
         self.enqueue(QueuedFrame::Reply { frame, stamp })
     }
 
-    /// Queue a routed envelope's push (same bound); `stored` as in `Orphan`.
-    pub fn push_envelope(&self, envelope: &Arc<Envelope>, stored: bool) -> Result<(), Overflow> {
+    /// Queue a routed envelope's push (same bound); `stored` as in
+    /// `Orphan`; `redelivered` for one a lapsed lease put back.
+    pub fn push_envelope(
+        &self,
+        envelope: &Arc<Envelope>,
+        stored: bool,
+        redelivered: bool,
+    ) -> Result<(), Overflow> {
         self.enqueue(QueuedFrame::Push {
             envelope: envelope.clone(),
             stored,
+            redelivered,
         })
     }
 
@@ -371,7 +393,7 @@ mod tests {
         assert_eq!(pending(&batch), b"fgh");
         assert!(batch.advance(3));
         let mut stamps = 0;
-        batch.finish(|_| stamps += 1, |_| {});
+        batch.finish(|_| stamps += 1, false, |_, _| {});
         assert_eq!(stamps, 0);
         assert!(batch.is_empty());
     }

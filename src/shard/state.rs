@@ -5,6 +5,7 @@
 use super::close::CloseReason;
 use super::durable::Durable;
 use super::link::{shutdown_socket, SessionLink};
+use super::leases::LeaseTimers;
 use super::presence::LocalBoard;
 use super::signal::LocalSignal;
 use crate::audit::AuditEvent;
@@ -60,6 +61,8 @@ pub struct Shard {
     pub(super) durable: Durable,
     /// This shard's parts of the meshes' peer boards (see `presence`).
     pub(super) board: LocalBoard,
+    /// Deadlines of the leases opened here (see `leases`).
+    pub(super) leases: LeaseTimers,
     pub(super) shutdown: LocalSignal,
     pub(super) all_closed: LocalSignal,
 }

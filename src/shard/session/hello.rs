@@ -94,7 +94,7 @@ impl Session {
                 member_display_name: &member_name,
                 display_name: &state.display_name,
                 groups: &roles,
-                capabilities: granted(hello.capabilities),
+                capabilities: hello.capabilities,
                 resumed: !matches!(claim, Claim::New(_)),
                 req_id: hello.req_id.as_deref(),
             },
@@ -227,6 +227,10 @@ impl Session {
         }
         self.link
             .joined(&mesh, entry, hello.capabilities.peer_events);
+        if hello.capabilities.client_ack {
+            self.link
+                .lease_pushes(ctx.config.client_ack_max_leases, ctx.config.client_ack_max_lease_bytes);
+        }
         self.shard
             .routes
             .borrow_mut()
@@ -294,16 +298,6 @@ impl Session {
             display_name,
             status,
         }
-    }
-}
-
-/// The capabilities the broker honours of those asked for: `peer_events`.
-/// (`client_ack` is accepted and not granted until acknowledged delivery
-/// is built: a client must not believe it has it.)
-fn granted(asked: Capabilities) -> Capabilities {
-    Capabilities {
-        peer_events: asked.peer_events,
-        ..Capabilities::default()
     }
 }
 

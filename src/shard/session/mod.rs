@@ -59,6 +59,7 @@ pub async fn run(
     let max_message = shard.ctx.config.max_message_bytes;
     let link = Rc::new(SessionLink::new(
         stream.as_raw_fd(),
+        conn,
         shard.ctx.config.max_outbound_bytes,
     ));
     shard.attach_session(conn, link.clone());
@@ -281,8 +282,12 @@ impl Session {
                 shard.leave_group(&joined.mesh, &joined.member, &name);
                 None
             }
-            // leases: issue 10. No reply (PROTOCOL.md §11), nothing leased yet.
-            ClientMessage::ClientAck(_) => None,
+            // No reply (PROTOCOL.md §11).
+            ClientMessage::ClientAck(ids) => {
+                let joined = self.joined.as_ref().expect("joined");
+                shard.client_ack(&self.link, &joined.mesh, &joined.member, &ids);
+                None
+            }
         }
     }
 
@@ -388,6 +393,8 @@ impl Session {
             self.link.take_orphans(),
         );
         shard.store_late(left.late);
+        // Its leases lapse now: a session in grace cannot ack (§11).
+        shard.release_leases(&self.link, &joined.mesh, &joined.member);
         match departure {
             Departure::Ended => shard.end_session(&joined.mesh, entry),
             Departure::Away { spell } => shard.start_grace(&joined.mesh, entry, spell),

@@ -9,7 +9,7 @@ use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
 use crate::mesh::plan::{plan_direct, plan_many, Audience, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
-use crate::protocol::{self, ErrorCode, ProtocolError, PushFields, Send, Target};
+use crate::protocol::{self, Ack, ErrorCode, ProtocolError, PushFields, Send, Target};
 use crate::ws::{self, OpCode};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -34,6 +34,34 @@ impl Session {
                 "this member is over SEND_RATE_PER_MIN (SEND_BURST at once)",
             );
         }
+        let message_id = self.shard.ids.borrow_mut().next_id();
+        // A retry of a send accepted within the window is acked again with
+        // the first send's id and not routed (PROTOCOL.md §11).
+        let client_id = send.client_message_id.as_deref();
+        if let Some(client_id) = client_id.filter(|_| !config.dedupe_window.is_zero()) {
+            let claimed = joined.member.sent_ids.claim(
+                client_id,
+                &message_id,
+                SystemTime::now(),
+                config.dedupe_window,
+            );
+            if let Err(first) = claimed {
+                self.shard.metrics.duplicate_send();
+                return self.ack(&Ack {
+                    id,
+                    message_id: &first,
+                    durable: None,
+                    duplicate: true,
+                    req_id,
+                }, None);
+            }
+        }
+        let refuse = |code, message| {
+            if let Some(client_id) = client_id {
+                joined.member.sent_ids.release(client_id, &message_id);
+            }
+            refuse(code, message)
+        };
         let view = joined.mesh.view();
         // Resolve a direct target before doing any work for the send.
         let (direct, audience) = match &send.target {
@@ -51,7 +79,6 @@ impl Session {
             // The parser answers unsupported_target before a send gets here.
             Target::Unsupported => return,
         };
-        let message_id = self.shard.ids.borrow_mut().next_id();
         let push = {
             let mut clock = self.shard.clock.borrow_mut();
             PushFrame::encode(&PushFields {
@@ -60,8 +87,7 @@ impl Session {
                 sender_pubkey: &joined.member.pubkey,
                 target_spec: direct.is_none().then_some(&*send.target_spec),
                 priority,
-                // Passed through by the dedupe work (issue 10).
-                client_message_id: None,
+                client_message_id: client_id,
                 nonce: &send.nonce,
                 ciphertext: &send.ciphertext,
                 created_at: clock.now_rfc3339(),
@@ -86,7 +112,7 @@ impl Session {
             restored: false,
             holds_in_flight: Default::default(),
             redelivered_frame: Default::default(),
-            client_message_id: None,
+            client_message_id: client_id.map(Into::into),
         });
         let limits = HoldLimits {
             max_per_member: config.max_held_per_member,
@@ -152,23 +178,27 @@ impl Session {
                 .store_and_ack(&self.link, (id, req_id), &envelope, members, read_at);
             return;
         }
-        let mut ack = Vec::with_capacity(96);
-        protocol::write_ack(
-            &mut ack,
-            &protocol::Ack {
+        let stamp = Stamp {
+            sent_at: read_at,
+            priority,
+            kind: StampKind::Ack,
+        };
+        self.ack(
+            &Ack {
                 id,
                 message_id: &envelope.message_id,
                 durable: None,
                 duplicate: false,
                 req_id,
             },
+            Some(stamp),
         );
-        let stamp = Stamp {
-            sent_at: read_at,
-            priority,
-            kind: StampKind::Ack,
-        };
+    }
+
+    fn ack(&self, ack: &Ack<'_>, stamp: Option<Stamp>) {
+        let mut json = Vec::with_capacity(96);
+        protocol::write_ack(&mut json, ack);
         self.link
-            .reply(ws::encode_server_frame(OpCode::Text, &ack), Some(stamp));
+            .reply(ws::encode_server_frame(OpCode::Text, &json), stamp);
     }
 }

@@ -54,14 +54,21 @@ pub(super) async fn write_loop(
         }
         let now = Instant::now();
         let mut histograms = shard.histograms.borrow_mut();
-        // The member only when a held envelope went out: cloning its shared
-        // entry on every write would bounce its count between cores.
+        // The member only when a held or leased envelope went out: cloning
+        // its shared entry on every write would bounce its count between
+        // cores.
         let mut member = None;
+        let leasing = link.is_leasing();
         batch.finish(
             |stamp| record_stamp(&mut histograms, stamp, now),
-            |envelope| {
-                if let Some((_, member)) = member.get_or_insert_with(|| link.member()) {
-                    shard.mark_delivered(envelope, member);
+            leasing,
+            |envelope, stored| {
+                if let Some((mesh, member)) = member.get_or_insert_with(|| link.member()) {
+                    if leasing {
+                        shard.lease(&link, mesh, member, envelope, stored);
+                    } else {
+                        shard.mark_delivered(envelope, member);
+                    }
                 }
             },
         );
