@@ -153,6 +153,10 @@ const SECTION_10_COLUMNS: &[(&str, &str, &str, bool)] = &[
     ),
 ];
 
+/// The same for what §11 adds to `mesh.message_queue`.
+const SECTION_11_COLUMNS: &[(&str, &str, &str, bool)] =
+    &[("message_queue", "client_message_id", "text", true)];
+
 const ENUMS: &[(&str, &[&str])] = &[
     ("role", &["admin", "member"]),
     ("tier", &["free", "pro", "team", "enterprise"]),
@@ -170,10 +174,15 @@ const BROKER_INDEXES: &[&str] = &[
     "message_queue_undelivered_mesh_created_idx",
     "pending_status_unapplied_idx",
     "audit_log_mesh_id_created_at_idx",
+    "message_queue_sender_client_message_id_idx",
 ];
 
 async fn assert_section_8_schema(c: &Client) {
-    for (table, column, ty, nullable) in SECTION_8_COLUMNS.iter().chain(SECTION_10_COLUMNS) {
+    let columns = SECTION_8_COLUMNS
+        .iter()
+        .chain(SECTION_10_COLUMNS)
+        .chain(SECTION_11_COLUMNS);
+    for (table, column, ty, nullable) in columns {
         let rows = c
             .query(
                 "SELECT format_type(a.atttypid, a.atttypmod), NOT a.attnotnull
@@ -528,6 +537,142 @@ async fn member_group_rows_go_with_their_member() {
         dup.code(),
         Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION)
     );
+}
+
+/// A held envelope as a broker before migration 0006 wrote it (no
+/// `client_message_id`), from Ada to Bob.
+const HELD_BEFORE_0006: &str = "\
+INSERT INTO mesh.message_queue (id, mesh_id, sender_member_id, target_spec, nonce, ciphertext)
+  VALUES ('q-old', 'mesh-1', 'm-ada', 'bb', 'n', 'c');";
+
+/// Migration 0006's index: non-unique, on (sender, id), only over rows with
+/// an id; and what the duplicate lookup's query plans with it.
+async fn assert_client_message_id_index(c: &mut Client) {
+    let row = c
+        .query_one(
+            "SELECT i.indisunique, x.indexdef
+             FROM pg_indexes x
+             JOIN pg_class ic ON ic.relname = x.indexname
+             JOIN pg_namespace n ON n.oid = ic.relnamespace AND n.nspname = x.schemaname
+             JOIN pg_index i ON i.indexrelid = ic.oid
+             WHERE x.schemaname = 'mesh'
+               AND x.indexname = 'message_queue_sender_client_message_id_idx'",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(!row.get::<_, bool>(0), "the index must not be unique");
+    let def: String = row.get(1);
+    assert!(
+        def.ends_with(
+            "ON mesh.message_queue USING btree (sender_member_id, client_message_id) \
+             WHERE (client_message_id IS NOT NULL)"
+        ),
+        "{def}"
+    );
+    // The lookup a send's (member, client_message_id) makes uses it (seq
+    // scans off: the test's table is tiny).
+    let tx = c.transaction().await.unwrap();
+    tx.batch_execute("SET LOCAL enable_seqscan = off")
+        .await
+        .unwrap();
+    let plan: Vec<String> = tx
+        .query(
+            "EXPLAIN SELECT id FROM mesh.message_queue
+             WHERE sender_member_id = 'm-ada' AND client_message_id = 'c-1'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    tx.rollback().await.unwrap();
+    assert!(
+        plan.iter()
+            .any(|l| l.contains("message_queue_sender_client_message_id_idx")),
+        "{plan:#?}"
+    );
+}
+
+#[tokio::test]
+async fn client_message_id_is_added_on_an_existing_database_with_its_index() {
+    let url = fresh_database();
+    pg().run_sql(db_name(&url), FIXTURE).expect("load fixture");
+    let mut c = client(&url).await;
+    c.batch_execute(SEED_MESH).await.unwrap();
+    c.batch_execute(HELD_BEFORE_0006).await.unwrap();
+    assert_eq!(run_migrations(&mut c).await.unwrap(), MIGRATIONS.len());
+    assert_section_8_schema(&c).await;
+    // The row written before keeps its place, with no id.
+    let old: Option<String> = c
+        .query_one(
+            "SELECT client_message_id FROM mesh.message_queue WHERE id = 'q-old'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(old, None);
+    // Idempotent on its own, as every migration file is.
+    let file = MIGRATIONS
+        .iter()
+        .find(|m| m.name == "client_message_id")
+        .expect("migration 0006");
+    c.batch_execute(file.sql).await.unwrap();
+    c.batch_execute(file.sql).await.unwrap();
+    assert_client_message_id_index(&mut c).await;
+    // Not unique: the window is the broker's rule, so the same pair may be
+    // stored again; another sender's same id is another key altogether.
+    c.batch_execute(
+        "INSERT INTO mesh.message_queue
+           (id, mesh_id, sender_member_id, target_spec, nonce, ciphertext, client_message_id)
+         VALUES ('q-1', 'mesh-1', 'm-ada', 'bb', 'n', 'c', 'c-1'),
+                ('q-2', 'mesh-1', 'm-ada', 'bb', 'n', 'c', 'c-1'),
+                ('q-3', 'mesh-1', 'm-bob', 'aa', 'n', 'c', 'c-1')",
+    )
+    .await
+    .unwrap();
+    let ada: Vec<String> = c
+        .query(
+            "SELECT id FROM mesh.message_queue
+             WHERE sender_member_id = 'm-ada' AND client_message_id = 'c-1' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(ada, ["q-1", "q-2"]);
+}
+
+#[tokio::test]
+async fn a_client_message_id_column_made_before_keeps_its_values() {
+    let url = fresh_database();
+    pg().run_sql(db_name(&url), FIXTURE).expect("load fixture");
+    let mut c = client(&url).await;
+    c.batch_execute(SEED_MESH).await.unwrap();
+    c.batch_execute(
+        "ALTER TABLE mesh.message_queue ADD COLUMN client_message_id text;
+         INSERT INTO mesh.message_queue
+           (id, mesh_id, sender_member_id, target_spec, nonce, ciphertext, client_message_id)
+         VALUES ('q-web', 'mesh-1', 'm-ada', 'bb', 'n', 'c', 'w-1');",
+    )
+    .await
+    .unwrap();
+    assert_eq!(run_migrations(&mut c).await.unwrap(), MIGRATIONS.len());
+    assert_section_8_schema(&c).await;
+    let kept: Option<String> = c
+        .query_one(
+            "SELECT client_message_id FROM mesh.message_queue WHERE id = 'q-web'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(kept.as_deref(), Some("w-1"));
+    assert_client_message_id_index(&mut c).await;
 }
 
 #[tokio::test]

@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "member_group",
         sql: include_str!("../../migrations/0005_member_group.sql"),
     },
+    Migration {
+        version: 6,
+        name: "client_message_id",
+        sql: include_str!("../../migrations/0006_client_message_id.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -123,8 +128,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3, 4, 5]);
-        assert!(pending(all, &[1, 2, 3, 4, 5]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4, 5, 6]);
+        assert!(pending(all, &[1, 2, 3, 4, 5, 6]).is_empty());
     }
 
     #[test]

@@ -91,6 +91,7 @@ pub struct ShardMetrics {
     pub(super) hook_requests: AtomicU64,
     pub(super) hook_rate_limited: AtomicU64,
     pub(super) sessions: SessionCounters,
+    pub(super) leases: LeaseCounters,
     pub(super) published: Mutex<ShardLats>,
 }
 
@@ -108,6 +109,19 @@ pub(super) struct SessionCounters {
     pub(super) peers_listed: AtomicU64,
 }
 
+/// The acknowledged delivery counters (PROTOCOL.md §11).
+#[derive(Debug, Default)]
+pub(super) struct LeaseCounters {
+    /// Signed, like `SessionCounters::away`: a lease may be opened on one
+    /// shard and closed on another; only the sum over shards is shown.
+    pub(super) open: AtomicI64,
+    pub(super) bytes: AtomicI64,
+    pub(super) acked: AtomicU64,
+    pub(super) expired: AtomicU64,
+    pub(super) redelivered: AtomicU64,
+    pub(super) duplicate_sends: AtomicU64,
+}
+
 impl ShardMetrics {
     pub(super) fn new(index: usize) -> Self {
         ShardMetrics {
@@ -123,6 +137,7 @@ impl ShardMetrics {
             hook_requests: AtomicU64::new(0),
             hook_rate_limited: AtomicU64::new(0),
             sessions: SessionCounters::default(),
+            leases: LeaseCounters::default(),
             published: Mutex::new(ShardLats::default()),
         }
     }
@@ -233,6 +248,46 @@ impl ShardMetrics {
     /// A `list_peers` was answered.
     pub fn peers_listed(&self) {
         self.sessions.peers_listed.fetch_add(1, Relaxed);
+    }
+}
+
+impl ShardMetrics {
+    /// A push of `bytes` to a `client_ack` session was written and is now
+    /// leased (`broker_leases_open` +1, `broker_lease_bytes` +`bytes`).
+    pub fn lease_opened(&self, bytes: usize) {
+        self.leases.open.fetch_add(1, Relaxed);
+        self.leases.bytes.fetch_add(bytes as i64, Relaxed);
+    }
+
+    /// A lease counted by [`lease_opened`](Self::lease_opened) ended,
+    /// acked or lapsed (both gauges back down). Call exactly once per
+    /// opened lease, with the bytes it was opened with.
+    pub fn lease_closed(&self, bytes: usize) {
+        self.leases.open.fetch_sub(1, Relaxed);
+        self.leases.bytes.fetch_sub(bytes as i64, Relaxed);
+    }
+
+    /// A `client_ack` named a lease of its member: the envelope is done.
+    pub fn lease_acked(&self) {
+        self.leases.acked.fetch_add(1, Relaxed);
+    }
+
+    /// A lease lapsed unacked (`CLIENT_ACK_TIMEOUT_SECONDS` passed, or its
+    /// session closed or lost its socket): the envelope goes back to its
+    /// member's held queue.
+    pub fn lease_expired(&self) {
+        self.leases.expired.fetch_add(1, Relaxed);
+    }
+
+    /// An envelope whose lease lapsed was pushed again (`redelivered:true`).
+    pub fn redelivered(&self) {
+        self.leases.redelivered.fetch_add(1, Relaxed);
+    }
+
+    /// A send repeated a `client_message_id` of its member accepted within
+    /// `DEDUPE_WINDOW_SECONDS`: not routed, acked with `duplicate:true`.
+    pub fn duplicate_send(&self) {
+        self.leases.duplicate_sends.fetch_add(1, Relaxed);
     }
 }
 
@@ -425,6 +480,50 @@ mod tests {
         b.session_away_ended();
         let s = parse_exposition(&m.render());
         assert_eq!(value(&s, "broker_sessions_away", &[]), 0.0);
+    }
+
+    #[test]
+    fn lease_counters_sum_over_shards() {
+        let m = Metrics::new(2);
+        let (a, b) = (m.shard(0), m.shard(1));
+        a.lease_opened(100);
+        a.lease_opened(250);
+        b.lease_opened(1000);
+        // One acked, one lapsed and pushed again (a new lease, on the other
+        // shard), one still open.
+        a.lease_closed(100);
+        a.lease_acked();
+        a.lease_closed(250);
+        a.lease_expired();
+        b.redelivered();
+        b.lease_opened(250);
+        a.duplicate_send();
+        b.duplicate_send();
+
+        let s = parse_exposition(&m.render());
+        assert_eq!(value(&s, "broker_leases_open", &[]), 2.0);
+        assert_eq!(value(&s, "broker_lease_bytes", &[]), 1250.0);
+        assert_eq!(value(&s, "broker_leases_acked_total", &[]), 1.0);
+        assert_eq!(value(&s, "broker_leases_expired_total", &[]), 1.0);
+        assert_eq!(value(&s, "broker_redelivered_total", &[]), 1.0);
+        assert_eq!(value(&s, "broker_duplicate_sends_total", &[]), 2.0);
+        // Not mixed into the send counters.
+        assert_eq!(
+            value(&s, "broker_messages_routed_total", &[("priority", "now")]),
+            0.0
+        );
+
+        // The redelivered lease (opened on b) is closed on a: only the sum
+        // over shards counts.
+        a.lease_closed(250);
+        a.lease_acked();
+        b.lease_closed(1000);
+        b.lease_expired();
+        let s = parse_exposition(&m.render());
+        assert_eq!(value(&s, "broker_leases_open", &[]), 0.0);
+        assert_eq!(value(&s, "broker_lease_bytes", &[]), 0.0);
+        assert_eq!(value(&s, "broker_leases_acked_total", &[]), 2.0);
+        assert_eq!(value(&s, "broker_leases_expired_total", &[]), 2.0);
     }
 
     #[test]

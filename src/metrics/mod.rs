@@ -156,6 +156,12 @@ impl Metrics {
             sends_rate_limited: 0,
             group_sends: 0,
             peers_listed: 0,
+            leases_open: 0,
+            lease_bytes: 0,
+            leases_acked: 0,
+            leases_expired: 0,
+            redelivered: 0,
+            duplicate_sends: 0,
             shard_active: Vec::with_capacity(self.shards.len()),
             shard_messages: Vec::with_capacity(self.shards.len()),
             shard_socket_writes: Vec::with_capacity(self.shards.len()),
@@ -199,11 +205,21 @@ impl Metrics {
             s.sends_rate_limited += sessions.rate_limited.load(Relaxed);
             s.group_sends += sessions.group_sends.load(Relaxed);
             s.peers_listed += sessions.peers_listed.load(Relaxed);
+            let leases = &shard.leases;
+            s.leases_open += leases.open.load(Relaxed);
+            s.lease_bytes += leases.bytes.load(Relaxed);
+            s.leases_acked += leases.acked.load(Relaxed);
+            s.leases_expired += leases.expired.load(Relaxed);
+            s.redelivered += leases.redelivered.load(Relaxed);
+            s.duplicate_sends += leases.duplicate_sends.load(Relaxed);
             lats.add(&lock(&shard.published));
         }
         // A session may go away on one shard and leave grace on another,
         // and the shards are read one after the other: never show less than 0.
         s.sessions_away = s.sessions_away.max(0);
+        // The same for a lease closed on another shard than its own.
+        s.leases_open = s.leases_open.max(0);
+        s.lease_bytes = s.lease_bytes.max(0);
         s.http = lats.http.snapshot();
         for i in 0..3 {
             s.send_ack[i] = lats.send_ack[i].snapshot();

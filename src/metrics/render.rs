@@ -41,6 +41,12 @@ pub(super) struct Snapshot {
     pub(super) sends_rate_limited: u64,
     pub(super) group_sends: u64,
     pub(super) peers_listed: u64,
+    pub(super) leases_open: i64,
+    pub(super) lease_bytes: i64,
+    pub(super) leases_acked: u64,
+    pub(super) leases_expired: u64,
+    pub(super) redelivered: u64,
+    pub(super) duplicate_sends: u64,
     pub(super) shard_active: Vec<i64>,
     pub(super) shard_messages: Vec<u64>,
     pub(super) shard_socket_writes: Vec<u64>,
@@ -300,6 +306,42 @@ impl Collector for Snapshot {
         )?;
         gauge(
             e,
+            "broker_leases_open",
+            "Pushes to client_ack sessions written and not yet acked or lapsed.",
+            self.leases_open,
+        )?;
+        gauge(
+            e,
+            "broker_lease_bytes",
+            "Bytes of the pushes in broker_leases_open.",
+            self.lease_bytes,
+        )?;
+        counter(
+            e,
+            "broker_leases_acked",
+            "Leases ended by a client_ack.",
+            self.leases_acked,
+        )?;
+        counter(
+            e,
+            "broker_leases_expired",
+            "Leases that lapsed unacked (CLIENT_ACK_TIMEOUT_SECONDS, or the session gone).",
+            self.leases_expired,
+        )?;
+        counter(
+            e,
+            "broker_redelivered",
+            "Pushes sent again after their lease lapsed (redelivered:true).",
+            self.redelivered,
+        )?;
+        counter(
+            e,
+            "broker_duplicate_sends",
+            "Sends not routed again: a client_message_id within DEDUPE_WINDOW_SECONDS.",
+            self.duplicate_sends,
+        )?;
+        gauge(
+            e,
             "broker_db_healthy",
             "1 when Postgres answers, else 0.",
             i64::from(self.db_healthy),
@@ -380,6 +422,12 @@ mod tests {
             "broker_sends_rate_limited_total",
             "broker_group_sends_total",
             "broker_list_peers_total",
+            "broker_leases_open",
+            "broker_lease_bytes",
+            "broker_leases_acked_total",
+            "broker_leases_expired_total",
+            "broker_redelivered_total",
+            "broker_duplicate_sends_total",
         ] {
             assert_eq!(value(&samples, name, &[]), 0.0, "{name}");
         }
@@ -411,8 +459,17 @@ mod tests {
             assert_eq!(value(&samples, "broker_shard_messages_total", &l), 0.0);
         }
         assert!(text.contains("# TYPE broker_connections_closed counter\n"));
-        assert!(text.contains("# TYPE broker_sessions_away gauge\n"));
-        assert!(text.contains("# HELP broker_sessions_away "));
+        for family in [
+            "broker_sessions_away",
+            "broker_leases_open",
+            "broker_lease_bytes",
+        ] {
+            assert!(
+                text.contains(&format!("# TYPE {family} gauge\n")),
+                "{family}"
+            );
+            assert!(text.contains(&format!("# HELP {family} ")), "{family}");
+        }
         for family in [
             "broker_sessions_resumed",
             "broker_sessions_replaced",
@@ -420,6 +477,10 @@ mod tests {
             "broker_sends_rate_limited",
             "broker_group_sends",
             "broker_list_peers",
+            "broker_leases_acked",
+            "broker_leases_expired",
+            "broker_redelivered",
+            "broker_duplicate_sends",
         ] {
             assert!(
                 text.contains(&format!("# TYPE {family} counter\n")),
