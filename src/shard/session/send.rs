@@ -56,9 +56,10 @@ impl Session {
                 }, None);
             }
         }
-        let refuse = |code, message| {
+        // A refused send frees its client id for a retry.
+        let refuse = |message_id: &str, code, message| {
             if let Some(client_id) = client_id {
-                joined.member.sent_ids.release(client_id, &message_id);
+                joined.member.sent_ids.release(client_id, message_id);
             }
             refuse(code, message)
         };
@@ -69,6 +70,7 @@ impl Session {
                 Some(member) => (Some(member), Audience::All),
                 None => {
                     return refuse(
+                        &message_id,
                         ErrorCode::UnknownTarget,
                         "targetSpec is not a current member of this mesh",
                     )
@@ -126,15 +128,21 @@ impl Session {
             Ok(plan) => plan,
             Err(Refused::NobodyInGroup) => {
                 return refuse(
+                    &envelope.message_id,
                     ErrorCode::UnknownTarget,
                     "no member of that group but yours",
                 )
             }
             Err(Refused::HeldFull) => {
-                return refuse(ErrorCode::Unavailable, "a target's held queue is full")
+                return refuse(
+                    &envelope.message_id,
+                    ErrorCode::Unavailable,
+                    "a target's held queue is full",
+                )
             }
             Err(Refused::Unavailable) => {
                 return refuse(
+                    &envelope.message_id,
                     ErrorCode::Unavailable,
                     "too much is waiting to be stored; try again shortly",
                 )
