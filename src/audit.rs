@@ -67,7 +67,7 @@ impl Stage {
 }
 
 /// Every `event_type`, in the order of their bits in an [`AuditSelection`].
-pub const EVENT_TYPES: [&str; 12] = [
+pub const EVENT_TYPES: [&str; 14] = [
     "connect",
     "disconnect",
     "send",
@@ -80,6 +80,8 @@ pub const EVENT_TYPES: [&str; 12] = [
     "resume",
     "group_join",
     "group_leave",
+    "redelivered",
+    "client_ack",
 ];
 
 /// Which event types are recorded (`AUDIT_EVENTS`): an operator whose
@@ -181,6 +183,14 @@ pub(crate) enum AuditKind {
         message_id: Box<str>,
         priority: Priority,
     },
+    /// An envelope whose lease lapsed unacked was pushed again to the
+    /// event's target member (PROTOCOL.md §11).
+    Redelivered {
+        message_id: Box<str>,
+        priority: Priority,
+    },
+    /// The member acknowledged a push leased to it (§11).
+    ClientAck { message_id: Box<str> },
     /// An error answered a hello or a message; `request_id` is the `id`
     /// the error echoes.
     Rejected {
@@ -216,6 +226,8 @@ impl AuditKind {
             AuditKind::Deliver { .. } => "deliver",
             AuditKind::Held { .. } => "held",
             AuditKind::Expired { .. } => "expired",
+            AuditKind::Redelivered { .. } => "redelivered",
+            AuditKind::ClientAck { .. } => "client_ack",
             AuditKind::Rejected { .. } => "rejected",
             AuditKind::HookStatus { .. } => "hook_status",
             AuditKind::StatusChange { .. } => "status_change",
@@ -376,6 +388,43 @@ impl AuditEvent {
         Self::of_envelope(envelope, Some(member), kind)
     }
 
+    /// `envelope`, its lease to `member` lapsed, was pushed to `member`
+    /// again.
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "built by the leases and redelivery of issue 10: remove once they are"
+        )
+    )]
+    pub(crate) fn redelivered(envelope: &Envelope, member: &Arc<MemberEntry>) -> Self {
+        let kind = AuditKind::Redelivered {
+            message_id: envelope.message_id.clone(),
+            priority: envelope.priority,
+        };
+        Self::of_envelope(envelope, Some(member), kind)
+    }
+
+    /// A session of `member` acknowledged `message_id`, leased to it. The
+    /// id is as the client wrote it (capped like every client string).
+    #[cfg_attr(
+        not(test),
+        expect(
+            dead_code,
+            reason = "built by the leases and redelivery of issue 10: remove once they are"
+        )
+    )]
+    pub(crate) fn client_ack(
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        message_id: &str,
+    ) -> Self {
+        let kind = AuditKind::ClientAck {
+            message_id: client_str(message_id),
+        };
+        Self::by_member(mesh, member, None, kind)
+    }
+
     /// `error` answered a message of `member`'s joined session.
     pub(crate) fn rejected(
         mesh: &Arc<MeshEntry>,
@@ -515,10 +564,15 @@ impl AuditEvent {
             | AuditKind::Expired {
                 message_id,
                 priority,
+            }
+            | AuditKind::Redelivered {
+                message_id,
+                priority,
             } => {
                 o.str("messageId", message_id);
                 o.str("priority", priority.as_str());
             }
+            AuditKind::ClientAck { message_id } => o.str("messageId", message_id),
             AuditKind::Rejected {
                 code,
                 stage,
@@ -779,6 +833,8 @@ mod tests {
             (AuditEvent::deliver(&all, &bob), "deliver"),
             (AuditEvent::held(&all, &bob), "held"),
             (AuditEvent::expired(&all, &bob), "expired"),
+            (AuditEvent::redelivered(&all, &bob), "redelivered"),
+            (AuditEvent::redelivered(&direct, &bob), "redelivered"),
         ] {
             assert_eq!(event.kind.event_type(), kind);
             assert_eq!(
@@ -790,6 +846,39 @@ mod tests {
                 json!({"messageId": "msg-1", "priority": "next"})
             );
         }
+    }
+
+    #[test]
+    fn client_ack_is_the_acking_member_and_the_id() {
+        let mesh = mesh();
+        let bob = member(&mesh, "bob");
+        let ack = AuditEvent::client_ack(&mesh, &bob, "msg-1");
+        assert_eq!(ack.kind.event_type(), "client_ack");
+        assert_eq!(
+            (ack.mesh_id(), ack.actor_id(), ack.target_id()),
+            ("mesh-1", Some("bob"), None)
+        );
+        assert_eq!(metadata(&ack), json!({"messageId": "msg-1"}));
+        // The id comes from the client: capped and free of NUL.
+        let id_of = |id: &str| {
+            metadata(&AuditEvent::client_ack(&mesh, &bob, id))["messageId"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        };
+        let long = id_of(&"é".repeat(100));
+        assert!(long.len() <= MAX_CLAIMED_ID && long.chars().all(|c| c == 'é'));
+        assert_eq!(id_of("a\"\0b"), "a\"\u{fffd}b");
+    }
+
+    #[test]
+    fn the_ack_events_are_selectable_by_name() {
+        let some = AuditSelection::parse("redelivered,client_ack").unwrap();
+        assert!(some.records("redelivered") && some.records("client_ack"));
+        assert!(!some.records("deliver") && !some.records("send"));
+        assert_eq!(some.describe(), "redelivered,client_ack");
+        assert!(AuditSelection::ALL.records("redelivered"));
+        assert!(AuditSelection::ALL.records("client_ack"));
     }
 
     #[test]
