@@ -388,15 +388,8 @@ impl AuditEvent {
         Self::of_envelope(envelope, Some(member), kind)
     }
 
-    /// `envelope`, its lease to `member` lapsed, was pushed to `member`
-    /// again.
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "built by the leases and redelivery of issue 10: remove once they are"
-        )
-    )]
+    /// `envelope`'s lease to `member` lapsed: it goes back to the member's
+    /// held queue, to be pushed again.
     pub(crate) fn redelivered(envelope: &Envelope, member: &Arc<MemberEntry>) -> Self {
         let kind = AuditKind::Redelivered {
             message_id: envelope.message_id.clone(),
@@ -407,13 +400,6 @@ impl AuditEvent {
 
     /// A session of `member` acknowledged `message_id`, leased to it. The
     /// id is as the client wrote it (capped like every client string).
-    #[cfg_attr(
-        not(test),
-        expect(
-            dead_code,
-            reason = "built by the leases and redelivery of issue 10: remove once they are"
-        )
-    )]
     pub(crate) fn client_ack(
         mesh: &Arc<MeshEntry>,
         member: &Arc<MemberEntry>,

@@ -64,7 +64,10 @@ fn an_unacked_push_comes_again_after_the_timeout_and_an_acked_one_never() {
     let again = reader.recv_push(Duration::from_secs(5));
     assert_push(&again, &kept, &members[0], "now", "n1", "kept");
     assert_eq!(again["redelivered"], true);
-    assert!(started.elapsed() < Duration::from_secs(3), "on time, not on a later event");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "on time, not on a later event"
+    );
     client_ack(&mut reader, &again["messageId"]);
     reader.expect_nothing(Duration::from_millis(2500));
     assert!(poll(WAIT, || delivered(&broker.db, &acked["messageId"])
@@ -94,7 +97,10 @@ fn a_lease_of_a_closed_session_goes_at_once_to_the_members_other_session() {
 
 #[test]
 fn a_lease_comes_back_to_the_members_next_session_after_a_reconnect() {
-    let broker = start(&[("CLIENT_ACK_TIMEOUT_SECONDS", "60"), ("SESSION_GRACE_SECONDS", "30")]);
+    let broker = start(&[
+        ("CLIENT_ACK_TIMEOUT_SECONDS", "60"),
+        ("SESSION_GRACE_SECONDS", "30"),
+    ]);
     let members = seed_mesh(&broker.db, "reconnect", 2);
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut reader = acking(&broker, &members[1]);
@@ -116,7 +122,9 @@ fn batch_acks_end_leases_and_other_members_acks_are_ignored() {
     let mut reader = acking(&broker, &members[1]);
     let mut stranger = acking(&broker, &members[2]);
     let ids: Vec<Value> = (0..5)
-        .map(|i| sender.send(&members[1].pubkey, "now", "n", "c", &format!("b{i}"))["messageId"].clone())
+        .map(|i| {
+            sender.send(&members[1].pubkey, "now", "n", "c", &format!("b{i}"))["messageId"].clone()
+        })
         .collect();
     for _ in 0..5 {
         reader.recv_push(WAIT);
@@ -132,7 +140,10 @@ fn batch_acks_end_leases_and_other_members_acks_are_ignored() {
     reader.expect_nothing(Duration::from_millis(2500));
     // Bad acks are refused with invalid_field and the session stays.
     let reply = reader.request(&json!({"type": "client_ack", "_reqId": "r"}));
-    assert_eq!((reply["code"].as_str(), reply["_reqId"].as_str()), (Some("invalid_field"), Some("r")));
+    assert_eq!(
+        (reply["code"].as_str(), reply["_reqId"].as_str()),
+        (Some("invalid_field"), Some("r"))
+    );
     let many: Vec<String> = (0..1001).map(|i| format!("m{i}")).collect();
     let reply = reader.request(&json!({"type": "client_ack", "messageIds": many}));
     assert_eq!(reply["code"], "invalid_field");
@@ -188,7 +199,9 @@ fn open_leases_survive_a_crash_and_acked_ones_do_not_come_back() {
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut reader = acking(&broker, &members[1]);
     let ids: Vec<Value> = (0..6)
-        .map(|i| sender.send(&members[1].pubkey, "now", "n", "c", &format!("s{i}"))["messageId"].clone())
+        .map(|i| {
+            sender.send(&members[1].pubkey, "now", "n", "c", &format!("s{i}"))["messageId"].clone()
+        })
         .collect();
     for _ in 0..6 {
         reader.recv_push(WAIT);
@@ -206,7 +219,11 @@ fn open_leases_survive_a_crash_and_acked_ones_do_not_come_back() {
     let mut back = acking(&broker, &members[1]);
     let pushes = back.drain_pushes(Duration::from_secs(1));
     let got: Vec<&Value> = pushes.iter().map(|p| &p["messageId"]).collect();
-    assert_eq!(got, ids[3..].iter().collect::<Vec<_>>(), "every unacked one, once, in order");
+    assert_eq!(
+        got,
+        ids[3..].iter().collect::<Vec<_>>(),
+        "every unacked one, once, in order"
+    );
 }
 
 /// A mesh of two members in a database the broker has not started on yet.

@@ -26,7 +26,11 @@ impl Window {
                 break;
             }
             let (at, client_id) = self.order.pop_front().expect("front");
-            if self.by_client_id.get(&client_id).is_some_and(|(_, seen)| *seen == at) {
+            if self
+                .by_client_id
+                .get(&client_id)
+                .is_some_and(|(_, seen)| *seen == at)
+            {
                 self.by_client_id.remove(&client_id);
             }
         }
@@ -93,7 +97,10 @@ mod tests {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let window = Duration::from_secs(600);
         assert_eq!(ids.claim("c1", "m1", t0, window), Ok(()));
-        assert_eq!(ids.claim("c1", "m2", t0 + Duration::from_secs(599), window), Err("m1".into()));
+        assert_eq!(
+            ids.claim("c1", "m2", t0 + Duration::from_secs(599), window),
+            Err("m1".into())
+        );
         assert_eq!(ids.claim("c2", "m3", t0, window), Ok(()));
         // Past the window it is a new send.
         let later = t0 + Duration::from_secs(600);
@@ -110,7 +117,8 @@ mod tests {
         let now = SystemTime::now();
         let window = Duration::from_secs(600);
         for i in 0..MAX_REMEMBERED + 10 {
-            ids.claim(&format!("c{i}"), &format!("m{i}"), now, window).unwrap();
+            ids.claim(&format!("c{i}"), &format!("m{i}"), now, window)
+                .unwrap();
         }
         let seen = ids.0.lock().unwrap();
         assert!(seen.by_client_id.len() <= MAX_REMEMBERED + 1);

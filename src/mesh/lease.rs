@@ -115,7 +115,9 @@ impl MemberLeases {
     /// Whether `token` is still open on `message_id` (a session's list
     /// forgets what was acked elsewhere lazily, through this).
     pub fn is_open(&self, message_id: &str, token: u64) -> bool {
-        self.lock().get(message_id).is_some_and(|l| l.token == token)
+        self.lock()
+            .get(message_id)
+            .is_some_and(|l| l.token == token)
     }
 
     pub fn len(&self) -> usize {
@@ -217,6 +219,9 @@ impl SessionLeases {
     /// At close: every lease it held, as `(message id, token)`.
     pub fn take(&mut self) -> Vec<(Box<str>, u64)> {
         self.bytes = 0;
-        self.held.drain(..).map(|(id, token, _)| (id, token)).collect()
+        self.held
+            .drain(..)
+            .map(|(id, token, _)| (id, token))
+            .collect()
     }
 }

@@ -133,7 +133,9 @@ impl SessionLink {
         if bound.held.has_room(bytes, bound.max_count, bound.max_bytes) {
             return true;
         }
-        bound.held.prune(|id, token| member.leases.is_open(id, token));
+        bound
+            .held
+            .prune(|id, token| member.leases.is_open(id, token));
         bound.held.has_room(bytes, bound.max_count, bound.max_bytes)
     }
 

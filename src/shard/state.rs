@@ -4,8 +4,8 @@
 //! a drain or a sweep.
 use super::close::CloseReason;
 use super::durable::Durable;
-use super::link::{shutdown_socket, SessionLink};
 use super::leases::LeaseTimers;
+use super::link::{shutdown_socket, SessionLink};
 use super::presence::LocalBoard;
 use super::signal::LocalSignal;
 use crate::audit::AuditEvent;

@@ -36,8 +36,7 @@ pub mod message;
 pub use frame::{
     close_frame, decode_client_frame, encode_client_frame, encode_server_frame,
     finish_server_frame, parse_close_payload, server_frame_payload, write_server_frame, FrameError,
-    FrameHeader, OpCode,
-    OversizedFrame, SERVER_HEADER_ROOM, TOO_LARGE_PREFIX,
+    FrameHeader, OpCode, OversizedFrame, SERVER_HEADER_ROOM, TOO_LARGE_PREFIX,
 };
 pub use handshake::{accept_key, is_valid_client_key, switching_protocols_response};
 pub use message::{Incoming, MessageAssembler, MessageError, MessageStart};

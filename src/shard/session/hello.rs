@@ -228,8 +228,10 @@ impl Session {
         self.link
             .joined(&mesh, entry, hello.capabilities.peer_events);
         if hello.capabilities.client_ack {
-            self.link
-                .lease_pushes(ctx.config.client_ack_max_leases, ctx.config.client_ack_max_lease_bytes);
+            self.link.lease_pushes(
+                ctx.config.client_ack_max_leases,
+                ctx.config.client_ack_max_lease_bytes,
+            );
         }
         self.shard
             .routes

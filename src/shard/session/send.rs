@@ -47,13 +47,16 @@ impl Session {
             );
             if let Err(first) = claimed {
                 self.shard.metrics.duplicate_send();
-                return self.ack(&Ack {
-                    id,
-                    message_id: &first,
-                    durable: None,
-                    duplicate: true,
-                    req_id,
-                }, None);
+                return self.ack(
+                    &Ack {
+                        id,
+                        message_id: &first,
+                        durable: None,
+                        duplicate: true,
+                        req_id,
+                    },
+                    None,
+                );
             }
         }
         // A refused send frees its client id for a retry.
