@@ -72,7 +72,9 @@ fn an_unacked_push_comes_again_after_the_timeout_and_an_acked_one_never() {
     reader.expect_nothing(Duration::from_millis(2500));
     assert!(poll(WAIT, || delivered(&broker.db, &acked["messageId"])
         && delivered(&broker.db, &kept["messageId"])));
-    assert_eq!(broker.metric("broker_redelivered_total").max(1.0), 1.0);
+    assert_eq!(broker.metric("broker_redelivered_total"), 1.0);
+    assert_eq!(broker.metric("broker_leases_acked_total"), 2.0);
+    assert_eq!(broker.metric("broker_leases_open"), 0.0);
 }
 
 #[test]

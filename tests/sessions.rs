@@ -451,7 +451,7 @@ fn hello_extensions_are_checked_and_answered() {
         ack["groups"],
         json!([{"name": "eng/backend", "role": "lead"}, {"name": "ops", "role": null}])
     );
-    assert_eq!(ack["capabilities"], json!([]));
+    assert_eq!(ack["capabilities"], json!(["client_ack"]));
     let list = list_peers(&mut peer);
     assert_eq!(list[0]["displayName"], "reviewer");
     assert_eq!(list[0]["groups"], ack["groups"]);

@@ -225,3 +225,90 @@ impl SessionLeases {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::directory::{Directory, MemberRow};
+    use crate::mesh::{Envelope, EnvelopeTarget};
+    use crate::protocol::Priority;
+    use std::time::{Instant, SystemTime};
+
+    fn envelope(id: &str) -> Arc<Envelope> {
+        let rows = [MemberRow {
+            id: "a".into(),
+            peer_pubkey: "aa".into(),
+            ..MemberRow::default()
+        }];
+        let mesh = Directory::default().install("m", &rows);
+        let sender = mesh.view().member("a").unwrap().clone();
+        Arc::new(Envelope {
+            message_id: id.into(),
+            mesh,
+            sender,
+            target: EnvelopeTarget::Many("*".into()),
+            priority: Priority::Now,
+            created_at: SystemTime::now(),
+            expires_at: SystemTime::now(),
+            frame: bytes::Bytes::from_static(b"0123456789"),
+            nonce: 0..0,
+            ciphertext: 0..0,
+            sent_at: Instant::now(),
+            restored: false,
+            holds_in_flight: Default::default(),
+            redelivered_frame: Default::default(),
+            client_message_id: None,
+        })
+    }
+
+    #[test]
+    fn a_lease_ends_by_ack_by_time_or_when_no_session_holds_it() {
+        let leases = MemberLeases::default();
+        let (m1, m2, m3) = (envelope("m1"), envelope("m2"), envelope("m3"));
+        let t1 = leases.open(&m1, (0, 1)).token();
+        assert_eq!(leases.open(&m1, (1, 7)), Opened::Joined(t1));
+        let t2 = leases.open(&m2, (0, 1)).token();
+        let t3 = leases.open(&m3, (0, 1)).token();
+        // An ack ends it once; a later ack of it is ignored.
+        assert!(leases.ack("m2").is_some());
+        assert!(leases.ack("m2").is_none());
+        assert!(!leases.is_open("m2", t2));
+        // Its time: only with its own token.
+        assert!(leases.expire("m3", t3 + 100).is_none());
+        assert!(leases.expire("m3", t3).is_some());
+        // m1 was written to two sessions: it lapses when both are gone.
+        assert!(leases.release((0, 1), &[("m1".into(), t1)]).is_empty());
+        let lapsed = leases.release((1, 7), &[("m1".into(), t1)]);
+        assert_eq!(lapsed.len(), 1);
+        assert!(leases.is_empty());
+    }
+
+    #[test]
+    fn a_sessions_bound_forgets_what_was_acked_elsewhere() {
+        let mut held = SessionLeases::default();
+        held.add("m1", 1, 600);
+        held.add("m2", 2, 600);
+        assert!(!held.has_room(1, 2, 10_000));
+        assert!(!held.has_room(1, 10, 1000));
+        held.prune(|id, _| id == "m2");
+        assert_eq!((held.len(), held.bytes()), (1, 600));
+        assert!(held.has_room(1, 2, 10_000));
+        held.forget("m2");
+        assert!(held.is_empty());
+        held.add("m3", 3, 10);
+        assert_eq!(held.take(), vec![("m3".into(), 3)]);
+        assert_eq!(held.bytes(), 0);
+    }
+
+    #[test]
+    fn redeliveries_are_marked_until_done() {
+        let marks = Redeliveries::default();
+        assert!(!marks.contains("m1"));
+        marks.add("m1");
+        marks.add("m1");
+        assert!(marks.contains("m1"));
+        marks.remove("m1");
+        assert!(!marks.contains("m1"));
+        marks.remove("m1");
+    }
+}

@@ -127,6 +127,7 @@ impl Shard {
         let audited = self.audits("redelivered");
         for envelope in &lapsed {
             self.metrics.lease_expired();
+            self.metrics.redelivered();
             self.metrics.lease_closed(envelope.frame.len());
             member.redeliveries.add(&envelope.message_id);
             if audited {
