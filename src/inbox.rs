@@ -144,6 +144,13 @@ pub enum ShardEvent {
     /// A hello on another shard took over the session of this shard's
     /// connection `conn`: close it (4000).
     Replaced { conn: u64 },
+    /// An admin kicked or banned `member`: close its sessions here (4001 or
+    /// 4002) and end those away here.
+    Kick {
+        mesh: Arc<MeshEntry>,
+        member: Arc<MemberEntry>,
+        banned: bool,
+    },
     /// A hello on another shard resumed a session this shard kept away:
     /// stop listing it.
     Resumed {

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 use tokio::time::{interval, timeout, MissedTickBehavior};
 use tokio_postgres::{Client, Config};
 
+use super::admin::AdminRequest;
 use super::worker::{connect, ConnTask};
 use super::{LookupFailed, MembersReply, WRITE_TIMEOUT};
 use crate::mesh::directory::{Directory, MemberRow};
@@ -23,7 +24,7 @@ use crate::mesh::directory::{Directory, MemberRow};
 /// order (`COLLATE "C"`, whatever the database's locale).
 const MEMBERS_SQL: &str = "\
 SELECT m.mesh_id, m.id, m.peer_pubkey, m.revoked_at IS NOT NULL, m.display_name,
-  COALESCE(g.names, '{}'::text[]), COALESCE(g.roles, '{}'::text[])
+  COALESCE(g.names, '{}'::text[]), COALESCE(g.roles, '{}'::text[]), m.role::text = 'admin'
 FROM mesh.member m
 LEFT JOIN LATERAL (
   SELECT array_agg(mg.name::text ORDER BY mg.name COLLATE \"C\") AS names,
@@ -36,6 +37,9 @@ WHERE m.mesh_id = ANY($1)";
 pub(crate) struct MemberLoader {
     config: Config,
     requests: mpsc::Receiver<(String, MembersReply)>,
+    /// Admin reads and writes (PROTOCOL.md §13), on this task so that an
+    /// unban and the refreshes never interleave.
+    admin: mpsc::Receiver<AdminRequest>,
     directory: Option<Arc<Directory>>,
     refresh: Duration,
     conn: Option<(Client, ConnTask)>,
@@ -45,12 +49,14 @@ impl MemberLoader {
     pub(crate) fn new(
         config: Config,
         requests: mpsc::Receiver<(String, MembersReply)>,
+        admin: mpsc::Receiver<AdminRequest>,
         directory: Option<Arc<Directory>>,
         refresh: Duration,
     ) -> Self {
         MemberLoader {
             config,
             requests,
+            admin,
             directory,
             refresh,
             conn: None,
@@ -72,6 +78,7 @@ impl MemberLoader {
                         let _ = reply.send(rows);
                     }
                 },
+                Some(request) = self.admin.recv() => self.answer_admin(request).await,
                 _ = tick.tick() => self.refresh_directory().await,
             }
         }
@@ -100,11 +107,8 @@ impl MemberLoader {
         }
     }
 
-    /// `(mesh_id, row)` for every member row of the given meshes.
-    async fn load(
-        &mut self,
-        mesh_ids: &[String],
-    ) -> Result<Vec<(String, MemberRow)>, LookupFailed> {
+    /// This task's connection, (re)opened when needed.
+    pub(super) async fn client(&mut self) -> Result<&Client, LookupFailed> {
         if self
             .conn
             .as_ref()
@@ -115,7 +119,25 @@ impl MemberLoader {
                 .map_err(|e| LookupFailed(e.to_string()))?;
             self.conn = Some((client, task));
         }
-        let (client, _) = self.conn.as_ref().expect("connected above");
+        Ok(&self.conn.as_ref().expect("connected above").0)
+    }
+
+    pub(super) fn directory(&self) -> Option<&Arc<Directory>> {
+        self.directory.as_ref()
+    }
+
+    /// A failed query: the connection is dropped, to be opened again.
+    pub(super) fn failed(&mut self, e: impl std::fmt::Display) -> LookupFailed {
+        self.conn = None;
+        LookupFailed(e.to_string())
+    }
+
+    /// `(mesh_id, row)` for every member row of the given meshes.
+    pub(super) async fn load(
+        &mut self,
+        mesh_ids: &[String],
+    ) -> Result<Vec<(String, MemberRow)>, LookupFailed> {
+        let client = self.client().await?;
         match timeout(WRITE_TIMEOUT, query_members(client, mesh_ids)).await {
             Ok(Ok(rows)) => Ok(rows),
             Ok(Err(e)) => {
@@ -149,6 +171,7 @@ pub(crate) async fn query_members(
                     revoked: row.try_get(3)?,
                     display_name: row.try_get(4)?,
                     groups: names.into_iter().zip(roles).collect(),
+                    admin: row.try_get(7)?,
                 },
             ))
         })

@@ -59,6 +59,7 @@
 //! `worker` (the thread's loop), `members` (member lookups and refresh),
 //! `audit` (the audit lane and its writer).
 
+pub mod admin;
 mod audit;
 mod backlog;
 mod batch;
@@ -192,6 +193,7 @@ pub struct DbQueueFull(pub DbCommand);
 pub struct DbHandle {
     tx: mpsc::Sender<DbCommand>,
     lookups: mpsc::Sender<(String, MembersReply)>,
+    admin: mpsc::Sender<admin::AdminRequest>,
     audit: AuditLane,
 }
 
@@ -200,6 +202,13 @@ impl DbHandle {
     /// in the way of presence writes.
     pub(crate) fn audit(&self) -> &AuditLane {
         &self.audit
+    }
+
+    /// An admin's read or write (PROTOCOL.md §13). Never blocks; false
+    /// when the queue is full or gone (the request is dropped with its
+    /// reply, which the asker sees as an error).
+    pub fn admin(&self, request: admin::AdminRequest) -> bool {
+        self.admin.try_send(request).is_ok()
     }
 
     /// Asks for a mesh's member rows (hello on a mesh not loaded yet, or a
@@ -381,9 +390,11 @@ pub fn spawn_with(
         .build()?;
     let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
     let (lookups, lookup_rx) = mpsc::channel(LOOKUP_QUEUE);
+    let (admin, admin_rx) = mpsc::channel(LOOKUP_QUEUE);
     let members = members::MemberLoader::new(
         config.clone(),
         lookup_rx,
+        admin_rx,
         options.directory.clone(),
         options.member_refresh,
     );
@@ -439,7 +450,12 @@ pub fn spawn_with(
             })
         })?;
     Ok((
-        DbHandle { tx, lookups, audit },
+        DbHandle {
+            tx,
+            lookups,
+            admin,
+            audit,
+        },
         DbThread {
             join,
             stop,

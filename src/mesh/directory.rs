@@ -49,6 +49,8 @@ pub struct MemberRow {
     pub display_name: String,
     /// `(name, role)` as stored.
     pub groups: Vec<(String, Option<String>)>,
+    /// `mesh.member.role` is `admin` (PROTOCOL.md §13).
+    pub admin: bool,
 }
 
 /// Most groups a member may be in (PROTOCOL.md §9).
@@ -78,6 +80,8 @@ pub struct MemberEntry {
     group_writes: Mutex<()>,
     /// Its sessions, live or away (see `peers`).
     pub sessions: MemberSessions,
+    /// `mesh.member.role = 'admin'`, kept fresh by the refresh.
+    admin: AtomicBool,
     /// Its send budget, shared by its sessions (`SEND_RATE_PER_MIN`).
     pub send_bucket: SendBucket,
     /// Pushes written to its `client_ack` sessions and not acked yet.
@@ -117,6 +121,7 @@ impl MemberEntry {
             groups: ArcSwap::from_pointee(groups),
             group_writes: Mutex::new(()),
             sessions: MemberSessions::default(),
+            admin: AtomicBool::new(row.admin),
             send_bucket: SendBucket::default(),
             leases: MemberLeases::default(),
             sent_ids: SentIds::default(),
@@ -164,6 +169,17 @@ impl MemberEntry {
 
     pub fn is_revoked(&self) -> bool {
         self.revoked.load(Ordering::Acquire)
+    }
+
+    /// Banned by an admin: at once for every shard, whatever the next
+    /// refresh reads (a revocation is never undone by one; see
+    /// `Directory::reinstate`).
+    pub fn revoke(&self) {
+        self.revoked.store(true, Ordering::Release);
+    }
+
+    pub fn is_admin(&self) -> bool {
+        self.admin.load(Ordering::Acquire)
     }
 
     pub fn display_name(&self) -> Arc<Box<str>> {
@@ -224,12 +240,22 @@ impl MemberEntry {
     }
 }
 
-/// An immutable snapshot of a mesh's current (non-revoked) members.
+/// An immutable snapshot of a mesh's current (non-revoked) members, and
+/// of its revoked ones (for `unban`).
 #[derive(Default)]
 pub struct MeshView {
     by_id: HashMap<Box<str>, Arc<MemberEntry>>,
     by_pubkey: HashMap<Box<str>, Arc<MemberEntry>>,
     members: Vec<Arc<MemberEntry>>,
+    revoked: Vec<Arc<MemberEntry>>,
+}
+
+/// Why an admin's `target` names nobody (PROTOCOL.md §13).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Unresolved {
+    Unknown,
+    /// A display name several members have.
+    Ambiguous,
 }
 
 impl MeshView {
@@ -247,6 +273,32 @@ impl MeshView {
 
     pub fn members(&self) -> &[Arc<MemberEntry>] {
         &self.members
+    }
+
+    /// An admin's target: a member id, a pubkey, or a display name (exact,
+    /// case-insensitive), among the current members or, for `revoked`,
+    /// among the revoked ones.
+    pub fn resolve(&self, target: &str, revoked: bool) -> Result<Arc<MemberEntry>, Unresolved> {
+        let pool = if revoked {
+            &self.revoked
+        } else {
+            &self.members
+        };
+        let lower = target.to_ascii_lowercase();
+        if let Some(m) = pool
+            .iter()
+            .find(|m| *m.id == *target || *m.pubkey == *lower)
+        {
+            return Ok(m.clone());
+        }
+        let mut named = pool
+            .iter()
+            .filter(|m| m.display_name().to_lowercase() == target.to_lowercase());
+        match (named.next(), named.next()) {
+            (Some(m), None) => Ok(m.clone()),
+            (Some(_), Some(_)) => Err(Unresolved::Ambiguous),
+            (None, _) => Err(Unresolved::Unknown),
+        }
     }
 }
 
@@ -320,12 +372,18 @@ impl MeshEntry {
     }
 
     /// Install fresh rows, keeping the entries (and so the live masks and
-    /// held queues) of members that are still there.
-    fn apply(&self, rows: &[MemberRow]) {
+    /// held queues) of members that are still there; `reinstated` (an
+    /// unban) gets a fresh entry, since a revoked one stays revoked.
+    fn apply(&self, rows: &[MemberRow], reinstated: Option<&str>) {
         let old = self.view.load();
         let mut view = MeshView::default();
         for row in rows {
-            let entry = match old.by_id.get(row.id.as_str()) {
+            let known = old
+                .by_id
+                .get(row.id.as_str())
+                .or_else(|| old.revoked.iter().find(|m| *m.id == *row.id))
+                .filter(|_| reinstated != Some(row.id.as_str()));
+            let entry = match known {
                 Some(entry) if *entry.pubkey == *row.peer_pubkey.to_ascii_lowercase() => {
                     if ***entry.display_name.load() != *row.display_name {
                         entry
@@ -336,8 +394,10 @@ impl MeshEntry {
                 }
                 _ => Arc::new(MemberEntry::new(row, &self.depth)),
             };
-            if row.revoked {
+            entry.admin.store(row.admin, Ordering::Release);
+            if row.revoked || entry.is_revoked() {
                 entry.revoked.store(true, Ordering::Release);
+                view.revoked.push(entry);
                 continue;
             }
             view.by_pubkey
@@ -415,7 +475,7 @@ impl Directory {
     /// published only once its view is filled, so no hello sees it empty.
     pub fn install(&self, mesh_id: &str, rows: &[MemberRow]) -> Arc<MeshEntry> {
         if let Some(entry) = self.get(mesh_id) {
-            entry.apply(rows);
+            entry.apply(rows, None);
             return entry;
         }
         let fresh = Arc::new(MeshEntry {
@@ -429,7 +489,7 @@ impl Directory {
             depth: self.depth.clone(),
             gate: self.gate.clone(),
         });
-        fresh.apply(rows);
+        fresh.apply(rows, None);
         let entry = self
             .meshes
             .lock()
@@ -438,9 +498,20 @@ impl Directory {
             .or_insert_with(|| fresh.clone())
             .clone();
         if !Arc::ptr_eq(&entry, &fresh) {
-            entry.apply(rows);
+            entry.apply(rows, None);
         }
         entry
+    }
+
+    /// After an unban: the mesh's fresh rows, with a new (not revoked)
+    /// entry for `member_id`.
+    pub fn reinstate(&self, mesh_id: &str, rows: &[MemberRow], member_id: &str) {
+        match self.get(mesh_id) {
+            Some(entry) => entry.apply(rows, Some(member_id)),
+            None => {
+                self.install(mesh_id, rows);
+            }
+        }
     }
 
     /// Drops meshes nobody is connected to and nothing is held for, so the

@@ -165,6 +165,22 @@ impl MemberSessions {
         self.len() == 0
     }
 
+    /// The presence ids of every session, live or away.
+    pub fn presence_ids(&self) -> Vec<Box<str>> {
+        self.lock().iter().map(|e| e.presence_id.clone()).collect()
+    }
+
+    /// The sessions away in their grace on `shard`, with their absence.
+    pub fn away_on(&self, shard: usize) -> Vec<(Arc<SessionEntry>, u64)> {
+        self.lock()
+            .iter()
+            .filter_map(|e| match e.holder() {
+                Holder::Away { shard: s, spell } if s == shard => Some((e.clone(), spell)),
+                _ => None,
+            })
+            .collect()
+    }
+
     /// A hello of `member` with `session_id` on connection `holder`: takes
     /// over the member's session with that id (in its grace, or live on
     /// another connection), or else, if `admit` lets it in, starts a new one.

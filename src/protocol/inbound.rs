@@ -1,4 +1,5 @@
 //! Client → broker messages (see mod.rs for why the tree is walked by hand).
+use super::admin::{Admin, DEFAULT_AUDIT_LIMIT, MAX_AUDIT_LIMIT};
 use super::{Capabilities, ErrorCode, GroupName, Priority, ProtocolError, MAX_REQ_ID_CHARS};
 use simd_json::prelude::*;
 use simd_json::value::borrowed::{to_value_with_buffers, Value};
@@ -48,6 +49,8 @@ pub enum ClientMessage<'a> {
     /// of `messageId`, `brokerMessageId` (the same meaning) or `messageIds`
     /// (1 to 1000 ids), in the order written. Never empty.
     ClientAck(Vec<Cow<'a, str>>),
+    /// An administration message (§13).
+    Admin(Admin<'a>),
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -292,6 +295,19 @@ fn parse_message<'a>(
             name: fields.group_name("name")?,
         }),
         "client_ack" => parse_client_ack(fields).map(ClientMessage::ClientAck),
+        "kick" => Ok(ClientMessage::Admin(Admin::Kick {
+            target: fields.non_empty_str("target")?,
+        })),
+        "ban" => Ok(ClientMessage::Admin(Admin::Ban {
+            target: fields.non_empty_str("target")?,
+            reason: fields.limited_str("reason", 256)?,
+        })),
+        "unban" => Ok(ClientMessage::Admin(Admin::Unban {
+            target: fields.non_empty_str("target")?,
+        })),
+        "list_bans" => Ok(ClientMessage::Admin(Admin::ListBans)),
+        "audit_query" => parse_audit_query(fields).map(ClientMessage::Admin),
+        "audit_verify" => Ok(ClientMessage::Admin(Admin::AuditVerify)),
         _ => Err(ProtocolError::new(
             ErrorCode::UnknownType,
             "unknown message type",
@@ -447,6 +463,26 @@ fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>,
 
 /// A `client_ack`'s ids: exactly one of `messageId`, `brokerMessageId` and
 /// `messageIds` (an array of 1 to 1000 strings).
+fn parse_audit_query<'a>(fields: &mut Fields<'a>) -> Result<Admin<'a>, ProtocolError> {
+    let limit = match fields.take("limit") {
+        None => DEFAULT_AUDIT_LIMIT,
+        Some(v) => v
+            .as_u64()
+            .filter(|n| (1..=u64::from(MAX_AUDIT_LIMIT)).contains(n))
+            .ok_or_else(|| {
+                fields.invalid(
+                    "limit",
+                    format_args!("must be an integer from 1 to {MAX_AUDIT_LIMIT}"),
+                )
+            })? as u32,
+    };
+    Ok(Admin::AuditQuery {
+        limit,
+        before_id: fields.optional_str("beforeId")?,
+        event_type: fields.optional_str("eventType")?,
+    })
+}
+
 fn parse_client_ack<'a>(fields: &mut Fields<'a>) -> Result<Vec<Cow<'a, str>>, ProtocolError> {
     const ONE: &str = "messageId";
     const BROKER: &str = "brokerMessageId";

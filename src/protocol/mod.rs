@@ -8,11 +8,16 @@
 //! hottest path of the broker. A message too large to parse is only
 //! scanned (`peek_ids`) for the `id` and `_reqId` to echo in its `error
 //! too_large`.
+mod admin;
 mod group;
 mod inbound;
 mod outbound;
 mod peek;
 
+pub use admin::{
+    write_audit_result, write_audit_verify_result, write_ban_ack, write_bans_list, write_kick_ack,
+    Admin, AuditEntry, BanEntry, VerifyResult,
+};
 pub use group::GroupName;
 pub use inbound::{
     parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,
@@ -114,6 +119,8 @@ pub enum ErrorCode {
     Internal,
     /// A hello's `protocolVersion` above the versions the broker speaks.
     UnsupportedProtocol,
+    Forbidden,
+    AmbiguousTarget,
 }
 
 impl ErrorCode {
@@ -135,6 +142,8 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::AmbiguousTarget => "ambiguous_target",
         }
     }
 }

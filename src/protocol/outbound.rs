@@ -321,7 +321,7 @@ fn write_groups(out: &mut Vec<u8>, groups: &[GroupRole<'_>]) {
 }
 
 /// `,"_reqId":"…"` when there is one.
-fn write_req_id(out: &mut Vec<u8>, req_id: Option<&str>) {
+pub(super) fn write_req_id(out: &mut Vec<u8>, req_id: Option<&str>) {
     if let Some(req_id) = req_id {
         out.extend_from_slice(b",\"_reqId\":");
         write_str(out, req_id);
@@ -329,7 +329,7 @@ fn write_req_id(out: &mut Vec<u8>, req_id: Option<&str>) {
 }
 
 /// A JSON string, or `null`.
-fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
+pub(super) fn write_opt_str(out: &mut Vec<u8>, s: Option<&str>) {
     match s {
         Some(s) => write_str(out, s),
         None => out.extend_from_slice(b"null"),

@@ -28,6 +28,10 @@ pub enum CloseReason {
     Internal,
     /// A newer connection took over this one's session (4000, §9).
     Replaced,
+    /// An admin kicked the member (4001, §13).
+    Kicked,
+    /// An admin banned the member (4002, §13).
+    Banned,
 }
 
 impl CloseReason {
@@ -46,6 +50,8 @@ impl CloseReason {
             CloseReason::IoError => "io_error",
             CloseReason::Internal => "internal",
             CloseReason::Replaced => "session_replaced",
+            CloseReason::Kicked => "kicked",
+            CloseReason::Banned => "banned",
         }
     }
 
@@ -61,6 +67,8 @@ impl CloseReason {
             CloseReason::Internal => 1011,
             CloseReason::SlowReader => 1013,
             CloseReason::Replaced => 4000,
+            CloseReason::Kicked => 4001,
+            CloseReason::Banned => 4002,
         }
     }
 

@@ -164,6 +164,39 @@ impl Shard {
         });
     }
 
+    /// An admin kicked or banned `member` (PROTOCOL.md §13): every shard
+    /// closes its sessions and ends those away in their grace.
+    pub(super) fn kick(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, banned: bool) {
+        for dest in 0..self.ctx.shards.len() {
+            self.send_to(
+                dest,
+                ShardEvent::Kick {
+                    mesh: mesh.clone(),
+                    member: member.clone(),
+                    banned,
+                },
+            );
+        }
+    }
+
+    pub(super) fn kick_here(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, banned: bool) {
+        let reason = if banned {
+            CloseReason::Banned
+        } else {
+            CloseReason::Kicked
+        };
+        let sessions = self.routes.borrow().sessions_of(mesh, member).to_vec();
+        for session in sessions {
+            session.close(reason);
+        }
+        for (entry, spell) in member.sessions.away_on(self.index) {
+            if MemberSessions::end_away(&entry, self.index, spell) {
+                self.metrics.session_away_ended();
+                self.end_session(mesh, &entry);
+            }
+        }
+    }
+
     /// Closes a connection of this shard whose session a newer one took
     /// over (4000).
     pub(super) fn close_replaced(&self, conn: u64) {

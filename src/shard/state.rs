@@ -154,6 +154,11 @@ impl Shard {
                 self.deliver_peer_event(&mesh, &about, &frame)
             }
             ShardEvent::Replaced { conn } => self.close_replaced(conn),
+            ShardEvent::Kick {
+                mesh,
+                member,
+                banned,
+            } => self.kick_here(&mesh, &member, banned),
             ShardEvent::Resumed { mesh, entry } => self.board_release(&mesh, &entry),
             ShardEvent::Inferred { conn, status } => {
                 if let Some(session) = self.session_of(conn) {

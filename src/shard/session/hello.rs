@@ -198,7 +198,8 @@ impl Session {
             let member = mesh
                 .view()
                 .member(&hello.member_id)
-                .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey))
+                // A member banned a moment ago is refused before any refresh.
+                .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey) && !m.is_revoked())
                 .cloned()
                 .ok_or_else(unauthorized)?;
             let claimed = MemberSessions::claim(&member, &hello.session_id, holder, || {

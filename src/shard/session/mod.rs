@@ -4,6 +4,8 @@
 //! - `writer` — the task that drains the outbound queue, one batch per syscall.
 //! - `hello`  — the signed hello's checks and the session's admission.
 //! - `send`   — a send: its envelope, its plan, its ack.
+//! - `admin`  — an admin's kick, ban, unban, bans and audit reads.
+mod admin;
 mod hello;
 mod send;
 mod writer;
@@ -20,6 +22,7 @@ use crate::mesh::peers::{self, Departure, Holder, MemberSessions, PeerEvent, Ses
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 use crate::status::Source;
 use crate::ws::{self, Incoming, MessageAssembler, OpCode};
+use admin::OwnedAdmin;
 use hello::{looks_like_hello, OwnedHello};
 use monoio::io::Splitable;
 use monoio::net::TcpStream;
@@ -31,6 +34,12 @@ use std::time::{Duration, Instant, SystemTime};
 
 /// How long teardown waits for the writer to flush before shutting the socket.
 const WRITER_FLUSH: Duration = Duration::from_secs(5);
+
+/// A message whose handling awaits something (see `process_parsed`).
+enum Deferred {
+    Hello(OwnedHello),
+    Admin(OwnedAdmin, Option<String>),
+}
 
 /// A session after a successful hello.
 struct Joined {
@@ -183,17 +192,22 @@ impl Session {
     }
 
     async fn process_message(&mut self, data: &[u8]) {
-        if let Some(hello) = self.process_parsed(data) {
-            // Boxed: the hello path (signature, directory load) is big and
-            // runs once; keeping it out of line keeps idle sessions small.
-            Box::pin(self.process_hello(hello)).await;
+        // Boxed: the hello and admin paths (signature, directory load, a
+        // db round trip) are big and rare; keeping them out of line keeps
+        // idle sessions small.
+        match self.process_parsed(data) {
+            Some(Deferred::Hello(hello)) => Box::pin(self.process_hello(hello)).await,
+            Some(Deferred::Admin(admin, req_id)) => {
+                Box::pin(self.process_admin(admin, req_id)).await
+            }
+            None => {}
         }
     }
 
     /// Parses and handles a message on the spot; only a hello, which may
-    /// wait on a directory load, comes back (detached from the parse buffer)
-    /// to be awaited.
-    fn process_parsed(&mut self, data: &[u8]) -> Option<OwnedHello> {
+    /// wait on a directory load, and an admin message, which may wait on
+    /// Postgres, come back (detached from the parse buffer) to be awaited.
+    fn process_parsed(&mut self, data: &[u8]) -> Option<Deferred> {
         let read_at = Instant::now();
         self.shard.metrics.message_received();
         let shard = self.shard.clone();
@@ -233,7 +247,7 @@ impl Session {
                 );
                 None
             }
-            ClientMessage::Hello(hello) => Some(OwnedHello::new(hello, req_id)),
+            ClientMessage::Hello(hello) => Some(Deferred::Hello(OwnedHello::new(hello, req_id))),
             ClientMessage::Send(send) if self.joined.is_none() => {
                 self.send_error(&no_hello(Some(&send.id)));
                 None
@@ -282,6 +296,10 @@ impl Session {
                 shard.leave_group(&joined.mesh, &joined.member, &name);
                 None
             }
+            ClientMessage::Admin(admin) => Some(Deferred::Admin(
+                OwnedAdmin::new(admin),
+                req_id.map(str::to_owned),
+            )),
             // No reply (PROTOCOL.md §11).
             ClientMessage::ClientAck(ids) => {
                 let joined = self.joined.as_ref().expect("joined");
