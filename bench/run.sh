@@ -91,6 +91,12 @@ bench "direct 100 peers 256 B at half of max ($HALF/s, open loop)" "p99 send→p
   direct --peers 100 --payload 256 --duration "$DURATION" --rate "$HALF"
 bench "broadcast 1 × 100 peers 256 B (window 4)" "≥ 5,000,000 pushes/s; ≤ 0.2 µs broker CPU/push" \
   broadcast --meshes 1 --peers 100 --payload 256 --duration "$DURATION" --window 4
+# Acknowledged delivery (§11): every push leased and acked, one client_ack
+# per read; compare with the two plain rows above.
+bench "direct 100 peers 256 B, --client-ack (window 16)" "every push acked; 0 redeliveries; broker µs/send vs. plain direct" \
+  direct --peers 100 --payload 256 --duration "$DURATION" --window 16 --client-ack
+bench "broadcast 1 × 100 peers 256 B, --client-ack (window 4)" "every push acked; 0 redeliveries; broker µs/push vs. plain broadcast" \
+  broadcast --meshes 1 --peers 100 --payload 256 --duration "$DURATION" --window 4 --client-ack
 bench "churn 4 × 50 slots" "≥ 20,000 hellos/s" \
   churn --meshes 4 --peers 50 --duration "$DURATION"
 # Status-gated delivery (§5): a short run; its point is correctness.
@@ -186,6 +192,12 @@ for r in rows:
                  f"{h['held_pushes']:,}/{h['held_expected']:,} held, drain {drain} "
                  f"({f(h.get('drain_pushes_per_s'))} pushes/s); exactly once: {h['missing']} missing, "
                  f"{h['duplicates']} dup; {h['unavailable']} unavailable, {h['non_durable_acks']} durable:false")
+    a = r.get("acks")
+    if a and a.get("client_ack"):
+        other = (f"{a['client_acked_ids']:,} ids in {a['client_acks']:,} client_acks "
+                 f"({f(a.get('ids_per_client_ack'), 1)}/ack); {a['redeliveries']:,} redelivered "
+                 f"({a['redelivered_unacked']:,} of unacked, {a['redelivered_after_ack']:,} after ack); "
+                 f"rss {f((r.get('broker_rss_bytes') or 0) / 1048576, 1)} MiB")
     d = r.get("directory")
     if d:
         lu, gp = d.get("list_us") or {}, d.get("group_push_ms") or {}

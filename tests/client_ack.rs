@@ -249,3 +249,45 @@ fn a_session_without_client_ack_keeps_the_first_protocol() {
     plain.expect_nothing(Duration::from_millis(2500));
     assert_eq!(leased.recv_push(WAIT)["redelivered"], true);
 }
+
+#[test]
+fn leases_cannot_outrun_postgres_while_sends_to_others_go_on() {
+    let root = common::world_traversable_tempdir("meshbroker-leasebound-");
+    let pg =
+        meshbroker::devdb::LocalPostgres::start(&root.join("data"), true).expect("start Postgres");
+    pg.create_database("bound").expect("create database");
+    let db = pg.url("bound");
+    let broker = Broker::start(&[
+        ("DATABASE_URL", &db),
+        ("MAX_HELD_MEMORY_BYTES", "65536"),
+        UNLIMITED_SENDS[0],
+        UNLIMITED_SENDS[1],
+    ]);
+    broker.wait_for_log("db healthy", Duration::from_secs(30));
+    let members = seed_mesh(&db, "bound", 3);
+    let mut sender = Peer::connect(&broker, &members[0]);
+    let mut leased = acking(&broker, &members[1]);
+    let mut plain = Peer::connect(&broker, &members[2]);
+    pg.stop().expect("stop Postgres");
+    // Every leased push waits to be stored; past the held budget (64 KiB)
+    // sends to the client_ack member are refused, never buffered on.
+    let big = "x".repeat(4000);
+    let mut refused = None;
+    for i in 0..200 {
+        let reply = sender.request(&json!({"type": "send", "targetSpec": members[1].pubkey,
+            "priority": "now", "nonce": "n", "ciphertext": big, "id": format!("l{i}")}));
+        if reply["type"] == "error" {
+            refused = Some((i, reply));
+            break;
+        }
+        leased.recv_push(WAIT);
+    }
+    let (count, reply) = refused.expect("refused once the budget is full");
+    assert_eq!(reply["code"], "unavailable", "{reply}");
+    assert!(count >= 10, "refused only past the budget ({count} leased)");
+    // A member with no client_ack session is not held back.
+    let ack = sender.send(&members[2].pubkey, "now", "n", "plain", "p");
+    assert_eq!(plain.recv_push(WAIT)["messageId"], ack["messageId"]);
+    drop(broker);
+    let _ = pg.stop();
+}

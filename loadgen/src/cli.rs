@@ -1,5 +1,6 @@
 //! Command line and its validation. `Args` is what clap parses; `Config` is
 //! the checked, resolved form every other module reads.
+use crate::ack::AckPlan;
 use crate::gate::Mix;
 use crate::scenario::{self, Scenario};
 use crate::wire::WsTarget;
@@ -190,6 +191,22 @@ pub struct Args {
     /// mesh (default 200; 0: none).
     #[arg(long)]
     pub group_rate: Option<f64>,
+    /// Sessions ask for acknowledged delivery (PROTOCOL.md §11, hello
+    /// capability `client_ack`) and ack their pushes, one `client_ack` per
+    /// read (up to 1000 ids each); redeliveries are counted apart. Every
+    /// scenario that sends.
+    #[arg(long)]
+    pub client_ack: bool,
+    /// With --client-ack: the share of first pushes acked, in [0, 1]
+    /// (default 1), chosen by a hash of the messageId; the others come
+    /// again after the broker's CLIENT_ACK_TIMEOUT_SECONDS and are acked
+    /// then. Below 1 the drain also waits (up to --grace) for them.
+    #[arg(long)]
+    pub ack_fraction: Option<f64>,
+    /// direct, broadcast: every send carries a unique `client_message_id`
+    /// (PROTOCOL.md §11); an ack saying `"duplicate":true` fails the run.
+    #[arg(long)]
+    pub client_message_ids: bool,
 }
 
 /// The `gated` scenario's settings.
@@ -262,6 +279,10 @@ pub struct Config {
     pub held: Option<HeldConfig>,
     /// `peers` only: the peer directory and groups.
     pub directory: Option<PeersConfig>,
+    /// `--client-ack`: acknowledged delivery, and the share acked.
+    pub client_ack: Option<AckPlan>,
+    /// `--client-message-ids`.
+    pub client_message_ids: bool,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -386,6 +407,7 @@ impl Args {
         let gate = self.gate_config()?;
         let held = self.held_config()?;
         let directory = self.peers_config(senders.unwrap_or(peers))?;
+        let client_ack = self.ack_config(scenario.as_ref())?;
         Ok(Config {
             scenario,
             target,
@@ -414,7 +436,38 @@ impl Args {
             gate,
             held,
             directory,
+            client_ack,
+            client_message_ids: self.client_message_ids,
         })
+    }
+
+    /// `--client-ack`, `--ack-fraction`, `--client-message-ids`.
+    fn ack_config(&self, scenario: &dyn Scenario) -> Result<Option<AckPlan>> {
+        if self.client_message_ids
+            && !matches!(
+                self.scenario,
+                ScenarioName::Direct | ScenarioName::Broadcast
+            )
+        {
+            bail!("--client-message-ids applies to direct and broadcast only");
+        }
+        if !self.client_ack {
+            if self.ack_fraction.is_some() {
+                bail!("--ack-fraction needs --client-ack");
+            }
+            return Ok(None);
+        }
+        if scenario.traffic().is_none() {
+            bail!(
+                "--client-ack applies to scenarios that send (not {})",
+                scenario.name()
+            );
+        }
+        let fraction = self.ack_fraction.unwrap_or(1.0);
+        if !fraction.is_finite() || !(0.0..=1.0).contains(&fraction) {
+            bail!("--ack-fraction must be a number in [0, 1], got {fraction}");
+        }
+        Ok(Some(AckPlan { fraction }))
     }
 
     /// `--peers`, or its default for the scenario.
@@ -853,6 +906,45 @@ mod tests {
         }
         // Elsewhere --senders 0 stays refused.
         assert!(check(&["broadcast", DB, "--senders", "0"]).is_err());
+    }
+
+    #[test]
+    fn client_ack_options() {
+        let c = check(&["direct", DB]).unwrap();
+        assert!(c.client_ack.is_none() && !c.client_message_ids);
+        let c = check(&["direct", DB, "--client-ack"]).unwrap();
+        assert_eq!(c.client_ack, Some(AckPlan { fraction: 1.0 }));
+        let c = check(&["broadcast", DB, "--client-ack", "--ack-fraction", "0.9"]).unwrap();
+        assert_eq!(c.client_ack, Some(AckPlan { fraction: 0.9 }));
+        for scenario in ["gated", "held", "peers"] {
+            assert!(
+                check(&[scenario, DB, "--client-ack", "--ack-fraction", "0"]).is_ok(),
+                "{scenario}"
+            );
+        }
+        let c = check(&["broadcast", DB, "--client-message-ids"]).unwrap();
+        assert!(c.client_message_ids && c.client_ack.is_none());
+        assert!(
+            check(&["direct", DB, "--client-message-ids", "--client-ack"])
+                .unwrap()
+                .client_message_ids
+        );
+        for bad in [
+            &["direct", "--ack-fraction", "0.5"][..],
+            &["direct", "--client-ack", "--ack-fraction", "1.5"],
+            &["direct", "--client-ack", "--ack-fraction", "-0.1"],
+            &["direct", "--client-ack", "--ack-fraction", "NaN"],
+            &["idle", "--client-ack"],
+            &["churn", "--client-ack"],
+            &["gated", "--client-message-ids"],
+            &["held", "--client-message-ids"],
+            &["peers", "--client-message-ids"],
+            &["idle", "--client-message-ids"],
+        ] {
+            let mut argv = bad.to_vec();
+            argv.insert(1, DB);
+            assert!(check(&argv).is_err(), "{bad:?} should be refused");
+        }
     }
 
     #[test]

@@ -23,9 +23,13 @@
 //! - `peers`    — the `peers` scenario's roles (broadcast senders, group
 //!   sender, listers, group members), `list_peers` matched to their answers
 //!   by `_reqId`, and the reading and check of a `peers_list`.
+//! - `ack`      — acknowledged delivery from the client's side
+//!   (`--client-ack`): the ack fraction, batched `client_ack` messages,
+//!   redeliveries told apart from new pushes and true duplicates.
 //! - `procfs`   — the broker's CPU time and RSS from /proc, pid from a port.
 //! - `report`   — the final table and the JSON summary.
 //! - `run`      — ties it together: setup, phases, progress, teardown.
+pub mod ack;
 pub mod cli;
 pub mod db;
 pub mod gate;

@@ -63,6 +63,50 @@ pub struct Report {
     pub held: Option<HeldReport>,
     /// `peers` only (else `None`): the peer directory and groups.
     pub directory: Option<PeersReport>,
+    /// With `--client-ack` or `--client-message-ids` (else `None`).
+    pub acks: Option<AckReport>,
+}
+
+/// Acknowledged delivery and duplicate sends (PROTOCOL.md §11). The
+/// run-wide `pushes` count each push once: a redelivery of one a session
+/// had is counted here, not there (one whose first copy never came counts
+/// there too, as the delivery); `duplicates` stay pushes of the same send
+/// again *without* `redelivered`, a broker fault.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct AckReport {
+    /// `--client-ack`, and `--ack-fraction`.
+    pub client_ack: bool,
+    pub ack_fraction: Option<f64>,
+    /// `client_ack` messages written, the ids they carried, and the mean.
+    pub client_acks: u64,
+    pub client_acked_ids: u64,
+    pub ids_per_client_ack: Option<f64>,
+    /// First copies left unacked on purpose (`--ack-fraction` below 1).
+    pub unacked: u64,
+    /// Pushes marked `"redelivered":true`; of those, of a first copy left
+    /// unacked, of one acked (the ack late or lost), of one never seen,
+    /// and under another `messageId` than their first copy (a fault).
+    pub redeliveries: u64,
+    pub redelivered_unacked: u64,
+    pub redelivered_after_ack: u64,
+    pub redelivered_unseen: u64,
+    pub redelivered_mismatch: u64,
+    /// Left unacked and not come again by the end.
+    pub awaiting_redelivery: u64,
+    /// `--client-message-ids`; acks saying `"duplicate":true` (every id is
+    /// unique: a fault); pushes of the run's sends without the id (it is
+    /// passed through on every push: a fault).
+    pub client_message_ids: bool,
+    pub duplicate_acks: u64,
+    pub pushes_without_client_id: u64,
+}
+
+impl AckReport {
+    /// What fails the run (redeliveries are reported only: the loadgen
+    /// does not know the broker's CLIENT_ACK_TIMEOUT_SECONDS).
+    pub fn violations(&self) -> u64 {
+        self.redelivered_mismatch + self.duplicate_acks + self.pushes_without_client_id
+    }
 }
 
 /// What the `peers` scenario adds (PROTOCOL.md §9 `list_peers`, §10
@@ -222,6 +266,7 @@ impl Report {
                 .directory
                 .as_ref()
                 .is_none_or(|p| p.violations() == 0 && p.lists_answered > 0)
+            && self.acks.as_ref().is_none_or(|a| a.violations() == 0)
     }
 
     pub fn failure_summary(&self) -> String {
@@ -290,6 +335,26 @@ impl Report {
             }
             if p.lists_answered == 0 {
                 parts.push("no list_peers answered".into());
+            }
+        }
+        if let Some(a) = &self.acks {
+            for (n, what) in [
+                (
+                    a.redelivered_mismatch,
+                    "redelivered pushes with another messageId than their first copy",
+                ),
+                (
+                    a.duplicate_acks,
+                    "acks saying duplicate:true for a unique client_message_id",
+                ),
+                (
+                    a.pushes_without_client_id,
+                    "pushes without their send's client_message_id",
+                ),
+            ] {
+                if n > 0 {
+                    parts.push(format!("{n} {what}"));
+                }
             }
         }
         if let Some(f) = &self.failure {
@@ -563,6 +628,45 @@ impl Report {
                 ),
             );
         }
+        if let Some(a) = &self.acks {
+            if a.client_ack {
+                row(
+                    &mut t,
+                    "client acks",
+                    format!(
+                        "{} messages, {} ids ({} per message); ack fraction {}",
+                        a.client_acks,
+                        a.client_acked_ids,
+                        opt(a.ids_per_client_ack, 1),
+                        opt(a.ack_fraction, 3)
+                    ),
+                );
+                row(
+                    &mut t,
+                    "redeliveries",
+                    format!(
+                        "{} (of unacked {}, after ack {}, first copy unseen {}, id mismatch {}); left unacked {}, awaiting {}",
+                        a.redeliveries,
+                        a.redelivered_unacked,
+                        a.redelivered_after_ack,
+                        a.redelivered_unseen,
+                        a.redelivered_mismatch,
+                        a.unacked,
+                        a.awaiting_redelivery
+                    ),
+                );
+            }
+            if a.client_message_ids {
+                row(
+                    &mut t,
+                    "client_message_id",
+                    format!(
+                        "{} duplicate:true acks, {} pushes without it",
+                        a.duplicate_acks, a.pushes_without_client_id
+                    ),
+                );
+            }
+        }
         row(
             &mut t,
             "hellos",
@@ -771,6 +875,79 @@ mod tests {
         limited.send_errors = 5;
         limited.failure = Some("5 sends answered with error".into());
         assert!(limited.failure_summary().contains("SEND_RATE_PER_MIN"));
+    }
+
+    #[test]
+    fn acknowledged_delivery_faults_fail_the_run_redeliveries_do_not() {
+        let clean = Report {
+            acks: Some(AckReport {
+                client_ack: true,
+                ack_fraction: Some(0.9),
+                client_acks: 10,
+                client_acked_ids: 900,
+                ids_per_client_ack: Some(90.0),
+                unacked: 100,
+                redeliveries: 104,
+                redelivered_unacked: 100,
+                redelivered_after_ack: 3,
+                redelivered_unseen: 1,
+                client_message_ids: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(clean.ok(), "{}", clean.failure_summary());
+        let table = clean.table();
+        assert!(
+            table.contains("10 messages, 900 ids (90.0 per message)"),
+            "{table}"
+        );
+        assert!(
+            table.contains("104 (of unacked 100, after ack 3"),
+            "{table}"
+        );
+        assert!(table.contains("0 duplicate:true acks"), "{table}");
+        let with = |f: &dyn Fn(&mut AckReport)| {
+            let mut r = clean.clone();
+            f(r.acks.as_mut().unwrap());
+            r
+        };
+        for (r, text) in [
+            (
+                with(&|a| a.redelivered_mismatch = 2),
+                "2 redelivered pushes with another messageId",
+            ),
+            (
+                with(&|a| a.duplicate_acks = 1),
+                "1 acks saying duplicate:true",
+            ),
+            (
+                with(&|a| a.pushes_without_client_id = 5),
+                "5 pushes without their send's client_message_id",
+            ),
+            (
+                // A true duplicate (no redelivered mark) fails as ever.
+                Report {
+                    duplicates: 1,
+                    ..clean.clone()
+                },
+                "1 duplicate pushes",
+            ),
+        ] {
+            assert!(!r.ok());
+            assert!(
+                r.failure_summary().contains(text),
+                "{}",
+                r.failure_summary()
+            );
+            let json: serde_json::Value = serde_json::from_str(&r.to_json()).unwrap();
+            assert_eq!(json["ok"], false);
+            assert!(json["acks"].is_object());
+        }
+        // Without the options there is no block.
+        let json: serde_json::Value = serde_json::from_str(&Report::default().to_json()).unwrap();
+        assert!(json["acks"].is_null());
+        assert!(!Report::default().table().contains("client acks"));
     }
 
     #[test]

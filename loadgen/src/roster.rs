@@ -176,11 +176,25 @@ pub fn now_ms() -> i64 {
         .unwrap_or(0)
 }
 
+/// The hello's session fields beyond the member's identity.
+#[derive(Clone, Copy, Debug)]
+pub struct HelloOptions<'a> {
+    pub session_id: &'a str,
+    pub timestamp_ms: i64,
+    /// Ask for acknowledged delivery (PROTOCOL.md §11).
+    pub client_ack: bool,
+}
+
 /// The hello JSON, signed over `meshId|memberId|pubkey|timestamp`.
-pub fn hello_json(mesh_id: &str, member: &Member, session_id: &str, timestamp_ms: i64) -> String {
+pub fn hello_json(mesh_id: &str, member: &Member, opts: HelloOptions<'_>) -> String {
+    let HelloOptions {
+        session_id,
+        timestamp_ms,
+        client_ack,
+    } = opts;
     let signed = format!("{mesh_id}|{}|{}|{timestamp_ms}", member.id, member.pubkey);
     let signature = hex(&member.key.sign(signed.as_bytes()).to_bytes());
-    serde_json::json!({
+    let mut hello = serde_json::json!({
         "type": "hello",
         "meshId": mesh_id,
         "memberId": member.id,
@@ -190,15 +204,15 @@ pub fn hello_json(mesh_id: &str, member: &Member, session_id: &str, timestamp_ms
         "cwd": "/nonexistent/meshbroker-loadgen",
         "timestamp": timestamp_ms,
         "signature": signature,
-    })
-    .to_string()
+    });
+    if client_ack {
+        hello["capabilities"] = serde_json::json!(["client_ack"]);
+    }
+    hello.to_string()
 }
 
-pub fn hello_frame(mesh_id: &str, member: &Member, session_id: &str, timestamp_ms: i64) -> Vec<u8> {
-    client_frame(
-        OpCode::Text,
-        hello_json(mesh_id, member, session_id, timestamp_ms).as_bytes(),
-    )
+pub fn hello_frame(mesh_id: &str, member: &Member, opts: HelloOptions<'_>) -> Vec<u8> {
+    client_frame(OpCode::Text, hello_json(mesh_id, member, opts).as_bytes())
 }
 
 #[cfg(test)]
@@ -212,8 +226,26 @@ mod tests {
         assert_eq!(roster.connections(), 6);
         let m = &roster.meshes[1].members[2];
         assert_eq!(m.id, "lg-t1-m1-p2");
+        let opts = HelloOptions {
+            session_id: "s",
+            timestamp_ms: 1_764_200_000_000,
+            client_ack: false,
+        };
         let json: serde_json::Value =
-            serde_json::from_str(&hello_json("lg-t1-m1", m, "s", 1_764_200_000_000)).unwrap();
+            serde_json::from_str(&hello_json("lg-t1-m1", m, opts)).unwrap();
+        assert!(json.get("capabilities").is_none());
+        let acking: serde_json::Value = serde_json::from_str(&hello_json(
+            "lg-t1-m1",
+            m,
+            HelloOptions {
+                client_ack: true,
+                ..opts
+            },
+        ))
+        .unwrap();
+        assert_eq!(acking["capabilities"], serde_json::json!(["client_ack"]));
+        // The capability is not part of what is signed.
+        assert_eq!(acking["signature"], json["signature"]);
         let sig_hex = json["signature"].as_str().unwrap();
         let sig: Vec<u8> = (0..64)
             .map(|i| u8::from_str_radix(&sig_hex[2 * i..2 * i + 2], 16).unwrap())

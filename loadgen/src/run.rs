@@ -6,7 +6,7 @@ use crate::gate::{self, GatePlan};
 use crate::held::{self, HeldPlan};
 use crate::peers::{MeshRoles, PeersPlan};
 use crate::procfs::{self, ProcSample};
-use crate::report::{GatedReport, HeldReport, PeersReport, Report};
+use crate::report::{AckReport, GatedReport, HeldReport, PeersReport, Report};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
 use crate::stats::{mono_ns, Delivery};
@@ -265,9 +265,16 @@ pub fn run(cfg: &Config) -> Result<Report> {
         lifecycle: scenario.lifecycle(),
         window: cfg.window,
         rate_per_sender: cfg.rate.map(|r| r / total_senders.max(1) as f64),
-        template: scenario
-            .traffic()
-            .map(|t| SendTemplate::new(t == Traffic::Direct, cfg.priority.as_str(), cfg.payload)),
+        template: scenario.traffic().map(|t| {
+            let direct = t == Traffic::Direct;
+            if cfg.client_message_ids {
+                // Unique within the broker's dedupe window across runs too.
+                let prefix = format!("lg-{run_id}-");
+                SendTemplate::with_client_ids(direct, cfg.priority.as_str(), cfg.payload, &prefix)
+            } else {
+                SendTemplate::new(direct, cfg.priority.as_str(), cfg.payload)
+            }
+        }),
         source_addrs,
         mesh_offsets: roster
             .meshes
@@ -290,6 +297,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         held: held_plan,
         peers: peers_plan,
         held_full: AtomicBool::new(false),
+        client_ack: cfg.client_ack,
+        client_ids: cfg.client_message_ids,
     });
     let ctl = Arc::new(Control {
         phase: AtomicU8::new(worker::PHASE_SETUP),
@@ -433,8 +442,19 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 } else {
                     String::new()
                 };
+                let acking = if cfg.client_ack.is_some() {
+                    format!(
+                        " | client acks/s {} ids/s {} redelivered {} awaiting {}",
+                        t.client_acks - prev.client_acks,
+                        t.client_acked - prev.client_acked,
+                        t.redeliveries,
+                        t.awaiting_redelivery(),
+                    )
+                } else {
+                    String::new()
+                };
                 eprintln!(
-                    "[{:>4.0}s] sent/s {:>9} acked/s {:>9} pushes/s {:>10} hellos/s {:>7} | p99 ack {:.3} ms push {:.3} ms | lost-so-far {}{gating}",
+                    "[{:>4.0}s] sent/s {:>9} acked/s {:>9} pushes/s {:>10} hellos/s {:>7} | p99 ack {:.3} ms push {:.3} ms | lost-so-far {}{gating}{acking}",
                     elapsed.as_secs_f64(),
                     t.sent - prev.sent,
                     t.acked - prev.acked,
@@ -453,13 +473,17 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let load_s = started.elapsed().as_secs_f64();
     ctl.phase.store(worker::PHASE_DRAIN, Relaxed);
 
-    // Drain: outstanding acks and (live) pushes, within the grace period.
+    // Drain: outstanding acks and (live) pushes, within the grace period;
+    // under --ack-fraction below 1 also the redeliveries of what was left
+    // unacked (they come CLIENT_ACK_TIMEOUT_SECONDS after their write).
+    let wait_redeliveries = cfg.client_ack.is_some_and(|p| p.fraction < 1.0);
     let drain_start = Instant::now();
     loop {
         let t = totals(&shared);
         let settled = t.acked + t.send_errors >= t.sent
             && t.live() >= t.live_expected()
-            && t.lists_pending() == 0;
+            && t.lists_pending() == 0
+            && (!wait_redeliveries || t.awaiting_redelivery() == 0);
         if settled || drain_start.elapsed() >= cfg.grace || failure.is_some() {
             break;
         }
@@ -647,6 +671,24 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
         _ => None,
     };
+    let acks = (cfg.client_ack.is_some() || cfg.client_message_ids).then(|| AckReport {
+        client_ack: cfg.client_ack.is_some(),
+        ack_fraction: cfg.client_ack.map(|p| p.fraction),
+        client_acks: t.client_acks,
+        client_acked_ids: t.client_acked,
+        ids_per_client_ack: (t.client_acks > 0)
+            .then(|| t.client_acked as f64 / t.client_acks as f64),
+        unacked: t.unacked,
+        redeliveries: t.redeliveries,
+        redelivered_unacked: t.redelivered_unacked,
+        redelivered_after_ack: t.redelivered_after_ack,
+        redelivered_unseen: t.redelivered_unseen,
+        redelivered_mismatch: t.redelivered_mismatch,
+        awaiting_redelivery: t.awaiting_redelivery(),
+        client_message_ids: cfg.client_message_ids,
+        duplicate_acks: t.duplicate_acks,
+        pushes_without_client_id: t.pushes_without_client_id,
+    });
     let mut report = Report {
         scenario: scenario.name().into(),
         mode: match (scenario.traffic(), cfg.rate) {
@@ -713,6 +755,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         gated,
         held,
         directory,
+        acks,
     };
     // Held: `unavailable` is the broker's bound on held envelopes, counted
     // apart, not a failure.

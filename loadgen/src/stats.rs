@@ -135,6 +135,11 @@ impl SeqSet {
         !was
     }
 
+    pub fn contains(&self, seq: u32) -> bool {
+        let (w, b) = ((seq / 64) as usize, seq % 64);
+        self.words.get(w).is_some_and(|word| word >> b & 1 == 1)
+    }
+
     pub fn count(&self) -> u64 {
         self.words.iter().map(|w| w.count_ones() as u64).sum()
     }
@@ -157,6 +162,13 @@ impl ReceiverLedger {
             self.by_sender.resize_with(s + 1, SeqSet::default);
         }
         self.by_sender[s].insert(seq)
+    }
+
+    /// Whether the push was recorded already.
+    pub fn contains(&self, sender: u32, seq: u32) -> bool {
+        self.by_sender
+            .get(sender as usize)
+            .is_some_and(|s| s.contains(seq))
     }
 
     pub fn unique(&self) -> u64 {
@@ -271,6 +283,8 @@ mod tests {
         }
         assert_eq!(d.unique, 4);
         assert_eq!(d.duplicates, 2);
+        assert!(ledger.contains(3, 200) && ledger.contains(0, 1));
+        assert!(!ledger.contains(3, 1) && !ledger.contains(9, 0) && !ledger.contains(0, 1 << 20));
         assert_eq!(ledger.unique(), 4);
         assert_eq!(d.lost(), 2);
         assert_eq!(d.unexpected(), 0);

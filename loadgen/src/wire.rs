@@ -206,6 +206,9 @@ pub struct SendTemplate {
     id_at: usize,
     /// Gated templates: the id carries target and seq after the timestamp.
     tagged: bool,
+    /// Offset of the 16-hex counter of the `client_message_id`, when the
+    /// sends carry one (`--client-message-ids`).
+    client_id_at: Option<usize>,
 }
 
 /// Priority markers: the ciphertext's first byte after the metadata in
@@ -220,7 +223,26 @@ pub const TAGGED_ID_LEN: usize = 33;
 impl SendTemplate {
     /// `direct`: a 64-hex target slot; else `"*"`.
     pub fn new(direct: bool, priority: &str, payload: usize) -> SendTemplate {
-        SendTemplate::build((!direct).then_some("*"), priority, payload, None)
+        SendTemplate::build((!direct).then_some("*"), priority, payload, None, None)
+    }
+
+    /// As [`SendTemplate::new`], and every send carries a
+    /// `client_message_id` (PROTOCOL.md §11): `prefix` then a 16-hex
+    /// counter patched by [`SendTemplate::patch_client_id`]. `prefix` must
+    /// need no JSON escaping.
+    pub fn with_client_ids(
+        direct: bool,
+        priority: &str,
+        payload: usize,
+        prefix: &str,
+    ) -> SendTemplate {
+        assert!(
+            !prefix.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
+            "a client id prefix that needs no escaping"
+        );
+        assert!(prefix.len() + 16 <= MAX_CLIENT_ID_LEN);
+        let spec = (!direct).then_some("*");
+        SendTemplate::build(spec, priority, payload, None, Some(prefix))
     }
 
     /// To a fixed `targetSpec` (`@group`, `#name`, `*`). The spec is
@@ -230,7 +252,7 @@ impl SendTemplate {
             !spec.bytes().any(|b| b == b'"' || b == b'\\' || b < 0x20),
             "a target spec that needs no escaping"
         );
-        SendTemplate::build(Some(spec), priority, payload, None)
+        SendTemplate::build(Some(spec), priority, payload, None, None)
     }
 
     /// A direct send for the `gated` scenario: priority `PRIORITIES[p]`,
@@ -244,15 +266,17 @@ impl SendTemplate {
     pub fn tagged(direct: bool, p: usize, payload: usize) -> SendTemplate {
         assert!(payload > META_LEN, "tagged sends carry a priority marker");
         let spec = (!direct).then_some("*");
-        SendTemplate::build(spec, crate::gate::PRIORITIES[p], payload, Some(p))
+        SendTemplate::build(spec, crate::gate::PRIORITIES[p], payload, Some(p), None)
     }
 
     /// `spec`: a fixed `targetSpec`; `None`: a 64-hex slot patched per send.
+    /// `client_prefix`: the sends carry a `client_message_id`.
     fn build(
         spec: Option<&str>,
         priority: &str,
         payload: usize,
         tag: Option<usize>,
+        client_prefix: Option<&str>,
     ) -> SendTemplate {
         assert!(payload >= META_LEN);
         let direct = spec.is_none();
@@ -274,6 +298,13 @@ impl SendTemplate {
             json.extend(std::iter::repeat_n(b'0', 16));
             json.push(b'0' + p as u8);
         }
+        let mut client_id_at = None;
+        if let Some(prefix) = client_prefix {
+            json.extend_from_slice(b"\",\"client_message_id\":\"");
+            json.extend_from_slice(prefix.as_bytes());
+            client_id_at = Some(json.len());
+            json.extend(std::iter::repeat_n(b'0', 16));
+        }
         json.extend_from_slice(b"\"}");
         let frame = client_frame(OpCode::Text, &json);
         let header = frame.len() - json.len();
@@ -284,6 +315,20 @@ impl SendTemplate {
             meta_at: header + meta_at,
             id_at: header + id_at,
             tagged: tag.is_some(),
+            client_id_at: client_id_at.map(|at| header + at),
+        }
+    }
+
+    /// Whether the sends carry a `client_message_id`.
+    pub fn has_client_ids(&self) -> bool {
+        self.client_id_at.is_some()
+    }
+
+    /// Sets the counter of the `client_message_id` of one send frame just
+    /// written (`frame` starts where it starts); no-op without client ids.
+    pub fn patch_client_id(&self, frame: &mut [u8], n: u64) {
+        if let Some(at) = self.client_id_at {
+            put_hex(&mut frame[at..at + 16], n);
         }
     }
 
@@ -350,7 +395,10 @@ pub enum Message {
     },
     /// The ack of the gating barrier (a `now` send to oneself).
     BarrierAck,
-    HelloAck,
+    HelloAck {
+        /// The broker granted the `client_ack` capability (PROTOCOL.md §11).
+        client_ack: bool,
+    },
     /// A `peers_list` answer (PROTOCOL.md §9), read by [`crate::peers`].
     PeersList,
     Error {
@@ -450,6 +498,34 @@ pub fn message_id(payload: &[u8]) -> Option<&[u8]> {
     Some(&rest[..memchr::memchr(b'"', rest)?])
 }
 
+/// The longest `client_message_id` the broker takes (PROTOCOL.md §11).
+pub const MAX_CLIENT_ID_LEN: usize = 128;
+
+/// A push marked `"redelivered":true` (PROTOCOL.md §11: its lease lapsed
+/// and it comes again, same `messageId`). The loadgen's ciphertexts never
+/// contain a `"`, so the mark cannot be part of one.
+pub fn is_redelivered(payload: &[u8]) -> bool {
+    payload.ends_with(b",\"redelivered\":true}")
+        || memchr::memmem::find(payload, b"\"redelivered\":true").is_some()
+}
+
+/// An ack saying `"duplicate":true` (PROTOCOL.md §11: the send repeated a
+/// `client_message_id`, and was not routed again).
+pub fn is_duplicate_ack(payload: &[u8]) -> bool {
+    memchr::memmem::find(payload, b"\"duplicate\":true").is_some()
+}
+
+/// A push that carries a `client_message_id`.
+pub fn has_client_id(payload: &[u8]) -> bool {
+    memchr::memmem::find(payload, b"\"client_message_id\":\"").is_some()
+}
+
+/// A message id that can be written back between quotes as it is (the
+/// broker's are; one needing escapes is not acked).
+pub fn is_plain_id(id: &[u8]) -> bool {
+    !id.is_empty() && !id.iter().any(|&b| b == b'\\' || b < 0x20)
+}
+
 /// An ack saying `"durable":false` (PROTOCOL.md §4: held in memory only,
 /// while Postgres is unreachable).
 pub fn is_non_durable_ack(payload: &[u8]) -> bool {
@@ -510,7 +586,11 @@ pub fn classify(payload: &[u8]) -> Message {
         return Message::Other;
     };
     match value["type"].as_str() {
-        Some("hello_ack") => Message::HelloAck,
+        Some("hello_ack") => Message::HelloAck {
+            client_ack: value["capabilities"]
+                .as_array()
+                .is_some_and(|c| c.iter().any(|v| v == "client_ack")),
+        },
         Some("ack") => ack_for_id(value["id"].as_str().unwrap_or_default().as_bytes()),
         Some("error") => Message::Error {
             code: value["code"].as_str().unwrap_or("?").to_string(),
@@ -599,7 +679,15 @@ mod tests {
         assert_eq!(classify(ack), Message::Ack { ts_ns: Some(1000) });
         assert_eq!(
             classify(br#"{"type":"hello_ack","presenceId":"p","meshId":"m","memberId":"u"}"#),
-            Message::HelloAck
+            Message::HelloAck { client_ack: false }
+        );
+        assert_eq!(
+            classify(br#"{"type":"hello_ack","presenceId":"p","capabilities":["client_ack"]}"#),
+            Message::HelloAck { client_ack: true }
+        );
+        assert_eq!(
+            classify(br#"{"type":"hello_ack","capabilities":["peer_events"]}"#),
+            Message::HelloAck { client_ack: false }
         );
         assert_eq!(
             classify(br#"{"type":"error","code":"unknown_target","message":"x","id":"00"}"#),
@@ -760,6 +848,60 @@ mod tests {
             classify(br#"{"type":"ack","id":"","messageId":"m","queued":true}"#),
             Message::Ack { ts_ns: None }
         );
+    }
+
+    #[test]
+    fn client_ids_are_patched_and_acknowledged_delivery_is_read() {
+        for direct in [true, false] {
+            let t = SendTemplate::with_client_ids(direct, "now", 64, "lg-r1-");
+            assert!(t.has_client_ids());
+            let mut out = Vec::new();
+            let target = "ab".repeat(32);
+            t.write(&mut out, target.as_bytes(), 3, 4, 0x55);
+            t.patch_client_id(&mut out, 0x1f);
+            assert_eq!(out.len(), t.frame_len());
+            let h = meshbroker::ws::decode_client_frame(&mut out, 1 << 20)
+                .unwrap()
+                .unwrap();
+            let v: serde_json::Value = serde_json::from_slice(&out[h.payload_range()]).unwrap();
+            assert_eq!(v["client_message_id"], "lg-r1-000000000000001f");
+            assert_eq!(parse_hex(v["id"].as_str().unwrap().as_bytes()), Some(0x55));
+            let ct = v["ciphertext"].as_str().unwrap();
+            assert_eq!(parse_meta(ct.as_bytes()), Some((3, 4, 0x55)));
+            assert_eq!(v["targetSpec"], if direct { target.as_str() } else { "*" });
+        }
+        let plain = SendTemplate::new(true, "now", 64);
+        assert!(!plain.has_client_ids());
+        let mut out = Vec::new();
+        plain.write(&mut out, "ab".repeat(32).as_bytes(), 0, 0, 0);
+        let before = out.clone();
+        plain.patch_client_id(&mut out, 9);
+        assert_eq!(out, before);
+
+        let push = br#"{"type":"push","messageId":"m1","priority":"now","client_message_id":"c","nonce":"n","ciphertext":"0000000300000009000000000000abcdAAAA","createdAt":"t","redelivered":true}"#;
+        assert!(is_redelivered(push));
+        assert!(has_client_id(push));
+        assert_eq!(
+            classify(push),
+            Message::Push {
+                sender: 3,
+                seq: 9,
+                ts_ns: 0xabcd
+            }
+        );
+        let first = br#"{"type":"push","messageId":"m1","ciphertext":"x","createdAt":"t"}"#;
+        assert!(!is_redelivered(first));
+        assert!(!has_client_id(first));
+        assert!(is_redelivered(br#"{"redelivered":true,"type":"push"}"#));
+        let dup = br#"{"type":"ack","id":"0000000000000001","messageId":"m0","queued":true,"duplicate":true}"#;
+        assert!(is_duplicate_ack(dup));
+        assert_eq!(classify(dup), Message::Ack { ts_ns: Some(1) });
+        assert!(!is_duplicate_ack(
+            br#"{"type":"ack","id":"x","messageId":"m0"}"#
+        ));
+        assert!(is_plain_id(b"01kb2m"));
+        assert!(!is_plain_id(b"a\\b"));
+        assert!(!is_plain_id(b""));
     }
 
     #[test]

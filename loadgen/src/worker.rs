@@ -7,6 +7,7 @@
 //! appended to its write buffer and written with one syscall at the end of
 //! the iteration: many frames per write. Reads go into one per-thread scratch buffer; only a partial frame
 //! is copied into the connection.
+use crate::ack::{AckConn, AckPlan, Redelivery};
 use crate::gate::{self, Acked, Arrival, GateConn, GatePlan, Verdict};
 use crate::held::{HeldConn, HeldPlan, BROADCAST};
 use crate::peers::{self, Fault, PeersConn, PeersPlan, Role};
@@ -108,6 +109,24 @@ pub struct Tally {
     pub list_malformed: u64,
     pub list_entries: u64,
     pub list_bytes: u64,
+    /// `--client-ack`: `client_ack` messages written and the ids in them;
+    /// first copies of pushes left unacked on purpose (`--ack-fraction`);
+    /// pushes marked `redelivered` (not part of `pushes`), and of those:
+    /// of a first copy left unacked, of one acked, of one never seen (that
+    /// one is part of `pushes`), or with another `messageId` than the
+    /// first copy of the same send (a broker fault).
+    pub client_acks: u64,
+    pub client_acked: u64,
+    pub unacked: u64,
+    pub redeliveries: u64,
+    pub redelivered_unacked: u64,
+    pub redelivered_after_ack: u64,
+    pub redelivered_unseen: u64,
+    pub redelivered_mismatch: u64,
+    /// `--client-message-ids`: acks saying `"duplicate":true`, and pushes
+    /// of the run's sends without a `client_message_id`.
+    pub duplicate_acks: u64,
+    pub pushes_without_client_id: u64,
 }
 
 impl Tally {
@@ -140,6 +159,22 @@ impl Tally {
         self.list_malformed += o.list_malformed;
         self.list_entries += o.list_entries;
         self.list_bytes += o.list_bytes;
+        self.client_acks += o.client_acks;
+        self.client_acked += o.client_acked;
+        self.unacked += o.unacked;
+        self.redeliveries += o.redeliveries;
+        self.redelivered_unacked += o.redelivered_unacked;
+        self.redelivered_after_ack += o.redelivered_after_ack;
+        self.redelivered_unseen += o.redelivered_unseen;
+        self.redelivered_mismatch += o.redelivered_mismatch;
+        self.duplicate_acks += o.duplicate_acks;
+        self.pushes_without_client_id += o.pushes_without_client_id;
+    }
+
+    /// `--client-ack`: first copies left unacked that have not come again.
+    pub fn awaiting_redelivery(&self) -> u64 {
+        self.unacked
+            .saturating_sub(self.redelivered_unacked + self.redelivered_mismatch)
     }
 
     /// `peers`: requests neither answered nor refused (yet).
@@ -269,6 +304,10 @@ pub struct RunShared {
     pub held_per_peer: Vec<AtomicU32>,
     /// A peer reached `max_held_per_peer`; the main thread ends the load.
     pub held_full: AtomicBool,
+    /// `--client-ack`: sessions ask for it and ack their pushes.
+    pub client_ack: Option<AckPlan>,
+    /// `--client-message-ids`: `template` writes one into every send.
+    pub client_ids: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -306,6 +345,11 @@ struct Conn {
     held: Option<Box<HeldConn>>,
     /// `peers`: a group sender's or lister's schedule and requests.
     peers: Option<Box<PeersConn>>,
+    /// `--client-ack`: the pending `client_ack` and the pushes left unacked.
+    acks: Option<Box<AckConn>>,
+    /// `--client-message-ids`: this session's sends so far (the counter
+    /// in each `client_message_id`).
+    client_seq: u64,
 }
 
 /// Everything of the worker but the connections (so both can be borrowed).
@@ -385,6 +429,7 @@ impl Env {
             return;
         }
         let template = run.template.as_ref().expect("traffic scenario");
+        let start = conn.wbuf.len();
         let mesh = conn.slot.mesh as usize;
         let me = conn.slot.member;
         match run.traffic {
@@ -418,6 +463,10 @@ impl Env {
                 conn.seqs[0] += 1;
                 template.write(&mut conn.wbuf, b"", me, seq, ts);
             }
+        }
+        if template.has_client_ids() && run.gate.is_none() {
+            template.patch_client_id(&mut conn.wbuf[start..], conn.client_seq);
+            conn.client_seq += 1;
         }
         let per = run.expected_per_send[mesh];
         self.local.expected += per;
@@ -670,6 +719,8 @@ impl Worker {
                         .as_ref()
                         .map(|_| Box::new(HeldConn::new(slot.offline))),
                     peers: peers_role.map(|r| Box::new(PeersConn::new(r))),
+                    acks: run.client_ack.map(|_| Box::<AckConn>::default()),
+                    client_seq: 0,
                 }
             })
             .collect();
@@ -1094,6 +1145,9 @@ impl Worker {
             let _ = self.poll.registry().deregister(&mut sock);
         }
         conn.state = State::Idle;
+        if let Some(a) = conn.acks.as_mut() {
+            a.batch.clear();
+        }
         conn.partial = Vec::new();
         conn.wbuf = Vec::new();
         conn.wpos = 0;
@@ -1216,7 +1270,26 @@ impl Worker {
         self.flush(i);
     }
 
+    /// Reads what arrived; then this read's pushes are acked in one
+    /// `client_ack` (`--client-ack`).
     fn on_readable(&mut self, i: usize) {
+        self.read_available(i);
+        let conn = &mut self.conns[i];
+        let Some(a) = conn.acks.as_mut() else {
+            return;
+        };
+        if conn.sock.is_none() {
+            a.batch.clear();
+            return;
+        }
+        if let Some(n) = a.batch.finish(&mut conn.wbuf) {
+            self.env.local.client_acks += 1;
+            self.env.local.client_acked += n as u64;
+            self.env.mark_dirty(conn);
+        }
+    }
+
+    fn read_available(&mut self, i: usize) {
         loop {
             let conn = &mut self.conns[i];
             let Some(sock) = conn.sock.as_ref() else {
@@ -1343,10 +1416,12 @@ fn on_data(conn: &mut Conn, env: &mut Env, data: &[u8]) -> (usize, Outcome) {
             let mesh = &run.roster.meshes[conn.slot.mesh as usize];
             let member = &mesh.members[conn.slot.member as usize];
             let session = format!("lg-{}-s{}", run.run_id, conn.slot.global);
-            conn.hello = Some((
-                now_ms,
-                roster::hello_frame(&mesh.id, member, &session, now_ms),
-            ));
+            let opts = roster::HelloOptions {
+                session_id: &session,
+                timestamp_ms: now_ms,
+                client_ack: run.client_ack.is_some(),
+            };
+            conn.hello = Some((now_ms, roster::hello_frame(&mesh.id, member, opts)));
         }
         let frame = &conn.hello.as_ref().unwrap().1;
         conn.wbuf.extend_from_slice(frame);
@@ -1401,14 +1476,27 @@ fn on_data(conn: &mut Conn, env: &mut Env, data: &[u8]) -> (usize, Outcome) {
 }
 
 fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome> {
-    match wire::classify(payload) {
+    let message = wire::classify(payload);
+    if conn.acks.is_some() && !lease(conn, env, payload, &message) {
+        // A redelivery of a push this session had: counted apart.
+        return None;
+    }
+    match message {
         Message::Push { sender, seq, ts_ns } if env.run.gate.is_some() => {
             gated_push(conn, env, payload, sender, seq, ts_ns);
         }
-        Message::Push { sender, ts_ns, .. } if env.run.held.is_some() => {
+        Message::Push { sender, seq, ts_ns } if env.run.held.is_some() => {
+            if conn.acks.is_some() {
+                // For telling redeliveries apart; the held check itself
+                // goes by messageId.
+                conn.ledger.record(sender, seq);
+            }
             held_push(conn, env, payload, sender, ts_ns);
         }
         Message::Push { sender, seq, ts_ns } => {
+            if env.run.client_ids && !wire::has_client_id(payload) {
+                env.local.pushes_without_client_id += 1;
+            }
             if conn.ledger.record(sender, seq) {
                 env.local.pushes += 1;
                 let mesh = conn.slot.mesh as usize;
@@ -1435,7 +1523,12 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
             if (env.run.gate.is_some() || env.run.peers.is_some())
                 && wire::is_barrier_push(payload) => {}
         Message::ForeignPush => env.local.foreign += 1,
-        Message::Ack { ts_ns } => on_ack(conn, env, ts_ns),
+        Message::Ack { ts_ns } => {
+            if env.run.client_ids && wire::is_duplicate_ack(payload) {
+                env.local.duplicate_acks += 1;
+            }
+            on_ack(conn, env, ts_ns)
+        }
         Message::TaggedAck {
             ts_ns, target, seq, ..
         } => {
@@ -1467,7 +1560,14 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
                 ready(conn, env);
             }
         }
-        Message::HelloAck => {
+        Message::HelloAck { client_ack } => {
+            if conn.state == State::Helloing && env.run.client_ack.is_some() && !client_ack {
+                env.local.hello_failures += 1;
+                return Some(Outcome::Fail(
+                    "the hello_ack did not grant client_ack (a broker without PROTOCOL.md §11?)"
+                        .into(),
+                ));
+            }
             if conn.state == State::Helloing {
                 env.local.hellos += 1;
                 if env.phase == PHASE_RUN {
@@ -1574,6 +1674,53 @@ fn on_message(conn: &mut Conn, env: &mut Env, payload: &[u8]) -> Option<Outcome>
         Message::Other => {}
     }
     None
+}
+
+/// `--client-ack`: the push is acked (in this read's `client_ack`) or,
+/// under `--ack-fraction`, its first copy is left unacked; a redelivery is
+/// matched to its first copy. False: a redelivery of a push this session
+/// had already, which is no new delivery.
+fn lease(conn: &mut Conn, env: &mut Env, payload: &[u8], message: &Message) -> bool {
+    let key = match *message {
+        Message::Push { sender, seq, .. } => Some((sender, seq)),
+        Message::ForeignPush => None,
+        _ => return true,
+    };
+    let (Some(plan), Some(a)) = (env.run.client_ack, conn.acks.as_mut()) else {
+        return true;
+    };
+    let Some(id) = wire::message_id(payload).filter(|id| wire::is_plain_id(id)) else {
+        env.error_seen("loadgen: push without a plain messageId (not acked)");
+        return true;
+    };
+    let redelivered = wire::is_redelivered(payload);
+    let mut new = true;
+    if redelivered {
+        env.local.redeliveries += 1;
+        new = false;
+        if let Some((sender, seq)) = key {
+            let seen = conn.ledger.contains(sender, seq);
+            match a.redelivered(sender, seq, id, seen) {
+                Redelivery::OfUnacked => env.local.redelivered_unacked += 1,
+                Redelivery::AfterAck => env.local.redelivered_after_ack += 1,
+                Redelivery::Unseen => env.local.redelivered_unseen += 1,
+                Redelivery::IdMismatch => env.local.redelivered_mismatch += 1,
+            }
+            new = !seen;
+        }
+    }
+    // Redeliveries and pushes the loadgen did not write are always acked.
+    if redelivered || key.is_none() || plan.acks(id) {
+        if let Some(n) = a.batch.add(id, &mut conn.wbuf) {
+            env.local.client_acks += 1;
+            env.local.client_acked += n as u64;
+            env.mark_dirty(conn);
+        }
+    } else if let Some((sender, seq)) = key.filter(|&(s, q)| !conn.ledger.contains(s, q)) {
+        a.leave_unacked(sender, seq, id);
+        env.local.unacked += 1;
+    }
+    new
 }
 
 fn on_ack(conn: &mut Conn, env: &mut Env, ts_ns: Option<u64>) {

@@ -95,6 +95,44 @@ fn every_scenario_runs_without_loss() {
     );
     assert_eq!(broadcast.pushes, broadcast.sent * 4);
 
+    // Acknowledged delivery (PROTOCOL.md §11): every push acked, several
+    // to a client_ack; nothing comes again within the broker's default
+    // 30 s; every send's client_message_id is new.
+    let acked = run(
+        &broker,
+        &db,
+        "direct",
+        &[
+            "--peers",
+            "8",
+            "--payload",
+            "64",
+            "--client-ack",
+            "--client-message-ids",
+        ],
+    );
+    let a = acked.acks.as_ref().expect("acks block");
+    assert!(acked.sent > 0 && acked.pushes == acked.expected_pushes);
+    assert_eq!(a.client_acked_ids, acked.pushes, "{a:?}");
+    assert!(
+        a.client_acks > 0 && a.client_acks < a.client_acked_ids,
+        "{a:?}"
+    );
+    assert_eq!(
+        (a.redeliveries, a.unacked, a.duplicate_acks),
+        (0, 0, 0),
+        "{a:?}"
+    );
+    let acked = run(
+        &broker,
+        &db,
+        "broadcast",
+        &["--peers", "5", "--window", "2", "--client-ack"],
+    );
+    let a = acked.acks.as_ref().expect("acks block");
+    assert_eq!(acked.pushes, acked.sent * 4);
+    assert_eq!(a.client_acked_ids, acked.pushes, "{a:?}");
+
     // Held: 3 senders, 3 offline members; every 5th send to `*`.
     let held = run(
         &broker,
@@ -167,4 +205,51 @@ fn every_scenario_runs_without_loss() {
         "SELECT count(*) FROM mesh.member_group WHERE member_id LIKE 'lg-%'",
     );
     assert_eq!(groups[0].get::<_, i64>(0), 0);
+}
+
+/// `--ack-fraction` below 1 against a broker whose leases lapse after 1 s:
+/// every push left unacked comes again, `redelivered`, same `messageId`,
+/// during the drain, and is not counted as a push twice.
+#[test]
+fn pushes_left_unacked_come_again() {
+    ensure_broker_binary();
+    let db = fresh_database();
+    let broker = Broker::start(&[
+        ("DATABASE_URL", &db),
+        ("SEND_RATE_PER_MIN", "4000000000"),
+        ("SEND_BURST", "4000000000"),
+        ("CLIENT_ACK_TIMEOUT_SECONDS", "1"),
+    ]);
+    broker.wait_for_log("db healthy", std::time::Duration::from_secs(30));
+    let report = run(
+        &broker,
+        &db,
+        "direct",
+        &[
+            "--peers",
+            "4",
+            "--payload",
+            "64",
+            "--rate",
+            "400",
+            "--client-ack",
+            "--ack-fraction",
+            "0.5",
+        ],
+    );
+    let a = report.acks.as_ref().expect("acks block");
+    assert_eq!(report.pushes, report.expected_pushes);
+    assert!(a.unacked > 50, "{a:?}");
+    assert_eq!(a.redelivered_unacked, a.unacked, "{a:?}");
+    assert_eq!(
+        (a.awaiting_redelivery, a.redelivered_mismatch),
+        (0, 0),
+        "{a:?}"
+    );
+    // Each push acked once: the first copy or its redelivery.
+    assert_eq!(
+        a.client_acked_ids,
+        report.pushes + a.redelivered_after_ack,
+        "{a:?}"
+    );
 }

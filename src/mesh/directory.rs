@@ -53,6 +53,24 @@ pub struct MemberRow {
     pub admin: bool,
 }
 
+/// How many live `client_ack` sessions a member or mesh has.
+#[derive(Default)]
+pub struct Leasing(AtomicU32);
+
+impl Leasing {
+    pub fn add(&self) {
+        self.0.fetch_add(1, Ordering::AcqRel);
+    }
+
+    pub fn remove(&self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    pub fn any(&self) -> bool {
+        self.0.load(Ordering::Acquire) != 0
+    }
+}
+
 /// Most groups a member may be in (PROTOCOL.md §9).
 pub const MAX_GROUPS: usize = 64;
 
@@ -90,6 +108,8 @@ pub struct MemberEntry {
     pub sent_ids: SentIds,
     /// What a lapsed lease put back: pushed again as `redelivered`.
     pub redeliveries: Redeliveries,
+    /// Its live `client_ack` sessions (see `MeshEntry::leasing`).
+    pub leasing: Leasing,
     revoked: AtomicBool,
     /// The shards with at least one live session of this member: they may
     /// take `now`, and so anything (an open shard is always live too).
@@ -126,6 +146,7 @@ impl MemberEntry {
             leases: MemberLeases::default(),
             sent_ids: SentIds::default(),
             redeliveries: Redeliveries::default(),
+            leasing: Leasing::default(),
             revoked: AtomicBool::new(row.revoked),
             live_shards: ShardMask::default(),
             open_shards: ShardMask::default(),
@@ -319,6 +340,9 @@ pub struct MeshEntry {
     pub id: Box<str>,
     /// Its sessions as `list_peers` sees them.
     pub board: PeerBoard,
+    /// Its live `client_ack` sessions: a send that may reach one stores
+    /// what it leases, so it is refused while the held budget is full.
+    pub leasing: Leasing,
     view: ArcSwap<MeshView>,
     /// Live sessions on all shards, for `MAX_CONNECTIONS_PER_MESH`.
     live_sessions: AtomicU32,
@@ -481,6 +505,7 @@ impl Directory {
         let fresh = Arc::new(MeshEntry {
             id: mesh_id.into(),
             board: PeerBoard::default(),
+            leasing: Leasing::default(),
             view: ArcSwap::from_pointee(MeshView::default()),
             live_sessions: AtomicU32::new(0),
             live_shards: ShardMask::default(),

@@ -51,6 +51,11 @@ impl HeldBudget {
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Acquire)
     }
+
+    /// At or over its bound (forced holds and leases may pass it).
+    pub fn is_full(&self) -> bool {
+        self.used() >= self.max
+    }
 }
 
 /// What a drain decides about the oldest held envelope it may consider.

@@ -229,6 +229,8 @@ impl Session {
         self.link
             .joined(&mesh, entry, hello.capabilities.peer_events);
         if hello.capabilities.client_ack {
+            mesh.leasing.add();
+            member.leasing.add();
             self.link.lease_pushes(
                 ctx.config.client_ack_max_leases,
                 ctx.config.client_ack_max_lease_bytes,

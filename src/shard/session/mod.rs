@@ -413,6 +413,10 @@ impl Session {
         shard.store_late(left.late);
         // Its leases lapse now: a session in grace cannot ack (§11).
         shard.release_leases(&self.link, &joined.mesh, &joined.member);
+        if self.link.is_leasing() {
+            joined.mesh.leasing.remove();
+            joined.member.leasing.remove();
+        }
         match departure {
             Departure::Ended => shard.end_session(&joined.mesh, entry),
             Departure::Away { spell } => shard.start_grace(&joined.mesh, entry, spell),

@@ -34,6 +34,25 @@ impl Session {
                 "this member is over SEND_RATE_PER_MIN (SEND_BURST at once)",
             );
         }
+        // What a client_ack session leases is stored as it is written: while
+        // the rows not yet committed fill the held budget, a send that may
+        // reach one is refused, so leases cannot outrun Postgres without
+        // bound (sends that reach none are not affected).
+        let budget = &self.shard.ctx.held.budget;
+        let may_lease = match &send.target {
+            Target::Member(pubkey) => joined
+                .mesh
+                .view()
+                .member_by_pubkey(pubkey)
+                .is_some_and(|m| m.leasing.any()),
+            _ => joined.mesh.leasing.any(),
+        };
+        if may_lease && budget.is_full() {
+            return refuse(
+                ErrorCode::Unavailable,
+                "too much is waiting to be stored; try again shortly",
+            );
+        }
         let message_id = self.shard.ids.borrow_mut().next_id();
         // A retry of a send accepted within the window is acked again with
         // the first send's id and not routed (PROTOCOL.md §11).
