@@ -57,11 +57,13 @@
 //! Module map: `health` (DbStatus), `migrate` (embedded migrations),
 //! `batch` (SQL and the batch write), `backlog` (bounded in-memory FIFO),
 //! `worker` (the thread's loop), `members` (member lookups and refresh),
-//! `audit` (the audit lane and its writer).
+//! `audit` (the audit lane and its writer), `chain` (the audit chain's hash,
+//! how the writer links rows, `verify_chain`).
 
 mod audit;
 mod backlog;
 mod batch;
+pub mod chain;
 mod health;
 pub mod held;
 mod held_batch;
