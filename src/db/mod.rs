@@ -451,6 +451,26 @@ pub fn spawn_with(
     ))
 }
 
+/// Connect once, walk one mesh's audit chain ([`chain::verify_chain`]),
+/// disconnect: for `meshbroker audit verify`. Runs no migration (a
+/// database without the chain columns is an error).
+pub fn verify_chain_blocking(
+    database_url: &str,
+    mesh_id: &str,
+) -> Result<chain::ChainReport, DbError> {
+    let config = parse_url(database_url)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (client, task) = worker::connect(&config).await?;
+        let report = chain::verify_chain(&client, mesh_id).await;
+        drop(client);
+        let _ = task.await;
+        report
+    })
+}
+
 /// Connect once, run migrations, disconnect: for `meshbroker migrate` and
 /// start-up checks. Returns how many migrations were applied.
 pub fn migrate_blocking(database_url: &str) -> Result<usize, DbError> {
