@@ -537,6 +537,43 @@ mod tests {
         );
     }
 
+    /// The worked example of README.md ("The audit chain"), end to end
+    /// through the writer's linking: two rows of one mesh.
+    #[test]
+    fn the_readme_example_hashes_as_printed() {
+        let mut tips = Tips::default();
+        let stored = at(DEC_1_2026_18H_MS, 456);
+        let connect = tips.link(&Unchained {
+            id: "01",
+            mesh_id: "mesh-1",
+            event_type: "connect",
+            actor: Some("m-ada"),
+            target: None,
+            metadata: r#"{"pid":4242,"presenceId":"p1","sessionId":"s1"}"#,
+            at: stored,
+        });
+        assert_eq!(connect.prev_hash, GENESIS);
+        assert_eq!(connect.created_at, stored);
+        assert_eq!(
+            connect.hash,
+            "02faf1a312cfe1c2f657f4ac8943a285d73ea542606eec67e8c7c462093dad1a"
+        );
+        let change = tips.link(&Unchained {
+            id: "02",
+            mesh_id: "mesh-1",
+            event_type: "status_change",
+            actor: Some("m-ada"),
+            target: None,
+            metadata: r#"{"from":"idle","presenceId":"p1","source":"manual","status":"working"}"#,
+            at: at(DEC_1_2026_18H_MS + 877, 0),
+        });
+        assert_eq!(change.prev_hash, connect.hash);
+        assert_eq!(
+            change.hash,
+            "72fa9074b8796e1dfaa39b46d4aee22f4bc82de3803817236d5ef5e8b6e147a8"
+        );
+    }
+
     #[test]
     fn canonical_json_sorts_keys_at_every_level_and_drops_whitespace() {
         // As jsonb prints it: shorter keys first, spaces after separators.
