@@ -8,11 +8,10 @@
 //! and members (no string copies) and a few small ids. Its metadata JSON is
 //! rendered later, on the db thread (`db::audit`), never on a shard.
 //!
-//! Room for the hash chain of PROTOCOL.md §13 (a later issue): metadata is
-//! rendered canonical already (keys sorted, no whitespace, see
-//! [`AuditEvent::render_metadata`]), and one writer task writes every row,
-//! each mesh's rows in the order it accepted them, so that task can keep the
-//! last hash per mesh and chain each row as it writes it.
+//! The hash chain of PROTOCOL.md §13 is made where rows are written
+//! (`db::audit`, `db::chain`): metadata is rendered canonical here (keys
+//! sorted, no whitespace, see [`AuditEvent::render_metadata`]), which is
+//! the form the chain hashes.
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::{Envelope, EnvelopeTarget};
@@ -484,7 +483,8 @@ impl AuditEvent {
 
     /// Appends the metadata as canonical JSON (keys sorted bytewise at every
     /// level, no whitespace): what `mesh.audit_log.metadata` holds, and
-    /// what §13's hash will be computed over.
+    /// what §13's hash is computed over (`db::chain::canonical_json` of the
+    /// stored jsonb gives back the same text).
     pub(crate) fn render_metadata(&self, out: &mut String) {
         let mut o = Object::open(out);
         match &self.kind {
@@ -743,6 +743,8 @@ mod tests {
         event.render_metadata(&mut out);
         let value: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{out}: {e}"));
         assert_eq!(serde_json::to_string(&value).unwrap(), out, "not canonical");
+        // … and what the chain's verifier makes of the stored jsonb.
+        assert_eq!(crate::db::chain::canonical_json(&value), out);
         assert!(!out.contains(NONCE) && !out.contains(CIPHERTEXT), "{out}");
         value
     }

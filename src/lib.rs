@@ -23,7 +23,8 @@
 //! - `audit`    — audit events (PROTOCOL.md §8 `mesh.audit_log`), built where they
 //!   happen from shared handles, metadata only; written by the db thread's audit lane.
 //! - `db`       — the one thread that talks to Postgres: migrations, health, member
-//!   lookups, batched writes, the audit lane.
+//!   lookups, batched writes, the audit lane and its hash chain (`db::chain`,
+//!   with `verify_chain`).
 //! - `devdb`    — the embedded development Postgres (initdb/pg_ctl), also used by tests.
 //! - `ids`      — sortable unique ids made on the shard.
 pub(crate) mod audit;

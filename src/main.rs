@@ -15,6 +15,10 @@ commands:
                   Postgres does); exit 0 when it answers 200
   healthcheck --ready
                   GET /health instead (readiness: 503 while Postgres is away)
+  audit verify --mesh ID
+                  check the mesh's audit chain (PROTOCOL.md §13) and print one
+                  JSON line; exit 0 valid, 1 broken (brokenAt names the first
+                  broken row), 2 not checked (bad arguments, database error)
   --version       print the version
   --help          print this help";
 
@@ -30,6 +34,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         None | Some("--check-config" | "migrate" | "healthcheck") => {}
+        Some("audit") => return audit(std::env::args().skip(2).collect()),
         Some(other) => {
             eprintln!("meshbroker: unknown command {other:?}\n{USAGE}");
             return ExitCode::from(2);
@@ -122,5 +127,55 @@ fn healthcheck(config: &Config, path: &str) -> anyhow::Result<()> {
         Ok(())
     } else {
         anyhow::bail!("unhealthy: {status}")
+    }
+}
+
+/// `meshbroker audit verify --mesh ID`.
+fn audit(args: Vec<String>) -> ExitCode {
+    let mesh = match args.iter().map(String::as_str).collect::<Vec<_>>()[..] {
+        ["verify", "--mesh", mesh] => mesh.to_owned(),
+        ["verify", flag] if flag.starts_with("--mesh=") => flag["--mesh=".len()..].to_owned(),
+        _ => {
+            eprintln!("meshbroker: usage: meshbroker audit verify --mesh ID\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    if mesh.is_empty() {
+        eprintln!("meshbroker: audit verify: --mesh needs a mesh id");
+        return ExitCode::from(2);
+    }
+    let config = match Config::from_env() {
+        Ok(config) => config,
+        Err(errors) => {
+            eprint!("{errors}");
+            return ExitCode::from(2);
+        }
+    };
+    logging::init();
+    let mut report = None;
+    let checked = with_database(&config, |url| {
+        report = Some(db::verify_chain_blocking(url, &mesh)?);
+        Ok(())
+    });
+    let report = match (checked, report) {
+        (Ok(()), Some(report)) => report,
+        (Err(e), _) => {
+            eprintln!("meshbroker: audit verify: {e:#}");
+            return ExitCode::from(2);
+        }
+        (Ok(()), None) => return ExitCode::from(2),
+    };
+    let mut line = serde_json::json!({ "mesh": mesh });
+    if let (Some(line), serde_json::Value::Object(fields)) = (
+        line.as_object_mut(),
+        serde_json::to_value(&report).unwrap_or_default(),
+    ) {
+        line.extend(fields);
+    }
+    println!("{line}");
+    if report.valid {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
     }
 }

@@ -313,6 +313,10 @@ fn events_made_while_postgres_is_down_are_written_when_it_is_back() {
         .collect();
     assert_eq!(statuses, ["working", "idle", "dnd"]);
     assert_eq!(broker.metric("broker_audit_dropped_total"), 0.0);
+    // Batches retried across the outage chained once (PROTOCOL.md §13).
+    let chain = meshbroker::db::verify_chain_blocking(&db, "down").expect("verify");
+    assert!(chain.valid, "{chain:?}");
+    assert_eq!(chain.entries, rows.len() as u64);
     drop(peer);
     drop(broker);
     drop(pg);

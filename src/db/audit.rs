@@ -13,9 +13,25 @@
 //!   is `ON CONFLICT (id) DO NOTHING` and never writes a row twice.
 //! - **Batches.** A batch closes at `max_rows` events or once its oldest
 //!   event has waited `max_wait` (`AUDIT_BATCH_MAX_ROWS`,
-//!   `AUDIT_BATCH_MAX_WAIT_US`). It is one multi-row INSERT over column
-//!   arrays (`UNNEST`), so one statement and one transaction; events that
-//!   arrive while it is written gather for the next one.
+//!   `AUDIT_BATCH_MAX_WAIT_US`). It is one transaction of two round trips:
+//!   `BEGIN`, the meshes' chain locks, their last chained rows (and, for
+//!   rows of an attempt whose outcome is unknown, which are written
+//!   already) pipelined; then one multi-row INSERT over column arrays
+//!   (`UNNEST`) and `COMMIT` pipelined. Events that arrive while it is
+//!   written gather for the next one.
+//! - **The chain** (PROTOCOL.md §13, see `chain`). Every row is written with
+//!   its `prev_hash` and `hash`. A batch is sorted in chain order
+//!   (`created_at`, then `id`) and each row is linked after its mesh's last
+//!   chained row as read in the same transaction, under a per-mesh advisory
+//!   lock: the last hashes are not kept across batches, so a batch that
+//!   fails leaves nothing ahead of what is committed, a reconnect needs no
+//!   reload, and a second broker writing the same database chains after
+//!   the first instead of forking. A row arriving older than its mesh's
+//!   last chained row (shards hand over independently) is stamped just
+//!   after it (`chain::Tips::link`), so chain order stays the order rows
+//!   were chained in. Rows a retried batch finds written already are left
+//!   out before chaining (`ON CONFLICT DO NOTHING` alone would skip them
+//!   but chain the rows after them to hashes never stored).
 //! - **Postgres down.** Events wait in a buffer of at most `max_buffered`
 //!   (`AUDIT_BUFFER_EVENTS`); over it the oldest are dropped and counted.
 //!   The writer reconnects with the presence writer's backoff, reset only
@@ -31,6 +47,7 @@
 //!   writer: it writes everything queued within the same deadline
 //!   (`DbOptions::shutdown_flush`, 8 s), counts what is left as dropped
 //!   (`audit flush abandoned`) and ends.
+use std::collections::HashSet;
 use std::future::Future;
 use std::ops::Range;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -43,6 +60,9 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::{Client, Config, Statement};
 
 use super::backlog::Backlog;
+use super::chain::{
+    Tips, Unchained, CHAIN_LOCK_CLASS, EXISTING_IDS_SQL, LOCK_MESHES_SQL, TIPS_SQL,
+};
 use super::intake::{until, Intake};
 use super::worker::{connect, is_transient, Backoff, ConnTask};
 use super::{BatchObserver, BatchStats, DbError, WRITE_TIMEOUT};
@@ -63,10 +83,12 @@ const RECEIVE_MAX: usize = 64;
 
 pub(crate) const INSERT_AUDIT_SQL: &str = "\
 INSERT INTO mesh.audit_log (id, mesh_id, event_type, actor_peer_id, target_peer_id, metadata,
-  created_at)
-SELECT t.id, t.mesh_id, t.event_type, t.actor, t.target, t.metadata::jsonb, t.created_at
+  created_at, prev_hash, hash)
+SELECT t.id, t.mesh_id, t.event_type, t.actor, t.target, t.metadata::jsonb, t.created_at,
+  t.prev_hash, t.hash
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[],
-  $7::timestamp[]) AS t(id, mesh_id, event_type, actor, target, metadata, created_at)
+  $7::timestamp[], $8::text[], $9::text[])
+  AS t(id, mesh_id, event_type, actor, target, metadata, created_at, prev_hash, hash)
 WHERE EXISTS (SELECT 1 FROM mesh.mesh m WHERE m.id = t.mesh_id)
 ON CONFLICT (id) DO NOTHING";
 
@@ -168,20 +190,31 @@ struct Accepted {
     id: String,
     at: Instant,
     event: AuditEvent,
+    /// In an attempt whose outcome is unknown: it may be written already.
+    retried: bool,
 }
 
 struct Live {
     client: Client,
     task: ConnTask,
+    lock: Statement,
+    tips: Statement,
+    existing: Statement,
     insert: Statement,
 }
 
 async fn open(config: &Config) -> Result<Live, DbError> {
     let (client, task) = connect(config).await?;
+    let lock = client.prepare(LOCK_MESHES_SQL).await?;
+    let tips = client.prepare(TIPS_SQL).await?;
+    let existing = client.prepare(EXISTING_IDS_SQL).await?;
     let insert = client.prepare(INSERT_AUDIT_SQL).await?;
     Ok(Live {
         client,
         task,
+        lock,
+        tips,
+        existing,
         insert,
     })
 }
@@ -202,7 +235,7 @@ enum Attempt {
     Deadline,
 }
 
-/// A batch as the INSERT's column arrays.
+/// A batch as the INSERT's column arrays, chained.
 #[derive(Debug, PartialEq)]
 struct Columns<'a> {
     id: Vec<&'a str>,
@@ -212,12 +245,15 @@ struct Columns<'a> {
     target: Vec<Option<&'a str>>,
     metadata: Vec<&'a str>,
     created_at: Vec<SystemTime>,
+    prev_hash: Vec<String>,
+    hash: Vec<String>,
 }
 
 impl<'a> Columns<'a> {
     /// `text` holds every row's metadata back to back, row `i`'s ending at
-    /// `ends[i]` (one allocation for the whole batch).
-    fn new(rows: &'a [Accepted], text: &'a str, ends: &[usize]) -> Self {
+    /// `ends[i]` (one allocation for the whole batch). Each row is linked
+    /// after its mesh's tip in `tips`, in the order of `rows` (chain order).
+    fn chain(rows: &[&'a Accepted], text: &'a str, ends: &[usize], tips: &mut Tips) -> Self {
         let mut c = Columns {
             id: Vec::with_capacity(rows.len()),
             mesh_id: Vec::with_capacity(rows.len()),
@@ -226,24 +262,38 @@ impl<'a> Columns<'a> {
             target: Vec::with_capacity(rows.len()),
             metadata: Vec::with_capacity(rows.len()),
             created_at: Vec::with_capacity(rows.len()),
+            prev_hash: Vec::with_capacity(rows.len()),
+            hash: Vec::with_capacity(rows.len()),
         };
         let mut start = 0;
         for (row, &end) in rows.iter().zip(ends) {
             let e = &row.event;
+            let metadata = &text[start..end];
+            let link = tips.link(&Unchained {
+                id: &row.id,
+                mesh_id: e.mesh_id(),
+                event_type: e.kind.event_type(),
+                actor: e.actor_id(),
+                target: e.target_id(),
+                metadata,
+                at: e.at,
+            });
             c.id.push(&row.id);
             c.mesh_id.push(e.mesh_id());
             c.event_type.push(e.kind.event_type());
             c.actor.push(e.actor_id());
             c.target.push(e.target_id());
-            c.metadata.push(&text[start..end]);
-            c.created_at.push(e.at);
+            c.metadata.push(metadata);
+            c.created_at.push(link.created_at);
+            c.prev_hash.push(link.prev_hash);
+            c.hash.push(link.hash);
             start = end;
         }
         c
     }
 }
 
-fn render_metadata(rows: &[Accepted]) -> (String, Vec<usize>) {
+fn render_metadata(rows: &[&Accepted]) -> (String, Vec<usize>) {
     let mut text = String::with_capacity(rows.len() * 96);
     let ends = rows
         .iter()
@@ -253,6 +303,91 @@ fn render_metadata(rows: &[Accepted]) -> (String, Vec<usize>) {
         })
         .collect();
     (text, ends)
+}
+
+/// Chain order within a batch: `created_at` (as stored, to the
+/// microsecond), then `id` bytewise.
+fn sort_in_chain_order(batch: &mut [Accepted]) {
+    fn key(r: &Accepted) -> (SystemTime, &[u8]) {
+        (
+            super::chain::truncate_to_micros(r.event.at),
+            r.id.as_bytes(),
+        )
+    }
+    batch.sort_unstable_by(|a, b| key(a).cmp(&key(b)));
+}
+
+/// Ends a transaction that failed before its `COMMIT` was sent (the
+/// connection may go on writing); a dead connection is replaced anyway.
+async fn rollback(client: &Client) {
+    let _ = client.batch_execute("ROLLBACK").await;
+}
+
+/// Writes `rows` (in chain order) in one transaction: see "Batches" and
+/// "The chain" in the module doc.
+async fn write_chained(live: &Live, rows: &[Accepted]) -> Result<(), tokio_postgres::Error> {
+    let client = &live.client;
+    let mut meshes: Vec<&str> = rows.iter().map(|r| r.event.mesh_id()).collect();
+    meshes.sort_unstable();
+    meshes.dedup();
+    let retried: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.retried)
+        .map(|r| r.id.as_str())
+        .collect();
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&meshes, &CHAIN_LOCK_CLASS];
+    let tips_params: [&(dyn ToSql + Sync); 1] = [&meshes];
+    let existing = async {
+        if retried.is_empty() {
+            return Ok(Vec::new());
+        }
+        client.query(&live.existing, &[&retried]).await
+    };
+    // Biased: polled in order, so tokio-postgres sends them back to back
+    // in this order; the tips are read by a statement that starts once the
+    // locks are held, so they include whatever another writer committed.
+    let opened = tokio::try_join!(
+        biased;
+        client.batch_execute("BEGIN"),
+        client.execute(&live.lock, &lock_params),
+        client.query(&live.tips, &tips_params),
+        existing,
+    );
+    let (_, _, tips, existing) = match opened {
+        Ok(opened) => opened,
+        Err(e) => {
+            rollback(client).await;
+            return Err(e);
+        }
+    };
+    let mut tips = Tips::from_rows(&tips);
+    let written: HashSet<&str> = existing.iter().map(|row| row.get(0)).collect();
+    let todo: Vec<&Accepted> = rows
+        .iter()
+        .filter(|r| !written.contains(&r.id.as_str()))
+        .collect();
+    let (text, ends) = render_metadata(&todo);
+    let c = Columns::chain(&todo, &text, &ends, &mut tips);
+    let params: [&(dyn ToSql + Sync); 9] = [
+        &c.id,
+        &c.mesh_id,
+        &c.event_type,
+        &c.actor,
+        &c.target,
+        &c.metadata,
+        &c.created_at,
+        &c.prev_hash,
+        &c.hash,
+    ];
+    let insert = async {
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        client.execute(&live.insert, &params).await
+    };
+    // A failing INSERT aborts the transaction and COMMIT then rolls back.
+    tokio::try_join!(biased; insert, client.batch_execute("COMMIT"))?;
+    Ok(())
 }
 
 /// The task writing `mesh.audit_log`; see the module doc.
@@ -300,6 +435,7 @@ impl AuditWriter {
             id: ids.next_id(),
             at: now,
             event,
+            retried: false,
         });
         let dropped = self.buffer.extend(accepted);
         self.count_dropped(dropped);
@@ -330,21 +466,11 @@ impl AuditWriter {
         Some(oldest + self.max_wait)
     }
 
-    /// One INSERT of `rows`, timed; the observer hears of commits.
+    /// One transaction writing `rows` chained, timed; the observer hears
+    /// of commits.
     async fn attempt(&mut self, live: &Live, rows: &[Accepted]) -> Attempt {
-        let (text, ends) = render_metadata(rows);
-        let c = Columns::new(rows, &text, &ends);
-        let params: [&(dyn ToSql + Sync); 7] = [
-            &c.id,
-            &c.mesh_id,
-            &c.event_type,
-            &c.actor,
-            &c.target,
-            &c.metadata,
-            &c.created_at,
-        ];
         let started = Instant::now();
-        let insert = live.client.execute(&live.insert, &params);
+        let insert = write_chained(live, rows);
         match self.drive(timeout(WRITE_TIMEOUT, insert)).await {
             Some(Ok(Ok(_))) => {
                 if let Some(observe) = self.on_batch.as_mut() {
@@ -366,7 +492,9 @@ impl AuditWriter {
     /// the refused rows end up alone and are dropped while the rest is
     /// written; on a transient failure everything not yet written goes back
     /// to the front of the buffer.
-    async fn write(&mut self, live: &Live, batch: Vec<Accepted>) -> Flow {
+    async fn write(&mut self, live: &Live, mut batch: Vec<Accepted>) -> Flow {
+        // Every range below is then in chain order too.
+        sort_in_chain_order(&mut batch);
         // Ranges still to write, the next on top: what is not written yet
         // is always the batch from the popped range's start on.
         let mut todo: Vec<Range<usize>> = Vec::with_capacity(16);
@@ -399,7 +527,15 @@ impl AuditWriter {
         let Some((from, flow)) = unwritten else {
             return Flow::Continue;
         };
-        let rest: Vec<Accepted> = batch.into_iter().skip(from).collect();
+        // The attempt may have committed after all: the next one checks.
+        let rest: Vec<Accepted> = batch
+            .into_iter()
+            .skip(from)
+            .map(|row| Accepted {
+                retried: true,
+                ..row
+            })
+            .collect();
         let dropped = self.buffer.requeue_front(rest);
         self.count_dropped(dropped);
         flow
@@ -495,6 +631,7 @@ mod tests {
                 id: ids.next_id(),
                 at: Instant::now(),
                 event: AuditEvent::connect(&mesh, &alice, &format!("p{i}"), "s", 1),
+                retried: false,
             })
             .collect()
     }
@@ -502,8 +639,9 @@ mod tests {
     #[test]
     fn columns_line_up_with_the_rows() {
         let rows = accepted(3);
-        let (text, ends) = render_metadata(&rows);
-        let c = Columns::new(&rows, &text, &ends);
+        let refs: Vec<&Accepted> = rows.iter().collect();
+        let (text, ends) = render_metadata(&refs);
+        let c = Columns::chain(&refs, &text, &ends, &mut Tips::default());
         assert_eq!(c.id, rows.iter().map(|r| r.id.as_str()).collect::<Vec<_>>());
         assert_eq!(c.mesh_id, vec!["mesh-1"; 3]);
         assert_eq!(c.event_type, vec!["connect"; 3]);
@@ -516,6 +654,24 @@ mod tests {
                 format!(r#"{{"pid":1,"presenceId":"p{i}","sessionId":"s"}}"#)
             );
         }
+        // One chain, from genesis, each row after the one before.
+        assert_eq!(c.prev_hash[0], crate::db::chain::GENESIS);
+        assert_eq!(c.prev_hash[1..], c.hash[..2]);
+        assert!(c.created_at.windows(2).all(|w| w[0] <= w[1]));
+    }
+
+    #[test]
+    fn a_batch_is_sorted_in_chain_order() {
+        let mut rows = accepted(4);
+        let base = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        // Arrived out of order (two shards' hand-overs), one tie in time.
+        for (row, micros) in rows.iter_mut().zip([30, 10, 20, 10]) {
+            row.event.at = base + Duration::from_micros(micros);
+        }
+        let ids: Vec<String> = rows.iter().map(|r| r.id.clone()).collect();
+        sort_in_chain_order(&mut rows);
+        let got: Vec<&str> = rows.iter().map(|r| r.id.as_str()).collect();
+        assert_eq!(got, [&ids[1], &ids[3], &ids[2], &ids[0]]);
     }
 
     #[test]
@@ -537,6 +693,7 @@ mod tests {
         assert!(sql.starts_with("INSERT INTO mesh.audit_log"));
         assert_eq!(sql.matches("UNNEST(").count(), 1);
         assert!(sql.contains("t.metadata::jsonb"));
+        assert!(sql.contains("created_at, prev_hash, hash)"));
         assert!(sql.contains("WHERE EXISTS (SELECT 1 FROM mesh.mesh m WHERE m.id = t.mesh_id)"));
         assert!(sql.ends_with("ON CONFLICT (id) DO NOTHING"));
     }

@@ -57,12 +57,14 @@
 //! Module map: `health` (DbStatus), `migrate` (embedded migrations),
 //! `batch` (SQL and the batch write), `backlog` (bounded in-memory FIFO),
 //! `worker` (the thread's loop), `members` (member lookups and refresh),
-//! `audit` (the audit lane and its writer).
+//! `audit` (the audit lane and its writer), `chain` (the audit chain's hash,
+//! how the writer links rows, `verify_chain`).
 
 pub mod admin;
 mod audit;
 mod backlog;
 mod batch;
+pub mod chain;
 mod health;
 pub mod held;
 mod held_batch;
@@ -463,6 +465,26 @@ pub fn spawn_with(
             audit_stop,
         },
     ))
+}
+
+/// Connect once, walk one mesh's audit chain ([`chain::verify_chain`]),
+/// disconnect: for `meshbroker audit verify`. Runs no migration (a
+/// database without the chain columns is an error).
+pub fn verify_chain_blocking(
+    database_url: &str,
+    mesh_id: &str,
+) -> Result<chain::ChainReport, DbError> {
+    let config = parse_url(database_url)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    runtime.block_on(async {
+        let (client, task) = worker::connect(&config).await?;
+        let report = chain::verify_chain(&client, mesh_id).await;
+        drop(client);
+        let _ = task.await;
+        report
+    })
 }
 
 /// Connect once, run migrations, disconnect: for `meshbroker migrate` and
