@@ -21,7 +21,8 @@ pub struct BanRow {
     pub revoked_at: SystemTime,
 }
 
-/// A `mesh.audit_log` row, for `audit_result`.
+/// A `mesh.audit_log` row, for `audit_result` (chain order: `created_at`,
+/// then `id` bytewise, as `db::chain` orders them).
 #[derive(Debug, Clone)]
 pub struct AuditRow {
     pub id: String,
@@ -77,9 +78,10 @@ SELECT a.id, a.event_type, a.actor_peer_id, a.target_peer_id, a.metadata::text, 
 FROM mesh.audit_log a
 WHERE a.mesh_id = $1
   AND ($2::text IS NULL OR a.event_type = $2)
-  AND ($3::text IS NULL OR (a.created_at, a.id) <
-    (SELECT b.created_at, b.id FROM mesh.audit_log b WHERE b.id = $3 AND b.mesh_id = $1))
-ORDER BY a.created_at DESC, a.id DESC
+  AND ($3::text IS NULL OR (a.created_at, a.id COLLATE \"C\") <
+    (SELECT b.created_at, b.id COLLATE \"C\" FROM mesh.audit_log b
+     WHERE b.id = $3 AND b.mesh_id = $1))
+ORDER BY a.created_at DESC, a.id COLLATE \"C\" DESC
 LIMIT $4";
 
 impl MemberLoader {
