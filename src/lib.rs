@@ -18,7 +18,8 @@
 //! - `protocol` — the JSON messages of PROTOCOL.md §4 and §9–§11, parsed and serialized; no I/O.
 //! - `ws`       — RFC 6455 handshake and frame codec; no I/O.
 //! - `http`     — HTTP/1.1 request-head parsing and response building; no I/O.
-//! - `hook`     — `/hook/set-status` body validation and the per-(pid, cwd) token bucket.
+//! - `hook`     — `/hook/set-status` body validation and its per-(pid, cwd) limiter.
+//! - `rate`     — token buckets per key (the hook and join limiters); no I/O.
 //! - `metrics`  — per-shard counters and HDR histograms, merged at scrape time.
 //! - `audit`    — audit events (PROTOCOL.md §8 `mesh.audit_log`), built where they
 //!   happen from shared handles, metadata only; written by the db thread's audit lane.
@@ -40,6 +41,7 @@ pub mod logging;
 pub mod mesh;
 pub(crate) mod metrics;
 pub mod protocol;
+pub(crate) mod rate;
 pub mod shard;
 pub mod status;
 pub mod ws;

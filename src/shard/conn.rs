@@ -231,7 +231,7 @@ fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Outcome {
         .hook_limiter
         .lock()
         .expect("hook limiter lock")
-        .allow(signal.pid, &signal.cwd, Instant::now());
+        .allow(hook::hook_key(&signal), Instant::now());
     shard.metrics.hook_request(!allowed);
     if !allowed {
         return Outcome::Respond(error_json(
