@@ -53,6 +53,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "client_message_id",
         sql: include_str!("../../migrations/0006_client_message_id.sql"),
     },
+    Migration {
+        version: 8,
+        name: "join",
+        sql: include_str!("../../migrations/0008_join.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -128,8 +133,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3, 4, 5, 6]);
-        assert!(pending(all, &[1, 2, 3, 4, 5, 6]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4, 5, 6, 8]);
+        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 8]).is_empty());
     }
 
     #[test]
