@@ -20,6 +20,8 @@
 //! - `http`     — HTTP/1.1 request-head parsing and response building; no I/O.
 //! - `hook`     — `/hook/set-status` body validation and its per-(pid, cwd) limiter.
 //! - `rate`     — token buckets per key (the hook and join limiters); no I/O.
+//! - `join`     — `POST /join` (PROTOCOL.md §12) without I/O: the body, the invite's
+//!   canonical bytes and signature, the contract's check order; invites for the CLI.
 //! - `metrics`  — per-shard counters and HDR histograms, merged at scrape time.
 //! - `audit`    — audit events (PROTOCOL.md §8 `mesh.audit_log`), built where they
 //!   happen from shared handles, metadata only; written by the db thread's audit lane.
@@ -37,6 +39,7 @@ pub(crate) mod hook;
 pub(crate) mod http;
 pub(crate) mod ids;
 pub(crate) mod inbox;
+pub mod join;
 pub mod logging;
 pub mod mesh;
 pub(crate) mod metrics;
