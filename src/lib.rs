@@ -27,6 +27,8 @@
 //!   happen from shared handles, metadata only; written by the db thread's audit lane.
 //! - `db`       — the one thread that talks to Postgres: migrations, health, member
 //!   lookups, batched writes, the audit lane.
+//! - `enroll`   — the self-hosted onboarding commands (`mesh create`, `invite`) and the
+//!   owner key file.
 //! - `devdb`    — the embedded development Postgres (initdb/pg_ctl), also used by tests.
 //! - `ids`      — sortable unique ids made on the shard.
 pub(crate) mod audit;
@@ -35,6 +37,7 @@ pub mod config;
 pub(crate) mod context;
 pub mod db;
 pub mod devdb;
+pub mod enroll;
 pub(crate) mod hook;
 pub(crate) mod http;
 pub(crate) mod ids;
