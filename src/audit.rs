@@ -66,7 +66,7 @@ impl Stage {
 }
 
 /// Every `event_type`, in the order of their bits in an [`AuditSelection`].
-pub const EVENT_TYPES: [&str; 14] = [
+pub const EVENT_TYPES: [&str; 15] = [
     "connect",
     "disconnect",
     "send",
@@ -81,6 +81,7 @@ pub const EVENT_TYPES: [&str; 14] = [
     "group_leave",
     "redelivered",
     "client_ack",
+    "member_joined",
 ];
 
 /// Which event types are recorded (`AUDIT_EVENTS`): an operator whose
@@ -190,6 +191,9 @@ pub(crate) enum AuditKind {
     },
     /// The member acknowledged a push leased to it (§11).
     ClientAck { message_id: Box<str> },
+    /// The member enrolled with an invite (`POST /join`, §12), with the
+    /// role the invite gave it.
+    MemberJoined { role: &'static str },
     /// An error answered a hello or a message; `request_id` is the `id`
     /// the error echoes.
     Rejected {
@@ -227,6 +231,7 @@ impl AuditKind {
             AuditKind::Expired { .. } => "expired",
             AuditKind::Redelivered { .. } => "redelivered",
             AuditKind::ClientAck { .. } => "client_ack",
+            AuditKind::MemberJoined { .. } => "member_joined",
             AuditKind::Rejected { .. } => "rejected",
             AuditKind::HookStatus { .. } => "hook_status",
             AuditKind::StatusChange { .. } => "status_change",
@@ -410,6 +415,16 @@ impl AuditEvent {
         Self::by_member(mesh, member, None, kind)
     }
 
+    /// `member` was inserted by `POST /join` with `role` (`admin` or
+    /// `member`); it is the actor, and its id is in the metadata too.
+    pub(crate) fn member_joined(
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        role: &'static str,
+    ) -> Self {
+        Self::by_member(mesh, member, None, AuditKind::MemberJoined { role })
+    }
+
     /// `error` answered a message of `member`'s joined session.
     pub(crate) fn rejected(
         mesh: &Arc<MeshEntry>,
@@ -559,6 +574,11 @@ impl AuditEvent {
                 o.str("priority", priority.as_str());
             }
             AuditKind::ClientAck { message_id } => o.str("messageId", message_id),
+            AuditKind::MemberJoined { role } => {
+                let member = self.actor.as_ref().map(Actor::id).unwrap_or_default();
+                o.str("memberId", member);
+                o.str("role", role);
+            }
             AuditKind::Rejected {
                 code,
                 stage,
@@ -867,6 +887,25 @@ mod tests {
         assert_eq!(some.describe(), "redelivered,client_ack");
         assert!(AuditSelection::ALL.records("redelivered"));
         assert!(AuditSelection::ALL.records("client_ack"));
+    }
+
+    #[test]
+    fn member_joined_is_the_new_member_with_its_role() {
+        let mesh = mesh();
+        let bob = member(&mesh, "bob");
+        let joined = AuditEvent::member_joined(&mesh, &bob, "admin");
+        assert_eq!(joined.kind.event_type(), "member_joined");
+        assert_eq!(
+            (joined.mesh_id(), joined.actor_id(), joined.target_id()),
+            ("mesh-1", Some("bob"), None)
+        );
+        assert_eq!(
+            metadata(&joined),
+            json!({"memberId": "bob", "role": "admin"})
+        );
+        let some = AuditSelection::parse("member_joined").unwrap();
+        assert!(some.records("member_joined") && !some.records("connect"));
+        assert!(AuditSelection::ALL.records("member_joined"));
     }
 
     #[test]

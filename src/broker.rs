@@ -13,6 +13,7 @@ use crate::db::{self, AuditOptions, DbOptions, DbStatus, HeldOptions, RestoreOpt
 use crate::hook::HookRateLimiter;
 use crate::inbox::{self, INBOX_BATCHES};
 use crate::inbox::{ShardEvent, ShardSender};
+use crate::join::JoinRateLimiter;
 use crate::mesh::directory::Directory;
 use crate::mesh::directory::MeshEntry;
 use crate::mesh::held::HeldBudget;
@@ -90,6 +91,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     };
     let ctx = Arc::new(BrokerContext {
         hook_limiter: Mutex::new(HookRateLimiter::new(config.hook_rate_limit_per_min)),
+        join_limiter: Mutex::new(JoinRateLimiter::new(config.join_rate_limit_per_min)),
         hooks: HookIndex::default(),
         transcripts,
         config,

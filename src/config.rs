@@ -96,6 +96,9 @@ pub struct Config {
     /// client_message_id)` makes a later send with the same pair a
     /// duplicate; zero turns duplicate detection off.
     pub dedupe_window: Duration,
+    /// `JOIN_RATE_LIMIT_PER_MIN` (PROTOCOL.md §12): `POST /join` requests
+    /// per client address per minute (a token bucket), whatever their outcome.
+    pub join_rate_limit_per_min: u32,
     pub node_env: NodeEnv,
     pub git_sha: String,
     pub claude_projects_dir: PathBuf,
@@ -334,6 +337,8 @@ impl Config {
         let client_ack_timeout = r.seconds("CLIENT_ACK_TIMEOUT_SECONDS", 30);
         // 0 is allowed: no send is a duplicate of an earlier one.
         let dedupe_window = r.seconds_from("DEDUPE_WINDOW_SECONDS", 600, 0);
+        let join_rate_limit_per_min =
+            r.int("JOIN_RATE_LIMIT_PER_MIN", 20, 1, u32::MAX as u64) as u32;
 
         let node_env = match r.get("NODE_ENV") {
             None => NodeEnv::Development,
@@ -465,6 +470,7 @@ impl Config {
             send_burst,
             client_ack_timeout,
             dedupe_window,
+            join_rate_limit_per_min,
             node_env,
             git_sha,
             claude_projects_dir,
@@ -533,6 +539,10 @@ impl Config {
             (
                 "DEDUPE_WINDOW_SECONDS",
                 self.dedupe_window.as_secs().to_string(),
+            ),
+            (
+                "JOIN_RATE_LIMIT_PER_MIN",
+                self.join_rate_limit_per_min.to_string(),
             ),
             ("NODE_ENV", self.node_env.as_str().to_owned()),
             ("GIT_SHA", self.git_sha.clone()),
@@ -682,6 +692,7 @@ mod tests {
         assert_eq!(c.send_burst, 200);
         assert_eq!(c.client_ack_timeout, Duration::from_secs(30));
         assert_eq!(c.dedupe_window, Duration::from_secs(600));
+        assert_eq!(c.join_rate_limit_per_min, 20);
         assert_eq!(c.client_ack_max_leases, 4096);
         assert_eq!(c.client_ack_max_lease_bytes, 16 * 1024 * 1024);
         assert_eq!(c.node_env, NodeEnv::Development);
@@ -728,6 +739,7 @@ mod tests {
             ("SEND_BURST", "1"),
             ("CLIENT_ACK_TIMEOUT_SECONDS", "1"),
             ("DEDUPE_WINDOW_SECONDS", "0"),
+            ("JOIN_RATE_LIMIT_PER_MIN", "3"),
             ("CLIENT_ACK_MAX_LEASES", "1"),
             ("CLIENT_ACK_MAX_LEASE_BYTES", "65536"),
             ("NODE_ENV", "production"),
@@ -757,6 +769,7 @@ mod tests {
         assert_eq!(c.session_grace, Duration::from_secs(5));
         assert_eq!(c.send_rate_per_min, 60);
         assert_eq!(c.send_burst, 1);
+        assert_eq!(c.join_rate_limit_per_min, 3);
         assert_eq!(c.client_ack_timeout, Duration::from_secs(1));
         // Zero turns duplicate detection off.
         assert_eq!(c.dedupe_window, Duration::ZERO);
@@ -829,6 +842,8 @@ mod tests {
             ("SEND_RATE_PER_MIN", "ten", "from 1 to 4294967295"),
             ("SEND_RATE_PER_MIN", "4294967296", "from 1 to 4294967295"),
             ("SEND_BURST", "0", "from 1 to 4294967295"),
+            ("JOIN_RATE_LIMIT_PER_MIN", "0", "from 1 to 4294967295"),
+            ("JOIN_RATE_LIMIT_PER_MIN", "1.5", "from 1 to 4294967295"),
             ("SEND_BURST", "-3", "from 1 to 4294967295"),
             ("CLIENT_ACK_TIMEOUT_SECONDS", "0", "seconds from 1 to"),
             ("CLIENT_ACK_TIMEOUT_SECONDS", "2.5", "seconds from 1 to"),
@@ -983,6 +998,7 @@ mod tests {
             "SEND_BURST",
             "CLIENT_ACK_TIMEOUT_SECONDS",
             "DEDUPE_WINDOW_SECONDS",
+            "JOIN_RATE_LIMIT_PER_MIN",
             "CLIENT_ACK_MAX_LEASES",
             "CLIENT_ACK_MAX_LEASE_BYTES",
             "NODE_ENV",
@@ -1002,6 +1018,7 @@ mod tests {
         assert!(eff.contains(&("SEND_BURST", "200".to_owned())));
         assert!(eff.contains(&("CLIENT_ACK_TIMEOUT_SECONDS", "30".to_owned())));
         assert!(eff.contains(&("DEDUPE_WINDOW_SECONDS", "600".to_owned())));
+        assert!(eff.contains(&("JOIN_RATE_LIMIT_PER_MIN", "20".to_owned())));
         assert!(eff.contains(&("CLIENT_ACK_MAX_LEASES", "4096".to_owned())));
         assert!(eff.contains(&("CLIENT_ACK_MAX_LEASE_BYTES", "16777216".to_owned())));
     }

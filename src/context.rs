@@ -6,6 +6,7 @@ use crate::db::held::HeldLane;
 use crate::db::{AuditLane, DbHandle, DbStatus};
 use crate::hook::HookRateLimiter;
 use crate::inbox::ShardSender;
+use crate::join::JoinRateLimiter;
 use crate::mesh::directory::{Directory, MeshEntry};
 use crate::metrics::Metrics;
 use crate::status::hook_index::HookIndex;
@@ -32,6 +33,8 @@ pub struct BrokerContext {
     pub directory: Arc<Directory>,
     pub shards: Vec<ShardSender>,
     pub hook_limiter: Mutex<HookRateLimiter>,
+    /// `POST /join` requests per client address (`JOIN_RATE_LIMIT_PER_MIN`).
+    pub join_limiter: Mutex<JoinRateLimiter>,
     /// Where hook signals go: live sessions by cwd, and stashed signals.
     pub(crate) hooks: HookIndex,
     /// Reads transcripts off the shards' loops (PROTOCOL.md §5 inference).

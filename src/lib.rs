@@ -18,13 +18,18 @@
 //! - `protocol` — the JSON messages of PROTOCOL.md §4 and §9–§11, parsed and serialized; no I/O.
 //! - `ws`       — RFC 6455 handshake and frame codec; no I/O.
 //! - `http`     — HTTP/1.1 request-head parsing and response building; no I/O.
-//! - `hook`     — `/hook/set-status` body validation and the per-(pid, cwd) token bucket.
+//! - `hook`     — `/hook/set-status` body validation and its per-(pid, cwd) limiter.
+//! - `rate`     — token buckets per key (the hook and join limiters); no I/O.
+//! - `join`     — `POST /join` (PROTOCOL.md §12) without I/O: the body, the invite's
+//!   canonical bytes and signature, the contract's check order; invites for the CLI.
 //! - `metrics`  — per-shard counters and HDR histograms, merged at scrape time.
 //! - `audit`    — audit events (PROTOCOL.md §8 `mesh.audit_log`), built where they
 //!   happen from shared handles, metadata only; written by the db thread's audit lane.
 //! - `db`       — the one thread that talks to Postgres: migrations, health, member
 //!   lookups, batched writes, the audit lane and its hash chain (`db::chain`,
 //!   with `verify_chain`).
+//! - `enroll`   — the self-hosted onboarding commands (`mesh create`, `invite`) and the
+//!   owner key file.
 //! - `devdb`    — the embedded development Postgres (initdb/pg_ctl), also used by tests.
 //! - `ids`      — sortable unique ids made on the shard.
 pub(crate) mod audit;
@@ -33,14 +38,17 @@ pub mod config;
 pub(crate) mod context;
 pub mod db;
 pub mod devdb;
+pub mod enroll;
 pub(crate) mod hook;
 pub(crate) mod http;
 pub(crate) mod ids;
 pub(crate) mod inbox;
+pub mod join;
 pub mod logging;
 pub mod mesh;
 pub(crate) mod metrics;
 pub mod protocol;
+pub(crate) mod rate;
 pub mod shard;
 pub mod status;
 pub mod ws;

@@ -1,7 +1,7 @@
 //! The `meshbroker` command: CLI and start-up only; the broker lives in the library.
 use meshbroker::config::{Config, NodeEnv};
 use meshbroker::devdb::{LocalPostgres, DEFAULT_DATABASE};
-use meshbroker::{broker, db, logging};
+use meshbroker::{broker, db, enroll, logging};
 use std::process::ExitCode;
 
 const USAGE: &str = "\
@@ -11,6 +11,13 @@ commands:
   (none)          run the broker (configured by environment variables; see README.md)
   --check-config  validate the configuration, print the effective values, exit
   migrate         run the database migrations and exit
+  mesh create --name NAME [--slug S] --owner-key FILE [--owner-user ID]
+                  create a mesh owned by an ed25519 key (the file holds the
+                  secret key as 64 hex digits; created, mode 0600, if missing)
+  invite --mesh ID --owner-key FILE [--max-uses N] [--expires 7d]
+         [--role member|admin] [--broker-url URL]
+                  store a signed invite and print its payload, token and link
+                  (for POST /join); both commands migrate DATABASE_URL first
   healthcheck     GET /health/live on the local broker (liveness: up whatever
                   Postgres does); exit 0 when it answers 200
   healthcheck --ready
@@ -35,11 +42,34 @@ fn main() -> ExitCode {
         }
         None | Some("--check-config" | "migrate" | "healthcheck") => {}
         Some("audit") => return audit(std::env::args().skip(2).collect()),
+        Some("mesh" | "invite") => {}
         Some(other) => {
             eprintln!("meshbroker: unknown command {other:?}\n{USAGE}");
             return ExitCode::from(2);
         }
     }
+    // The onboarding commands' arguments are checked before anything else.
+    let args: Vec<String> = std::env::args().skip(2).collect();
+    let onboarding = match command.as_deref() {
+        Some("mesh") => match args.split_first() {
+            Some((sub, rest)) if sub == "create" => match enroll::parse_mesh_create(rest) {
+                Ok(a) => Some(Onboarding::MeshCreate(a)),
+                Err(e) => return usage_error(&e, enroll::MESH_CREATE_USAGE),
+            },
+            _ => {
+                eprintln!(
+                    "meshbroker: mesh takes a subcommand: create\n{}",
+                    enroll::MESH_CREATE_USAGE
+                );
+                return ExitCode::from(2);
+            }
+        },
+        Some("invite") => match enroll::parse_invite(&args) {
+            Ok(a) => Some(Onboarding::Invite(a)),
+            Err(e) => return usage_error(&e, enroll::INVITE_USAGE),
+        },
+        _ => None,
+    };
     let config = match Config::from_env() {
         Ok(config) => config,
         Err(errors) => {
@@ -60,6 +90,20 @@ fn main() -> ExitCode {
         Some("healthcheck") => {
             let ready = std::env::args().nth(2).as_deref() == Some("--ready");
             healthcheck(&config, if ready { "/health" } else { "/health/live" })
+        }
+        Some("mesh" | "invite") => {
+            logging::init();
+            let onboarding = onboarding.expect("parsed above");
+            let default_broker_url = format!("ws://localhost:{}/ws", config.port);
+            with_database(&config, |url| {
+                db::migrate_blocking(url)?;
+                let out = match &onboarding {
+                    Onboarding::MeshCreate(a) => enroll::mesh_create(a, url)?,
+                    Onboarding::Invite(a) => enroll::invite(a, url, &default_broker_url)?,
+                };
+                print!("{out}");
+                Ok(())
+            })
         }
         Some("migrate") => {
             logging::init();
@@ -82,6 +126,16 @@ fn main() -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+enum Onboarding {
+    MeshCreate(enroll::MeshCreateArgs),
+    Invite(enroll::InviteArgs),
+}
+
+fn usage_error(e: &enroll::UsageError, usage: &str) -> ExitCode {
+    eprintln!("meshbroker: {e}\n{usage}");
+    ExitCode::from(2)
 }
 
 /// Runs `f` with the configured database, or with the embedded development

@@ -58,6 +58,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "audit_chain",
         sql: include_str!("../../migrations/0007_audit_chain.sql"),
     },
+    Migration {
+        version: 8,
+        name: "join",
+        sql: include_str!("../../migrations/0008_join.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -133,8 +138,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3, 4, 5, 6, 7]);
-        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 7]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4, 5, 6, 7, 8]);
+        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 7, 8]).is_empty());
     }
 
     #[test]

@@ -42,6 +42,10 @@
 //! - **Member lookups.** A second task with its own connection (`members`)
 //!   answers hellos' member lookups and refreshes the directory every
 //!   [`DbOptions::member_refresh`], so a lookup never waits behind writes.
+//! - **Joins.** A task with its own connection (`join`) takes `POST
+//!   /join` requests (PROTOCOL.md §12) one at a time from a bounded
+//!   channel of its own, each in one transaction, and installs the mesh's
+//!   fresh member rows in the directory before it answers.
 //! - **Audit.** A third task with its own connection (`audit`) writes
 //!   `mesh.audit_log` in batches from a lane of its own
 //!   ([`DbOptions::audit`]), which may drop (counted) and never delays the
@@ -58,7 +62,8 @@
 //! `batch` (SQL and the batch write), `backlog` (bounded in-memory FIFO),
 //! `worker` (the thread's loop), `members` (member lookups and refresh),
 //! `audit` (the audit lane and its writer), `chain` (the audit chain's hash,
-//! how the writer links rows, `verify_chain`).
+//! how the writer links rows, `verify_chain`), `join` (enrollment, and the
+//! rows the onboarding commands write).
 
 pub mod admin;
 mod audit;
@@ -69,6 +74,7 @@ mod health;
 pub mod held;
 mod held_batch;
 mod intake;
+pub mod join;
 mod members;
 pub mod migrate;
 pub mod restore;
@@ -196,6 +202,7 @@ pub struct DbHandle {
     tx: mpsc::Sender<DbCommand>,
     lookups: mpsc::Sender<(String, MembersReply)>,
     admin: mpsc::Sender<admin::AdminRequest>,
+    joins: mpsc::Sender<join::JoinJob>,
     audit: AuditLane,
 }
 
@@ -221,6 +228,23 @@ impl DbHandle {
     ) -> Option<tokio::sync::oneshot::Receiver<Result<Vec<MemberRow>, LookupFailed>>> {
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.lookups.try_send((mesh_id.to_owned(), reply)).ok()?;
+        Some(answer)
+    }
+
+    /// Hands a validated join to the db thread (see `join`). Never blocks;
+    /// `None` when the join queue is full or gone.
+    pub fn join(
+        &self,
+        request: crate::join::JoinRequest,
+        member_id: String,
+    ) -> Option<tokio::sync::oneshot::Receiver<join::JoinOutcome>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job = join::JoinJob {
+            request,
+            member_id,
+            reply,
+        };
+        self.joins.try_send(job).ok()?;
         Some(answer)
     }
 
@@ -393,6 +417,8 @@ pub fn spawn_with(
     let (tx, rx) = mpsc::channel(options.queue_capacity.max(1));
     let (lookups, lookup_rx) = mpsc::channel(LOOKUP_QUEUE);
     let (admin, admin_rx) = mpsc::channel(LOOKUP_QUEUE);
+    let (joins, join_rx) = mpsc::channel(join::JOIN_QUEUE);
+    let joiner = join::JoinTask::new(config.clone(), join_rx, options.directory.clone());
     let members = members::MemberLoader::new(
         config.clone(),
         lookup_rx,
@@ -436,6 +462,7 @@ pub fn spawn_with(
         .spawn(move || {
             runtime.block_on(async {
                 let loader = tokio::spawn(members.run());
+                let joining = tokio::spawn(joiner.run());
                 let restoring = restorer.map(|r| tokio::spawn(r.run()));
                 let held = held_writer.map(|w| tokio::spawn(w.run()));
                 let audit = tokio::spawn(audit_writer.run());
@@ -444,6 +471,7 @@ pub fn spawn_with(
                     let _ = held.await;
                 }
                 loader.abort();
+                joining.abort();
                 if let Some(restoring) = restoring {
                     restoring.abort();
                 }
@@ -456,6 +484,7 @@ pub fn spawn_with(
             tx,
             lookups,
             admin,
+            joins,
             audit,
         },
         DbThread {

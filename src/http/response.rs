@@ -107,6 +107,13 @@ pub fn error_json(status: u16, msg: &str) -> Response {
     Response::json(status, body.to_string().into_bytes())
 }
 
+/// `{"ok":false,"error":code,"message":message}` with the given status
+/// (the answers of `POST /join`, whose `error` is a stable code).
+pub fn error_code_json(status: u16, code: &str, message: &str) -> Response {
+    let body = serde_json::json!({ "ok": false, "error": code, "message": message });
+    Response::json(status, body.to_string().into_bytes())
+}
+
 /// The reason phrase for a status code (`""` for codes we never send).
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
@@ -188,6 +195,18 @@ mod tests {
             serde_json::json!({"ok": false, "error": "bad \"thing\""})
         );
         assert!(text_of(&r, false).starts_with("HTTP/1.1 400 Bad Request\r\n"));
+    }
+
+    #[test]
+    fn error_code_json_has_code_and_message() {
+        let r = error_code_json(429, "rate_limited", "slow down");
+        assert_eq!(r.status, 429);
+        let v: serde_json::Value = serde_json::from_slice(&r.body).unwrap();
+        assert_eq!(
+            v,
+            serde_json::json!({"ok": false, "error": "rate_limited", "message": "slow down"})
+        );
+        assert!(text_of(&r, false).starts_with("HTTP/1.1 429 Too Many Requests\r\n"));
     }
 
     #[test]

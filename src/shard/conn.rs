@@ -1,16 +1,21 @@
-//! HTTP/1.1 on an accepted socket: keep-alive request loop, the four routes,
+//! HTTP/1.1 on an accepted socket: keep-alive request loop, the routes,
 //! and the hand-off of `/ws` upgrades to a WebSocket session.
 use super::readbuf::ReadBuf;
 use super::session;
 use super::state::Shard;
+use crate::audit::AuditEvent;
+use crate::db::join::JoinFailed;
 use crate::db::{DbCommand, PendingStatus};
 use crate::hook::{self, HookSignal};
-use crate::http::{self, error_json, parse_head, preflight, Method, RequestHead, Response};
+use crate::http::{
+    self, error_code_json, error_json, parse_head, preflight, Method, RequestHead, Response,
+};
 use crate::inbox::ShardEvent;
+use crate::join::{self, JoinError, JoinRequest};
 use crate::ws;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::time::{Instant, SystemTime};
@@ -24,6 +29,9 @@ enum Outcome {
     /// A valid hook signal, within its rate: applied to its session, which
     /// may live on another shard, so it is answered asynchronously.
     Hook(HookSignal),
+    /// A join whose fields and signature are valid: the db thread decides
+    /// the rest, so it is answered asynchronously too.
+    Join(Box<JoinRequest>),
 }
 
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
@@ -33,7 +41,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
     // carry the HTTP phase's locals (the future is as big as its largest
     // phase, and 100k idle sessions multiply it): the HTTP phase is boxed
     // and freed before the session starts.
-    let upgraded = Box::pin(serve_http(&shard, &mut stream)).await;
+    let upgraded = Box::pin(serve_http(&shard, &mut stream, peer.ip())).await;
     if let Some(buf) = upgraded {
         session::run(shard.clone(), stream, buf, conn, peer).await;
     }
@@ -42,7 +50,7 @@ pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
 
 /// The HTTP/1.1 keep-alive loop. Returns the read buffer (with any bytes
 /// already received after the handshake) once a request was upgraded.
-async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf> {
+async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream, client: IpAddr) -> Option<ReadBuf> {
     let mut buf = ReadBuf::default();
     loop {
         let head = match read_head(stream, &mut buf).await {
@@ -64,8 +72,22 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf
             let _ = stream.write_all(response.to_bytes(false)).await;
             break;
         }
+        // PROTOCOL.md §12: every /join request takes a token, whatever
+        // becomes of it, before anything else is looked at. A refused one
+        // is answered at once and its connection closed (its body unread).
+        let is_join = head.path == "/join" && head.method != Method::Options;
+        if is_join && !join_allowed(shard, client) {
+            tracing::debug!(target: "join", client = %client, "join rate limited");
+            let response = join_refusal(&JoinError::RateLimited);
+            let _ = stream.write_all(response.to_bytes(false)).await;
+            break;
+        }
         if body_len > shard.ctx.config.max_message_bytes {
-            let response = error_json(413, "request body exceeds MAX_MESSAGE_BYTES");
+            let response = if is_join {
+                join_refusal(&JoinError::TooLarge)
+            } else {
+                error_json(413, "request body exceeds MAX_MESSAGE_BYTES")
+            };
             let _ = stream.write_all(response.to_bytes(false)).await;
             break;
         }
@@ -83,6 +105,7 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf
         buf.data.drain(..head.head_len + body_len);
         let outcome = match route(shard, &head, &mut body) {
             Outcome::Hook(signal) => Outcome::Respond(apply_hook(shard, signal).await),
+            Outcome::Join(request) => Outcome::Respond(apply_join(shard, *request).await),
             other => other,
         };
         match outcome {
@@ -93,7 +116,9 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream) -> Option<ReadBuf
                 shard.histograms.borrow_mut().record_http(started.elapsed());
                 return res.is_ok().then_some(buf);
             }
-            Outcome::Hook(_) => unreachable!("hook signals are applied above"),
+            Outcome::Hook(_) | Outcome::Join(_) => {
+                unreachable!("hook signals and joins are applied above")
+            }
             Outcome::Respond(response) => {
                 let bytes = if head.method == Method::Head {
                     response.to_head_bytes(keep_alive)
@@ -149,8 +174,9 @@ fn route(shard: &Shard, head: &RequestHead, body: &mut [u8]) -> Outcome {
         ("/health/live", Method::Get | Method::Head) => live(shard),
         ("/metrics", Method::Get | Method::Head) => metrics(shard),
         ("/hook/set-status", Method::Post) => return hook_set_status(shard, body),
+        ("/join", Method::Post) => return join_route(body),
         ("/health" | "/health/live" | "/metrics", _) => method_not_allowed("GET, OPTIONS"),
-        ("/hook/set-status", _) => method_not_allowed("POST, OPTIONS"),
+        ("/hook/set-status" | "/join", _) => method_not_allowed("POST, OPTIONS"),
         _ => error_json(404, "not found"),
     };
     Outcome::Respond(response)
@@ -231,7 +257,7 @@ fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Outcome {
         .hook_limiter
         .lock()
         .expect("hook limiter lock")
-        .allow(signal.pid, &signal.cwd, Instant::now());
+        .allow(hook::hook_key(&signal), Instant::now());
     shard.metrics.hook_request(!allowed);
     if !allowed {
         return Outcome::Respond(error_json(
@@ -287,4 +313,78 @@ async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
         tracing::warn!(target: "hook", "pending status not written: db queue full");
     }
     Response::json(200, br#"{"ok":true,"pending":true}"#.to_vec())
+}
+
+/// Takes one token from the client address's `/join` bucket.
+fn join_allowed(shard: &Shard, client: IpAddr) -> bool {
+    shard
+        .ctx
+        .join_limiter
+        .lock()
+        .expect("join limiter lock")
+        .allow(join::client_key(client), Instant::now())
+}
+
+/// `{"ok":false,"error":code,"message":…}` with the refusal's status.
+fn join_refusal(e: &JoinError) -> Response {
+    error_code_json(e.status(), e.code(), &e.to_string())
+}
+
+/// PROTOCOL.md §12 steps 1 and 2, on the shard (pure, and a signature
+/// check like a hello's); the rest is the db thread's.
+fn join_route(body: &mut [u8]) -> Outcome {
+    match join::validate(body) {
+        Ok(request) => Outcome::Join(Box::new(request)),
+        Err(e) => {
+            tracing::info!(target: "join", outcome = e.code(), "join");
+            Outcome::Respond(join_refusal(&e))
+        }
+    }
+}
+
+/// Steps 3 to 7 on the db thread (its own connection and queue), awaited
+/// here without blocking the loop. A new member is in the directory by
+/// the time the answer comes, and is audited `member_joined`.
+async fn apply_join(shard: &Rc<Shard>, request: JoinRequest) -> Response {
+    let mesh_id = request.payload.mesh_id.clone();
+    let member_id = shard.ids.borrow_mut().next_id();
+    let unavailable = |why: &str| {
+        tracing::warn!(target: "join", mesh = %mesh_id, error = %why, "join unavailable");
+        error_code_json(
+            503,
+            "unavailable",
+            "enrollment is unavailable (the database is away); try again",
+        )
+    };
+    let Some(answer) = shard.ctx.db.join(request, member_id) else {
+        return unavailable("join queue full");
+    };
+    match answer.await {
+        Ok(Ok(joined)) => {
+            if let Some((mesh, member)) = &joined.installed {
+                shard.audit(AuditEvent::member_joined(
+                    mesh,
+                    member,
+                    joined.role.as_str(),
+                ));
+            }
+            let outcome = if joined.already_member {
+                "already_member"
+            } else {
+                "joined"
+            };
+            tracing::info!(target: "join", mesh = %mesh_id, member = %joined.member_id,
+                role = joined.role.as_str(), outcome, "join");
+            Response::json(
+                200,
+                join::success_body(&joined.member_id, joined.already_member),
+            )
+        }
+        Ok(Err(JoinFailed::Refused(e))) => {
+            tracing::info!(target: "join", mesh = %mesh_id, outcome = e.code(), "join");
+            join_refusal(&e)
+        }
+        Ok(Err(JoinFailed::Unavailable(why))) => unavailable(&why),
+        Err(_) => unavailable("db thread gone"),
+    }
 }
