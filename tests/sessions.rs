@@ -190,6 +190,9 @@ fn events_reach_only_those_who_asked_and_never_concern_their_own_member() {
     assert_eq!(ack["capabilities"], json!(["peer_events"]));
     assert_eq!(ack["resumed"], false);
     let mut deaf = Peer::connect(&broker, &members[1]);
+    // Events about sessions on different shards may come in either order:
+    // take this one before the next session's.
+    assert_eq!(event_names(&events(&mut watcher)), ["peer_joined"]);
     // A second session of the watcher's own member: no event about it.
     let (mut own, _) = connect_with(&broker, &members[0], &hello_with(&members[0], wants));
     let (mut other, _) = connect_with(&broker, &members[2], &hello(&members[2]));
@@ -199,10 +202,10 @@ fn events_reach_only_those_who_asked_and_never_concern_their_own_member() {
     let seen = events(&mut watcher);
     assert_eq!(
         event_names(&seen),
-        ["peer_joined", "peer_joined", "peer_status", "peer_summary"],
-        "deaf joined, other joined, other's status and (one) summary"
+        ["peer_joined", "peer_status", "peer_summary"],
+        "other joined, other's status and (one) summary"
     );
-    let summary = &seen[3];
+    let summary = &seen[2];
     assert_eq!(summary["eventData"]["summary"], "fixing the build");
     assert_eq!(summary["eventData"]["status"], "working");
     assert_eq!(
@@ -357,11 +360,14 @@ fn a_hello_with_a_live_session_id_replaces_it_and_other_members_are_unaffected()
         &hello_with(&members[1], shared.clone()),
     );
     assert_eq!(ack["resumed"], false);
-    old.send_json(&json!({"type": "set_summary", "summary": "kept"}));
+    // Events about sessions on different shards may come in either order:
+    // take the joins before the summary.
     assert_eq!(
         event_names(&events(&mut watcher)),
-        ["peer_joined", "peer_joined", "peer_summary"]
+        ["peer_joined", "peer_joined"]
     );
+    old.send_json(&json!({"type": "set_summary", "summary": "kept"}));
+    assert_eq!(event_names(&events(&mut watcher)), ["peer_summary"]);
     let (mut new, ack) = connect_with(&broker, &members[0], &hello_with(&members[0], shared));
     assert_eq!(ack["resumed"], true);
     assert_eq!(ack["presenceId"], old.presence_id.as_str());
