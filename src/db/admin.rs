@@ -35,16 +35,12 @@ pub struct AuditRow {
 }
 
 pub enum AdminRequest {
-    /// Sets `revoked_at` (the shards have revoked the entry already).
-    Ban {
+    /// `banned`: sets `revoked_at` (the shards have revoked the entry
+    /// already); else clears it and reinstates the member in the directory.
+    SetBanned {
         mesh_id: String,
         member_id: String,
-        reply: AdminReply<()>,
-    },
-    /// Clears `revoked_at` and reinstates the member in the directory.
-    Unban {
-        mesh_id: String,
-        member_id: String,
+        banned: bool,
         reply: AdminReply<()>,
     },
     ListBans {
@@ -87,20 +83,17 @@ LIMIT $4";
 impl MemberLoader {
     pub(super) async fn answer_admin(&mut self, request: AdminRequest) {
         match request {
-            AdminRequest::Ban {
+            AdminRequest::SetBanned {
                 mesh_id,
                 member_id,
+                banned,
                 reply,
             } => {
-                let done = self.execute(BAN_SQL, &member_id, &mesh_id).await;
-                let _ = reply.send(done);
-            }
-            AdminRequest::Unban {
-                mesh_id,
-                member_id,
-                reply,
-            } => {
-                let done = self.unban(&mesh_id, &member_id).await;
+                let done = if banned {
+                    self.execute(BAN_SQL, &member_id, &mesh_id).await
+                } else {
+                    self.unban(&mesh_id, &member_id).await
+                };
                 let _ = reply.send(done);
             }
             AdminRequest::ListBans { mesh_id, reply } => {

@@ -1,6 +1,6 @@
 //! Administration messages (PROTOCOL.md §13): what an admin asks, and the
 //! answers, written by hand like the other outbound messages.
-use super::outbound::{write_opt_str, write_req_id, write_str};
+use super::outbound::{write_array, write_opt_str, write_req_id, write_str};
 use std::borrow::Cow;
 
 /// Most entries one `audit_query` returns, and its default.
@@ -52,14 +52,8 @@ pub struct AuditEntry<'a> {
 }
 
 pub fn write_kick_ack(out: &mut Vec<u8>, kicked: &[&str], req_id: Option<&str>) {
-    out.extend_from_slice(b"{\"type\":\"kick_ack\",\"kicked\":[");
-    for (i, presence_id) in kicked.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
-        write_str(out, presence_id);
-    }
-    out.push(b']');
+    out.extend_from_slice(b"{\"type\":\"kick_ack\",\"kicked\":");
+    write_array(out, kicked, |out, presence_id| write_str(out, presence_id));
     write_req_id(out, req_id);
     out.push(b'}');
 }
@@ -77,11 +71,8 @@ pub fn write_ban_ack(out: &mut Vec<u8>, banned: bool, member_id: &str, req_id: O
 }
 
 pub fn write_bans_list(out: &mut Vec<u8>, bans: &[BanEntry<'_>], req_id: Option<&str>) {
-    out.extend_from_slice(b"{\"type\":\"bans_list\",\"bans\":[");
-    for (i, ban) in bans.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    out.extend_from_slice(b"{\"type\":\"bans_list\",\"bans\":");
+    write_array(out, bans, |out, ban| {
         out.extend_from_slice(b"{\"memberId\":");
         write_str(out, ban.member_id);
         out.extend_from_slice(b",\"pubkey\":");
@@ -91,18 +82,14 @@ pub fn write_bans_list(out: &mut Vec<u8>, bans: &[BanEntry<'_>], req_id: Option<
         out.extend_from_slice(b",\"revokedAt\":");
         write_str(out, ban.revoked_at);
         out.push(b'}');
-    }
-    out.push(b']');
+    });
     write_req_id(out, req_id);
     out.push(b'}');
 }
 
 pub fn write_audit_result(out: &mut Vec<u8>, entries: &[AuditEntry<'_>], req_id: Option<&str>) {
-    out.extend_from_slice(b"{\"type\":\"audit_result\",\"entries\":[");
-    for (i, entry) in entries.iter().enumerate() {
-        if i > 0 {
-            out.push(b',');
-        }
+    out.extend_from_slice(b"{\"type\":\"audit_result\",\"entries\":");
+    write_array(out, entries, |out, entry| {
         out.extend_from_slice(b"{\"id\":");
         write_str(out, entry.id);
         out.extend_from_slice(b",\"eventType\":");
@@ -119,8 +106,7 @@ pub fn write_audit_result(out: &mut Vec<u8>, entries: &[AuditEntry<'_>], req_id:
         out.extend_from_slice(b",\"hash\":");
         write_opt_str(out, entry.hash);
         out.push(b'}');
-    }
-    out.push(b']');
+    });
     write_req_id(out, req_id);
     out.push(b'}');
 }

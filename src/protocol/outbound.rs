@@ -304,20 +304,27 @@ pub fn write_peer_event(
     out.push(b'}');
 }
 
-/// `[{"name":…,"role":…|null},…]`.
-fn write_groups(out: &mut Vec<u8>, groups: &[GroupRole<'_>]) {
+/// A JSON array of `items`, each written by `each`.
+pub(super) fn write_array<T>(out: &mut Vec<u8>, items: &[T], each: impl Fn(&mut Vec<u8>, &T)) {
     out.push(b'[');
-    for (i, group) in groups.iter().enumerate() {
+    for (i, item) in items.iter().enumerate() {
         if i > 0 {
             out.push(b',');
         }
+        each(out, item);
+    }
+    out.push(b']');
+}
+
+/// `[{"name":…,"role":…|null},…]`.
+fn write_groups(out: &mut Vec<u8>, groups: &[GroupRole<'_>]) {
+    write_array(out, groups, |out, group| {
         out.extend_from_slice(b"{\"name\":");
         write_str(out, group.name);
         out.extend_from_slice(b",\"role\":");
         write_opt_str(out, group.role);
         out.push(b'}');
-    }
-    out.push(b']');
+    });
 }
 
 /// `,"_reqId":"…"` when there is one.

@@ -65,6 +65,7 @@ impl Session {
                 "only a mesh admin may do this",
             ));
         }
+        let banned = matches!(admin, OwnedAdmin::Ban(_));
         let answer = match admin {
             OwnedAdmin::Kick(target) => match self.target(&mesh, &me, &target, false) {
                 Ok(member) => {
@@ -77,48 +78,29 @@ impl Session {
                 }
                 Err(e) => Err(e),
             },
-            OwnedAdmin::Ban(target) => match self.target(&mesh, &me, &target, false) {
-                Ok(member) => {
-                    member.revoke();
-                    self.shard.kick(&mesh, &member, true);
-                    let (reply, answer) = oneshot::channel();
-                    self.ask(
-                        AdminRequest::Ban {
+            OwnedAdmin::Ban(target) | OwnedAdmin::Unban(target) => {
+                match self.target(&mesh, &me, &target, !banned) {
+                    Ok(member) => {
+                        if banned {
+                            member.revoke();
+                            self.shard.kick(&mesh, &member, true);
+                        }
+                        let (reply, answer) = oneshot::channel();
+                        let request = AdminRequest::SetBanned {
                             mesh_id: mesh.id.to_string(),
                             member_id: member.id.to_string(),
+                            banned,
                             reply,
-                        },
-                        answer,
-                    )
-                    .await
-                    .map(|()| {
-                        let mut json = Vec::with_capacity(64);
-                        protocol::write_ban_ack(&mut json, true, &member.id, req_id);
-                        json
-                    })
+                        };
+                        self.ask(request, answer).await.map(|()| {
+                            let mut json = Vec::with_capacity(64);
+                            protocol::write_ban_ack(&mut json, banned, &member.id, req_id);
+                            json
+                        })
+                    }
+                    Err(e) => Err(e),
                 }
-                Err(e) => Err(e),
-            },
-            OwnedAdmin::Unban(target) => match self.target(&mesh, &me, &target, true) {
-                Ok(member) => {
-                    let (reply, answer) = oneshot::channel();
-                    self.ask(
-                        AdminRequest::Unban {
-                            mesh_id: mesh.id.to_string(),
-                            member_id: member.id.to_string(),
-                            reply,
-                        },
-                        answer,
-                    )
-                    .await
-                    .map(|()| {
-                        let mut json = Vec::with_capacity(64);
-                        protocol::write_ban_ack(&mut json, false, &member.id, req_id);
-                        json
-                    })
-                }
-                Err(e) => Err(e),
-            },
+            }
             OwnedAdmin::ListBans => {
                 let (reply, answer) = oneshot::channel();
                 let request = AdminRequest::ListBans {
