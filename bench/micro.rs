@@ -81,6 +81,8 @@ fn protocol_messages(c: &mut Criterion) {
                     mesh_id: "mesh-1",
                     sender_pubkey:
                         "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90",
+                    sender_member_pubkey:
+                        "a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90",
                     target_spec: None,
                     priority: protocol::Priority::Now,
                     client_message_id: None,
@@ -147,6 +149,7 @@ fn routing(c: &mut Criterion) {
                     holds_in_flight: Default::default(),
                     redelivered_frame: Default::default(),
                     client_message_id: None,
+                    session: None,
                 });
                 let plan = plan_many(&envelope, Audience::All, &limits).unwrap();
                 let done = routes.deliver_route(plan.route.as_ref().unwrap());
@@ -190,9 +193,10 @@ fn directory_of(n: usize) -> (Arc<MeshEntry>, Vec<Arc<SessionEntry>>) {
                 shard: i % 2,
                 conn: i as u64,
             };
-            let claim = MemberSessions::claim(member, "session-1", holder, || {
+            let claim = MemberSessions::claim(member, "session-1", None, holder, || {
                 Ok::<_, ()>(NewSession {
                     presence_id: format!("presence-{i:05}").into(),
+                    session_pubkey: None,
                     pid: 4000 + i as i32,
                     cwd: "/home/dev/projects/meshbroker".into(),
                     connected_at: "2026-12-02T03:00:00.000Z".into(),

@@ -138,6 +138,8 @@ pub(crate) enum AuditKind {
         presence_id: Box<str>,
         session_id: Box<str>,
         pid: i32,
+        /// `peerRole`: `control-plane` (`hello`) or `session` (`session_hello`).
+        role: &'static str,
     },
     /// A hello took over a session in its grace, or a live one it replaced
     /// (PROTOCOL.md §9).
@@ -289,11 +291,13 @@ impl AuditEvent {
         presence_id: &str,
         session_id: &str,
         pid: i32,
+        role: &'static str,
     ) -> Self {
         let kind = AuditKind::Connect {
             presence_id: presence_id.into(),
             session_id: session_id.into(),
             pid,
+            role,
         };
         Self::by_member(mesh, member, None, kind)
     }
@@ -507,9 +511,11 @@ impl AuditEvent {
                 presence_id,
                 session_id,
                 pid,
+                role,
             } => {
                 o.int("pid", i64::from(*pid));
                 o.str("presenceId", presence_id);
+                o.str("role", role);
                 o.str("sessionId", session_id);
             }
             AuditKind::Resume {
@@ -753,6 +759,7 @@ mod tests {
             holds_in_flight: Default::default(),
             redelivered_frame: Default::default(),
             client_message_id: None,
+            session: None,
         }
     }
 
@@ -773,7 +780,7 @@ mod tests {
     fn session_events_render_their_fields() {
         let mesh = mesh();
         let alice = member(&mesh, "alice");
-        let connect = AuditEvent::connect(&mesh, &alice, "p1", "sess-1", 4242);
+        let connect = AuditEvent::connect(&mesh, &alice, "p1", "sess-1", 4242, "session");
         assert_eq!(connect.kind.event_type(), "connect");
         assert_eq!(
             (connect.mesh_id(), connect.actor_id(), connect.target_id()),
@@ -781,7 +788,7 @@ mod tests {
         );
         assert_eq!(
             metadata(&connect),
-            json!({"pid": 4242, "presenceId": "p1", "sessionId": "sess-1"})
+            json!({"pid": 4242, "presenceId": "p1", "role": "session", "sessionId": "sess-1"})
         );
 
         let gone = AuditEvent::disconnect(&mesh, &alice, "p1", CloseReason::SlowReader);
@@ -940,7 +947,7 @@ mod tests {
         let mesh = mesh();
         let alice = member(&mesh, "alice");
         let odd = "a\"b\\c\nd\u{1}e\0f\u{e9}";
-        let connect = AuditEvent::connect(&mesh, &alice, "p1", odd, 1);
+        let connect = AuditEvent::connect(&mesh, &alice, "p1", odd, 1, "control-plane");
         assert_eq!(
             metadata(&connect)["sessionId"],
             "a\"b\\c\nd\u{1}e\u{fffd}f\u{e9}"

@@ -116,7 +116,7 @@ fn a_session_life_is_audited_in_order_with_its_metadata() {
         expected(
             "connect",
             &alice.id,
-            json!({"pid": 4242, "presenceId": p, "sessionId": session_id}),
+            json!({"pid": 4242, "presenceId": p, "role": "control-plane", "sessionId": session_id}),
         ),
         expected(
             "status_change",

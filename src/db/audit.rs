@@ -630,7 +630,14 @@ mod tests {
             .map(|i| Accepted {
                 id: ids.next_id(),
                 at: Instant::now(),
-                event: AuditEvent::connect(&mesh, &alice, &format!("p{i}"), "s", 1),
+                event: AuditEvent::connect(
+                    &mesh,
+                    &alice,
+                    &format!("p{i}"),
+                    "s",
+                    1,
+                    "control-plane",
+                ),
                 retried: false,
             })
             .collect()
@@ -651,7 +658,9 @@ mod tests {
         for (i, m) in c.metadata.iter().enumerate() {
             assert_eq!(
                 *m,
-                format!(r#"{{"pid":1,"presenceId":"p{i}","sessionId":"s"}}"#)
+                format!(
+                    r#"{{"pid":1,"presenceId":"p{i}","role":"control-plane","sessionId":"s"}}"#
+                )
             );
         }
         // One chain, from genesis, each row after the one before.

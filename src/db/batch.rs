@@ -38,12 +38,12 @@ ON CONFLICT (id) DO NOTHING";
 
 pub(crate) const PRESENCE_OPEN_SQL: &str = "\
 INSERT INTO mesh.presence (id, member_id, session_id, pid, cwd, status, status_source,
-  status_updated_at, connected_at, last_ping_at)
+  status_updated_at, connected_at, last_ping_at, session_pubkey)
 SELECT t.id, t.member_id, t.session_id, t.pid, t.cwd, t.status::mesh.presence_status,
-  t.source::mesh.presence_status_source, t.at, t.at, t.at
+  t.source::mesh.presence_status_source, t.at, t.at, t.at, t.session_pubkey
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::timestamp[],
-  $7::text[], $8::text[])
-  AS t(id, member_id, session_id, pid, cwd, at, status, source)
+  $7::text[], $8::text[], $9::text[])
+  AS t(id, member_id, session_id, pid, cwd, at, status, source, session_pubkey)
 ON CONFLICT (id) DO NOTHING";
 
 pub(crate) const PRESENCE_STATUS_SQL: &str = "\
@@ -126,6 +126,7 @@ pub(crate) struct PresenceOpenRows<'a> {
     pub at: Vec<SystemTime>,
     pub status: Vec<&'static str>,
     pub source: Vec<&'static str>,
+    pub session_pubkey: Vec<Option<&'a str>>,
 }
 
 /// Column arrays for status updates: one row per presence, its last
@@ -272,11 +273,13 @@ impl<'a> BatchRows<'a> {
                 session_id,
                 pid,
                 cwd,
+                session_pubkey,
                 status,
                 source,
                 at,
             } => {
                 let rows = &mut self.presence_open;
+                rows.session_pubkey.push(session_pubkey.as_deref());
                 rows.id.push(id);
                 rows.member_id.push(member_id);
                 rows.session_id.push(session_id);
@@ -379,6 +382,7 @@ pub(crate) async fn write_batch(
                     &open.at,
                     &open.status,
                     &open.source,
+                    &open.session_pubkey,
                 ],
             )
             .await

@@ -63,6 +63,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "join",
         sql: include_str!("../../migrations/0008_join.sql"),
     },
+    Migration {
+        version: 9,
+        name: "presence_session_pubkey",
+        sql: include_str!("../../migrations/0009_presence_session_pubkey.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -138,8 +143,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3, 4, 5, 6, 7, 8]);
-        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 7, 8]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4, 5, 6, 7, 8, 9]);
+        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).is_empty());
     }
 
     #[test]

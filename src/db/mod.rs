@@ -138,11 +138,13 @@ pub enum DbCommand {
     /// A session said hello: its presence row, with the status it starts
     /// with (idle/jsonl, or a stashed hook signal).
     PresenceOpen {
-        id: String,
-        member_id: String,
+        id: Box<str>,
+        member_id: Box<str>,
         session_id: String,
         pid: i32,
         cwd: String,
+        /// A `session_hello` session's key (PROTOCOL.md §9); `None` for `hello`.
+        session_pubkey: Option<Box<str>>,
         status: Status,
         source: Source,
         at: SystemTime,

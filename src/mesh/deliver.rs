@@ -8,7 +8,8 @@
 //! hold those `Arc`s, so the addresses are stable while they count (Fx
 //! hashing: the keys are addresses, hashed on every push).
 use super::directory::{MemberEntry, MeshEntry};
-use super::held::Take;
+use super::held::{HeldQueue, Take};
+use super::peers::SessionEntry;
 use super::plan::{key, Route, Targets};
 use super::{Envelope, HeldLate, Orphan};
 use crate::protocol::Priority;
@@ -36,6 +37,17 @@ pub trait Recipient {
     /// Queue a peer event: never held, never gated; a session over its
     /// outbound bound is cut off like for any frame. True when queued.
     fn notify(&self, frame: &bytes::Bytes) -> bool;
+
+    /// The directory entry of the session it holds (for sends to a session
+    /// key, PROTOCOL.md §9).
+    fn session(&self) -> Option<Arc<SessionEntry>> {
+        None
+    }
+}
+
+/// Whether `session` holds `entry`.
+fn holds<S: Recipient>(session: &S, entry: &Arc<SessionEntry>) -> bool {
+    session.session().is_some_and(|e| Arc::ptr_eq(&e, entry))
 }
 
 /// What a session did with an envelope.
@@ -85,49 +97,65 @@ pub struct Left {
     pub drain: u64,
     /// Live envelopes it had not written, now held: to be stored.
     pub late: Vec<HeldLate>,
+    /// Sessions that got envelopes sent to their key back (a connection
+    /// that was replaced): their holder is to drain them.
+    pub sessions: Vec<Arc<SessionEntry>>,
 }
 
 /// What a session that is gone (or going) had not written goes back to its
 /// member (see `reclaim`; live ones another session of the member may take
 /// went there too).
 pub fn give_back(member: &Arc<MemberEntry>, orphans: Vec<Orphan>) -> Left {
-    let mut left = Left::default();
-    reclaim(
-        member,
-        orphans,
-        |p| member.shards_for(p) != 0,
-        &mut left.late,
-    );
-    if !member.held.is_empty() {
-        left.drain = member.live_shards.get();
+    let mut late = Vec::new();
+    let sessions = reclaim(member, orphans, |p| member.shards_for(p) != 0, &mut late);
+    let drain = if member.held.is_empty() {
+        0
+    } else {
+        member.live_shards.get()
+    };
+    Left {
+        drain,
+        late,
+        sessions,
     }
-    left
 }
 
 /// Gives a cut-off session's unwritten envelopes back to its member: those
 /// held for the member always (they went to this session only), live ones
 /// unless `covered` says another session of the member took them too.
-/// The live ones given back are now held: they go to `late`. True when
-/// anything was given back.
+/// What was sent to a session's key goes back to that session (to its
+/// member once it has ended), live or not: no other session may have it.
+/// The live ones given back are now held: they go to `late`. Returns the
+/// sessions that got any back.
 fn reclaim(
     member: &Arc<MemberEntry>,
     orphans: Vec<Orphan>,
     covered: impl Fn(Priority) -> bool,
     late: &mut Vec<HeldLate>,
-) -> bool {
+) -> Vec<Arc<SessionEntry>> {
     let mut back = Vec::with_capacity(orphans.len());
+    let mut sessions: Vec<Arc<SessionEntry>> = Vec::new();
     for orphan in orphans {
-        if orphan.stored {
-            back.push(orphan.envelope);
-        } else if !covered(orphan.envelope.priority) {
+        let own = orphan.envelope.session.clone();
+        if !orphan.stored {
+            if own.is_none() && covered(orphan.envelope.priority) {
+                continue;
+            }
             orphan.envelope.hold_in_flight();
             late.push((orphan.envelope.clone(), member.clone()));
-            back.push(orphan.envelope);
+        }
+        match own {
+            Some(entry) => {
+                entry.hand_back(vec![orphan.envelope]);
+                if !sessions.iter().any(|e| Arc::ptr_eq(e, &entry)) {
+                    sessions.push(entry);
+                }
+            }
+            None => back.push(orphan.envelope),
         }
     }
-    let any = !back.is_empty();
     member.held.hand_back(back);
-    any
+    sessions
 }
 
 pub struct LocalRoutes<S> {
@@ -251,6 +279,7 @@ impl<S: Recipient> LocalRoutes<S> {
                 let sessions = self.sessions_of(&envelope.mesh, member);
                 self.deliver_to(member, sessions, route, &mut done);
             }
+            Targets::Session(entry) => self.deliver_to_session(entry, route, &mut done),
             Targets::AllBut { held_for } => {
                 let skipped = |k: &usize| !held_for.is_empty() && held_for.binary_search(k).is_ok();
                 self.deliver_to_mesh(route, |k| !skipped(k), &mut done);
@@ -314,12 +343,52 @@ impl<S: Recipient> LocalRoutes<S> {
         // took).
         let others = |p: Priority| member.shards_for(p) & !self.bit();
         let covered = |p: Priority| others(p) != 0 || sessions.iter().any(|s| s.accepts(p));
-        let mut reheld = reclaim(member, orphans, covered, &mut done.late);
+        let mut reheld = !orphans.is_empty();
+        reclaim(member, orphans, covered, &mut done.late);
         if !took && others(envelope.priority) & route.shards == 0 {
             envelope.hold_in_flight();
             member.held.hand_back(vec![envelope.clone()]);
             done.late.push((envelope.clone(), member.clone()));
             reheld = true;
+        }
+        if reheld {
+            done.held.push((member.clone(), member.live_shards.get()));
+        }
+    }
+
+    /// Delivers an envelope sent to a session's key to that session only,
+    /// if it is here and may take it; else the session holds it (its member,
+    /// once it has ended), stored like any envelope held after its ack.
+    fn deliver_to_session(&self, entry: &Arc<SessionEntry>, route: &Route, done: &mut Delivered) {
+        let envelope = &route.envelope;
+        let member = &entry.member;
+        let sessions = self.sessions_of(&envelope.mesh, member);
+        let mut orphans = Vec::new();
+        let took = match sessions.iter().find(|s| holds(&***s, entry)) {
+            Some(session) if session.accepts(envelope.priority) => {
+                match session.deliver(envelope, false) {
+                    Delivery::Taken => true,
+                    Delivery::Refused => false,
+                    Delivery::CutOff(queued) => {
+                        orphans = queued;
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if took {
+            done.pushes += 1;
+        }
+        let others = |p: Priority| member.shards_for(p) & !self.bit();
+        let covered = |p: Priority| others(p) != 0 || sessions.iter().any(|s| s.accepts(p));
+        let reheld = !orphans.is_empty();
+        reclaim(member, orphans, covered, &mut done.late);
+        if !took {
+            envelope.hold_in_flight();
+            let eligible = entry.hold(envelope.clone());
+            done.late.push((envelope.clone(), member.clone()));
+            done.held.push((member.clone(), eligible));
         }
         if reheld {
             done.held.push((member.clone(), member.live_shards.get()));
@@ -366,26 +435,69 @@ impl<S: Recipient> LocalRoutes<S> {
         }
         let candidates = session.map_or(sessions, std::slice::from_ref);
         let now = SystemTime::now();
+        // What was sent to a session's key goes first, to that session only.
+        for candidate in candidates {
+            let Some(entry) = candidate.session() else {
+                continue;
+            };
+            let Some(own) = entry.held.as_ref().filter(|h| !h.queue.is_empty()) else {
+                continue;
+            };
+            let one = std::slice::from_ref(candidate);
+            let put_back = |e: Arc<Envelope>| entry.hand_back(vec![e]);
+            self.drain_queue(
+                member,
+                &own.queue,
+                one,
+                sessions,
+                now,
+                &mut drained,
+                &put_back,
+            );
+        }
+        let put_back = |e: Arc<Envelope>| member.held.hand_back(vec![e]);
+        self.drain_queue(
+            member,
+            &member.held,
+            candidates,
+            sessions,
+            now,
+            &mut drained,
+            &put_back,
+        );
+        drained
+    }
+
+    /// Drains one queue (a member's, or a session's own) to `candidates`.
+    #[allow(clippy::too_many_arguments)]
+    fn drain_queue(
+        &self,
+        member: &Arc<MemberEntry>,
+        queue: &HeldQueue,
+        candidates: &[Rc<S>],
+        sessions: &[Rc<S>],
+        now: SystemTime,
+        drained: &mut Drained,
+        put_back: &dyn Fn(Arc<Envelope>),
+    ) {
         loop {
             let mut target = None;
-            let taken = member
-                .held
-                .take_next(now, &mut drained.expired, |envelope| {
-                    let mut takers = candidates
-                        .iter()
-                        .filter(|s| s.accepts(envelope.priority))
-                        .peekable();
-                    if takers.peek().is_none() {
-                        return Take::SkipPriority;
-                    }
-                    target = takers.find(|s| s.room() >= envelope.frame.len());
-                    if target.is_some() {
-                        Take::Yes
-                    } else {
-                        drained.waiting_for_room = true;
-                        Take::Stop
-                    }
-                });
+            let taken = queue.take_next(now, &mut drained.expired, |envelope| {
+                let mut takers = candidates
+                    .iter()
+                    .filter(|s| s.accepts(envelope.priority))
+                    .peekable();
+                if takers.peek().is_none() {
+                    return Take::SkipPriority;
+                }
+                target = takers.find(|s| s.room() >= envelope.frame.len());
+                if target.is_some() {
+                    Take::Yes
+                } else {
+                    drained.waiting_for_room = true;
+                    Take::Stop
+                }
+            });
             let Some(envelope) = taken else { break };
             match target
                 .expect("taken with a target")
@@ -393,7 +505,7 @@ impl<S: Recipient> LocalRoutes<S> {
             {
                 Delivery::Taken => drained.delivered += 1,
                 Delivery::Refused => {
-                    member.held.hand_back(vec![envelope]);
+                    put_back(envelope);
                     break;
                 }
                 Delivery::CutOff(mut orphans) => {
@@ -412,7 +524,6 @@ impl<S: Recipient> LocalRoutes<S> {
                 }
             }
         }
-        drained
     }
 }
 
@@ -437,6 +548,7 @@ mod tests {
         queued: RefCell<Vec<Orphan>>,
         wants_events: Cell<bool>,
         events: Cell<usize>,
+        entry: RefCell<Option<Arc<SessionEntry>>>,
     }
 
     impl Fake {
@@ -449,6 +561,7 @@ mod tests {
                 queued: RefCell::new(Vec::new()),
                 wants_events: Cell::new(false),
                 events: Cell::new(0),
+                entry: RefCell::new(None),
             })
         }
 
@@ -497,6 +610,127 @@ mod tests {
             self.events.set(self.events.get() + 1);
             true
         }
+
+        fn session(&self) -> Option<Arc<SessionEntry>> {
+            self.entry.borrow().clone()
+        }
+    }
+
+    /// A `session_hello` session of `member` with key `key`, live on
+    /// shard 0, held by a new idle fake.
+    fn keyed_session(world: &World, member: &str, key: &str, conn: u64) -> Rc<Fake> {
+        use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession};
+        let member = world.member(member);
+        let holder = Holder::Live { shard: 0, conn };
+        let claim = MemberSessions::claim(&member, key, Some(key), holder, || {
+            Ok::<_, ()>(NewSession {
+                presence_id: format!("p-{key}").into(),
+                session_pubkey: Some(key.into()),
+                pid: 1,
+                cwd: "/w".into(),
+                connected_at: "t".into(),
+                display_name: "s".into(),
+                status: crate::status::StatusState::new(std::time::Instant::now()),
+            })
+        })
+        .unwrap();
+        let Claim::New(entry) = claim else {
+            panic!("a new session")
+        };
+        world.mesh.session_keys.insert(&entry);
+        let fake = Fake::idle();
+        *fake.entry.borrow_mut() = Some(entry);
+        fake
+    }
+
+    /// An envelope from `from` to the session `to` holds.
+    fn to_session(world: &World, seq: u32, from: &str, to: &Fake, p: Priority) -> Arc<Envelope> {
+        let entry = to.session().unwrap();
+        let mut e = Arc::into_inner(world.envelope(seq, from, None, p)).unwrap();
+        e.target = EnvelopeTarget::Member(entry.member.clone());
+        e.session = Some(entry);
+        Arc::new(e)
+    }
+
+    fn set_busy(world: &World, routes: &LocalRoutes<Fake>, fake: &Fake, busy: bool) {
+        let entry = fake.session().unwrap();
+        let status = if busy {
+            crate::hook::Status::Working
+        } else {
+            crate::hook::Status::Idle
+        };
+        entry.set_status(crate::status::StatusState::with(
+            status,
+            crate::status::Source::Manual,
+            std::time::Instant::now(),
+        ));
+        fake.busy.set(busy);
+        routes.status_changed(&world.mesh, &entry.member);
+    }
+
+    #[test]
+    fn a_session_key_send_goes_to_that_session_alone_until_it_ends() {
+        use crate::mesh::plan::plan_session;
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let (one, two) = (
+            keyed_session(&world, "b", "k1", 1),
+            keyed_session(&world, "b", "k2", 2),
+        );
+        routes.add(&world.mesh, &b, one.clone());
+        routes.add(&world.mesh, &b, two.clone());
+        let entry = one.session().unwrap();
+
+        // Live and idle: routed to its shard, taken by it alone.
+        let live = to_session(&world, 1, "a", &one, Priority::Next);
+        let plan = plan_session(&live, &entry, &world.limits(10)).unwrap();
+        assert!(plan.held.is_empty());
+        assert_eq!(routes.deliver_route(plan.route.as_ref().unwrap()).pushes, 1);
+        assert_eq!((one.got(), two.got()), (vec!["m0001".into()], vec![]));
+
+        // Busy: held for it, not for the member, and no drain gives it to
+        // the idle sibling; it goes once the session may take it.
+        set_busy(&world, &routes, &one, true);
+        let held = to_session(&world, 2, "a", &one, Priority::Next);
+        let plan = plan_session(&held, &entry, &world.limits(10)).unwrap();
+        assert_eq!(plan.held.len(), 1, "held, so its ack waits for the row");
+        assert!(b.held.is_empty());
+        assert_eq!(entry.held_len(), 1);
+        assert_eq!(routes.drain_held(&world.mesh, &b, None).delivered, 0);
+        set_busy(&world, &routes, &one, false);
+        assert_eq!(routes.drain_held(&world.mesh, &b, Some(&two)).delivered, 0);
+        assert_eq!(routes.drain_held(&world.mesh, &b, None).delivered, 1);
+        assert_eq!(one.got(), ["m0001", "m0002"]);
+        assert!(two.got().is_empty());
+
+        // A route that finds it busy on arrival holds it for it too.
+        let racing = to_session(&world, 3, "a", &one, Priority::Next);
+        let plan = plan_session(&racing, &entry, &world.limits(10)).unwrap();
+        set_busy(&world, &routes, &one, true);
+        let done = routes.deliver_route(plan.route.as_ref().unwrap());
+        assert_eq!(
+            (done.pushes, done.late.len()),
+            (0, 1),
+            "stored after its ack"
+        );
+        assert_eq!(entry.held_len(), 1);
+
+        // It ends: what it held is its member's now, and its key names the
+        // member; later holds for it go to the member as well.
+        routes.leave(&world.mesh, &b, &one, Vec::new());
+        assert!(entry.end_held());
+        world.mesh.session_keys.ended(&entry);
+        assert_eq!(b.held.len(), 1);
+        assert!(matches!(
+            world.mesh.session_keys.resolve("K1"),
+            Some(crate::mesh::peers::KeyTarget::Member(m)) if Arc::ptr_eq(&m, &b)
+        ));
+        entry.hold(to_session(&world, 4, "a", &one, Priority::Next));
+        assert_eq!((entry.held_len(), b.held.len()), (0, 2));
+        assert_eq!(routes.drain_held(&world.mesh, &b, None).delivered, 2);
+        assert_eq!(two.got(), ["m0003", "m0004"]);
+        assert_eq!(world.depth(), 0);
     }
 
     struct World {
@@ -566,6 +800,7 @@ mod tests {
                 holds_in_flight: Default::default(),
                 redelivered_frame: Default::default(),
                 client_message_id: None,
+                session: None,
             })
         }
 

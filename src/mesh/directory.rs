@@ -10,7 +10,7 @@ use super::bucket::SendBucket;
 use super::dedupe::SentIds;
 use super::held::HeldQueue;
 use super::lease::{MemberLeases, Redeliveries};
-use super::peers::{MemberSessions, PeerBoard};
+use super::peers::{MemberSessions, PeerBoard, SessionKeys};
 use super::{Envelope, HeldLate};
 use crate::protocol::{GroupName, Priority};
 use arc_swap::ArcSwap;
@@ -340,6 +340,8 @@ pub struct MeshEntry {
     pub id: Box<str>,
     /// Its sessions as `list_peers` sees them.
     pub board: PeerBoard,
+    /// Its `session_hello` sessions' keys (PROTOCOL.md §9).
+    pub session_keys: SessionKeys,
     /// Its live `client_ack` sessions: a send that may reach one stores
     /// what it leases, so it is refused while the held budget is full.
     pub leasing: Leasing,
@@ -505,6 +507,7 @@ impl Directory {
         let fresh = Arc::new(MeshEntry {
             id: mesh_id.into(),
             board: PeerBoard::default(),
+            session_keys: SessionKeys::default(),
             leasing: Leasing::default(),
             view: ArcSwap::from_pointee(MeshView::default()),
             live_sessions: AtomicU32::new(0),

@@ -97,6 +97,21 @@ impl HeldQueue {
         }
     }
 
+    /// An empty queue counting into the same gauge (a session's own).
+    pub fn sibling(&self) -> HeldQueue {
+        HeldQueue::new(self.depth.clone())
+    }
+
+    /// Takes everything, oldest first (across priorities).
+    pub fn take_all(&self) -> Vec<Arc<Envelope>> {
+        let mut queues = self.queues.lock().expect("held lock");
+        let mut all: Vec<Arc<Envelope>> = queues.iter_mut().flat_map(|q| q.drain(..)).collect();
+        all.sort_by(|a, b| order(a).cmp(&order(b)));
+        self.publish(&queues);
+        self.depth.fetch_sub(all.len() as i64, Ordering::Relaxed);
+        all
+    }
+
     /// Holds an envelope in its creation-order place and returns what
     /// `eligible` (the shards that may take its priority) says right after,
     /// still under the lock. A session that becomes eligible marks its

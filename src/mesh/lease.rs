@@ -258,6 +258,7 @@ mod tests {
             holds_in_flight: Default::default(),
             redelivered_frame: Default::default(),
             client_message_id: None,
+            session: None,
         })
     }
 

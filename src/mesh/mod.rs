@@ -82,6 +82,10 @@ pub struct Envelope {
     pub redelivered_frame: OnceLock<Bytes>,
     /// The sender's `client_message_id`, passed through on every push.
     pub client_message_id: Option<Box<str>>,
+    /// Sent to this session's key while it was live or away (PROTOCOL.md
+    /// §9): for it alone, until it ends. `target` is its member, which
+    /// stores the envelope's row and takes it once the session is gone.
+    pub session: Option<Arc<peers::SessionEntry>>,
 }
 
 /// An envelope queued on a session, or handed back by one that was cut

@@ -15,12 +15,15 @@
 //! session taken over by another shard is listed only by the shard that
 //! holds it now, so a list never shows it twice.
 use super::directory::MemberEntry;
+use super::held::HeldQueue;
+use super::Envelope;
 use crate::config::MAX_SHARDS;
 use crate::protocol::{write_peer_event, GroupRole, PeerFields, PeersListWriter};
 use crate::status::StatusState;
 use crate::ws::{self, OpCode};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Where a session is.
@@ -62,12 +65,117 @@ pub struct SessionEntry {
     pub cwd: Box<str>,
     /// RFC 3339, when its presence began.
     pub connected_at: Box<str>,
+    /// Its own key, for a `session_hello` session (lowercase hex); `None`
+    /// for a `hello` one, which speaks with its member's key.
+    pub session_pubkey: Option<Box<str>>,
+    /// What was sent to its session key and waits for it (a `session_hello`
+    /// session only; see `SessionHeld`).
+    pub held: Option<Box<SessionHeld>>,
     state: Mutex<SessionState>,
+}
+
+/// Envelopes sent to a session's key that it cannot take yet (PROTOCOL.md
+/// §9): they wait for that session alone. When the session ends they move
+/// to its member's queue; `ended`, checked under the same lock as every
+/// hold, makes sure none is put here after that move.
+pub struct SessionHeld {
+    ended: Mutex<bool>,
+    pub queue: HeldQueue,
+}
+
+impl SessionHeld {
+    fn new(queue: HeldQueue) -> Self {
+        SessionHeld {
+            ended: Mutex::new(false),
+            queue,
+        }
+    }
+}
+
+/// A session's key, role and what waits for it alone.
+impl SessionEntry {
+    pub fn peer_role(&self) -> &'static str {
+        match self.session_pubkey {
+            Some(_) => "session",
+            None => "control-plane",
+        }
+    }
+
+    /// The key its pushes are sent with (`senderPubkey`).
+    pub fn sender_pubkey(&self) -> &str {
+        self.session_pubkey
+            .as_deref()
+            .unwrap_or(&self.member.pubkey)
+    }
+
+    /// Holds an envelope sent to this session's key, returning the shard
+    /// that may take it right after (its holder, when live and accepting
+    /// its priority), as `HeldQueue::hold` does for a member. Once the
+    /// session has ended it is held for the member instead.
+    pub fn hold(&self, envelope: Arc<Envelope>) -> u64 {
+        let Some(held) = &self.held else {
+            return self.member.hold(envelope);
+        };
+        let ended = held.ended.lock().expect("session held lock");
+        if *ended {
+            drop(ended);
+            return self.member.hold(envelope);
+        }
+        held.queue
+            .hold(envelope, |priority| self.eligible(priority))
+    }
+
+    /// Puts back envelopes for this session (a cut-off connection's, a
+    /// refused drain's), or to the member once the session has ended.
+    pub fn hand_back(&self, envelopes: Vec<Arc<Envelope>>) {
+        match &self.held {
+            Some(held) => {
+                let ended = held.ended.lock().expect("session held lock");
+                if *ended {
+                    drop(ended);
+                    self.member.held.hand_back(envelopes);
+                } else {
+                    held.queue.hand_back(envelopes);
+                }
+            }
+            None => self.member.held.hand_back(envelopes),
+        }
+    }
+
+    /// The session is over: what it still holds moves to its member, in
+    /// creation order; true when anything moved.
+    pub fn end_held(&self) -> bool {
+        let Some(held) = &self.held else {
+            return false;
+        };
+        let mut ended = held.ended.lock().expect("session held lock");
+        *ended = true;
+        let moved = held.queue.take_all();
+        drop(ended);
+        let any = !moved.is_empty();
+        self.member.held.hand_back(moved);
+        any
+    }
+
+    /// The shard mask that may take `priority` for this session now.
+    pub fn eligible(&self, priority: crate::protocol::Priority) -> u64 {
+        let state = self.lock();
+        match state.holder {
+            Holder::Live { shard, .. } if state.status.accepts(priority) => 1 << shard,
+            _ => 0,
+        }
+    }
+
+    /// How many envelopes wait for this session.
+    pub fn held_len(&self) -> usize {
+        self.held.as_ref().map_or(0, |h| h.queue.len())
+    }
 }
 
 /// What a new session starts with.
 pub struct NewSession {
     pub presence_id: Box<str>,
+    pub session_pubkey: Option<Box<str>>,
     pub pid: i32,
     pub cwd: Box<str>,
     pub connected_at: Box<str>,
@@ -184,15 +292,24 @@ impl MemberSessions {
     /// A hello of `member` with `session_id` on connection `holder`: takes
     /// over the member's session with that id (in its grace, or live on
     /// another connection), or else, if `admit` lets it in, starts a new one.
-    /// Session ids are only ever compared within one member.
+    /// A `session_hello` (`session_pubkey`) is known by its key instead:
+    /// one presence per session key, whatever its `sessionId`; a `hello`
+    /// only ever takes over a `hello` session. Session ids are only ever
+    /// compared within one member.
     pub fn claim<E>(
         member: &Arc<MemberEntry>,
         session_id: &str,
+        session_pubkey: Option<&str>,
         holder: Holder,
         admit: impl FnOnce() -> Result<NewSession, E>,
     ) -> Result<Claim, E> {
         let mut sessions = member.sessions.lock();
-        if let Some(entry) = sessions.iter().find(|e| &*e.session_id == session_id) {
+        let same = |e: &&Arc<SessionEntry>| match (session_pubkey, e.session_pubkey.as_deref()) {
+            (Some(key), Some(theirs)) => key == theirs,
+            (None, None) => &*e.session_id == session_id,
+            _ => false,
+        };
+        if let Some(entry) = sessions.iter().find(same) {
             let mut state = entry.lock();
             let was = std::mem::replace(&mut state.holder, holder);
             drop(state);
@@ -206,8 +323,14 @@ impl MemberSessions {
             });
         }
         let new = admit()?;
+        let held = new
+            .session_pubkey
+            .as_ref()
+            .map(|_| Box::new(SessionHeld::new(member.held.sibling())));
         let entry = Arc::new(SessionEntry {
             presence_id: new.presence_id,
+            session_pubkey: new.session_pubkey,
+            held,
             session_id: session_id.into(),
             member: member.clone(),
             pid: new.pid,
@@ -256,6 +379,87 @@ impl MemberSessions {
         }
         sessions.retain(|e| !Arc::ptr_eq(e, entry));
         true
+    }
+}
+
+/// Most keys of ended sessions a mesh remembers (the oldest are forgotten
+/// first): enough for replies to sessions that left a while ago, bounded
+/// so that churning session keys cannot grow it without limit.
+const MAX_ENDED_KEYS: usize = 4096;
+
+/// What a session key names (PROTOCOL.md §9).
+pub enum KeyTarget {
+    /// A session that is live or away in its grace: for it alone.
+    Session(Arc<SessionEntry>),
+    /// The member of a session that has ended.
+    Member(Arc<MemberEntry>),
+}
+
+/// A mesh's session keys, beside its member pubkeys: read by a direct send
+/// only when its target is no member's key.
+#[derive(Default)]
+pub struct SessionKeys(Mutex<KeyIndex>);
+
+#[derive(Default)]
+struct KeyIndex {
+    current: HashMap<Box<str>, Arc<SessionEntry>>,
+    ended: HashMap<Box<str>, Arc<MemberEntry>>,
+    /// Ended keys, oldest first, to forget past `MAX_ENDED_KEYS`.
+    order: VecDeque<Box<str>>,
+}
+
+impl SessionKeys {
+    fn lock(&self) -> MutexGuard<'_, KeyIndex> {
+        self.0.lock().expect("session keys lock")
+    }
+
+    /// A `session_hello` session began.
+    pub fn insert(&self, entry: &Arc<SessionEntry>) {
+        let Some(key) = &entry.session_pubkey else {
+            return;
+        };
+        let mut index = self.lock();
+        index.ended.remove(key);
+        index.current.insert(key.clone(), entry.clone());
+    }
+
+    /// A session ended: its key names its member from now on (unless a
+    /// newer session took the key meanwhile).
+    pub fn ended(&self, entry: &Arc<SessionEntry>) {
+        let Some(key) = &entry.session_pubkey else {
+            return;
+        };
+        let mut index = self.lock();
+        if !index
+            .current
+            .get(key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            return;
+        }
+        index.current.remove(key);
+        index.ended.insert(key.clone(), entry.member.clone());
+        index.order.push_back(key.clone());
+        while index.order.len() > MAX_ENDED_KEYS {
+            if let Some(old) = index.order.pop_front() {
+                if !index.current.contains_key(&old) {
+                    index.ended.remove(&old);
+                }
+            }
+        }
+    }
+
+    /// What a session key names; `key` in any hex case.
+    pub fn resolve(&self, key: &str) -> Option<KeyTarget> {
+        let key = key.to_ascii_lowercase();
+        let index = self.lock();
+        if let Some(entry) = index.current.get(key.as_str()) {
+            return Some(KeyTarget::Session(entry.clone()));
+        }
+        index
+            .ended
+            .get(key.as_str())
+            .map(|m| KeyTarget::Member(m.clone()))
     }
 }
 
@@ -345,6 +549,8 @@ fn with_fields<R>(
         cwd: &entry.cwd,
         connected_at: &entry.connected_at,
         away: matches!(state.holder, Holder::Away { .. }),
+        session_pubkey: entry.session_pubkey.as_deref(),
+        peer_role: entry.peer_role(),
     })
 }
 

@@ -7,6 +7,7 @@
 //! the same code, whose route lists the members it is live for.
 use super::directory::MemberEntry;
 use super::held::HeldBudget;
+use super::peers::SessionEntry;
 use super::Envelope;
 use crate::protocol::{GroupName, Priority};
 use std::sync::Arc;
@@ -57,6 +58,9 @@ fn eligible(restoring: bool, member: &MemberEntry, priority: Priority) -> u64 {
 pub enum Targets {
     /// One member.
     Member(Arc<MemberEntry>),
+    /// One session, addressed by its key (PROTOCOL.md §9): only that
+    /// session may take it.
+    Session(Arc<SessionEntry>),
     /// Every member of the mesh but the sender's and those the envelope
     /// was held for (sorted entry addresses), as each shard finds them.
     AllBut { held_for: Vec<usize> },
@@ -136,6 +140,39 @@ pub fn plan_direct(
     plan.route = Some(Arc::new(Route {
         envelope: envelope.clone(),
         targets: Targets::Member(member.clone()),
+        shards,
+    }));
+    Ok(plan)
+}
+
+/// A send to a session's key (the envelope's `session`): live to the shard
+/// holding it when it may take the priority now, else held for it alone
+/// (its member, should it have ended meanwhile). Its row is its member's,
+/// like any direct send's.
+pub fn plan_session(
+    envelope: &Arc<Envelope>,
+    entry: &Arc<SessionEntry>,
+    limits: &HoldLimits<'_>,
+) -> Result<Plan, Refused> {
+    let member = &entry.member;
+    let mut plan = Plan::default();
+    let shards = if envelope.mesh.is_restoring() {
+        0
+    } else {
+        entry.eligible(envelope.priority)
+    };
+    if shards == 0 {
+        if entry.held_len() + member.held.len() >= limits.max_per_member {
+            return Err(Refused::HeldFull);
+        }
+        limits.reserve(envelope)?;
+        let now_eligible = entry.hold(envelope.clone());
+        plan.held.push((member.clone(), now_eligible));
+        return Ok(plan);
+    }
+    plan.route = Some(Arc::new(Route {
+        envelope: envelope.clone(),
+        targets: Targets::Session(entry.clone()),
         shards,
     }));
     Ok(plan)

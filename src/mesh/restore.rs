@@ -59,7 +59,10 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
     let push = PushFrame::encode(&PushFields {
         message_id: &row.id,
         mesh_id: &mesh.id,
+        // The sending session's key is not stored: after a restart a held
+        // envelope carries its member's key in both fields.
         sender_pubkey: &sender.pubkey,
+        sender_member_pubkey: &sender.pubkey,
         target_spec: match &row.target {
             StoredTarget::Member(_) => None,
             StoredTarget::Members { spec, .. } => Some(spec),
@@ -89,6 +92,7 @@ pub fn restore(mesh: &Arc<MeshEntry>, row: StoredEnvelope) -> usize {
         holds_in_flight: Default::default(),
         redelivered_frame: Default::default(),
         client_message_id: row.client_message_id.map(Into::into),
+        session: None,
     });
     if let Some(client_id) = &envelope.client_message_id {
         envelope

@@ -85,6 +85,7 @@ pub struct ShardMetrics {
     pub(super) conns_rejected: [AtomicU64; 2],
     pub(super) routed: [AtomicU64; 3],
     pub(super) rejected: LabeledCounters,
+    pub(super) session_hellos: LabeledCounters,
     pub(super) messages_in: AtomicU64,
     pub(super) socket_writes: AtomicU64,
     pub(super) frames_written: AtomicU64,
@@ -131,6 +132,7 @@ impl ShardMetrics {
             conns_rejected: Default::default(),
             routed: Default::default(),
             rejected: LabeledCounters::new(&MESSAGE_REJECT_REASONS),
+            session_hellos: LabeledCounters::new(&SESSION_HELLO_OUTCOMES),
             messages_in: AtomicU64::new(0),
             socket_writes: AtomicU64::new(0),
             frames_written: AtomicU64::new(0),
@@ -184,6 +186,13 @@ impl ShardMetrics {
     /// (see [`MESSAGE_REJECT_REASONS`]).
     pub fn message_rejected(&self, code: &'static str) {
         self.rejected.inc(code);
+    }
+
+    /// A `session_hello` was checked: admitted (`None`) or refused with
+    /// `code` (`broker_session_hellos_total{outcome}`).
+    pub fn session_hello(&self, code: Option<crate::protocol::ErrorCode>) {
+        self.session_hellos
+            .inc(code.map_or("ok", crate::protocol::ErrorCode::as_str));
     }
 
     /// A `POST /hook/set-status` was handled (every one, 429s included).

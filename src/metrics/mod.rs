@@ -85,6 +85,20 @@ pub const MESSAGE_REJECT_REASONS: [&str; 11] = [
     "internal",
 ];
 
+/// The `outcome`s of `broker_session_hellos_total` that always appear (with
+/// 0): `ok`, or the error code a `session_hello` was refused with (§9).
+pub const SESSION_HELLO_OUTCOMES: [&str; 9] = [
+    "ok",
+    "bad_signature",
+    "attestation_mismatch",
+    "expired",
+    "ttl_too_long",
+    "stale_timestamp",
+    "unauthorized",
+    "parent_member_id_mismatch",
+    "capacity",
+];
+
 /// Most distinct label values per caller-labelled family; more go to `other`.
 pub const MAX_LABELS: usize = 32;
 pub(super) const OVERFLOW_LABEL: &str = "other";
@@ -147,6 +161,7 @@ impl Metrics {
             closed: Vec::new(),
             routed: [0; 3],
             rejected_msgs: Vec::new(),
+            session_hellos: Vec::new(),
             hook_requests: 0,
             hook_rate_limited: 0,
             sessions_away: 0,
@@ -190,6 +205,7 @@ impl Metrics {
                 *dst += src.load(Relaxed);
             }
             shard.rejected.collect_into(&mut s.rejected_msgs);
+            shard.session_hellos.collect_into(&mut s.session_hellos);
             s.shard_messages.push(shard.messages_in.load(Relaxed));
             s.shard_socket_writes
                 .push(shard.socket_writes.load(Relaxed));

@@ -32,6 +32,7 @@ pub(super) struct Snapshot {
     pub(super) closed: Vec<(&'static str, u64)>,
     pub(super) routed: [u64; 3],
     pub(super) rejected_msgs: Vec<(&'static str, u64)>,
+    pub(super) session_hellos: Vec<(&'static str, u64)>,
     pub(super) hook_requests: u64,
     pub(super) hook_rate_limited: u64,
     pub(super) sessions_away: i64,
@@ -219,6 +220,13 @@ impl Collector for Snapshot {
             "Client messages answered with an error, by error code.",
             "reason",
             self.rejected_msgs.iter().copied(),
+        )?;
+        labeled_counters(
+            e,
+            "broker_session_hellos",
+            "session_hello checks, by outcome: ok or the refusal's error code.",
+            "outcome",
+            self.session_hellos.iter().copied(),
         )?;
         gauge(
             e,

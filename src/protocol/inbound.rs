@@ -32,6 +32,8 @@ pub struct Parsed<'a> {
 #[derive(Debug, PartialEq, Eq)]
 pub enum ClientMessage<'a> {
     Hello(Hello<'a>),
+    /// `session_hello` (§9): a session key vouched for by its member's.
+    SessionHello(SessionHello<'a>),
     Send(Send<'a>),
     SetStatus(crate::hook::Status),
     /// `list_peers` (§9).
@@ -75,6 +77,28 @@ pub struct Hello<'a> {
     pub capabilities: Capabilities,
     /// `protocolVersion`: 1 (also when absent) or 2.
     pub protocol_version: u32,
+}
+
+/// `session_hello` (§9). Its fields shared with `hello` sit in `hello`:
+/// `member_id` is `parentMemberId`, `pubkey` is `parentMemberPubkey`, and
+/// `signature` is the session key's over the session-hello string.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SessionHello<'a> {
+    pub hello: Hello<'a>,
+    /// 64 hex digits (checked).
+    pub session_pubkey: Cow<'a, str>,
+    pub attestation: Attestation<'a>,
+}
+
+/// `parentAttestation`: the member key vouching for a session key until
+/// `expires_at` (ms since the epoch).
+#[derive(Debug, PartialEq, Eq)]
+pub struct Attestation<'a> {
+    pub session_pubkey: Cow<'a, str>,
+    pub parent_member_pubkey: Cow<'a, str>,
+    pub expires_at: i64,
+    /// 128 hex digits (checked).
+    pub signature: Cow<'a, str>,
 }
 
 /// A group to join, with the member's role in it (at most 32 characters):
@@ -276,7 +300,8 @@ fn parse_message<'a>(
         return Err(e);
     }
     match kind.as_ref() {
-        "hello" => parse_hello(fields).map(ClientMessage::Hello),
+        "hello" => parse_hello(fields, HelloNames::MEMBER).map(ClientMessage::Hello),
+        "session_hello" => parse_session_hello(fields).map(ClientMessage::SessionHello),
         "set_status" => {
             let status = fields.required_str("status")?;
             crate::hook::Status::parse(&status)
@@ -315,16 +340,30 @@ fn parse_message<'a>(
     }
 }
 
-fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> {
+/// Where `hello` and `session_hello` name the member.
+struct HelloNames {
+    member_id: &'static str,
+    pubkey: &'static str,
+}
+
+impl HelloNames {
+    const MEMBER: HelloNames = HelloNames {
+        member_id: "memberId",
+        pubkey: "pubkey",
+    };
+    const SESSION: HelloNames = HelloNames {
+        member_id: "parentMemberId",
+        pubkey: "parentMemberPubkey",
+    };
+}
+
+fn parse_hello<'a>(fields: &mut Fields<'a>, names: HelloNames) -> Result<Hello<'a>, ProtocolError> {
     // First, so a client of a later protocol learns that, whatever the
     // shape of the rest of its hello.
     let protocol_version = parse_protocol_version(fields)?;
     let mesh_id = fields.non_empty_str("meshId")?;
-    let member_id = fields.non_empty_str("memberId")?;
-    let pubkey = fields.required_str("pubkey")?;
-    if !is_hex(&pubkey, 64) {
-        return Err(fields.invalid("pubkey", "must be 64 hex digits"));
-    }
+    let member_id = fields.non_empty_str(names.member_id)?;
+    let pubkey = fields.hex(names.pubkey, 64)?;
     let session_id = fields.non_empty_str("sessionId")?;
     let pid = fields.required_i64("pid")?;
     let pid = i32::try_from(pid)
@@ -333,10 +372,7 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
         .ok_or_else(|| fields.invalid("pid", "must be a non-negative 32-bit integer"))?;
     let cwd = fields.non_empty_str("cwd")?;
     let timestamp = fields.required_i64("timestamp")?;
-    let signature = fields.required_str("signature")?;
-    if !is_hex(&signature, 128) {
-        return Err(fields.invalid("signature", "must be 128 hex digits"));
-    }
+    let signature = fields.hex("signature", 128)?;
     let display_name = fields.limited_str("displayName", MAX_DISPLAY_NAME_CHARS)?;
     let groups = parse_hello_groups(fields)?;
     let capabilities = parse_capabilities(fields)?;
@@ -353,6 +389,29 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
         groups,
         capabilities,
         protocol_version,
+    })
+}
+
+fn parse_session_hello<'a>(fields: &mut Fields<'a>) -> Result<SessionHello<'a>, ProtocolError> {
+    let hello = parse_hello(fields, HelloNames::SESSION)?;
+    let session_pubkey = fields.hex("sessionPubkey", 64)?;
+    const NAME: &str = "parentAttestation";
+    let object = match fields.take(NAME) {
+        Some(Value::Object(object)) => object,
+        Some(_) => return Err(fields.invalid(NAME, "must be an object")),
+        None => return Err(fields.invalid(NAME, "is required")),
+    };
+    let mut inner = Fields::nested(*object, NAME);
+    let attestation = Attestation {
+        session_pubkey: inner.hex("sessionPubkey", 64)?,
+        parent_member_pubkey: inner.hex("parentMemberPubkey", 64)?,
+        expires_at: inner.required_i64("expiresAt")?,
+        signature: inner.hex("signature", 128)?,
+    };
+    Ok(SessionHello {
+        hello,
+        session_pubkey,
+        attestation,
     })
 }
 
@@ -561,10 +620,19 @@ impl<'a> Fields<'a> {
         }
     }
 
+    /// The fields of an object-valued field `parent`.
+    fn nested(object: simd_json::value::borrowed::Object<'a>, parent: &'static str) -> Self {
+        Fields {
+            object,
+            within: Some((parent, usize::MAX)),
+        }
+    }
+
     /// `invalid_field` about `name`, an entry's field named with its array.
     fn invalid(&self, name: &'static str, expected: impl Display) -> ProtocolError {
         let message = match self.within {
             None => format!("field '{name}' {expected}"),
+            Some((parent, usize::MAX)) => format!("field '{parent}.{name}' {expected}"),
             Some((array, index)) => format!("field '{array}' entry {index}: '{name}' {expected}"),
         };
         ProtocolError::new(ErrorCode::InvalidField, message)
@@ -614,6 +682,15 @@ impl<'a> Fields<'a> {
     fn group_name(&mut self, name: &'static str) -> Result<GroupName, ProtocolError> {
         let s = self.required_str(name)?;
         GroupName::parse(&s).ok_or_else(|| self.invalid(name, "is not a valid group name"))
+    }
+
+    /// A required string of exactly `len` hex digits (a key or signature).
+    fn hex(&mut self, name: &'static str, len: usize) -> Result<Cow<'a, str>, ProtocolError> {
+        let s = self.required_str(name)?;
+        if !is_hex(&s, len) {
+            return Err(self.invalid(name, format_args!("must be {len} hex digits")));
+        }
+        Ok(s)
     }
 
     fn required_i64(&mut self, name: &'static str) -> Result<i64, ProtocolError> {
@@ -787,6 +864,57 @@ mod tests {
 
     fn group(name: &str) -> GroupName {
         GroupName::parse(name).unwrap()
+    }
+
+    fn session_hello(extra: &str) -> String {
+        let sig = "cd".repeat(64);
+        format!(
+            r#"{{"type":"session_hello","meshId":"m","parentMemberId":"u","parentMemberPubkey":"{KEY}","sessionPubkey":"{s}","sessionId":"s","pid":12,"cwd":"/w","timestamp":1764200000000,"signature":"{sig}","parentAttestation":{{"sessionPubkey":"{s}","parentMemberPubkey":"{KEY}","expiresAt":1764243200000,"signature":"{sig}"}}{extra}}}"#,
+            s = "5e".repeat(32),
+        )
+    }
+
+    #[test]
+    fn session_hello_parses_with_the_hello_fields() {
+        with_parsed(
+            &session_hello(r#","displayName":"cc","capabilities":["peer_events"]"#),
+            |parsed| {
+                let ClientMessage::SessionHello(s) = parsed.message else {
+                    panic!("not a session_hello");
+                };
+                assert_eq!(s.hello.member_id, "u");
+                assert_eq!(s.hello.pubkey, KEY);
+                assert_eq!(s.hello.display_name.as_deref(), Some("cc"));
+                assert!(s.hello.capabilities.peer_events);
+                assert_eq!(s.session_pubkey, "5e".repeat(32));
+                assert_eq!(s.attestation.parent_member_pubkey, KEY);
+                assert_eq!(s.attestation.expires_at, 1764243200000);
+            },
+        );
+        let att = r#","parentAttestation":{"sessionPubkey":"5e","parentMemberPubkey":"x","expiresAt":1,"signature":"y"}"#;
+        for (json, field) in [
+            (
+                session_hello("").replace(r#""parentMemberId":"u","#, ""),
+                "parentMemberId",
+            ),
+            (
+                session_hello("").replace(&"5e".repeat(32), "5e"),
+                "sessionPubkey",
+            ),
+            (session_hello(att), "parentAttestation.sessionPubkey"),
+            (
+                session_hello(r#","parentAttestation":7"#),
+                "parentAttestation",
+            ),
+        ] {
+            let error = parse(&json).unwrap_err();
+            assert_eq!(error.0, ErrorCode::InvalidField, "{json}");
+            assert!(
+                error.1.contains(&format!("'{field}'")),
+                "{field}: {}",
+                error.1
+            );
+        }
     }
 
     #[test]

@@ -20,8 +20,8 @@ pub use admin::{
 };
 pub use group::GroupName;
 pub use inbound::{
-    parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,
-    MAX_CLIENT_ACK_IDS, MAX_CLIENT_MESSAGE_ID_CHARS,
+    parse_client_message, Attestation, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send,
+    SessionHello, Target, MAX_CLIENT_ACK_IDS, MAX_CLIENT_MESSAGE_ID_CHARS,
 };
 pub use outbound::{
     mark_redelivered, write_ack, write_error, write_hello_ack, write_peer, write_peer_event,
@@ -121,6 +121,14 @@ pub enum ErrorCode {
     UnsupportedProtocol,
     Forbidden,
     AmbiguousTarget,
+    /// A `session_hello` whose attestation names other keys (§9).
+    AttestationMismatch,
+    /// A `session_hello` attestation whose `expiresAt` has passed.
+    Expired,
+    /// A `session_hello` attestation valid more than 24 h ahead.
+    TtlTooLong,
+    /// A `session_hello` whose parent key is a member with another id.
+    ParentMemberIdMismatch,
 }
 
 impl ErrorCode {
@@ -144,6 +152,10 @@ impl ErrorCode {
             ErrorCode::UnsupportedProtocol => "unsupported_protocol",
             ErrorCode::Forbidden => "forbidden",
             ErrorCode::AmbiguousTarget => "ambiguous_target",
+            ErrorCode::AttestationMismatch => "attestation_mismatch",
+            ErrorCode::Expired => "expired",
+            ErrorCode::TtlTooLong => "ttl_too_long",
+            ErrorCode::ParentMemberIdMismatch => "parent_member_id_mismatch",
         }
     }
 }

@@ -5,7 +5,11 @@ use super::{Capabilities, ErrorCode, Priority};
 pub struct PushFields<'a> {
     pub message_id: &'a str,
     pub mesh_id: &'a str,
+    /// The sending session's key: its own for a `session_hello` session,
+    /// else its member's (PROTOCOL.md §9).
     pub sender_pubkey: &'a str,
+    /// The sending member's key.
+    pub sender_member_pubkey: &'a str,
     /// The send's `targetSpec` as written, for every non-direct send
     /// (PROTOCOL.md §10); `None` for a direct one.
     pub target_spec: Option<&'a str>,
@@ -28,13 +32,15 @@ pub struct PushRanges {
 pub fn write_push(out: &mut Vec<u8>, push: &PushFields<'_>) -> PushRanges {
     let spec_len = push.target_spec.map_or(0, |spec| 16 + spec.len());
     let client_id_len = push.client_message_id.map_or(0, |id| 24 + id.len());
-    out.reserve(160 + spec_len + client_id_len + push.nonce.len() + push.ciphertext.len());
+    out.reserve(250 + spec_len + client_id_len + push.nonce.len() + push.ciphertext.len());
     out.extend_from_slice(b"{\"type\":\"push\",\"messageId\":");
     write_str(out, push.message_id);
     out.extend_from_slice(b",\"meshId\":");
     write_str(out, push.mesh_id);
     out.extend_from_slice(b",\"senderPubkey\":");
     write_str(out, push.sender_pubkey);
+    out.extend_from_slice(b",\"senderMemberPubkey\":");
+    write_str(out, push.sender_member_pubkey);
     if let Some(spec) = push.target_spec {
         out.extend_from_slice(b",\"targetSpec\":");
         write_str(out, spec);
@@ -138,6 +144,8 @@ pub struct HelloAck<'a> {
     pub capabilities: Capabilities,
     /// Whether this hello took over an existing presence.
     pub resumed: bool,
+    /// The session key, for a `session_hello`.
+    pub session_pubkey: Option<&'a str>,
     pub req_id: Option<&'a str>,
 }
 
@@ -166,6 +174,10 @@ pub fn write_hello_ack(out: &mut Vec<u8>, ack: &HelloAck<'_>) {
     } else {
         b"],\"resumed\":false"
     });
+    if let Some(key) = ack.session_pubkey {
+        out.extend_from_slice(b",\"sessionPubkey\":");
+        write_str(out, key);
+    }
     write_req_id(out, ack.req_id);
     out.push(b'}');
 }
@@ -208,6 +220,10 @@ pub struct PeerFields<'a> {
     pub connected_at: &'a str,
     /// True while the session is in its grace.
     pub away: bool,
+    /// Its own key (`session_hello`), `None` for a `hello` session.
+    pub session_pubkey: Option<&'a str>,
+    /// `control-plane` (`hello`) or `session` (`session_hello`).
+    pub peer_role: &'static str,
 }
 
 /// One peer as a JSON object; `self` is written only when `is_self` is
@@ -240,6 +256,10 @@ pub fn write_peer(out: &mut Vec<u8>, peer: &PeerFields<'_>, is_self: Option<bool
     } else {
         b",\"away\":false"
     });
+    out.extend_from_slice(b",\"sessionPubkey\":");
+    write_opt_str(out, peer.session_pubkey);
+    out.extend_from_slice(b",\"peerRole\":");
+    write_str(out, peer.peer_role);
     match is_self {
         None => {}
         Some(true) => out.extend_from_slice(b",\"self\":true"),
@@ -406,6 +426,7 @@ mod tests {
                 message_id: "m1",
                 mesh_id: "mesh\"1",
                 sender_pubkey: "ab",
+                sender_member_pubkey: "cd",
                 target_spec,
                 priority: Priority::Low,
                 client_message_id,
@@ -442,6 +463,7 @@ mod tests {
             assert_eq!(v["type"], "push");
             assert_eq!(v["meshId"], "mesh\"1");
             assert_eq!(v["senderPubkey"], "ab");
+            assert_eq!(v["senderMemberPubkey"], "cd");
             assert_eq!(v["priority"], "low");
             assert_eq!(v["nonce"], "n\\o\n");
             assert_eq!(v["ciphertext"], "c\u{1}é");
@@ -462,7 +484,9 @@ mod tests {
         }
         let (out, _) = push(Some("*"), None);
         let text = std::str::from_utf8(&out).unwrap();
-        assert!(text.contains(r#""senderPubkey":"ab","targetSpec":"*","priority""#));
+        assert!(text.contains(
+            r#""senderPubkey":"ab","senderMemberPubkey":"cd","targetSpec":"*","priority""#
+        ));
         // client_message_id comes right after the priority.
         let (out, _) = push(None, Some("c-1"));
         let text = std::str::from_utf8(&out).unwrap();
@@ -604,6 +628,7 @@ mod tests {
                 client_ack: true,
             },
             resumed: true,
+            session_pubkey: None,
             req_id: Some("r"),
         };
         let mut out = Vec::new();
@@ -661,6 +686,10 @@ mod tests {
         out.clear();
         write_hello_ack(&mut out, &ack);
         assert_eq!(parsed(&out)["capabilities"], serde_json::json!([]));
+        ack.session_pubkey = Some("5e");
+        out.clear();
+        write_hello_ack(&mut out, &ack);
+        assert_eq!(parsed(&out)["sessionPubkey"], "5e");
     }
 
     const GROUPS: [GroupRole<'static>; 1] = [GroupRole {
@@ -682,19 +711,23 @@ mod tests {
             cwd: "C:\\work",
             connected_at: "2026-01-01T00:00:00.000Z",
             away: true,
+            session_pubkey: Some("5e"),
+            peer_role: "session",
         }
     }
 
-    const PEER_KEYS: [&str; 12] = [
+    const PEER_KEYS: [&str; 14] = [
         "away",
         "connectedAt",
         "cwd",
         "displayName",
         "groups",
         "memberId",
+        "peerRole",
         "presenceId",
         "pubkey",
         "sessionId",
+        "sessionPubkey",
         "status",
         "statusSource",
         "summary",
@@ -719,6 +752,8 @@ mod tests {
         assert_eq!(v["cwd"], "C:\\work");
         assert_eq!(v["connectedAt"], "2026-01-01T00:00:00.000Z");
         assert_eq!(v["away"], true);
+        assert_eq!(v["sessionPubkey"], "5e");
+        assert_eq!(v["peerRole"], "session");
     }
 
     #[test]

@@ -178,14 +178,21 @@ impl SessionLink {
     pub fn member_with_held(&self) -> Option<(Arc<MeshEntry>, Arc<MemberEntry>)> {
         let joined = self.member.borrow();
         let (_, member) = joined.as_ref()?;
-        if member.held.is_empty() {
+        let entry = self.entry.borrow();
+        // What was sent to this session's key waits in its own queue.
+        let own = entry
+            .as_ref()
+            .and_then(|e| e.held.as_deref())
+            .map(|h| &h.queue)
+            .filter(|q| !q.is_empty());
+        if member.held.is_empty() && own.is_none() {
             return None;
         }
         let accepted = Priority::ALL
             .iter()
             .filter(|&&p| self.accepts(p))
             .fold(0, |mask, &p| mask | priority_bit(p));
-        if member.held.has_any(accepted) {
+        if member.held.has_any(accepted) || own.is_some_and(|q| q.has_any(accepted)) {
             joined.clone()
         } else {
             None
@@ -343,5 +350,9 @@ impl Recipient for SessionLink {
         }
         self.reply(frame.clone(), None);
         self.closing.get().is_none()
+    }
+
+    fn session(&self) -> Option<Arc<SessionEntry>> {
+        self.entry()
     }
 }

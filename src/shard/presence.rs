@@ -13,7 +13,7 @@ use crate::audit::AuditEvent;
 use crate::db::DbCommand;
 use crate::inbox::ShardEvent;
 use crate::mesh::directory::{MemberEntry, MeshEntry, TooManyGroups};
-use crate::mesh::peers::{self, MemberSessions, PeerEvent, SessionEntry};
+use crate::mesh::peers::{self, Holder, MemberSessions, PeerEvent, SessionEntry};
 use crate::mesh::plan::key;
 use crate::protocol::GroupName;
 use rustc_hash::FxHashMap;
@@ -140,7 +140,25 @@ impl Shard {
             at: SystemTime::now(),
         });
         mesh.release();
+        // Its key names its member from now on, and what waited for the
+        // session alone is the member's now (PROTOCOL.md §9).
+        mesh.session_keys.ended(entry);
+        if entry.end_held() {
+            let member = &entry.member;
+            self.request_drain(mesh, member, member.live_shards.get());
+        }
         self.announce(mesh, entry, PeerEvent::Left);
+    }
+
+    /// Envelopes sent to a session's key went back to it (its replaced
+    /// connection's queue): the shard holding it now drains them.
+    pub(super) fn request_session_drain(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>) {
+        if let Holder::Live { shard, .. } = entry.holder() {
+            self.send_to(
+                shard,
+                ShardEvent::DrainHeld(mesh.clone(), entry.member.clone()),
+            );
+        }
     }
 
     /// A session whose socket was lost stays listed as away; after the

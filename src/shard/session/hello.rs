@@ -11,6 +11,7 @@ use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession, PeerEvent};
 use crate::metrics::RejectReason;
 use crate::protocol::{
     self, Capabilities, ErrorCode, GroupName, GroupRole, Hello, HelloAck, ProtocolError,
+    SessionHello,
 };
 use crate::shard::CloseReason;
 use crate::status::hook_index::HookTarget;
@@ -22,6 +23,8 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Hello timestamps further than this from the broker's clock are stale.
 const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+/// Longest a parent attestation may still be valid for (PROTOCOL.md §9).
+const MAX_ATTESTATION_MS: i64 = 24 * 3600 * 1000;
 
 fn now_millis() -> i64 {
     SystemTime::now()
@@ -35,7 +38,13 @@ impl Session {
     pub(super) fn refuse_hello(&self, error: ProtocolError) {
         match error.code {
             ErrorCode::Capacity => self.shard.metrics.conn_rejected(RejectReason::Capacity),
-            ErrorCode::Unauthorized | ErrorCode::BadSignature | ErrorCode::StaleTimestamp => {
+            ErrorCode::Unauthorized
+            | ErrorCode::BadSignature
+            | ErrorCode::StaleTimestamp
+            | ErrorCode::AttestationMismatch
+            | ErrorCode::Expired
+            | ErrorCode::TtlTooLong
+            | ErrorCode::ParentMemberIdMismatch => {
                 self.shard.metrics.conn_rejected(RejectReason::Unauthorized)
             }
             _ => {}
@@ -50,7 +59,12 @@ impl Session {
     }
 
     pub(super) async fn process_hello(&mut self, hello: OwnedHello) {
-        match self.admit(&hello).await {
+        let admitted = self.admit(&hello).await;
+        if hello.session.is_some() {
+            let code = admitted.as_ref().err().map(|e| e.code);
+            self.shard.metrics.session_hello(code);
+        }
+        match admitted {
             Ok((joined, claim)) => self.welcome(&hello, joined, &claim),
             Err(e) => {
                 // Audited only in a mesh the directory knows: the row's
@@ -96,6 +110,7 @@ impl Session {
                 groups: &roles,
                 capabilities: hello.capabilities,
                 resumed: !matches!(claim, Claim::New(_)),
+                session_pubkey: entry.session_pubkey.as_deref(),
                 req_id: hello.req_id.as_deref(),
             },
         );
@@ -110,6 +125,7 @@ impl Session {
             &entry.presence_id,
             &hello.session_id,
             hello.pid,
+            entry.peer_role(),
         ));
         match claim {
             Claim::New(_) => shard.announce(mesh, entry, PeerEvent::Joined),
@@ -165,13 +181,25 @@ impl Session {
     /// mesh has room), or the member's session with this `sessionId`
     /// taken over (§9), then registration.
     async fn admit(&mut self, hello: &OwnedHello) -> Result<(Joined, Claim), ProtocolError> {
-        if (now_millis() - hello.timestamp).abs() > MAX_CLOCK_SKEW_MS {
-            return Err(ProtocolError::new(
+        let stale = || {
+            ProtocolError::new(
                 ErrorCode::StaleTimestamp,
                 "timestamp is more than 60 s from the broker's clock",
-            ));
+            )
+        };
+        let fresh = (now_millis() - hello.timestamp).abs() <= MAX_CLOCK_SKEW_MS;
+        match &hello.session {
+            None => {
+                fresh.then_some(()).ok_or_else(stale)?;
+                verify_signature(hello)?;
+            }
+            // The §9 order: attestation, its keys, its expiry, the session
+            // signature, then the clock.
+            Some(session) => {
+                verify_session(hello, session, now_millis())?;
+                fresh.then_some(()).ok_or_else(stale)?;
+            }
         }
-        verify_signature(hello)?;
         let ctx = self.shard.ctx.clone();
         let unauthorized = || {
             ProtocolError::new(
@@ -195,24 +223,44 @@ impl Session {
                     )
                 })?
                 .ok_or_else(unauthorized)?;
-            let member = mesh
-                .view()
-                .member(&hello.member_id)
-                // A member banned a moment ago is refused before any refresh.
-                .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey) && !m.is_revoked())
-                .cloned()
-                .ok_or_else(unauthorized)?;
-            let claimed = MemberSessions::claim(&member, &hello.session_id, holder, || {
-                match mesh.try_admit(ctx.config.max_connections_per_mesh) {
-                    Admission::Admitted => Ok(self.new_session(hello, &member, now)),
-                    Admission::Full => Err(Some(ProtocolError::new(
-                        ErrorCode::Capacity,
-                        "mesh is at MAX_CONNECTIONS_PER_MESH",
-                    ))),
-                    // Evicted while we looked: the next lookup loads it afresh.
-                    Admission::Evicted => Err(None),
+            let member = match &hello.session {
+                None => mesh
+                    .view()
+                    .member(&hello.member_id)
+                    // A member banned a moment ago is refused before any refresh.
+                    .filter(|m| m.pubkey.eq_ignore_ascii_case(&hello.pubkey) && !m.is_revoked())
+                    .cloned()
+                    .ok_or_else(unauthorized)?,
+                // A session's parent is found by its key, then its id checked.
+                Some(_) => {
+                    let member = mesh
+                        .view()
+                        .member_by_pubkey(&hello.pubkey)
+                        .filter(|m| !m.is_revoked())
+                        .cloned()
+                        .ok_or_else(unauthorized)?;
+                    if *member.id != *hello.member_id {
+                        return Err(ProtocolError::new(
+                            ErrorCode::ParentMemberIdMismatch,
+                            "parentMemberPubkey belongs to a member with another id",
+                        ));
+                    }
+                    member
                 }
-            });
+            };
+            let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
+            let claimed =
+                MemberSessions::claim(&member, &hello.session_id, session_key, holder, || {
+                    match mesh.try_admit(ctx.config.max_connections_per_mesh) {
+                        Admission::Admitted => Ok(self.new_session(hello, &member, now)),
+                        Admission::Full => Err(Some(ProtocolError::new(
+                            ErrorCode::Capacity,
+                            "mesh is at MAX_CONNECTIONS_PER_MESH",
+                        ))),
+                        // Evicted while we looked: the next lookup loads it afresh.
+                        Admission::Evicted => Err(None),
+                    }
+                });
             match claimed {
                 Ok(claim) => break (mesh, member, claim),
                 Err(Some(refused)) => return Err(refused),
@@ -223,6 +271,9 @@ impl Session {
             panic!("fault injection: BROKER_FAULT_PANIC_SESSION_ID");
         }
         let entry = claim.entry();
+        if let Claim::New(entry) = &claim {
+            mesh.session_keys.insert(entry);
+        }
         if let (false, Some(name)) = (matches!(claim, Claim::New(_)), &hello.display_name) {
             entry.set_display_name(name.as_str().into());
         }
@@ -259,11 +310,12 @@ impl Session {
                 at: SystemTime::now(),
             },
             Claim::New(_) => DbCommand::PresenceOpen {
-                id: entry.presence_id.to_string(),
-                member_id: member.id.to_string(),
+                id: entry.presence_id.clone(),
+                member_id: member.id.clone(),
                 session_id: hello.session_id.clone(),
                 pid: hello.pid,
                 cwd: hello.cwd.clone(),
+                session_pubkey: entry.session_pubkey.clone(),
                 status: status.status,
                 source: status.source,
                 at: SystemTime::now(),
@@ -297,6 +349,10 @@ impl Session {
         };
         NewSession {
             presence_id: self.shard.ids.borrow_mut().next_id().into(),
+            session_pubkey: hello
+                .session
+                .as_ref()
+                .map(|s| s.session_pubkey.as_str().into()),
             pid: hello.pid,
             cwd: hello.cwd.as_str().into(),
             connected_at: self.shard.clock.borrow_mut().now_rfc3339().into(),
@@ -307,23 +363,76 @@ impl Session {
 }
 
 fn verify_signature(hello: &OwnedHello) -> Result<(), ProtocolError> {
-    let bad = || {
-        ProtocolError::new(
-            ErrorCode::BadSignature,
-            "signature does not verify for this pubkey",
-        )
-    };
-    let mut key = [0u8; 32];
-    let mut sig = [0u8; 64];
-    decode_hex(&hello.pubkey, &mut key).ok_or_else(bad)?;
-    decode_hex(&hello.signature, &mut sig).ok_or_else(bad)?;
-    let key = VerifyingKey::from_bytes(&key).map_err(|_| bad())?;
     let signed = format!(
         "{}|{}|{}|{}",
         hello.mesh_id, hello.member_id, hello.pubkey, hello.timestamp
     );
-    key.verify_strict(signed.as_bytes(), &Signature::from_bytes(&sig))
-        .map_err(|_| bad())
+    verifies(&hello.pubkey, &hello.signature, &signed)
+        .then_some(())
+        .ok_or_else(|| {
+            ProtocolError::new(
+                ErrorCode::BadSignature,
+                "signature does not verify for this pubkey",
+            )
+        })
+}
+
+/// The two-stage proof of a `session_hello` (PROTOCOL.md §9), in the
+/// contract's order; membership and capacity come after, as for `hello`.
+/// Each value is signed as the client wrote it (hex case included).
+fn verify_session(hello: &OwnedHello, s: &SessionProof, now: i64) -> Result<(), ProtocolError> {
+    let refuse = |code, message: &'static str| Err(ProtocolError::new(code, message));
+    let attested = format!(
+        "claudemesh-session-attest|{}|{}|{}",
+        s.attested_parent, s.attested_session, s.expires_at
+    );
+    if !verifies(&s.attested_parent, &s.attestation_signature, &attested) {
+        return refuse(
+            ErrorCode::BadSignature,
+            "parentAttestation.signature does not verify for its parentMemberPubkey",
+        );
+    }
+    if !s.attested_parent.eq_ignore_ascii_case(&hello.pubkey)
+        || !s.attested_session.eq_ignore_ascii_case(&s.session_pubkey)
+    {
+        return refuse(
+            ErrorCode::AttestationMismatch,
+            "parentAttestation names other keys than this session_hello",
+        );
+    }
+    if s.expires_at <= now {
+        return refuse(ErrorCode::Expired, "parentAttestation has expired");
+    }
+    if s.expires_at - now > MAX_ATTESTATION_MS {
+        return refuse(
+            ErrorCode::TtlTooLong,
+            "parentAttestation expiresAt is more than 24 h ahead",
+        );
+    }
+    let signed = format!(
+        "claudemesh-session-hello|{}|{}|{}|{}",
+        hello.mesh_id, hello.pubkey, s.signed_session, hello.timestamp
+    );
+    if !verifies(&s.signed_session, &hello.signature, &signed) {
+        return refuse(
+            ErrorCode::BadSignature,
+            "signature does not verify for this sessionPubkey",
+        );
+    }
+    Ok(())
+}
+
+/// Whether `signature` (hex) is ed25519 by `pubkey` (hex) over `message`.
+fn verifies(pubkey: &str, signature: &str, message: &str) -> bool {
+    let mut key = [0u8; 32];
+    let mut sig = [0u8; 64];
+    if decode_hex(pubkey, &mut key).is_none() || decode_hex(signature, &mut sig).is_none() {
+        return false;
+    }
+    VerifyingKey::from_bytes(&key).is_ok_and(|key| {
+        key.verify_strict(message.as_bytes(), &Signature::from_bytes(&sig))
+            .is_ok()
+    })
 }
 
 fn decode_hex(hex: &str, out: &mut [u8]) -> Option<()> {
@@ -344,7 +453,8 @@ pub(super) fn looks_like_hello(data: &[u8]) -> bool {
         .ok()
         .and_then(|v| {
             use simd_json::prelude::*;
-            v.get_str("type").map(|t| t == "hello")
+            v.get_str("type")
+                .map(|t| t == "hello" || t == "session_hello")
         })
         .unwrap_or(false)
 }
@@ -364,9 +474,40 @@ pub(super) struct OwnedHello {
     groups: Vec<(GroupName, Option<String>)>,
     capabilities: Capabilities,
     req_id: Option<String>,
+    /// A `session_hello`'s own part; `member_id` and `pubkey` above are
+    /// then its parent's, `signature` the session key's.
+    session: Option<Box<SessionProof>>,
+}
+
+/// What a `session_hello` adds to a hello.
+struct SessionProof {
+    /// Lowercase: the session's identity in the directory.
+    session_pubkey: String,
+    /// As written: the session signature is checked over it.
+    signed_session: String,
+    attested_session: String,
+    attested_parent: String,
+    expires_at: i64,
+    attestation_signature: String,
 }
 
 impl OwnedHello {
+    pub(super) fn from_session(hello: SessionHello<'_>, req_id: Option<&str>) -> Self {
+        let attestation = hello.attestation;
+        let proof = SessionProof {
+            session_pubkey: hello.session_pubkey.to_ascii_lowercase(),
+            signed_session: hello.session_pubkey.into_owned(),
+            attested_session: attestation.session_pubkey.into_owned(),
+            attested_parent: attestation.parent_member_pubkey.into_owned(),
+            expires_at: attestation.expires_at,
+            attestation_signature: attestation.signature.into_owned(),
+        };
+        OwnedHello {
+            session: Some(Box::new(proof)),
+            ..OwnedHello::new(hello.hello, req_id)
+        }
+    }
+
     pub(super) fn new(hello: Hello<'_>, req_id: Option<&str>) -> Self {
         OwnedHello {
             mesh_id: hello.mesh_id.into_owned(),
@@ -385,6 +526,7 @@ impl OwnedHello {
                 .collect(),
             capabilities: hello.capabilities,
             req_id: req_id.map(str::to_owned),
+            session: None,
         }
     }
 }

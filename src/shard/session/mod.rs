@@ -237,7 +237,7 @@ impl Session {
                 .with_req_id(req_id)
         };
         match parsed.message {
-            ClientMessage::Hello(_) if self.joined.is_some() => {
+            ClientMessage::Hello(_) | ClientMessage::SessionHello(_) if self.joined.is_some() => {
                 self.reject(
                     &ProtocolError::new(
                         ErrorCode::AlreadyHello,
@@ -248,6 +248,9 @@ impl Session {
                 None
             }
             ClientMessage::Hello(hello) => Some(Deferred::Hello(OwnedHello::new(hello, req_id))),
+            ClientMessage::SessionHello(hello) => {
+                Some(Deferred::Hello(OwnedHello::from_session(hello, req_id)))
+            }
             ClientMessage::Send(send) if self.joined.is_none() => {
                 self.send_error(&no_hello(Some(&send.id)));
                 None
@@ -430,6 +433,9 @@ impl Session {
         ));
         // Envelopes that raced in for this member go to a session elsewhere.
         shard.request_drain(&joined.mesh, &joined.member, left.drain);
+        for entry in &left.sessions {
+            shard.request_session_drain(&joined.mesh, entry);
+        }
         tracing::info!(target: "ws", peer = %self.peer, mesh = %joined.mesh.id, member = %joined.member.id,
             presence = %entry.presence_id, reason = reason.as_str(), code = reason.code(),
             away = matches!(departure, Departure::Away { .. }), "ws close");

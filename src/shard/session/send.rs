@@ -7,7 +7,9 @@ use super::Session;
 use crate::audit::AuditEvent;
 use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
-use crate::mesh::plan::{plan_direct, plan_many, Audience, HoldLimits, Refused};
+use crate::mesh::directory::{MemberEntry, MeshEntry, MeshView};
+use crate::mesh::peers::{KeyTarget, SessionEntry};
+use crate::mesh::plan::{plan_direct, plan_many, plan_session, Audience, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
 use crate::protocol::{self, Ack, ErrorCode, ProtocolError, PushFields, Send, Target};
 use crate::ws::{self, OpCode};
@@ -39,13 +41,16 @@ impl Session {
         // reach one is refused, so leases cannot outrun Postgres without
         // bound (sends that reach none are not affected).
         let budget = &self.shard.ctx.held.budget;
-        let may_lease = match &send.target {
-            Target::Member(pubkey) => joined
-                .mesh
-                .view()
-                .member_by_pubkey(pubkey)
-                .is_some_and(|m| m.leasing.any()),
-            _ => joined.mesh.leasing.any(),
+        let view = joined.mesh.view();
+        // A direct target: a member's key, else a session's (PROTOCOL.md §9).
+        let direct = match &send.target {
+            Target::Member(pubkey) => Some(resolve_direct(&joined.mesh, &view, pubkey)),
+            _ => None,
+        };
+        let may_lease = match &direct {
+            Some(Some((member, _))) => member.leasing.any(),
+            Some(None) => false,
+            None => joined.mesh.leasing.any(),
         };
         if may_lease && budget.is_full() {
             return refuse(
@@ -85,30 +90,29 @@ impl Session {
             }
             refuse(code, message)
         };
-        let view = joined.mesh.view();
         // Resolve a direct target before doing any work for the send.
-        let (direct, audience) = match &send.target {
-            Target::Member(pubkey) => match view.member_by_pubkey(pubkey) {
-                Some(member) => (Some(member), Audience::All),
-                None => {
-                    return refuse(
-                        &message_id,
-                        ErrorCode::UnknownTarget,
-                        "targetSpec is not a current member of this mesh",
-                    )
-                }
-            },
-            Target::All => (None, Audience::All),
-            Target::Group(name) => (None, Audience::Group(name)),
+        let (direct, audience) = match (&send.target, direct) {
+            (_, Some(Some(direct))) => (Some(direct), Audience::All),
+            (_, Some(None)) => {
+                return refuse(
+                    &message_id,
+                    ErrorCode::UnknownTarget,
+                    "targetSpec is not a current member or session of this mesh",
+                )
+            }
+            (Target::Member(_), None) => return,
+            (Target::All, None) => (None, Audience::All),
+            (Target::Group(name), None) => (None, Audience::Group(name)),
             // The parser answers unsupported_target before a send gets here.
-            Target::Unsupported => return,
+            (Target::Unsupported, None) => return,
         };
         let push = {
             let mut clock = self.shard.clock.borrow_mut();
             PushFrame::encode(&PushFields {
                 message_id: &message_id,
                 mesh_id: &joined.mesh.id,
-                sender_pubkey: &joined.member.pubkey,
+                sender_pubkey: joined.entry.sender_pubkey(),
+                sender_member_pubkey: &joined.member.pubkey,
                 target_spec: direct.is_none().then_some(&*send.target_spec),
                 priority,
                 client_message_id: client_id,
@@ -125,8 +129,8 @@ impl Session {
             message_id: message_id.into_boxed_str(),
             mesh: joined.mesh.clone(),
             sender: joined.member.clone(),
-            target: match direct {
-                Some(member) => EnvelopeTarget::Member(member.clone()),
+            target: match &direct {
+                Some((member, _)) => EnvelopeTarget::Member(member.clone()),
                 None => EnvelopeTarget::Many(send.target_spec.as_ref().into()),
             },
             priority,
@@ -137,13 +141,15 @@ impl Session {
             holds_in_flight: Default::default(),
             redelivered_frame: Default::default(),
             client_message_id: client_id.map(Into::into),
+            session: direct.as_ref().and_then(|(_, session)| session.clone()),
         });
         let limits = HoldLimits {
             max_per_member: config.max_held_per_member,
             budget: &self.shard.ctx.held.budget,
         };
-        let planned = match direct {
-            Some(member) => plan_direct(&envelope, member, &limits),
+        let planned = match &direct {
+            Some((_, Some(session))) => plan_session(&envelope, session, &limits),
+            Some((member, None)) => plan_direct(&envelope, member, &limits),
             None => plan_many(&envelope, audience, &limits),
         };
         let plan = match planned {
@@ -174,7 +180,7 @@ impl Session {
             self.shard.metrics.group_send();
         }
         if self.shard.audits("send") {
-            let recipients = match (direct, audience) {
+            let recipients = match (&direct, audience) {
                 (Some(_), _) => 1,
                 (None, Audience::All) => view.members().len().saturating_sub(1),
                 (None, Audience::Group(group)) => view
@@ -230,5 +236,29 @@ impl Session {
         protocol::write_ack(&mut json, ack);
         self.link
             .reply(ws::encode_server_frame(OpCode::Text, &json), stamp);
+    }
+}
+
+/// A direct send's target: a current member by its key, else a session by
+/// its key — the session itself while it is live or away, its member once
+/// it has ended (PROTOCOL.md §9). `None`: nobody of this mesh.
+fn resolve_direct(
+    mesh: &MeshEntry,
+    view: &MeshView,
+    pubkey: &str,
+) -> Option<(Arc<MemberEntry>, Option<Arc<SessionEntry>>)> {
+    if let Some(member) = view.member_by_pubkey(pubkey) {
+        return Some((member.clone(), None));
+    }
+    let current = |member: &Arc<MemberEntry>| {
+        view.member(&member.id)
+            .is_some_and(|m| Arc::ptr_eq(m, member) && !m.is_revoked())
+    };
+    match mesh.session_keys.resolve(pubkey)? {
+        KeyTarget::Session(entry) if current(&entry.member) => {
+            Some((entry.member.clone(), Some(entry)))
+        }
+        KeyTarget::Member(member) if current(&member) => Some((member, None)),
+        _ => None,
     }
 }

@@ -1,0 +1,12 @@
+-- meshbroker migration 0009: a session_hello session's key on its presence
+-- (PROTOCOL.md §9).
+--
+-- A session that connects with `session_hello` has its own ed25519 key,
+-- vouched for by its member's; the presence row keeps it, so who spoke
+-- with which key stays known after the session ends.
+--
+-- Nullable with no default: `hello` sessions (and every row the old broker
+-- or an earlier run wrote) have none, and adding it rewrites nothing.
+-- ADD COLUMN IF NOT EXISTS keeps a column of that name the web app may
+-- already have made, so an existing claudemesh database keeps working.
+ALTER TABLE mesh.presence ADD COLUMN IF NOT EXISTS session_pubkey text;
