@@ -574,7 +574,8 @@ impl Directory {
         let mut expired = Vec::new();
         for mesh in meshes {
             for member in mesh.view().members() {
-                for envelope in member.held.expire(now) {
+                let own = member.sessions.expire_held(now);
+                for envelope in member.held.expire(now).into_iter().chain(own) {
                     expired.push((envelope, member.clone()));
                 }
             }

@@ -278,6 +278,16 @@ impl MemberSessions {
         self.lock().iter().map(|e| e.presence_id.clone()).collect()
     }
 
+    /// Drops the expired envelopes waiting for one of these sessions alone
+    /// (the 15 s sweep), returning them.
+    pub fn expire_held(&self, now: std::time::SystemTime) -> Vec<Arc<Envelope>> {
+        self.lock()
+            .iter()
+            .filter_map(|e| e.held.as_ref())
+            .flat_map(|h| h.queue.expire(now))
+            .collect()
+    }
+
     /// The sessions away in their grace on `shard`, with their absence.
     pub fn away_on(&self, shard: usize) -> Vec<(Arc<SessionEntry>, u64)> {
         self.lock()
