@@ -197,6 +197,11 @@ pub struct Args {
     /// scenario that sends.
     #[arg(long)]
     pub client_ack: bool,
+    /// churn: connect every session with `session_hello` (PROTOCOL.md §9):
+    /// its own ed25519 key, vouched for by its member's key, so each hello
+    /// costs the broker two signature checks instead of one.
+    #[arg(long)]
+    pub session_hello: bool,
     /// With --client-ack: the share of first pushes acked, in [0, 1]
     /// (default 1), chosen by a hash of the messageId; the others come
     /// again after the broker's CLIENT_ACK_TIMEOUT_SECONDS and are acked
@@ -283,6 +288,8 @@ pub struct Config {
     pub client_ack: Option<AckPlan>,
     /// `--client-message-ids`.
     pub client_message_ids: bool,
+    /// `--session-hello` (churn).
+    pub session_hello: bool,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -408,6 +415,9 @@ impl Args {
         let held = self.held_config()?;
         let directory = self.peers_config(senders.unwrap_or(peers))?;
         let client_ack = self.ack_config(scenario.as_ref())?;
+        if self.session_hello && self.scenario != ScenarioName::Churn {
+            bail!("--session-hello applies to churn only");
+        }
         Ok(Config {
             scenario,
             target,
@@ -438,6 +448,7 @@ impl Args {
             directory,
             client_ack,
             client_message_ids: self.client_message_ids,
+            session_hello: self.session_hello,
         })
     }
 
@@ -906,6 +917,17 @@ mod tests {
         }
         // Elsewhere --senders 0 stays refused.
         assert!(check(&["broadcast", DB, "--senders", "0"]).is_err());
+    }
+
+    #[test]
+    fn session_hello_is_for_churn() {
+        assert!(!check(&["churn", DB]).unwrap().session_hello);
+        assert!(
+            check(&["churn", DB, "--session-hello"])
+                .unwrap()
+                .session_hello
+        );
+        assert!(check(&["direct", DB, "--session-hello"]).is_err());
     }
 
     #[test]

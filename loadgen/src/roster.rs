@@ -215,6 +215,76 @@ pub fn hello_frame(mesh_id: &str, member: &Member, opts: HelloOptions<'_>) -> Ve
     client_frame(OpCode::Text, hello_json(mesh_id, member, opts).as_bytes())
 }
 
+/// A Claude Code session's own key (PROTOCOL.md §9 `session_hello`).
+pub struct SessionKey {
+    pub pubkey: String,
+    key: SigningKey,
+}
+
+impl SessionKey {
+    pub fn generate() -> SessionKey {
+        let key = SigningKey::generate(&mut rand::rngs::OsRng);
+        SessionKey {
+            pubkey: hex(key.verifying_key().as_bytes()),
+            key,
+        }
+    }
+}
+
+/// How long the parent's attestation of a session key is made valid for.
+const ATTESTATION_MS: i64 = 3_600_000;
+
+/// A `session_hello` for `session` under `member`: the member's attestation
+/// over `claudemesh-session-attest|parent|session|expiresAt`, and the
+/// session's signature over
+/// `claudemesh-session-hello|meshId|parent|session|timestamp`.
+pub fn session_hello_json(
+    mesh_id: &str,
+    member: &Member,
+    session: &SessionKey,
+    opts: HelloOptions<'_>,
+) -> String {
+    let (parent, key) = (&member.pubkey, &session.pubkey);
+    let expires = opts.timestamp_ms + ATTESTATION_MS;
+    let attest = format!("claudemesh-session-attest|{parent}|{key}|{expires}");
+    let signed = format!(
+        "claudemesh-session-hello|{mesh_id}|{parent}|{key}|{}",
+        opts.timestamp_ms
+    );
+    let mut hello = serde_json::json!({
+        "type": "session_hello",
+        "meshId": mesh_id,
+        "parentMemberId": member.id,
+        "parentMemberPubkey": parent,
+        "sessionPubkey": key,
+        "sessionId": opts.session_id,
+        "pid": std::process::id(),
+        "cwd": "/nonexistent/meshbroker-loadgen",
+        "timestamp": opts.timestamp_ms,
+        "signature": hex(&session.key.sign(signed.as_bytes()).to_bytes()),
+        "parentAttestation": {
+            "sessionPubkey": key,
+            "parentMemberPubkey": parent,
+            "expiresAt": expires,
+            "signature": hex(&member.key.sign(attest.as_bytes()).to_bytes()),
+        },
+    });
+    if opts.client_ack {
+        hello["capabilities"] = serde_json::json!(["client_ack"]);
+    }
+    hello.to_string()
+}
+
+pub fn session_hello_frame(
+    mesh_id: &str,
+    member: &Member,
+    session: &SessionKey,
+    opts: HelloOptions<'_>,
+) -> Vec<u8> {
+    let json = session_hello_json(mesh_id, member, session, opts);
+    client_frame(OpCode::Text, json.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -266,5 +336,53 @@ mod tests {
         assert_eq!(back.meshes[1].members[2].pubkey, m.pubkey);
         std::fs::write(&path, r#"{"meshId":"x","members":[]}"#).unwrap();
         assert!(Roster::load(&path).is_err());
+    }
+
+    fn verifies(pubkey: &str, sig_hex: &str, msg: &str) -> bool {
+        let sig: Vec<u8> = (0..64)
+            .map(|i| u8::from_str_radix(&sig_hex[2 * i..2 * i + 2], 16).unwrap())
+            .collect();
+        let vk = VerifyingKey::from_bytes(&unhex32(pubkey).unwrap()).unwrap();
+        vk.verify(
+            msg.as_bytes(),
+            &Signature::from_bytes(&sig.try_into().unwrap()),
+        )
+        .is_ok()
+    }
+
+    #[test]
+    fn session_hello_carries_both_signatures() {
+        let roster = Roster::generate("t2", 1, 1);
+        let m = &roster.meshes[0].members[0];
+        let s = SessionKey::generate();
+        let opts = HelloOptions {
+            session_id: "s",
+            timestamp_ms: 1_764_200_000_000,
+            client_ack: false,
+        };
+        let json: serde_json::Value =
+            serde_json::from_str(&session_hello_json("lg-t2-m0", m, &s, opts)).unwrap();
+        assert_eq!(json["type"], "session_hello");
+        assert_eq!(json["parentMemberId"], m.id.as_str());
+        let att = &json["parentAttestation"];
+        assert_eq!(att["expiresAt"], 1_764_203_600_000i64);
+        let attested = format!(
+            "claudemesh-session-attest|{}|{}|1764203600000",
+            m.pubkey, s.pubkey
+        );
+        assert!(verifies(
+            &m.pubkey,
+            att["signature"].as_str().unwrap(),
+            &attested
+        ));
+        let signed = format!(
+            "claudemesh-session-hello|lg-t2-m0|{}|{}|1764200000000",
+            m.pubkey, s.pubkey
+        );
+        assert!(verifies(
+            &s.pubkey,
+            json["signature"].as_str().unwrap(),
+            &signed
+        ));
     }
 }

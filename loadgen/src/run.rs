@@ -299,6 +299,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         held_full: AtomicBool::new(false),
         client_ack: cfg.client_ack,
         client_ids: cfg.client_message_ids,
+        session_hello: cfg.session_hello,
     });
     let ctl = Arc::new(Control {
         phase: AtomicU8::new(worker::PHASE_SETUP),
@@ -692,6 +693,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
     let mut report = Report {
         scenario: scenario.name().into(),
         mode: match (scenario.traffic(), cfg.rate) {
+            (None, _) if cfg.session_hello => "no sends, session_hello".into(),
             (None, _) => "no sends".into(),
             (Some(_), _) if directory.is_some() && total_senders == 0 => "no broadcasts".into(),
             (Some(_), Some(r)) => format!("open loop {r}/s"),

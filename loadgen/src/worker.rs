@@ -308,6 +308,8 @@ pub struct RunShared {
     pub client_ack: Option<AckPlan>,
     /// `--client-message-ids`: `template` writes one into every send.
     pub client_ids: bool,
+    /// `--session-hello`: sessions connect with `session_hello`.
+    pub session_hello: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -350,6 +352,9 @@ struct Conn {
     /// `--client-message-ids`: this session's sends so far (the counter
     /// in each `client_message_id`).
     client_seq: u64,
+    /// `--session-hello`: this slot's session key, made at its first hello
+    /// and kept across reconnects (as a CLI session keeps its key).
+    session_key: Option<Box<roster::SessionKey>>,
 }
 
 /// Everything of the worker but the connections (so both can be borrowed).
@@ -721,6 +726,7 @@ impl Worker {
                     peers: peers_role.map(|r| Box::new(PeersConn::new(r))),
                     acks: run.client_ack.map(|_| Box::<AckConn>::default()),
                     client_seq: 0,
+                    session_key: None,
                 }
             })
             .collect();
@@ -1421,7 +1427,15 @@ fn on_data(conn: &mut Conn, env: &mut Env, data: &[u8]) -> (usize, Outcome) {
                 timestamp_ms: now_ms,
                 client_ack: run.client_ack.is_some(),
             };
-            conn.hello = Some((now_ms, roster::hello_frame(&mesh.id, member, opts)));
+            let frame = if run.session_hello {
+                let key = conn
+                    .session_key
+                    .get_or_insert_with(|| Box::new(roster::SessionKey::generate()));
+                roster::session_hello_frame(&mesh.id, member, key, opts)
+            } else {
+                roster::hello_frame(&mesh.id, member, opts)
+            };
+            conn.hello = Some((now_ms, frame));
         }
         let frame = &conn.hello.as_ref().unwrap().1;
         conn.wbuf.extend_from_slice(frame);
