@@ -17,6 +17,7 @@ use crate::join::JoinRateLimiter;
 use crate::mesh::directory::Directory;
 use crate::mesh::directory::MeshEntry;
 use crate::mesh::held::HeldBudget;
+use crate::mesh::peers::Holder;
 use crate::mesh::plan::first_shard;
 use crate::metrics::Metrics;
 use crate::shard::{self, ShardSpec};
@@ -157,9 +158,16 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
 }
 
 /// A mesh whose earlier held envelopes are all loaded: each member with
-/// something held and a live session drains on that session's shard.
+/// something held and a live session drains on that session's shard, and
+/// each session with sends to its key held meanwhile on its own shard.
 fn drain_restored(shards: &[ShardSender], mesh: &Arc<MeshEntry>) {
     for member in mesh.view().members() {
+        for entry in member.sessions.with_held() {
+            if let Holder::Live { shard, .. } = entry.holder() {
+                let drain = ShardEvent::DrainHeld(mesh.clone(), member.clone());
+                let _ = shards[shard].try_send(vec![drain]);
+            }
+        }
         if member.held.is_empty() {
             continue;
         }

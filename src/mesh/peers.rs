@@ -288,6 +288,15 @@ impl MemberSessions {
             .collect()
     }
 
+    /// The sessions with envelopes waiting for them alone.
+    pub fn with_held(&self) -> Vec<Arc<SessionEntry>> {
+        self.lock()
+            .iter()
+            .filter(|e| e.held_len() != 0)
+            .cloned()
+            .collect()
+    }
+
     /// The sessions away in their grace on `shard`, with their absence.
     pub fn away_on(&self, shard: usize) -> Vec<(Arc<SessionEntry>, u64)> {
         self.lock()

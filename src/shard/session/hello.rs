@@ -165,7 +165,7 @@ impl Session {
         // Inference runs before held envelopes are released; its
         // answer drains them. Without a reader, drain now.
         let window = shard.ctx.config.hook_fresh_window;
-        let infer = !member.held.is_empty()
+        let infer = (!member.held.is_empty() || entry.held_len() != 0)
             && self.link.status().inference_allowed(Instant::now(), window)
             && shard.request_inference(self.conn, &joined.cwd);
         if infer {
