@@ -9,6 +9,12 @@
 //! the entry when a list is written, so only arrivals and departures
 //! republish anything.
 //!
+//! A `session_hello` session (§9) is known by its own key too: its entry
+//! carries the key and a queue of what was sent to that key and waits for
+//! it alone, and each mesh keeps `SessionKeys`, the key → session index a
+//! direct send consults when its target is no member's key (and, once the
+//! session has ended, key → member).
+//!
 //! The directory is a `PeerBoard` per mesh: one immutable snapshot per
 //! shard of the sessions it hosts, swapped in whole by that shard (at most
 //! once per `PUBLISH_EVERY`) and read by any shard without a lock. A
