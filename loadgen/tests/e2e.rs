@@ -196,6 +196,16 @@ fn every_scenario_runs_without_loss() {
 
     let churn = run(&broker, &db, "churn", &["--meshes", "2", "--peers", "8"]);
     assert!(churn.run_hellos > 0);
+    // PROTOCOL.md §9: every session with its own key, vouched for by its
+    // member's; the broker admits each one.
+    let sessions = run(
+        &broker,
+        &db,
+        "churn",
+        &["--meshes", "2", "--peers", "8", "--session-hello"],
+    );
+    assert!(sessions.run_hellos > 0);
+    assert_eq!(sessions.hello_failures, 0);
 
     // Everything the runs created is gone again.
     let left = common::query_rows(&db, "SELECT count(*) FROM mesh.mesh WHERE id LIKE 'lg-%'");
