@@ -124,6 +124,19 @@ pub struct Config {
     /// not yet committed to Postgres (it is slow or away); over it a send
     /// that must be held is refused with `unavailable`.
     pub max_held_memory_bytes: usize,
+    /// `MAX_HELD_BYTES_PER_MEMBER` (ours): push-frame bytes one member may
+    /// have held; over it, like over `MAX_HELD_PER_MEMBER`, a send that
+    /// must be held for it is refused with `unavailable`.
+    pub max_held_bytes_per_member: usize,
+    /// `HELLO_TIMEOUT_SECONDS` (ours): how long a new socket has, from
+    /// accept, to finish its handshake and have its hello accepted.
+    pub hello_timeout: Duration,
+    /// `HTTP_IDLE_TIMEOUT_SECONDS` (ours): how long a keep-alive HTTP
+    /// connection may wait for its next request (head and body) to arrive.
+    pub http_idle_timeout: Duration,
+    /// `RATE_LIMIT_CLOSE_AFTER` (ours): a session whose sends were refused
+    /// `rate_limited` this many times in a row is closed (1008).
+    pub rate_limit_close_after: u32,
     /// `HELD_BATCH_MAX_ROWS`, `HELD_BATCH_MAX_WAIT_US` (ours): a durable
     /// batch closes at this many commands or once its oldest waited this long.
     pub held_batch_max_rows: usize,
@@ -427,6 +440,16 @@ impl Config {
             64 * 1024,
             64 * 1024 * 1024 * 1024,
         ) as usize;
+        let max_held_bytes_per_member = r.int(
+            "MAX_HELD_BYTES_PER_MEMBER",
+            64 * 1024 * 1024,
+            64 * 1024,
+            64 * 1024 * 1024 * 1024,
+        ) as usize;
+        let hello_timeout = r.seconds("HELLO_TIMEOUT_SECONDS", 10);
+        let http_idle_timeout = r.seconds("HTTP_IDLE_TIMEOUT_SECONDS", 30);
+        let rate_limit_close_after =
+            r.int("RATE_LIMIT_CLOSE_AFTER", 100, 1, u32::MAX as u64) as u32;
         let held_batch_max_rows = r.int("HELD_BATCH_MAX_ROWS", 2048, 1, 65_536) as usize;
         let held_batch_max_wait =
             Duration::from_micros(r.int("HELD_BATCH_MAX_WAIT_US", 500, 0, 1_000_000));
@@ -482,6 +505,10 @@ impl Config {
             io_driver,
             max_held_per_member,
             max_held_memory_bytes,
+            max_held_bytes_per_member,
+            hello_timeout,
+            http_idle_timeout,
+            rate_limit_close_after,
             held_batch_max_rows,
             held_batch_max_wait,
             held_writer_connections,
@@ -569,6 +596,22 @@ impl Config {
             (
                 "MAX_HELD_MEMORY_BYTES",
                 self.max_held_memory_bytes.to_string(),
+            ),
+            (
+                "MAX_HELD_BYTES_PER_MEMBER",
+                self.max_held_bytes_per_member.to_string(),
+            ),
+            (
+                "HELLO_TIMEOUT_SECONDS",
+                self.hello_timeout.as_secs().to_string(),
+            ),
+            (
+                "HTTP_IDLE_TIMEOUT_SECONDS",
+                self.http_idle_timeout.as_secs().to_string(),
+            ),
+            (
+                "RATE_LIMIT_CLOSE_AFTER",
+                self.rate_limit_close_after.to_string(),
             ),
             ("HELD_BATCH_MAX_ROWS", self.held_batch_max_rows.to_string()),
             (

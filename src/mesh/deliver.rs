@@ -512,6 +512,7 @@ mod tests {
         fn limits(&self, max_per_member: usize) -> HoldLimits<'_> {
             HoldLimits {
                 max_per_member,
+                max_bytes_per_member: usize::MAX,
                 budget: &self.budget,
             }
         }

@@ -8,7 +8,7 @@
 //! the directory's own map is locked only on hello and on refresh.
 use super::bucket::SendBucket;
 use super::dedupe::SentIds;
-use super::held::HeldQueue;
+use super::held::{HeldLimit, HeldQueue};
 use super::lease::{MemberLeases, Redeliveries};
 use super::peers::{MemberSessions, PeerBoard};
 use super::{Envelope, HeldLate};
@@ -183,9 +183,14 @@ impl MemberEntry {
         self.held.hold(envelope, |p| self.shards_for(p))
     }
 
-    /// Whether a new send may still be held for this member.
-    pub fn has_room(&self, max_held: usize) -> bool {
-        self.held.len() < max_held
+    /// Whether a new send of `bytes` may still be held for this member.
+    pub fn room_for(
+        &self,
+        bytes: usize,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<(), HeldLimit> {
+        self.held.room_for(bytes, max_count, max_bytes)
     }
 
     pub fn is_revoked(&self) -> bool {

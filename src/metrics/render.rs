@@ -29,7 +29,9 @@ pub(super) struct HistSnapshot {
 pub(super) struct Snapshot {
     pub(super) connections_total: u64,
     pub(super) rejected_conns: [u64; 2],
-    pub(super) closed: Vec<(&'static str, u64)>,
+    pub(super) closed: [u64; CloseReason::ALL.len()],
+    pub(super) http_timeouts: [u64; 2],
+    pub(super) held_refused: [u64; 2],
     pub(super) routed: [u64; 3],
     pub(super) rejected_msgs: Vec<(&'static str, u64)>,
     pub(super) hook_requests: u64,
@@ -204,7 +206,30 @@ impl Collector for Snapshot {
             "broker_connections_closed",
             "WebSocket connections closed, by close reason.",
             "reason",
-            self.closed.iter().copied(),
+            CloseReason::ALL.iter().map(|r| r.as_str()).zip(self.closed),
+        )?;
+        labeled_counters(
+            e,
+            "broker_http_timeouts",
+            "Connections closed in their HTTP phase by a deadline: hello \
+             (HELLO_TIMEOUT_SECONDS before the first request) or idle \
+             (HTTP_IDLE_TIMEOUT_SECONDS between keep-alive requests).",
+            "limit",
+            HttpTimeout::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .zip(self.http_timeouts),
+        )?;
+        labeled_counters(
+            e,
+            "broker_held_refused",
+            "Sends refused unavailable because a target member's held queue is \
+             full: count (MAX_HELD_PER_MEMBER) or bytes (MAX_HELD_BYTES_PER_MEMBER).",
+            "limit",
+            HeldLimit::ALL
+                .iter()
+                .map(|l| l.as_str())
+                .zip(self.held_refused),
         )?;
         labeled_counters(
             e,

@@ -9,6 +9,7 @@
 //! scanned (`peek_ids`) for the `id` and `_reqId` to echo in its `error
 //! too_large`.
 mod admin;
+mod close;
 mod group;
 mod inbound;
 mod outbound;
@@ -18,6 +19,7 @@ pub use admin::{
     write_audit_result, write_audit_verify_result, write_ban_ack, write_bans_list, write_kick_ack,
     Admin, AuditEntry, BanEntry, VerifyResult,
 };
+pub use close::CloseReason;
 pub use group::GroupName;
 pub use inbound::{
     parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,

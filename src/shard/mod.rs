@@ -10,9 +10,7 @@
 //! - `state`    — the shard's state and what it does with events, statuses,
 //!   drains and sweeps.
 //! - `readbuf`  — a connection's adaptively sized read buffer.
-//! - `close`    — typed close reasons.
 //! - `signal`   — a one-shot signal shared by one shard's tasks.
-mod close;
 mod conn;
 mod durable;
 mod leases;
@@ -24,14 +22,13 @@ mod session;
 mod signal;
 mod state;
 
-pub use close::CloseReason;
-
 use crate::config::IoDriver;
 use crate::context::BrokerContext;
 use crate::ids::{IdGen, Rfc3339Clock};
 use crate::inbox::{ShardInbox, Wakeup};
 use crate::mesh::deliver::LocalRoutes;
 use crate::metrics::LocalHistograms;
+use crate::protocol::CloseReason;
 use signal::LocalSignal;
 use state::Shard;
 use std::cell::{Cell, RefCell};

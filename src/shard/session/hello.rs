@@ -9,10 +9,10 @@ use crate::inbox::ShardEvent;
 use crate::mesh::directory::{Admission, MemberEntry};
 use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession, PeerEvent};
 use crate::metrics::RejectReason;
+use crate::protocol::CloseReason;
 use crate::protocol::{
     self, Capabilities, ErrorCode, GroupName, GroupRole, Hello, HelloAck, ProtocolError,
 };
-use crate::shard::CloseReason;
 use crate::status::hook_index::HookTarget;
 use crate::status::{Source, StatusState};
 use crate::ws::{self, OpCode};
