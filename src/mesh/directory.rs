@@ -8,7 +8,7 @@
 //! the directory's own map is locked only on hello and on refresh.
 use super::bucket::SendBucket;
 use super::dedupe::SentIds;
-use super::held::{HeldLimit, HeldQueue};
+use super::held::HeldQueue;
 use super::lease::{MemberLeases, Redeliveries};
 use super::peers::{MemberSessions, PeerBoard};
 use super::{Envelope, HeldLate};
@@ -177,20 +177,10 @@ impl MemberEntry {
 
     /// Holds an envelope for this member; returns the shards that may take
     /// it right after (see `HeldQueue::hold`). Never refuses: the bound is
-    /// checked when a send is planned (`has_room`), before anything is
+    /// checked when a send is planned (`HeldQueue::room_for`), before anything is
     /// acked, so an envelope already acked is never dropped here.
     pub fn hold(&self, envelope: Arc<Envelope>) -> u64 {
         self.held.hold(envelope, |p| self.shards_for(p))
-    }
-
-    /// Whether a new send of `bytes` may still be held for this member.
-    pub fn room_for(
-        &self,
-        bytes: usize,
-        max_count: usize,
-        max_bytes: usize,
-    ) -> Result<(), HeldLimit> {
-        self.held.room_for(bytes, max_count, max_bytes)
     }
 
     pub fn is_revoked(&self) -> bool {

@@ -35,6 +35,7 @@ impl HoldLimits<'_> {
     /// Whether `member` may hold `envelope` too.
     fn room(&self, member: &MemberEntry, envelope: &Envelope) -> Result<(), Refused> {
         member
+            .held
             .room_for(
                 envelope.frame.len(),
                 self.max_per_member,
