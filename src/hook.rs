@@ -74,6 +74,10 @@ const MAX_ECHO: usize = 64;
 /// `pid`: optional (absent or `null`), else an integer that fits `i32`.
 /// `session_id`: optional (absent or `null`), else a string. Other fields are ignored.
 pub fn parse_signal(body: &mut [u8]) -> Result<HookSignal, HookError> {
+    // Bounded first: the tree is built by recursion (see MAX_JSON_DEPTH).
+    if !crate::protocol::nesting_within(body, crate::protocol::MAX_JSON_DEPTH) {
+        return Err(HookError::BadJson);
+    }
     let value = simd_json::to_borrowed_value(body).map_err(|_| HookError::BadJson)?;
     let obj = value.as_object().ok_or(HookError::BadJson)?;
     let field = |name: &str| obj.get(name).filter(|v| !v.is_null());

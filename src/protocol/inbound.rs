@@ -131,6 +131,12 @@ impl Parser {
     /// message — is read straight into borrowed strings; anything else (or
     /// any problem) goes through the tree parser, whose errors name the field.
     pub fn parse<'a>(&'a mut self, data: &[u8]) -> Result<Parsed<'a>, ProtocolError> {
+        if !super::nesting_within(data, super::MAX_JSON_DEPTH) {
+            return Err(ProtocolError::new(
+                ErrorCode::BadJson,
+                "message nests arrays and objects more than 64 deep",
+            ));
+        }
         self.plain.clear();
         self.plain.extend_from_slice(data);
         if let Ok(plain) = simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(
