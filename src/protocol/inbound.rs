@@ -250,6 +250,12 @@ pub fn parse_client_message<'a>(
             "message is not a JSON object",
         ));
     };
+    if let Some(key) = duplicate_key(&object) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("key '{key}' appears more than once"),
+        ));
+    }
     let mut fields = Fields::new(*object);
     // `_reqId` is taken first so that every error echoes it once it is
     // valid; a bad one is answered after `type` (and a send's `id`) are read.
@@ -529,6 +535,27 @@ fn parse_client_ack<'a>(fields: &mut Fields<'a>) -> Result<Vec<Cow<'a, str>>, Pr
         }
         (None, None, Some(_)) => Err(fields.invalid(MANY, "must be an array of strings")),
     }
+}
+
+/// A key the object holds twice. simd-json keeps both, and which one a
+/// field read got depended on where the others had been (taking a field
+/// moves another into its slot): `{"status":"busy","status":"idle"}` was
+/// read one way or the other by position. Refused rather than guessed.
+fn duplicate_key<'o>(object: &'o simd_json::value::borrowed::Object<'_>) -> Option<&'o str> {
+    const SMALL: usize = 16;
+    if object.len() <= SMALL {
+        let keys = || object.keys().map(|k| k.as_ref());
+        return keys()
+            .enumerate()
+            .find(|(i, key)| keys().skip(i + 1).any(|other| other == *key))
+            .map(|(_, key)| key);
+    }
+    // Many keys (a hostile 64 KiB message has thousands): no n².
+    let mut seen = std::collections::HashSet::with_capacity(object.len());
+    object
+        .keys()
+        .map(|k| k.as_ref())
+        .find(|key| !seen.insert(*key))
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -1126,6 +1153,30 @@ mod tests {
             assert_eq!((id, req_id), (None, None));
         }
         assert_eq!(parse("{nope").unwrap_err().3, None);
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_whatever_their_place() {
+        for json in [
+            r#"{"type":"set_status","status":"busy","status":"idle"}"#.to_owned(),
+            r#"{"type":"dance","type":"list_peers"}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","nonce":"m"}"#
+                .to_owned(),
+            // Past the small-object scan.
+            format!(
+                r#"{{"type":"list_peers",{}"k3":1}}"#,
+                (0..40).map(|i| format!(r#""k{i}":1,"#)).collect::<String>()
+            ),
+        ] {
+            let (code, message, _, _) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::BadJson, "{json}");
+            assert!(message.contains("appears more than once"), "{message}");
+        }
+        // Unknown keys of a plain send never reach the tree: still routed.
+        assert!(parse(
+            r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","x":1,"x":2}"#
+        )
+        .is_ok());
     }
 
     #[test]
