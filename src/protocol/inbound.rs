@@ -178,6 +178,15 @@ impl<'a> PlainSend<'a> {
         if self.kind != "send" {
             return None;
         }
+        // Refused by the tree parser, which names the field.
+        let stored = [
+            Some(self.nonce),
+            Some(self.ciphertext),
+            self.client_message_id,
+        ];
+        if stored.iter().flatten().any(|s| s.contains('\0')) {
+            return None;
+        }
         if self.req_id.is_some_and(|r| !fits(r, MAX_REQ_ID_CHARS)) {
             return None;
         }
@@ -332,24 +341,31 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
     // shape of the rest of its hello.
     let protocol_version = parse_protocol_version(fields)?;
     let mesh_id = fields.non_empty_str("meshId")?;
+    let mesh_id = fields.stored(mesh_id, "meshId")?;
     let member_id = fields.non_empty_str("memberId")?;
+    let member_id = fields.stored(member_id, "memberId")?;
     let pubkey = fields.required_str("pubkey")?;
     if !is_hex(&pubkey, 64) {
         return Err(fields.invalid("pubkey", "must be 64 hex digits"));
     }
     let session_id = fields.non_empty_str("sessionId")?;
+    let session_id = fields.stored(session_id, "sessionId")?;
     let pid = fields.required_i64("pid")?;
     let pid = i32::try_from(pid)
         .ok()
         .filter(|pid| *pid >= 0)
         .ok_or_else(|| fields.invalid("pid", "must be a non-negative 32-bit integer"))?;
     let cwd = fields.non_empty_str("cwd")?;
+    let cwd = fields.stored(cwd, "cwd")?;
     let timestamp = fields.required_i64("timestamp")?;
     let signature = fields.required_str("signature")?;
     if !is_hex(&signature, 128) {
         return Err(fields.invalid("signature", "must be 128 hex digits"));
     }
     let display_name = fields.limited_str("displayName", MAX_DISPLAY_NAME_CHARS)?;
+    let display_name = display_name
+        .map(|n| fields.stored(n, "displayName"))
+        .transpose()?;
     let groups = parse_hello_groups(fields)?;
     let capabilities = parse_capabilities(fields)?;
     Ok(Hello {
@@ -416,6 +432,7 @@ fn parse_hello_groups<'a>(fields: &mut Fields<'a>) -> Result<Vec<GroupJoin<'a>>,
 fn parse_group_join<'a>(fields: &mut Fields<'a>) -> Result<GroupJoin<'a>, ProtocolError> {
     let name = fields.group_name("name")?;
     let role = fields.limited_str("role", MAX_ROLE_CHARS)?;
+    let role = role.map(|r| fields.stored(r, "role")).transpose()?;
     Ok(GroupJoin { name, role })
 }
 
@@ -452,9 +469,13 @@ fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>,
             .ok_or_else(|| fields.invalid("priority", "must be now, next or low"))?,
     };
     let nonce = fields.required_str("nonce")?;
+    let nonce = fields.stored(nonce, "nonce")?;
     let ciphertext = fields.required_str("ciphertext")?;
+    let ciphertext = fields.stored(ciphertext, "ciphertext")?;
     let client_message_id = fields
         .limited_str("client_message_id", MAX_CLIENT_MESSAGE_ID_CHARS)?
+        .map(|c| fields.stored(c, "client_message_id"))
+        .transpose()?
         .filter(|c| !c.is_empty());
     if target == Target::Unsupported {
         return Err(ProtocolError::new(
@@ -601,6 +622,17 @@ impl<'a> Fields<'a> {
             Some((array, index)) => format!("field '{array}' entry {index}: '{name}' {expected}"),
         };
         ProtocolError::new(ErrorCode::InvalidField, message)
+    }
+
+    /// `s` unless it holds U+0000 (only an escaped `\u0000` gets there):
+    /// these values reach Postgres `text`, which cannot hold it, and a row
+    /// refused there came back as `unavailable` (a held send) or broke the
+    /// session's presence row, depending on who was online.
+    fn stored(&self, s: Cow<'a, str>, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
+        if s.contains('\0') {
+            return Err(self.invalid(name, "must not contain U+0000"));
+        }
+        Ok(s)
     }
 
     fn take(&mut self, name: &'static str) -> Option<Value<'a>> {
@@ -1153,6 +1185,39 @@ mod tests {
             assert_eq!((id, req_id), (None, None));
         }
         assert_eq!(parse("{nope").unwrap_err().3, None);
+    }
+
+    #[test]
+    fn nul_is_refused_where_it_would_be_stored() {
+        for (json, field) in [
+            (
+                plain_send("*", r#","nonce":"x\u0000""#).replace(r#""nonce":"n","#, ""),
+                "'nonce'",
+            ),
+            (
+                plain_send("*", "").replace(r#""ciphertext":"c""#, r#""ciphertext":"\u0000""#),
+                "'ciphertext'",
+            ),
+            (
+                plain_send("*", r#","client_message_id":"a\u0000""#),
+                "'client_message_id'",
+            ),
+            (hello(r#","displayName":"\u0000""#), "'displayName'"),
+            (
+                hello("").replace(r#""cwd":"/w""#, r#""cwd":"/\u0000""#),
+                "'cwd'",
+            ),
+            (
+                r#"{"type":"join_group","name":"ok","role":"\u0000"}"#.to_owned(),
+                "'role'",
+            ),
+        ] {
+            let (code, message, _, _) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{json}");
+            assert!(message.contains(field), "{json}: {message}");
+        }
+        // Elsewhere it is only text: a summary may hold one.
+        assert!(parse(r#"{"type":"set_summary","summary":"a\u0000b"}"#).is_ok());
     }
 
     #[test]
