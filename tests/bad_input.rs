@@ -809,25 +809,31 @@ fn read_answer(stream: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> co
     }
 }
 
-/// True when the peer ends the connection (EOF or reset) within `wait`.
-fn closes_within(stream: &mut TcpStream, wait: Duration) -> bool {
+/// Whether the peer ends the connection (EOF or reset) within `wait`, and
+/// what it sent before that.
+fn rest_until_close(stream: &mut TcpStream, wait: Duration) -> (bool, Vec<u8>) {
     stream.set_read_timeout(Some(wait)).unwrap();
+    let mut rest = Vec::new();
     let mut chunk = [0u8; 4096];
     loop {
         match stream.read(&mut chunk) {
-            Ok(0) => return true,
-            Ok(_) => continue,
+            Ok(0) => return (true, rest),
+            Ok(n) => rest.extend_from_slice(&chunk[..n]),
             Err(e)
                 if matches!(
                     e.kind(),
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return false
+                return (false, rest)
             }
-            Err(_) => return true,
+            Err(_) => return (true, rest),
         }
     }
+}
+
+fn closes_within(stream: &mut TcpStream, wait: Duration) -> bool {
+    rest_until_close(stream, wait).0
 }
 
 fn run_http(env: &Env, case: &HttpCase) {
@@ -877,19 +883,18 @@ fn run_http(env: &Env, case: &HttpCase) {
     }
     let last_keeps = case.want.last().is_some_and(|w| w.keep_alive);
     if last_keeps {
-        // Still open and nothing more was said: one more request works.
-        let _ = buf;
-        let mut tail = Vec::new();
+        // Nothing more was said, and the connection still serves.
+        assert!(buf.is_empty(), "{name}: more after the answers: {buf:?}");
         stream
             .write_all(&req("GET", "/health/live", &[], b""))
             .unwrap();
-        let got = read_answer(&mut stream, &mut tail, false);
+        let got = read_answer(&mut stream, &mut buf, false);
         assert_eq!(got.status, 200, "{name}: the connection still serves");
     } else {
-        assert!(
-            closes_within(&mut stream, WAIT),
-            "{name}: the broker did not close"
-        );
+        let (closed, rest) = rest_until_close(&mut stream, WAIT);
+        assert!(closed, "{name}: the broker did not close");
+        buf.extend(rest);
+        assert!(buf.is_empty(), "{name}: more after the answers: {buf:?}");
     }
 }
 
