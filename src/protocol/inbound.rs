@@ -509,10 +509,20 @@ fn parse_audit_query<'a>(fields: &mut Fields<'a>) -> Result<Admin<'a>, ProtocolE
                 )
             })? as u32,
     };
+    // Both are query parameters: a NUL made Postgres refuse the query,
+    // answered as if the database were down.
+    let before_id = fields.optional_str("beforeId")?;
+    let before_id = before_id
+        .map(|b| fields.stored(b, "beforeId"))
+        .transpose()?;
+    let event_type = fields.optional_str("eventType")?;
+    let event_type = event_type
+        .map(|e| fields.stored(e, "eventType"))
+        .transpose()?;
     Ok(Admin::AuditQuery {
         limit,
-        before_id: fields.optional_str("beforeId")?,
-        event_type: fields.optional_str("eventType")?,
+        before_id,
+        event_type,
     })
 }
 
@@ -1210,6 +1220,14 @@ mod tests {
             (
                 r#"{"type":"join_group","name":"ok","role":"\u0000"}"#.to_owned(),
                 "'role'",
+            ),
+            (
+                r#"{"type":"audit_query","beforeId":"\u0000"}"#.to_owned(),
+                "'beforeId'",
+            ),
+            (
+                r#"{"type":"audit_query","eventType":"\u0000"}"#.to_owned(),
+                "'eventType'",
             ),
         ] {
             let (code, message, _, _) = parse(&json).unwrap_err();
