@@ -85,7 +85,9 @@ pub fn parse_signal(body: &mut [u8]) -> Result<HookSignal, HookError> {
     let cwd = match field("cwd") {
         None => return Err(HookError::MissingField("cwd")),
         Some(v) => match v.as_str() {
-            Some(s) if !s.is_empty() => s.to_owned(),
+            // No session's cwd holds U+0000 (a hello refuses it), and
+            // Postgres text cannot store the stash.
+            Some(s) if !s.is_empty() && !s.contains('\0') => s.to_owned(),
             _ => return Err(HookError::InvalidField("cwd")),
         },
     };
@@ -229,6 +231,7 @@ mod tests {
     fn invalid_fields() {
         let cases = [
             (r#"{"cwd":"","status":"idle"}"#, "cwd"),
+            (r#"{"cwd":"/w\u0000","status":"idle"}"#, "cwd"),
             (r#"{"cwd":42,"status":"idle"}"#, "cwd"),
             (r#"{"cwd":"/w","status":1}"#, "status"),
             (r#"{"cwd":"/w","status":"idle","pid":"12"}"#, "pid"),
