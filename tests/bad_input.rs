@@ -49,6 +49,8 @@ struct Env {
     bo: Vec<Member>,
     /// Mesh `bh`: the pair that proves the broker healthy at the end.
     bh: Vec<Member>,
+    /// Mesh `ba`: [0] is an admin; [2] and [3] are both named "twin".
+    ba: Vec<Member>,
     join: JoinFixture,
 }
 
@@ -67,6 +69,13 @@ impl Env {
         let bi = seed_mesh(&broker.db, "bi", 4);
         let bo = seed_mesh(&broker.db, "bo", 1);
         let bh = seed_mesh(&broker.db, "bh", 2);
+        // Before any hello names the mesh, so its first load has them.
+        let ba = seed_mesh(&broker.db, "ba", 4);
+        exec_sql(
+            &broker.db,
+            "UPDATE mesh.member SET role = 'admin' WHERE id = 'ba-m0';
+             UPDATE mesh.member SET display_name = 'twin' WHERE id IN ('ba-m2', 'ba-m3')",
+        );
         let join = JoinFixture::seed(&broker.db);
         let addr = broker.addr();
         Env {
@@ -75,6 +84,7 @@ impl Env {
             bi,
             bo,
             bh,
+            ba,
             join,
         }
     }
@@ -720,6 +730,11 @@ fn http_cases() -> Vec<HttpCase> {
             "invalid field: cwd",
         ),
         (
+            "hook cwd with a NUL",
+            br#"{"cwd":"/x\u0000","status":"idle"}"#,
+            "invalid field: cwd",
+        ),
+        (
             "hook cwd empty",
             br#"{"cwd":"","status":"idle"}"#,
             "invalid field: cwd",
@@ -906,6 +921,8 @@ enum Phase {
     Fresh,
     /// After a hello_ack (as `bi-m0`).
     Joined,
+    /// After a hello_ack as `ba-m0`, an admin (§13).
+    Admin,
 }
 
 /// What must come back.
@@ -2201,6 +2218,91 @@ fn auth_cases(env: &Env) -> Vec<WsCase> {
     cases
 }
 
+// --------------------------------------------------------------- admin rows
+
+/// An admin's messages that must be refused: itself, names that match
+/// two members, members of other meshes, values Postgres cannot take.
+fn admin_cases(env: &Env) -> Vec<WsCase> {
+    let (admin, foreign) = (&env.ba[0], &env.bo[0]);
+    let rows: Vec<(&str, Value, Want)> = vec![
+        (
+            "kick itself by id",
+            json!({"type":"kick","target":admin.id}),
+            Want::Error(err("forbidden")),
+        ),
+        (
+            "ban itself by pubkey",
+            json!({"type":"ban","target":admin.pubkey,"_reqId":"b1"}),
+            Want::Error(err("forbidden").req("b1")),
+        ),
+        (
+            "kick a name two members have",
+            json!({"type":"kick","target":"twin"}),
+            Want::Error(err("ambiguous_target")),
+        ),
+        (
+            "ban a name two members have, in capitals",
+            json!({"type":"ban","target":"TWIN"}),
+            Want::Error(err("ambiguous_target")),
+        ),
+        (
+            "kick another mesh's member by id",
+            json!({"type":"kick","target":foreign.id}),
+            Want::Error(err("unknown_target")),
+        ),
+        (
+            "kick another mesh's member by pubkey",
+            json!({"type":"kick","target":foreign.pubkey}),
+            Want::Error(err("unknown_target")),
+        ),
+        (
+            "ban another mesh's member by id",
+            json!({"type":"ban","target":env.bi[1].id}),
+            Want::Error(err("unknown_target")),
+        ),
+        (
+            "unban nobody",
+            json!({"type":"unban","target":"nobody at all"}),
+            Want::Error(err("unknown_target")),
+        ),
+        (
+            "kick a member by a NUL name",
+            json!({"type":"kick","target":"peer ba-m1\u{0}"}),
+            Want::Error(err("unknown_target")),
+        ),
+        (
+            "audit_query limit 500 is answered",
+            json!({"type":"audit_query","limit":500}),
+            Want::Reply(json!({"type":"audit_result"})),
+        ),
+        (
+            "audit_query before an unknown id",
+            json!({"type":"audit_query","beforeId":"no-such-entry"}),
+            Want::Reply(json!({"type":"audit_result","entries":[]})),
+        ),
+        (
+            "audit_query before a NUL id",
+            json!({"type":"audit_query","beforeId":"\u{0}"}),
+            Want::Error(err("invalid_field").field("'beforeId'")),
+        ),
+        (
+            "audit_query for a NUL event type",
+            json!({"type":"audit_query","eventType":"x\u{0}"}),
+            Want::Error(err("invalid_field").field("'eventType'")),
+        ),
+        (
+            "audit_query limit 1.0",
+            json!({"type":"audit_query","limit":1.0}),
+            Want::Error(err("invalid_field").field("'limit'")),
+        ),
+    ];
+    rows.into_iter()
+        .map(|(name, message, want)| {
+            json_row(format!("admin: {name}"), Phase::Admin, &message, want)
+        })
+        .collect()
+}
+
 // ------------------------------------------------------------- routing rows
 
 fn routing_cases(env: &Env) -> Vec<WsCase> {
@@ -2324,8 +2426,13 @@ fn routing_cases(env: &Env) -> Vec<WsCase> {
 /// A raw WebSocket in `phase`.
 fn open(env: &Env, phase: Phase) -> RawWs {
     let mut ws = RawWs::connect(env.addr);
-    if phase == Phase::Joined {
-        ws.send_text(&hello(env.me()).to_string());
+    let member = match phase {
+        Phase::Fresh => None,
+        Phase::Joined => Some(env.me()),
+        Phase::Admin => Some(&env.ba[0]),
+    };
+    if let Some(member) = member {
+        ws.send_text(&hello(member).to_string());
         let ack = ws.read_json();
         assert_eq!(ack["type"], "hello_ack", "{ack}");
     }
@@ -2380,7 +2487,7 @@ fn probe(ws: &mut RawWs, phase: Phase, name: &str) {
     ws.send_text(r#"{"type":"list_peers","_reqId":"probe"}"#);
     let v = json_of(&next_frame(ws, name), name);
     let want = match phase {
-        Phase::Joined => "peers_list",
+        Phase::Joined | Phase::Admin => "peers_list",
         Phase::Fresh => "error",
     };
     assert_eq!(v["type"], want, "{name}: the probe's answer: {v}");
@@ -2819,6 +2926,12 @@ fn bad_input_table() {
         tally.run(&case.name, || run_http(&env, case));
     }
     tally.add("auth (revoked mid-session)", revoked_mid_session(&env));
+
+    let admin = admin_cases(&env);
+    tally.add("auth (admin)", admin.len());
+    for case in &admin {
+        tally.run(&case.name, || run_ws(&env, case));
+    }
 
     // Routing, with a peer of the other mesh listening throughout.
     let mut foreign = Peer::connect(&env.broker, &env.bo[0]);
