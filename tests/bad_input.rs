@@ -722,6 +722,14 @@ fn http_cases() -> Vec<HttpCase> {
 
     // Pipelining: both answered, in order.
     add(
+        "a GET with a body, then a GET",
+        cat(&[
+            &req("GET", "/nope", &[("Content-Length", "5")], b"hello"),
+            &req("GET", "/health/live", &[], b""),
+        ]),
+        vec![refusal(404, "not found", true), live()],
+    );
+    add(
         "two GETs in one write",
         cat(&[
             &req("GET", "/health/live", &[], b""),
@@ -1027,10 +1035,10 @@ enum Want {
     /// A JSON reply of this type (checked against the given members);
     /// then the connection still answers.
     Reply(Value),
-    /// A pong with this payload (then, when given, this error: the answer
-    /// to a message whose fragments the ping came between); then the
-    /// connection still answers.
-    Pong(Vec<u8>, Option<ErrWant>),
+    /// A pong with this payload, then (when given) what answers the
+    /// message whose fragments the ping came between; else the connection
+    /// still answers.
+    Pong(Vec<u8>, Option<Box<Want>>),
     /// No answer at all; the connection still answers.
     Silent,
 }
@@ -1237,7 +1245,10 @@ fn frame_cases(env: &Env) -> Vec<WsCase> {
             &masked(OpCode::Ping, b"mid", true),
             &masked(OpCode::Continuation, b"\"dance\"}", true),
         ]),
-        Want::Pong(b"mid".to_vec(), Some(err("unknown_type"))),
+        Want::Pong(
+            b"mid".to_vec(),
+            Some(Box::new(Want::Error(err("unknown_type")))),
+        ),
     );
     add(
         "a close inside a fragmented message",
@@ -1318,6 +1329,23 @@ fn frame_cases(env: &Env) -> Vec<WsCase> {
         "a send of exactly MAX_MESSAGE_BYTES",
         text(&send_of_len(&sink, "at-max", MAX)),
         Want::Reply(json!({"type": "ack", "id": "at-max", "queued": true})),
+    );
+    add(
+        "a binary send of exactly MAX_MESSAGE_BYTES",
+        masked(OpCode::Binary, &send_of_len(&sink, "at-max-bin", MAX), true),
+        Want::Reply(json!({"type": "ack", "id": "at-max-bin", "queued": true})),
+    );
+    add(
+        "a send of exactly MAX_MESSAGE_BYTES in 3 fragments",
+        {
+            let send = send_of_len(&sink, "at-max-frag", MAX);
+            cat(&[
+                &masked(OpCode::Text, &send[..100], false),
+                &masked(OpCode::Continuation, &send[100..MAX - 1], false),
+                &masked(OpCode::Continuation, &send[MAX - 1..], true),
+            ])
+        },
+        Want::Reply(json!({"type": "ack", "id": "at-max-frag", "queued": true})),
     );
     add(
         "a send one byte over MAX_MESSAGE_BYTES",
@@ -2055,6 +2083,28 @@ fn json_shape_cases(env: &Env) -> Vec<WsCase> {
         ));
     }
     // After hello: a second hello, and messages with odd but valid values.
+    // Echoes must survive JSON escaping: quotes, backslashes, control
+    // characters, U+2028 and a character outside the BMP.
+    let weird = "q\"b\\s\u{1}\n\u{2028}\u{1F600}";
+    for phase in [Phase::Fresh, Phase::Joined] {
+        let reply = match phase {
+            Phase::Joined => Want::Reply(json!({"type": "peers_list", "_reqId": weird})),
+            _ => Want::Error(err("no_hello").req(weird)),
+        };
+        cases.push(json_row(
+            format!("a _reqId that needs escaping ({phase:?})"),
+            phase,
+            &json!({"type": "list_peers", "_reqId": weird}),
+            reply,
+        ));
+        cases.push(json_row(
+            format!("a send id that needs escaping ({phase:?})"),
+            phase,
+            &json!({"type":"send","targetSpec":"tag:x","nonce":"n","ciphertext":"c","id":weird}),
+            // Parsed before the hello is asked for, like every field error.
+            Want::Error(err("unsupported_target").id(weird)),
+        ));
+    }
     cases.push(json_row(
         "a second hello".into(),
         Phase::Joined,
@@ -2324,6 +2374,28 @@ fn auth_cases(env: &Env) -> Vec<WsCase> {
             Want::Reply(json!({"type": "hello_ack", "meshId": "bi", "memberId": me.id})),
         ));
     }
+    let acked = || Want::Reply(json!({"type": "hello_ack", "meshId": "bi", "memberId": me.id}));
+    let signed = hello(me).to_string().into_bytes();
+    cases.push(WsCase {
+        name: "hello: in a binary frame is admitted".into(),
+        phase: Phase::Fresh,
+        wire: masked(OpCode::Binary, &signed, true),
+        want: acked(),
+    });
+    let signed = hello(me).to_string().into_bytes();
+    let (a, rest) = signed.split_at(10);
+    let (b, c) = rest.split_at(40);
+    cases.push(WsCase {
+        name: "hello: in three fragments around a ping is admitted".into(),
+        phase: Phase::Fresh,
+        wire: cat(&[
+            &masked(OpCode::Text, a, false),
+            &masked(OpCode::Continuation, b, false),
+            &masked(OpCode::Ping, b"", true),
+            &masked(OpCode::Continuation, c, true),
+        ]),
+        want: Want::Pong(Vec::new(), Some(Box::new(acked()))),
+    });
     cases
 }
 
@@ -2615,45 +2687,49 @@ fn expect_close(ws: &mut RawWs, code: Option<u16>, name: &str) {
 }
 
 fn run_ws(env: &Env, case: &WsCase) {
-    let name = &case.name;
     let mut ws = open(env, case.phase);
     // The broker may close before reading all of it.
     let _ = ws.stream.write_all(&case.wire);
-    match &case.want {
-        Want::Close(code) => expect_close(&mut ws, Some(*code), name),
+    expect(&mut ws, case.phase, &case.want, &case.name);
+}
+
+/// Reads what `want` says must come, then checks the connection is in
+/// the state it implies.
+fn expect(ws: &mut RawWs, phase: Phase, want: &Want, name: &str) {
+    match want {
+        Want::Close(code) => expect_close(ws, Some(*code), name),
         Want::Error(want) => {
-            let v = json_of(&next_frame(&mut ws, name), name);
+            let v = json_of(&next_frame(ws, name), name);
             check_error(&v, want, name);
-            probe(&mut ws, case.phase, name);
+            probe(ws, phase, name);
         }
         Want::ErrorThenClose(want, code) => {
-            let v = json_of(&next_frame(&mut ws, name), name);
+            let v = json_of(&next_frame(ws, name), name);
             check_error(&v, want, name);
-            expect_close(&mut ws, Some(*code), name);
+            expect_close(ws, Some(*code), name);
         }
         Want::Reply(members) => {
-            let v = json_of(&next_frame(&mut ws, name), name);
+            let v = json_of(&next_frame(ws, name), name);
             for (k, expected) in members.as_object().unwrap() {
                 assert_eq!(&v[k], expected, "{name}: member {k}: {v}");
             }
             let phase = if v["type"] == "hello_ack" {
                 Phase::Joined
             } else {
-                case.phase
+                phase
             };
-            probe(&mut ws, phase, name);
+            probe(ws, phase, name);
         }
         Want::Pong(payload, then) => {
-            let frame = next_frame(&mut ws, name);
+            let frame = next_frame(ws, name);
             assert_eq!(frame.opcode, 0xA, "{name}: {frame:?}");
             assert_eq!(&frame.payload, payload, "{name}");
-            if let Some(want) = then {
-                let v = json_of(&next_frame(&mut ws, name), name);
-                check_error(&v, want, name);
+            match then {
+                Some(then) => expect(ws, phase, then, name),
+                None => probe(ws, phase, name),
             }
-            probe(&mut ws, case.phase, name);
         }
-        Want::Silent => probe(&mut ws, case.phase, name),
+        Want::Silent => probe(ws, phase, name),
     }
 }
 
