@@ -2973,6 +2973,49 @@ fn join_cases(env: &Env) -> Vec<HttpCase> {
         body("tok-bj", &bad_expiry),
         refused("invalid_field", Some("invite_payload.expires_at")),
     ));
+    // Payload fields of the wrong form, each named (checked before the
+    // signature, so no re-signing is needed).
+    for (field, value) in [
+        ("v", json!("1")),
+        ("expires_at", json!(0)),
+        ("expires_at", json!(-5)),
+        ("expires_at", json!(1.5)),
+        ("role", json!("owner")),
+        ("mesh_id", json!("a|b")),
+        ("mesh_id", json!("")),
+        ("signature", json!("a".repeat(127))),
+        ("owner_pubkey", json!(5)),
+    ] {
+        let mut p = good.clone();
+        p[field] = value.clone();
+        let path: &'static str = match field {
+            "v" => "invite_payload.v",
+            "expires_at" => "invite_payload.expires_at",
+            "role" => "invite_payload.role",
+            "mesh_id" => "invite_payload.mesh_id",
+            "signature" => "invite_payload.signature",
+            _ => "invite_payload.owner_pubkey",
+        };
+        rows.push((
+            format!("join: {field} = {value}"),
+            body("tok-bj", &p),
+            refused("invalid_field", Some(path)),
+        ));
+    }
+    // Hex is case-insensitive: an owner key in capitals, signed as sent,
+    // is the mesh's owner.
+    let mut upper = good.clone();
+    upper["owner_pubkey"] = json!(pubkey_hex(&fx.owner).to_uppercase());
+    upper["signature"] = json!(sign_invite(&fx.owner, &upper));
+    rows.push((
+        "join: owner_pubkey in capitals joins".into(),
+        body("tok-bj", &upper),
+        vec![want(
+            200,
+            Body::Has(json!({"ok": true, "alreadyMember": false})),
+            true,
+        )],
+    ));
     let mut nul_slug = good.clone();
     nul_slug["mesh_slug"] = json!("a\u{0}b");
     rows.push((
@@ -2988,6 +3031,11 @@ fn join_cases(env: &Env) -> Vec<HttpCase> {
             want,
         })
         .collect();
+    cases.push(HttpCase {
+        name: "join: an empty body".into(),
+        wire: post("/join", b""),
+        want: refused("invalid_field", Some("body")),
+    });
     cases.push(HttpCase {
         name: "join: not JSON".into(),
         wire: post("/join", b"{nope"),
