@@ -3240,7 +3240,10 @@ fn slowloris_is_cut() {
     let mut buf = got;
     let answer = read_answer(&mut trickle, &mut buf, false);
     assert_eq!(answer.status, 408, "{}", answer.text());
-    assert_eq!(answer.json(), json!({"error": "request timeout"}));
+    assert_eq!(
+        answer.json(),
+        json!({"ok": false, "error": "request timeout"})
+    );
     assert!(closes_within(&mut trickle, WAIT), "not closed after 408");
 
     // Nothing at all: closed without a word.
