@@ -52,20 +52,27 @@ pub use crate::protocol::Priority;
 
 /// Why a hello was refused (`broker_connections_rejected_total{reason}`).
 /// Every authentication failure (bad signature, stale timestamp, not a member) is
-/// `Unauthorized`.
+/// `Unauthorized`. `MaxConnections` is no hello: a socket accepted over
+/// `MAX_CONNECTIONS` and closed unread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     Capacity,
     Unauthorized,
+    MaxConnections,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 2] = [RejectReason::Capacity, RejectReason::Unauthorized];
+    pub const ALL: [RejectReason; 3] = [
+        RejectReason::Capacity,
+        RejectReason::Unauthorized,
+        RejectReason::MaxConnections,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Capacity => "capacity",
             RejectReason::Unauthorized => "unauthorized",
+            RejectReason::MaxConnections => "max_connections",
         }
     }
 }
@@ -143,7 +150,8 @@ impl Metrics {
     fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot {
             connections_total: 0,
-            rejected_conns: [0; 2],
+            rejected_conns: [0; RejectReason::ALL.len()],
+            accept_errors: 0,
             closed: Vec::new(),
             routed: [0; 3],
             rejected_msgs: Vec::new(),
@@ -185,6 +193,7 @@ impl Metrics {
             for (dst, src) in s.rejected_conns.iter_mut().zip(&shard.conns_rejected) {
                 *dst += src.load(Relaxed);
             }
+            s.accept_errors += shard.accept_errors.load(Relaxed);
             shard.conns_closed.collect_into(&mut s.closed);
             for (dst, src) in s.routed.iter_mut().zip(&shard.routed) {
                 *dst += src.load(Relaxed);
