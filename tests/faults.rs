@@ -203,8 +203,20 @@ fn served(broker: &Broker) -> (TcpStream, Option<bool>) {
 
 #[test]
 fn out_of_file_descriptors_the_broker_sheds_new_sockets_without_spinning() {
+    out_of_file_descriptors("auto");
+}
+
+/// The epoll driver accepts on readiness rather than with an io_uring op:
+/// the same behaviour is asked of it.
+#[test]
+fn out_of_file_descriptors_on_the_epoll_driver() {
+    out_of_file_descriptors("epoll");
+}
+
+fn out_of_file_descriptors(driver: &str) {
     let db = fresh_database();
-    let broker = Broker::start_with_nofile(&[("DATABASE_URL", &db)], 128);
+    let mut broker =
+        Broker::start_with_nofile(&[("DATABASE_URL", &db), ("BROKER_IO_DRIVER", driver)], 128);
     broker.wait_for_log("db healthy", Duration::from_secs(30));
     let members = seed_mesh(&db, "fds", 2);
     let pid = broker.pid();
@@ -248,10 +260,13 @@ fn out_of_file_descriptors_the_broker_sheds_new_sockets_without_spinning() {
     let samples = scrape_on(&mut scrape);
     let errors = metric(&samples, "broker_accept_errors_total", &[]).unwrap_or(0.0);
     assert!(errors >= 1.0, "accept errors not counted");
-    // One line per episode per shard (2 shards), not one per failure.
+    // A line per episode per shard (2 shards), not one per failure: an
+    // episode ends only at a success a quiet second after its last
+    // failure, which at the limit only descriptors freed for a moment by
+    // the other shard's spare allow.
     let failed = count_logs(&broker, "accept failed");
     assert!(
-        (1..=2).contains(&failed),
+        (1..=4).contains(&failed) && (failed as f64) < errors,
         "{failed} accept failed lines for {errors} errors"
     );
 
@@ -271,7 +286,7 @@ fn out_of_file_descriptors_the_broker_sheds_new_sockets_without_spinning() {
     drop(served(&broker));
     broker.wait_for_log("accept recovered", WAIT);
     assert!(
-        broker.broker_alive(),
+        broker.wait_exit(Duration::ZERO).is_none(),
         "the broker exited:\n{}",
         broker.stderr_text()
     );
@@ -338,22 +353,6 @@ fn an_envelope_held_before_a_shard_panic_is_delivered_once_after_restart() {
     });
     let mut later = Peer::connect(&tb, &members[1]);
     later.expect_nothing(Duration::from_secs(1));
-}
-
-// ---------------------------------------------------------------- helpers
-
-trait Alive {
-    fn broker_alive(&self) -> bool;
-}
-
-impl Alive for Broker {
-    /// Still running (the pid has not exited).
-    fn broker_alive(&self) -> bool {
-        std::path::Path::new(&format!("/proc/{}/stat", self.pid())).exists()
-            && !std::fs::read_to_string(format!("/proc/{}/stat", self.pid()))
-                .unwrap_or_default()
-                .contains(") Z ")
-    }
 }
 
 // ------------------------------------------------ slow reader, broadcast
