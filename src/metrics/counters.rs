@@ -78,7 +78,8 @@ pub struct ShardMetrics {
     pub(super) conns_opened: AtomicU64,
     /// By `CloseReason` (its declaration order, as in `CloseReason::ALL`).
     pub(super) conns_closed: [AtomicU64; CloseReason::ALL.len()],
-    pub(super) conns_rejected: [AtomicU64; 2],
+    pub(super) conns_rejected: [AtomicU64; RejectReason::ALL.len()],
+    pub(super) accept_errors: AtomicU64,
     pub(super) routed: [AtomicU64; 3],
     pub(super) rejected: LabeledCounters,
     pub(super) messages_in: AtomicU64,
@@ -135,6 +136,7 @@ impl ShardMetrics {
             conns_opened: AtomicU64::new(0),
             conns_closed: Default::default(),
             conns_rejected: Default::default(),
+            accept_errors: AtomicU64::new(0),
             routed: Default::default(),
             rejected: LabeledCounters::new(&MESSAGE_REJECT_REASONS),
             messages_in: AtomicU64::new(0),
@@ -178,6 +180,11 @@ impl ShardMetrics {
     /// A hello was refused (the connection still closes: call `conn_closed` too).
     pub fn conn_rejected(&self, reason: RejectReason) {
         self.conns_rejected[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// An `accept` on this shard's listener failed (`broker_accept_errors_total`).
+    pub fn accept_failed(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
     }
 
     /// A client message was parsed on this shard (any type, valid or not):

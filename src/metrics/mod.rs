@@ -74,20 +74,27 @@ impl HttpTimeout {
 
 /// Why a hello was refused (`broker_connections_rejected_total{reason}`).
 /// Every authentication failure (bad signature, stale timestamp, not a member) is
-/// `Unauthorized`.
+/// `Unauthorized`. `MaxConnections` is no hello: a socket accepted over
+/// `MAX_CONNECTIONS` and closed unread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     Capacity,
     Unauthorized,
+    MaxConnections,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 2] = [RejectReason::Capacity, RejectReason::Unauthorized];
+    pub const ALL: [RejectReason; 3] = [
+        RejectReason::Capacity,
+        RejectReason::Unauthorized,
+        RejectReason::MaxConnections,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Capacity => "capacity",
             RejectReason::Unauthorized => "unauthorized",
+            RejectReason::MaxConnections => "max_connections",
         }
     }
 }
@@ -165,7 +172,8 @@ impl Metrics {
     fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot {
             connections_total: 0,
-            rejected_conns: [0; 2],
+            rejected_conns: [0; RejectReason::ALL.len()],
+            accept_errors: 0,
             closed: [0; CloseReason::ALL.len()],
             http_timeouts: [0; 2],
             held_refused: [0; 2],
@@ -209,6 +217,7 @@ impl Metrics {
             for (dst, src) in s.rejected_conns.iter_mut().zip(&shard.conns_rejected) {
                 *dst += src.load(Relaxed);
             }
+            s.accept_errors += shard.accept_errors.load(Relaxed);
             for (dst, src) in s.closed.iter_mut().zip(&shard.conns_closed) {
                 *dst += src.load(Relaxed);
             }

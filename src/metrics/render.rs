@@ -28,7 +28,8 @@ pub(super) struct HistSnapshot {
 #[derive(Debug)]
 pub(super) struct Snapshot {
     pub(super) connections_total: u64,
-    pub(super) rejected_conns: [u64; 2],
+    pub(super) rejected_conns: [u64; RejectReason::ALL.len()],
+    pub(super) accept_errors: u64,
     pub(super) closed: [u64; CloseReason::ALL.len()],
     pub(super) http_timeouts: [u64; 2],
     pub(super) held_refused: [u64; 2],
@@ -194,12 +195,18 @@ impl Collector for Snapshot {
         labeled_counters(
             e,
             "broker_connections_rejected",
-            "Hellos refused, by reason.",
+            "Hellos refused, and sockets closed unread over MAX_CONNECTIONS, by reason.",
             "reason",
             RejectReason::ALL
                 .iter()
                 .map(|r| r.as_str())
                 .zip(self.rejected_conns),
+        )?;
+        counter(
+            e,
+            "broker_accept_errors",
+            "Failed accepts (out of file descriptors, and others).",
+            self.accept_errors,
         )?;
         labeled_counters(
             e,
@@ -453,10 +460,11 @@ mod tests {
             "broker_leases_expired_total",
             "broker_redelivered_total",
             "broker_duplicate_sends_total",
+            "broker_accept_errors_total",
         ] {
             assert_eq!(value(&samples, name, &[]), 0.0, "{name}");
         }
-        for r in ["capacity", "unauthorized"] {
+        for r in ["capacity", "unauthorized", "max_connections"] {
             assert_eq!(
                 value(
                     &samples,
