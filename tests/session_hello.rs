@@ -121,6 +121,19 @@ fn every_check_refuses_with_its_code_and_1008_in_the_contract_order() {
     let other = SessionKey::new(alice);
     let late = now_ms() + 3_600_000;
 
+    // Malformed: a refused hello like any (invalid_field, then 1008).
+    refused(
+        &broker,
+        &json!({"type": "session_hello", "meshId": "sh"}),
+        "invalid_field",
+    );
+    let mut no_attestation = session_hello(&s, json!({}));
+    no_attestation
+        .as_object_mut()
+        .unwrap()
+        .remove("parentAttestation");
+    refused(&broker, &no_attestation, "invalid_field");
+
     let mut tampered = session_hello(&s, json!({}));
     let sig = tampered["parentAttestation"]["signature"].as_str().unwrap();
     let flipped = format!(

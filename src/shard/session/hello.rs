@@ -9,11 +9,11 @@ use crate::inbox::ShardEvent;
 use crate::mesh::directory::{Admission, MemberEntry};
 use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession, PeerEvent};
 use crate::metrics::RejectReason;
+use crate::protocol::CloseReason;
 use crate::protocol::{
     self, Capabilities, ErrorCode, GroupName, GroupRole, Hello, HelloAck, ProtocolError,
     SessionHello,
 };
-use crate::shard::CloseReason;
 use crate::status::hook_index::HookTarget;
 use crate::status::{Source, StatusState};
 use crate::ws::{self, OpCode};
@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Hello timestamps further than this from the broker's clock are stale.
-const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 /// Longest a parent attestation may still be valid for (PROTOCOL.md §9).
 const MAX_ATTESTATION_MS: i64 = 24 * 3600 * 1000;
 
@@ -187,7 +187,9 @@ impl Session {
                 "timestamp is more than 60 s from the broker's clock",
             )
         };
-        let fresh = (now_millis() - hello.timestamp).abs() <= MAX_CLOCK_SKEW_MS;
+        // abs_diff: a client's timestamp can be anything, and `now - i64::MIN`
+        // overflowed (a panic that took the shard and the process down).
+        let fresh = now_millis().abs_diff(hello.timestamp) <= MAX_CLOCK_SKEW_MS;
         match &hello.session {
             None => {
                 fresh.then_some(()).ok_or_else(stale)?;
@@ -403,7 +405,7 @@ fn verify_session(hello: &OwnedHello, s: &SessionProof, now: i64) -> Result<(), 
     if s.expires_at <= now {
         return refuse(ErrorCode::Expired, "parentAttestation has expired");
     }
-    if s.expires_at - now > MAX_ATTESTATION_MS {
+    if s.expires_at.saturating_sub(now) > MAX_ATTESTATION_MS {
         return refuse(
             ErrorCode::TtlTooLong,
             "parentAttestation expiresAt is more than 24 h ahead",
