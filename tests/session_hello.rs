@@ -302,8 +302,14 @@ fn a_session_key_send_is_for_that_session_alone_and_pushes_carry_both_keys() {
     let (mut two, _) = open_session(&broker, &s2);
     let mut b = Peer::connect(&broker, bob);
 
-    // The directory: one control-plane entry and two session entries.
-    let list = list_peers(&mut b);
+    // The directory: one control-plane entry and two session entries (a
+    // list reflects what happened at least 100 ms before it, §9).
+    let mut list = Vec::new();
+    let ok = poll(WAIT, || {
+        list = list_peers(&mut b);
+        list.len() == 4
+    });
+    assert!(ok, "every session listed: {list:?}");
     let mine: Vec<&Value> = list
         .iter()
         .filter(|e| e["memberId"] == alice.id.as_str())
