@@ -77,6 +77,17 @@ pub struct Hello<'a> {
     pub protocol_version: u32,
 }
 
+/// The text a hello's `signature` covers (§4):
+/// `meshId|memberId|pubkey|timestamp`, the timestamp in decimal.
+pub(crate) fn hello_signed_text(
+    mesh_id: &str,
+    member_id: &str,
+    pubkey: &str,
+    timestamp: i64,
+) -> String {
+    format!("{mesh_id}|{member_id}|{pubkey}|{timestamp}")
+}
+
 /// A group to join, with the member's role in it (at most 32 characters):
 /// `join_group` and each entry of a hello's `groups` (§10).
 #[derive(Debug, PartialEq, Eq)]
@@ -133,18 +144,22 @@ impl Parser {
     pub fn parse<'a>(&'a mut self, data: &[u8]) -> Result<Parsed<'a>, ProtocolError> {
         self.plain.clear();
         self.plain.extend_from_slice(data);
-        if let Ok(plain) = simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(
-            &mut self.plain,
-            &mut self.buffers,
-        ) {
-            if let Some(parsed) = plain.into_parsed() {
-                return Ok(parsed);
-            }
+        if let Some(parsed) = parse_plain_send(&mut self.plain, &mut self.buffers) {
+            return Ok(parsed);
         }
         self.full.clear();
         self.full.extend_from_slice(data);
         parse_client_message(&mut self.full, &mut self.buffers)
     }
+}
+
+/// The fast path alone: `Some` only for a send with plain fields, which
+/// the tree parser would parse to the same message; `None` for anything
+/// else, left to the tree parser. `buf` is unescaped in place.
+pub(crate) fn parse_plain_send<'a>(buf: &'a mut [u8], buffers: &mut Buffers) -> Option<Parsed<'a>> {
+    simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(buf, buffers)
+        .ok()?
+        .into_parsed()
 }
 
 /// The fast path's view of a send: no tree, no field-by-field checks.
@@ -655,10 +670,7 @@ mod tests {
     /// Whether the fast path alone takes `json`.
     fn fast(json: &str) -> bool {
         let mut buf = json.as_bytes().to_vec();
-        simd_json::serde::from_slice::<PlainSend<'_>>(&mut buf)
-            .ok()
-            .and_then(PlainSend::into_parsed)
-            .is_some()
+        parse_plain_send(&mut buf, &mut Buffers::default()).is_some()
     }
 
     fn plain_send(spec: &str, extra: &str) -> String {

@@ -19,6 +19,9 @@ pub use admin::{
     Admin, AuditEntry, BanEntry, VerifyResult,
 };
 pub use group::GroupName;
+pub(crate) use inbound::hello_signed_text;
+#[cfg(feature = "fuzzing")]
+pub(crate) use inbound::parse_plain_send;
 pub use inbound::{
     parse_client_message, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send, Target,
     MAX_CLIENT_ACK_IDS, MAX_CLIENT_MESSAGE_ID_CHARS,
@@ -29,6 +32,8 @@ pub use outbound::{
     PushFields, PushRanges,
 };
 pub(crate) use peek::peek_ids;
+#[cfg(feature = "fuzzing")]
+pub(crate) use peek::PeekedIds;
 
 use std::borrow::Cow;
 

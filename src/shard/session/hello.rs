@@ -318,9 +318,11 @@ fn verify_signature(hello: &OwnedHello) -> Result<(), ProtocolError> {
     decode_hex(&hello.pubkey, &mut key).ok_or_else(bad)?;
     decode_hex(&hello.signature, &mut sig).ok_or_else(bad)?;
     let key = VerifyingKey::from_bytes(&key).map_err(|_| bad())?;
-    let signed = format!(
-        "{}|{}|{}|{}",
-        hello.mesh_id, hello.member_id, hello.pubkey, hello.timestamp
+    let signed = protocol::hello_signed_text(
+        &hello.mesh_id,
+        &hello.member_id,
+        &hello.pubkey,
+        hello.timestamp,
     );
     key.verify_strict(signed.as_bytes(), &Signature::from_bytes(&sig))
         .map_err(|_| bad())
