@@ -1,0 +1,61 @@
+//! The JSON protocol parser, its two paths against each other. The shard
+//! parses every message with `Parser::parse`: the fast send path, and the
+//! tree parser for anything the fast path does not take. The fast path is
+//! only an optimisation, so the shard's answer must be exactly the tree
+//! parser's (the same message, or the same error: code, message text,
+//! echoed `id` and `_reqId`), and whatever the fast path takes alone must
+//! be the tree parser's message too.
+//!
+//! `peek_ids`, the scanner that reads the `id` and `_reqId` to echo from
+//! the start of a message too large to parse, is checked here as well: on
+//! a whole JSON object it must find the top-level string `id` and the
+//! valid `_reqId` that the tree sees, and on any shorter read of the same
+//! bytes it may find less but never something else.
+#![no_main]
+
+use libfuzzer_sys::fuzz_target;
+use meshbroker::fuzz_api::{
+    parse_message, parse_plain_send, parse_tree, peek_ids, Buffers, Parser,
+};
+use simd_json::prelude::*;
+
+fuzz_target!(|data: &[u8]| {
+    let mut buffers = Buffers::default();
+    let mut tree_buf = data.to_vec();
+    let tree = parse_tree(&mut tree_buf, &mut buffers);
+
+    let mut parser = Parser::default();
+    let shard = parse_message(&mut parser, data);
+    assert_eq!(shard, tree, "the shard's parser and the tree parser differ");
+
+    let mut fast_buf = data.to_vec();
+    if let Some(fast) = parse_plain_send(&mut fast_buf, &mut buffers) {
+        assert_eq!(
+            Ok(&fast),
+            tree.as_ref(),
+            "the fast path took what the tree parses otherwise"
+        );
+    }
+
+    let (id, req_id) = peek_ids(data);
+    let mut value_buf = data.to_vec();
+    if let Ok(value) = simd_json::to_borrowed_value(&mut value_buf) {
+        if let Some(object) = value.as_object() {
+            let string = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_owned);
+            assert_eq!(id, string("id"), "peeked id");
+            let valid_req_id = string("_reqId").filter(|r| r.chars().count() <= 64);
+            assert_eq!(req_id, valid_req_id, "peeked _reqId");
+        }
+    }
+    for cut in [data.len() / 2, data.len().saturating_sub(1)] {
+        let (short_id, short_req_id) = peek_ids(&data[..cut]);
+        assert!(
+            short_id.is_none() || short_id == id,
+            "id at {cut}: {short_id:?}, whole {id:?}"
+        );
+        assert!(
+            short_req_id.is_none() || short_req_id == req_id,
+            "_reqId at {cut}: {short_req_id:?}, whole {req_id:?}"
+        );
+    }
+});
