@@ -79,6 +79,8 @@ pub struct Hello<'a> {
 
 /// The text a hello's `signature` covers (§4):
 /// `meshId|memberId|pubkey|timestamp`, the timestamp in decimal.
+/// Unambiguous because a hello with `|` in `meshId` or `memberId` is
+/// refused (`pubkey` is hex, the timestamp digits).
 pub(crate) fn hello_signed_text(
     mesh_id: &str,
     member_id: &str,
@@ -334,8 +336,8 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
     // First, so a client of a later protocol learns that, whatever the
     // shape of the rest of its hello.
     let protocol_version = parse_protocol_version(fields)?;
-    let mesh_id = fields.non_empty_str("meshId")?;
-    let member_id = fields.non_empty_str("memberId")?;
+    let mesh_id = fields.signed_id("meshId")?;
+    let member_id = fields.signed_id("memberId")?;
     let pubkey = fields.required_str("pubkey")?;
     if !is_hex(&pubkey, 64) {
         return Err(fields.invalid("pubkey", "must be 64 hex digits"));
@@ -606,6 +608,17 @@ impl<'a> Fields<'a> {
         let s = self.required_str(name)?;
         if s.is_empty() {
             return Err(self.invalid(name, "must not be empty"));
+        }
+        Ok(s)
+    }
+
+    /// A hello's `meshId` or `memberId`: non-empty and without `|`, which
+    /// joins the signed text's fields (`hello_signed_text`); with one
+    /// inside, two different hellos would have the same signed text.
+    fn signed_id(&mut self, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
+        let s = self.non_empty_str(name)?;
+        if s.contains('|') {
+            return Err(self.invalid(name, "must not contain '|'"));
         }
         Ok(s)
     }
@@ -926,6 +939,20 @@ mod tests {
             assert_eq!(code, ErrorCode::InvalidField, "{json}");
             assert!(message.contains(field), "{message} should name {field}");
         }
+    }
+
+    /// Found by the `hello_canonical` fuzz target: `m` and `|u` signed the
+    /// text `m||u|…`, which is also that of `m|` and `u`.
+    #[test]
+    fn fuzz_a_bar_in_a_signed_id_is_refused() {
+        let json = br#"{"type":"hello","meshId":"m","memberId":"|u","pubkey":"a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90","sessionId":"s","pid":12,"cwd":"/w","timestamp":1 ,"signature":"abababababababababababababababababababababababababababababababababababababababababababababababababababababababababababababababab","so":2}"#;
+        let (code, message, _, _) = refusal(Parser::default().parse(json).unwrap_err());
+        assert_eq!(code, ErrorCode::InvalidField);
+        assert_eq!(message, "field 'memberId' must not contain '|'");
+        let json = hello("").replace(r#""meshId":"m""#, r#""meshId":"m|""#);
+        let (code, message, _, _) = parse(&json).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidField);
+        assert_eq!(message, "field 'meshId' must not contain '|'");
     }
 
     #[test]
