@@ -10,7 +10,12 @@
 //! the start of a message too large to parse, is checked here as well: on
 //! a whole JSON object it must find the top-level string `id` and the
 //! valid `_reqId` that the tree sees, and on any shorter read of the same
-//! bytes it may find less but never something else.
+//! bytes it may find less but never something else. Objects with a key
+//! written twice are left out of the first comparison, by design: the
+//! tree takes the first `_reqId` (and answers `invalid_field` when that one
+//! is too long), while `peek_ids` takes the first valid one, so that a
+//! refusal of a message it never parses still echoes what it can; JSON
+//! leaves duplicate names to the reader (RFC 8259 §4).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -18,6 +23,7 @@ use meshbroker::fuzz_api::{
     parse_message, parse_plain_send, parse_tree, peek_ids, Buffers, Parser,
 };
 use simd_json::prelude::*;
+use std::collections::HashSet;
 
 fuzz_target!(|data: &[u8]| {
     let mut buffers = Buffers::default();
@@ -40,7 +46,10 @@ fuzz_target!(|data: &[u8]| {
     let (id, req_id) = peek_ids(data);
     let mut value_buf = data.to_vec();
     if let Ok(value) = simd_json::to_borrowed_value(&mut value_buf) {
-        if let Some(object) = value.as_object() {
+        let unique = |object: &simd_json::value::borrowed::Object<'_>| {
+            object.keys().collect::<HashSet<_>>().len() == object.len()
+        };
+        if let Some(object) = value.as_object().filter(|o| unique(o)) {
             let string = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_owned);
             assert_eq!(id, string("id"), "peeked id");
             let valid_req_id = string("_reqId").filter(|r| r.chars().count() <= 64);
