@@ -116,7 +116,7 @@ fn routing(c: &mut Criterion) {
         let sessions: Vec<Rc<SessionLink>> = members[1..]
             .iter()
             .map(|member| {
-                let session = Rc::new(SessionLink::new(-1, 0, usize::MAX));
+                let session = Rc::new(SessionLink::new(-1, 0, usize::MAX, Instant::now()));
                 routes.add(&mesh, member, session.clone());
                 session
             })
@@ -127,6 +127,7 @@ fn routing(c: &mut Criterion) {
         let budget = HeldBudget::new(usize::MAX / 2);
         let limits = HoldLimits {
             max_per_member: usize::MAX,
+            max_bytes_per_member: usize::MAX,
             budget: &budget,
         };
         group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {

@@ -15,8 +15,8 @@
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::{Envelope, EnvelopeTarget};
+use crate::protocol::CloseReason;
 use crate::protocol::{ErrorCode, Priority, ProtocolError};
-use crate::shard::CloseReason;
 use crate::status::Source;
 use std::fmt::Write as _;
 use std::sync::Arc;

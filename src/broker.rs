@@ -19,6 +19,7 @@ use crate::mesh::directory::MeshEntry;
 use crate::mesh::held::HeldBudget;
 use crate::mesh::plan::first_shard;
 use crate::metrics::Metrics;
+use crate::shard::slots::ConnectionSlots;
 use crate::shard::{self, ShardSpec};
 use crate::status::hook_index::HookIndex;
 use crate::status::transcript::TranscriptReader;
@@ -89,6 +90,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
             None
         }
     };
+    let connections = ConnectionSlots::new(config.max_connections);
     let ctx = Arc::new(BrokerContext {
         hook_limiter: Mutex::new(HookRateLimiter::new(config.hook_rate_limit_per_min)),
         join_limiter: Mutex::new(JoinRateLimiter::new(config.join_rate_limit_per_min)),
@@ -102,6 +104,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         db_status,
         directory,
         shards: senders.clone(),
+        connections,
         started_at: Instant::now(),
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();

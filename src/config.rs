@@ -19,6 +19,9 @@ pub const MIN_MESSAGE_BYTES: usize = 1024;
 pub const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
 /// Largest accepted `BROKER_SHARDS`.
 pub const MAX_SHARDS: usize = 64;
+/// Largest accepted `MAX_CONNECTIONS` (a descriptor each; far past any
+/// `ulimit -n` a host grants).
+pub const MAX_CONNECTIONS: usize = 10_000_000;
 /// Largest accepted `CLIENT_ACK_MAX_LEASES`.
 pub const MAX_CLIENT_ACK_LEASES: usize = 1_000_000;
 /// Smallest accepted `CLIENT_ACK_MAX_LEASE_BYTES` (64 KiB): one push of a
@@ -78,6 +81,9 @@ pub struct Config {
     pub hook_fresh_window: Duration,
     pub held_ttl: Duration,
     pub max_connections_per_mesh: u32,
+    /// `MAX_CONNECTIONS` (ours): open sockets over all shards (HTTP and
+    /// WebSocket alike); a socket accepted over it is closed unread.
+    pub max_connections: usize,
     pub max_message_bytes: usize,
     pub hook_rate_limit_per_min: u32,
     /// `SESSION_GRACE_SECONDS` (PROTOCOL.md §9): how long a session whose
@@ -124,6 +130,19 @@ pub struct Config {
     /// not yet committed to Postgres (it is slow or away); over it a send
     /// that must be held is refused with `unavailable`.
     pub max_held_memory_bytes: usize,
+    /// `MAX_HELD_BYTES_PER_MEMBER` (ours): push-frame bytes one member may
+    /// have held; over it, like over `MAX_HELD_PER_MEMBER`, a send that
+    /// must be held for it is refused with `unavailable`.
+    pub max_held_bytes_per_member: usize,
+    /// `HELLO_TIMEOUT_SECONDS` (ours): how long a new socket has, from
+    /// accept, to finish its handshake and have its hello accepted.
+    pub hello_timeout: Duration,
+    /// `HTTP_IDLE_TIMEOUT_SECONDS` (ours): how long a keep-alive HTTP
+    /// connection may wait for its next request (head and body) to arrive.
+    pub http_idle_timeout: Duration,
+    /// `RATE_LIMIT_CLOSE_AFTER` (ours): a session whose sends were refused
+    /// `rate_limited` this many times in a row is closed (1008).
+    pub rate_limit_close_after: u32,
     /// `HELD_BATCH_MAX_ROWS`, `HELD_BATCH_MAX_WAIT_US` (ours): a durable
     /// batch closes at this many commands or once its oldest waited this long.
     pub held_batch_max_rows: usize,
@@ -322,6 +341,7 @@ impl Config {
         let held_ttl = r.seconds("HELD_TTL_SECONDS", 604_800);
         let max_connections_per_mesh =
             r.int("MAX_CONNECTIONS_PER_MESH", 100, 1, u32::MAX as u64) as u32;
+        let max_connections = r.int("MAX_CONNECTIONS", 50_000, 1, MAX_CONNECTIONS as u64) as usize;
         let max_message_bytes = r.int(
             "MAX_MESSAGE_BYTES",
             65_536,
@@ -427,6 +447,16 @@ impl Config {
             64 * 1024,
             64 * 1024 * 1024 * 1024,
         ) as usize;
+        let max_held_bytes_per_member = r.int(
+            "MAX_HELD_BYTES_PER_MEMBER",
+            64 * 1024 * 1024,
+            64 * 1024,
+            64 * 1024 * 1024 * 1024,
+        ) as usize;
+        let hello_timeout = r.seconds("HELLO_TIMEOUT_SECONDS", 10);
+        let http_idle_timeout = r.seconds("HTTP_IDLE_TIMEOUT_SECONDS", 30);
+        let rate_limit_close_after =
+            r.int("RATE_LIMIT_CLOSE_AFTER", 100, 1, u32::MAX as u64) as u32;
         let held_batch_max_rows = r.int("HELD_BATCH_MAX_ROWS", 2048, 1, 65_536) as usize;
         let held_batch_max_wait =
             Duration::from_micros(r.int("HELD_BATCH_MAX_WAIT_US", 500, 0, 1_000_000));
@@ -463,6 +493,7 @@ impl Config {
             hook_fresh_window,
             held_ttl,
             max_connections_per_mesh,
+            max_connections,
             max_message_bytes,
             hook_rate_limit_per_min,
             session_grace,
@@ -482,6 +513,10 @@ impl Config {
             io_driver,
             max_held_per_member,
             max_held_memory_bytes,
+            max_held_bytes_per_member,
+            hello_timeout,
+            http_idle_timeout,
+            rate_limit_close_after,
             held_batch_max_rows,
             held_batch_max_wait,
             held_writer_connections,
@@ -521,6 +556,7 @@ impl Config {
                 "MAX_CONNECTIONS_PER_MESH",
                 self.max_connections_per_mesh.to_string(),
             ),
+            ("MAX_CONNECTIONS", self.max_connections.to_string()),
             ("MAX_MESSAGE_BYTES", self.max_message_bytes.to_string()),
             (
                 "HOOK_RATE_LIMIT_PER_MIN",
@@ -569,6 +605,22 @@ impl Config {
             (
                 "MAX_HELD_MEMORY_BYTES",
                 self.max_held_memory_bytes.to_string(),
+            ),
+            (
+                "MAX_HELD_BYTES_PER_MEMBER",
+                self.max_held_bytes_per_member.to_string(),
+            ),
+            (
+                "HELLO_TIMEOUT_SECONDS",
+                self.hello_timeout.as_secs().to_string(),
+            ),
+            (
+                "HTTP_IDLE_TIMEOUT_SECONDS",
+                self.http_idle_timeout.as_secs().to_string(),
+            ),
+            (
+                "RATE_LIMIT_CLOSE_AFTER",
+                self.rate_limit_close_after.to_string(),
             ),
             ("HELD_BATCH_MAX_ROWS", self.held_batch_max_rows.to_string()),
             (
@@ -685,6 +737,7 @@ mod tests {
         assert_eq!(c.hook_fresh_window, Duration::from_secs(30));
         assert_eq!(c.held_ttl, Duration::from_secs(604_800));
         assert_eq!(c.max_connections_per_mesh, 100);
+        assert_eq!(c.max_connections, 50_000);
         assert_eq!(c.max_message_bytes, 65_536);
         assert_eq!(c.hook_rate_limit_per_min, 30);
         assert_eq!(c.session_grace, Duration::from_secs(90));
@@ -732,6 +785,7 @@ mod tests {
             ("HOOK_FRESH_WINDOW_SECONDS", "7"),
             ("HELD_TTL_SECONDS", "9"),
             ("MAX_CONNECTIONS_PER_MESH", "2"),
+            ("MAX_CONNECTIONS", "3"),
             ("MAX_MESSAGE_BYTES", "1024"),
             ("HOOK_RATE_LIMIT_PER_MIN", "1"),
             ("SESSION_GRACE_SECONDS", "5"),
@@ -764,6 +818,7 @@ mod tests {
         assert_eq!(c.hook_fresh_window, Duration::from_secs(7));
         assert_eq!(c.held_ttl, Duration::from_secs(9));
         assert_eq!(c.max_connections_per_mesh, 2);
+        assert_eq!(c.max_connections, 3);
         assert_eq!(c.max_message_bytes, 1024);
         assert_eq!(c.hook_rate_limit_per_min, 1);
         assert_eq!(c.session_grace, Duration::from_secs(5));
@@ -832,6 +887,9 @@ mod tests {
                 "4294967296",
                 "from 1 to 4294967295",
             ),
+            ("MAX_CONNECTIONS", "0", "from 1 to 10000000"),
+            ("MAX_CONNECTIONS", "10000001", "from 1 to 10000000"),
+            ("MAX_CONNECTIONS", "lots", "from 1 to 10000000"),
             ("MAX_MESSAGE_BYTES", "1023", "from 1024 to 67108864"),
             ("MAX_MESSAGE_BYTES", "67108865", "from 1024 to 67108864"),
             ("HOOK_RATE_LIMIT_PER_MIN", "0", "from 1 to"),
@@ -991,6 +1049,7 @@ mod tests {
             "HOOK_FRESH_WINDOW_SECONDS",
             "HELD_TTL_SECONDS",
             "MAX_CONNECTIONS_PER_MESH",
+            "MAX_CONNECTIONS",
             "MAX_MESSAGE_BYTES",
             "HOOK_RATE_LIMIT_PER_MIN",
             "SESSION_GRACE_SECONDS",
@@ -1014,6 +1073,7 @@ mod tests {
         assert_eq!(eff[0], ("DATABASE_URL", "embedded".to_owned()));
         assert!(eff.contains(&("BROKER_PORT", "0".to_owned())));
         assert!(eff.contains(&("SESSION_GRACE_SECONDS", "90".to_owned())));
+        assert!(eff.contains(&("MAX_CONNECTIONS", "50000".to_owned())));
         assert!(eff.contains(&("SEND_RATE_PER_MIN", "6000".to_owned())));
         assert!(eff.contains(&("SEND_BURST", "200".to_owned())));
         assert!(eff.contains(&("CLIENT_ACK_TIMEOUT_SECONDS", "30".to_owned())));

@@ -1,6 +1,7 @@
 //! What every shard shares, read-mostly: configuration, metrics, the
 //! membership directory and its lookup, the db handle and audit lane, the
-//! shards' inboxes, the hook index and the transcript reader.
+//! shards' inboxes, the connection count, the hook index and the
+//! transcript reader.
 use crate::config::Config;
 use crate::db::held::HeldLane;
 use crate::db::{AuditLane, DbHandle, DbStatus};
@@ -9,6 +10,7 @@ use crate::inbox::ShardSender;
 use crate::join::JoinRateLimiter;
 use crate::mesh::directory::{Directory, MeshEntry};
 use crate::metrics::Metrics;
+use crate::shard::slots::ConnectionSlots;
 use crate::status::hook_index::HookIndex;
 use crate::status::transcript::TranscriptReader;
 use std::sync::{Arc, Mutex};
@@ -32,6 +34,8 @@ pub struct BrokerContext {
     pub db_status: Arc<DbStatus>,
     pub directory: Arc<Directory>,
     pub shards: Vec<ShardSender>,
+    /// Open sockets over all shards, bounded by `MAX_CONNECTIONS`.
+    pub(crate) connections: Arc<ConnectionSlots>,
     pub hook_limiter: Mutex<HookRateLimiter>,
     /// `POST /join` requests per client address (`JOIN_RATE_LIMIT_PER_MIN`).
     pub join_limiter: Mutex<JoinRateLimiter>,

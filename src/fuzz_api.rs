@@ -6,7 +6,9 @@
 pub use crate::hook::{HookError, HookSignal, Status};
 pub use crate::http::request::{HttpError, Method, RequestHead, MAX_HEADERS, MAX_HEAD_BYTES};
 pub use crate::join::{InvitePayload, JoinError, JoinRequest};
-pub use crate::protocol::{ClientMessage, ErrorCode, Parsed, Parser, ProtocolError, Target};
+pub use crate::protocol::{
+    nesting_within, ClientMessage, ErrorCode, Parsed, Parser, ProtocolError, Target, MAX_JSON_DEPTH,
+};
 pub use crate::ws::{
     accept_key, decode_client_frame, is_valid_client_key, parse_close_payload,
     switching_protocols_response, FrameError, FrameHeader, Incoming, MessageAssembler,

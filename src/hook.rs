@@ -74,6 +74,10 @@ const MAX_ECHO: usize = 64;
 /// `pid`: optional (absent or `null`), else an integer that fits `i32`.
 /// `session_id`: optional (absent or `null`), else a string. Other fields are ignored.
 pub fn parse_signal(body: &mut [u8]) -> Result<HookSignal, HookError> {
+    // Bounded first: the tree is built by recursion (see MAX_JSON_DEPTH).
+    if !crate::protocol::nesting_within(body, crate::protocol::MAX_JSON_DEPTH) {
+        return Err(HookError::BadJson);
+    }
     let value = simd_json::to_borrowed_value(body).map_err(|_| HookError::BadJson)?;
     let obj = value.as_object().ok_or(HookError::BadJson)?;
     let field = |name: &str| obj.get(name).filter(|v| !v.is_null());
@@ -81,7 +85,9 @@ pub fn parse_signal(body: &mut [u8]) -> Result<HookSignal, HookError> {
     let cwd = match field("cwd") {
         None => return Err(HookError::MissingField("cwd")),
         Some(v) => match v.as_str() {
-            Some(s) if !s.is_empty() => s.to_owned(),
+            // No session's cwd holds U+0000 (a hello refuses it), and
+            // Postgres text cannot store the stash.
+            Some(s) if !s.is_empty() && !s.contains('\0') => s.to_owned(),
             _ => return Err(HookError::InvalidField("cwd")),
         },
     };
@@ -225,6 +231,7 @@ mod tests {
     fn invalid_fields() {
         let cases = [
             (r#"{"cwd":"","status":"idle"}"#, "cwd"),
+            (r#"{"cwd":"/w\u0000","status":"idle"}"#, "cwd"),
             (r#"{"cwd":42,"status":"idle"}"#, "cwd"),
             (r#"{"cwd":"/w","status":1}"#, "status"),
             (r#"{"cwd":"/w","status":"idle","pid":"12"}"#, "pid"),

@@ -250,6 +250,10 @@ pub fn validate(body: &mut [u8]) -> Result<JoinRequest, JoinError> {
 /// Step 1 alone: every field present and well-formed. Other fields are
 /// ignored.
 pub fn parse_request(body: &mut [u8]) -> Result<JoinRequest, JoinError> {
+    // Bounded first: the tree is built by recursion (see MAX_JSON_DEPTH).
+    if !crate::protocol::nesting_within(body, crate::protocol::MAX_JSON_DEPTH) {
+        return Err(invalid("body", "a JSON object"));
+    }
     let value = simd_json::to_borrowed_value(body).map_err(|_| invalid("body", "a JSON object"))?;
     let obj = value.as_object().ok_or(invalid("body", "a JSON object"))?;
     let field = |name: &str| obj.get(name).filter(|v| !v.is_null());

@@ -462,7 +462,11 @@ fn routing_works_on_the_epoll_driver() {
 /// not lost.
 #[test]
 fn a_client_cut_off_by_its_own_answers_keeps_its_pushes() {
-    let broker = start(&[("MAX_OUTBOUND_BYTES", "65536")]);
+    // Unlimited sends: past its rate the flooder would be closed 1008
+    // (RATE_LIMIT_CLOSE_AFTER) before its answers fill its queue.
+    let mut env = UNLIMITED_SENDS.to_vec();
+    env.push(("MAX_OUTBOUND_BYTES", "65536"));
+    let broker = start(&env);
     let members = seed_mesh(&broker.db, "answers", 2);
     let mut sender = Peer::connect(&broker, &members[0]);
     let mut flooder = never_reading(&broker, &members[1]);

@@ -207,6 +207,12 @@ pub struct Args {
     /// (PROTOCOL.md §11); an ack saying `"duplicate":true` fails the run.
     #[arg(long)]
     pub client_message_ids: bool,
+    /// broadcast: the last N members of each mesh stop reading after their
+    /// hello (with a 4 KiB receive buffer), so the broker cuts them off as
+    /// slow readers (1013) mid-run; they never send, their pushes are not
+    /// expected, and the figures are the other receivers' (default 0).
+    #[arg(long)]
+    pub stalled_readers: Option<usize>,
 }
 
 /// The `gated` scenario's settings.
@@ -283,6 +289,8 @@ pub struct Config {
     pub client_ack: Option<AckPlan>,
     /// `--client-message-ids`.
     pub client_message_ids: bool,
+    /// `--stalled-readers` (broadcast): members per mesh that stop reading.
+    pub stalled_readers: usize,
 }
 
 fn seconds(name: &str, v: f64) -> Result<Duration> {
@@ -366,9 +374,22 @@ impl Args {
                 );
             }
         }
+        let stalled_readers = self.stalled_readers.unwrap_or(0);
+        if stalled_readers > 0 {
+            if self.scenario != ScenarioName::Broadcast {
+                bail!("--stalled-readers applies to broadcast only");
+            }
+            if stalled_readers >= peers {
+                bail!("--stalled-readers must be less than --peers ({peers})");
+            }
+            if self.senders.is_some_and(|s| s + stalled_readers > peers) {
+                bail!("--senders plus --stalled-readers must be at most --peers ({peers}): stalled readers never send");
+            }
+        }
         let senders = match self.senders {
             None if held => Some((peers / 2).max(1)),
             None if listing => Some(1),
+            None if stalled_readers > 0 => Some(peers - stalled_readers),
             s => s,
         };
         let threads = match self.threads {
@@ -438,6 +459,7 @@ impl Args {
             directory,
             client_ack,
             client_message_ids: self.client_message_ids,
+            stalled_readers,
         })
     }
 
@@ -906,6 +928,41 @@ mod tests {
         }
         // Elsewhere --senders 0 stays refused.
         assert!(check(&["broadcast", DB, "--senders", "0"]).is_err());
+    }
+
+    #[test]
+    fn stalled_readers_belong_to_broadcast_and_never_send() {
+        assert_eq!(check(&["broadcast", DB]).unwrap().stalled_readers, 0);
+        let c = check(&["broadcast", DB, "--peers", "10", "--stalled-readers", "1"]).unwrap();
+        assert_eq!((c.stalled_readers, c.senders), (1, Some(9)));
+        let c = check(&[
+            "broadcast",
+            DB,
+            "--peers",
+            "10",
+            "--stalled-readers",
+            "2",
+            "--senders",
+            "3",
+        ])
+        .unwrap();
+        assert_eq!((c.stalled_readers, c.senders), (2, Some(3)));
+        for bad in [
+            &["broadcast", DB, "--peers", "10", "--stalled-readers", "10"][..],
+            &[
+                "broadcast",
+                DB,
+                "--peers",
+                "10",
+                "--stalled-readers",
+                "2",
+                "--senders",
+                "9",
+            ],
+            &["direct", DB, "--stalled-readers", "1"],
+        ] {
+            assert!(check(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -83,13 +83,14 @@ pub fn remove(url: &str, mesh_ids: &[String]) -> Result<()> {
             "DELETE FROM mesh.mesh WHERE id = ANY($1)".into(),
         ]) {
             // The broker may still be marking the run's held envelopes
-            // delivered: a deadlock with it is retried, a few times.
+            // delivered (after a client-ack run, for seconds on a loaded
+            // box): a deadlock with it is retried, for up to 10 s.
             let mut attempt = 1;
             loop {
                 match client.execute(&sql, &[&mesh_ids]).await {
                     Ok(_) => break,
                     Err(e)
-                        if attempt < 5
+                        if attempt < 20
                             && e.code()
                                 == Some(
                                     &tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED,

@@ -13,6 +13,8 @@ pub struct Report {
     pub peers: usize,
     pub connections: usize,
     pub senders: usize,
+    /// `--stalled-readers`: members per mesh that stopped reading.
+    pub stalled_readers: usize,
     pub payload: usize,
     pub priority: String,
     pub window: usize,
@@ -396,6 +398,16 @@ impl Report {
             self.payload,
             self.priority
         );
+        if self.stalled_readers > 0 {
+            row(
+                &mut t,
+                "stalled readers",
+                format!(
+                    "{} per mesh (not counted as receivers)",
+                    self.stalled_readers
+                ),
+            );
+        }
         row(
             &mut t,
             "duration",

@@ -145,6 +145,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 member: p as u32,
                 sender: p < senders,
                 offline: cfg.held.is_some() && p >= senders,
+                stalled: p + cfg.stalled_readers >= mesh.members.len(),
             });
         }
     }
@@ -254,7 +255,10 @@ pub fn run(cfg: &Config) -> Result<Report> {
         expected_per_send: roster
             .meshes
             .iter()
-            .map(|m| scenario.expected_per_send(m.members.len()))
+            // Stalled readers never send, and are not expected to read.
+            .map(|m| {
+                scenario.expected_per_send(m.members.len().saturating_sub(cfg.stalled_readers))
+            })
             .collect(),
         roster: roster.clone(),
         run_id: run_id.clone(),
@@ -707,6 +711,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
             .unwrap_or(0),
         connections,
         senders: total_senders,
+        stalled_readers: cfg.stalled_readers,
         payload: cfg.payload,
         priority: match &cfg.gate {
             Some(g) => g.mix.label(),

@@ -265,6 +265,8 @@ pub struct Slot {
     pub sender: bool,
     /// Connects only when the drain begins (`held` recipients).
     pub offline: bool,
+    /// Stops reading after its hello (`--stalled-readers`).
+    pub stalled: bool,
 }
 
 /// Immutable run data every worker reads.
@@ -1057,6 +1059,11 @@ impl Worker {
             let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
             sock.set_nonblocking(true)?;
             sock.set_nodelay(true)?;
+            if conn.slot.stalled {
+                // A small window fills fast: the broker's queue for this
+                // session overflows after a few pushes, not megabytes.
+                sock.set_recv_buffer_size(4096)?;
+            }
             if run.source_addrs.len() > 1 {
                 let src = run.source_addrs[conn.slot.global % run.source_addrs.len()];
                 let one: libc::c_int = 1;
@@ -1157,6 +1164,11 @@ impl Worker {
     fn begin_close(&mut self, i: usize) {
         let conn = &mut self.conns[i];
         if conn.sock.is_none() || conn.state == State::Closing {
+            return;
+        }
+        if conn.slot.stalled && conn.state == State::Ready {
+            // It reads nothing, so it would never see the broker's answer.
+            self.drop_conn(i);
             return;
         }
         if matches!(conn.state, State::Connecting | State::Upgrading) {
@@ -1295,6 +1307,10 @@ impl Worker {
             let Some(sock) = conn.sock.as_ref() else {
                 return;
             };
+            if conn_stalled(conn) {
+                // Stalled after its hello_ack: what arrives stays unread.
+                return;
+            }
             if conn.state == State::Connecting {
                 // Readable before writable: a refused connect.
                 self.on_writable(i);
@@ -1374,6 +1390,10 @@ impl Worker {
         }
         self.connection_failed(i, why);
     }
+}
+
+fn conn_stalled(conn: &Conn) -> bool {
+    conn.slot.stalled && conn.state == State::Ready
 }
 
 fn short_reason(why: &str) -> String {

@@ -95,6 +95,26 @@ fn every_scenario_runs_without_loss() {
     );
     assert_eq!(broadcast.pushes, broadcast.sent * 4);
 
+    // A stalled reader (it never reads after its hello, and never sends)
+    // is no receiver: the other three get every push.
+    let stalled = run(
+        &broker,
+        &db,
+        "broadcast",
+        &[
+            "--peers",
+            "5",
+            "--window",
+            "2",
+            "--count",
+            "2000",
+            "--stalled-readers",
+            "1",
+        ],
+    );
+    assert_eq!((stalled.stalled_readers, stalled.senders), (1, 4));
+    assert_eq!(stalled.pushes, stalled.sent * 3);
+
     // Acknowledged delivery (PROTOCOL.md §11): every push acked, several
     // to a client_ack; nothing comes again within the broker's default
     // 30 s; every send's client_message_id is new.

@@ -6,6 +6,7 @@
 //! in one query, which is how revocations reach live sessions. This task
 //! has its own connection so a lookup never queues behind the writer's
 //! backlog (a hello must not wait for a batch of presence rows).
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,6 +34,9 @@ LEFT JOIN LATERAL (
   WHERE mg.member_id = m.id
 ) g ON true
 WHERE m.mesh_id = ANY($1)";
+
+/// The most lookups answered by one query.
+const LOOKUP_BATCH: usize = 1024;
 
 pub(crate) struct MemberLoader {
     config: Config,
@@ -70,16 +74,44 @@ impl MemberLoader {
             tokio::select! {
                 request = self.requests.recv() => match request {
                     None => return,
-                    Some((mesh_id, reply)) => {
-                        let rows = self
-                            .load(std::slice::from_ref(&mesh_id))
-                            .await
-                            .map(|rows| rows.into_iter().map(|(_, row)| row).collect());
-                        let _ = reply.send(rows);
-                    }
+                    Some(first) => self.answer_lookups(first).await,
                 },
                 Some(request) = self.admin.recv() => self.answer_admin(request).await,
                 _ = tick.tick() => self.refresh_directory().await,
+            }
+        }
+    }
+
+    /// Answers `first` and every lookup already waiting behind it with one
+    /// query. A reconnect storm on a cold directory asks for each mesh once
+    /// per hello: one query per lookup fell behind and filled the queue,
+    /// refusing hellos `unavailable` with Postgres up.
+    async fn answer_lookups(&mut self, first: (String, MembersReply)) {
+        let mut waiting = vec![first];
+        while waiting.len() < LOOKUP_BATCH {
+            match self.requests.try_recv() {
+                Ok(request) => waiting.push(request),
+                Err(_) => break,
+            }
+        }
+        let mut mesh_ids: Vec<String> = waiting.iter().map(|(mesh, _)| mesh.clone()).collect();
+        mesh_ids.sort_unstable();
+        mesh_ids.dedup();
+        match self.load(&mesh_ids).await {
+            Ok(rows) => {
+                let mut by_mesh: HashMap<String, Vec<MemberRow>> = HashMap::new();
+                for (mesh, row) in rows {
+                    by_mesh.entry(mesh).or_default().push(row);
+                }
+                for (mesh_id, reply) in waiting {
+                    let mesh_rows = by_mesh.get(&mesh_id).cloned().unwrap_or_default();
+                    let _ = reply.send(Ok(mesh_rows));
+                }
+            }
+            Err(e) => {
+                for (_, reply) in waiting {
+                    let _ = reply.send(Err(e.clone()));
+                }
             }
         }
     }

@@ -40,7 +40,8 @@
 //!   abandoned`, `lost=…`, at warn, also counted as dropped), closes every
 //!   presence row this run opened, and returns.
 //! - **Member lookups.** A second task with its own connection (`members`)
-//!   answers hellos' member lookups and refreshes the directory every
+//!   answers hellos' member lookups (those waiting together with one
+//!   query) and refreshes the directory every
 //!   [`DbOptions::member_refresh`], so a lookup never waits behind writes.
 //! - **Joins.** A task with its own connection (`join`) takes `POST
 //!   /join` requests (PROTOCOL.md §12) one at a time from a bounded

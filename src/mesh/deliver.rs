@@ -420,7 +420,7 @@ impl<S: Recipient> LocalRoutes<S> {
 mod tests {
     use super::*;
     use crate::mesh::directory::{Directory, MemberRow};
-    use crate::mesh::held::HeldBudget;
+    use crate::mesh::held::{HeldBudget, HeldLimit};
     use crate::mesh::plan::{plan_direct, plan_many, Audience, HoldLimits, Refused};
     use crate::mesh::EnvelopeTarget;
     use std::cell::{Cell, RefCell};
@@ -512,6 +512,7 @@ mod tests {
         fn limits(&self, max_per_member: usize) -> HoldLimits<'_> {
             HoldLimits {
                 max_per_member,
+                max_bytes_per_member: usize::MAX,
                 budget: &self.budget,
             }
         }
@@ -903,6 +904,45 @@ mod tests {
         );
         assert_eq!(left.late.len(), 1);
         assert_eq!(b.held.len(), 1);
+    }
+
+    #[test]
+    fn held_bytes_bound_a_member_and_are_given_back_on_every_way_out() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let envelope = |seq| world.envelope(seq, "a", Some("b"), Priority::Next);
+        let frame = envelope(0).frame.len();
+        let by_bytes = HoldLimits {
+            max_per_member: 100,
+            max_bytes_per_member: 2 * frame,
+            budget: &world.budget,
+        };
+        for seq in 1..=2 {
+            plan_direct(&envelope(seq), &b, &by_bytes).unwrap();
+        }
+        assert_eq!(b.held.bytes(), 2 * frame);
+        let refused = plan_direct(&envelope(3), &b, &by_bytes).err();
+        assert_eq!(refused, Some(Refused::HeldFull(HeldLimit::Bytes)));
+        // The count bound is checked first.
+        let refused = plan_direct(&envelope(3), &b, &world.limits(2)).err();
+        assert_eq!(refused, Some(Refused::HeldFull(HeldLimit::Count)));
+        assert_eq!(b.held.len(), 2);
+
+        // Delivered: the bytes go with the envelopes.
+        let mut routes = LocalRoutes::new(0);
+        let session = Fake::idle();
+        routes.add(&world.mesh, &b, session.clone());
+        assert_eq!(
+            routes.drain_held(&world.mesh, &b, Some(&session)).delivered,
+            2
+        );
+        assert_eq!(b.held.bytes(), 0);
+        // Handed back, then swept as expired.
+        b.held.hand_back(vec![envelope(4)]);
+        assert_eq!(b.held.bytes(), frame);
+        let later = SystemTime::now() + std::time::Duration::from_secs(7200);
+        assert_eq!(world.directory.expire_held(later).len(), 1);
+        assert_eq!(b.held.bytes(), 0);
     }
 
     #[test]

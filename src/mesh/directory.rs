@@ -177,15 +177,10 @@ impl MemberEntry {
 
     /// Holds an envelope for this member; returns the shards that may take
     /// it right after (see `HeldQueue::hold`). Never refuses: the bound is
-    /// checked when a send is planned (`has_room`), before anything is
+    /// checked when a send is planned (`HeldQueue::room_for`), before anything is
     /// acked, so an envelope already acked is never dropped here.
     pub fn hold(&self, envelope: Arc<Envelope>) -> u64 {
         self.held.hold(envelope, |p| self.shards_for(p))
-    }
-
-    /// Whether a new send may still be held for this member.
-    pub fn has_room(&self, max_held: usize) -> bool {
-        self.held.len() < max_held
     }
 
     pub fn is_revoked(&self) -> bool {

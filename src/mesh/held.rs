@@ -10,8 +10,25 @@ use std::sync::atomic::{AtomicI64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-#[derive(Debug, PartialEq, Eq)]
-pub struct HeldFull;
+/// Which of a member's held-queue bounds a send would pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeldLimit {
+    /// `MAX_HELD_PER_MEMBER` envelopes.
+    Count,
+    /// `MAX_HELD_BYTES_PER_MEMBER` of push frames.
+    Bytes,
+}
+
+impl HeldLimit {
+    pub const ALL: [HeldLimit; 2] = [HeldLimit::Count, HeldLimit::Bytes];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeldLimit::Count => "count",
+            HeldLimit::Bytes => "bytes",
+        }
+    }
+}
 
 /// Bytes of held envelopes accepted but not yet committed to Postgres
 /// (`MAX_HELD_MEMORY_BYTES`): a send that must be held reserves its frame
@@ -81,6 +98,8 @@ pub struct HeldQueue {
     /// How many are held, so a send's room check (`MemberEntry::has_room`,
     /// once per offline member of a broadcast) takes no lock.
     count: AtomicUsize,
+    /// Push-frame bytes held, for the same lock-free room check.
+    bytes: AtomicUsize,
     /// Envelopes held across the broker (`broker_queue_depth`): every
     /// change of a held queue goes through here, so the gauge is kept in
     /// one place.
@@ -93,6 +112,7 @@ impl HeldQueue {
             queues: Mutex::new(Default::default()),
             nonempty: AtomicU8::new(0),
             count: AtomicUsize::new(0),
+            bytes: AtomicUsize::new(0),
             depth,
         }
     }
@@ -105,6 +125,8 @@ impl HeldQueue {
     pub fn hold(&self, envelope: Arc<Envelope>, eligible: impl FnOnce(Priority) -> u64) -> u64 {
         let priority = envelope.priority;
         let mut queues = self.queues.lock().expect("held lock");
+        self.bytes
+            .fetch_add(envelope.frame.len(), Ordering::Release);
         insert_in_order(&mut queues[priority.index()], envelope);
         self.publish(&queues);
         self.depth.fetch_add(1, Ordering::Relaxed);
@@ -120,6 +142,8 @@ impl HeldQueue {
         let count = envelopes.len() as i64;
         let mut queues = self.queues.lock().expect("held lock");
         for envelope in envelopes {
+            self.bytes
+                .fetch_add(envelope.frame.len(), Ordering::Release);
             insert_in_order(&mut queues[envelope.priority.index()], envelope);
         }
         self.publish(&queues);
@@ -145,14 +169,14 @@ impl HeldQueue {
                 .min_by(|a, b| order(a.1).cmp(&order(b.1)))?;
             let index = oldest.0;
             if oldest.1.is_expired(now) {
-                expired.extend(queues[index].pop_front());
+                expired.extend(queues[index].pop_front().map(|e| self.taken(e)));
                 self.publish(&queues);
                 self.depth.fetch_sub(1, Ordering::Relaxed);
                 continue;
             }
             match decide(oldest.1) {
                 Take::Yes => {
-                    let envelope = queues[index].pop_front();
+                    let envelope = queues[index].pop_front().map(|e| self.taken(e));
                     self.publish(&queues);
                     self.depth.fetch_sub(1, Ordering::Relaxed);
                     return envelope;
@@ -174,7 +198,7 @@ impl HeldQueue {
             queue.retain(|e| {
                 let gone = e.is_expired(now);
                 if gone {
-                    expired.push(e.clone());
+                    expired.push(self.taken(e.clone()));
                 }
                 !gone
             });
@@ -189,6 +213,36 @@ impl HeldQueue {
 
     pub fn len(&self) -> usize {
         self.count.load(Ordering::Acquire)
+    }
+
+    /// Push-frame bytes held.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// Whether one more envelope of `bytes` stays within `max_count` and
+    /// `max_bytes`; read without the lock, so concurrent sends on other
+    /// shards may pass a bound by what they hold at the same moment.
+    pub fn room_for(
+        &self,
+        bytes: usize,
+        max_count: usize,
+        max_bytes: usize,
+    ) -> Result<(), HeldLimit> {
+        if self.len() >= max_count {
+            Err(HeldLimit::Count)
+        } else if self.bytes() + bytes > max_bytes {
+            Err(HeldLimit::Bytes)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Accounts for an envelope leaving the queues (under the lock).
+    fn taken(&self, envelope: Arc<Envelope>) -> Arc<Envelope> {
+        self.bytes
+            .fetch_sub(envelope.frame.len(), Ordering::Release);
+        envelope
     }
 
     pub fn is_empty(&self) -> bool {

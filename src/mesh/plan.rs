@@ -6,7 +6,7 @@
 //! group send is a broadcast restricted to the group's members, planned by
 //! the same code, whose route lists the members it is live for.
 use super::directory::MemberEntry;
-use super::held::HeldBudget;
+use super::held::{HeldBudget, HeldLimit};
 use super::Envelope;
 use crate::protocol::{GroupName, Priority};
 use std::sync::Arc;
@@ -14,8 +14,9 @@ use std::sync::Arc;
 /// Why a send was refused before anything of it was routed or held.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Refused {
-    /// A target member already holds `MAX_HELD_PER_MEMBER`.
-    HeldFull,
+    /// A target member's held queue is at `MAX_HELD_PER_MEMBER` envelopes
+    /// or would pass `MAX_HELD_BYTES_PER_MEMBER`.
+    HeldFull(HeldLimit),
     /// Holding it would pass `MAX_HELD_MEMORY_BYTES` of envelopes not yet
     /// committed (Postgres is slow or away).
     Unavailable,
@@ -26,10 +27,23 @@ pub enum Refused {
 /// The bounds a send that must be held is checked against.
 pub struct HoldLimits<'a> {
     pub max_per_member: usize,
+    pub max_bytes_per_member: usize,
     pub budget: &'a HeldBudget,
 }
 
 impl HoldLimits<'_> {
+    /// Whether `member` may hold `envelope` too.
+    fn room(&self, member: &MemberEntry, envelope: &Envelope) -> Result<(), Refused> {
+        member
+            .held
+            .room_for(
+                envelope.frame.len(),
+                self.max_per_member,
+                self.max_bytes_per_member,
+            )
+            .map_err(Refused::HeldFull)
+    }
+
     /// Reserves the envelope's bytes in the budget (released once its row
     /// is committed) and counts its hold in flight.
     fn reserve(&self, envelope: &Envelope) -> Result<(), Refused> {
@@ -125,9 +139,7 @@ pub fn plan_direct(
     let mut plan = Plan::default();
     let shards = eligible(envelope.mesh.is_restoring(), member, envelope.priority);
     if shards == 0 {
-        if !member.has_room(limits.max_per_member) {
-            return Err(Refused::HeldFull);
-        }
+        limits.room(member, envelope)?;
         limits.reserve(envelope)?;
         let now_eligible = member.hold(envelope.clone());
         plan.held.push((member.clone(), now_eligible));
@@ -163,9 +175,7 @@ pub fn plan_many(
         }
         anyone = true;
         if eligible(restoring, member, priority) == 0 {
-            if !member.has_room(limits.max_per_member) {
-                return Err(Refused::HeldFull);
-            }
+            limits.room(member, envelope)?;
             holds = true;
         }
     }

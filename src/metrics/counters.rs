@@ -65,11 +65,6 @@ impl LabeledCounters {
             }
         }
     }
-
-    fn total(&self) -> u64 {
-        let named: u64 = self.slots.iter().map(|s| s.count.load(Relaxed)).sum();
-        named + self.overflow.load(Relaxed)
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -81,8 +76,10 @@ impl LabeledCounters {
 pub struct ShardMetrics {
     index: usize,
     pub(super) conns_opened: AtomicU64,
-    pub(super) conns_closed: LabeledCounters,
-    pub(super) conns_rejected: [AtomicU64; 2],
+    /// By `CloseReason` (its declaration order, as in `CloseReason::ALL`).
+    pub(super) conns_closed: [AtomicU64; CloseReason::ALL.len()],
+    pub(super) conns_rejected: [AtomicU64; RejectReason::ALL.len()],
+    pub(super) accept_errors: AtomicU64,
     pub(super) routed: [AtomicU64; 3],
     pub(super) rejected: LabeledCounters,
     pub(super) messages_in: AtomicU64,
@@ -92,6 +89,7 @@ pub struct ShardMetrics {
     pub(super) hook_rate_limited: AtomicU64,
     pub(super) sessions: SessionCounters,
     pub(super) leases: LeaseCounters,
+    pub(super) limits: LimitCounters,
     pub(super) published: Mutex<ShardLats>,
 }
 
@@ -107,6 +105,15 @@ pub(super) struct SessionCounters {
     pub(super) rate_limited: AtomicU64,
     pub(super) group_sends: AtomicU64,
     pub(super) peers_listed: AtomicU64,
+}
+
+/// The operator's limits biting (issue 13): each counter says which one.
+#[derive(Debug, Default)]
+pub(super) struct LimitCounters {
+    /// By `HttpTimeout`.
+    pub(super) http_timeouts: [AtomicU64; 2],
+    /// By `HeldLimit`.
+    pub(super) held_refused: [AtomicU64; 2],
 }
 
 /// The acknowledged delivery counters (PROTOCOL.md §11).
@@ -127,8 +134,9 @@ impl ShardMetrics {
         ShardMetrics {
             index,
             conns_opened: AtomicU64::new(0),
-            conns_closed: LabeledCounters::new(&[]),
+            conns_closed: Default::default(),
             conns_rejected: Default::default(),
+            accept_errors: AtomicU64::new(0),
             routed: Default::default(),
             rejected: LabeledCounters::new(&MESSAGE_REJECT_REASONS),
             messages_in: AtomicU64::new(0),
@@ -138,6 +146,7 @@ impl ShardMetrics {
             hook_rate_limited: AtomicU64::new(0),
             sessions: SessionCounters::default(),
             leases: LeaseCounters::default(),
+            limits: LimitCounters::default(),
             published: Mutex::new(ShardLats::default()),
         }
     }
@@ -153,13 +162,29 @@ impl ShardMetrics {
 
     /// A connection counted by [`conn_opened`](Self::conn_opened) closed (active −1),
     /// with its close reason as the label. Call exactly once per opened connection.
-    pub fn conn_closed(&self, reason: &'static str) {
-        self.conns_closed.inc(reason);
+    pub fn conn_closed(&self, reason: CloseReason) {
+        self.conns_closed[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A connection in its HTTP phase was closed by one of its deadlines.
+    pub fn http_timed_out(&self, limit: HttpTimeout) {
+        self.limits.http_timeouts[limit as usize].fetch_add(1, Relaxed);
+    }
+
+    /// A send was refused `unavailable` because a target member's held
+    /// queue is at one of its bounds.
+    pub fn held_refused(&self, limit: HeldLimit) {
+        self.limits.held_refused[limit as usize].fetch_add(1, Relaxed);
     }
 
     /// A hello was refused (the connection still closes: call `conn_closed` too).
     pub fn conn_rejected(&self, reason: RejectReason) {
         self.conns_rejected[reason as usize].fetch_add(1, Relaxed);
+    }
+
+    /// An `accept` on this shard's listener failed (`broker_accept_errors_total`).
+    pub fn accept_failed(&self) {
+        self.accept_errors.fetch_add(1, Relaxed);
     }
 
     /// A client message was parsed on this shard (any type, valid or not):
@@ -197,7 +222,7 @@ impl ShardMetrics {
     /// Connections open on this shard now.
     pub fn connections_active(&self) -> i64 {
         // Closed first: a close is always counted after its open.
-        let closed = self.conns_closed.total();
+        let closed: u64 = self.conns_closed.iter().map(|c| c.load(Relaxed)).sum();
         let opened = self.conns_opened.load(Relaxed);
         opened.saturating_sub(closed) as i64
     }
@@ -367,7 +392,7 @@ impl GlobalMetrics {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::metrics::testing::{parse_exposition, value, Sample};
+    use crate::metrics::testing::{parse_exposition, value};
 
     #[test]
     fn counters_sum_over_shards() {
@@ -377,9 +402,9 @@ mod tests {
             a.conn_opened();
         }
         b.conn_opened();
-        a.conn_closed("normal");
-        b.conn_closed("normal");
-        a.conn_closed("ping_timeout");
+        a.conn_closed(CloseReason::ClientClosed);
+        b.conn_closed(CloseReason::ClientClosed);
+        a.conn_closed(CloseReason::Timeout);
         a.conn_rejected(RejectReason::Capacity);
         b.conn_rejected(RejectReason::Unauthorized);
         b.conn_rejected(RejectReason::Unauthorized);
@@ -412,8 +437,8 @@ mod tests {
         assert_eq!(value(&s, "broker_connections_active", &[]), 1.0);
         assert_eq!(value(&s, "broker_connections_total", &[]), 4.0);
         let closed = "broker_connections_closed_total";
-        assert_eq!(value(&s, closed, &[("reason", "normal")]), 2.0);
-        assert_eq!(value(&s, closed, &[("reason", "ping_timeout")]), 1.0);
+        assert_eq!(value(&s, closed, &[("reason", "client_closed")]), 2.0);
+        assert_eq!(value(&s, closed, &[("reason", "timeout")]), 1.0);
         let rej = "broker_connections_rejected_total";
         assert_eq!(value(&s, rej, &[("reason", "capacity")]), 1.0);
         assert_eq!(value(&s, rej, &[("reason", "unauthorized")]), 2.0);
@@ -527,27 +552,29 @@ mod tests {
     }
 
     #[test]
-    fn close_reason_labels_are_bounded() {
-        let m = Metrics::new(1);
-        let names: Vec<&'static str> = (0..MAX_LABELS + 5)
-            .map(|i| &*Box::leak(format!("r{i}").into_boxed_str()))
-            .collect();
-        for n in &names {
-            m.shard(0).conn_opened();
-            m.shard(0).conn_closed(n);
-        }
-        m.shard(0).conn_opened();
-        m.shard(0).conn_closed(names[0]);
-        assert_eq!(m.connections_active(), 0);
+    fn every_close_reason_and_limit_is_exported_before_it_bites() {
+        let m = Metrics::new(2);
+        m.shard(1).conn_opened();
+        m.shard(1).conn_closed(CloseReason::HelloTimeout);
+        m.shard(0).http_timed_out(HttpTimeout::Idle);
+        m.shard(1).held_refused(HeldLimit::Bytes);
         let s = parse_exposition(&m.render());
-        let closed: Vec<&Sample> = s
-            .iter()
-            .filter(|x| x.name == "broker_connections_closed_total")
-            .collect();
-        assert_eq!(closed.len(), MAX_LABELS + 1);
         let c = "broker_connections_closed_total";
-        assert_eq!(value(&s, c, &[("reason", "r0")]), 2.0);
-        assert_eq!(value(&s, c, &[("reason", "other")]), 5.0);
+        for reason in CloseReason::ALL {
+            let expected = if reason == CloseReason::HelloTimeout {
+                1.0
+            } else {
+                0.0
+            };
+            assert_eq!(value(&s, c, &[("reason", reason.as_str())]), expected);
+        }
+        let t = "broker_http_timeouts_total";
+        assert_eq!(value(&s, t, &[("limit", "hello")]), 0.0);
+        assert_eq!(value(&s, t, &[("limit", "idle")]), 1.0);
+        let h = "broker_held_refused_total";
+        assert_eq!(value(&s, h, &[("limit", "count")]), 0.0);
+        assert_eq!(value(&s, h, &[("limit", "bytes")]), 1.0);
+        assert_eq!(m.connections_active(), 0);
     }
 
     #[test]

@@ -48,24 +48,53 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use prometheus_client::registry::Registry;
 
-pub use crate::protocol::Priority;
+pub use crate::mesh::held::HeldLimit;
+pub use crate::protocol::{CloseReason, Priority};
+
+/// Which deadline closed a connection still in its HTTP phase
+/// (`broker_http_timeouts_total{limit}`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HttpTimeout {
+    /// `HELLO_TIMEOUT_SECONDS`: the first request never arrived whole.
+    Hello,
+    /// `HTTP_IDLE_TIMEOUT_SECONDS`: a keep-alive connection sent no next request.
+    Idle,
+}
+
+impl HttpTimeout {
+    pub const ALL: [HttpTimeout; 2] = [HttpTimeout::Hello, HttpTimeout::Idle];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HttpTimeout::Hello => "hello",
+            HttpTimeout::Idle => "idle",
+        }
+    }
+}
 
 /// Why a hello was refused (`broker_connections_rejected_total{reason}`).
 /// Every authentication failure (bad signature, stale timestamp, not a member) is
-/// `Unauthorized`.
+/// `Unauthorized`. `MaxConnections` is no hello: a socket accepted over
+/// `MAX_CONNECTIONS` and closed unread.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum RejectReason {
     Capacity,
     Unauthorized,
+    MaxConnections,
 }
 
 impl RejectReason {
-    pub const ALL: [RejectReason; 2] = [RejectReason::Capacity, RejectReason::Unauthorized];
+    pub const ALL: [RejectReason; 3] = [
+        RejectReason::Capacity,
+        RejectReason::Unauthorized,
+        RejectReason::MaxConnections,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
             RejectReason::Capacity => "capacity",
             RejectReason::Unauthorized => "unauthorized",
+            RejectReason::MaxConnections => "max_connections",
         }
     }
 }
@@ -143,8 +172,11 @@ impl Metrics {
     fn snapshot(&self) -> Snapshot {
         let mut s = Snapshot {
             connections_total: 0,
-            rejected_conns: [0; 2],
-            closed: Vec::new(),
+            rejected_conns: [0; RejectReason::ALL.len()],
+            accept_errors: 0,
+            closed: [0; CloseReason::ALL.len()],
+            http_timeouts: [0; 2],
+            held_refused: [0; 2],
             routed: [0; 3],
             rejected_msgs: Vec::new(),
             hook_requests: 0,
@@ -185,7 +217,17 @@ impl Metrics {
             for (dst, src) in s.rejected_conns.iter_mut().zip(&shard.conns_rejected) {
                 *dst += src.load(Relaxed);
             }
-            shard.conns_closed.collect_into(&mut s.closed);
+            s.accept_errors += shard.accept_errors.load(Relaxed);
+            for (dst, src) in s.closed.iter_mut().zip(&shard.conns_closed) {
+                *dst += src.load(Relaxed);
+            }
+            let limits = &shard.limits;
+            for (dst, src) in s.http_timeouts.iter_mut().zip(&limits.http_timeouts) {
+                *dst += src.load(Relaxed);
+            }
+            for (dst, src) in s.held_refused.iter_mut().zip(&limits.held_refused) {
+                *dst += src.load(Relaxed);
+            }
             for (dst, src) in s.routed.iter_mut().zip(&shard.routed) {
                 *dst += src.load(Relaxed);
             }

@@ -28,8 +28,11 @@ pub(super) struct HistSnapshot {
 #[derive(Debug)]
 pub(super) struct Snapshot {
     pub(super) connections_total: u64,
-    pub(super) rejected_conns: [u64; 2],
-    pub(super) closed: Vec<(&'static str, u64)>,
+    pub(super) rejected_conns: [u64; RejectReason::ALL.len()],
+    pub(super) accept_errors: u64,
+    pub(super) closed: [u64; CloseReason::ALL.len()],
+    pub(super) http_timeouts: [u64; 2],
+    pub(super) held_refused: [u64; 2],
     pub(super) routed: [u64; 3],
     pub(super) rejected_msgs: Vec<(&'static str, u64)>,
     pub(super) hook_requests: u64,
@@ -192,19 +195,48 @@ impl Collector for Snapshot {
         labeled_counters(
             e,
             "broker_connections_rejected",
-            "Hellos refused, by reason.",
+            "Hellos refused, and sockets closed unread over MAX_CONNECTIONS, by reason.",
             "reason",
             RejectReason::ALL
                 .iter()
                 .map(|r| r.as_str())
                 .zip(self.rejected_conns),
         )?;
+        counter(
+            e,
+            "broker_accept_errors",
+            "Failed accepts (out of file descriptors, and others).",
+            self.accept_errors,
+        )?;
         labeled_counters(
             e,
             "broker_connections_closed",
             "WebSocket connections closed, by close reason.",
             "reason",
-            self.closed.iter().copied(),
+            CloseReason::ALL.iter().map(|r| r.as_str()).zip(self.closed),
+        )?;
+        labeled_counters(
+            e,
+            "broker_http_timeouts",
+            "Connections closed in their HTTP phase by a deadline: hello \
+             (HELLO_TIMEOUT_SECONDS before the first request) or idle \
+             (HTTP_IDLE_TIMEOUT_SECONDS between keep-alive requests).",
+            "limit",
+            HttpTimeout::ALL
+                .iter()
+                .map(|t| t.as_str())
+                .zip(self.http_timeouts),
+        )?;
+        labeled_counters(
+            e,
+            "broker_held_refused",
+            "Sends refused unavailable because a target member's held queue is \
+             full: count (MAX_HELD_PER_MEMBER) or bytes (MAX_HELD_BYTES_PER_MEMBER).",
+            "limit",
+            HeldLimit::ALL
+                .iter()
+                .map(|l| l.as_str())
+                .zip(self.held_refused),
         )?;
         labeled_counters(
             e,
@@ -428,10 +460,11 @@ mod tests {
             "broker_leases_expired_total",
             "broker_redelivered_total",
             "broker_duplicate_sends_total",
+            "broker_accept_errors_total",
         ] {
             assert_eq!(value(&samples, name, &[]), 0.0, "{name}");
         }
-        for r in ["capacity", "unauthorized"] {
+        for r in ["capacity", "unauthorized", "max_connections"] {
             assert_eq!(
                 value(
                     &samples,

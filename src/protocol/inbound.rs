@@ -144,6 +144,12 @@ impl Parser {
     /// message — is read straight into borrowed strings; anything else (or
     /// any problem) goes through the tree parser, whose errors name the field.
     pub fn parse<'a>(&'a mut self, data: &[u8]) -> Result<Parsed<'a>, ProtocolError> {
+        if !super::nesting_within(data, super::MAX_JSON_DEPTH) {
+            return Err(ProtocolError::new(
+                ErrorCode::BadJson,
+                "message nests arrays and objects more than 64 deep",
+            ));
+        }
         self.plain.clear();
         self.plain.extend_from_slice(data);
         if let Some(parsed) = parse_plain_send(&mut self.plain, &mut self.buffers) {
@@ -187,6 +193,15 @@ impl<'a> PlainSend<'a> {
     /// `None` unless it is a valid send: errors are the tree parser's job.
     fn into_parsed(self) -> Option<Parsed<'a>> {
         if self.kind != "send" {
+            return None;
+        }
+        // Refused by the tree parser, which names the field.
+        let stored = [
+            Some(self.nonce),
+            Some(self.ciphertext),
+            self.client_message_id,
+        ];
+        if stored.iter().flatten().any(|s| s.contains('\0')) {
             return None;
         }
         if self.req_id.is_some_and(|r| !fits(r, MAX_REQ_ID_CHARS)) {
@@ -261,6 +276,12 @@ pub fn parse_client_message<'a>(
             "message is not a JSON object",
         ));
     };
+    if let Some(key) = duplicate_key(&object) {
+        return Err(ProtocolError::new(
+            ErrorCode::BadJson,
+            format!("key '{key}' appears more than once"),
+        ));
+    }
     let mut fields = Fields::new(*object);
     // `_reqId` is taken first so that every error echoes it once it is
     // valid; a bad one is answered after `type` (and a send's `id`) are read.
@@ -337,24 +358,31 @@ fn parse_hello<'a>(fields: &mut Fields<'a>) -> Result<Hello<'a>, ProtocolError> 
     // shape of the rest of its hello.
     let protocol_version = parse_protocol_version(fields)?;
     let mesh_id = fields.signed_id("meshId")?;
+    let mesh_id = fields.stored(mesh_id, "meshId")?;
     let member_id = fields.signed_id("memberId")?;
+    let member_id = fields.stored(member_id, "memberId")?;
     let pubkey = fields.required_str("pubkey")?;
     if !is_hex(&pubkey, 64) {
         return Err(fields.invalid("pubkey", "must be 64 hex digits"));
     }
     let session_id = fields.non_empty_str("sessionId")?;
+    let session_id = fields.stored(session_id, "sessionId")?;
     let pid = fields.required_i64("pid")?;
     let pid = i32::try_from(pid)
         .ok()
         .filter(|pid| *pid >= 0)
         .ok_or_else(|| fields.invalid("pid", "must be a non-negative 32-bit integer"))?;
     let cwd = fields.non_empty_str("cwd")?;
+    let cwd = fields.stored(cwd, "cwd")?;
     let timestamp = fields.required_i64("timestamp")?;
     let signature = fields.required_str("signature")?;
     if !is_hex(&signature, 128) {
         return Err(fields.invalid("signature", "must be 128 hex digits"));
     }
     let display_name = fields.limited_str("displayName", MAX_DISPLAY_NAME_CHARS)?;
+    let display_name = display_name
+        .map(|n| fields.stored(n, "displayName"))
+        .transpose()?;
     let groups = parse_hello_groups(fields)?;
     let capabilities = parse_capabilities(fields)?;
     Ok(Hello {
@@ -421,6 +449,7 @@ fn parse_hello_groups<'a>(fields: &mut Fields<'a>) -> Result<Vec<GroupJoin<'a>>,
 fn parse_group_join<'a>(fields: &mut Fields<'a>) -> Result<GroupJoin<'a>, ProtocolError> {
     let name = fields.group_name("name")?;
     let role = fields.limited_str("role", MAX_ROLE_CHARS)?;
+    let role = role.map(|r| fields.stored(r, "role")).transpose()?;
     Ok(GroupJoin { name, role })
 }
 
@@ -457,9 +486,13 @@ fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>,
             .ok_or_else(|| fields.invalid("priority", "must be now, next or low"))?,
     };
     let nonce = fields.required_str("nonce")?;
+    let nonce = fields.stored(nonce, "nonce")?;
     let ciphertext = fields.required_str("ciphertext")?;
+    let ciphertext = fields.stored(ciphertext, "ciphertext")?;
     let client_message_id = fields
         .limited_str("client_message_id", MAX_CLIENT_MESSAGE_ID_CHARS)?
+        .map(|c| fields.stored(c, "client_message_id"))
+        .transpose()?
         .filter(|c| !c.is_empty());
     if target == Target::Unsupported {
         return Err(ProtocolError::new(
@@ -493,10 +526,20 @@ fn parse_audit_query<'a>(fields: &mut Fields<'a>) -> Result<Admin<'a>, ProtocolE
                 )
             })? as u32,
     };
+    // Both are query parameters: a NUL made Postgres refuse the query,
+    // answered as if the database were down.
+    let before_id = fields.optional_str("beforeId")?;
+    let before_id = before_id
+        .map(|b| fields.stored(b, "beforeId"))
+        .transpose()?;
+    let event_type = fields.optional_str("eventType")?;
+    let event_type = event_type
+        .map(|e| fields.stored(e, "eventType"))
+        .transpose()?;
     Ok(Admin::AuditQuery {
         limit,
-        before_id: fields.optional_str("beforeId")?,
-        event_type: fields.optional_str("eventType")?,
+        before_id,
+        event_type,
     })
 }
 
@@ -542,6 +585,27 @@ fn parse_client_ack<'a>(fields: &mut Fields<'a>) -> Result<Vec<Cow<'a, str>>, Pr
     }
 }
 
+/// A key the object holds twice. simd-json keeps both, and which one a
+/// field read got depended on where the others had been (taking a field
+/// moves another into its slot): `{"status":"busy","status":"idle"}` was
+/// read one way or the other by position. Refused rather than guessed.
+fn duplicate_key<'o>(object: &'o simd_json::value::borrowed::Object<'_>) -> Option<&'o str> {
+    const SMALL: usize = 16;
+    if object.len() <= SMALL {
+        let keys = || object.keys().map(|k| k.as_ref());
+        return keys()
+            .enumerate()
+            .find(|(i, key)| keys().skip(i + 1).any(|other| other == *key))
+            .map(|(_, key)| key);
+    }
+    // Many keys (a hostile 64 KiB message has thousands): no n².
+    let mut seen = std::collections::HashSet::with_capacity(object.len());
+    object
+        .keys()
+        .map(|k| k.as_ref())
+        .find(|key| !seen.insert(*key))
+}
+
 fn is_hex(s: &str, len: usize) -> bool {
     s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit())
 }
@@ -585,6 +649,17 @@ impl<'a> Fields<'a> {
             Some((array, index)) => format!("field '{array}' entry {index}: '{name}' {expected}"),
         };
         ProtocolError::new(ErrorCode::InvalidField, message)
+    }
+
+    /// `s` unless it holds U+0000 (only an escaped `\u0000` gets there):
+    /// these values reach Postgres `text`, which cannot hold it, and a row
+    /// refused there came back as `unavailable` (a held send) or broke the
+    /// session's presence row, depending on who was online.
+    fn stored(&self, s: Cow<'a, str>, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
+        if s.contains('\0') {
+            return Err(self.invalid(name, "must not contain U+0000"));
+        }
+        Ok(s)
     }
 
     fn take(&mut self, name: &'static str) -> Option<Value<'a>> {
@@ -1159,6 +1234,71 @@ mod tests {
             assert_eq!((id, req_id), (None, None));
         }
         assert_eq!(parse("{nope").unwrap_err().3, None);
+    }
+
+    #[test]
+    fn nul_is_refused_where_it_would_be_stored() {
+        for (json, field) in [
+            (
+                plain_send("*", r#","nonce":"x\u0000""#).replace(r#""nonce":"n","#, ""),
+                "'nonce'",
+            ),
+            (
+                plain_send("*", "").replace(r#""ciphertext":"c""#, r#""ciphertext":"\u0000""#),
+                "'ciphertext'",
+            ),
+            (
+                plain_send("*", r#","client_message_id":"a\u0000""#),
+                "'client_message_id'",
+            ),
+            (hello(r#","displayName":"\u0000""#), "'displayName'"),
+            (
+                hello("").replace(r#""cwd":"/w""#, r#""cwd":"/\u0000""#),
+                "'cwd'",
+            ),
+            (
+                r#"{"type":"join_group","name":"ok","role":"\u0000"}"#.to_owned(),
+                "'role'",
+            ),
+            (
+                r#"{"type":"audit_query","beforeId":"\u0000"}"#.to_owned(),
+                "'beforeId'",
+            ),
+            (
+                r#"{"type":"audit_query","eventType":"\u0000"}"#.to_owned(),
+                "'eventType'",
+            ),
+        ] {
+            let (code, message, _, _) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::InvalidField, "{json}");
+            assert!(message.contains(field), "{json}: {message}");
+        }
+        // Elsewhere it is only text: a summary may hold one.
+        assert!(parse(r#"{"type":"set_summary","summary":"a\u0000b"}"#).is_ok());
+    }
+
+    #[test]
+    fn duplicate_keys_are_refused_whatever_their_place() {
+        for json in [
+            r#"{"type":"set_status","status":"busy","status":"idle"}"#.to_owned(),
+            r#"{"type":"dance","type":"list_peers"}"#.to_owned(),
+            r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","nonce":"m"}"#
+                .to_owned(),
+            // Past the small-object scan.
+            format!(
+                r#"{{"type":"list_peers",{}"k3":1}}"#,
+                (0..40).map(|i| format!(r#""k{i}":1,"#)).collect::<String>()
+            ),
+        ] {
+            let (code, message, _, _) = parse(&json).unwrap_err();
+            assert_eq!(code, ErrorCode::BadJson, "{json}");
+            assert!(message.contains("appears more than once"), "{message}");
+        }
+        // Unknown keys of a plain send never reach the tree: still routed.
+        assert!(parse(
+            r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","x":1,"x":2}"#
+        )
+        .is_ok());
     }
 
     #[test]

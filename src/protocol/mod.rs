@@ -9,6 +9,7 @@
 //! scanned (`peek_ids`) for the `id` and `_reqId` to echo in its `error
 //! too_large`.
 mod admin;
+mod close;
 mod group;
 mod inbound;
 mod outbound;
@@ -18,6 +19,7 @@ pub use admin::{
     write_audit_result, write_audit_verify_result, write_ban_ack, write_bans_list, write_kick_ack,
     Admin, AuditEntry, BanEntry, VerifyResult,
 };
+pub use close::CloseReason;
 pub use group::GroupName;
 pub(crate) use inbound::hello_signed_text;
 #[cfg(feature = "fuzzing")]
@@ -36,6 +38,50 @@ pub(crate) use peek::peek_ids;
 pub(crate) use peek::PeekedIds;
 
 use std::borrow::Cow;
+
+/// Deepest nesting of arrays and objects accepted in any client JSON (a
+/// message, a hook or `/join` body). simd-json builds its tree, and serde
+/// walks an ignored field, by recursion: a 64 KiB run of `[` overflowed a
+/// shard's stack and took the whole process down. Nothing the contract
+/// defines nests past 3 levels.
+pub const MAX_JSON_DEPTH: usize = 64;
+
+/// Whether `json` nests arrays and objects at most `max` deep, looking
+/// only at brackets outside strings: one pass, no allocation, run before
+/// any parser sees the bytes. Malformed input is left to the parser.
+pub fn nesting_within(json: &[u8], max: usize) -> bool {
+    // Nearly every message has a handful of brackets (a ciphertext has
+    // none): a count that vectorizes settles it without the walk.
+    if json.iter().filter(|&&b| b == b'[' || b == b'{').count() <= max {
+        return true;
+    }
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut escaped = false;
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > max {
+                    return false;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    true
+}
 
 /// Most characters in a `_reqId` (PROTOCOL.md §9).
 pub const MAX_REQ_ID_CHARS: usize = 64;
@@ -188,5 +234,31 @@ impl ProtocolError {
             ErrorCode::InvalidField,
             format!("field '{field}' {expected}"),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nesting_is_counted_outside_strings_only() {
+        let deep = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(nesting_within(
+            deep(MAX_JSON_DEPTH).as_bytes(),
+            MAX_JSON_DEPTH
+        ));
+        assert!(!nesting_within(
+            deep(MAX_JSON_DEPTH + 1).as_bytes(),
+            MAX_JSON_DEPTH
+        ));
+        let objects = format!("{}1{}", r#"{"a":"#.repeat(3), "}".repeat(3));
+        assert!(nesting_within(objects.as_bytes(), 3));
+        assert!(!nesting_within(objects.as_bytes(), 2));
+        // Brackets in strings, escaped quotes included, do not count.
+        let quoted = format!(r#"{{"s":"{}\"[[[","t":1}}"#, "[".repeat(100));
+        assert!(nesting_within(quoted.as_bytes(), 1));
+        // Unbalanced input is the parser's to refuse.
+        assert!(nesting_within(b"]]]}", 1));
     }
 }

@@ -12,6 +12,7 @@ use crate::http::{
 };
 use crate::inbox::ShardEvent;
 use crate::join::{self, JoinError, JoinRequest};
+use crate::metrics::HttpTimeout;
 use crate::ws;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -35,28 +36,48 @@ enum Outcome {
 }
 
 pub async fn serve(shard: Rc<Shard>, mut stream: TcpStream, peer: SocketAddr) {
+    // From accept: the first request and, on /ws, the hello after it must
+    // come within HELLO_TIMEOUT_SECONDS, so a socket that says nothing (or
+    // trickles) cannot hold a descriptor forever.
+    let hello_by = Instant::now() + shard.ctx.config.hello_timeout;
     let _ = stream.set_nodelay(true);
     let conn = shard.register_conn(stream.as_raw_fd());
     // Two phases in sequence, so a WebSocket's long-lived state does not
     // carry the HTTP phase's locals (the future is as big as its largest
     // phase, and 100k idle sessions multiply it): the HTTP phase is boxed
     // and freed before the session starts.
-    let upgraded = Box::pin(serve_http(&shard, &mut stream, peer.ip())).await;
+    let upgraded = Box::pin(serve_http(&shard, &mut stream, peer.ip(), hello_by)).await;
     if let Some(buf) = upgraded {
-        session::run(shard.clone(), stream, buf, conn, peer).await;
+        session::run(shard.clone(), stream, buf, conn, peer, hello_by).await;
     }
     shard.unregister_conn(conn);
 }
 
 /// The HTTP/1.1 keep-alive loop. Returns the read buffer (with any bytes
 /// already received after the handshake) once a request was upgraded.
-async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream, client: IpAddr) -> Option<ReadBuf> {
+async fn serve_http(
+    shard: &Rc<Shard>,
+    stream: &mut TcpStream,
+    client: IpAddr,
+    hello_by: Instant,
+) -> Option<ReadBuf> {
     let mut buf = ReadBuf::default();
+    // Each request (head and body) must be in before its deadline: the
+    // first by `hello_by`, each later one within HTTP_IDLE_TIMEOUT_SECONDS
+    // of the answer before it.
+    let mut deadline = (hello_by, HttpTimeout::Hello);
     loop {
-        let head = match read_head(stream, &mut buf).await {
-            Ok(Some(head)) => head,
-            Ok(None) => break,
-            Err(status) => {
+        // What was read before this request's first byte (some of which
+        // may already be buffered, pipelined behind the last one).
+        let begun_after = buf.received - buf.data.len() as u64;
+        let head = match before(deadline.0, read_head(stream, &mut buf)).await {
+            None => {
+                let begun = buf.received > begun_after;
+                return timed_out(shard, stream, begun, deadline.1).await;
+            }
+            Some(Ok(Some(head))) => head,
+            Some(Ok(None)) => break,
+            Some(Err(status)) => {
                 let response = error_json(status, http::reason_phrase(status));
                 let _ = stream.write_all(response.to_bytes(false)).await;
                 break;
@@ -97,8 +118,15 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream, client: IpAddr) -
                 break;
             }
         }
-        if !read_exact_len(stream, &mut buf, head.head_len + body_len).await {
-            break;
+        match before(
+            deadline.0,
+            read_exact_len(stream, &mut buf, head.head_len + body_len),
+        )
+        .await
+        {
+            None => return timed_out(shard, stream, true, deadline.1).await,
+            Some(false) => break,
+            Some(true) => {}
         }
         let keep_alive = head.keep_alive && !shard.is_shutting_down();
         let mut body = buf.data[head.head_len..head.head_len + body_len].to_vec();
@@ -130,8 +158,33 @@ async fn serve_http(shard: &Rc<Shard>, stream: &mut TcpStream, client: IpAddr) -
                 if res.is_err() || !keep_alive {
                     break;
                 }
+                let idle = shard.ctx.config.http_idle_timeout;
+                deadline = (Instant::now() + idle, HttpTimeout::Idle);
             }
         }
+    }
+    None
+}
+
+/// `fut`'s output, or None once `deadline` has passed.
+async fn before<T>(deadline: Instant, fut: impl std::future::Future<Output = T>) -> Option<T> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    monoio::time::timeout(left, fut).await.ok()
+}
+
+/// A request did not arrive whole in time: a partial one is answered 408
+/// (RFC 9110 §15.5.9), a connection that sent nothing is just closed.
+async fn timed_out(
+    shard: &Shard,
+    stream: &mut TcpStream,
+    begun: bool,
+    limit: HttpTimeout,
+) -> Option<ReadBuf> {
+    shard.metrics.http_timed_out(limit);
+    tracing::debug!(target: "http", limit = limit.as_str(), partial = begun, "http timeout");
+    if begun {
+        let response = error_json(408, "request timeout");
+        let _ = stream.write_all(response.to_bytes(false)).await;
     }
     None
 }

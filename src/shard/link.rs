@@ -2,7 +2,6 @@
 //! WebSocket session: its outbound queue, its status, whose envelopes it
 //! takes, and its liveness clock. The session task itself owns the
 //! socket's read side and the protocol state.
-use super::close::CloseReason;
 use super::outbound::{Outbound, Stamp};
 use crate::mesh::deliver::{Delivery, Recipient};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
@@ -10,6 +9,7 @@ use crate::mesh::held::priority_bit;
 use crate::mesh::lease::SessionLeases;
 use crate::mesh::peers::SessionEntry;
 use crate::mesh::{Envelope, Orphan};
+use crate::protocol::CloseReason;
 use crate::protocol::Priority;
 use crate::status::StatusState;
 use crate::ws::{self, OpCode};
@@ -38,6 +38,9 @@ pub struct SessionLink {
     last_ping: Cell<Instant>,
     closing: Cell<Option<CloseReason>>,
     shut_at: Cell<Option<Instant>>,
+    /// Until the hello is accepted: when it must have been
+    /// (`HELLO_TIMEOUT_SECONDS` from accept).
+    hello_by: Cell<Option<Instant>>,
     /// Set at hello: whose envelopes this session receives.
     member: RefCell<Option<(Arc<MeshEntry>, Arc<MemberEntry>)>>,
     /// Set at hello: the session it holds (its presence), shared with the
@@ -69,7 +72,7 @@ pub(crate) fn shutdown_socket(fd: RawFd) {
 }
 
 impl SessionLink {
-    pub fn new(fd: RawFd, conn: u64, outbound_limit: usize) -> Self {
+    pub fn new(fd: RawFd, conn: u64, outbound_limit: usize, hello_by: Instant) -> Self {
         let now = Instant::now();
         SessionLink {
             fd,
@@ -79,6 +82,7 @@ impl SessionLink {
             last_ping: Cell::new(now),
             closing: Cell::new(None),
             shut_at: Cell::new(None),
+            hello_by: Cell::new(Some(hello_by)),
             member: RefCell::new(None),
             entry: RefCell::new(None),
             status: Cell::new(StatusState::new(now)),
@@ -94,6 +98,7 @@ impl SessionLink {
     /// the session it holds (with the status it starts or resumes with),
     /// and whether it wants peer events.
     pub fn joined(&self, mesh: &Arc<MeshEntry>, entry: &Arc<SessionEntry>, peer_events: bool) {
+        self.hello_by.set(None);
         *self.member.borrow_mut() = Some((mesh.clone(), entry.member.clone()));
         self.status.set(entry.state().status);
         *self.entry.borrow_mut() = Some(entry.clone());
@@ -265,7 +270,9 @@ impl SessionLink {
             }
             return;
         }
-        if now.duration_since(self.last_heard.get()) >= ping_timeout {
+        if self.hello_by.get().is_some_and(|by| now >= by) {
+            self.close(CloseReason::HelloTimeout);
+        } else if now.duration_since(self.last_heard.get()) >= ping_timeout {
             self.close(CloseReason::Timeout);
         } else if now.duration_since(self.last_ping.get()) >= ping_interval {
             self.last_ping.set(now);

@@ -10,9 +10,12 @@
 //! - `state`    — the shard's state and what it does with events, statuses,
 //!   drains and sweeps.
 //! - `readbuf`  — a connection's adaptively sized read buffer.
-//! - `close`    — typed close reasons.
 //! - `signal`   — a one-shot signal shared by one shard's tasks.
-mod close;
+//! - `slots`    — `MAX_CONNECTIONS`: the open-socket count all shards share,
+//!   and the guard each accepted socket holds.
+//! - `accept`   — failed accepts: one log line per episode, the count, and
+//!   the spare descriptor that sheds connections when out of descriptors.
+mod accept;
 mod conn;
 mod durable;
 mod leases;
@@ -22,21 +25,23 @@ mod presence;
 mod readbuf;
 mod session;
 mod signal;
+pub(crate) mod slots;
 mod state;
-
-pub use close::CloseReason;
 
 use crate::config::IoDriver;
 use crate::context::BrokerContext;
 use crate::ids::{IdGen, Rfc3339Clock};
 use crate::inbox::{ShardInbox, Wakeup};
 use crate::mesh::deliver::LocalRoutes;
-use crate::metrics::LocalHistograms;
+use crate::metrics::{LocalHistograms, RejectReason};
+use crate::protocol::CloseReason;
+use accept::{AcceptErrors, AfterError, ACCEPT_BACKOFF};
 use signal::LocalSignal;
 use state::Shard;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
+use std::os::fd::AsRawFd;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::task::Poll;
@@ -182,16 +187,20 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     monoio::spawn(presence::publish_loop(shard.clone()));
     monoio::spawn(leases::lease_loop(shard.clone()));
     monoio::spawn(housekeeping(shard.clone()));
+    let mut accept_errors = AcceptErrors::new(spec.index);
+    let mut at_limit = false;
     loop {
         monoio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
-                    monoio::spawn(conn::serve(shard.clone(), stream, peer));
+                    accept_errors.succeeded();
+                    admit(&shard, stream, peer, &mut at_limit);
                 }
                 Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(target: "shard", shard = shard.index, error = %e, "accept failed");
-                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    shard.metrics.accept_failed();
+                    if accept_errors.failed(&e, listener.as_raw_fd()) == AfterError::Pause {
+                        monoio::time::sleep(ACCEPT_BACKOFF).await;
+                    }
                 }
             },
             _ = shard.shutdown.wait() => break,
@@ -206,6 +215,32 @@ async fn run(spec: ShardSpec, ctx: Arc<BrokerContext>) {
     shard.flush_db();
     shard.flush_lane();
     shard.histograms.borrow_mut().publish(&shard.metrics);
+}
+
+/// Serves an accepted socket if a `MAX_CONNECTIONS` slot is free; else
+/// closes it unread (counted; logged once per stretch at the limit).
+fn admit(
+    shard: &Rc<Shard>,
+    stream: monoio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    at_limit: &mut bool,
+) {
+    let Some(slot) = shard.ctx.connections.try_claim() else {
+        shard.metrics.conn_rejected(RejectReason::MaxConnections);
+        if !std::mem::replace(at_limit, true) {
+            tracing::warn!(target: "shard", shard = shard.index,
+                max = shard.ctx.config.max_connections, "connection limit reached");
+        }
+        drop(stream);
+        return;
+    };
+    *at_limit = false;
+    let shard = shard.clone();
+    monoio::spawn(async move {
+        // Held until the connection's task ends, however it ends.
+        let _slot = slot;
+        conn::serve(shard, stream, peer).await;
+    });
 }
 
 async fn inbox_loop(shard: Rc<Shard>, inbox: ShardInbox) {

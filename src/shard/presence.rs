@@ -6,7 +6,6 @@
 //! republishes dirty parts at the end of the loop turn, then at most once
 //! per `PUBLISH_EVERY`, so a burst of hellos costs one copy per mesh and
 //! `list_peers` on any shard sees changes well within its 100 ms.
-use super::close::CloseReason;
 use super::signal;
 use super::state::Shard;
 use crate::audit::AuditEvent;
@@ -15,6 +14,7 @@ use crate::inbox::ShardEvent;
 use crate::mesh::directory::{MemberEntry, MeshEntry, TooManyGroups};
 use crate::mesh::peers::{self, MemberSessions, PeerEvent, SessionEntry};
 use crate::mesh::plan::key;
+use crate::protocol::CloseReason;
 use crate::protocol::GroupName;
 use rustc_hash::FxHashMap;
 use std::cell::RefCell;

@@ -14,6 +14,10 @@ const READ_MAX: usize = 64 * 1024;
 pub(super) struct ReadBuf {
     pub data: Vec<u8>,
     last_read: usize,
+    /// Bytes read over the connection's life. A read cut off by a deadline
+    /// takes `data` with it, so whether a request had begun is told from
+    /// this instead.
+    pub received: u64,
 }
 
 impl ReadBuf {
@@ -41,6 +45,7 @@ impl ReadBuf {
         match res {
             Ok(n) if n > 0 => {
                 self.last_read = n;
+                self.received += n as u64;
                 true
             }
             _ => false,

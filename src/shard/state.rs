@@ -2,7 +2,6 @@
 //! of the routing table, what it gathers for other shards and the db
 //! thread, and what it does with an event from its inbox, a status write,
 //! a drain or a sweep.
-use super::close::CloseReason;
 use super::durable::Durable;
 use super::leases::LeaseTimers;
 use super::link::{shutdown_socket, SessionLink};
@@ -19,6 +18,7 @@ use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::peers::PeerEvent;
 use crate::mesh::plan::{first_shard, Route};
 use crate::metrics::{LocalHistograms, ShardMetrics};
+use crate::protocol::CloseReason;
 use crate::status::Source;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;

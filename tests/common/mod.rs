@@ -27,6 +27,7 @@ const CONFIG_VARS: &[&str] = &[
     "STATUS_TTL_SECONDS",
     "HOOK_FRESH_WINDOW_SECONDS",
     "MAX_CONNECTIONS_PER_MESH",
+    "MAX_CONNECTIONS",
     "MAX_MESSAGE_BYTES",
     "HOOK_RATE_LIMIT_PER_MIN",
     "SESSION_GRACE_SECONDS",
@@ -48,6 +49,10 @@ const CONFIG_VARS: &[&str] = &[
     "BROKER_IO_DRIVER",
     "MAX_HELD_PER_MEMBER",
     "MAX_HELD_MEMORY_BYTES",
+    "MAX_HELD_BYTES_PER_MEMBER",
+    "HELLO_TIMEOUT_SECONDS",
+    "HTTP_IDLE_TIMEOUT_SECONDS",
+    "RATE_LIMIT_CLOSE_AFTER",
     "HELD_BATCH_MAX_ROWS",
     "HELD_BATCH_MAX_WAIT_US",
     "HELD_WRITER_CONNECTIONS",
@@ -257,10 +262,41 @@ impl Broker {
     }
 
     pub fn start_with_args(args: &[&str], env: &[(&str, &str)]) -> Broker {
+        Broker::start_with(args, env, None)
+    }
+
+    /// Like [`Broker::start`], with the broker's soft `RLIMIT_NOFILE`
+    /// lowered to `nofile` (set in the child between fork and exec), for
+    /// file-descriptor exhaustion tests.
+    pub fn start_with_nofile(env: &[(&str, &str)], nofile: u64) -> Broker {
+        Broker::start_with(&[], env, Some(nofile))
+    }
+
+    fn start_with(args: &[&str], env: &[(&str, &str)], nofile: Option<u64>) -> Broker {
         let workdir = world_traversable_tempdir("meshbroker-test-broker-");
-        let mut child = broker_command(args, env, &workdir)
-            .spawn()
-            .expect("spawn the meshbroker binary");
+        let mut cmd = broker_command(args, env, &workdir);
+        if let Some(soft) = nofile {
+            use std::os::unix::process::CommandExt;
+            // SAFETY: getrlimit/setrlimit are async-signal-safe, and the
+            // closure touches nothing but its own stack.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    lim.rlim_cur = soft.min(lim.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let mut child = cmd.spawn().expect("spawn the meshbroker binary");
         let log = spawn_stderr_reader(child.stderr.take().expect("stderr is piped"));
         let mut broker = Broker {
             child,

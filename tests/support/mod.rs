@@ -293,6 +293,22 @@ impl Peer {
         }
     }
 
+    /// A WebSocket connection to `/ws`, or why there is none (refused,
+    /// closed before the handshake's answer).
+    pub fn try_open(broker: &Broker) -> Result<Peer, String> {
+        let stream = TcpStream::connect(broker.addr()).map_err(|e| e.to_string())?;
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        stream.set_write_timeout(Some(WAIT)).unwrap();
+        let (ws, _) =
+            tungstenite::client::client(broker.ws_url(), stream).map_err(|e| e.to_string())?;
+        Ok(Peer {
+            ws,
+            pushes: VecDeque::new(),
+            presence_id: String::new(),
+            member: None,
+        })
+    }
+
     /// Connects and says a signed hello as `member`; panics unless it is
     /// acknowledged.
     pub fn connect(broker: &Broker, member: &Member) -> Peer {

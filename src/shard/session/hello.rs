@@ -9,10 +9,10 @@ use crate::inbox::ShardEvent;
 use crate::mesh::directory::{Admission, MemberEntry};
 use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession, PeerEvent};
 use crate::metrics::RejectReason;
+use crate::protocol::CloseReason;
 use crate::protocol::{
     self, Capabilities, ErrorCode, GroupName, GroupRole, Hello, HelloAck, ProtocolError,
 };
-use crate::shard::CloseReason;
 use crate::status::hook_index::HookTarget;
 use crate::status::{Source, StatusState};
 use crate::ws::{self, OpCode};
@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 /// Hello timestamps further than this from the broker's clock are stale.
-const MAX_CLOCK_SKEW_MS: i64 = 60_000;
+const MAX_CLOCK_SKEW_MS: u64 = 60_000;
 
 fn now_millis() -> i64 {
     SystemTime::now()
@@ -165,7 +165,9 @@ impl Session {
     /// mesh has room), or the member's session with this `sessionId`
     /// taken over (§9), then registration.
     async fn admit(&mut self, hello: &OwnedHello) -> Result<(Joined, Claim), ProtocolError> {
-        if (now_millis() - hello.timestamp).abs() > MAX_CLOCK_SKEW_MS {
+        // abs_diff: a client's timestamp can be anything, and `now - i64::MIN`
+        // overflowed (a panic that took the shard and the process down).
+        if now_millis().abs_diff(hello.timestamp) > MAX_CLOCK_SKEW_MS {
             return Err(ProtocolError::new(
                 ErrorCode::StaleTimestamp,
                 "timestamp is more than 60 s from the broker's clock",

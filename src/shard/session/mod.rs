@@ -10,7 +10,6 @@ mod hello;
 mod send;
 mod writer;
 
-use super::close::CloseReason;
 use super::link::SessionLink;
 use super::readbuf::ReadBuf;
 use super::state::Shard;
@@ -19,6 +18,7 @@ use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::peers::{self, Departure, Holder, MemberSessions, PeerEvent, SessionEntry};
+use crate::protocol::CloseReason;
 use crate::protocol::{self, ClientMessage, ErrorCode, ProtocolError};
 use crate::status::Source;
 use crate::ws::{self, Incoming, MessageAssembler, OpCode};
@@ -26,6 +26,7 @@ use admin::OwnedAdmin;
 use hello::{looks_like_hello, OwnedHello};
 use monoio::io::Splitable;
 use monoio::net::TcpStream;
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::rc::Rc;
@@ -56,6 +57,8 @@ struct Session {
     conn: u64,
     peer: SocketAddr,
     joined: Option<Joined>,
+    /// Sends refused `rate_limited` since the last one accepted.
+    rate_refusals: Cell<u32>,
 }
 
 pub async fn run(
@@ -64,12 +67,14 @@ pub async fn run(
     mut buf: ReadBuf,
     conn: u64,
     peer: SocketAddr,
+    hello_by: Instant,
 ) {
     let max_message = shard.ctx.config.max_message_bytes;
     let link = Rc::new(SessionLink::new(
         stream.as_raw_fd(),
         conn,
         shard.ctx.config.max_outbound_bytes,
+        hello_by,
     ));
     shard.attach_session(conn, link.clone());
     shard.metrics.conn_opened();
@@ -81,6 +86,7 @@ pub async fn run(
         conn,
         peer,
         joined: None,
+        rate_refusals: Cell::new(0),
     };
     if shard.is_shutting_down() {
         link.close(CloseReason::Shutdown);
@@ -145,7 +151,7 @@ pub async fn run(
     if monoio::time::timeout(WRITER_FLUSH, writer).await.is_err() {
         link.shut();
     }
-    shard.metrics.conn_closed(reason.as_str());
+    shard.metrics.conn_closed(reason);
 }
 
 /// The start of the message whose frame at `buf.data[at..]` was refused

@@ -7,9 +7,10 @@ use super::Session;
 use crate::audit::AuditEvent;
 use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
+use crate::mesh::held::HeldLimit;
 use crate::mesh::plan::{plan_direct, plan_many, Audience, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
-use crate::protocol::{self, Ack, ErrorCode, ProtocolError, PushFields, Send, Target};
+use crate::protocol::{self, Ack, CloseReason, ErrorCode, ProtocolError, PushFields, Send, Target};
 use crate::ws::{self, OpCode};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
@@ -29,11 +30,20 @@ impl Session {
         let rate = SendRate::new(config.send_rate_per_min, config.send_burst);
         if !joined.member.send_bucket.take(rate, read_at) {
             self.shard.metrics.send_rate_limited();
-            return refuse(
+            refuse(
                 ErrorCode::RateLimited,
                 "this member is over SEND_RATE_PER_MIN (SEND_BURST at once)",
             );
+            // A client that ignores the refusals is cut off rather than
+            // parsed and refused forever.
+            let in_a_row = self.rate_refusals.get() + 1;
+            self.rate_refusals.set(in_a_row);
+            if in_a_row >= config.rate_limit_close_after {
+                self.link.close(CloseReason::RateLimited);
+            }
+            return;
         }
+        self.rate_refusals.set(0);
         // What a client_ack session leases is stored as it is written: while
         // the rows not yet committed fill the held budget, a send that may
         // reach one is refused, so leases cannot outrun Postgres without
@@ -140,6 +150,7 @@ impl Session {
         });
         let limits = HoldLimits {
             max_per_member: config.max_held_per_member,
+            max_bytes_per_member: config.max_held_bytes_per_member,
             budget: &self.shard.ctx.held.budget,
         };
         let planned = match direct {
@@ -155,12 +166,13 @@ impl Session {
                     "no member of that group but yours",
                 )
             }
-            Err(Refused::HeldFull) => {
-                return refuse(
-                    &envelope.message_id,
-                    ErrorCode::Unavailable,
-                    "a target's held queue is full",
-                )
+            Err(Refused::HeldFull(limit)) => {
+                self.shard.metrics.held_refused(limit);
+                let message = match limit {
+                    HeldLimit::Count => "a target's held queue is full (MAX_HELD_PER_MEMBER)",
+                    HeldLimit::Bytes => "a target's held queue is full (MAX_HELD_BYTES_PER_MEMBER)",
+                };
+                return refuse(&envelope.message_id, ErrorCode::Unavailable, message);
             }
             Err(Refused::Unavailable) => {
                 return refuse(

@@ -1,5 +1,6 @@
-//! Why a connection closed: the metrics label, the `ws close` log field and
-//! (later) the audit field, all from one typed reason.
+//! Why a WebSocket connection closed (PROTOCOL.md §4 close codes): one
+//! typed reason is the `broker_connections_closed_total` label, the
+//! `ws close` log field and the audit `disconnect` field.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CloseReason {
     /// The client sent a close frame.
@@ -32,9 +33,35 @@ pub enum CloseReason {
     Kicked,
     /// An admin banned the member (4002, §13).
     Banned,
+    /// No hello was accepted within `HELLO_TIMEOUT_SECONDS` of accept (1008).
+    HelloTimeout,
+    /// Sends kept coming after `RATE_LIMIT_CLOSE_AFTER` refusals in a row
+    /// for the member's send rate (1008).
+    RateLimited,
 }
 
 impl CloseReason {
+    /// Every reason, so each label is exported (at 0) before it first bites.
+    pub const ALL: [CloseReason; 17] = [
+        CloseReason::ClientClosed,
+        CloseReason::PeerGone,
+        CloseReason::Shutdown,
+        CloseReason::ProtocolError,
+        CloseReason::InvalidUtf8,
+        CloseReason::TooLarge,
+        CloseReason::HelloRefused,
+        CloseReason::Revoked,
+        CloseReason::SlowReader,
+        CloseReason::Timeout,
+        CloseReason::IoError,
+        CloseReason::Internal,
+        CloseReason::Replaced,
+        CloseReason::Kicked,
+        CloseReason::Banned,
+        CloseReason::HelloTimeout,
+        CloseReason::RateLimited,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             CloseReason::ClientClosed => "client_closed",
@@ -52,6 +79,8 @@ impl CloseReason {
             CloseReason::Replaced => "session_replaced",
             CloseReason::Kicked => "kicked",
             CloseReason::Banned => "banned",
+            CloseReason::HelloTimeout => "hello_timeout",
+            CloseReason::RateLimited => "rate_limited",
         }
     }
 
@@ -62,7 +91,10 @@ impl CloseReason {
             CloseReason::Shutdown => 1001,
             CloseReason::ProtocolError | CloseReason::IoError => 1002,
             CloseReason::InvalidUtf8 => 1007,
-            CloseReason::HelloRefused | CloseReason::Revoked => 1008,
+            CloseReason::HelloRefused
+            | CloseReason::Revoked
+            | CloseReason::HelloTimeout
+            | CloseReason::RateLimited => 1008,
             CloseReason::TooLarge => 1009,
             CloseReason::Internal => 1011,
             CloseReason::SlowReader => 1013,
