@@ -89,7 +89,10 @@ fuzz_target!(|data: &[u8]| {
         let unique = |object: &simd_json::value::borrowed::Object<'_>| {
             object.keys().collect::<HashSet<_>>().len() == object.len()
         };
-        if let Some(object) = value.as_object().filter(|o| unique(o)) {
+        // simd-json decodes a lone surrogate escape (`"\uD901"`) to U+0000
+        // where `peek_ids` refuses the string: both only lose an echo.
+        let surrogate = data.windows(3).any(|w| w == b"\\uD" || w == b"\\ud");
+        if let Some(object) = value.as_object().filter(|o| unique(o) && !surrogate) {
             let string = |key: &str| object.get(key).and_then(|v| v.as_str()).map(str::to_owned);
             assert_eq!(id, string("id"), "peeked id");
             let valid_req_id = string("_reqId").filter(|r| r.chars().count() <= 64);
