@@ -32,6 +32,7 @@
 //!   owner key file.
 //! - `devdb`    — the embedded development Postgres (initdb/pg_ctl), also used by tests.
 //! - `ids`      — sortable unique ids made on the shard.
+//! - `fuzz_api` — (feature `fuzzing`) the fuzz targets' entry points onto the parsers.
 pub(crate) mod audit;
 pub mod broker;
 pub mod config;
@@ -39,6 +40,8 @@ pub(crate) mod context;
 pub mod db;
 pub mod devdb;
 pub mod enroll;
+#[cfg(feature = "fuzzing")]
+pub mod fuzz_api;
 pub(crate) mod hook;
 pub(crate) mod http;
 pub(crate) mod ids;

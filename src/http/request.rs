@@ -210,8 +210,11 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<RequestHead>, HttpError> {
 fn path_of(target: &str) -> &str {
     let mut t = target;
     for scheme in ["http://", "https://"] {
-        if t.len() > scheme.len() && t[..scheme.len()].eq_ignore_ascii_case(scheme) {
-            let rest = &t[scheme.len()..];
+        // Compared as bytes: the target may hold UTF-8 that a `str` slice at
+        // the scheme's length would cut inside a character (a panic).
+        let n = scheme.len();
+        if t.len() > n && t.as_bytes()[..n].eq_ignore_ascii_case(scheme.as_bytes()) {
+            let rest = &t[n..];
             t = rest.find('/').map_or("/", |i| &rest[i..]);
             break;
         }
@@ -241,6 +244,19 @@ fn tokens_bytes(v: &[u8]) -> impl Iterator<Item = &str> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by the `http_head` fuzz target: a target with UTF-8 where the
+    /// scheme's length ends was sliced inside a character (a shard panic).
+    #[test]
+    fn fuzz_multibyte_target_at_the_scheme_length_is_not_cut() {
+        let raw = b"E tp:/\xd1\x97\xc5\xbf HTTP/1.1\n\n";
+        let head = parse_head(raw).expect("parses").expect("complete");
+        assert_eq!(head.path, "tp:/\u{457}\u{17f}");
+        assert_eq!(
+            ok("GET h\u{e9}tps://x/y HTTP/1.1\r\n\r\n").path,
+            "h\u{e9}tps://x/y"
+        );
+    }
 
     fn parse(s: &str) -> Result<Option<RequestHead>, HttpError> {
         parse_head(s.as_bytes())

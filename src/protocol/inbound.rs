@@ -101,6 +101,40 @@ pub struct Attestation<'a> {
     pub signature: Cow<'a, str>,
 }
 
+/// The text a hello's `signature` covers (§4):
+/// `meshId|memberId|pubkey|timestamp`, the timestamp in decimal.
+/// Unambiguous because a hello with `|` in `meshId` or `memberId` is
+/// refused (`pubkey` is hex, the timestamp digits).
+pub(crate) fn hello_signed_text(
+    mesh_id: &str,
+    member_id: &str,
+    pubkey: &str,
+    timestamp: i64,
+) -> String {
+    format!("{mesh_id}|{member_id}|{pubkey}|{timestamp}")
+}
+
+/// The text a `session_hello`'s `parentAttestation.signature` covers (§9),
+/// with the attestation's own values: two hex keys and a decimal time.
+pub(crate) fn session_attest_text(
+    parent_pubkey: &str,
+    session_pubkey: &str,
+    expires_at: i64,
+) -> String {
+    format!("claudemesh-session-attest|{parent_pubkey}|{session_pubkey}|{expires_at}")
+}
+
+/// The text a `session_hello`'s `signature` covers (§9). Unambiguous for
+/// the same reason as `hello_signed_text`: `meshId` holds no `|`.
+pub(crate) fn session_hello_signed_text(
+    mesh_id: &str,
+    parent_pubkey: &str,
+    session_pubkey: &str,
+    timestamp: i64,
+) -> String {
+    format!("claudemesh-session-hello|{mesh_id}|{parent_pubkey}|{session_pubkey}|{timestamp}")
+}
+
 /// A group to join, with the member's role in it (at most 32 characters):
 /// `join_group` and each entry of a hello's `groups` (§10).
 #[derive(Debug, PartialEq, Eq)]
@@ -163,18 +197,22 @@ impl Parser {
         }
         self.plain.clear();
         self.plain.extend_from_slice(data);
-        if let Ok(plain) = simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(
-            &mut self.plain,
-            &mut self.buffers,
-        ) {
-            if let Some(parsed) = plain.into_parsed() {
-                return Ok(parsed);
-            }
+        if let Some(parsed) = parse_plain_send(&mut self.plain, &mut self.buffers) {
+            return Ok(parsed);
         }
         self.full.clear();
         self.full.extend_from_slice(data);
         parse_client_message(&mut self.full, &mut self.buffers)
     }
+}
+
+/// The fast path alone: `Some` only for a send with plain fields, which
+/// the tree parser would parse to the same message; `None` for anything
+/// else, left to the tree parser. `buf` is unescaped in place.
+pub(crate) fn parse_plain_send<'a>(buf: &'a mut [u8], buffers: &mut Buffers) -> Option<Parsed<'a>> {
+    simd_json::serde::from_slice_with_buffers::<PlainSend<'_>>(buf, buffers)
+        .ok()?
+        .into_parsed()
 }
 
 /// The fast path's view of a send: no tree, no field-by-field checks.
@@ -382,9 +420,9 @@ fn parse_hello<'a>(fields: &mut Fields<'a>, names: HelloNames) -> Result<Hello<'
     // First, so a client of a later protocol learns that, whatever the
     // shape of the rest of its hello.
     let protocol_version = parse_protocol_version(fields)?;
-    let mesh_id = fields.non_empty_str("meshId")?;
+    let mesh_id = fields.signed_id("meshId")?;
     let mesh_id = fields.stored(mesh_id, "meshId")?;
-    let member_id = fields.non_empty_str(names.member_id)?;
+    let member_id = fields.signed_id(names.member_id)?;
     let member_id = fields.stored(member_id, names.member_id)?;
     let pubkey = fields.hex(names.pubkey, 64)?;
     let session_id = fields.non_empty_str("sessionId")?;
@@ -738,6 +776,17 @@ impl<'a> Fields<'a> {
         Ok(s)
     }
 
+    /// A hello's `meshId` or `memberId`: non-empty and without `|`, which
+    /// joins the signed text's fields (`hello_signed_text`); with one
+    /// inside, two different hellos would have the same signed text.
+    fn signed_id(&mut self, name: &'static str) -> Result<Cow<'a, str>, ProtocolError> {
+        let s = self.non_empty_str(name)?;
+        if s.contains('|') {
+            return Err(self.invalid(name, "must not contain '|'"));
+        }
+        Ok(s)
+    }
+
     /// An optional string of at most `max` characters.
     fn limited_str(
         &mut self,
@@ -807,10 +856,7 @@ mod tests {
     /// Whether the fast path alone takes `json`.
     fn fast(json: &str) -> bool {
         let mut buf = json.as_bytes().to_vec();
-        simd_json::serde::from_slice::<PlainSend<'_>>(&mut buf)
-            .ok()
-            .and_then(PlainSend::into_parsed)
-            .is_some()
+        parse_plain_send(&mut buf, &mut Buffers::default()).is_some()
     }
 
     fn plain_send(spec: &str, extra: &str) -> String {
@@ -1127,6 +1173,20 @@ mod tests {
             assert_eq!(code, ErrorCode::InvalidField, "{json}");
             assert!(message.contains(field), "{message} should name {field}");
         }
+    }
+
+    /// Found by the `hello_canonical` fuzz target: `m` and `|u` signed the
+    /// text `m||u|…`, which is also that of `m|` and `u`.
+    #[test]
+    fn fuzz_a_bar_in_a_signed_id_is_refused() {
+        let json = br#"{"type":"hello","meshId":"m","memberId":"|u","pubkey":"a1b2c3d4e5f60718293a4b5c6d7e8f90a1b2c3d4e5f60718293a4b5c6d7e8f90","sessionId":"s","pid":12,"cwd":"/w","timestamp":1 ,"signature":"abababababababababababababababababababababababababababababababababababababababababababababababababababababababababababababababab","so":2}"#;
+        let (code, message, _, _) = refusal(Parser::default().parse(json).unwrap_err());
+        assert_eq!(code, ErrorCode::InvalidField);
+        assert_eq!(message, "field 'memberId' must not contain '|'");
+        let json = hello("").replace(r#""meshId":"m""#, r#""meshId":"m|""#);
+        let (code, message, _, _) = parse(&json).unwrap_err();
+        assert_eq!(code, ErrorCode::InvalidField);
+        assert_eq!(message, "field 'meshId' must not contain '|'");
     }
 
     #[test]

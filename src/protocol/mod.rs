@@ -21,6 +21,9 @@ pub use admin::{
 };
 pub use close::CloseReason;
 pub use group::GroupName;
+#[cfg(feature = "fuzzing")]
+pub(crate) use inbound::parse_plain_send;
+pub(crate) use inbound::{hello_signed_text, session_attest_text, session_hello_signed_text};
 pub use inbound::{
     parse_client_message, Attestation, ClientMessage, GroupJoin, Hello, Parsed, Parser, Send,
     SessionHello, Target, MAX_CLIENT_ACK_IDS, MAX_CLIENT_MESSAGE_ID_CHARS,
@@ -31,6 +34,8 @@ pub use outbound::{
     PushFields, PushRanges,
 };
 pub(crate) use peek::peek_ids;
+#[cfg(feature = "fuzzing")]
+pub(crate) use peek::PeekedIds;
 
 use std::borrow::Cow;
 

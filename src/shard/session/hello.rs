@@ -365,9 +365,11 @@ impl Session {
 }
 
 fn verify_signature(hello: &OwnedHello) -> Result<(), ProtocolError> {
-    let signed = format!(
-        "{}|{}|{}|{}",
-        hello.mesh_id, hello.member_id, hello.pubkey, hello.timestamp
+    let signed = protocol::hello_signed_text(
+        &hello.mesh_id,
+        &hello.member_id,
+        &hello.pubkey,
+        hello.timestamp,
     );
     verifies(&hello.pubkey, &hello.signature, &signed)
         .then_some(())
@@ -384,10 +386,8 @@ fn verify_signature(hello: &OwnedHello) -> Result<(), ProtocolError> {
 /// Each value is signed as the client wrote it (hex case included).
 fn verify_session(hello: &OwnedHello, s: &SessionProof, now: i64) -> Result<(), ProtocolError> {
     let refuse = |code, message: &'static str| Err(ProtocolError::new(code, message));
-    let attested = format!(
-        "claudemesh-session-attest|{}|{}|{}",
-        s.attested_parent, s.attested_session, s.expires_at
-    );
+    let attested =
+        protocol::session_attest_text(&s.attested_parent, &s.attested_session, s.expires_at);
     if !verifies(&s.attested_parent, &s.attestation_signature, &attested) {
         return refuse(
             ErrorCode::BadSignature,
@@ -411,9 +411,11 @@ fn verify_session(hello: &OwnedHello, s: &SessionProof, now: i64) -> Result<(), 
             "parentAttestation expiresAt is more than 24 h ahead",
         );
     }
-    let signed = format!(
-        "claudemesh-session-hello|{}|{}|{}|{}",
-        hello.mesh_id, hello.pubkey, s.signed_session, hello.timestamp
+    let signed = protocol::session_hello_signed_text(
+        &hello.mesh_id,
+        &hello.pubkey,
+        &s.signed_session,
+        hello.timestamp,
     );
     if !verifies(&s.signed_session, &hello.signature, &signed) {
         return refuse(
