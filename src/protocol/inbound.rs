@@ -321,12 +321,6 @@ pub fn parse_client_message<'a>(
             "message is not a JSON object",
         ));
     };
-    if let Some(key) = duplicate_key(&object) {
-        return Err(ProtocolError::new(
-            ErrorCode::BadJson,
-            format!("key '{key}' appears more than once"),
-        ));
-    }
     let mut fields = Fields::new(*object);
     // `_reqId` is taken first so that every error echoes it once it is
     // valid; a bad one is answered after `type` (and a send's `id`) are read.
@@ -462,7 +456,7 @@ fn parse_session_hello<'a>(fields: &mut Fields<'a>) -> Result<SessionHello<'a>, 
     let hello = parse_hello(fields, HelloNames::SESSION)?;
     let session_pubkey = fields.hex("sessionPubkey", 64)?;
     const NAME: &str = "parentAttestation";
-    let object = match fields.take(NAME) {
+    let object = match fields.take(NAME)? {
         Some(Value::Object(object)) => object,
         Some(_) => return Err(fields.invalid(NAME, "must be an object")),
         None => return Err(fields.invalid(NAME, "is required")),
@@ -485,7 +479,7 @@ fn parse_session_hello<'a>(fields: &mut Fields<'a>) -> Result<SessionHello<'a>, 
 /// `unsupported_protocol`.
 fn parse_protocol_version(fields: &mut Fields<'_>) -> Result<u32, ProtocolError> {
     const NAME: &str = "protocolVersion";
-    let Some(value) = fields.take(NAME) else {
+    let Some(value) = fields.take(NAME)? else {
         return Ok(1);
     };
     match value.as_u64() {
@@ -501,7 +495,7 @@ fn parse_protocol_version(fields: &mut Fields<'_>) -> Result<u32, ProtocolError>
 /// A hello's `groups`: an array of at most 64 `{name, role}` objects.
 fn parse_hello_groups<'a>(fields: &mut Fields<'a>) -> Result<Vec<GroupJoin<'a>>, ProtocolError> {
     const NAME: &str = "groups";
-    let entries = match fields.take(NAME) {
+    let entries = match fields.take(NAME)? {
         None => return Ok(Vec::new()),
         Some(Value::Array(entries)) => entries,
         Some(_) => return Err(fields.invalid(NAME, "must be an array of {name, role} objects")),
@@ -537,7 +531,7 @@ fn parse_group_join<'a>(fields: &mut Fields<'a>) -> Result<GroupJoin<'a>, Protoc
 fn parse_capabilities(fields: &mut Fields<'_>) -> Result<Capabilities, ProtocolError> {
     const NAME: &str = "capabilities";
     let mut capabilities = Capabilities::default();
-    match fields.take(NAME) {
+    match fields.take(NAME)? {
         None => {}
         Some(Value::Array(names)) => {
             for name in names.iter() {
@@ -594,7 +588,7 @@ fn parse_send<'a>(fields: &mut Fields<'a>, id: Cow<'a, str>) -> Result<Send<'a>,
 /// A `client_ack`'s ids: exactly one of `messageId`, `brokerMessageId` and
 /// `messageIds` (an array of 1 to 1000 strings).
 fn parse_audit_query<'a>(fields: &mut Fields<'a>) -> Result<Admin<'a>, ProtocolError> {
-    let limit = match fields.take("limit") {
+    let limit = match fields.take("limit")? {
         None => DEFAULT_AUDIT_LIMIT,
         Some(v) => v
             .as_u64()
@@ -629,7 +623,7 @@ fn parse_client_ack<'a>(fields: &mut Fields<'a>) -> Result<Vec<Cow<'a, str>>, Pr
     const MANY: &str = "messageIds";
     let one = fields.optional_str(ONE)?;
     let broker = fields.optional_str(BROKER)?;
-    let many = fields.take(MANY);
+    let many = fields.take(MANY)?;
     match (one, broker, many) {
         (None, None, None) => Err(fields.invalid(
             ONE,
@@ -663,27 +657,6 @@ fn parse_client_ack<'a>(fields: &mut Fields<'a>) -> Result<Vec<Cow<'a, str>>, Pr
         }
         (None, None, Some(_)) => Err(fields.invalid(MANY, "must be an array of strings")),
     }
-}
-
-/// A key the object holds twice. simd-json keeps both, and which one a
-/// field read got depended on where the others had been (taking a field
-/// moves another into its slot): `{"status":"busy","status":"idle"}` was
-/// read one way or the other by position. Refused rather than guessed.
-fn duplicate_key<'o>(object: &'o simd_json::value::borrowed::Object<'_>) -> Option<&'o str> {
-    const SMALL: usize = 16;
-    if object.len() <= SMALL {
-        let keys = || object.keys().map(|k| k.as_ref());
-        return keys()
-            .enumerate()
-            .find(|(i, key)| keys().skip(i + 1).any(|other| other == *key))
-            .map(|(_, key)| key);
-    }
-    // Many keys (a hostile 64 KiB message has thousands): no n².
-    let mut seen = std::collections::HashSet::with_capacity(object.len());
-    object
-        .keys()
-        .map(|k| k.as_ref())
-        .find(|key| !seen.insert(*key))
 }
 
 fn is_hex(s: &str, len: usize) -> bool {
@@ -751,12 +724,30 @@ impl<'a> Fields<'a> {
         Ok(s)
     }
 
-    fn take(&mut self, name: &'static str) -> Option<Value<'a>> {
-        self.object.remove(name).filter(|v| !v.is_null())
+    /// The field `name`, moved out. A field the message reads, given
+    /// twice, is refused (`bad_json`): simd-json keeps both, and which one
+    /// a read got depended on where the other keys sat. A repeated key no
+    /// message reads is ignored like any unknown key, as the fast send
+    /// path's decoder does, so both paths answer alike.
+    fn take(&mut self, name: &'static str) -> Result<Option<Value<'a>>, ProtocolError> {
+        let value = self.object.remove(name);
+        if value.is_some() && self.object.contains_key(name) {
+            let message = match self.within {
+                None => format!("key '{name}' appears more than once"),
+                Some((parent, usize::MAX)) => {
+                    format!("key '{parent}.{name}' appears more than once")
+                }
+                Some((array, index)) => {
+                    format!("field '{array}' entry {index}: key '{name}' appears more than once")
+                }
+            };
+            return Err(ProtocolError::new(ErrorCode::BadJson, message));
+        }
+        Ok(value.filter(|v| !v.is_null()))
     }
 
     fn optional_str(&mut self, name: &'static str) -> Result<Option<Cow<'a, str>>, ProtocolError> {
-        match self.take(name) {
+        match self.take(name)? {
             None => Ok(None),
             Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(self.invalid(name, "must be a string")),
@@ -818,7 +809,7 @@ impl<'a> Fields<'a> {
     }
 
     fn required_i64(&mut self, name: &'static str) -> Result<i64, ProtocolError> {
-        match self.take(name) {
+        match self.take(name)? {
             None => Err(self.invalid(name, "is required")),
             Some(v) => v
                 .as_i64()
@@ -1437,23 +1428,49 @@ mod tests {
     }
 
     #[test]
-    fn duplicate_keys_are_refused_whatever_their_place() {
-        for json in [
-            r#"{"type":"set_status","status":"busy","status":"idle"}"#.to_owned(),
-            r#"{"type":"dance","type":"list_peers"}"#.to_owned(),
-            r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","nonce":"m"}"#
-                .to_owned(),
-            // Past the small-object scan.
-            format!(
-                r#"{{"type":"list_peers",{}"k3":1}}"#,
-                (0..40).map(|i| format!(r#""k{i}":1,"#)).collect::<String>()
+    fn a_key_the_message_reads_given_twice_is_refused_wherever_it_sits() {
+        for (json, key) in [
+            (
+                r#"{"type":"set_status","status":"busy","status":"idle"}"#.to_owned(),
+                "'status'",
+            ),
+            (
+                r#"{"type":"dance","type":"list_peers"}"#.to_owned(),
+                "'type'",
+            ),
+            (
+                r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","nonce":"m"}"#
+                    .to_owned(),
+                "'nonce'",
+            ),
+            // Among many keys.
+            (
+                format!(
+                    r#"{{"type":"set_summary",{}"summary":"a","summary":"b"}}"#,
+                    (0..40).map(|i| format!(r#""k{i}":1,"#)).collect::<String>()
+                ),
+                "'summary'",
+            ),
+            // Inside an entry and inside an object-valued field.
+            (
+                hello(r#","groups":[{"name":"g","name":"h"}]"#),
+                "'groups' entry 0: key 'name'",
             ),
         ] {
             let (code, message, _, _) = parse(&json).unwrap_err();
             assert_eq!(code, ErrorCode::BadJson, "{json}");
-            assert!(message.contains("appears more than once"), "{message}");
+            assert!(
+                message.contains(key) && message.contains("appears more than once"),
+                "{json}: {message}"
+            );
         }
-        // Unknown keys of a plain send never reach the tree: still routed.
+        // A repeated key no message reads is ignored like any unknown key,
+        // by the tree as by the fast send path.
+        let unknown = format!(
+            r#"{{"type":"list_peers",{}"k3":1}}"#,
+            (0..40).map(|i| format!(r#""k{i}":1,"#)).collect::<String>()
+        );
+        assert!(parse(&unknown).is_ok());
         assert!(parse(
             r#"{"type":"send","targetSpec":"*","nonce":"n","ciphertext":"c","x":1,"x":2}"#
         )
