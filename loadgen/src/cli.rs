@@ -76,6 +76,10 @@ pub struct Args {
     /// Use existing members instead (JSON: meshes, member ids, pubkeys, secret keys).
     #[arg(long)]
     pub members: Option<PathBuf>,
+    /// Drive the floor reference (`bench/floor`) instead of a broker:
+    /// broadcast only; members are generated here and no database is used.
+    #[arg(long)]
+    pub floor: bool,
     /// Write the generated members to this file (same format as --members).
     #[arg(long)]
     pub write_members: Option<PathBuf>,
@@ -255,6 +259,9 @@ pub struct PeersConfig {
 pub enum MemberSource {
     Database(String),
     File(PathBuf),
+    /// `--floor`: generated for the run, stored nowhere (the floor admits
+    /// any hello).
+    Generated,
 }
 
 /// A validated run configuration.
@@ -321,6 +328,7 @@ impl Args {
         let scenario = scenario::by_name(self.scenario);
         let target = WsTarget::parse(&self.url, self.allow_remote)?;
         let members = match (&self.database_url, &self.members) {
+            _ if self.floor => self.floor_members()?,
             (Some(_), Some(_)) => bail!("give either --database-url or --members, not both"),
             (None, None) => bail!("give --database-url (create members) or --members FILE"),
             (Some(url), None) => {
@@ -472,6 +480,21 @@ impl Args {
             session_hello: self.session_hello,
             stalled_readers,
         })
+    }
+
+    /// `--floor`: the floor answers a hello and sends to `*`, nothing else,
+    /// and keeps no members.
+    fn floor_members(&self) -> Result<MemberSource> {
+        if self.scenario != ScenarioName::Broadcast {
+            bail!("--floor applies to broadcast only (the floor reference takes nothing but sends to *)");
+        }
+        if self.database_url.is_some() || self.members.is_some() {
+            bail!("--floor generates its members: give neither --database-url nor --members");
+        }
+        if self.client_ack || self.client_message_ids {
+            bail!("--floor takes neither --client-ack nor --client-message-ids (the floor has no acknowledged delivery or dedupe)");
+        }
+        Ok(MemberSource::Generated)
     }
 
     /// `--client-ack`, `--ack-fraction`, `--client-message-ids`.
@@ -681,6 +704,43 @@ mod tests {
         assert!(check(&["direct", DB, "--members", "/tmp/x.json"]).is_err());
         assert!(check(&["direct", "--members", "/tmp/x.json"]).is_ok());
         assert!(check(&["direct", "--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn floor_is_broadcast_with_generated_members() {
+        let c = check(&["broadcast", "--floor"]).unwrap();
+        assert!(matches!(c.members, MemberSource::Generated));
+        assert_eq!((c.peers, c.window), (100, 16));
+        let c = check(&[
+            "broadcast",
+            "--floor",
+            "--senders",
+            "3",
+            "--rate",
+            "1000",
+            "--broker-pid",
+            "42",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.senders, c.rate, c.broker_pid),
+            (Some(3), Some(1000.0), Some(42))
+        );
+        for bad in [
+            &["direct", "--floor"][..],
+            &["held", "--floor"],
+            &["peers", "--floor"],
+            &["broadcast", "--floor", DB],
+            &["broadcast", "--floor", "--members", "/tmp/x.json"],
+            &["broadcast", "--floor", "--client-ack"],
+            &["broadcast", "--floor", "--client-message-ids"],
+            &["broadcast", "--floor", "--peers", "1"],
+        ] {
+            assert!(check(bad).is_err(), "{bad:?} should be refused");
+        }
+        // Without --floor a member source stays required.
+        assert!(check(&["broadcast"]).is_err());
     }
 
     #[test]
