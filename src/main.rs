@@ -4,6 +4,13 @@ use meshbroker::devdb::{LocalPostgres, DEFAULT_DATABASE};
 use meshbroker::{broker, db, enroll, logging};
 use std::process::ExitCode;
 
+// Measured (bench/RESULTS.md, issue 14): glibc's malloc/free were a quarter
+// of the broker's CPU on direct sends (per-message envelopes, frames and
+// audit rows freed on other threads); mimalloc's thread-local free lists
+// make that a fraction.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 const USAGE: &str = "\
 usage: meshbroker [COMMAND]
 
