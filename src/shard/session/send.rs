@@ -52,15 +52,22 @@ impl Session {
         // bound (sends that reach none are not affected).
         let budget = &self.shard.ctx.held.budget;
         let view = joined.mesh.view();
-        // A direct target: a member's key, else a session's (PROTOCOL.md §9).
-        let direct = match &send.target {
-            Target::Member(pubkey) => Some(resolve_direct(&joined.mesh, &view, pubkey)),
-            _ => None,
+        // The target, resolved once: a direct one is a member's key, else a
+        // session's (PROTOCOL.md §9).
+        let resolved = match &send.target {
+            Target::Member(pubkey) => match resolve_direct(&joined.mesh, &view, pubkey) {
+                Some(direct) => Resolved::Direct(direct),
+                None => Resolved::Unknown,
+            },
+            Target::All => Resolved::Many(Audience::All),
+            Target::Group(name) => Resolved::Many(Audience::Group(name)),
+            // The parser answers unsupported_target before a send gets here.
+            Target::Unsupported => return,
         };
-        let may_lease = match &direct {
-            Some(Some((member, _))) => member.leasing.any(),
-            Some(None) => false,
-            None => joined.mesh.leasing.any(),
+        let may_lease = match &resolved {
+            Resolved::Direct((member, _)) => member.leasing.any(),
+            Resolved::Unknown => false,
+            Resolved::Many(_) => joined.mesh.leasing.any(),
         };
         if may_lease && budget.is_full() {
             return refuse(
@@ -100,21 +107,17 @@ impl Session {
             }
             refuse(code, message)
         };
-        // Resolve a direct target before doing any work for the send.
-        let (direct, audience) = match (&send.target, direct) {
-            (_, Some(Some(direct))) => (Some(direct), Audience::All),
-            (_, Some(None)) => {
+        // An unknown direct target is refused before any work for the send.
+        let (direct, audience) = match resolved {
+            Resolved::Direct(direct) => (Some(direct), Audience::All),
+            Resolved::Unknown => {
                 return refuse(
                     &message_id,
                     ErrorCode::UnknownTarget,
                     "targetSpec is not a current member or session of this mesh",
                 )
             }
-            (Target::Member(_), None) => return,
-            (Target::All, None) => (None, Audience::All),
-            (Target::Group(name), None) => (None, Audience::Group(name)),
-            // The parser answers unsupported_target before a send gets here.
-            (Target::Unsupported, None) => return,
+            Resolved::Many(audience) => (None, audience),
         };
         let push = {
             let mut clock = self.shard.clock.borrow_mut();
@@ -249,6 +252,16 @@ impl Session {
         self.link
             .reply(ws::encode_server_frame(OpCode::Text, &json), stamp);
     }
+}
+
+/// A send's target against the mesh's current view.
+enum Resolved<'a, D> {
+    /// A current member (or a session of one).
+    Direct(D),
+    /// A key that is neither.
+    Unknown,
+    /// Everyone, or a group.
+    Many(Audience<'a>),
 }
 
 /// A direct send's target: a current member by its key, else a session by
