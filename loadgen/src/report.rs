@@ -41,6 +41,7 @@ pub struct Report {
     pub hello_ms: Percentiles,
     /// Open loop only: each paced send's actual − due time, and whether
     /// its p99 stayed under one pacer tick (`--tick-us`).
+    pub tick_us: u64,
     pub schedule_lag_ms: Option<Percentiles>,
     pub kept_schedule: Option<bool>,
     pub hellos: u64,
@@ -490,9 +491,12 @@ impl Report {
                     &mut t,
                     "kept schedule",
                     if kept {
-                        "yes (p99 lag under one tick)".into()
+                        format!("yes (p99 lag under one tick of {} µs)", self.tick_us)
                     } else {
-                        "NO: p99 lag over one tick, the loadgen set the pace".to_string()
+                        format!(
+                            "NO: p99 lag over one tick of {} µs, the loadgen set the pace",
+                            self.tick_us
+                        )
                     },
                 );
             }

@@ -745,6 +745,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         ack_ms: hists.ack.percentiles(),
         push_ms: hists.push.percentiles(),
         hello_ms: hists.hello.percentiles(),
+        tick_us: cfg.tick.as_micros() as u64,
         schedule_lag_ms: schedule_lag,
         kept_schedule: schedule_lag.map(|lag| stats::kept_schedule(&lag, cfg.tick)),
         hellos: t.hellos,
