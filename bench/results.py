@@ -320,7 +320,7 @@ table = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
 table += ["| " + " | ".join(str(a.get(k, "-")) for k in keys) + " |" for a in aims]
 ab_note = (f" A/B: the baseline `{baseline}` and this commit's broker alternate in each round of the "
            "broadcast 1 × 100 and direct max-rate runs, each on a fresh broker; change is this commit's "
-           "against the baseline." if baseline else "")
+           "against the baseline (for µs and CPU lower is better, for rates higher)." if baseline else "")
 aims_lines = [
     "## Issue 14 aims",
     "",
