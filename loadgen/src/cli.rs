@@ -76,6 +76,10 @@ pub struct Args {
     /// Use existing members instead (JSON: meshes, member ids, pubkeys, secret keys).
     #[arg(long)]
     pub members: Option<PathBuf>,
+    /// Drive the floor reference (`bench/floor`) instead of a broker:
+    /// broadcast only; members are generated here and no database is used.
+    #[arg(long)]
+    pub floor: bool,
     /// Write the generated members to this file (same format as --members).
     #[arg(long)]
     pub write_members: Option<PathBuf>,
@@ -260,6 +264,9 @@ pub struct PeersConfig {
 pub enum MemberSource {
     Database(String),
     File(PathBuf),
+    /// `--floor`: generated for the run, stored nowhere (the floor admits
+    /// any hello).
+    Generated,
 }
 
 /// A validated run configuration.
@@ -328,6 +335,7 @@ impl Args {
         let scenario = scenario::by_name(self.scenario);
         let target = WsTarget::parse(&self.url, self.allow_remote)?;
         let members = match (&self.database_url, &self.members) {
+            _ if self.floor => self.floor_members()?,
             (Some(_), Some(_)) => bail!("give either --database-url or --members, not both"),
             (None, None) => bail!("give --database-url (create members) or --members FILE"),
             (Some(url), None) => {
@@ -499,6 +507,21 @@ impl Args {
             bail!("--hgrm {}: no such directory", prefix.display());
         }
         Ok(Some(prefix.clone()))
+    }
+
+    /// `--floor`: the floor answers a hello and sends to `*`, nothing else,
+    /// and keeps no members.
+    fn floor_members(&self) -> Result<MemberSource> {
+        if self.scenario != ScenarioName::Broadcast {
+            bail!("--floor applies to broadcast only (the floor reference takes nothing but sends to *)");
+        }
+        if self.database_url.is_some() || self.members.is_some() {
+            bail!("--floor generates its members: give neither --database-url nor --members");
+        }
+        if self.client_ack || self.client_message_ids {
+            bail!("--floor takes neither --client-ack nor --client-message-ids (the floor has no acknowledged delivery or dedupe)");
+        }
+        Ok(MemberSource::Generated)
     }
 
     /// `--client-ack`, `--ack-fraction`, `--client-message-ids`.
@@ -721,6 +744,43 @@ mod tests {
         let missing = dir.path().join("nope/run");
         assert!(check(&["direct", DB, "--hgrm", missing.to_str().unwrap()]).is_err());
         assert!(check(&["direct", DB, "--hgrm", "/"]).is_err());
+    }
+
+    #[test]
+    fn floor_is_broadcast_with_generated_members() {
+        let c = check(&["broadcast", "--floor"]).unwrap();
+        assert!(matches!(c.members, MemberSource::Generated));
+        assert_eq!((c.peers, c.window), (100, 16));
+        let c = check(&[
+            "broadcast",
+            "--floor",
+            "--senders",
+            "3",
+            "--rate",
+            "1000",
+            "--broker-pid",
+            "42",
+            "--json",
+        ])
+        .unwrap();
+        assert_eq!(
+            (c.senders, c.rate, c.broker_pid),
+            (Some(3), Some(1000.0), Some(42))
+        );
+        for bad in [
+            &["direct", "--floor"][..],
+            &["held", "--floor"],
+            &["peers", "--floor"],
+            &["broadcast", "--floor", DB],
+            &["broadcast", "--floor", "--members", "/tmp/x.json"],
+            &["broadcast", "--floor", "--client-ack"],
+            &["broadcast", "--floor", "--client-message-ids"],
+            &["broadcast", "--floor", "--peers", "1"],
+        ] {
+            assert!(check(bad).is_err(), "{bad:?} should be refused");
+        }
+        // Without --floor a member source stays required.
+        assert!(check(&["broadcast"]).is_err());
     }
 
     #[test]

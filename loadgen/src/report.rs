@@ -265,10 +265,12 @@ impl GatedReport {
 }
 
 impl Report {
-    /// Nothing lost, no duplicate, no failure, no gating or order violation.
+    /// Nothing lost, no duplicate, no push to a non-target, no failure, no
+    /// gating or order violation.
     pub fn ok(&self) -> bool {
         self.lost == 0
             && self.duplicates == 0
+            && self.unexpected_pushes == 0
             && self.failure.is_none()
             && self.gated.as_ref().is_none_or(|g| g.violations() == 0)
             && self.held.as_ref().is_none_or(|h| h.violations() == 0)
@@ -294,6 +296,12 @@ impl Report {
         }
         if self.duplicates > 0 {
             parts.push(format!("{} duplicate pushes", self.duplicates));
+        }
+        if self.unexpected_pushes > 0 {
+            parts.push(format!(
+                "{} pushes to sessions that were not targets",
+                self.unexpected_pushes
+            ));
         }
         if let Some(g) = &self.gated {
             if g.gating_violations > 0 {

@@ -83,7 +83,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
     );
 
     let roster = match &cfg.members {
-        MemberSource::Database(_) => Roster::generate(&run_id, cfg.meshes, cfg.peers),
+        MemberSource::Database(_) | MemberSource::Generated => {
+            Roster::generate(&run_id, cfg.meshes, cfg.peers)
+        }
         MemberSource::File(path) => Roster::load(path)?,
     };
     let connections = roster.connections();
@@ -110,7 +112,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 quiet: !cfg.progress,
             })
         }
-        MemberSource::File(_) => None,
+        MemberSource::File(_) | MemberSource::Generated => None,
     };
     let roster = Arc::new(roster);
 

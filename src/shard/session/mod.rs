@@ -100,8 +100,11 @@ pub async fn run(
                 Ok(None) => break,
                 Err(e) => {
                     if matches!(e, ws::FrameError::TooLarge { .. }) {
+                        // Boxed: a rare path, kept out of every idle
+                        // session's resident future.
                         let start =
-                            oversized_start(&mut buf, consumed, &mut reader, &assembler).await;
+                            Box::pin(oversized_start(&mut buf, consumed, &mut reader, &assembler))
+                                .await;
                         session.answer_too_large(&start);
                     }
                     link.close(CloseReason::from_code(e.close_code()));
@@ -148,7 +151,12 @@ pub async fn run(
     if reason != CloseReason::PeerGone && !link.out.is_closing() {
         link.close(reason);
     }
-    if monoio::time::timeout(WRITER_FLUSH, writer).await.is_err() {
+    // Boxed like the other one-off awaits: the timer would otherwise sit in
+    // every idle session's future.
+    if Box::pin(monoio::time::timeout(WRITER_FLUSH, writer))
+        .await
+        .is_err()
+    {
         link.shut();
     }
     shard.metrics.conn_closed(reason);
