@@ -147,6 +147,11 @@ pub struct Args {
     /// No progress lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// After the run, write each non-empty latency histogram's percentile
+    /// distribution (HdrHistogram's text format, ms) to PREFIX-<name>.hgrm:
+    /// push, ack, hello, group-push, list, gated-drain, schedule-lag.
+    #[arg(long, value_name = "PREFIX")]
+    pub hgrm: Option<PathBuf>,
     /// gated: relative weights of now:next:low sends (default 1:1:1).
     #[arg(long)]
     pub mix: Option<String>,
@@ -291,6 +296,8 @@ pub struct Config {
     pub tick: Duration,
     pub cleanup: bool,
     pub progress: bool,
+    /// `--hgrm PREFIX`.
+    pub hgrm: Option<PathBuf>,
     /// `gated` only.
     pub gate: Option<GateConfig>,
     /// `held` only.
@@ -472,6 +479,7 @@ impl Args {
             tick: Duration::from_micros(self.tick_us),
             cleanup: !self.no_cleanup,
             progress: !self.quiet,
+            hgrm: self.hgrm_prefix()?,
             gate,
             held,
             directory,
@@ -480,6 +488,25 @@ impl Args {
             session_hello: self.session_hello,
             stalled_readers,
         })
+    }
+
+    /// `--hgrm`: checked before the run, so a long run is not lost to a
+    /// directory that is not there.
+    fn hgrm_prefix(&self) -> Result<Option<PathBuf>> {
+        let Some(prefix) = &self.hgrm else {
+            return Ok(None);
+        };
+        if prefix.file_name().is_none() {
+            bail!(
+                "--hgrm {} needs a file name prefix, not a directory",
+                prefix.display()
+            );
+        }
+        let dir = prefix.parent().filter(|d| !d.as_os_str().is_empty());
+        if dir.is_some_and(|d| !d.is_dir()) {
+            bail!("--hgrm {}: no such directory", prefix.display());
+        }
+        Ok(Some(prefix.clone()))
     }
 
     /// `--floor`: the floor answers a hello and sends to `*`, nothing else,
@@ -704,6 +731,19 @@ mod tests {
         assert!(check(&["direct", DB, "--members", "/tmp/x.json"]).is_err());
         assert!(check(&["direct", "--members", "/tmp/x.json"]).is_ok());
         assert!(check(&["direct", "--database-url", "mysql://x"]).is_err());
+    }
+
+    #[test]
+    fn hgrm_prefix_needs_an_existing_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let prefix = dir.path().join("run");
+        let c = check(&["direct", DB, "--hgrm", prefix.to_str().unwrap()]).unwrap();
+        assert_eq!(c.hgrm.as_deref(), Some(prefix.as_path()));
+        assert!(check(&["direct", DB, "--hgrm", "bare-prefix"]).is_ok());
+        assert!(check(&["direct", DB]).unwrap().hgrm.is_none());
+        let missing = dir.path().join("nope/run");
+        assert!(check(&["direct", DB, "--hgrm", missing.to_str().unwrap()]).is_err());
+        assert!(check(&["direct", DB, "--hgrm", "/"]).is_err());
     }
 
     #[test]

@@ -28,12 +28,15 @@
 //!   redeliveries told apart from new pushes and true duplicates.
 //! - `procfs`   — the broker's CPU time and RSS from /proc, pid from a port.
 //! - `report`   — the final table and the JSON summary.
+//! - `hgrm`     — `--hgrm`: the latency histograms' percentile distributions
+//!   in HdrHistogram's text format.
 //! - `run`      — ties it together: setup, phases, progress, teardown.
 pub mod ack;
 pub mod cli;
 pub mod db;
 pub mod gate;
 pub mod held;
+mod hgrm;
 pub mod peers;
 pub mod procfs;
 pub mod report;

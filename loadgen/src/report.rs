@@ -39,6 +39,11 @@ pub struct Report {
     pub ack_ms: Percentiles,
     pub push_ms: Percentiles,
     pub hello_ms: Percentiles,
+    /// Open loop only: each paced send's actual − due time, and whether
+    /// its p99 stayed under one pacer tick (`--tick-us`).
+    pub tick_us: u64,
+    pub schedule_lag_ms: Option<Percentiles>,
+    pub kept_schedule: Option<bool>,
     pub hellos: u64,
     pub run_hellos: u64,
     pub hellos_per_s: f64,
@@ -67,6 +72,9 @@ pub struct Report {
     pub directory: Option<PeersReport>,
     /// With `--client-ack` or `--client-message-ids` (else `None`).
     pub acks: Option<AckReport>,
+    /// `--hgrm`: the percentile distributions written.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hgrm_files: Option<Vec<std::path::PathBuf>>,
 }
 
 /// Acknowledged delivery and duplicate sends (PROTOCOL.md §11). The
@@ -476,11 +484,28 @@ impl Report {
             {
                 rows.push(("group send→push", &p.group_push_ms));
             }
+            if let Some(lag) = &self.schedule_lag_ms {
+                rows.push(("due→sent (schedule lag)", lag));
+            }
             for (name, p) in rows {
                 let _ = writeln!(
                     t,
                     "  {:<28} {:>9.3} {:>9.3} {:>9.3} {:>9.3} {:>9.3}",
                     name, p.p50, p.p90, p.p99, p.p999, p.max
+                );
+            }
+            if let Some(kept) = self.kept_schedule {
+                row(
+                    &mut t,
+                    "kept schedule",
+                    if kept {
+                        format!("yes (p99 lag under one tick of {} µs)", self.tick_us)
+                    } else {
+                        format!(
+                            "NO: p99 lag over one tick of {} µs, the loadgen set the pace",
+                            self.tick_us
+                        )
+                    },
                 );
             }
         }
@@ -764,6 +789,13 @@ impl Report {
         }
         if !self.close_codes.is_empty() {
             row(&mut t, "close codes", format!("{:?}", self.close_codes));
+        }
+        for path in self.hgrm_files.iter().flatten() {
+            row(
+                &mut t,
+                "percentile distribution",
+                path.display().to_string(),
+            );
         }
         let _ = writeln!(
             t,

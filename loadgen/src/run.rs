@@ -4,12 +4,13 @@ use crate::cli::{Config, MemberSource};
 use crate::db;
 use crate::gate::{self, GatePlan};
 use crate::held::{self, HeldPlan};
+use crate::hgrm;
 use crate::peers::{MeshRoles, PeersPlan};
 use crate::procfs::{self, ProcSample};
 use crate::report::{AckReport, GatedReport, HeldReport, PeersReport, Report};
 use crate::roster::{self, Roster};
 use crate::scenario::{Lifecycle, Traffic};
-use crate::stats::{mono_ns, Delivery};
+use crate::stats::{self, mono_ns, Delivery, Latency};
 use crate::wire::{self, SendTemplate, WS_KEY};
 use crate::worker::{self, Control, Hists, RunShared, Slot, Tally, Worker, WorkerShared};
 use anyhow::{bail, Context, Result};
@@ -563,12 +564,14 @@ pub fn run(cfg: &Config) -> Result<Report> {
         }
     }
     let failure = failure.or_else(|| first_failure(&shared));
+    let mut gated_drain = Latency::default();
     let gated = cfg.gate.as_ref().map(|g| {
         let records: Vec<_> = shared
             .iter()
             .flat_map(|s| std::mem::take(&mut *s.gate.lock().unwrap()))
             .collect();
         let summary = gate::verify(&records);
+        gated_drain = summary.drain_per_peer.clone();
         GatedReport {
             status: g.status.as_str().into(),
             mix: g.mix.label(),
@@ -670,6 +673,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
             group_push_ms: hists.group_push.percentiles(),
         }
     });
+    // Paced sends: scenario-wide open loop, or the `peers` listers and
+    // group senders.
+    let schedule_lag = (!hists.schedule_lag.is_empty()).then(|| hists.schedule_lag.percentiles());
     let rss_per_conn = match (before_setup, at_start) {
         (Some(ProcSample { rss_bytes: a, .. }), Some(ProcSample { rss_bytes: b, .. }))
             if scenario.measures_rss_per_connection() && connections > 0 =>
@@ -741,6 +747,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
         ack_ms: hists.ack.percentiles(),
         push_ms: hists.push.percentiles(),
         hello_ms: hists.hello.percentiles(),
+        tick_us: cfg.tick.as_micros() as u64,
+        schedule_lag_ms: schedule_lag,
+        kept_schedule: schedule_lag.map(|lag| stats::kept_schedule(&lag, cfg.tick)),
         hellos: t.hellos,
         run_hellos: t.run_hellos,
         hellos_per_s: t.run_hellos as f64 / load_s,
@@ -765,6 +774,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         held,
         directory,
         acks,
+        hgrm_files: None,
     };
     // Held: `unavailable` is the broker's bound on held envelopes, counted
     // apart, not a failure.
@@ -785,6 +795,20 @@ pub fn run(cfg: &Config) -> Result<Report> {
         } else if let Some(f) = scenario.check(&report) {
             report.failure = Some(f);
         }
+    }
+    if let Some(prefix) = &cfg.hgrm {
+        report.hgrm_files = Some(hgrm::write_all(
+            prefix,
+            &[
+                ("push", &hists.push),
+                ("ack", &hists.ack),
+                ("hello", &hists.hello),
+                ("group-push", &hists.group_push),
+                ("list", &hists.list),
+                ("gated-drain", &gated_drain),
+                ("schedule-lag", &hists.schedule_lag),
+            ],
+        )?);
     }
     Ok(report)
 }

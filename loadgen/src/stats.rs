@@ -116,6 +116,14 @@ impl Pacer {
     }
 }
 
+/// Whether an open-loop run kept its schedule: 99 % of its paced sends went
+/// out less than one pacer tick after they were due (the pacer wakes once a
+/// tick, so that much lateness is by design; more means the loadgen, not
+/// the broker, set the pace).
+pub(crate) fn kept_schedule(lag_ms: &Percentiles, tick: std::time::Duration) -> bool {
+    lag_ms.count > 0 && lag_ms.p99 < tick.as_secs_f64() * 1e3
+}
+
 /// A growable bitset of sequence numbers.
 #[derive(Clone, Debug, Default)]
 pub struct SeqSet {
@@ -265,6 +273,37 @@ mod tests {
         let late: Vec<u64> = std::iter::from_fn(|| a.due(45_001_000)).collect();
         assert_eq!(late.len(), 4);
         assert_eq!(late[0], 15_001_000);
+    }
+
+    /// A sender that wakes once per 50 µs tick keeps a 20 k/s schedule; one
+    /// stalled for 100 ms of a second sends a tenth of it late.
+    #[test]
+    fn schedule_lag_shows_a_stalled_sender() {
+        let tick = std::time::Duration::from_micros(50);
+        let lag = |stall: std::ops::Range<u64>| {
+            let mut pacer = Pacer::new(20_000.0, 0, 0.3);
+            let mut lag = Latency::default();
+            let mut now = 0u64;
+            while now <= 1_000_000_000 {
+                if stall.contains(&now) {
+                    now = stall.end;
+                }
+                while let Some(due) = pacer.due(now) {
+                    lag.record_since(due, now);
+                }
+                now += 50_000;
+            }
+            lag.percentiles()
+        };
+        let on_time = lag(0..0);
+        assert_eq!(on_time.count, 20_000);
+        assert!(on_time.max < 0.05, "{on_time:?}");
+        assert!(kept_schedule(&on_time, tick));
+        let stalled = lag(400_000_000..500_000_000);
+        assert_eq!(stalled.count, 20_000);
+        assert!(stalled.p99 > 90.0, "{stalled:?}");
+        assert!(!kept_schedule(&stalled, tick));
+        assert!(!kept_schedule(&Percentiles::default(), tick));
     }
 
     #[test]

@@ -221,6 +221,9 @@ pub struct Hists {
     pub group_push: Latency,
     /// `peers`: `list_peers` (intended send) → its `peers_list`.
     pub list: Latency,
+    /// Open loop: how late each paced send was written (actual − due
+    /// time), the proof that the schedule was kept.
+    pub schedule_lag: Latency,
 }
 
 impl Hists {
@@ -230,6 +233,7 @@ impl Hists {
         self.hello.add(&o.hello);
         self.group_push.add(&o.group_push);
         self.list.add(&o.list);
+        self.schedule_lag.add(&o.schedule_lag);
     }
     fn reset(&mut self) {
         self.ack.reset();
@@ -237,6 +241,7 @@ impl Hists {
         self.hello.reset();
         self.group_push.reset();
         self.list.reset();
+        self.schedule_lag.reset();
     }
 }
 
@@ -561,6 +566,7 @@ impl Env {
             if !self.take_budget() {
                 break;
             }
+            self.hists.schedule_lag.record_since(intended, self.now);
             self.write_send(conn, intended);
         }
         let next = pacer.next_due_ns;
@@ -589,8 +595,12 @@ impl Env {
                 break;
             };
             match role {
-                Role::GroupSender => self.write_group_send(plan, conn, intended),
+                Role::GroupSender => {
+                    self.hists.schedule_lag.record_since(intended, self.now);
+                    self.write_group_send(plan, conn, intended);
+                }
                 Role::Lister => {
+                    self.hists.schedule_lag.record_since(intended, self.now);
                     let p = conn.peers.as_mut().expect("a lister");
                     let seq = p.ledger.issue(intended);
                     conn.wbuf.extend_from_slice(&wire::list_peers_frame(seq));

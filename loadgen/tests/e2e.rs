@@ -79,13 +79,37 @@ fn every_scenario_runs_without_loss() {
     assert!(direct.sent > 0 && direct.pushes == direct.expected_pushes);
     assert_eq!(direct.acked, direct.sent);
 
+    // Open loop, with its schedule lag and the percentile distributions.
+    let hgrm_dir = tempfile::tempdir().unwrap();
+    let prefix = hgrm_dir.path().join("open");
     let open = run(
         &broker,
         &db,
         "direct",
-        &["--peers", "4", "--rate", "2000", "--payload", "100"],
+        &[
+            "--peers",
+            "4",
+            "--rate",
+            "2000",
+            "--payload",
+            "100",
+            "--hgrm",
+            prefix.to_str().unwrap(),
+        ],
     );
     assert!(open.sent >= 1000, "open loop sent {}", open.sent);
+    let lag = open.schedule_lag_ms.expect("open loop reports its lag");
+    assert_eq!(lag.count, open.sent);
+    assert!(open.kept_schedule.is_some());
+    let files = open.hgrm_files.as_ref().expect("hgrm files");
+    for name in ["push", "ack", "hello", "schedule-lag"] {
+        let path = hgrm_dir.path().join(format!("open-{name}.hgrm"));
+        assert!(files.contains(&path), "{files:?}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.starts_with("       Value     Percentile"), "{text}");
+    }
+    assert_eq!(files.len(), 4, "{files:?}");
+    assert!(direct.schedule_lag_ms.is_none() && direct.hgrm_files.is_none());
 
     let broadcast = run(
         &broker,
