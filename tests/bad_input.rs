@@ -3164,8 +3164,13 @@ fn bad_input_table() {
 
     // Healthy afterwards: routing works, and what the rows opened is gone.
     assert_routes(&env, "after");
+    // fds are the exact check (a leaked connection keeps its socket); RSS
+    // catches leaked buffers (several rows send messages of a MiB). The
+    // allocator (mimalloc) keeps partly used pages of every size class per
+    // thread: measured +9 to +12 MiB after the table, against +3 with
+    // glibc's malloc, so the bound leaves room for that and no more.
     let settled = support::poll(Duration::from_secs(10), || {
-        fd_count(pid) <= fds_before + 5 && rss_kib(pid) <= rss_before + 8 * 1024
+        fd_count(pid) <= fds_before + 5 && rss_kib(pid) <= rss_before + 16 * 1024
     });
     eprintln!(
         "bad_input: fds {fds_before} -> {}, RSS {rss_before} -> {} KiB",
