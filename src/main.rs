@@ -7,7 +7,9 @@ use std::process::ExitCode;
 // Measured (bench/RESULTS.md, issue 14): glibc's malloc/free were a quarter
 // of the broker's CPU on direct sends (per-message envelopes, frames and
 // audit rows freed on other threads); mimalloc's thread-local free lists
-// make that a fraction.
+// make that a fraction. Built without transparent huge pages (`no_thp`):
+// with them every first touch of an arena zeroed 2 MiB, and held sends
+// spent 63 % of the broker's CPU in the kernel's clear_page.
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
