@@ -15,7 +15,7 @@ const NS_PER_MS: f64 = 1e6;
 
 /// The distribution of `h`, formatted as HdrHistogram's
 /// `outputPercentileDistribution` would with a 1e6 scaling ratio.
-pub(crate) fn distribution(h: &Latency) -> String {
+pub fn distribution(h: &Latency) -> String {
     let h = &h.0;
     // Decimals follow the histogram's significant digits, as upstream does.
     let d = usize::from(h.sigfig());
@@ -70,7 +70,7 @@ fn sub_buckets(sigfig: u8) -> u64 {
 
 /// Writes `PREFIX-<name>.hgrm` for every non-empty histogram; returns the
 /// paths written.
-pub(crate) fn write_all(prefix: &Path, hists: &[(&str, &Latency)]) -> Result<Vec<PathBuf>> {
+pub fn write_all(prefix: &Path, hists: &[(&str, &Latency)]) -> Result<Vec<PathBuf>> {
     let mut paths = Vec::new();
     for (name, h) in hists.iter().filter(|(_, h)| !h.is_empty()) {
         let mut file = prefix.as_os_str().to_owned();

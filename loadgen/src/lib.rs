@@ -36,7 +36,7 @@ pub mod cli;
 pub mod db;
 pub mod gate;
 pub mod held;
-mod hgrm;
+pub mod hgrm;
 pub mod peers;
 pub mod procfs;
 pub mod report;

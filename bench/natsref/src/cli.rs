@@ -41,7 +41,7 @@ pub(crate) struct Args {
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     json: bool,
-    /// Write the push latency histogram to PREFIX-push.hgrm.
+    /// Write the push latency histogram to PREFIX-push.hgrm (loadgen's writer).
     #[arg(long, value_name = "PREFIX")]
     hgrm: Option<String>,
 }
@@ -57,6 +57,7 @@ pub(crate) struct Config {
     pub threads: usize,
     pub server_pid: Option<u32>,
     pub json: bool,
+    /// The prefix: `PREFIX-push.hgrm` is written.
     pub hgrm: Option<PathBuf>,
 }
 
@@ -107,7 +108,7 @@ impl Args {
             threads: threads.min(self.peers),
             server_pid: self.server_pid,
             json: self.json,
-            hgrm: self.hgrm.map(|p| PathBuf::from(format!("{p}-push.hgrm"))),
+            hgrm: self.hgrm.map(PathBuf::from),
         })
     }
 }
@@ -155,7 +156,7 @@ mod tests {
         assert_eq!(c.hgrm, None);
         let c = parse(&["--url", "127.0.0.1", "--hgrm", "/tmp/x"]).unwrap();
         assert_eq!(c.addr.port(), 4222);
-        assert_eq!(c.hgrm, Some(PathBuf::from("/tmp/x-push.hgrm")));
+        assert_eq!(c.hgrm, Some(PathBuf::from("/tmp/x")));
     }
 
     #[test]

@@ -9,12 +9,10 @@
 //!   (PING/PONG as the ack), check every message per sender.
 //! - `run`    — threads (one monoio runtime each), phases, CPU from /proc.
 //! - `report` — the table and the JSON summary (loadgen's field names).
-//! - `hgrm`   — the latency histogram as HdrHistogram percentile text.
 use clap::Parser;
 
 mod cli;
 mod client;
-mod hgrm;
 mod proto;
 mod report;
 mod run;
@@ -39,9 +37,9 @@ fn main() {
     } else {
         print!("{}", report.table());
     }
-    if let Some(path) = &cfg.hgrm {
-        if let Err(e) = hgrm::write(path, &hist.0) {
-            eprintln!("natsref: writing {}: {e}", path.display());
+    if let Some(prefix) = &cfg.hgrm {
+        if let Err(e) = loadgen::hgrm::write_all(prefix, &[("push", &hist)]) {
+            eprintln!("natsref: {e:#}");
             std::process::exit(1);
         }
     }
