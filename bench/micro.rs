@@ -224,12 +224,18 @@ fn directory(c: &mut Criterion) {
             b.iter(|| mesh.board.publish(0, part.clone()))
         });
         let mut out = Vec::new();
-        peers::write_peers_list(&mut out, &mesh.board, &sessions[0], Some("r"));
+        peers::write_peers_list(&mut out, &mesh.board, &mesh.remote, &sessions[0], Some("r"));
         group.throughput(Throughput::Bytes(out.len() as u64));
         group.bench_with_input(BenchmarkId::new("peers_list", n), &n, |b, _| {
             b.iter(|| {
                 out.clear();
-                peers::write_peers_list(&mut out, &mesh.board, &sessions[0], Some("r"));
+                peers::write_peers_list(
+                    &mut out,
+                    &mesh.board,
+                    &mesh.remote,
+                    &sessions[0],
+                    Some("r"),
+                );
                 black_box(out.len())
             })
         });

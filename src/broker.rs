@@ -6,6 +6,8 @@
 //! accepting and closes its WebSockets with 1001; when the shard threads are
 //! joined the last `BrokerContext` (and with it the last `DbHandle`) is
 //! dropped, which tells the db thread to flush and exit.
+use crate::cluster::bus::{self, BusSpec};
+use crate::cluster::{Cluster, LOCAL};
 use crate::config::Config;
 use crate::context::BrokerContext;
 use crate::db::held::HeldBatching;
@@ -45,11 +47,14 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         shard_count,
         Arc::new(HeldBudget::new(config.max_held_memory_bytes)),
     );
+    // With NATS_URL: this node is one of several (README "Several nodes").
+    let clustered = config.nats_url.is_some();
+    let node_id = clustered.then(|| config.node_id.clone());
     let batch_metrics = metrics.clone();
     let held_metrics = metrics.clone();
     let drain_senders = senders.clone();
     let (db, db_thread) = db::spawn_with(
-        database_url,
+        database_url.clone(),
         db_status.clone(),
         DbOptions {
             directory: Some(directory.clone()),
@@ -79,9 +84,29 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
                     batch_metrics.global().record_audit_batch(stats.elapsed)
                 })),
             },
+            node_id: node_id.clone(),
             ..DbOptions::default()
         },
     )?;
+    let (cluster, bus_thread) = match &config.nats_url {
+        Some(url) => {
+            let (cluster, commands) = Cluster::new(&config.node_id);
+            let drain_senders = senders.clone();
+            let spec = BusSpec {
+                url: url.clone(),
+                node_id: cluster.node_id.clone(),
+                confirm_timeout: config.cluster_confirm_timeout,
+                dead_after: config.node_dead_after,
+                directory: directory.clone(),
+                shards: senders.clone(),
+                db: db::node_config(&database_url, node_id.as_deref())?,
+                held_ttl: config.held_ttl,
+                on_restored: Arc::new(move |mesh| drain_restored(&drain_senders, mesh)),
+            };
+            (Some(cluster), Some(bus::spawn(spec, commands)?))
+        }
+        None => (None, None),
+    };
     let listeners = bind_listeners(&config, shard_count)?;
     let port = listeners[0].local_addr()?.port();
     let transcripts = match TranscriptReader::spawn(config.claude_projects_dir.clone()) {
@@ -107,6 +132,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
         shards: senders.clone(),
         connections,
         started_at: Instant::now(),
+        cluster,
     });
     let cores = core_affinity::get_core_ids().unwrap_or_default();
     let mut threads = Vec::with_capacity(shard_count);
@@ -152,6 +178,9 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     {
         reader.shutdown();
     }
+    if let Some(bus) = bus_thread {
+        bus.stop();
+    }
     db_thread.join();
     tracing::info!(target: "broker", "shutdown complete");
     match dead_shard {
@@ -174,7 +203,7 @@ fn drain_restored(shards: &[ShardSender], mesh: &Arc<MeshEntry>) {
         if member.held.is_empty() {
             continue;
         }
-        if let Some(dest) = first_shard(member.live_shards.get()) {
+        if let Some(dest) = first_shard(member.live_shards.get() & LOCAL) {
             let drain = ShardEvent::DrainHeld(mesh.clone(), member.clone());
             // A full inbox: the member's next arrival or status change drains.
             let _ = shards[dest].try_send(vec![drain]);

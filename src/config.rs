@@ -108,6 +108,20 @@ pub struct Config {
     pub node_env: NodeEnv,
     pub git_sha: String,
     pub claude_projects_dir: PathBuf,
+    /// `NATS_URL` (ours): the bus that joins several broker nodes into one
+    /// (README "Several nodes"); `None` runs one node, exactly as without it.
+    pub nats_url: Option<String>,
+    /// `NODE_ID` (ours): this node's name on the bus and in presence and
+    /// held rows; generated per run when unset. Set it in production, so a
+    /// restarted node closes and reloads what its earlier run left.
+    pub node_id: String,
+    /// `CLUSTER_CONFIRM_TIMEOUT_MS` (ours): how long a send waits for the
+    /// nodes it was routed to to confirm it before it is held instead.
+    pub cluster_confirm_timeout: Duration,
+    /// `NODE_DEAD_AFTER_MS` (ours): a node silent on the bus this long is
+    /// dead: its sessions leave the directory, its presence rows end and
+    /// its held envelopes are taken over.
+    pub node_dead_after: Duration,
     /// `MESHBROKER_DATA_DIR` (ours): where the embedded dev Postgres lives.
     pub data_dir: PathBuf,
     /// `MAX_OUTBOUND_BYTES` (ours): a connection's outbound queue bound; a
@@ -273,6 +287,22 @@ impl<F: Fn(&str) -> Option<String>> Reader<F> {
     }
 }
 
+/// A node id goes into NATS subjects: no dots, wildcards or spaces.
+fn valid_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// `node-` and 12 random hex digits: unique per run.
+fn generated_node_id() -> String {
+    let mut seed = [0u8; 6];
+    let _ = getrandom::getrandom(&mut seed);
+    let hex: String = seed.iter().map(|b| format!("{b:02x}")).collect();
+    format!("node-{hex}")
+}
+
 fn default_shards() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -406,6 +436,23 @@ impl Config {
             },
         };
 
+        let nats_url = r.get("NATS_URL").filter(|u| !u.trim().is_empty());
+        if let Some(url) = &nats_url {
+            if !(url.starts_with("nats://") || url.contains(':')) {
+                r.fail("NATS_URL", url, "a nats://host:port URL");
+            }
+        }
+        let node_id = match r.get("NODE_ID") {
+            Some(id) if valid_node_id(&id) => id,
+            Some(id) => {
+                r.fail("NODE_ID", &id, "1 to 64 of A-Z a-z 0-9 _ -");
+                String::new()
+            }
+            None => generated_node_id(),
+        };
+        let cluster_confirm_timeout = r.millis("CLUSTER_CONFIRM_TIMEOUT_MS", 250);
+        let node_dead_after = r.millis("NODE_DEAD_AFTER_MS", 3_000);
+
         let data_dir = r
             .get("MESHBROKER_DATA_DIR")
             .map(|d| expand_home(&d, home.as_deref()))
@@ -505,6 +552,10 @@ impl Config {
             node_env,
             git_sha,
             claude_projects_dir,
+            nats_url,
+            node_id,
+            cluster_confirm_timeout,
+            node_dead_after,
             data_dir,
             max_outbound_bytes,
             client_ack_max_leases,
@@ -585,6 +636,22 @@ impl Config {
             (
                 "CLAUDE_PROJECTS_DIR",
                 self.claude_projects_dir.display().to_string(),
+            ),
+            (
+                "NATS_URL",
+                self.nats_url
+                    .as_deref()
+                    .map(redact_url)
+                    .unwrap_or_else(|| "unset".to_owned()),
+            ),
+            ("NODE_ID", self.node_id.clone()),
+            (
+                "CLUSTER_CONFIRM_TIMEOUT_MS",
+                self.cluster_confirm_timeout.as_millis().to_string(),
+            ),
+            (
+                "NODE_DEAD_AFTER_MS",
+                self.node_dead_after.as_millis().to_string(),
             ),
             ("MESHBROKER_DATA_DIR", self.data_dir.display().to_string()),
             ("MAX_OUTBOUND_BYTES", self.max_outbound_bytes.to_string()),
@@ -1064,6 +1131,10 @@ mod tests {
             "GIT_SHA",
             "CLAUDE_PROJECTS_DIR",
             "MESHBROKER_DATA_DIR",
+            "NATS_URL",
+            "NODE_ID",
+            "CLUSTER_CONFIRM_TIMEOUT_MS",
+            "NODE_DEAD_AFTER_MS",
             "AUDIT_BATCH_MAX_ROWS",
             "AUDIT_BATCH_MAX_WAIT_US",
             "AUDIT_BUFFER_EVENTS",
@@ -1081,5 +1152,30 @@ mod tests {
         assert!(eff.contains(&("JOIN_RATE_LIMIT_PER_MIN", "20".to_owned())));
         assert!(eff.contains(&("CLIENT_ACK_MAX_LEASES", "4096".to_owned())));
         assert!(eff.contains(&("CLIENT_ACK_MAX_LEASE_BYTES", "16777216".to_owned())));
+        assert!(eff.contains(&("NATS_URL", "unset".to_owned())));
+    }
+
+    #[test]
+    fn cluster_settings() {
+        let c = Config::from_lookup(|_| None).unwrap();
+        assert_eq!(c.nats_url, None);
+        assert!(c.node_id.starts_with("node-") && valid_node_id(&c.node_id));
+        assert_ne!(c.node_id, generated_node_id());
+        assert_eq!(c.cluster_confirm_timeout, Duration::from_millis(250));
+        assert_eq!(c.node_dead_after, Duration::from_secs(3));
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            Config::from_lookup(move |k| {
+                pairs
+                    .iter()
+                    .find(|(name, _)| *name == k)
+                    .map(|(_, v)| v.to_string())
+            })
+        };
+        let c = env(&[("NATS_URL", "nats://127.0.0.1:4222"), ("NODE_ID", "b-2")]).unwrap();
+        assert_eq!(c.nats_url.as_deref(), Some("nats://127.0.0.1:4222"));
+        assert_eq!(c.node_id, "b-2");
+        let e = env(&[("NODE_ID", "a.b")]).unwrap_err().to_string();
+        assert!(e.contains("NODE_ID"), "{e}");
+        assert!(env(&[("NATS_URL", "nonsense")]).is_err());
     }
 }

@@ -44,6 +44,8 @@ pub struct BrokerContext {
     /// Reads transcripts off the shards' loops (PROTOCOL.md §5 inference).
     pub(crate) transcripts: Option<TranscriptReader>,
     pub started_at: Instant,
+    /// With `NATS_URL`: the bus to the other nodes.
+    pub(crate) cluster: Option<crate::cluster::Cluster>,
 }
 
 /// The membership could not be loaded (Postgres down or its queue full).

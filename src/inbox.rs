@@ -123,6 +123,14 @@ impl<T> Inbox<T> {
 pub enum ShardEvent {
     /// Deliver a routed envelope to this shard's sessions of its targets.
     Route(Arc<Route>),
+    /// The nodes a send was routed to confirmed it (or the deadline passed:
+    /// `missing` names those that did not take it): ack it, holding it
+    /// first for whom it may now reach nowhere.
+    Confirmed {
+        route: Arc<Route>,
+        ack: crate::cluster::PendingAck,
+        missing: u64,
+    },
     /// A member's held queue has envelopes and this shard has a session of it.
     DrainHeld(Arc<MeshEntry>, Arc<MemberEntry>),
     /// A hook signal for a session of this shard; answered with its
@@ -130,6 +138,12 @@ pub enum ShardEvent {
     HookStatus {
         conn: u64,
         status: Status,
+        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
+    },
+    /// A hook signal another node could not match: applied here if a
+    /// session of this node matches it (answered like `HookStatus`).
+    RemoteHook {
+        signal: crate::hook::HookSignal,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
     /// What a session's transcript says (from the transcript reader).

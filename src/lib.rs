@@ -35,6 +35,7 @@
 //! - `fuzz_api` — (feature `fuzzing`) the fuzz targets' entry points onto the parsers.
 pub(crate) mod audit;
 pub mod broker;
+pub(crate) mod cluster;
 pub mod config;
 pub(crate) mod context;
 pub mod db;

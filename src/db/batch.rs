@@ -38,9 +38,10 @@ ON CONFLICT (id) DO NOTHING";
 
 pub(crate) const PRESENCE_OPEN_SQL: &str = "\
 INSERT INTO mesh.presence (id, member_id, session_id, pid, cwd, status, status_source,
-  status_updated_at, connected_at, last_ping_at, session_pubkey)
+  status_updated_at, connected_at, last_ping_at, session_pubkey, node_id)
 SELECT t.id, t.member_id, t.session_id, t.pid, t.cwd, t.status::mesh.presence_status,
-  t.source::mesh.presence_status_source, t.at, t.at, t.at, t.session_pubkey
+  t.source::mesh.presence_status_source, t.at, t.at, t.at, t.session_pubkey,
+  current_setting('meshbroker.node_id', true)
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::integer[], $5::text[], $6::timestamp[],
   $7::text[], $8::text[], $9::text[])
   AS t(id, member_id, session_id, pid, cwd, at, status, source, session_pubkey)

@@ -18,9 +18,10 @@ macro_rules! insert_rows_sql {
     ($filter:literal) => {
         concat!(
             "INSERT INTO mesh.message_queue (id, mesh_id, sender_member_id, target_spec, priority,
-  nonce, ciphertext, created_at, expires_at, client_message_id)
+  nonce, ciphertext, created_at, expires_at, client_message_id, held_by)
 SELECT t.id, t.mesh_id, t.sender, t.target_spec, t.priority::mesh.message_priority, t.nonce,
-  t.ciphertext, t.created_at, t.expires_at, t.client_message_id
+  t.ciphertext, t.created_at, t.expires_at, t.client_message_id,
+  current_setting('meshbroker.node_id', true)
 FROM UNNEST($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::text[],
   $8::timestamp[], $9::timestamp[], $10::text[])
   AS t(id, mesh_id, sender, target_spec, priority, nonce, ciphertext, created_at, expires_at,

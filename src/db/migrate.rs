@@ -68,6 +68,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "presence_session_pubkey",
         sql: include_str!("../../migrations/0009_presence_session_pubkey.sql"),
     },
+    Migration {
+        version: 10,
+        name: "cluster_nodes",
+        sql: include_str!("../../migrations/0010_cluster_nodes.sql"),
+    },
 ];
 
 /// Key of the transaction-scoped advisory lock serializing migrations
@@ -143,8 +148,8 @@ mod tests {
         let all = MIGRATIONS;
         assert_eq!(pending(all, &[]).len(), all.len());
         let rest: Vec<i32> = pending(all, &[1]).iter().map(|m| m.version).collect();
-        assert_eq!(rest, vec![2, 3, 4, 5, 6, 7, 8, 9]);
-        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 7, 8, 9]).is_empty());
+        assert_eq!(rest, vec![2, 3, 4, 5, 6, 7, 8, 9, 10]);
+        assert!(pending(all, &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]).is_empty());
     }
 
     #[test]

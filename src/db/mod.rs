@@ -81,6 +81,8 @@ pub mod migrate;
 pub mod restore;
 mod worker;
 
+pub(crate) use worker::connect;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -297,6 +299,10 @@ pub struct DbOptions {
     pub restore: Option<RestoreOptions>,
     /// The audit lane's batches and bounds.
     pub audit: AuditOptions,
+    /// With several nodes (`NATS_URL`): this node's id, set on every
+    /// connection as `meshbroker.node_id`, which the presence and held SQL
+    /// read (whose rows to write, close and reload).
+    pub node_id: Option<String>,
 }
 
 /// The durable lane's writer (see `held`).
@@ -327,6 +333,7 @@ impl Default for DbOptions {
             held: None,
             restore: None,
             audit: AuditOptions::default(),
+            node_id: None,
         }
     }
 }
@@ -399,6 +406,23 @@ fn parse_url(database_url: &str) -> Result<tokio_postgres::Config, DbError> {
     tokio_postgres::Config::from_str(database_url).map_err(DbError::InvalidUrl)
 }
 
+/// The connection settings, with `meshbroker.node_id` set when this node
+/// is one of several.
+pub(crate) fn node_config(
+    database_url: &str,
+    node_id: Option<&str>,
+) -> Result<tokio_postgres::Config, DbError> {
+    let mut config = parse_url(database_url)?;
+    if let Some(node) = node_id {
+        let options = format!(
+            "{} -c meshbroker.node_id={node}",
+            config.get_options().unwrap_or("")
+        );
+        config.options(options.trim());
+    }
+    Ok(config)
+}
+
 /// Spawns the thread named "db-writer" running a tokio current-thread
 /// runtime. Returns at once (never waits for Postgres).
 pub fn spawn(database_url: String, status: Arc<DbStatus>) -> std::io::Result<(DbHandle, DbThread)> {
@@ -412,7 +436,7 @@ pub fn spawn_with(
     status: Arc<DbStatus>,
     mut options: DbOptions,
 ) -> std::io::Result<(DbHandle, DbThread)> {
-    let config = parse_url(&database_url)
+    let config = node_config(&database_url, options.node_id.as_deref())
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -445,6 +469,7 @@ pub fn spawn_with(
             directory,
             held_ttl: restore.held_ttl,
             on_restored: restore.on_restored,
+            takeover: None,
         }),
         _ => None,
     };

@@ -49,14 +49,39 @@ WHERE q.target_spec = '*' AND q.delivered_at IS NULL
   AND NOT EXISTS (SELECT 1 FROM mesh.message_delivery d WHERE d.message_id = q.id)
 ON CONFLICT DO NOTHING";
 
-const MESHES_SQL: &str = "\
-SELECT DISTINCT mesh_id FROM mesh.message_queue WHERE delivered_at IS NULL AND created_at < $1";
+/// With several nodes (the connection's `meshbroker.node_id` is set, see
+/// `db::spawn_with`), a node loads only the rows it holds (`held_by`);
+/// rows of no node (the old broker's, a one-node run's) are claimed first,
+/// by one node, in one statement.
+macro_rules! own_rows {
+    () => {
+        "(current_setting('meshbroker.node_id', true) IS NULL
+    OR q.held_by = current_setting('meshbroker.node_id', true))"
+    };
+}
+
+const CLAIM_UNOWNED_SQL: &str = "\
+UPDATE mesh.message_queue SET held_by = current_setting('meshbroker.node_id', true)
+WHERE held_by IS NULL AND delivered_at IS NULL
+  AND current_setting('meshbroker.node_id', true) IS NOT NULL";
+
+/// A dead node's held rows, claimed by this one (`Takeover`).
+const CLAIM_DEAD_SQL: &str = "\
+UPDATE mesh.message_queue SET held_by = current_setting('meshbroker.node_id', true)
+WHERE held_by = $1 AND delivered_at IS NULL
+RETURNING id";
+
+const MESHES_SQL: &str = concat!(
+    "SELECT DISTINCT mesh_id FROM mesh.message_queue q
+WHERE delivered_at IS NULL AND created_at < $1 AND ($2::text[] IS NULL OR q.id = ANY($2)) AND ",
+    own_rows!()
+);
 
 /// Keyset on (mesh, creation, id): a resumed load starts after the last
 /// row placed. Rows this run wrote (created since it started) are in
 /// memory already.
-const ROWS_SQL: &str = "\
-SELECT q.id, q.mesh_id, q.sender_member_id, s.peer_pubkey, q.target_spec, q.priority::text,
+const ROWS_SQL: &str = concat!(
+    "SELECT q.id, q.mesh_id, q.sender_member_id, s.peer_pubkey, q.target_spec, q.priority::text,
   q.nonce, q.ciphertext, q.created_at,
   COALESCE(q.expires_at, q.created_at + make_interval(secs => $1::float8)),
   CASE WHEN q.target_spec = '*' OR left(q.target_spec, 1) IN ('@', '#') THEN ARRAY(
@@ -70,7 +95,11 @@ WHERE q.delivered_at IS NULL
   AND COALESCE(q.expires_at, q.created_at + make_interval(secs => $1::float8)) > now()
   AND (q.mesh_id, q.created_at, q.id) > ($2, $3, $4)
   AND q.created_at < $5
-ORDER BY q.mesh_id, q.created_at, q.id";
+  AND ($6::text[] IS NULL OR q.id = ANY($6)) AND ",
+    own_rows!(),
+    "
+ORDER BY q.mesh_id, q.created_at, q.id"
+);
 
 /// Called with each mesh once its rows are all held.
 pub type OnRestored = Box<dyn Fn(&Arc<MeshEntry>) + Send + Sync>;
@@ -82,6 +111,8 @@ pub(crate) struct Restorer {
     pub(crate) directory: Arc<Directory>,
     pub(crate) held_ttl: Duration,
     pub(crate) on_restored: OnRestored,
+    /// A takeover's: only the rows claimed from this dead node.
+    pub(crate) takeover: Option<String>,
 }
 
 /// Where a (resumed) load goes on from.
@@ -106,16 +137,19 @@ impl Restorer {
         let mut prepared = false;
         let mut restored = Restored::default();
         let mut pending: Vec<Arc<MeshEntry>> = Vec::new();
+        // A takeover's claimed ids (claimed once: a retry loads the same).
+        let mut only: Option<Vec<String>> = None;
         loop {
             let attempt = async {
                 let (mut client, task) = connect(&self.config).await?;
                 run_migrations(&mut client).await?;
                 if !prepared {
-                    restored.expired = self.prepare(&client, &mut pending).await?;
+                    only = self.claim(&client).await?;
+                    restored.expired = self.prepare(&client, &only, &mut pending).await?;
                     prepared = true;
                     self.open_gate();
                 }
-                self.load(&mut client, &mut cursor, &mut pending, &mut restored)
+                self.load(&mut client, &only, &mut cursor, &mut pending, &mut restored)
                     .await?;
                 drop(client);
                 let _ = task.await;
@@ -137,7 +171,20 @@ impl Restorer {
             self.release(&mesh);
         }
         tracing::info!(target: "db", expired = restored.expired, rows = restored.rows,
-            holds = restored.holds, "held restored");
+            holds = restored.holds, takeover = self.takeover.as_deref().unwrap_or(""),
+            "held restored");
+    }
+
+    /// With several nodes: the rows of no node become this node's; a
+    /// takeover claims the dead node's and returns their ids. Each is one
+    /// statement, so of two nodes claiming at once each row goes to one.
+    async fn claim(&self, client: &Client) -> Result<Option<Vec<String>>, DbError> {
+        let Some(dead) = &self.takeover else {
+            client.execute(CLAIM_UNOWNED_SQL, &[]).await?;
+            return Ok(None);
+        };
+        let rows = client.query(CLAIM_DEAD_SQL, &[dead]).await?;
+        Ok(Some(rows.iter().map(|row| row.get(0)).collect()))
     }
 
     fn ttl_secs(&self) -> f64 {
@@ -148,14 +195,18 @@ impl Restorer {
     async fn prepare(
         &self,
         client: &Client,
+        only: &Option<Vec<String>>,
         pending: &mut Vec<Arc<MeshEntry>>,
     ) -> Result<u64, DbError> {
         let expired = client
             .execute(DELETE_EXPIRED_SQL, &[&self.ttl_secs()])
             .await?;
         client.execute(ADOPT_BROADCASTS_SQL, &[]).await?;
+        if only.as_ref().is_some_and(Vec::is_empty) {
+            return Ok(expired);
+        }
         let mesh_ids: Vec<String> = client
-            .query(MESHES_SQL, &[&self.started])
+            .query(MESHES_SQL, &[&self.started, only])
             .await?
             .iter()
             .map(|row| row.get(0))
@@ -181,6 +232,7 @@ impl Restorer {
     async fn load(
         &self,
         client: &mut Client,
+        only: &Option<Vec<String>>,
         cursor: &mut Option<Cursor>,
         pending: &mut Vec<Arc<MeshEntry>>,
         restored: &mut Restored,
@@ -195,7 +247,7 @@ impl Restorer {
         let portal = transaction
             .bind(
                 &statement,
-                &[&ttl, &mesh_id, &created_at, &id, &self.started],
+                &[&ttl, &mesh_id, &created_at, &id, &self.started, only],
             )
             .await?;
         loop {
@@ -265,4 +317,25 @@ fn stored_envelope(row: &tokio_postgres::Row) -> StoredEnvelope {
         expires_at: row.get(9),
         client_message_id: row.get(11),
     }
+}
+
+/// Claims a dead node's held rows for this node and loads them into their
+/// members' queues (README "Several nodes"); `config` carries this node's id.
+pub(crate) async fn take_over(
+    config: Config,
+    dead: String,
+    directory: Arc<Directory>,
+    held_ttl: Duration,
+    on_restored: OnRestored,
+) {
+    Restorer {
+        config,
+        started: SystemTime::now(),
+        directory,
+        held_ttl,
+        on_restored,
+        takeover: Some(dead),
+    }
+    .run()
+    .await
 }

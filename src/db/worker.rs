@@ -65,14 +65,19 @@ struct Live {
     next_ping: Instant,
 }
 
+/// With several nodes (`meshbroker.node_id` set on the connection), only
+/// this node's rows and those of no node: other nodes' sessions are live.
 const CLOSE_STALE_PRESENCE_SQL: &str = "\
 UPDATE mesh.presence SET disconnected_at = now()::timestamp
-WHERE disconnected_at IS NULL AND connected_at < $1";
+WHERE disconnected_at IS NULL AND connected_at < $1
+  AND (current_setting('meshbroker.node_id', true) IS NULL OR node_id IS NULL
+    OR node_id = current_setting('meshbroker.node_id', true))";
 
 /// At shutdown: the rows this run opened (connected since it started).
 const CLOSE_RUN_PRESENCE_SQL: &str = "\
 UPDATE mesh.presence SET disconnected_at = now()::timestamp
-WHERE disconnected_at IS NULL AND connected_at >= $1";
+WHERE disconnected_at IS NULL AND connected_at >= $1
+  AND node_id IS NOT DISTINCT FROM current_setting('meshbroker.node_id', true)";
 
 /// Connect, set up the session, migrate and prepare. Returns the number
 /// of migrations applied.

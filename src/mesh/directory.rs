@@ -10,7 +10,7 @@ use super::bucket::SendBucket;
 use super::dedupe::SentIds;
 use super::held::HeldQueue;
 use super::lease::{MemberLeases, Redeliveries};
-use super::peers::{MemberSessions, PeerBoard, SessionKeys};
+use super::peers::{MemberSessions, PeerBoard, RemoteBoard, SessionKeys};
 use super::{Envelope, HeldLate};
 use crate::protocol::{GroupName, Priority};
 use arc_swap::ArcSwap;
@@ -335,6 +335,12 @@ pub struct MeshEntry {
     pub id: Box<str>,
     /// Its sessions as `list_peers` sees them.
     pub board: PeerBoard,
+    /// Its sessions on other nodes (README "Several nodes").
+    pub remote: RemoteBoard,
+    /// Set when a session of it arrived, left or changed status here and
+    /// the bus has not yet republished this node's part (one notice per
+    /// burst).
+    pub changed: AtomicBool,
     /// Its `session_hello` sessions' keys (PROTOCOL.md §9).
     pub session_keys: SessionKeys,
     /// Its live `client_ack` sessions: a send that may reach one stores
@@ -361,12 +367,14 @@ impl MeshEntry {
         self.view.load()
     }
 
-    /// Claims a connection slot.
+    /// Claims a connection slot; sessions other nodes published count
+    /// against the bound too.
     pub fn try_admit(&self, max: u32) -> Admission {
+        let remote = self.remote.sessions();
         match self
             .live_sessions
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                (n < max && n != EVICTED).then(|| n + 1)
+                (n.saturating_add(remote) < max && n != EVICTED).then(|| n + 1)
             }) {
             Ok(_) => Admission::Admitted,
             Err(EVICTED) => Admission::Evicted,
@@ -376,6 +384,14 @@ impl MeshEntry {
 
     pub fn release(&self) {
         self.live_sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Live sessions on this node.
+    pub fn local_sessions(&self) -> u32 {
+        match self.live_sessions.load(Ordering::Acquire) {
+            EVICTED => 0,
+            n => n,
+        }
     }
 
     /// While its earlier held envelopes load, or until the start-up load
@@ -502,6 +518,8 @@ impl Directory {
         let fresh = Arc::new(MeshEntry {
             id: mesh_id.into(),
             board: PeerBoard::default(),
+            remote: RemoteBoard::default(),
+            changed: AtomicBool::new(false),
             session_keys: SessionKeys::default(),
             leasing: Leasing::default(),
             view: ArcSwap::from_pointee(MeshView::default()),

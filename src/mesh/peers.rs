@@ -24,11 +24,12 @@ use super::directory::MemberEntry;
 use super::held::HeldQueue;
 use super::Envelope;
 use crate::config::MAX_SHARDS;
-use crate::protocol::{write_peer_event, GroupRole, PeerFields, PeersListWriter};
+use crate::protocol::{write_peer, write_peer_event, GroupRole, PeerFields, PeersListWriter};
 use crate::status::StatusState;
 use crate::ws::{self, OpCode};
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
+use rustc_hash::FxHashMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -524,6 +525,47 @@ impl PeerBoard {
     }
 }
 
+/// A mesh's sessions on other nodes (README "Several nodes"), as each node
+/// last published them: their `peers_list` entries, already written.
+#[derive(Default)]
+pub struct RemoteBoard {
+    parts: Mutex<FxHashMap<u8, Arc<RemotePart>>>,
+    /// Their live sessions, for `MAX_CONNECTIONS_PER_MESH`.
+    sessions: std::sync::atomic::AtomicU32,
+}
+
+/// One node's sessions of a mesh.
+pub struct RemotePart {
+    /// Its `peers_list` entries, comma-separated.
+    pub entries: Vec<u8>,
+    pub sessions: u32,
+}
+
+impl RemoteBoard {
+    /// Replaces (or, with `None`, drops) the part of the node in `slot`.
+    pub fn replace(&self, slot: u8, part: Option<RemotePart>) {
+        let mut parts = self.parts.lock().expect("remote board lock");
+        let old = match part {
+            Some(part) => parts.insert(slot, Arc::new(part)),
+            None => parts.remove(&slot),
+        };
+        let total = parts.values().map(|p| p.sessions).sum();
+        drop(old);
+        self.sessions
+            .store(total, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Live sessions on other nodes.
+    pub fn sessions(&self) -> u32 {
+        self.sessions.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    fn parts(&self) -> Vec<Arc<RemotePart>> {
+        let parts = self.parts.lock().expect("remote board lock");
+        parts.values().cloned().collect()
+    }
+}
+
 /// What peer events tell (PROTOCOL.md §9).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PeerEvent {
@@ -579,10 +621,12 @@ fn with_fields<R>(
     })
 }
 
-/// `peers_list` for `me`: every session on the board, `me` marked `self`.
+/// `peers_list` for `me`: every session on the board, `me` marked `self`,
+/// then those other nodes published.
 pub fn write_peers_list(
     out: &mut Vec<u8>,
     board: &PeerBoard,
+    remote: &RemoteBoard,
     me: &Arc<SessionEntry>,
     req_id: Option<&str>,
 ) {
@@ -592,7 +636,16 @@ pub fn write_peers_list(
             list.peer(fields, Some(Arc::ptr_eq(entry, me)));
         })
     });
+    for part in remote.parts() {
+        list.written(&part.entries);
+    }
     list.finish(req_id);
+}
+
+/// A session's `peers_list` entry as another node lists it (`self` false),
+/// appended to `out`.
+pub fn write_remote_entry(out: &mut Vec<u8>, entry: &SessionEntry, state: &SessionState) {
+    with_fields(entry, state, |fields| write_peer(out, fields, Some(false)));
 }
 
 /// A peer event about `entry`, as a WebSocket frame (encoded once, shared

@@ -291,6 +291,18 @@ impl<'o> PeersListWriter<'o> {
         write_peer(self.out, peer, is_self);
     }
 
+    /// Appends entries written elsewhere (comma-separated; another node's).
+    pub fn written(&mut self, entries: &[u8]) {
+        if entries.is_empty() {
+            return;
+        }
+        if self.entries > 0 {
+            self.out.push(b',');
+        }
+        self.entries += 1;
+        self.out.extend_from_slice(entries);
+    }
+
     /// Closes the list, echoing the request's `_reqId`.
     pub fn finish(self, req_id: Option<&str>) {
         self.out.push(b']');

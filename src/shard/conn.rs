@@ -4,6 +4,7 @@ use super::readbuf::ReadBuf;
 use super::session;
 use super::state::Shard;
 use crate::audit::AuditEvent;
+use crate::cluster::BusCommand;
 use crate::db::join::JoinFailed;
 use crate::db::{DbCommand, PendingStatus};
 use crate::hook::{self, HookSignal};
@@ -337,15 +338,22 @@ async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
             },
         );
         if let Ok(Some(presence_id)) = answer.await {
-            tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(),
-                presence = %presence_id, "hook");
-            let mut body = Vec::with_capacity(64);
-            body.extend_from_slice(br#"{"ok":true,"presence_id":"#);
-            crate::protocol::write_json_str(&mut body, &presence_id);
-            body.push(b'}');
-            return Response::json(200, body);
+            return hook_applied(&signal, &presence_id);
         }
         // The session closed meanwhile: stash, as if it had not been there.
+    }
+    if let Some(cluster) = &ctx.cluster {
+        // Perhaps another node has the session (README "Several nodes").
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let forwarded = cluster.send(BusCommand::Hook {
+            signal: signal.clone(),
+            reply,
+        });
+        if forwarded.is_ok() {
+            if let Ok(Some(presence_id)) = answer.await {
+                return hook_applied(&signal, &presence_id);
+            }
+        }
     }
     tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(), pending = true, "hook");
     ctx.hooks
@@ -366,6 +374,17 @@ async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
         tracing::warn!(target: "hook", "pending status not written: db queue full");
     }
     Response::json(200, br#"{"ok":true,"pending":true}"#.to_vec())
+}
+
+/// `{"ok":true,"presence_id":…}` for a signal a session took.
+fn hook_applied(signal: &HookSignal, presence_id: &str) -> Response {
+    tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(),
+        presence = %presence_id, "hook");
+    let mut body = Vec::with_capacity(64);
+    body.extend_from_slice(br#"{"ok":true,"presence_id":"#);
+    crate::protocol::write_json_str(&mut body, presence_id);
+    body.push(b'}');
+    Response::json(200, body)
 }
 
 /// Takes one token from the client address's `/join` bucket.

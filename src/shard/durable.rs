@@ -45,7 +45,7 @@ impl Durable {
 }
 
 impl Shard {
-    fn to_lane(&self, command: HeldCommand) {
+    pub(super) fn to_lane(&self, command: HeldCommand) {
         self.durable.outbox.borrow_mut().push(command);
         self.wake_flusher();
     }

@@ -17,6 +17,7 @@
 //!   the spare descriptor that sheds connections when out of descriptors.
 mod accept;
 mod conn;
+mod crossing;
 mod durable;
 mod leases;
 pub mod link;

@@ -61,6 +61,7 @@ impl Shard {
                 part.mesh
                     .board
                     .publish(self.index, part.sessions.values().cloned().collect());
+                self.cluster_changed(&part.mesh);
             }
             !part.sessions.is_empty()
         });

@@ -8,6 +8,7 @@ use super::link::{shutdown_socket, SessionLink};
 use super::presence::LocalBoard;
 use super::signal::LocalSignal;
 use crate::audit::AuditEvent;
+use crate::cluster::{BusCommand, LOCAL};
 use crate::context::BrokerContext;
 use crate::db::DbCommand;
 use crate::hook::Status;
@@ -111,6 +112,14 @@ impl Shard {
             .send(std::mem::take(&mut *self.audit_outbox.borrow_mut()));
     }
 
+    /// Tells the bus (when there is one) that this node's sessions of
+    /// `mesh` changed, so the other nodes hear of it.
+    pub(super) fn cluster_changed(&self, mesh: &Arc<MeshEntry>) {
+        if let Some(cluster) = &self.ctx.cluster {
+            cluster.mesh_changed(mesh);
+        }
+    }
+
     /// Queue an event for another shard (or handle it here, for this one).
     pub fn send_to(&self, dest: usize, event: ShardEvent) {
         if dest == self.index {
@@ -131,6 +140,11 @@ impl Shard {
         match event {
             ShardEvent::Route(route) => self.deliver_route(&route),
             ShardEvent::DrainHeld(mesh, member) => self.drain_held(&mesh, &member),
+            ShardEvent::Confirmed {
+                route,
+                ack,
+                missing,
+            } => self.confirmed(&route, ack, missing),
             ShardEvent::HookStatus {
                 conn,
                 status,
@@ -149,6 +163,21 @@ impl Shard {
                     presence_id
                 });
                 let _ = reply.send(answer);
+            }
+            ShardEvent::RemoteHook { signal, reply } => {
+                match self.ctx.hooks.find(signal.pid, &signal.cwd) {
+                    Some(target) => self.send_to(
+                        target.shard,
+                        ShardEvent::HookStatus {
+                            conn: target.conn,
+                            status: signal.status,
+                            reply,
+                        },
+                    ),
+                    None => {
+                        let _ = reply.send(None);
+                    }
+                }
             }
             ShardEvent::PeerEvent { mesh, about, frame } => {
                 self.deliver_peer_event(&mesh, &about, &frame)
@@ -199,8 +228,16 @@ impl Shard {
         member: &Arc<MemberEntry>,
         live_shards: u64,
     ) {
-        if let Some(dest) = first_shard(live_shards) {
+        if let Some(dest) = first_shard(live_shards & LOCAL) {
             self.send_to(dest, ShardEvent::DrainHeld(mesh.clone(), member.clone()));
+        } else if live_shards != 0 {
+            // Live on other nodes only: the bus hands them over.
+            if let Some(cluster) = &self.ctx.cluster {
+                let _ = cluster.send(BusCommand::Drain {
+                    mesh: mesh.clone(),
+                    member: member.clone(),
+                });
+            }
         }
     }
 
@@ -273,6 +310,7 @@ impl Shard {
         });
         if changed {
             self.routes.borrow().status_changed(&mesh, &member);
+            self.cluster_changed(&mesh);
             if let Some(entry) = session.entry() {
                 self.announce(&mesh, &entry, PeerEvent::Status);
             }

@@ -21,6 +21,10 @@ use meshbroker::devdb::LocalPostgres;
 /// from the broker's environment so a developer's shell cannot leak in.
 const CONFIG_VARS: &[&str] = &[
     "DATABASE_URL",
+    "NATS_URL",
+    "NODE_ID",
+    "CLUSTER_CONFIRM_TIMEOUT_MS",
+    "NODE_DEAD_AFTER_MS",
     "BROKER_PORT",
     "BROKER_HOST",
     "BROKER_SHARDS",

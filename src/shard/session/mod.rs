@@ -367,7 +367,13 @@ impl Session {
         let joined = self.joined.as_ref().expect("joined");
         self.shard.metrics.peers_listed();
         let mut json = Vec::with_capacity(4096);
-        peers::write_peers_list(&mut json, &joined.mesh.board, &joined.entry, req_id);
+        peers::write_peers_list(
+            &mut json,
+            &joined.mesh.board,
+            &joined.mesh.remote,
+            &joined.entry,
+            req_id,
+        );
         let frame = ws::encode_server_frame(OpCode::Text, &json);
         if self.link.out.push_large(frame).is_err() {
             self.reject(
@@ -428,6 +434,7 @@ impl Session {
             self.link.take_orphans(),
         );
         shard.store_late(left.late);
+        shard.cluster_changed(&joined.mesh);
         // Its leases lapse now: a session in grace cannot ack (§11).
         shard.release_leases(&self.link, &joined.mesh, &joined.member);
         if self.link.is_leasing() {

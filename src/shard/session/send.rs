@@ -5,6 +5,7 @@
 use super::super::outbound::{Stamp, StampKind};
 use super::Session;
 use crate::audit::AuditEvent;
+use crate::cluster::{PendingAck, LOCAL};
 use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
 use crate::mesh::directory::{MemberEntry, MeshEntry, MeshView};
@@ -213,8 +214,9 @@ impl Session {
             }
         }
         self.shard.request_drains(&joined.mesh, &plan.held);
-        let mut shards = plan.shards();
-        if let Some(route) = plan.route {
+        let mut shards = plan.shards() & LOCAL;
+        let remote = plan.shards() & !LOCAL;
+        if let Some(route) = &plan.route {
             while shards != 0 {
                 let dest = shards.trailing_zeros() as usize;
                 shards &= shards - 1;
@@ -222,6 +224,19 @@ impl Session {
             }
         }
         self.shard.metrics.message_routed(priority);
+        if let (Some(route), true) = (plan.route, remote != 0) {
+            // Other nodes take part: the ack waits for their confirms.
+            let ack = PendingAck {
+                shard: self.shard.index,
+                conn: self.conn,
+                id: id.into(),
+                req_id: req_id.map(Into::into),
+                read_at,
+                held: plan.held.into_iter().map(|(member, _)| member).collect(),
+            };
+            self.shard.cross(route, remote, ack);
+            return;
+        }
         if !plan.held.is_empty() {
             // Held for someone: the ack waits for the row's commit.
             let members = plan.held.into_iter().map(|(member, _)| member).collect();

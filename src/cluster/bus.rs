@@ -1,0 +1,904 @@
+//! The bus thread: one tokio runtime of its own, one async-nats client.
+//! Shards never wait on it: they hand it commands through a bounded queue
+//! and hear back (confirms, routes and held envelopes from other nodes)
+//! through their inboxes, like from any shard.
+//!
+//! - Interest: a mesh is followed (its `meshbroker.<mesh>.*` subscribed)
+//!   while this node has sessions or held envelopes of it; NATS drops
+//!   what no node follows.
+//! - Directory: a node publishes its part of a mesh whole (every session,
+//!   its member, live, open) when it changes, at most once per tick, and
+//!   again every heartbeat; receivers replace that node's part.
+//! - Sends: published once with the routing facts; a node named in `to`
+//!   queues the same frame on its shards and confirms. The sender's ack
+//!   waits for every confirm or the deadline; what was not confirmed is
+//!   held on the sender's node (and its row written) before the ack.
+//! - Held envelopes: the node that accepted a send holds it until its
+//!   member is live somewhere; then it hands it to that node, which holds
+//!   it in its own queue and drains it like its own.
+//! - Dead nodes (no heartbeat for `NODE_DEAD_AFTER_MS`, while this node's
+//!   own bus connection is up): their sessions leave the directory, their
+//!   presence rows end, and their held rows are claimed and loaded here.
+use super::view::{MeshView, Nodes};
+use super::wire::{self, Head, Kind};
+use super::{slot_bit, BusCommand, PendingAck, LOCAL};
+use crate::inbox::{ShardEvent, ShardSender};
+use crate::mesh::directory::{Directory, MemberEntry, MeshEntry};
+use crate::mesh::held::Take;
+use crate::mesh::peers::{self, Holder};
+use crate::mesh::plan::{first_shard, key, Route, Targets};
+use crate::mesh::{Envelope, EnvelopeTarget};
+use crate::protocol::Priority;
+use bytes::Bytes;
+use futures_util::StreamExt;
+use rustc_hash::FxHashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+use tokio::sync::mpsc;
+
+/// How often the bus looks at deadlines, dirty meshes and the clock.
+const TICK: Duration = Duration::from_millis(10);
+/// A mesh with nothing of this node in it is unfollowed after this.
+const UNFOLLOW_AFTER: Duration = Duration::from_secs(10);
+/// Held envelopes handed over per drain.
+const DRAIN_BATCH: usize = 256;
+/// A publish the client cannot queue within this is dropped (its confirm
+/// times out and the send is held).
+const PUBLISH_TIMEOUT: Duration = Duration::from_millis(50);
+
+const END_PRESENCES_SQL: &str = "\
+UPDATE mesh.presence SET disconnected_at = now()::timestamp
+WHERE node_id = $1 AND disconnected_at IS NULL";
+
+/// Called with each mesh whose taken-over envelopes are loaded.
+pub type OnRestored = Arc<dyn Fn(&Arc<MeshEntry>) + Send + Sync>;
+
+pub struct BusSpec {
+    pub url: String,
+    pub node_id: Arc<str>,
+    pub confirm_timeout: Duration,
+    pub dead_after: Duration,
+    pub directory: Arc<Directory>,
+    pub shards: Vec<ShardSender>,
+    /// The database, with this node's id set (ending and taking over dead
+    /// nodes' rows).
+    pub db: tokio_postgres::Config,
+    pub held_ttl: Duration,
+    pub on_restored: OnRestored,
+}
+
+/// The running bus thread.
+pub struct BusThread {
+    join: std::thread::JoinHandle<()>,
+    stop: Arc<tokio::sync::Notify>,
+}
+
+impl BusThread {
+    /// After the shards are done: says goodbye on the bus and ends.
+    pub fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.join.join();
+    }
+}
+
+pub fn spawn(spec: BusSpec, commands: mpsc::Receiver<BusCommand>) -> std::io::Result<BusThread> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let stopped = stop.clone();
+    let join = std::thread::Builder::new()
+        .name("bus".into())
+        .spawn(move || runtime.block_on(run(spec, commands, stopped)))?;
+    Ok(BusThread { join, stop })
+}
+
+/// A mesh this node follows.
+struct Followed {
+    view: MeshView,
+    subscription: tokio::task::JoinHandle<()>,
+    idle_since: Option<Instant>,
+}
+
+/// What a confirm is awaited for.
+enum Awaited {
+    Ack {
+        route: Arc<Route>,
+        ack: PendingAck,
+    },
+    Handed {
+        member: Arc<MemberEntry>,
+        envelope: Arc<Envelope>,
+    },
+    /// A forwarded hook: the first node that has the session answers.
+    Hook(tokio::sync::oneshot::Sender<Option<Box<str>>>),
+}
+
+struct Pending {
+    /// Nodes (remote bits) yet to confirm, and those that refused.
+    waiting: u64,
+    refused: u64,
+    deadline: Instant,
+    awaited: Awaited,
+}
+
+struct Bus {
+    spec: BusSpec,
+    client: async_nats::Client,
+    nodes: Nodes,
+    /// By subject token.
+    followed: FxHashMap<String, Followed>,
+    pending: FxHashMap<u64, Pending>,
+    next_seq: u64,
+    incoming: mpsc::UnboundedSender<async_nats::Message>,
+    /// Meshes to follow found by this thread's own tasks (takeovers).
+    own: mpsc::UnboundedSender<Arc<MeshEntry>>,
+    dirty: Vec<Arc<MeshEntry>>,
+    /// Members whose held envelopes wait for their rows before a handover.
+    drain_later: Vec<(Arc<MeshEntry>, Arc<MemberEntry>)>,
+    /// Confirms a full inbox did not take yet.
+    unsent: Vec<(usize, ShardEvent)>,
+    connected: bool,
+    /// A beat is due at the next tick (a node joined).
+    beat_now: bool,
+}
+
+async fn run(
+    spec: BusSpec,
+    mut commands: mpsc::Receiver<BusCommand>,
+    stop: Arc<tokio::sync::Notify>,
+) {
+    let client = match async_nats::ConnectOptions::new()
+        .name(&*spec.node_id)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .reconnect_delay_callback(|attempts| {
+            Duration::from_millis((50u64 << attempts.min(5)).min(1000))
+        })
+        .connect(spec.url.as_str())
+        .await
+    {
+        Ok(client) => client,
+        Err(e) => {
+            tracing::error!(target: "bus", error = %e, "NATS connect failed");
+            return;
+        }
+    };
+    let (incoming, mut messages) = mpsc::unbounded_channel();
+    let (own, mut own_rx) = mpsc::unbounded_channel();
+    let mut bus = Bus {
+        client,
+        nodes: Nodes::default(),
+        followed: FxHashMap::default(),
+        pending: FxHashMap::default(),
+        next_seq: 1,
+        incoming,
+        own,
+        dirty: Vec::new(),
+        drain_later: Vec::new(),
+        unsent: Vec::new(),
+        connected: false,
+        beat_now: false,
+        spec,
+    };
+    bus.subscribe(wire::BEAT.to_owned()).await;
+    bus.subscribe(wire::HOOKS.to_owned()).await;
+    bus.subscribe(wire::confirm_subject(&bus.spec.node_id))
+        .await;
+    let beat_every = bus.spec.dead_after / 4;
+    let mut next_beat = Instant::now();
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            command = commands.recv() => match command {
+                Some(command) => bus.command(command).await,
+                None => break,
+            },
+            _ = stop.notified() => break,
+            Some(message) = messages.recv() => bus.message(message).await,
+            Some(mesh) = own_rx.recv() => {
+                bus.follow(&mesh).await;
+                // Taken over: what is live elsewhere already goes there.
+                let members: Vec<_> = mesh.view().members().to_vec();
+                for member in members.iter().filter(|m| !m.held.is_empty()) {
+                    bus.hand_over(&mesh, member).await;
+                }
+            }
+            _ = tick.tick() => {
+                let now = Instant::now();
+                if now >= next_beat || std::mem::take(&mut bus.beat_now) {
+                    next_beat = now + beat_every;
+                    bus.beat().await;
+                }
+                bus.tick(now).await;
+            }
+        }
+    }
+    bus.leave().await;
+}
+
+impl Bus {
+    fn me(&self) -> &str {
+        &self.spec.node_id
+    }
+
+    async fn subscribe(&self, subject: String) -> Option<tokio::task::JoinHandle<()>> {
+        let mut subscriber = match self.client.subscribe(subject.clone()).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(target: "bus", subject = %subject, error = %e, "subscribe failed");
+                return None;
+            }
+        };
+        let incoming = self.incoming.clone();
+        Some(tokio::spawn(async move {
+            while let Some(message) = subscriber.next().await {
+                if incoming.send(message).is_err() {
+                    break;
+                }
+            }
+        }))
+    }
+
+    /// Publishes unless the connection is down (then what needed a confirm
+    /// times out into a hold, and parts are republished on reconnect).
+    async fn publish(&self, subject: String, payload: Bytes) -> bool {
+        if !self.connected {
+            return false;
+        }
+        let publish = self.client.publish(subject, payload);
+        matches!(
+            tokio::time::timeout(PUBLISH_TIMEOUT, publish).await,
+            Ok(Ok(()))
+        )
+    }
+
+    async fn command(&mut self, command: BusCommand) {
+        match command {
+            BusCommand::Route { route, nodes, ack } => self.route(route, nodes, ack).await,
+            BusCommand::MeshChanged(mesh) => self.follow(&mesh).await,
+            BusCommand::Drain { mesh, member } => self.hand_over(&mesh, &member).await,
+            BusCommand::Hook { signal, reply } => self.forward_hook(signal, reply).await,
+        }
+    }
+
+    /// Asks every other node for the session a hook signal is for.
+    async fn forward_hook(
+        &mut self,
+        signal: crate::hook::HookSignal,
+        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
+    ) {
+        let nodes = self.nodes.all();
+        let seq = self.seq();
+        let head = wire::HookHead {
+            from: self.me().to_owned(),
+            seq,
+            pid: signal.pid,
+            cwd: signal.cwd,
+            status: signal.status.as_str().to_owned(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&head).expect("a hook head serializes"));
+        if nodes == 0 || !self.publish(wire::HOOKS.to_owned(), payload).await {
+            let _ = reply.send(None);
+            return;
+        }
+        self.pending.insert(
+            seq,
+            Pending {
+                waiting: nodes,
+                refused: 0,
+                deadline: Instant::now() + self.spec.confirm_timeout,
+                awaited: Awaited::Hook(reply),
+            },
+        );
+    }
+
+    /// A hook signal from another node: a shard of this node that has the
+    /// session applies it; the answer goes back as a confirm.
+    fn hook_here(&self, payload: &[u8]) {
+        let Ok(head) = serde_json::from_slice::<wire::HookHead>(payload) else {
+            return;
+        };
+        let Some(status) = crate::hook::Status::parse(&head.status) else {
+            return;
+        };
+        if head.from == self.me() {
+            return;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let signal = crate::hook::HookSignal {
+            cwd: head.cwd,
+            pid: head.pid,
+            status,
+            session_id: None,
+        };
+        let asked = self.to_shard(0, ShardEvent::RemoteHook { signal, reply });
+        let client = self.client.clone();
+        let me = self.spec.node_id.clone();
+        let timeout = self.spec.confirm_timeout;
+        tokio::spawn(async move {
+            let presence = match asked {
+                true => tokio::time::timeout(timeout, answer)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten(),
+                false => None,
+            };
+            let confirm = wire::confirm(head.seq, &me, presence.is_some(), presence.as_deref());
+            let publish = client.publish(wire::confirm_subject(&head.from), confirm);
+            let _ = tokio::time::timeout(PUBLISH_TIMEOUT, publish).await;
+        });
+    }
+
+    async fn route(&mut self, route: Arc<Route>, nodes: u64, ack: Option<PendingAck>) {
+        let to = self.nodes.ids_in(nodes);
+        let seq = if ack.is_some() { self.seq() } else { 0 };
+        let head = Head::new(&route.envelope, &route.targets, self.me(), seq, to);
+        let subject = wire::mesh_subject(&route.envelope.mesh.id, "route");
+        let published = self
+            .publish(subject, wire::encode(&head, &route.envelope.frame))
+            .await;
+        if let Some(ack) = ack {
+            let pending = Pending {
+                waiting: nodes,
+                refused: 0,
+                deadline: Instant::now() + self.spec.confirm_timeout,
+                awaited: Awaited::Ack { route, ack },
+            };
+            if published && !head.to.is_empty() {
+                self.pending.insert(seq, pending);
+            } else {
+                self.settle(Pending {
+                    refused: nodes,
+                    ..pending
+                });
+            }
+        }
+    }
+
+    fn seq(&mut self) -> u64 {
+        self.next_seq += 1;
+        self.next_seq
+    }
+
+    /// Starts following a mesh (subscribes, asks the others for their
+    /// parts) and marks this node's part for publishing.
+    async fn follow(&mut self, mesh: &Arc<MeshEntry>) {
+        let token = wire::mesh_token(&mesh.id);
+        if !self.followed.contains_key(&token) {
+            let Some(subscription) = self.subscribe(wire::mesh_wildcard(&mesh.id)).await else {
+                mesh.changed.store(false, Ordering::Release);
+                return;
+            };
+            self.followed.insert(
+                token,
+                Followed {
+                    view: MeshView::new(mesh.clone()),
+                    subscription,
+                    idle_since: None,
+                },
+            );
+            let me = Bytes::copy_from_slice(self.me().as_bytes());
+            self.publish(wire::mesh_subject(&mesh.id, "sync"), me).await;
+        }
+        self.dirty.push(mesh.clone());
+    }
+
+    async fn message(&mut self, message: async_nats::Message) {
+        let subject = message.subject.as_str();
+        if subject == wire::BEAT {
+            if let Ok(node) = std::str::from_utf8(&message.payload) {
+                if node != self.me() {
+                    self.heard(node);
+                }
+            }
+            return;
+        }
+        if subject == wire::HOOKS {
+            self.hook_here(&message.payload);
+            return;
+        }
+        if subject.starts_with("meshbroker.node.") {
+            if let Some((seq, node, taken, presence)) = wire::parse_confirm(&message.payload) {
+                self.confirmed(seq, node, taken, presence);
+            }
+            return;
+        }
+        let mut parts = subject.split('.').skip(1);
+        let (Some(token), Some(kind)) = (parts.next(), parts.next()) else {
+            return;
+        };
+        let token = token.to_owned();
+        match kind {
+            "dir" => self.part(&token, &message.payload).await,
+            "sync" if message.payload != self.me().as_bytes() => {
+                if let Some(followed) = self.followed.get(&token) {
+                    let mesh = followed.view.mesh.clone();
+                    self.dirty.push(mesh);
+                }
+            }
+            "route" | "held" => {
+                let Some((head, frame)) = wire::decode(&message.payload) else {
+                    tracing::warn!(target: "bus", subject = %subject, "undecodable bus message");
+                    return;
+                };
+                if head.from == self.me() || !head.to.iter().any(|n| n == self.me()) {
+                    return;
+                }
+                let taken = self.place(&head, frame, kind == "held");
+                if head.seq != 0 {
+                    let confirm = wire::confirm(head.seq, self.me(), taken, None);
+                    self.publish(wire::confirm_subject(&head.from), confirm)
+                        .await;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// A node was heard; a new one gets this node's parts again.
+    fn heard(&mut self, node: &str) -> Option<u8> {
+        let (slot, new) = self.nodes.heard(node, Instant::now())?;
+        if new {
+            tracing::info!(target: "bus", node = %node, slot, "node joined");
+            // So the newcomer hears of this node at once too.
+            self.beat_now = true;
+            let meshes: Vec<_> = self
+                .followed
+                .values()
+                .map(|f| f.view.mesh.clone())
+                .collect();
+            self.dirty.extend(meshes);
+        }
+        Some(slot)
+    }
+
+    async fn part(&mut self, token: &str, payload: &[u8]) {
+        let Some((node, sessions)) = wire::decode_part(payload) else {
+            tracing::warn!(target: "bus", "undecodable directory part");
+            return;
+        };
+        if node == self.me() {
+            return;
+        }
+        let Some(slot) = self.heard(node) else {
+            return;
+        };
+        let Some(followed) = self.followed.get_mut(token) else {
+            return;
+        };
+        let gained = followed.view.apply(slot, &sessions);
+        let mesh = followed.view.mesh.clone();
+        for member in gained {
+            if !member.held.is_empty() {
+                self.hand_over(&mesh, &member).await;
+            }
+        }
+    }
+
+    /// A route or held envelope from another node onto this node's shards.
+    /// False when this node cannot place it (the sender holds it instead).
+    fn place(&self, head: &Head, frame: Bytes, held: bool) -> bool {
+        let Some(mesh) = self.spec.directory.get(&head.mesh) else {
+            return false;
+        };
+        let view = mesh.view();
+        let (Some(sender), Some(priority)) = (
+            view.member_by_pubkey(&head.sender),
+            Priority::parse(&head.priority),
+        ) else {
+            return false;
+        };
+        let target_member = head
+            .target
+            .as_deref()
+            .and_then(|k| view.member_by_pubkey(k))
+            .cloned();
+        let envelope = Arc::new(Envelope {
+            message_id: head.id.as_str().into(),
+            mesh: mesh.clone(),
+            sender: sender.clone(),
+            target: match &target_member {
+                Some(member) if *member.pubkey == *head.spec => {
+                    EnvelopeTarget::Member(member.clone())
+                }
+                _ => EnvelopeTarget::Many(head.spec.as_str().into()),
+            },
+            priority,
+            created_at: wire::from_millis(head.created_ms),
+            expires_at: wire::from_millis(head.expires_ms),
+            frame,
+            nonce: head.nonce[0]..head.nonce[1],
+            ciphertext: head.ciphertext[0]..head.ciphertext[1],
+            sent_at: Instant::now(),
+            // A handed-over envelope keeps its place before this run's.
+            restored: held,
+            holds_in_flight: Default::default(),
+            redelivered_frame: Default::default(),
+            client_message_id: head.client_message_id.as_deref().map(Into::into),
+            session: None,
+        });
+        if envelope.is_expired(SystemTime::now()) {
+            // Nobody may have it any more: taken, so nobody holds it.
+            return true;
+        }
+        let keys = |pubkeys: &[String]| -> Vec<usize> {
+            let mut keys: Vec<usize> = pubkeys
+                .iter()
+                .filter_map(|k| view.member_by_pubkey(k).map(key))
+                .collect();
+            keys.sort_unstable();
+            keys
+        };
+        let (targets, shards) = match head.kind {
+            Kind::Member => {
+                let Some(member) = target_member else {
+                    return false;
+                };
+                let local = member.shards_for(priority) & LOCAL;
+                if local == 0 {
+                    return false;
+                }
+                if held {
+                    member.hold(envelope);
+                    return self.to_shard(
+                        first_shard(local).expect("non-zero"),
+                        ShardEvent::DrainHeld(mesh.clone(), member),
+                    );
+                }
+                (Targets::Member(member), local)
+            }
+            Kind::AllBut => (
+                Targets::AllBut {
+                    held_for: keys(&head.keys),
+                },
+                mesh.live_shards.get() & LOCAL,
+            ),
+            Kind::Listed => (
+                Targets::Listed {
+                    members: keys(&head.keys),
+                },
+                mesh.live_shards.get() & LOCAL,
+            ),
+        };
+        if shards == 0 {
+            return false;
+        }
+        let route = Arc::new(Route {
+            envelope,
+            targets,
+            shards,
+        });
+        let mut placed = true;
+        let mut rest = shards;
+        while rest != 0 {
+            let shard = rest.trailing_zeros() as usize;
+            rest &= rest - 1;
+            placed &= self.to_shard(shard, ShardEvent::Route(route.clone()));
+        }
+        placed
+    }
+
+    fn to_shard(&self, shard: usize, event: ShardEvent) -> bool {
+        self.spec
+            .shards
+            .get(shard)
+            .is_some_and(|s| s.try_send(vec![event]).is_ok())
+    }
+
+    fn confirmed(&mut self, seq: u64, node: &str, taken: bool, presence: Option<&str>) {
+        let Some(slot) = self.nodes.slot_of(node) else {
+            return;
+        };
+        let bit = slot_bit(slot);
+        let Some(pending) = self.pending.get_mut(&seq) else {
+            return;
+        };
+        if let (Awaited::Hook(_), true, Some(presence)) = (&pending.awaited, taken, presence) {
+            if let Some(Pending {
+                awaited: Awaited::Hook(reply),
+                ..
+            }) = self.pending.remove(&seq)
+            {
+                let _ = reply.send(Some(presence.into()));
+            }
+            return;
+        }
+        pending.waiting &= !bit;
+        if !taken {
+            pending.refused |= bit;
+        }
+        if pending.waiting == 0 {
+            let pending = self.pending.remove(&seq).expect("present");
+            self.settle(pending);
+        }
+    }
+
+    /// Every node named answered, or the deadline passed: those that did
+    /// not take it (`refused`, and `waiting` at the deadline) are missing.
+    fn settle(&mut self, pending: Pending) {
+        let missing = pending.refused | pending.waiting;
+        match pending.awaited {
+            Awaited::Ack { route, ack } => {
+                let shard = ack.shard;
+                let event = ShardEvent::Confirmed {
+                    route,
+                    ack,
+                    missing,
+                };
+                if let Err(events) = self.spec.shards[shard].try_send(vec![event]) {
+                    self.unsent.extend(events.into_iter().map(|e| (shard, e)));
+                }
+            }
+            Awaited::Handed { member, envelope } => {
+                if missing != 0 {
+                    member.held.hand_back(vec![envelope]);
+                }
+            }
+            // Every node answered no (or the deadline passed): stashed.
+            Awaited::Hook(reply) => {
+                let _ = reply.send(None);
+            }
+        }
+    }
+
+    /// Hands what `member` holds here to a node where it is live, for the
+    /// priorities no local session takes now: each envelope once, to one
+    /// node, in order. Envelopes whose row is not committed yet wait (a
+    /// mark on the other node must not reach Postgres before the row).
+    async fn hand_over(&mut self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>) {
+        let remote = member.live_shards.get() & !LOCAL;
+        let Some(slot) = first_shard(remote).map(|b| (b - super::REMOTE_BASE) as u8) else {
+            return;
+        };
+        let Some(node) = self.nodes.id(slot).map(str::to_owned) else {
+            return;
+        };
+        let bit = slot_bit(slot);
+        let takes = |p: Priority| {
+            let mask = member.shards_for(p);
+            mask & bit != 0 && mask & LOCAL == 0
+        };
+        let now = SystemTime::now();
+        let mut expired = Vec::new();
+        let mut uncommitted = false;
+        let mut handed = Vec::new();
+        while handed.len() < DRAIN_BATCH {
+            let taken = member.held.take_next(now, &mut expired, |envelope| {
+                if !takes(envelope.priority) {
+                    Take::SkipPriority
+                } else if envelope.has_holds_in_flight() {
+                    uncommitted = true;
+                    Take::Stop
+                } else {
+                    Take::Yes
+                }
+            });
+            match taken {
+                Some(envelope) => handed.push(envelope),
+                None => break,
+            }
+        }
+        // The shards' sweep drops and marks them.
+        member.held.hand_back(expired);
+        if uncommitted || handed.len() == DRAIN_BATCH {
+            self.drain_later.push((mesh.clone(), member.clone()));
+        }
+        let subject = wire::mesh_subject(&mesh.id, "held");
+        for envelope in handed {
+            let seq = self.seq();
+            let head = Head::new(
+                &envelope,
+                &Targets::Member(member.clone()),
+                self.me(),
+                seq,
+                vec![node.clone()],
+            );
+            let published = self
+                .publish(subject.clone(), wire::encode(&head, &envelope.frame))
+                .await;
+            let pending = Pending {
+                waiting: bit,
+                refused: 0,
+                deadline: Instant::now() + self.spec.confirm_timeout,
+                awaited: Awaited::Handed {
+                    member: member.clone(),
+                    envelope,
+                },
+            };
+            if published {
+                self.pending.insert(seq, pending);
+            } else {
+                self.settle(pending);
+            }
+        }
+    }
+
+    async fn beat(&mut self) {
+        let me = Bytes::copy_from_slice(self.me().as_bytes());
+        self.publish(wire::BEAT.to_owned(), me).await;
+        // Parts again: a lost publish is repaired within a beat.
+        let meshes: Vec<_> = self
+            .followed
+            .values()
+            .map(|f| f.view.mesh.clone())
+            .collect();
+        self.dirty.extend(meshes.iter().cloned());
+        // Held here for a member live only elsewhere (a handover refused or
+        // lost, a send held while the bus was away): handed over again.
+        for mesh in &meshes {
+            let members: Vec<_> = mesh
+                .view()
+                .members()
+                .iter()
+                .filter(|m| !m.held.is_empty() && m.live_shards.get() & !LOCAL != 0)
+                .cloned()
+                .collect();
+            for member in &members {
+                self.hand_over(mesh, member).await;
+            }
+        }
+    }
+
+    async fn tick(&mut self, now: Instant) {
+        let connected = self.client.connection_state() == async_nats::connection::State::Connected;
+        if connected && !self.connected {
+            // Back on the bus: nobody could be heard meanwhile.
+            self.nodes.forgive(now);
+            tracing::info!(target: "bus", "bus connected");
+            self.connected = true;
+            // Heard at once, not a beat later.
+            self.beat().await;
+            let meshes: Vec<_> = self
+                .followed
+                .values()
+                .map(|f| f.view.mesh.clone())
+                .collect();
+            for mesh in &meshes {
+                let me = Bytes::copy_from_slice(self.me().as_bytes());
+                self.publish(wire::mesh_subject(&mesh.id, "sync"), me).await;
+            }
+            self.dirty.extend(meshes);
+        } else if !connected && self.connected {
+            tracing::warn!(target: "bus", "bus disconnected");
+            self.connected = false;
+        }
+        if self.connected {
+            for (slot, node) in self.nodes.take_dead(now, self.spec.dead_after) {
+                self.dead(slot, node);
+            }
+        }
+        let late: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.deadline <= now)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in late {
+            let pending = self.pending.remove(&seq).expect("present");
+            self.settle(pending);
+        }
+        for (shard, event) in std::mem::take(&mut self.unsent) {
+            if let Err(events) = self.spec.shards[shard].try_send(vec![event]) {
+                self.unsent.extend(events.into_iter().map(|e| (shard, e)));
+            }
+        }
+        for (mesh, member) in std::mem::take(&mut self.drain_later) {
+            self.hand_over(&mesh, &member).await;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        dirty.sort_by_key(key);
+        dirty.dedup_by_key(|m| key(m));
+        for mesh in dirty {
+            self.publish_part(&mesh).await;
+        }
+        self.unfollow_idle(now);
+    }
+
+    /// This node's sessions of `mesh`, whole.
+    async fn publish_part(&self, mesh: &Arc<MeshEntry>) {
+        mesh.changed.store(false, Ordering::Release);
+        let mut sessions = Vec::new();
+        mesh.board.for_each(|entry, state| {
+            let live = matches!(state.holder, Holder::Live { .. });
+            let open = live && state.status.accepts(Priority::Next);
+            let mut json = Vec::with_capacity(256);
+            peers::write_remote_entry(&mut json, entry, state);
+            sessions.push((entry.member.pubkey.to_string(), live, open, json));
+        });
+        let part = wire::encode_part(self.me(), &sessions);
+        self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
+            .await;
+    }
+
+    /// Meshes with no session and nothing held here for a while.
+    fn unfollow_idle(&mut self, now: Instant) {
+        self.followed.retain(|_, followed| {
+            let mesh = &followed.view.mesh;
+            let mut listed = false;
+            mesh.board.for_each(|_, _| listed = true);
+            let busy = listed
+                || mesh.local_sessions() > 0
+                || mesh.view().members().iter().any(|m| !m.held.is_empty());
+            if busy {
+                followed.idle_since = None;
+                return true;
+            }
+            let since = *followed.idle_since.get_or_insert(now);
+            if now.duration_since(since) < UNFOLLOW_AFTER {
+                return true;
+            }
+            followed.subscription.abort();
+            followed.view.clear();
+            false
+        });
+    }
+
+    /// A node fell silent: its sessions leave, and (in the background) its
+    /// presence rows end and its held rows are claimed and loaded here.
+    fn dead(&mut self, slot: u8, node: String) {
+        tracing::warn!(target: "bus", node = %node, "node dead: taking over");
+        for followed in self.followed.values_mut() {
+            followed.view.drop_node(slot);
+        }
+        let bit = slot_bit(slot);
+        let gone: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.waiting & bit != 0)
+            .map(|(seq, _)| *seq)
+            .collect();
+        for seq in gone {
+            let mut pending = self.pending.remove(&seq).expect("present");
+            pending.waiting &= !bit;
+            pending.refused |= bit;
+            if pending.waiting == 0 {
+                self.settle(pending);
+            } else {
+                self.pending.insert(seq, pending);
+            }
+        }
+        let db = self.spec.db.clone();
+        let directory = self.spec.directory.clone();
+        let held_ttl = self.spec.held_ttl;
+        let on_restored = self.spec.on_restored.clone();
+        let own = self.own.clone();
+        tokio::spawn(async move {
+            if let Err(e) = end_presences(&db, &node).await {
+                tracing::warn!(target: "bus", node = %node, error = %e, "ending a dead node's presences failed");
+            }
+            let restored: crate::db::restore::OnRestored = Box::new(move |mesh| {
+                let _ = own.send(mesh.clone());
+                on_restored(mesh);
+            });
+            crate::db::restore::take_over(db, node, directory, held_ttl, restored).await;
+        });
+    }
+
+    /// At shutdown: an empty part for every followed mesh, so the others
+    /// drop this node's sessions at once.
+    async fn leave(&mut self) {
+        let meshes: Vec<_> = self
+            .followed
+            .values()
+            .map(|f| f.view.mesh.clone())
+            .collect();
+        for mesh in meshes {
+            let part = wire::encode_part(self.me(), &[]);
+            self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
+                .await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
+    }
+}
+
+async fn end_presences(db: &tokio_postgres::Config, node: &str) -> Result<(), crate::db::DbError> {
+    let (client, task) = crate::db::connect(db).await?;
+    client.execute(END_PRESENCES_SQL, &[&node]).await?;
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}

@@ -1,0 +1,107 @@
+//! Several broker nodes as one (README "Several nodes"), over NATS core.
+//! Unused (no thread, no handle) when `NATS_URL` is unset.
+//!
+//! - `wire` — subjects and the bus messages' encoding.
+//! - `view` — what this node knows of the others: their slots, and their
+//!   sessions of each mesh this node follows.
+//! - `bus`  — the bus thread (a tokio runtime of its own with async-nats):
+//!   subscriptions, heartbeats, crossing sends and their confirms, held
+//!   envelopes handed to the node that has their member, dead nodes.
+//!
+//! Other nodes are routed to like shards: a node's slot is a bit above
+//! the local shards' in each member's live and open masks, set from what
+//! that node publishes. `mesh::plan` is unchanged: a route naming a remote
+//! bit goes to the bus, which publishes it once to the mesh's subject.
+pub(crate) mod bus;
+pub(crate) mod view;
+pub(crate) mod wire;
+
+use crate::mesh::directory::{MemberEntry, MeshEntry};
+use crate::mesh::plan::Route;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::sync::mpsc;
+
+/// Bit of the first remote node in a shard mask; local shards sit below.
+pub const REMOTE_BASE: usize = 32;
+/// Other nodes one node can route to.
+pub const MAX_NODES: usize = 64 - REMOTE_BASE;
+/// The local shards' bits of a mask.
+pub const LOCAL: u64 = (1 << REMOTE_BASE) - 1;
+/// What the shards may have waiting for the bus thread.
+const QUEUE: usize = 65_536;
+
+pub fn slot_bit(slot: u8) -> u64 {
+    1 << (REMOTE_BASE + slot as usize)
+}
+
+/// An ack that waits for other nodes to confirm a send.
+pub struct PendingAck {
+    pub shard: usize,
+    pub conn: u64,
+    pub id: Box<str>,
+    pub req_id: Option<Box<str>>,
+    pub read_at: Instant,
+    /// Members the send was held for (their row is written once confirmed).
+    pub held: Vec<Arc<MemberEntry>>,
+}
+
+pub enum BusCommand {
+    /// Publish a route for the nodes in `nodes` (remote bits); with an ack,
+    /// confirm it back to its shard.
+    Route {
+        route: Arc<Route>,
+        nodes: u64,
+        ack: Option<PendingAck>,
+    },
+    /// This node's sessions of a mesh changed (or it has some now).
+    MeshChanged(Arc<MeshEntry>),
+    /// A hook signal with no session here: the node that has it applies it
+    /// and answers with the presence id (`None`: no node has it).
+    Hook {
+        signal: crate::hook::HookSignal,
+        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
+    },
+    /// A member's held envelopes may go to another node (remote bits).
+    Drain {
+        mesh: Arc<MeshEntry>,
+        member: Arc<MemberEntry>,
+    },
+}
+
+/// The shards' handle on the bus thread.
+pub struct Cluster {
+    pub node_id: Arc<str>,
+    tx: mpsc::Sender<BusCommand>,
+}
+
+impl Cluster {
+    pub fn new(node_id: &str) -> (Cluster, mpsc::Receiver<BusCommand>) {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        (
+            Cluster {
+                node_id: node_id.into(),
+                tx,
+            },
+            rx,
+        )
+    }
+
+    /// Never blocks; a full queue gives the command back.
+    pub fn send(&self, command: BusCommand) -> Result<(), BusCommand> {
+        self.tx.try_send(command).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(c) | mpsc::error::TrySendError::Closed(c) => c,
+        })
+    }
+
+    /// Once per burst of changes of a mesh (until the bus republishes it).
+    pub fn mesh_changed(&self, mesh: &Arc<MeshEntry>) {
+        if !mesh.changed.swap(true, Ordering::AcqRel)
+            && self.send(BusCommand::MeshChanged(mesh.clone())).is_err()
+        {
+            // The bus republishes every followed mesh each heartbeat.
+            mesh.changed.store(false, Ordering::Release);
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Subjects and the bus messages' encoding.
+//!
+//! Subjects: `meshbroker.nodes.beat` (heartbeats), `meshbroker.node.<id>.ok`
+//! (confirms, to the node that asked), and per mesh `meshbroker.<mesh>.dir`
+//! (a node's sessions of the mesh, whole), `.sync` (a node that just
+//! subscribed asks for everyone's part), `.route` (a send) and `.held` (a
+//! held envelope handed to the node that now has its member).
+//!
+//! A send crosses as one JSON head line (routing facts, made with serde)
+//! then the push frame as encoded on the sender's node, byte for byte: the
+//! receiving node queues that very frame, so the push is serialized once
+//! in the whole cluster.
+use crate::mesh::plan::{key, Targets};
+use crate::mesh::{Envelope, EnvelopeTarget};
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+pub const BEAT: &str = "meshbroker.nodes.beat";
+/// Hook signals no session of the receiving node matched.
+pub const HOOKS: &str = "meshbroker.nodes.hook";
+
+/// A mesh id as one subject token: itself when it is plain, else hex.
+pub fn mesh_token(mesh_id: &str) -> String {
+    let plain = !mesh_id.is_empty()
+        && mesh_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        mesh_id.to_owned()
+    } else {
+        let hex: String = mesh_id.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("x{hex}")
+    }
+}
+
+pub fn mesh_subject(mesh_id: &str, kind: &str) -> String {
+    format!("meshbroker.{}.{kind}", mesh_token(mesh_id))
+}
+
+pub fn mesh_wildcard(mesh_id: &str) -> String {
+    format!("meshbroker.{}.*", mesh_token(mesh_id))
+}
+
+pub fn confirm_subject(node: &str) -> String {
+    format!("meshbroker.node.{node}.ok")
+}
+
+/// Whom a crossing send is for.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Kind {
+    /// `target`, one member.
+    Member,
+    /// Every member of the mesh but the sender's and `keys`.
+    AllBut,
+    /// The members in `keys`.
+    Listed,
+}
+
+/// The routing facts of a send or handed-over held envelope.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct Head {
+    /// The node that sent it, and the confirm it waits for (0: none).
+    pub from: String,
+    pub seq: u64,
+    /// The nodes that should take it.
+    pub to: Vec<String>,
+    pub mesh: String,
+    pub id: String,
+    /// The sender's member key.
+    pub sender: String,
+    pub kind: Kind,
+    /// `Member`: its key.
+    pub target: Option<String>,
+    /// The send's `targetSpec` as stored (a broadcast's `*`, `@group`).
+    pub spec: String,
+    /// Member keys (see `Kind`).
+    pub keys: Vec<String>,
+    pub priority: String,
+    pub created_ms: u64,
+    pub expires_ms: u64,
+    pub client_message_id: Option<String>,
+    /// Nonce and ciphertext ranges in the frame.
+    pub nonce: [u32; 2],
+    pub ciphertext: [u32; 2],
+}
+
+fn millis(at: SystemTime) -> u64 {
+    at.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+pub fn from_millis(ms: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_millis(ms)
+}
+
+impl Head {
+    /// The facts of `envelope` for `targets`; member keys looked up in the
+    /// envelope's mesh (only for a broadcast that skips someone, or a group).
+    pub fn new(
+        envelope: &Envelope,
+        targets: &Targets,
+        from: &str,
+        seq: u64,
+        to: Vec<String>,
+    ) -> Head {
+        let keys_of = |wanted: &[usize]| -> Vec<String> {
+            if wanted.is_empty() {
+                return Vec::new();
+            }
+            let view = envelope.mesh.view();
+            view.members()
+                .iter()
+                .filter(|m| wanted.binary_search(&key(m)).is_ok())
+                .map(|m| m.pubkey.to_string())
+                .collect()
+        };
+        let (kind, target, keys) = match targets {
+            Targets::Member(member) => (Kind::Member, Some(member.pubkey.to_string()), Vec::new()),
+            Targets::Session(entry) => (
+                Kind::Member,
+                Some(entry.member.pubkey.to_string()),
+                Vec::new(),
+            ),
+            Targets::AllBut { held_for } => (Kind::AllBut, None, keys_of(held_for)),
+            Targets::Listed { members } => (Kind::Listed, None, keys_of(members)),
+        };
+        Head {
+            from: from.to_owned(),
+            seq,
+            to,
+            mesh: envelope.mesh.id.to_string(),
+            id: envelope.message_id.to_string(),
+            sender: envelope.sender.pubkey.to_string(),
+            kind,
+            target,
+            spec: match &envelope.target {
+                EnvelopeTarget::Member(member) => member.pubkey.to_string(),
+                EnvelopeTarget::Many(spec) => spec.to_string(),
+            },
+            keys,
+            priority: envelope.priority.as_str().to_owned(),
+            created_ms: millis(envelope.created_at),
+            expires_ms: millis(envelope.expires_at),
+            client_message_id: envelope.client_message_id.as_deref().map(str::to_owned),
+            nonce: [envelope.nonce.start, envelope.nonce.end],
+            ciphertext: [envelope.ciphertext.start, envelope.ciphertext.end],
+        }
+    }
+}
+
+/// Head line, newline, frame.
+pub fn encode(head: &Head, frame: &[u8]) -> Bytes {
+    let json = serde_json::to_vec(head).expect("a head serializes");
+    let mut out = BytesMut::with_capacity(json.len() + 1 + frame.len());
+    out.put_slice(&json);
+    out.put_u8(b'\n');
+    out.put_slice(frame);
+    out.freeze()
+}
+
+/// The head and the frame (a slice of `payload`, not a copy).
+pub fn decode(payload: &Bytes) -> Option<(Head, Bytes)> {
+    let newline = payload.iter().position(|&b| b == b'\n')?;
+    let head: Head = serde_json::from_slice(&payload[..newline]).ok()?;
+    let frame = payload.slice(newline + 1..);
+    let in_frame = |r: [u32; 2]| r[0] <= r[1] && r[1] as usize <= frame.len();
+    (in_frame(head.nonce) && in_frame(head.ciphertext)).then_some((head, frame))
+}
+
+/// A confirm: `<seq> <node> ok|no`, and for a hook the presence id.
+pub fn confirm(seq: u64, node: &str, taken: bool, presence: Option<&str>) -> Bytes {
+    let verdict = if taken { "ok" } else { "no" };
+    match presence {
+        Some(presence) => Bytes::from(format!("{seq} {node} {verdict} {presence}")),
+        None => Bytes::from(format!("{seq} {node} {verdict}")),
+    }
+}
+
+/// A confirm's sequence, node, verdict and presence id.
+pub type Confirm<'a> = (u64, &'a str, bool, Option<&'a str>);
+
+pub fn parse_confirm(payload: &[u8]) -> Option<Confirm<'_>> {
+    let text = std::str::from_utf8(payload).ok()?;
+    let mut parts = text.split(' ');
+    let seq = parts.next()?.parse().ok()?;
+    let node = parts.next()?;
+    let taken = match parts.next()? {
+        "ok" => true,
+        "no" => false,
+        _ => return None,
+    };
+    Some((seq, node, taken, parts.next()))
+}
+
+/// A forwarded hook signal.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct HookHead {
+    pub from: String,
+    pub seq: u64,
+    pub pid: Option<i32>,
+    pub cwd: String,
+    pub status: String,
+}
+
+/// One session in a node's part: its member, whether it is live (not
+/// away) and whether it takes `next` now, and its `peers_list` entry.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PartSession<'a> {
+    pub member: &'a str,
+    pub live: bool,
+    pub open: bool,
+    pub entry: &'a [u8],
+}
+
+/// A node's sessions of a mesh: `<node>\n` then one line per session,
+/// `<member key>\t<l|-><o|->\t<entry json>`. Entries are JSON written by
+/// `protocol` (no raw newline or tab); keys are hex.
+pub fn encode_part(node: &str, sessions: &[(String, bool, bool, Vec<u8>)]) -> Bytes {
+    let mut out =
+        BytesMut::with_capacity(64 + sessions.iter().map(|s| s.3.len() + 80).sum::<usize>());
+    out.put_slice(node.as_bytes());
+    out.put_u8(b'\n');
+    for (member, live, open, entry) in sessions {
+        out.put_slice(member.as_bytes());
+        out.put_u8(b'\t');
+        out.put_u8(if *live { b'l' } else { b'-' });
+        out.put_u8(if *open { b'o' } else { b'-' });
+        out.put_u8(b'\t');
+        out.put_slice(entry);
+        out.put_u8(b'\n');
+    }
+    out.freeze()
+}
+
+pub fn decode_part(payload: &[u8]) -> Option<(&str, Vec<PartSession<'_>>)> {
+    let mut lines = payload.split(|&b| b == b'\n');
+    let node = std::str::from_utf8(lines.next()?).ok()?;
+    let mut sessions = Vec::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let mut fields = line.splitn(3, |&b| b == b'\t');
+        let member = std::str::from_utf8(fields.next()?).ok()?;
+        let flags = fields.next()?;
+        let entry = fields.next()?;
+        if flags.len() != 2 || !entry.starts_with(b"{") {
+            return None;
+        }
+        sessions.push(PartSession {
+            member,
+            live: flags[0] == b'l',
+            open: flags[1] == b'o',
+            entry,
+        });
+    }
+    Some((node, sessions))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mesh_ids_become_single_tokens() {
+        assert_eq!(mesh_token("mesh-1_a"), "mesh-1_a");
+        assert_eq!(mesh_token("a.b"), "x612e62");
+        assert_eq!(mesh_token("a b>*"), "x6120623e2a");
+        assert_eq!(mesh_subject("m", "dir"), "meshbroker.m.dir");
+    }
+
+    #[test]
+    fn confirms_round_trip_and_refuse_garbage() {
+        assert_eq!(
+            parse_confirm(&confirm(7, "b-1", true, None)),
+            Some((7, "b-1", true, None))
+        );
+        assert_eq!(
+            parse_confirm(&confirm(9, "c", false, None)),
+            Some((9, "c", false, None))
+        );
+        assert_eq!(
+            parse_confirm(&confirm(3, "c", true, Some("p1"))),
+            Some((3, "c", true, Some("p1")))
+        );
+        assert_eq!(parse_confirm(b"7 b maybe"), None);
+        assert_eq!(parse_confirm(b"x b ok"), None);
+        assert_eq!(parse_confirm(b""), None);
+    }
+
+    #[test]
+    fn parts_round_trip() {
+        let sessions = vec![
+            ("aa".to_owned(), true, true, br#"{"pubkey":"aa"}"#.to_vec()),
+            (
+                "bb".to_owned(),
+                false,
+                false,
+                br#"{"pubkey":"bb","x":"\t"}"#.to_vec(),
+            ),
+        ];
+        let bytes = encode_part("n1", &sessions);
+        let (node, got) = decode_part(&bytes).unwrap();
+        assert_eq!(node, "n1");
+        assert_eq!(got.len(), 2);
+        assert!(got[0].live && got[0].open && got[0].member == "aa");
+        assert!(!got[1].live && !got[1].open);
+        assert_eq!(got[1].entry, br#"{"pubkey":"bb","x":"\t"}"#);
+        assert!(decode_part(b"n\naa\tlo\tnot json\n").is_none());
+        assert_eq!(decode_part(b"n\n").unwrap().1, vec![]);
+    }
+
+    #[test]
+    fn a_head_with_ranges_outside_its_frame_is_refused() {
+        let head = Head {
+            from: "a".into(),
+            seq: 1,
+            to: vec!["b".into()],
+            mesh: "m".into(),
+            id: "i".into(),
+            sender: "s".into(),
+            kind: Kind::Member,
+            target: Some("t".into()),
+            spec: "t".into(),
+            keys: vec![],
+            priority: "now".into(),
+            created_ms: 1,
+            expires_ms: 2,
+            client_message_id: None,
+            nonce: [0, 2],
+            ciphertext: [2, 4],
+        };
+        let good = encode(&head, b"abcd");
+        let (back, frame) = decode(&good).unwrap();
+        assert_eq!(back, head);
+        assert_eq!(&frame[..], b"abcd");
+        assert!(decode(&encode(&head, b"abc")).is_none());
+        assert!(decode(&Bytes::from_static(b"{not json}\nabcd")).is_none());
+        assert!(decode(&Bytes::from_static(b"no newline")).is_none());
+    }
+}

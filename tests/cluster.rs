@@ -1,0 +1,451 @@
+//! Several broker nodes as one mesh (README "Several nodes"): a real
+//! nats-server on a loopback port and three broker nodes (2 shards each)
+//! sharing one fresh database. Sessions are spread over the nodes by the
+//! test; what each user sees is asserted: pushes once, acks, the merged
+//! directory, status gating, held envelopes following their member, the
+//! merged connection bound, a node killed with -9, NATS restarted.
+//! Skipped (with a note) where nats-server is not installed; `.ci/run`
+//! installs it.
+mod common;
+mod support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{query_rows, Broker};
+use serde_json::{json, Value};
+use support::*;
+
+fn nats_binary() -> Option<PathBuf> {
+    ["/usr/bin/nats-server", "/usr/sbin/nats-server"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Nats {
+    child: Child,
+    port: u16,
+}
+
+impl Nats {
+    fn start_on(port: u16) -> Nats {
+        let child = Command::new(nats_binary().expect("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let deadline = Instant::now() + WAIT;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Nats { child, port }
+    }
+
+    fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A NATS server and `n` nodes on one database.
+struct Cluster {
+    nats: Nats,
+    db: String,
+    nodes: Vec<Broker>,
+}
+
+/// `None` (the test is skipped) without nats-server.
+fn cluster(n: usize, env: &[(&str, &str)]) -> Option<Cluster> {
+    if nats_binary().is_none() {
+        eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
+        return None;
+    }
+    let nats = Nats::start_on(free_port());
+    let db = common::fresh_database();
+    let mut cluster = Cluster {
+        nats,
+        db,
+        nodes: Vec::new(),
+    };
+    for i in 0..n {
+        cluster.start_node(i, env);
+    }
+    // Every node has heard every other before the test begins.
+    for node in &cluster.nodes {
+        let heard = poll(WAIT, || {
+            let joined = node
+                .logs()
+                .iter()
+                .filter(|l| l["msg"] == "node joined")
+                .count();
+            joined >= n - 1
+        });
+        assert!(
+            heard,
+            "a node did not hear the others: {}",
+            node.stderr_text()
+        );
+    }
+    Some(cluster)
+}
+
+const NODE_NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
+
+impl Cluster {
+    fn start_node(&mut self, i: usize, env: &[(&str, &str)]) {
+        let url = self.nats.url();
+        let mut all: Vec<(&str, &str)> = vec![
+            ("DATABASE_URL", self.db.as_str()),
+            ("NATS_URL", url.as_str()),
+            ("NODE_ID", NODE_NAMES[i]),
+            ("NODE_DEAD_AFTER_MS", "1500"),
+        ];
+        all.extend_from_slice(env);
+        let node = Broker::start(&all);
+        node.wait_for_log("db healthy", Duration::from_secs(30));
+        node.wait_for_log("bus connected", WAIT);
+        if i < self.nodes.len() {
+            self.nodes[i] = node;
+        } else {
+            self.nodes.push(node);
+        }
+    }
+
+    fn node(&self, i: usize) -> &Broker {
+        &self.nodes[i]
+    }
+
+    /// A session of `member` on node `i`.
+    fn connect(&self, i: usize, member: &Member) -> Peer {
+        Peer::connect(self.node(i), member)
+    }
+}
+
+/// `list_peers` as `peer` sees it: member keys of live entries, sorted.
+fn peer_keys(peer: &mut Peer) -> Vec<String> {
+    let reply = peer.request(&json!({"type": "list_peers"}));
+    assert_eq!(reply["type"], "peers_list", "{reply}");
+    let mut keys: Vec<String> = reply["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["pubkey"].as_str().unwrap().to_owned())
+        .collect();
+    keys.sort();
+    keys
+}
+
+/// Waits until `peer`'s `list_peers` lists exactly `members`.
+fn wait_directory(peer: &mut Peer, members: &[&Member]) {
+    let mut want: Vec<String> = members.iter().map(|m| m.pubkey.clone()).collect();
+    want.sort();
+    let mut last = Vec::new();
+    let seen = poll(WAIT, || {
+        last = peer_keys(peer);
+        last == want
+    });
+    assert!(seen, "directory {last:?}, wanted {want:?}");
+}
+
+fn set_status(peer: &mut Peer, status: &str) {
+    peer.send_json(&json!({"type": "set_status", "status": status}));
+}
+
+fn assert_one_push(peer: &mut Peer, from: &Member, ciphertext: &str) -> Value {
+    let push = peer.recv_push(WAIT);
+    assert_eq!(push["senderPubkey"], from.pubkey.as_str(), "{push}");
+    assert_eq!(push["ciphertext"], ciphertext, "{push}");
+    push
+}
+
+#[test]
+fn a_direct_send_crosses_nodes_once_and_the_directory_is_merged() {
+    let Some(cluster) = cluster(3, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "direct", 4);
+    let mut alice = cluster.connect(0, &members[0]);
+    let mut bob = cluster.connect(1, &members[1]);
+    let mut carol = cluster.connect(2, &members[2]);
+    wait_directory(&mut alice, &[&members[0], &members[1], &members[2]]);
+    wait_directory(&mut carol, &[&members[0], &members[1], &members[2]]);
+
+    let ack = alice.send(&members[1].pubkey, "now", "bm9uY2U=", "Y3Jvc3M=", "s1");
+    assert!(ack.get("durable").is_none(), "taken live by node b: {ack}");
+    let push = assert_one_push(&mut bob, &members[0], "Y3Jvc3M=");
+    assert_eq!(push["messageId"], ack["messageId"]);
+    // The other way, and to the third node.
+    bob.send(&members[2].pubkey, "next", "bm9uY2U=", "YmFjaw==", "s2");
+    assert_one_push(&mut carol, &members[1], "YmFjaw==");
+    expect_nothing_all([&mut alice, &mut bob, &mut carol]);
+
+    // A session that leaves one node leaves every node's directory.
+    carol.close();
+    wait_directory(&mut alice, &[&members[0], &members[1]]);
+}
+
+fn expect_nothing_all<'a>(peers: impl IntoIterator<Item = &'a mut Peer>) {
+    std::thread::sleep(QUIET);
+    for peer in peers {
+        peer.expect_nothing(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_broadcast_reaches_each_session_on_every_node_once() {
+    let Some(cluster) = cluster(3, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "bcast", 7);
+    let mut sender = cluster.connect(0, &members[0]);
+    let mut others: Vec<Peer> = (1..7)
+        .map(|i| cluster.connect(i % 3, &members[i]))
+        .collect();
+    let all: Vec<&Member> = members.iter().collect();
+    wait_directory(&mut sender, &all);
+    for n in 0..20 {
+        sender.send(
+            "*",
+            "now",
+            "bm9uY2U=",
+            &format!("Yi{n:02}"),
+            &format!("b{n}"),
+        );
+    }
+    for peer in &mut others {
+        let pushes = peer.drain_pushes(QUIET);
+        let got: Vec<&str> = pushes
+            .iter()
+            .map(|p| p["ciphertext"].as_str().unwrap())
+            .collect();
+        let want: Vec<String> = (0..20).map(|n| format!("Yi{n:02}")).collect();
+        assert_eq!(got, want, "each broadcast once, in order");
+    }
+    sender.expect_nothing(Duration::from_millis(5));
+}
+
+#[test]
+fn status_gating_holds_for_a_busy_member_on_another_node_until_it_is_idle() {
+    let Some(cluster) = cluster(2, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "gate", 2);
+    let mut alice = cluster.connect(0, &members[0]);
+    let mut bob = cluster.connect(1, &members[1]);
+    wait_directory(&mut alice, &[&members[0], &members[1]]);
+    set_status(&mut bob, "working");
+    // Node a hears bob is busy: `next` is held (durably), `now` goes through.
+    std::thread::sleep(Duration::from_millis(300));
+    let held = alice.send(&members[1].pubkey, "next", "bm9uY2U=", "bmV4dA==", "n1");
+    alice.send(&members[1].pubkey, "now", "bm9uY2U=", "bm93", "n2");
+    assert_one_push(&mut bob, &members[0], "bm93");
+    bob.expect_nothing(QUIET);
+    set_status(&mut bob, "idle");
+    let push = assert_one_push(&mut bob, &members[0], "bmV4dA==");
+    assert_eq!(push["messageId"], held["messageId"]);
+    bob.expect_nothing(QUIET);
+    // Delivered: its row is marked.
+    let id = held["messageId"].as_str().unwrap();
+    assert!(poll(WAIT, || {
+        !query_rows(
+            &cluster.db,
+            &format!(
+                "SELECT 1 FROM mesh.message_queue WHERE id = '{id}' AND delivered_at IS NOT NULL"
+            ),
+        )
+        .is_empty()
+    }));
+}
+
+#[test]
+fn an_envelope_held_for_an_offline_member_reaches_it_on_another_node_once() {
+    let Some(cluster) = cluster(3, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "held", 2);
+    let mut alice = cluster.connect(0, &members[0]);
+    let ack = alice.send(&members[1].pubkey, "next", "bm9uY2U=", "aGVsZA==", "h1");
+    assert!(ack.get("durable").is_none(), "stored before the ack: {ack}");
+    let mut bob = cluster.connect(2, &members[1]);
+    let push = assert_one_push(&mut bob, &members[0], "aGVsZA==");
+    assert_eq!(push["messageId"], ack["messageId"]);
+    bob.expect_nothing(QUIET);
+    // A second session on the third node gets nothing more.
+    let mut bob2 = cluster.connect(1, &members[1]);
+    bob2.expect_nothing(QUIET);
+}
+
+#[test]
+fn the_connection_bound_counts_every_node() {
+    let Some(cluster) = cluster(3, &[("MAX_CONNECTIONS_PER_MESH", "2")]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "cap", 3);
+    let mut a = cluster.connect(0, &members[0]);
+    let _b = cluster.connect(1, &members[1]);
+    wait_directory(&mut a, &[&members[0], &members[1]]);
+    // Node c follows the mesh from the hello on: give its view a moment.
+    let mut refused = false;
+    for _ in 0..20 {
+        let mut c = Peer::open(cluster.node(2));
+        let answer = c.hello(&members[2]);
+        if answer["type"] == "error" {
+            assert_eq!(answer["code"], "capacity", "{answer}");
+            refused = true;
+            break;
+        }
+        c.close();
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        refused,
+        "the third session of a mesh bounded to 2 is refused"
+    );
+}
+
+#[test]
+fn a_killed_node_loses_nothing_acked_its_held_envelopes_follow() {
+    let Some(mut cluster) = cluster(2, &UNLIMITED_SENDS) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "kill", 3);
+    let mut alice = cluster.connect(0, &members[0]);
+    let mut carol = cluster.connect(1, &members[2]);
+    wait_directory(&mut alice, &[&members[0], &members[2]]);
+    // Held on node a for bob (offline), acked after their rows commit.
+    let mut acked = Vec::new();
+    for n in 0..50 {
+        let ack = alice.send(
+            &members[1].pubkey,
+            "next",
+            "bm9uY2U=",
+            &format!("aw{n:02}"),
+            &format!("k{n}"),
+        );
+        acked.push(ack["messageId"].as_str().unwrap().to_owned());
+    }
+    cluster.nodes[0].sigkill();
+    let _ = cluster.nodes[0].wait_exit(WAIT);
+    // Node b notices (no heartbeat for 1.5 s), ends a's sessions and takes
+    // over its held envelopes; bob connects there.
+    wait_directory(&mut carol, &[&members[2]]);
+    let mut bob = cluster.connect(1, &members[1]);
+    let mut got = Vec::new();
+    while got.len() < acked.len() {
+        let push = bob.recv_push(WAIT);
+        got.push(push["messageId"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(got, acked, "every acked envelope once, in order");
+    bob.expect_nothing(QUIET);
+    let open = query_rows(
+        &cluster.db,
+        "SELECT 1 FROM mesh.presence WHERE node_id = 'node-a' AND disconnected_at IS NULL",
+    );
+    assert!(open.is_empty(), "the dead node's presences are ended");
+}
+
+#[test]
+fn nats_restarted_nodes_reconnect_and_nothing_acked_is_lost() {
+    let Some(mut cluster) = cluster(2, &UNLIMITED_SENDS) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "restart", 2);
+    let mut alice = cluster.connect(0, &members[0]);
+    let mut bob = cluster.connect(1, &members[1]);
+    wait_directory(&mut alice, &[&members[0], &members[1]]);
+    let mut acked = Vec::new();
+    let port = cluster.nats.port;
+    for n in 0..60 {
+        if n == 20 {
+            cluster.nats.stop();
+        }
+        if n == 40 {
+            cluster.nats = Nats::start_on(port);
+        }
+        let ack = alice.send(
+            &members[1].pubkey,
+            "now",
+            "bm9uY2U=",
+            &format!("cg{n:02}"),
+            &format!("r{n}"),
+        );
+        acked.push(ack["messageId"].as_str().unwrap().to_owned());
+    }
+    let mut got = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while got.len() < acked.len() && Instant::now() < deadline {
+        for push in bob.drain_pushes(Duration::from_millis(200)) {
+            got.push(push["messageId"].as_str().unwrap().to_owned());
+        }
+    }
+    got.sort();
+    got.dedup();
+    let mut want = acked.clone();
+    want.sort();
+    assert_eq!(got, want, "every acked send reached bob");
+}
+
+#[test]
+fn a_hook_reaching_a_node_without_the_session_is_applied_where_it_is() {
+    let Some(cluster) = cluster(3, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "hook", 2);
+    let mut alice = cluster.connect(0, &members[0]);
+    let mut bob = Peer::open(cluster.node(1));
+    let mut bob_hello = hello(&members[1]);
+    bob_hello["cwd"] = json!("/work/bob");
+    let ack = bob.request(&bob_hello);
+    assert_eq!(ack["type"], "hello_ack", "{ack}");
+    let bob_presence = ack["presenceId"].as_str().unwrap().to_owned();
+    wait_directory(&mut alice, &[&members[0], &members[1]]);
+    // Bob's session (pid 4242, /work/bob) is on node b; the hook goes to
+    // node c, which has no session at all.
+    let body = json!({"cwd": "/work/bob", "pid": 4242, "status": "working"});
+    let reply = common::http(
+        cluster.node(2).addr(),
+        "POST",
+        "/hook/set-status",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    let answer: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(reply.status, 200, "{answer}");
+    assert_eq!(answer["presence_id"], bob_presence.as_str(), "{answer}");
+    // Node a hears bob is working: `next` waits, and is pushed once idle.
+    assert!(poll(WAIT, || {
+        let reply = alice.request(&json!({"type": "list_peers"}));
+        reply["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["pubkey"] == members[1].pubkey.as_str() && p["status"] == "working")
+    }));
+    alice.send(&members[1].pubkey, "next", "bm9uY2U=", "aG9vaw==", "k1");
+    bob.expect_nothing(QUIET);
+    set_status(&mut bob, "idle");
+    assert_one_push(&mut bob, &members[0], "aG9vaw==");
+}
