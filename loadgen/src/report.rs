@@ -50,6 +50,9 @@ pub struct Report {
     pub hello_failures: u64,
     pub connection_failures: u64,
     pub broker_closes: u64,
+    /// Every `--url`, in order; peer i of the roster connected to
+    /// `urls[i % urls.len()]`.
+    pub urls: Vec<String>,
     pub broker_pid: Option<u32>,
     pub broker_cpu_s: Option<f64>,
     pub broker_cpu_pct: Option<f64>,
@@ -732,6 +735,9 @@ impl Report {
                 self.hello_ms.p50, self.hello_ms.p99, self.hello_ms.max
             ),
         );
+        if self.urls.len() > 1 {
+            row(&mut t, "broker URLs (round-robin)", self.urls.join(", "));
+        }
         row(
             &mut t,
             "broker pid",

@@ -118,7 +118,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
 
     let broker_pid = cfg
         .broker_pid
-        .or_else(|| procfs::find_listener_pid(cfg.target.addr.port()));
+        .or_else(|| procfs::find_listener_pid(cfg.targets[0].addr.port()));
     let sample = || broker_pid.and_then(procfs::sample);
     let before_setup = sample();
 
@@ -147,6 +147,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 mesh: m as u32,
                 member: p as u32,
                 sender: p < senders,
+                url: crate::cli::url_for_peer(slots.len(), cfg.targets.len()) as u32,
                 offline: cfg.held.is_some() && p >= senders,
                 stalled: p + cfg.stalled_readers >= mesh.members.len(),
             });
@@ -208,7 +209,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         .source_addrs
         .unwrap_or_else(|| connections.div_ceil(20_000))
         .clamp(1, 254);
-    let source_addrs: Vec<Ipv4Addr> = if cfg.target.is_ipv4_loopback() && source_count > 1 {
+    let all_ipv4_loopback = cfg.targets.iter().all(|t| t.is_ipv4_loopback());
+    let source_addrs: Vec<Ipv4Addr> = if all_ipv4_loopback && source_count > 1 {
         (1..=source_count as u8)
             .map(|x| Ipv4Addr::new(127, 0, 0, x))
             .collect()
@@ -265,8 +267,14 @@ pub fn run(cfg: &Config) -> Result<Report> {
             .collect(),
         roster: roster.clone(),
         run_id: run_id.clone(),
-        target: cfg.target.addr,
-        upgrade_request: cfg.target.upgrade_request(),
+        targets: cfg
+            .targets
+            .iter()
+            .map(|t| worker::Target {
+                addr: t.addr,
+                upgrade_request: t.upgrade_request(),
+            })
+            .collect(),
         expected_accept: meshbroker::ws::accept_key(WS_KEY),
         traffic: scenario.traffic(),
         lifecycle: scenario.lifecycle(),
@@ -756,6 +764,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
         hello_failures: t.hello_failures,
         connection_failures: t.conn_failures,
         broker_closes: t.broker_closes,
+        urls: cfg.urls.clone(),
         broker_pid,
         broker_cpu_s: broker_cpu,
         broker_cpu_pct: broker_cpu.map(|c| c * 100.0 / active_s),
