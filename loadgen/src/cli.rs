@@ -112,9 +112,11 @@ pub struct Args {
     pub senders: Option<usize>,
     #[arg(long, value_enum, default_value_t = PriorityArg::Now)]
     pub priority: PriorityArg,
-    /// The broker's pid (default: found from the URL's port via /proc).
+    /// The broker's pid (default: found from the URL's port via /proc);
+    /// repeat it for several brokers: their CPU and RSS are summed
+    /// (default: the listener of every --url's port).
     #[arg(long)]
-    pub broker_pid: Option<u32>,
+    pub broker_pid: Vec<u32>,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -289,7 +291,9 @@ pub struct Config {
     pub window: usize,
     pub senders: Option<usize>,
     pub priority: PriorityArg,
-    pub broker_pid: Option<u32>,
+    /// `--broker-pid`s, each once, in order (empty: find them from the
+    /// URLs' ports).
+    pub broker_pids: Vec<u32>,
     pub json: bool,
     pub threads: usize,
     pub pin_cores: Vec<usize>,
@@ -498,7 +502,7 @@ impl Args {
             window,
             senders,
             priority: self.priority,
-            broker_pid: self.broker_pid,
+            broker_pids: self.broker_pids(),
             json: self.json,
             threads,
             pin_cores,
@@ -581,6 +585,17 @@ impl Args {
             bail!("--ack-fraction must be a number in [0, 1], got {fraction}");
         }
         Ok(Some(AckPlan { fraction }))
+    }
+
+    /// `--broker-pid`s without repeats (a pid twice would count its CPU twice).
+    fn broker_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::with_capacity(self.broker_pid.len());
+        for &pid in &self.broker_pid {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     /// `--peers`, or its default for the scenario.
@@ -794,8 +809,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (c.senders, c.rate, c.broker_pid),
-            (Some(3), Some(1000.0), Some(42))
+            (c.senders, c.rate, c.broker_pids),
+            (Some(3), Some(1000.0), vec![42])
         );
         for bad in [
             &["direct", "--floor"][..],
@@ -1230,6 +1245,25 @@ mod tests {
             "--allow-remote"
         ])
         .is_ok());
+    }
+
+    #[test]
+    fn broker_pids_repeat() {
+        assert!(check(&["direct", DB]).unwrap().broker_pids.is_empty());
+        let c = check(&["direct", DB, "--broker-pid", "7"]).unwrap();
+        assert_eq!(c.broker_pids, [7]);
+        let c = check(&[
+            "direct",
+            DB,
+            "--broker-pid",
+            "7",
+            "--broker-pid=9",
+            "--broker-pid",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(c.broker_pids, [7, 9]);
+        assert!(check(&["direct", DB, "--broker-pid", "x"]).is_err());
     }
 
     #[test]
