@@ -744,7 +744,7 @@ impl Report {
         }
         if self.broker_pids.len() > 1 {
             let pids: Vec<String> = self.broker_pids.iter().map(u32::to_string).collect();
-            row(&mut t, "broker pids (CPU, RSS summed)", pids.join(", "));
+            row(&mut t, "broker pids (summed)", pids.join(", "));
         } else {
             row(
                 &mut t,
