@@ -67,9 +67,10 @@ pub struct Args {
     /// direct | broadcast | idle | churn | gated | held | peers
     #[arg(value_enum)]
     pub scenario: ScenarioName,
-    /// The broker's WebSocket URL.
+    /// The broker's WebSocket URL; repeat it for several brokers (one
+    /// cluster): peer i of the roster connects to URL i mod their number.
     #[arg(long, default_value = "ws://127.0.0.1:7900/ws")]
-    pub url: String,
+    pub url: Vec<String>,
     /// Create (and afterwards remove) the run's meshes and members here.
     #[arg(long)]
     pub database_url: Option<String>,
@@ -111,9 +112,11 @@ pub struct Args {
     pub senders: Option<usize>,
     #[arg(long, value_enum, default_value_t = PriorityArg::Now)]
     pub priority: PriorityArg,
-    /// The broker's pid (default: found from the URL's port via /proc).
+    /// The broker's pid (default: found from the URL's port via /proc);
+    /// repeat it for several brokers: their CPU and RSS are summed
+    /// (default: the listener of every --url's port).
     #[arg(long)]
-    pub broker_pid: Option<u32>,
+    pub broker_pid: Vec<u32>,
     /// Print one JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -273,7 +276,10 @@ pub enum MemberSource {
 #[derive(Clone)]
 pub struct Config {
     pub scenario: Arc<dyn Scenario>,
-    pub target: WsTarget,
+    /// `--url`s, as given (at least one).
+    pub urls: Vec<String>,
+    /// Their parsed targets, in the same order: see [`url_for_peer`].
+    pub targets: Vec<WsTarget>,
     pub members: MemberSource,
     pub write_members: Option<PathBuf>,
     pub peers: usize,
@@ -285,7 +291,9 @@ pub struct Config {
     pub window: usize,
     pub senders: Option<usize>,
     pub priority: PriorityArg,
-    pub broker_pid: Option<u32>,
+    /// `--broker-pid`s, each once, in order (empty: find them from the
+    /// URLs' ports).
+    pub broker_pids: Vec<u32>,
     pub json: bool,
     pub threads: usize,
     pub pin_cores: Vec<usize>,
@@ -314,6 +322,31 @@ pub struct Config {
     pub stalled_readers: usize,
 }
 
+/// Which of `urls` URLs the roster's peer `peer` (its index over all
+/// meshes) connects to: round-robin, for the whole run (a reconnecting
+/// peer keeps its URL).
+pub fn url_for_peer(peer: usize, urls: usize) -> usize {
+    peer % urls
+}
+
+/// Each `--url` checked as [`WsTarget::parse`] does; with several, an
+/// error names the one refused.
+fn parse_targets(urls: &[String], allow_remote: bool) -> Result<Vec<WsTarget>> {
+    if urls.is_empty() {
+        bail!("give at least one --url");
+    }
+    urls.iter()
+        .map(|url| {
+            let target = WsTarget::parse(url, allow_remote);
+            if urls.len() > 1 {
+                target.with_context(|| format!("--url {url:?}"))
+            } else {
+                target
+            }
+        })
+        .collect()
+}
+
 fn seconds(name: &str, v: f64) -> Result<Duration> {
     if !v.is_finite() || v <= 0.0 || v > 86_400.0 {
         bail!("--{name} must be a number of seconds in (0, 86400], got {v}");
@@ -333,7 +366,7 @@ impl Args {
 
     pub fn validate(&self) -> Result<Config> {
         let scenario = scenario::by_name(self.scenario);
-        let target = WsTarget::parse(&self.url, self.allow_remote)?;
+        let targets = parse_targets(&self.url, self.allow_remote)?;
         let members = match (&self.database_url, &self.members) {
             _ if self.floor => self.floor_members()?,
             (Some(_), Some(_)) => bail!("give either --database-url or --members, not both"),
@@ -437,7 +470,7 @@ impl Args {
             if n == 0 || n > 254 {
                 bail!("--source-addrs must be between 1 and 254");
             }
-            if n > 1 && !target.is_ipv4_loopback() {
+            if n > 1 && !targets.iter().all(WsTarget::is_ipv4_loopback) {
                 bail!("--source-addrs > 1 needs an IPv4 loopback broker address");
             }
         }
@@ -456,7 +489,8 @@ impl Args {
         }
         Ok(Config {
             scenario,
-            target,
+            urls: self.url.clone(),
+            targets,
             members,
             write_members: self.write_members.clone(),
             peers,
@@ -468,7 +502,7 @@ impl Args {
             window,
             senders,
             priority: self.priority,
-            broker_pid: self.broker_pid,
+            broker_pids: self.broker_pids(),
             json: self.json,
             threads,
             pin_cores,
@@ -551,6 +585,17 @@ impl Args {
             bail!("--ack-fraction must be a number in [0, 1], got {fraction}");
         }
         Ok(Some(AckPlan { fraction }))
+    }
+
+    /// `--broker-pid`s without repeats (a pid twice would count its CPU twice).
+    fn broker_pids(&self) -> Vec<u32> {
+        let mut pids = Vec::with_capacity(self.broker_pid.len());
+        for &pid in &self.broker_pid {
+            if !pids.contains(&pid) {
+                pids.push(pid);
+            }
+        }
+        pids
     }
 
     /// `--peers`, or its default for the scenario.
@@ -764,8 +809,8 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(
-            (c.senders, c.rate, c.broker_pid),
-            (Some(3), Some(1000.0), Some(42))
+            (c.senders, c.rate, c.broker_pids),
+            (Some(3), Some(1000.0), vec![42])
         );
         for bad in [
             &["direct", "--floor"][..],
@@ -1124,6 +1169,114 @@ mod tests {
             argv.insert(1, DB);
             assert!(check(&argv).is_err(), "{bad:?} should be refused");
         }
+    }
+
+    #[test]
+    fn several_urls() {
+        let c = check(&["direct", DB]).unwrap();
+        assert_eq!(c.urls, ["ws://127.0.0.1:7900/ws"]);
+        assert_eq!(c.targets.len(), 1);
+        let c = check(&[
+            "held",
+            DB,
+            "--url",
+            "ws://127.0.0.1:7901/ws",
+            "--url",
+            "ws://127.0.0.1:7902/other",
+            "--url=ws://[::1]:7903/ws",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.urls,
+            [
+                "ws://127.0.0.1:7901/ws",
+                "ws://127.0.0.1:7902/other",
+                "ws://[::1]:7903/ws"
+            ]
+        );
+        let ports: Vec<u16> = c.targets.iter().map(|t| t.addr.port()).collect();
+        assert_eq!(ports, [7901, 7902, 7903]);
+        assert_eq!(c.targets[1].path, "/other");
+        // The same URL twice is allowed (the peers share one broker).
+        let same = ["--url", "ws://127.0.0.1:7901/ws"];
+        let argv = [&["churn", DB][..], &same, &same].concat();
+        assert_eq!(check(&argv).unwrap().targets.len(), 2);
+        // Several 127.0.0.x sources need every URL on IPv4 loopback.
+        let mut argv = vec!["idle", DB, "--source-addrs", "4"];
+        argv.extend([
+            "--url",
+            "ws://127.0.0.1:7901/ws",
+            "--url",
+            "ws://127.0.0.1:7902/ws",
+        ]);
+        assert!(check(&argv).is_ok());
+        argv.extend(["--url", "ws://[::1]:7903/ws"]);
+        assert!(check(&argv).is_err());
+    }
+
+    #[test]
+    fn one_bad_url_among_several_is_named() {
+        let good = "ws://127.0.0.1:7901/ws";
+        for (bad, why) in [
+            ("ws://10.1.2.3:7900/ws", "not a loopback address"),
+            ("http://127.0.0.1:7900/ws", "must start with ws://"),
+            ("wss://127.0.0.1:7900/ws", "wss is not supported"),
+            ("ws:///ws", "has no host"),
+        ] {
+            let err = check(&["direct", DB, "--url", good, "--url", bad, "--url", good])
+                .err()
+                .unwrap_or_else(|| panic!("{bad} should be refused"));
+            let text = format!("{err:#}");
+            assert!(text.contains(&format!("{bad:?}")), "{text}");
+            assert!(text.contains(why), "{text}");
+            // Alone, the error is the one a single --url always had.
+            let alone = check(&["direct", DB, "--url", bad]).err().unwrap();
+            let single = WsTarget::parse(bad, false).err().unwrap();
+            assert_eq!(format!("{alone:#}"), format!("{single:#}"));
+        }
+        // --allow-remote covers every URL.
+        assert!(check(&[
+            "direct",
+            DB,
+            "--url",
+            good,
+            "--url",
+            "ws://10.1.2.3:7900/ws",
+            "--allow-remote"
+        ])
+        .is_ok());
+    }
+
+    #[test]
+    fn broker_pids_repeat() {
+        assert!(check(&["direct", DB]).unwrap().broker_pids.is_empty());
+        let c = check(&["direct", DB, "--broker-pid", "7"]).unwrap();
+        assert_eq!(c.broker_pids, [7]);
+        let c = check(&[
+            "direct",
+            DB,
+            "--broker-pid",
+            "7",
+            "--broker-pid=9",
+            "--broker-pid",
+            "7",
+        ])
+        .unwrap();
+        assert_eq!(c.broker_pids, [7, 9]);
+        assert!(check(&["direct", DB, "--broker-pid", "x"]).is_err());
+    }
+
+    #[test]
+    fn peers_are_dealt_round_robin_over_the_urls() {
+        let dealt: Vec<usize> = (0..7).map(|i| url_for_peer(i, 3)).collect();
+        assert_eq!(dealt, [0, 1, 2, 0, 1, 2, 0]);
+        assert!((0..100).all(|i| url_for_peer(i, 1) == 0));
+        // Over meshes too: the index is the roster's, not the member's.
+        let per_url = (0..2 * 5).fold([0; 4], |mut n, i| {
+            n[url_for_peer(i, 4)] += 1;
+            n
+        });
+        assert_eq!(per_url, [3, 3, 2, 2]);
     }
 
     #[test]

@@ -47,6 +47,29 @@ pub fn sample(pid: u32) -> Option<ProcSample> {
     parse_stat(&stat, ticks_per_second(), page_size())
 }
 
+/// The sum of several processes' samples (a cluster of brokers); `None`
+/// if there are none or any one is missing, so a sum never passes for
+/// all of them when it is not.
+pub fn sum(samples: impl IntoIterator<Item = Option<ProcSample>>) -> Option<ProcSample> {
+    let mut total: Option<ProcSample> = None;
+    for s in samples {
+        let s = s?;
+        total = Some(match total {
+            None => s,
+            Some(t) => ProcSample {
+                cpu: t.cpu + s.cpu,
+                rss_bytes: t.rss_bytes + s.rss_bytes,
+            },
+        });
+    }
+    total
+}
+
+/// [`sample`] of each of `pids`, summed as [`sum`] does.
+pub fn sample_all(pids: &[u32]) -> Option<ProcSample> {
+    sum(pids.iter().map(|&pid| sample(pid)))
+}
+
 /// Inodes of sockets listening on `port` in a /proc/net/tcp{,6} table.
 pub fn listening_inodes(table: &str, port: u16) -> Vec<u64> {
     table
@@ -132,6 +155,24 @@ mod tests {
         let table = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode\n   0: 0100007F:1EDC 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 5555 1 0 100 0 0 10 0\n   1: 0100007F:1EDC 0100007F:9C40 01 00000000:00000000 00:00000000 00000000     0        0 6666 1 0 100 0 0 10 0\n";
         assert_eq!(listening_inodes(table, 0x1EDC), vec![5555]);
         assert!(listening_inodes(table, 80).is_empty());
+    }
+
+    #[test]
+    fn sums_samples_of_several_processes() {
+        let s = |ms, rss| {
+            Some(ProcSample {
+                cpu: Duration::from_millis(ms),
+                rss_bytes: rss,
+            })
+        };
+        assert_eq!(sum([s(1500, 10)]), s(1500, 10));
+        assert_eq!(sum([s(1500, 10), s(250, 5), s(0, 1)]), s(1750, 16));
+        assert_eq!(sum([s(1500, 10), None]), None);
+        assert_eq!(sum([]), None);
+        assert!(sample_all(&[]).is_none());
+        let me = std::process::id();
+        assert!(sample_all(&[me, me]).unwrap().rss_bytes > 0);
+        assert!(sample_all(&[me, u32::MAX]).is_none());
     }
 
     #[test]

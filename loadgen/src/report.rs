@@ -50,7 +50,14 @@ pub struct Report {
     pub hello_failures: u64,
     pub connection_failures: u64,
     pub broker_closes: u64,
+    /// Every `--url`, in order; peer i of the roster connected to
+    /// `urls[i % urls.len()]`.
+    pub urls: Vec<String>,
+    /// The first of `broker_pids`.
     pub broker_pid: Option<u32>,
+    /// Every broker measured: `broker_cpu_*` and `broker_rss_*` are sums
+    /// over them.
+    pub broker_pids: Vec<u32>,
     pub broker_cpu_s: Option<f64>,
     pub broker_cpu_pct: Option<f64>,
     pub broker_cpu_us_per_push: Option<f64>,
@@ -732,12 +739,20 @@ impl Report {
                 self.hello_ms.p50, self.hello_ms.p99, self.hello_ms.max
             ),
         );
-        row(
-            &mut t,
-            "broker pid",
-            self.broker_pid
-                .map_or("- (not found)".into(), |p| p.to_string()),
-        );
+        if self.urls.len() > 1 {
+            row(&mut t, "broker URLs (round-robin)", self.urls.join(", "));
+        }
+        if self.broker_pids.len() > 1 {
+            let pids: Vec<String> = self.broker_pids.iter().map(u32::to_string).collect();
+            row(&mut t, "broker pids (summed)", pids.join(", "));
+        } else {
+            row(
+                &mut t,
+                "broker pid",
+                self.broker_pid
+                    .map_or("- (not found)".into(), |p| p.to_string()),
+            );
+        }
         row(
             &mut t,
             "broker CPU",

@@ -73,6 +73,37 @@ fn pubkey_bytes(hex: &str) -> [u8; 64] {
     out
 }
 
+/// The brokers whose CPU and RSS the report sums: the `--broker-pid`s, or
+/// the process listening on each `--url`'s port (each pid once). Empty if
+/// one of those is not found: a sum over some of the brokers would pass
+/// for all of them.
+fn broker_pids(cfg: &Config) -> Vec<u32> {
+    if !cfg.broker_pids.is_empty() {
+        return cfg.broker_pids.clone();
+    }
+    let mut ports: Vec<u16> = Vec::with_capacity(cfg.targets.len());
+    for t in &cfg.targets {
+        if !ports.contains(&t.addr.port()) {
+            ports.push(t.addr.port());
+        }
+    }
+    let mut pids = Vec::with_capacity(ports.len());
+    for port in ports {
+        let Some(pid) = procfs::find_listener_pid(port) else {
+            if cfg.progress && cfg.targets.len() > 1 {
+                eprintln!(
+                    "loadgen: note: no process found listening on port {port}: no broker CPU or RSS (give every broker's --broker-pid)"
+                );
+            }
+            return Vec::new();
+        };
+        if !pids.contains(&pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
 pub fn run(cfg: &Config) -> Result<Report> {
     let scenario = cfg.scenario.clone();
     let fd_limit = procfs::raise_fd_limit();
@@ -116,10 +147,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
     };
     let roster = Arc::new(roster);
 
-    let broker_pid = cfg
-        .broker_pid
-        .or_else(|| procfs::find_listener_pid(cfg.target.addr.port()));
-    let sample = || broker_pid.and_then(procfs::sample);
+    let broker_pids = broker_pids(cfg);
+    let sample = || procfs::sample_all(&broker_pids);
     let before_setup = sample();
 
     // Slots: one session per member; the first `senders` of each mesh
@@ -147,6 +176,7 @@ pub fn run(cfg: &Config) -> Result<Report> {
                 mesh: m as u32,
                 member: p as u32,
                 sender: p < senders,
+                url: crate::cli::url_for_peer(slots.len(), cfg.targets.len()) as u32,
                 offline: cfg.held.is_some() && p >= senders,
                 stalled: p + cfg.stalled_readers >= mesh.members.len(),
             });
@@ -208,7 +238,8 @@ pub fn run(cfg: &Config) -> Result<Report> {
         .source_addrs
         .unwrap_or_else(|| connections.div_ceil(20_000))
         .clamp(1, 254);
-    let source_addrs: Vec<Ipv4Addr> = if cfg.target.is_ipv4_loopback() && source_count > 1 {
+    let all_ipv4_loopback = cfg.targets.iter().all(|t| t.is_ipv4_loopback());
+    let source_addrs: Vec<Ipv4Addr> = if all_ipv4_loopback && source_count > 1 {
         (1..=source_count as u8)
             .map(|x| Ipv4Addr::new(127, 0, 0, x))
             .collect()
@@ -265,8 +296,14 @@ pub fn run(cfg: &Config) -> Result<Report> {
             .collect(),
         roster: roster.clone(),
         run_id: run_id.clone(),
-        target: cfg.target.addr,
-        upgrade_request: cfg.target.upgrade_request(),
+        targets: cfg
+            .targets
+            .iter()
+            .map(|t| worker::Target {
+                addr: t.addr,
+                upgrade_request: t.upgrade_request(),
+            })
+            .collect(),
         expected_accept: meshbroker::ws::accept_key(WS_KEY),
         traffic: scenario.traffic(),
         lifecycle: scenario.lifecycle(),
@@ -756,7 +793,9 @@ pub fn run(cfg: &Config) -> Result<Report> {
         hello_failures: t.hello_failures,
         connection_failures: t.conn_failures,
         broker_closes: t.broker_closes,
-        broker_pid,
+        urls: cfg.urls.clone(),
+        broker_pid: broker_pids.first().copied(),
+        broker_pids: broker_pids.clone(),
         broker_cpu_s: broker_cpu,
         broker_cpu_pct: broker_cpu.map(|c| c * 100.0 / active_s),
         broker_cpu_us_per_push: per(hold_pushes),

@@ -268,10 +268,20 @@ pub struct Slot {
     pub mesh: u32,
     pub member: u32,
     pub sender: bool,
+    /// Index into `RunShared::targets`: the `--url` this peer connects
+    /// (and reconnects) to.
+    pub url: u32,
     /// Connects only when the drain begins (`held` recipients).
     pub offline: bool,
     /// Stops reading after its hello (`--stalled-readers`).
     pub stalled: bool,
+}
+
+/// A broker a connection connects to: its address and the upgrade
+/// request for its URL, built once.
+pub struct Target {
+    pub addr: SocketAddr,
+    pub upgrade_request: Vec<u8>,
 }
 
 /// Immutable run data every worker reads.
@@ -280,8 +290,8 @@ pub struct RunShared {
     /// Per mesh, each member's pubkey as 64 ASCII hex bytes.
     pub pubkeys: Vec<Vec<[u8; 64]>>,
     pub run_id: String,
-    pub target: SocketAddr,
-    pub upgrade_request: Vec<u8>,
+    /// One per `--url`; a connection uses `targets[slot.url]`.
+    pub targets: Vec<Target>,
     pub expected_accept: String,
     pub traffic: Option<Traffic>,
     pub lifecycle: Lifecycle,
@@ -1069,9 +1079,10 @@ impl Worker {
     fn connect(&mut self, i: usize) {
         let run = self.env.run.clone();
         let conn = &mut self.conns[i];
+        let target = run.targets[conn.slot.url as usize].addr;
         let result = (|| -> std::io::Result<TcpStream> {
             use socket2::{Domain, Protocol, Socket, Type};
-            let domain = Domain::for_address(run.target);
+            let domain = Domain::for_address(target);
             let sock = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
             sock.set_nonblocking(true)?;
             sock.set_nodelay(true)?;
@@ -1095,7 +1106,7 @@ impl Worker {
                 };
                 sock.bind(&SocketAddr::new(IpAddr::V4(src), 0).into())?;
             }
-            match sock.connect(&run.target.into()) {
+            match sock.connect(&target.into()) {
                 Ok(()) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
                 Err(e) => return Err(e),
@@ -1105,7 +1116,7 @@ impl Worker {
         let mut stream = match result {
             Ok(s) => s,
             Err(e) => {
-                self.connection_failed(i, format!("connect {}: {e}", run.target));
+                self.connection_failed(i, format!("connect {target}: {e}"));
                 return;
             }
         };
@@ -1293,7 +1304,8 @@ impl Worker {
                 }
             }
             conn.state = State::Upgrading;
-            conn.wbuf.extend_from_slice(&self.env.run.upgrade_request);
+            let target = &self.env.run.targets[conn.slot.url as usize];
+            conn.wbuf.extend_from_slice(&target.upgrade_request);
         }
         self.flush(i);
     }

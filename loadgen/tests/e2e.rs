@@ -307,3 +307,97 @@ fn pushes_left_unacked_come_again() {
         "{a:?}"
     );
 }
+
+/// Several `--url`s: two brokers sharing one database (a cluster), the
+/// peers dealt round-robin over them, their CPU summed. Scenarios without
+/// sends: a broker here delivers only to its own sessions.
+#[test]
+fn peers_spread_over_several_brokers() {
+    ensure_broker_binary();
+    let db = fresh_database();
+    let env = [
+        ("DATABASE_URL", db.as_str()),
+        ("SEND_RATE_PER_MIN", "4000000000"),
+        ("SEND_BURST", "4000000000"),
+    ];
+    let a = Broker::start(&env);
+    let b = Broker::start(&env);
+    a.wait_for_log("db healthy", std::time::Duration::from_secs(30));
+    b.wait_for_log("db healthy", std::time::Duration::from_secs(30));
+    let upgraded = |broker: &Broker| {
+        common::metric(&broker.scrape(), "broker_connections_total", &[])
+            .expect("broker_connections_total") as u64
+    };
+    let (url_a, url_b) = (a.ws_url(), b.ws_url());
+    let spread = |scenario: &str, extra: &[&str]| {
+        let mut argv = vec![
+            "loadgen",
+            scenario,
+            "--url",
+            &url_a,
+            "--url",
+            &url_b,
+            "--database-url",
+            &db,
+            "--duration",
+            "1",
+            "--threads",
+            "2",
+            "--quiet",
+        ];
+        argv.extend_from_slice(extra);
+        let config = loadgen::Args::parse_from_iter(argv)
+            .and_then(|a| a.validate())
+            .expect("valid arguments");
+        let report = loadgen::run(&config).unwrap_or_else(|e| panic!("{scenario}: {e:#}"));
+        eprintln!("{}", report.table());
+        assert!(report.ok(), "{scenario}: {}", report.failure_summary());
+        assert_eq!(report.urls, [url_a.clone(), url_b.clone()]);
+        assert_eq!(report.broker_pids, [a.pid(), b.pid()], "{scenario}");
+        assert_eq!(report.broker_pid, Some(a.pid()));
+        assert!(report.broker_cpu_s.is_some(), "{scenario}");
+        report
+    };
+
+    // 2 meshes × 5 peers: peers 0, 2, …, 8 of the roster on a, the others on b.
+    let idle = spread("idle", &["--meshes", "2", "--peers", "5"]);
+    assert_eq!(idle.hellos, 10);
+    assert_eq!((upgraded(&a), upgraded(&b)), (5, 5));
+    assert!(idle.broker_rss_bytes.is_some() && idle.broker_rss_per_conn_bytes.is_some());
+
+    // Reconnecting peers keep their broker: both keep getting hellos.
+    let churn = spread("churn", &["--meshes", "1", "--peers", "4"]);
+    assert!(churn.run_hellos > 0);
+    let (after_a, after_b) = (upgraded(&a), upgraded(&b));
+    assert!(after_a > 5 && after_b > 5, "{after_a} / {after_b}");
+
+    // Sends over two URLs of one broker (the second target's upgrade
+    // request on the hot path's connections); its pid counted once.
+    let argv = [
+        "loadgen",
+        "direct",
+        "--url",
+        &url_a,
+        "--url",
+        &url_a,
+        "--database-url",
+        &db,
+        "--peers",
+        "6",
+        "--payload",
+        "64",
+        "--duration",
+        "1",
+        "--threads",
+        "2",
+        "--quiet",
+    ];
+    let config = loadgen::Args::parse_from_iter(argv)
+        .and_then(|a| a.validate())
+        .expect("valid arguments");
+    let direct = loadgen::run(&config).expect("direct run");
+    assert!(direct.ok(), "{}", direct.failure_summary());
+    assert!(direct.sent > 0 && direct.pushes == direct.expected_pushes);
+    assert_eq!(direct.broker_pids, [a.pid()]);
+    assert_eq!(upgraded(&a), after_a + 6);
+}
