@@ -7,6 +7,8 @@
 //!   stops the broker with exit code 1).
 //! - `context`  — `BrokerContext`, what every shard shares (config, metrics, directory
 //!   and its lookup, db handle, inboxes, hook index, transcript reader).
+//! - `cluster`  — several nodes as one over NATS (`NATS_URL`): the bus thread, what
+//!   this node knows of the others, the bus messages; unused on one node.
 //! - `inbox`    — `ShardEvent`, what crosses into a shard, and the channel it crosses on.
 //! - `shard`    — one pinned monoio runtime per core: listener, HTTP and WebSocket
 //!   connections, its slice of the routing table, its inbox. Touches other shards
