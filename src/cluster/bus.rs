@@ -29,9 +29,11 @@ use crate::mesh::peers::{self, Holder};
 use crate::mesh::plan::{first_shard, key, Route, Targets};
 use crate::mesh::{Envelope, EnvelopeTarget};
 use crate::protocol::Priority;
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use futures_util::StreamExt;
 use rustc_hash::FxHashMap;
+use std::borrow::Cow;
+use std::cell::RefCell;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -41,6 +43,8 @@ use tokio::sync::mpsc;
 const TICK: Duration = Duration::from_millis(10);
 /// A mesh with nothing of this node in it is unfollowed after this.
 const UNFOLLOW_AFTER: Duration = Duration::from_secs(10);
+/// Bus messages handled per wakeup before the confirms they owe go out.
+const MESSAGES_PER_TURN: usize = 256;
 /// Held envelopes handed over per drain.
 const DRAIN_BATCH: usize = 256;
 /// A publish the client cannot queue within this is dropped (its confirm
@@ -142,6 +146,13 @@ struct Bus {
     connected: bool,
     /// A beat is due at the next tick (a node joined).
     beat_now: bool,
+    /// Confirms owed to each node, sent together after a turn's messages.
+    owed: FxHashMap<String, Vec<u8>>,
+    /// Routes and handovers of this turn by subject, with the confirms
+    /// they wait for.
+    outgoing: FxHashMap<String, (BytesMut, Vec<u64>)>,
+    /// Events for the shards gathered this turn.
+    to_shards: RefCell<Vec<Vec<ShardEvent>>>,
 }
 
 async fn run(
@@ -180,6 +191,9 @@ async fn run(
         unsent: Vec::new(),
         connected: false,
         beat_now: false,
+        owed: FxHashMap::default(),
+        outgoing: FxHashMap::default(),
+        to_shards: RefCell::new((0..spec.shards.len()).map(|_| Vec::new()).collect()),
         spec,
     };
     bus.subscribe(wire::BEAT.to_owned()).await;
@@ -193,11 +207,24 @@ async fn run(
     loop {
         tokio::select! {
             command = commands.recv() => match command {
-                Some(command) => bus.command(command).await,
+                Some(command) => {
+                    bus.command(command).await;
+                    for _ in 0..MESSAGES_PER_TURN {
+                        let Ok(command) = commands.try_recv() else { break };
+                        bus.command(command).await;
+                    }
+                }
                 None => break,
             },
             _ = stop.notified() => break,
-            Some(message) = messages.recv() => bus.message(message).await,
+            Some(message) = messages.recv() => {
+                bus.message(message).await;
+                // What else arrived meanwhile, then one confirm per node.
+                for _ in 0..MESSAGES_PER_TURN {
+                    let Ok(message) = messages.try_recv() else { break };
+                    bus.message(message).await;
+                }
+            }
             Some(mesh) = own_rx.recv() => {
                 bus.follow(&mesh).await;
                 // Taken over: what is live elsewhere already goes there.
@@ -215,7 +242,9 @@ async fn run(
                 bus.tick(now).await;
             }
         }
+        bus.end_turn().await;
     }
+    bus.end_turn().await;
     bus.leave().await;
 }
 
@@ -257,7 +286,7 @@ impl Bus {
 
     async fn command(&mut self, command: BusCommand) {
         match command {
-            BusCommand::Route { route, nodes, ack } => self.route(route, nodes, ack).await,
+            BusCommand::Route { route, nodes, ack } => self.route(route, nodes, ack),
             BusCommand::MeshChanged(mesh) => self.follow(&mesh).await,
             BusCommand::Drain { mesh, member } => self.hand_over(&mesh, &member).await,
             BusCommand::Hook { signal, reply } => self.forward_hook(signal, reply).await,
@@ -327,20 +356,37 @@ impl Bus {
                     .flatten(),
                 false => None,
             };
-            let confirm = wire::confirm(head.seq, &me, presence.is_some(), presence.as_deref());
-            let publish = client.publish(wire::confirm_subject(&head.from), confirm);
+            let mut confirm = Vec::with_capacity(64);
+            wire::confirm(
+                &mut confirm,
+                head.seq,
+                &me,
+                presence.is_some(),
+                presence.as_deref(),
+            );
+            let publish = client.publish(wire::confirm_subject(&head.from), confirm.into());
             let _ = tokio::time::timeout(PUBLISH_TIMEOUT, publish).await;
         });
     }
 
-    async fn route(&mut self, route: Arc<Route>, nodes: u64, ack: Option<PendingAck>) {
-        let to = self.nodes.ids_in(nodes);
+    fn route(&mut self, route: Arc<Route>, nodes: u64, ack: Option<PendingAck>) {
         let seq = if ack.is_some() { self.seq() } else { 0 };
-        let head = Head::new(&route.envelope, &route.targets, self.me(), seq, to);
+        let to: Vec<Cow<'_, str>> = self
+            .nodes
+            .ids_in(nodes)
+            .into_iter()
+            .map(Cow::Owned)
+            .collect();
+        let head = Head::new(&route.envelope, &route.targets, &self.spec.node_id, seq, to);
+        let named = !head.to.is_empty();
         let subject = wire::mesh_subject(&route.envelope.mesh.id, "route");
-        let published = self
-            .publish(subject, wire::encode(&head, &route.envelope.frame))
-            .await;
+        let batch = self.outgoing.entry(subject).or_default();
+        wire::append(&mut batch.0, &head, &route.envelope.frame);
+        drop(head);
+        if seq != 0 {
+            batch.1.push(seq);
+        }
+        let published = self.connected;
         if let Some(ack) = ack {
             let pending = Pending {
                 waiting: nodes,
@@ -348,7 +394,7 @@ impl Bus {
                 deadline: Instant::now() + self.spec.confirm_timeout,
                 awaited: Awaited::Ack { route, ack },
             };
-            if published && !head.to.is_empty() {
+            if published && named {
                 self.pending.insert(seq, pending);
             } else {
                 self.settle(Pending {
@@ -402,7 +448,7 @@ impl Bus {
             return;
         }
         if subject.starts_with("meshbroker.node.") {
-            if let Some((seq, node, taken, presence)) = wire::parse_confirm(&message.payload) {
+            for (seq, node, taken, presence) in wire::parse_confirms(&message.payload) {
                 self.confirmed(seq, node, taken, presence);
             }
             return;
@@ -421,18 +467,19 @@ impl Bus {
                 }
             }
             "route" | "held" => {
-                let Some((head, frame)) = wire::decode(&message.payload) else {
-                    tracing::warn!(target: "bus", subject = %subject, "undecodable bus message");
-                    return;
-                };
-                if head.from == self.me() || !head.to.iter().any(|n| n == self.me()) {
-                    return;
-                }
-                let taken = self.place(&head, frame, kind == "held");
-                if head.seq != 0 {
-                    let confirm = wire::confirm(head.seq, self.me(), taken, None);
-                    self.publish(wire::confirm_subject(&head.from), confirm)
-                        .await;
+                for record in wire::records(&message.payload) {
+                    let Some((head, frame)) = record.as_ref().and_then(wire::decode) else {
+                        tracing::warn!(target: "bus", subject = %subject, "undecodable bus record");
+                        break;
+                    };
+                    if head.from == self.me() || !head.to.iter().any(|n| n.as_ref() == self.me()) {
+                        continue;
+                    }
+                    let taken = self.place(&head, frame, kind == "held");
+                    if head.seq != 0 {
+                        let owed = self.owed.entry(head.from.to_string()).or_default();
+                        wire::confirm(owed, head.seq, &self.spec.node_id, taken, None);
+                    }
                 }
             }
             _ => {}
@@ -498,14 +545,14 @@ impl Bus {
             .and_then(|k| view.member_by_pubkey(k))
             .cloned();
         let envelope = Arc::new(Envelope {
-            message_id: head.id.as_str().into(),
+            message_id: (*head.id).into(),
             mesh: mesh.clone(),
             sender: sender.clone(),
             target: match &target_member {
                 Some(member) if *member.pubkey == *head.spec => {
                     EnvelopeTarget::Member(member.clone())
                 }
-                _ => EnvelopeTarget::Many(head.spec.as_str().into()),
+                _ => EnvelopeTarget::Many((*head.spec).into()),
             },
             priority,
             created_at: wire::from_millis(head.created_ms),
@@ -525,7 +572,7 @@ impl Bus {
             // Nobody may have it any more: taken, so nobody holds it.
             return true;
         }
-        let keys = |pubkeys: &[String]| -> Vec<usize> {
+        let keys = |pubkeys: &[Cow<'_, str>]| -> Vec<usize> {
             let mut keys: Vec<usize> = pubkeys
                 .iter()
                 .filter_map(|k| view.member_by_pubkey(k).map(key))
@@ -582,11 +629,47 @@ impl Bus {
         placed
     }
 
+    /// Queues an event for a shard; the turn's events go as one batch per
+    /// shard (`end_turn`).
     fn to_shard(&self, shard: usize, event: ShardEvent) -> bool {
-        self.spec
-            .shards
-            .get(shard)
-            .is_some_and(|s| s.try_send(vec![event]).is_ok())
+        let mut out = self.to_shards.borrow_mut();
+        match out.get_mut(shard) {
+            Some(batch) => {
+                batch.push(event);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// What a turn of the loop gathered goes out: routes and handovers one
+    /// message per subject, confirms one per node, events one batch per
+    /// shard (a full inbox keeps its batch for the next tick).
+    async fn end_turn(&mut self) {
+        for (subject, (batch, seqs)) in std::mem::take(&mut self.outgoing) {
+            if !self.publish(subject, batch.freeze()).await {
+                for seq in seqs {
+                    if let Some(pending) = self.pending.remove(&seq) {
+                        self.settle(pending);
+                    }
+                }
+            }
+        }
+        self.send_confirms().await;
+        let batches: Vec<Vec<ShardEvent>> = self
+            .to_shards
+            .borrow_mut()
+            .iter_mut()
+            .map(std::mem::take)
+            .collect();
+        for (shard, batch) in batches.into_iter().enumerate() {
+            if batch.is_empty() {
+                continue;
+            }
+            if let Err(events) = self.spec.shards[shard].try_send(batch) {
+                self.unsent.extend(events.into_iter().map(|e| (shard, e)));
+            }
+        }
     }
 
     fn confirmed(&mut self, seq: u64, node: &str, taken: bool, presence: Option<&str>) {
@@ -693,13 +776,15 @@ impl Bus {
             let head = Head::new(
                 &envelope,
                 &Targets::Member(member.clone()),
-                self.me(),
+                &self.spec.node_id,
                 seq,
-                vec![node.clone()],
+                vec![Cow::Borrowed(node.as_str())],
             );
-            let published = self
-                .publish(subject.clone(), wire::encode(&head, &envelope.frame))
-                .await;
+            let batch = self.outgoing.entry(subject.clone()).or_default();
+            wire::append(&mut batch.0, &head, &envelope.frame);
+            batch.1.push(seq);
+            drop(head);
+            let published = self.connected;
             let pending = Pending {
                 waiting: bit,
                 refused: 0,
@@ -714,6 +799,13 @@ impl Bus {
             } else {
                 self.settle(pending);
             }
+        }
+    }
+
+    async fn send_confirms(&mut self) {
+        for (node, lines) in std::mem::take(&mut self.owed) {
+            self.publish(wire::confirm_subject(&node), lines.into())
+                .await;
         }
     }
 

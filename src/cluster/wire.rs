@@ -11,9 +11,10 @@
 //! receiving node queues that very frame, so the push is serialized once
 //! in the whole cluster.
 use crate::mesh::plan::{key, Targets};
-use crate::mesh::{Envelope, EnvelopeTarget};
+use crate::mesh::Envelope;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
+use std::borrow::Cow;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const BEAT: &str = "meshbroker.nodes.beat";
@@ -57,29 +58,41 @@ pub enum Kind {
     Listed,
 }
 
-/// The routing facts of a send or handed-over held envelope.
+/// The routing facts of a send or handed-over held envelope. Borrowed from
+/// the envelope when sent and from the payload when received (ids and keys
+/// have nothing to escape), so a crossing allocates no strings.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
-pub struct Head {
+pub struct Head<'a> {
     /// The node that sent it, and the confirm it waits for (0: none).
-    pub from: String,
+    #[serde(borrow)]
+    pub from: Cow<'a, str>,
     pub seq: u64,
     /// The nodes that should take it.
-    pub to: Vec<String>,
-    pub mesh: String,
-    pub id: String,
+    #[serde(borrow)]
+    pub to: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub mesh: Cow<'a, str>,
+    #[serde(borrow)]
+    pub id: Cow<'a, str>,
     /// The sender's member key.
-    pub sender: String,
+    #[serde(borrow)]
+    pub sender: Cow<'a, str>,
     pub kind: Kind,
     /// `Member`: its key.
-    pub target: Option<String>,
+    #[serde(borrow)]
+    pub target: Option<Cow<'a, str>>,
     /// The send's `targetSpec` as stored (a broadcast's `*`, `@group`).
-    pub spec: String,
+    #[serde(borrow)]
+    pub spec: Cow<'a, str>,
     /// Member keys (see `Kind`).
-    pub keys: Vec<String>,
-    pub priority: String,
+    #[serde(borrow)]
+    pub keys: Vec<Cow<'a, str>>,
+    #[serde(borrow)]
+    pub priority: Cow<'a, str>,
     pub created_ms: u64,
     pub expires_ms: u64,
-    pub client_message_id: Option<String>,
+    #[serde(borrow)]
+    pub client_message_id: Option<Cow<'a, str>>,
     /// Nonce and ciphertext ranges in the frame.
     pub nonce: [u32; 2],
     pub ciphertext: [u32; 2],
@@ -94,17 +107,17 @@ pub fn from_millis(ms: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_millis(ms)
 }
 
-impl Head {
+impl<'a> Head<'a> {
     /// The facts of `envelope` for `targets`; member keys looked up in the
     /// envelope's mesh (only for a broadcast that skips someone, or a group).
     pub fn new(
-        envelope: &Envelope,
+        envelope: &'a Envelope,
         targets: &Targets,
-        from: &str,
+        from: &'a str,
         seq: u64,
-        to: Vec<String>,
-    ) -> Head {
-        let keys_of = |wanted: &[usize]| -> Vec<String> {
+        to: Vec<Cow<'a, str>>,
+    ) -> Head<'a> {
+        let keys_of = |wanted: &[usize]| -> Vec<Cow<'a, str>> {
             if wanted.is_empty() {
                 return Vec::new();
             }
@@ -112,76 +125,115 @@ impl Head {
             view.members()
                 .iter()
                 .filter(|m| wanted.binary_search(&key(m)).is_ok())
-                .map(|m| m.pubkey.to_string())
+                .map(|m| Cow::Owned(m.pubkey.to_string()))
                 .collect()
         };
         let (kind, target, keys) = match targets {
-            Targets::Member(member) => (Kind::Member, Some(member.pubkey.to_string()), Vec::new()),
+            Targets::Member(member) => (
+                Kind::Member,
+                Some(Cow::Owned(member.pubkey.to_string())),
+                Vec::new(),
+            ),
             Targets::Session(entry) => (
                 Kind::Member,
-                Some(entry.member.pubkey.to_string()),
+                Some(Cow::Owned(entry.member.pubkey.to_string())),
                 Vec::new(),
             ),
             Targets::AllBut { held_for } => (Kind::AllBut, None, keys_of(held_for)),
             Targets::Listed { members } => (Kind::Listed, None, keys_of(members)),
         };
         Head {
-            from: from.to_owned(),
+            from: Cow::Borrowed(from),
             seq,
             to,
-            mesh: envelope.mesh.id.to_string(),
-            id: envelope.message_id.to_string(),
-            sender: envelope.sender.pubkey.to_string(),
+            mesh: Cow::Borrowed(&envelope.mesh.id),
+            id: Cow::Borrowed(&envelope.message_id),
+            sender: Cow::Borrowed(&envelope.sender.pubkey),
             kind,
             target,
-            spec: match &envelope.target {
-                EnvelopeTarget::Member(member) => member.pubkey.to_string(),
-                EnvelopeTarget::Many(spec) => spec.to_string(),
-            },
+            spec: Cow::Borrowed(envelope.target.spec()),
             keys,
-            priority: envelope.priority.as_str().to_owned(),
+            priority: Cow::Borrowed(envelope.priority.as_str()),
             created_ms: millis(envelope.created_at),
             expires_ms: millis(envelope.expires_at),
-            client_message_id: envelope.client_message_id.as_deref().map(str::to_owned),
+            client_message_id: envelope.client_message_id.as_deref().map(Cow::Borrowed),
             nonce: [envelope.nonce.start, envelope.nonce.end],
             ciphertext: [envelope.ciphertext.start, envelope.ciphertext.end],
         }
     }
 }
 
-/// Head line, newline, frame.
-pub fn encode(head: &Head, frame: &[u8]) -> Bytes {
+/// Appends one record to a batch: its length (u32, big-endian), the head
+/// line, a newline and the frame. What one bus wakeup routes to one mesh
+/// goes out as one message of such records.
+pub fn append(batch: &mut BytesMut, head: &Head<'_>, frame: &[u8]) {
     let json = serde_json::to_vec(head).expect("a head serializes");
-    let mut out = BytesMut::with_capacity(json.len() + 1 + frame.len());
-    out.put_slice(&json);
-    out.put_u8(b'\n');
-    out.put_slice(frame);
-    out.freeze()
+    batch.reserve(4 + json.len() + 1 + frame.len());
+    batch.put_u32((json.len() + 1 + frame.len()) as u32);
+    batch.put_slice(&json);
+    batch.put_u8(b'\n');
+    batch.put_slice(frame);
 }
 
-/// The head and the frame (a slice of `payload`, not a copy).
-pub fn decode(payload: &Bytes) -> Option<(Head, Bytes)> {
-    let newline = payload.iter().position(|&b| b == b'\n')?;
-    let head: Head = serde_json::from_slice(&payload[..newline]).ok()?;
-    let frame = payload.slice(newline + 1..);
+/// The records of a batch (slices of `payload`, not copies); `None` for
+/// the first that is cut short.
+pub fn records(payload: &Bytes) -> impl Iterator<Item = Option<Bytes>> + '_ {
+    let mut at = 0;
+    std::iter::from_fn(move || {
+        if at >= payload.len() {
+            return None;
+        }
+        let len = payload
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize);
+        match len {
+            Some(len) if at + 4 + len <= payload.len() => {
+                let record = payload.slice(at + 4..at + 4 + len);
+                at += 4 + len;
+                Some(Some(record))
+            }
+            _ => {
+                at = payload.len();
+                Some(None)
+            }
+        }
+    })
+}
+
+/// A record's head and frame (a slice of it, not a copy).
+pub fn decode(record: &Bytes) -> Option<(Head<'_>, Bytes)> {
+    let newline = record.iter().position(|&b| b == b'\n')?;
+    let head: Head<'_> = serde_json::from_slice(&record[..newline]).ok()?;
+    let frame = record.slice(newline + 1..);
     let in_frame = |r: [u32; 2]| r[0] <= r[1] && r[1] as usize <= frame.len();
     (in_frame(head.nonce) && in_frame(head.ciphertext)).then_some((head, frame))
 }
 
-/// A confirm: `<seq> <node> ok|no`, and for a hook the presence id.
-pub fn confirm(seq: u64, node: &str, taken: bool, presence: Option<&str>) -> Bytes {
+/// A confirm line, `<seq> <node> ok|no[ <presence id>]\n`, appended to
+/// `out`: the confirms one node owes another are sent together, one line
+/// each, as many as arrived in one turn of the bus loop.
+pub fn confirm(out: &mut Vec<u8>, seq: u64, node: &str, taken: bool, presence: Option<&str>) {
+    use std::io::Write;
     let verdict = if taken { "ok" } else { "no" };
-    match presence {
-        Some(presence) => Bytes::from(format!("{seq} {node} {verdict} {presence}")),
-        None => Bytes::from(format!("{seq} {node} {verdict}")),
-    }
+    let _ = match presence {
+        Some(presence) => writeln!(out, "{seq} {node} {verdict} {presence}"),
+        None => writeln!(out, "{seq} {node} {verdict}"),
+    };
 }
 
 /// A confirm's sequence, node, verdict and presence id.
 pub type Confirm<'a> = (u64, &'a str, bool, Option<&'a str>);
 
-pub fn parse_confirm(payload: &[u8]) -> Option<Confirm<'_>> {
-    let text = std::str::from_utf8(payload).ok()?;
+/// The confirms of one message, each line parsed (bad lines skipped).
+pub fn parse_confirms(payload: &[u8]) -> impl Iterator<Item = Confirm<'_>> {
+    payload
+        .split(|&b| b == b'\n')
+        .filter(|line| !line.is_empty())
+        .filter_map(parse_confirm)
+}
+
+fn parse_confirm(line: &[u8]) -> Option<Confirm<'_>> {
+    let text = std::str::from_utf8(line).ok()?;
     let mut parts = text.split(' ');
     let seq = parts.next()?.parse().ok()?;
     let node = parts.next()?;
@@ -269,21 +321,21 @@ mod tests {
 
     #[test]
     fn confirms_round_trip_and_refuse_garbage() {
+        let mut out = Vec::new();
+        confirm(&mut out, 7, "b-1", true, None);
+        confirm(&mut out, 9, "c", false, None);
+        out.extend_from_slice(b"7 b maybe\nx b ok\n\n");
+        confirm(&mut out, 3, "c", true, Some("p1"));
+        let got: Vec<_> = parse_confirms(&out).collect();
         assert_eq!(
-            parse_confirm(&confirm(7, "b-1", true, None)),
-            Some((7, "b-1", true, None))
+            got,
+            vec![
+                (7, "b-1", true, None),
+                (9, "c", false, None),
+                (3, "c", true, Some("p1"))
+            ]
         );
-        assert_eq!(
-            parse_confirm(&confirm(9, "c", false, None)),
-            Some((9, "c", false, None))
-        );
-        assert_eq!(
-            parse_confirm(&confirm(3, "c", true, Some("p1"))),
-            Some((3, "c", true, Some("p1")))
-        );
-        assert_eq!(parse_confirm(b"7 b maybe"), None);
-        assert_eq!(parse_confirm(b"x b ok"), None);
-        assert_eq!(parse_confirm(b""), None);
+        assert_eq!(parse_confirms(b"").count(), 0);
     }
 
     #[test]
@@ -328,12 +380,22 @@ mod tests {
             nonce: [0, 2],
             ciphertext: [2, 4],
         };
-        let good = encode(&head, b"abcd");
-        let (back, frame) = decode(&good).unwrap();
+        let mut batch = BytesMut::new();
+        append(&mut batch, &head, b"abcd");
+        append(&mut batch, &head, b"abc");
+        let batch = batch.freeze();
+        let records: Vec<Bytes> = records(&batch).map(Option::unwrap).collect();
+        assert_eq!(records.len(), 2);
+        let (back, frame) = decode(&records[0]).unwrap();
         assert_eq!(back, head);
         assert_eq!(&frame[..], b"abcd");
-        assert!(decode(&encode(&head, b"abc")).is_none());
+        assert!(decode(&records[1]).is_none(), "ranges past the frame");
         assert!(decode(&Bytes::from_static(b"{not json}\nabcd")).is_none());
         assert!(decode(&Bytes::from_static(b"no newline")).is_none());
+        // A batch cut short yields its whole records, then one `None`.
+        let cut = batch.slice(..batch.len() - 1);
+        let got: Vec<Option<Bytes>> = super::records(&cut).collect();
+        assert_eq!(got.len(), 2);
+        assert!(got[0].is_some() && got[1].is_none());
     }
 }
