@@ -39,19 +39,38 @@ struct Nats {
 }
 
 impl Nats {
-    fn start_on(port: u16) -> Nats {
+    /// On `port`; `None` when nats-server exits (the port was taken).
+    fn try_start_on(port: u16) -> Option<Nats> {
         let child = Command::new(nats_binary().expect("nats-server"))
             .args(["-a", "127.0.0.1", "-p", &port.to_string()])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("nats-server starts");
+        let mut nats = Nats { child, port };
         let deadline = Instant::now() + WAIT;
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        loop {
+            if nats.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(nats);
+            }
             assert!(Instant::now() < deadline, "nats-server did not listen");
             std::thread::sleep(Duration::from_millis(20));
         }
-        Nats { child, port }
+    }
+
+    /// On a free port (another one if that was taken meanwhile).
+    fn start() -> Nats {
+        (0..5)
+            .find_map(|_| Nats::try_start_on(free_port()))
+            .expect("nats-server on one of five free ports")
+    }
+
+    /// Again on the port it had (a restart).
+    fn start_on(port: u16) -> Nats {
+        Nats::try_start_on(port).expect("nats-server restarted on its port")
     }
 
     fn url(&self) -> String {
@@ -83,7 +102,7 @@ fn cluster(n: usize, env: &[(&str, &str)]) -> Option<Cluster> {
         eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
         return None;
     }
-    let nats = Nats::start_on(free_port());
+    let nats = Nats::start();
     let db = common::fresh_database();
     let mut cluster = Cluster {
         nats,

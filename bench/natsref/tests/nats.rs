@@ -38,20 +38,30 @@ fn start_server() -> Option<Server> {
         eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
         return None;
     };
-    let port = free_port();
-    let child = Command::new(bin)
-        .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("nats-server starts");
-    let server = Server { child, port };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not listen");
-        std::thread::sleep(Duration::from_millis(20));
+    // A free port can be taken again before nats-server binds it (other
+    // tests pick ports too): a server that exited is started on another.
+    for _ in 0..5 {
+        let port = free_port();
+        let child = Command::new(&bin)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let mut server = Server { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            if server.child.try_wait().ok().flatten().is_some() {
+                break;
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(server);
+            }
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    Some(server)
+    panic!("nats-server exited on five free ports");
 }
 
 fn natsref(args: &[&str]) -> (Output, serde_json::Value) {
