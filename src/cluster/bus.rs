@@ -43,6 +43,8 @@ use tokio::sync::mpsc;
 const TICK: Duration = Duration::from_millis(10);
 /// A mesh with nothing of this node in it is unfollowed after this.
 const UNFOLLOW_AFTER: Duration = Duration::from_secs(10);
+/// Least time between two publications of this node's part of a mesh.
+const PART_EVERY: Duration = Duration::from_millis(20);
 /// Bus messages handled per wakeup before the confirms they owe go out.
 const MESSAGES_PER_TURN: usize = 256;
 /// Held envelopes handed over per drain.
@@ -103,6 +105,8 @@ struct Followed {
     view: MeshView,
     subscription: tokio::task::JoinHandle<()>,
     idle_since: Option<Instant>,
+    /// When this node's part of it was last published.
+    published_at: Option<Instant>,
 }
 
 /// What a confirm is awaited for.
@@ -425,6 +429,7 @@ impl Bus {
                     view: MeshView::new(mesh.clone()),
                     subscription,
                     idle_since: None,
+                    published_at: None,
                 },
             );
             let me = Bytes::copy_from_slice(self.me().as_bytes());
@@ -810,6 +815,7 @@ impl Bus {
     }
 
     async fn beat(&mut self) {
+        self.unfollow_idle(Instant::now());
         let me = Bytes::copy_from_slice(self.me().as_bytes());
         self.publish(wire::BEAT.to_owned(), me).await;
         // Parts again: a lost publish is repaired within a beat.
@@ -885,9 +891,22 @@ impl Bus {
         dirty.sort_by_key(key);
         dirty.dedup_by_key(|m| key(m));
         for mesh in dirty {
+            // A part is the whole of this node's sessions of the mesh: under
+            // churn it goes at most once per PART_EVERY, the rest waits.
+            let token = wire::mesh_token(&mesh.id);
+            let due = self
+                .followed
+                .get(&token)
+                .is_none_or(|f| f.published_at.is_none_or(|at| now >= at + PART_EVERY));
+            if !due {
+                self.dirty.push(mesh);
+                continue;
+            }
+            if let Some(followed) = self.followed.get_mut(&token) {
+                followed.published_at = Some(now);
+            }
             self.publish_part(&mesh).await;
         }
-        self.unfollow_idle(now);
     }
 
     /// This node's sessions of `mesh`, whole.
@@ -910,11 +929,12 @@ impl Bus {
     fn unfollow_idle(&mut self, now: Instant) {
         self.followed.retain(|_, followed| {
             let mesh = &followed.view.mesh;
-            let mut listed = false;
-            mesh.board.for_each(|_, _| listed = true);
-            let busy = listed
-                || mesh.local_sessions() > 0
-                || mesh.view().members().iter().any(|m| !m.held.is_empty());
+            let busy = mesh.local_sessions() > 0 || {
+                // Away sessions are listed too; held envelopes wait here.
+                let mut listed = false;
+                mesh.board.for_each(|_, _| listed = true);
+                listed || mesh.view().members().iter().any(|m| !m.held.is_empty())
+            };
             if busy {
                 followed.idle_since = None;
                 return true;
