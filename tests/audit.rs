@@ -289,10 +289,7 @@ fn events_made_while_postgres_is_down_are_written_when_it_is_back() {
     let pg = LocalPostgres::start(&root.join("data"), true).expect("start Postgres");
     pg.create_database("outage").expect("create the database");
     let db = pg.url("outage");
-    let broker = TestBroker {
-        broker: Broker::start(&[("DATABASE_URL", db.as_str())]),
-        db: db.clone(),
-    };
+    let broker = TestBroker::single(Broker::start(&[("DATABASE_URL", db.as_str())]), db.clone());
     broker.wait_for_log("db healthy", Duration::from_secs(30));
     let members = seed_mesh(&db, "down", 1);
     let mut peer = Peer::connect(&broker, &members[0]);

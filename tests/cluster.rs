@@ -9,85 +9,11 @@
 mod common;
 mod support;
 
-use std::net::TcpListener;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{query_rows, Broker};
 use serde_json::{json, Value};
 use support::*;
-
-fn nats_binary() -> Option<PathBuf> {
-    ["/usr/bin/nats-server", "/usr/sbin/nats-server"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|p| p.is_file())
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Nats {
-    child: Child,
-    port: u16,
-}
-
-impl Nats {
-    /// On `port`; `None` when nats-server exits (the port was taken).
-    fn try_start_on(port: u16) -> Option<Nats> {
-        let child = Command::new(nats_binary().expect("nats-server"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server starts");
-        let mut nats = Nats { child, port };
-        let deadline = Instant::now() + WAIT;
-        loop {
-            if nats.child.try_wait().ok().flatten().is_some() {
-                return None;
-            }
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(nats);
-            }
-            assert!(Instant::now() < deadline, "nats-server did not listen");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// On a free port (another one if that was taken meanwhile).
-    fn start() -> Nats {
-        (0..5)
-            .find_map(|_| Nats::try_start_on(free_port()))
-            .expect("nats-server on one of five free ports")
-    }
-
-    /// Again on the port it had (a restart).
-    fn start_on(port: u16) -> Nats {
-        Nats::try_start_on(port).expect("nats-server restarted on its port")
-    }
-
-    fn url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.port)
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Nats {
-    fn drop(&mut self) {
-        self.stop();
-    }
-}
 
 /// A NATS server and `n` nodes on one database.
 struct Cluster {
@@ -113,39 +39,13 @@ fn cluster(n: usize, env: &[(&str, &str)]) -> Option<Cluster> {
         cluster.start_node(i, env);
     }
     // Every node has heard every other before the test begins.
-    for node in &cluster.nodes {
-        let heard = poll(WAIT, || {
-            let joined = node
-                .logs()
-                .iter()
-                .filter(|l| l["msg"] == "node joined")
-                .count();
-            joined >= n - 1
-        });
-        assert!(
-            heard,
-            "a node did not hear the others: {}",
-            node.stderr_text()
-        );
-    }
+    wait_nodes_joined(&cluster.nodes.iter().collect::<Vec<_>>());
     Some(cluster)
 }
 
-const NODE_NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
-
 impl Cluster {
     fn start_node(&mut self, i: usize, env: &[(&str, &str)]) {
-        let url = self.nats.url();
-        let mut all: Vec<(&str, &str)> = vec![
-            ("DATABASE_URL", self.db.as_str()),
-            ("NATS_URL", url.as_str()),
-            ("NODE_ID", NODE_NAMES[i]),
-            ("NODE_DEAD_AFTER_MS", "1500"),
-        ];
-        all.extend_from_slice(env);
-        let node = Broker::start(&all);
-        node.wait_for_log("db healthy", Duration::from_secs(30));
-        node.wait_for_log("bus connected", WAIT);
+        let node = start_node(&self.db, &self.nats, i, env);
         if i < self.nodes.len() {
             self.nodes[i] = node;
         } else {

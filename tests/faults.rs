@@ -337,10 +337,7 @@ fn an_envelope_held_before_a_shard_panic_is_delivered_once_after_restart() {
     let push = target.recv_push(WAIT);
     assert_push(&push, &ack, &members[0], "next", "n", "held");
     target.expect_nothing(Duration::from_secs(1));
-    let tb = TestBroker {
-        broker: second,
-        db: db.clone(),
-    };
+    let tb = TestBroker::single(second, db.clone());
     tb.wait_metric("broker_queue_depth", |v| v == 0.0);
     // Marked delivered: a later session of the member does not get it again.
     target.close();

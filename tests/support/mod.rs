@@ -32,10 +32,160 @@ pub const QUIET: Duration = Duration::from_millis(400);
 
 // ----------------------------------------------------------------- broker
 
-/// A broker plus the URL of its (fresh) database.
+/// A broker plus the URL of its (fresh) database; with the tests-only
+/// `MESHBROKER_TEST_NODES=N` (2 or 3), node 0 of N nodes on that database
+/// and one nats-server, the others in `others` (README "Several nodes");
+/// fields drop in order: node 0, the others, then their bus.
 pub struct TestBroker {
     pub broker: Broker,
     pub db: String,
+    pub others: Vec<Broker>,
+    nats: Option<Nats>,
+}
+
+/// Where `Peer::open` spreads a multi-node test broker's sessions.
+struct Spread {
+    /// Node 0's pid: a later broker on a reused port is not this one.
+    pid: u32,
+    ports: Vec<u16>,
+    next: usize,
+}
+
+static SPREAD: std::sync::Mutex<Vec<Spread>> = std::sync::Mutex::new(Vec::new());
+
+/// The port a new session of `broker` connects to: the next node in turn
+/// for a multi-node test broker, else its own.
+fn spread_port(broker: &Broker) -> u16 {
+    let mut spread = SPREAD.lock().unwrap();
+    spread.retain(|s| s.ports[0] != broker.port() || s.pid == broker.pid());
+    match spread.iter_mut().find(|s| s.ports[0] == broker.port()) {
+        Some(s) => {
+            let port = s.ports[s.next % s.ports.len()];
+            s.next += 1;
+            port
+        }
+        None => broker.port(),
+    }
+}
+
+/// `MESHBROKER_TEST_NODES`, 1 when unset.
+pub fn test_nodes() -> usize {
+    std::env::var("MESHBROKER_TEST_NODES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
+        .clamp(1, 3)
+}
+
+pub fn nats_binary() -> Option<std::path::PathBuf> {
+    ["/usr/bin/nats-server", "/usr/sbin/nats-server"]
+        .iter()
+        .map(std::path::PathBuf::from)
+        .find(|p| p.is_file())
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A nats-server on a loopback port.
+pub struct Nats {
+    child: std::process::Child,
+    pub port: u16,
+}
+
+impl Nats {
+    /// On `port`; `None` when nats-server exits (the port was taken).
+    fn try_start_on(port: u16) -> Option<Nats> {
+        let child = std::process::Command::new(nats_binary().expect("nats-server"))
+            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("nats-server starts");
+        let mut nats = Nats { child, port };
+        let deadline = Instant::now() + WAIT;
+        loop {
+            if nats.child.try_wait().ok().flatten().is_some() {
+                return None;
+            }
+            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(nats);
+            }
+            assert!(Instant::now() < deadline, "nats-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// On a free port (another one if that was taken meanwhile).
+    pub fn start() -> Nats {
+        (0..5)
+            .find_map(|_| Nats::try_start_on(free_port()))
+            .expect("nats-server on one of five free ports")
+    }
+
+    /// Again on the port it had (a restart).
+    pub fn start_on(port: u16) -> Nats {
+        Nats::try_start_on(port).expect("nats-server restarted on its port")
+    }
+
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// Node names of a multi-node test broker.
+pub const NODE_NAMES: [&str; 3] = ["node-a", "node-b", "node-c"];
+
+/// Starts node `i` of a cluster on `db` and `nats`, and waits for its
+/// database and its bus.
+pub fn start_node(db: &str, nats: &Nats, i: usize, env: &[(&str, &str)]) -> Broker {
+    let url = nats.url();
+    let mut all: Vec<(&str, &str)> = vec![
+        ("DATABASE_URL", db),
+        ("NATS_URL", url.as_str()),
+        ("NODE_ID", NODE_NAMES[i]),
+        ("NODE_DEAD_AFTER_MS", "1500"),
+    ];
+    all.extend_from_slice(env);
+    let node = Broker::start(&all);
+    node.wait_for_log("db healthy", Duration::from_secs(30));
+    node.wait_for_log("bus connected", WAIT);
+    node
+}
+
+/// Waits until each node has heard all the others.
+pub fn wait_nodes_joined(nodes: &[&Broker]) {
+    for node in nodes {
+        let heard = poll(WAIT, || {
+            let joined = node
+                .logs()
+                .iter()
+                .filter(|l| l["msg"] == "node joined")
+                .count();
+            joined >= nodes.len() - 1
+        });
+        assert!(
+            heard,
+            "a node did not hear the others: {}",
+            node.stderr_text()
+        );
+    }
 }
 
 impl std::ops::Deref for TestBroker {
@@ -49,17 +199,64 @@ impl std::ops::Deref for TestBroker {
 /// defaults (2 shards), and waits until its migrations have run.
 pub fn start(env: &[(&str, &str)]) -> TestBroker {
     let db = fresh_database();
+    let nodes = test_nodes();
+    if nodes > 1 && nats_binary().is_some() {
+        let nats = Nats::start();
+        let mut all: Vec<Broker> = (0..nodes).map(|i| start_node(&db, &nats, i, env)).collect();
+        wait_nodes_joined(&all.iter().collect::<Vec<_>>());
+        let broker = all.remove(0);
+        let mut ports = vec![broker.port()];
+        ports.extend(all.iter().map(Broker::port));
+        SPREAD.lock().unwrap().push(Spread {
+            pid: broker.pid(),
+            ports,
+            next: 0,
+        });
+        return TestBroker {
+            broker,
+            db,
+            others: all,
+            nats: Some(nats),
+        };
+    }
     let mut all: Vec<(&str, &str)> = vec![("DATABASE_URL", db.as_str())];
     all.extend_from_slice(env);
     let broker = Broker::start(&all);
     broker.wait_for_log("db healthy", Duration::from_secs(30));
-    TestBroker { broker, db }
+    TestBroker {
+        broker,
+        db,
+        others: Vec::new(),
+        nats: None,
+    }
 }
 
 impl TestBroker {
+    /// One node, started by the test itself.
+    pub fn single(broker: Broker, db: String) -> TestBroker {
+        TestBroker {
+            broker,
+            db,
+            others: Vec::new(),
+            nats: None,
+        }
+    }
+
     /// The shard a session landed on, from its `ws hello` log line.
     pub fn shard_of(&self, presence_id: &str) -> u64 {
-        let line = self.wait_for_log_where("ws hello", WAIT, |v| v["presence"] == presence_id);
+        let mut line = Value::Null;
+        let found = poll(WAIT, || {
+            let nodes = std::iter::once(&self.broker).chain(&self.others);
+            let mut logs = nodes.flat_map(|n| n.logs());
+            match logs.find(|v| v["msg"] == "ws hello" && v["presence"] == presence_id) {
+                Some(hello) => {
+                    line = hello;
+                    true
+                }
+                None => false,
+            }
+        });
+        assert!(found, "no ws hello line for {presence_id}");
         match &line["shard"] {
             Value::Number(n) => n.as_u64().expect("shard is an integer"),
             Value::String(s) => s.parse().expect("shard is numeric"),
@@ -274,7 +471,8 @@ pub struct Peer {
 impl Peer {
     /// A WebSocket connection to `/ws` that has not said hello.
     pub fn open(broker: &Broker) -> Peer {
-        let stream = TcpStream::connect(broker.addr()).expect("connect to the broker");
+        let stream =
+            TcpStream::connect(("127.0.0.1", spread_port(broker))).expect("connect to the broker");
         Peer::over(broker, stream)
     }
 
@@ -296,7 +494,8 @@ impl Peer {
     /// A WebSocket connection to `/ws`, or why there is none (refused,
     /// closed before the handshake's answer).
     pub fn try_open(broker: &Broker) -> Result<Peer, String> {
-        let stream = TcpStream::connect(broker.addr()).map_err(|e| e.to_string())?;
+        let stream =
+            TcpStream::connect(("127.0.0.1", spread_port(broker))).map_err(|e| e.to_string())?;
         stream.set_read_timeout(Some(WAIT)).unwrap();
         stream.set_write_timeout(Some(WAIT)).unwrap();
         let (ws, _) =
