@@ -68,6 +68,19 @@ fn spread_port(broker: &Broker) -> u16 {
     }
 }
 
+/// Whether `broker` is node 0 of a multi-node test broker.
+fn is_spread(broker: &Broker) -> bool {
+    SPREAD
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|s| s.ports[0] == broker.port() && s.pid == broker.pid())
+}
+
+/// After a hello on a multi-node test broker: time for the other nodes to
+/// hear of the session.
+const SPREAD_SETTLE: Duration = Duration::from_millis(100);
+
 /// `MESHBROKER_TEST_NODES`, 1 when unset.
 pub fn test_nodes() -> usize {
     std::env::var("MESHBROKER_TEST_NODES")
@@ -514,6 +527,11 @@ impl Peer {
         let mut peer = Peer::open(broker);
         let ack = peer.hello(member);
         assert_eq!(ack["type"], "hello_ack", "hello as {}: {ack}", member.id);
+        if is_spread(broker) {
+            // Other nodes route to a session once its node's directory part
+            // reached them (README "Several nodes": 20 ms plus the bus).
+            std::thread::sleep(SPREAD_SETTLE);
+        }
         peer
     }
 
