@@ -368,3 +368,40 @@ fn a_hook_reaching_a_node_without_the_session_is_applied_where_it_is() {
     set_status(&mut bob, "idle");
     assert_one_push(&mut bob, &members[0], "aG9vaw==");
 }
+
+#[test]
+fn a_hook_stashed_on_one_node_sets_the_first_status_of_a_session_on_another() {
+    let Some(cluster) = cluster(3, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "stash", 2);
+    let mut alice = cluster.connect(0, &members[0]);
+    // No session has /work/carol anywhere: node c stashes it, and so do
+    // the others.
+    let body = json!({"cwd": "/work/carol", "pid": 4242, "status": "working"});
+    let reply = common::http(
+        cluster.node(2).addr(),
+        "POST",
+        "/hook/set-status",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    let answer: Value = serde_json::from_slice(&reply.body).unwrap();
+    assert_eq!(answer["pending"], true, "{answer}");
+    std::thread::sleep(Duration::from_millis(200));
+    // The session connects to node b.
+    let mut carol = Peer::open(cluster.node(1));
+    let mut carol_hello = hello(&members[1]);
+    carol_hello["cwd"] = json!("/work/carol");
+    let ack = carol.request(&carol_hello);
+    assert_eq!(ack["type"], "hello_ack", "{ack}");
+    let working = poll(WAIT, || {
+        let reply = alice.request(&json!({"type": "list_peers"}));
+        reply["peers"].as_array().unwrap().iter().any(|p| {
+            p["pubkey"] == members[1].pubkey.as_str()
+                && p["status"] == "working"
+                && p["statusSource"] == "hook"
+        })
+    });
+    assert!(working, "the stashed hook is carol's first status");
+}

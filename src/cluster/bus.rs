@@ -294,7 +294,21 @@ impl Bus {
             BusCommand::MeshChanged(mesh) => self.follow(&mesh).await,
             BusCommand::Drain { mesh, member } => self.hand_over(&mesh, &member).await,
             BusCommand::Hook { signal, reply } => self.forward_hook(signal, reply).await,
+            BusCommand::Stash(signal) => self.forward_stash(signal).await,
         }
+    }
+
+    /// A stashed hook signal for every other node (seq 0: no answer).
+    async fn forward_stash(&mut self, signal: crate::hook::HookSignal) {
+        let head = wire::HookHead {
+            from: self.me().to_owned(),
+            seq: 0,
+            pid: signal.pid,
+            cwd: signal.cwd,
+            status: signal.status.as_str().to_owned(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&head).expect("a hook head serializes"));
+        self.publish(wire::HOOKS.to_owned(), payload).await;
     }
 
     /// Asks every other node for the session a hook signal is for.
@@ -347,7 +361,18 @@ impl Bus {
             status,
             session_id: None,
         };
-        let asked = self.to_shard(0, ShardEvent::RemoteHook { signal, reply });
+        let stash = head.seq == 0;
+        let asked = self.to_shard(
+            0,
+            ShardEvent::RemoteHook {
+                signal,
+                stash,
+                reply,
+            },
+        );
+        if stash {
+            return;
+        }
         let client = self.client.clone();
         let me = self.spec.node_id.clone();
         let timeout = self.spec.confirm_timeout;

@@ -63,6 +63,10 @@ pub enum BusCommand {
         signal: crate::hook::HookSignal,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
+    /// A hook signal no node had a session for, stashed here: every other
+    /// node stashes it too, so a session that connects anywhere soon
+    /// starts with it.
+    Stash(crate::hook::HookSignal),
     /// A member's held envelopes may go to another node (remote bits).
     Drain {
         mesh: Arc<MeshEntry>,

@@ -245,7 +245,7 @@ fn parse_confirm(line: &[u8]) -> Option<Confirm<'_>> {
     Some((seq, node, taken, parts.next()))
 }
 
-/// A forwarded hook signal.
+/// A forwarded hook signal; `seq` 0 is a stash (no answer wanted).
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub struct HookHead {
     pub from: String,

@@ -358,6 +358,9 @@ async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
     tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(), pending = true, "hook");
     ctx.hooks
         .stash(signal.pid, &signal.cwd, signal.status, Instant::now());
+    if let Some(cluster) = &ctx.cluster {
+        let _ = cluster.send(BusCommand::Stash(signal.clone()));
+    }
     let stash = PendingStatus {
         id: shard.ids.borrow_mut().next_id(),
         pid: signal.pid,
