@@ -327,6 +327,42 @@ fn nats_restarted_nodes_reconnect_and_nothing_acked_is_lost() {
     assert_eq!(got, want, "every acked send reached bob");
 }
 
+/// `POST /hook/set-status` to node `i`: the status code and JSON answer.
+fn post_hook(cluster: &Cluster, i: usize, cwd: &str, status: &str) -> (u16, Value) {
+    let body = json!({"cwd": cwd, "pid": 4242, "status": status});
+    let reply = common::http(
+        cluster.node(i).addr(),
+        "POST",
+        "/hook/set-status",
+        &[("Content-Type", "application/json")],
+        body.to_string().as_bytes(),
+    );
+    let answer = serde_json::from_slice(&reply.body).unwrap();
+    (reply.status, answer)
+}
+
+/// A session of `member` on node `i` with its own `cwd`, and its presence id.
+fn connect_in(cluster: &Cluster, i: usize, member: &Member, cwd: &str) -> (Peer, String) {
+    let mut peer = Peer::open(cluster.node(i));
+    let mut request = hello(member);
+    request["cwd"] = json!(cwd);
+    let ack = peer.request(&request);
+    assert_eq!(ack["type"], "hello_ack", "{ack}");
+    let presence = ack["presenceId"].as_str().unwrap().to_owned();
+    (peer, presence)
+}
+
+/// Whether `peer`'s `list_peers` shows a session of `member` with `status`
+/// set by `source`.
+fn lists_status(peer: &mut Peer, member: &Member, status: &str, source: &str) -> bool {
+    let reply = peer.request(&json!({"type": "list_peers"}));
+    reply["peers"].as_array().unwrap().iter().any(|p| {
+        p["pubkey"] == member.pubkey.as_str()
+            && p["status"] == status
+            && p["statusSource"] == source
+    })
+}
+
 #[test]
 fn a_hook_reaching_a_node_without_the_session_is_applied_where_it_is() {
     let Some(cluster) = cluster(3, &[]) else {
@@ -334,35 +370,20 @@ fn a_hook_reaching_a_node_without_the_session_is_applied_where_it_is() {
     };
     let members = seed_mesh(&cluster.db, "hook", 2);
     let mut alice = cluster.connect(0, &members[0]);
-    let mut bob = Peer::open(cluster.node(1));
-    let mut bob_hello = hello(&members[1]);
-    bob_hello["cwd"] = json!("/work/bob");
-    let ack = bob.request(&bob_hello);
-    assert_eq!(ack["type"], "hello_ack", "{ack}");
-    let bob_presence = ack["presenceId"].as_str().unwrap().to_owned();
+    let (mut bob, bob_presence) = connect_in(&cluster, 1, &members[1], "/work/bob");
     wait_directory(&mut alice, &[&members[0], &members[1]]);
     // Bob's session (pid 4242, /work/bob) is on node b; the hook goes to
     // node c, which has no session at all.
-    let body = json!({"cwd": "/work/bob", "pid": 4242, "status": "working"});
-    let reply = common::http(
-        cluster.node(2).addr(),
-        "POST",
-        "/hook/set-status",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    );
-    let answer: Value = serde_json::from_slice(&reply.body).unwrap();
-    assert_eq!(reply.status, 200, "{answer}");
+    let (code, answer) = post_hook(&cluster, 2, "/work/bob", "working");
+    assert_eq!(code, 200, "{answer}");
     assert_eq!(answer["presence_id"], bob_presence.as_str(), "{answer}");
     // Node a hears bob is working: `next` waits, and is pushed once idle.
-    assert!(poll(WAIT, || {
-        let reply = alice.request(&json!({"type": "list_peers"}));
-        reply["peers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|p| p["pubkey"] == members[1].pubkey.as_str() && p["status"] == "working")
-    }));
+    assert!(poll(WAIT, || lists_status(
+        &mut alice,
+        &members[1],
+        "working",
+        "hook"
+    )));
     alice.send(&members[1].pubkey, "next", "bm9uY2U=", "aG9vaw==", "k1");
     bob.expect_nothing(QUIET);
     set_status(&mut bob, "idle");
@@ -378,30 +399,13 @@ fn a_hook_stashed_on_one_node_sets_the_first_status_of_a_session_on_another() {
     let mut alice = cluster.connect(0, &members[0]);
     // No session has /work/carol anywhere: node c stashes it, and so do
     // the others.
-    let body = json!({"cwd": "/work/carol", "pid": 4242, "status": "working"});
-    let reply = common::http(
-        cluster.node(2).addr(),
-        "POST",
-        "/hook/set-status",
-        &[("Content-Type", "application/json")],
-        body.to_string().as_bytes(),
-    );
-    let answer: Value = serde_json::from_slice(&reply.body).unwrap();
+    let (_, answer) = post_hook(&cluster, 2, "/work/carol", "working");
     assert_eq!(answer["pending"], true, "{answer}");
     std::thread::sleep(Duration::from_millis(200));
     // The session connects to node b.
-    let mut carol = Peer::open(cluster.node(1));
-    let mut carol_hello = hello(&members[1]);
-    carol_hello["cwd"] = json!("/work/carol");
-    let ack = carol.request(&carol_hello);
-    assert_eq!(ack["type"], "hello_ack", "{ack}");
+    let (_carol, _) = connect_in(&cluster, 1, &members[1], "/work/carol");
     let working = poll(WAIT, || {
-        let reply = alice.request(&json!({"type": "list_peers"}));
-        reply["peers"].as_array().unwrap().iter().any(|p| {
-            p["pubkey"] == members[1].pubkey.as_str()
-                && p["status"] == "working"
-                && p["statusSource"] == "hook"
-        })
+        lists_status(&mut alice, &members[1], "working", "hook")
     });
     assert!(working, "the stashed hook is carol's first status");
 }

@@ -457,10 +457,23 @@ impl Bus {
                     published_at: None,
                 },
             );
-            let me = Bytes::copy_from_slice(self.me().as_bytes());
-            self.publish(wire::mesh_subject(&mesh.id, "sync"), me).await;
+            self.ask_parts(mesh).await;
         }
         self.dirty.push(mesh.clone());
+    }
+
+    /// The meshes this node follows.
+    fn followed_meshes(&self) -> Vec<Arc<MeshEntry>> {
+        self.followed
+            .values()
+            .map(|f| f.view.mesh.clone())
+            .collect()
+    }
+
+    /// Asks the other nodes following `mesh` to publish their parts again.
+    async fn ask_parts(&self, mesh: &MeshEntry) {
+        let me = Bytes::copy_from_slice(self.me().as_bytes());
+        self.publish(wire::mesh_subject(&mesh.id, "sync"), me).await;
     }
 
     async fn message(&mut self, message: async_nats::Message) {
@@ -523,11 +536,7 @@ impl Bus {
             tracing::info!(target: "bus", node = %node, slot, "node joined");
             // So the newcomer hears of this node at once too.
             self.beat_now = true;
-            let meshes: Vec<_> = self
-                .followed
-                .values()
-                .map(|f| f.view.mesh.clone())
-                .collect();
+            let meshes = self.followed_meshes();
             self.dirty.extend(meshes);
         }
         Some(slot)
@@ -844,11 +853,7 @@ impl Bus {
         let me = Bytes::copy_from_slice(self.me().as_bytes());
         self.publish(wire::BEAT.to_owned(), me).await;
         // Parts again: a lost publish is repaired within a beat.
-        let meshes: Vec<_> = self
-            .followed
-            .values()
-            .map(|f| f.view.mesh.clone())
-            .collect();
+        let meshes = self.followed_meshes();
         self.dirty.extend(meshes.iter().cloned());
         // Held here for a member live only elsewhere (a handover refused or
         // lost, a send held while the bus was away): handed over again.
@@ -875,14 +880,9 @@ impl Bus {
             self.connected = true;
             // Heard at once, not a beat later.
             self.beat().await;
-            let meshes: Vec<_> = self
-                .followed
-                .values()
-                .map(|f| f.view.mesh.clone())
-                .collect();
+            let meshes = self.followed_meshes();
             for mesh in &meshes {
-                let me = Bytes::copy_from_slice(self.me().as_bytes());
-                self.publish(wire::mesh_subject(&mesh.id, "sync"), me).await;
+                self.ask_parts(mesh).await;
             }
             self.dirty.extend(meshes);
         } else if !connected && self.connected {
@@ -1018,11 +1018,7 @@ impl Bus {
     /// At shutdown: an empty part for every followed mesh, so the others
     /// drop this node's sessions at once.
     async fn leave(&mut self) {
-        let meshes: Vec<_> = self
-            .followed
-            .values()
-            .map(|f| f.view.mesh.clone())
-            .collect();
+        let meshes = self.followed_meshes();
         for mesh in meshes {
             let part = wire::encode_part(self.me(), &[]);
             self.publish(wire::mesh_subject(&mesh.id, "dir"), part)

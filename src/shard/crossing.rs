@@ -11,8 +11,7 @@ use crate::cluster::{BusCommand, PendingAck};
 use crate::db::held::HeldCommand;
 use crate::mesh::directory::MemberEntry;
 use crate::mesh::plan::{key, Route, Targets};
-use crate::protocol::{self, Ack};
-use crate::ws::{self, OpCode};
+use crate::protocol::Ack;
 use std::sync::Arc;
 
 impl Shard {
@@ -72,9 +71,12 @@ impl Shard {
             let id = (&*ack.id, ack.req_id.as_deref());
             return self.store_and_ack(&link, id, envelope, members, ack.read_at);
         }
-        let mut json = Vec::with_capacity(96);
-        protocol::write_ack(
-            &mut json,
+        let stamp = Stamp {
+            sent_at: ack.read_at,
+            priority: envelope.priority,
+            kind: StampKind::Ack,
+        };
+        link.ack(
             &Ack {
                 id: &ack.id,
                 message_id: &envelope.message_id,
@@ -82,13 +84,8 @@ impl Shard {
                 duplicate: false,
                 req_id: ack.req_id.as_deref(),
             },
+            Some(stamp),
         );
-        let stamp = Stamp {
-            sent_at: ack.read_at,
-            priority: envelope.priority,
-            kind: StampKind::Ack,
-        };
-        link.reply(ws::encode_server_frame(OpCode::Text, &json), Some(stamp));
     }
 
     /// Holds the envelope for each target member with no taker left: no

@@ -188,10 +188,13 @@ impl Shard {
                     .reply(ws::encode_server_frame(OpCode::Text, &error), None);
                 continue;
             }
-            let mut ack = Vec::with_capacity(112);
             let durable = (waiting.seq > durable).then_some(false);
-            protocol::write_ack(
-                &mut ack,
+            let stamp = Stamp {
+                sent_at: waiting.read_at,
+                priority: waiting.envelope.priority,
+                kind: StampKind::Ack,
+            };
+            waiting.link.ack(
                 &protocol::Ack {
                     id: &waiting.id,
                     message_id: &waiting.envelope.message_id,
@@ -199,15 +202,8 @@ impl Shard {
                     duplicate: false,
                     req_id: waiting.req_id.as_deref(),
                 },
+                Some(stamp),
             );
-            let stamp = Stamp {
-                sent_at: waiting.read_at,
-                priority: waiting.envelope.priority,
-                kind: StampKind::Ack,
-            };
-            waiting
-                .link
-                .reply(ws::encode_server_frame(OpCode::Text, &ack), Some(stamp));
         }
     }
 }

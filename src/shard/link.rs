@@ -10,7 +10,7 @@ use crate::mesh::lease::SessionLeases;
 use crate::mesh::peers::SessionEntry;
 use crate::mesh::{Envelope, Orphan};
 use crate::protocol::CloseReason;
-use crate::protocol::Priority;
+use crate::protocol::{self, Priority};
 use crate::status::StatusState;
 use crate::ws::{self, OpCode};
 use std::cell::{Cell, RefCell};
@@ -296,6 +296,13 @@ impl SessionLink {
         {
             self.close(CloseReason::SlowReader);
         }
+    }
+
+    /// Queue the ack of a send.
+    pub fn ack(&self, ack: &protocol::Ack<'_>, stamp: Option<Stamp>) {
+        let mut json = Vec::with_capacity(112);
+        protocol::write_ack(&mut json, ack);
+        self.reply(ws::encode_server_frame(OpCode::Text, &json), stamp);
     }
 
     /// Queue a frame this session answers with (ack, error, hello_ack).

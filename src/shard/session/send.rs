@@ -13,8 +13,7 @@ use crate::mesh::held::HeldLimit;
 use crate::mesh::peers::{KeyTarget, SessionEntry};
 use crate::mesh::plan::{plan_direct, plan_many, plan_session, Audience, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
-use crate::protocol::{self, Ack, CloseReason, ErrorCode, ProtocolError, PushFields, Send, Target};
-use crate::ws::{self, OpCode};
+use crate::protocol::{Ack, CloseReason, ErrorCode, ProtocolError, PushFields, Send, Target};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
@@ -262,10 +261,7 @@ impl Session {
     }
 
     fn ack(&self, ack: &Ack<'_>, stamp: Option<Stamp>) {
-        let mut json = Vec::with_capacity(96);
-        protocol::write_ack(&mut json, ack);
-        self.link
-            .reply(ws::encode_server_frame(OpCode::Text, &json), stamp);
+        self.link.ack(ack, stamp);
     }
 }
 
