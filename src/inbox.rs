@@ -10,6 +10,7 @@ use std::future::poll_fn;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::Poll;
+use std::time::Instant;
 
 use crate::hook::Status;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
@@ -119,6 +120,18 @@ impl<T> Inbox<T> {
     }
 }
 
+/// An ack that waits for other nodes to confirm a send (README "Several
+/// nodes"): the bus hands it back to its shard in `Confirmed`.
+pub struct PendingAck {
+    pub shard: usize,
+    pub conn: u64,
+    pub id: Box<str>,
+    pub req_id: Option<Box<str>>,
+    pub read_at: Instant,
+    /// Members the send was held for (their row is written once confirmed).
+    pub held: Vec<Arc<MemberEntry>>,
+}
+
 /// What crosses from one shard to another.
 pub enum ShardEvent {
     /// Deliver a routed envelope to this shard's sessions of its targets.
@@ -128,7 +141,7 @@ pub enum ShardEvent {
     /// first for whom it may now reach nowhere.
     Confirmed {
         route: Arc<Route>,
-        ack: crate::cluster::PendingAck,
+        ack: PendingAck,
         missing: u64,
     },
     /// A member's held queue has envelopes and this shard has a session of it.

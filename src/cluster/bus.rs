@@ -21,7 +21,8 @@
 //!   presence rows end, and their held rows are claimed and loaded here.
 use super::view::{MeshView, Nodes};
 use super::wire::{self, Head, Kind};
-use super::{slot_bit, BusCommand, PendingAck, LOCAL};
+use super::{slot_bit, BusCommand, LOCAL};
+use crate::inbox::PendingAck;
 use crate::inbox::{ShardEvent, ShardSender};
 use crate::mesh::directory::{Directory, MemberEntry, MeshEntry};
 use crate::mesh::held::Take;

@@ -16,11 +16,11 @@ pub(crate) mod bus;
 pub(crate) mod view;
 pub(crate) mod wire;
 
+use crate::inbox::PendingAck;
 use crate::mesh::directory::{MemberEntry, MeshEntry};
 use crate::mesh::plan::Route;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
 use tokio::sync::mpsc;
 
 /// Bit of the first remote node in a shard mask; local shards sit below.
@@ -34,17 +34,6 @@ const QUEUE: usize = 65_536;
 
 pub fn slot_bit(slot: u8) -> u64 {
     1 << (REMOTE_BASE + slot as usize)
-}
-
-/// An ack that waits for other nodes to confirm a send.
-pub struct PendingAck {
-    pub shard: usize,
-    pub conn: u64,
-    pub id: Box<str>,
-    pub req_id: Option<Box<str>>,
-    pub read_at: Instant,
-    /// Members the send was held for (their row is written once confirmed).
-    pub held: Vec<Arc<MemberEntry>>,
 }
 
 pub enum BusCommand {

@@ -7,8 +7,9 @@
 use super::outbound::{Stamp, StampKind};
 use super::state::Shard;
 use crate::audit::AuditEvent;
-use crate::cluster::{BusCommand, PendingAck};
+use crate::cluster::BusCommand;
 use crate::db::held::HeldCommand;
+use crate::inbox::PendingAck;
 use crate::mesh::directory::MemberEntry;
 use crate::mesh::plan::{key, Route, Targets};
 use crate::protocol::Ack;

@@ -5,7 +5,8 @@
 use super::super::outbound::{Stamp, StampKind};
 use super::Session;
 use crate::audit::AuditEvent;
-use crate::cluster::{PendingAck, LOCAL};
+use crate::cluster::LOCAL;
+use crate::inbox::PendingAck;
 use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
 use crate::mesh::directory::{MemberEntry, MeshEntry, MeshView};
