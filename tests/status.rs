@@ -57,6 +57,7 @@ fn hook_ok(broker: &TestBroker, pid: Option<i32>, cwd: &str, status: &str) -> Va
     let (code, answer) = hook(broker, &body);
     assert_eq!(code, 200, "hook {body}: {answer}");
     assert_eq!(answer["ok"], true, "hook {body}: {answer}");
+    support::settle(broker);
     answer
 }
 
@@ -75,6 +76,7 @@ fn hook_applied(broker: &TestBroker, pid: Option<i32>, cwd: &str, status: &str, 
 /// `set_status` (no reply).
 fn set_status(peer: &mut Peer, status: &str) {
     peer.send_json(&json!({"type": "set_status", "status": status}));
+    peer.settle();
 }
 
 fn message_id(ack: &Value) -> String {

@@ -257,19 +257,7 @@ impl TestBroker {
 
     /// The shard a session landed on, from its `ws hello` log line.
     pub fn shard_of(&self, presence_id: &str) -> u64 {
-        let mut line = Value::Null;
-        let found = poll(WAIT, || {
-            let nodes = std::iter::once(&self.broker).chain(&self.others);
-            let mut logs = nodes.flat_map(|n| n.logs());
-            match logs.find(|v| v["msg"] == "ws hello" && v["presence"] == presence_id) {
-                Some(hello) => {
-                    line = hello;
-                    true
-                }
-                None => false,
-            }
-        });
-        assert!(found, "no ws hello line for {presence_id}");
+        let line = self.wait_for_log_where("ws hello", WAIT, |v| v["presence"] == presence_id);
         match &line["shard"] {
             Value::Number(n) => n.as_u64().expect("shard is an integer"),
             Value::String(s) => s.parse().expect("shard is numeric"),
@@ -277,18 +265,51 @@ impl TestBroker {
         }
     }
 
-    /// The whole /metrics text.
+    /// Node 0, then the other nodes of a multi-node test broker.
+    pub fn nodes(&self) -> impl Iterator<Item = &Broker> {
+        std::iter::once(&self.broker).chain(&self.others)
+    }
+
+    /// The whole /metrics text (node 0's).
     pub fn metrics_text(&self) -> String {
-        let reply = http(self.addr(), "GET", "/metrics", &[], b"");
-        assert_eq!(reply.status, 200, "/metrics: {}", reply.text());
-        reply.text()
+        node_metrics_text(&self.broker)
     }
 
     /// The value of one sample, `name` including its labels exactly as
     /// exposed (`broker_connections_rejected_total{reason="capacity"}`);
-    /// 0 when the sample is absent.
+    /// 0 when the sample is absent. Summed over the nodes of a multi-node
+    /// test broker, which count what they did each.
     pub fn metric(&self, name: &str) -> f64 {
-        metric_value(&self.metrics_text(), name).unwrap_or(0.0)
+        self.nodes()
+            .map(|n| metric_value(&node_metrics_text(n), name).unwrap_or(0.0))
+            .sum()
+    }
+
+    /// Every JSON log line so far, of every node.
+    pub fn logs(&self) -> Vec<Value> {
+        self.nodes().flat_map(Broker::logs).collect()
+    }
+
+    /// The first log line of any node whose `msg` is `msg` and that
+    /// satisfies `pred`.
+    pub fn wait_for_log_where(
+        &self,
+        msg: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Value {
+        let mut found = None;
+        poll(timeout, || {
+            found = self.logs().into_iter().find(|l| l["msg"] == msg && pred(l));
+            found.is_some()
+        });
+        found.unwrap_or_else(|| {
+            let stderr: Vec<String> = self.nodes().map(Broker::stderr_text).collect();
+            panic!(
+                "no matching log line with msg {msg:?} within {timeout:?}; stderr:\n{}",
+                stderr.join("\n----\n")
+            )
+        })
     }
 
     /// Polls /metrics until `pred` holds for the sample; returns its value.
@@ -301,6 +322,12 @@ impl TestBroker {
         assert!(ok, "metric {name} stayed at {last}");
         last
     }
+}
+
+fn node_metrics_text(node: &Broker) -> String {
+    let reply = http(node.addr(), "GET", "/metrics", &[], b"");
+    assert_eq!(reply.status, 200, "/metrics: {}", reply.text());
+    reply.text()
 }
 
 pub fn metric_value(text: &str, name: &str) -> Option<f64> {
@@ -479,6 +506,27 @@ pub struct Peer {
     pushes: VecDeque<Value>,
     pub presence_id: String,
     pub member: Option<Member>,
+    /// Connected to a multi-node test broker: what changes the directory
+    /// waits for the other nodes to hear of it.
+    spread: bool,
+}
+
+/// Requests whose effect other nodes learn from the directory.
+const DIRECTORY_CHANGES: [&str; 6] = [
+    "hello",
+    "session_hello",
+    "set_status",
+    "set_summary",
+    "join_group",
+    "leave_group",
+];
+
+/// After a change other nodes learn from the directory (a hook's status):
+/// time for them to hear of it, on a multi-node test broker.
+pub fn settle(broker: &Broker) {
+    if is_spread(broker) {
+        std::thread::sleep(SPREAD_SETTLE);
+    }
 }
 
 impl Peer {
@@ -501,6 +549,7 @@ impl Peer {
             pushes: VecDeque::new(),
             presence_id: String::new(),
             member: None,
+            spread: is_spread(broker),
         }
     }
 
@@ -518,6 +567,7 @@ impl Peer {
             pushes: VecDeque::new(),
             presence_id: String::new(),
             member: None,
+            spread: is_spread(broker),
         })
     }
 
@@ -527,11 +577,6 @@ impl Peer {
         let mut peer = Peer::open(broker);
         let ack = peer.hello(member);
         assert_eq!(ack["type"], "hello_ack", "hello as {}: {ack}", member.id);
-        if is_spread(broker) {
-            // Other nodes route to a session once its node's directory part
-            // reached them (README "Several nodes": 20 ms plus the bus).
-            std::thread::sleep(SPREAD_SETTLE);
-        }
         peer
     }
 
@@ -573,7 +618,21 @@ impl Peer {
     /// Sends `value` and returns the next message that is not a push.
     pub fn request(&mut self, value: &Value) -> Value {
         self.send_json(value);
-        self.next_reply(WAIT)
+        let reply = self.next_reply(WAIT);
+        let kind = value["type"].as_str().unwrap_or_default();
+        if reply["type"] != "error" && DIRECTORY_CHANGES.contains(&kind) {
+            self.settle();
+        }
+        reply
+    }
+
+    /// After a change other nodes learn from the directory: on a
+    /// multi-node test broker they route by a session's directory part
+    /// once it reached them (README "Several nodes": 20 ms plus the bus).
+    pub fn settle(&self) {
+        if self.spread {
+            std::thread::sleep(SPREAD_SETTLE);
+        }
     }
 
     /// Sends a `send` and returns its ack; panics on anything else.

@@ -163,9 +163,13 @@ impl Session {
             }
         }
         // Inference runs before held envelopes are released; its
-        // answer drains them. Without a reader, drain now.
+        // answer drains them. Without a reader, drain now. On several
+        // nodes another node may hold the member's envelopes: it hands
+        // them over once this node's part says the session takes them,
+        // which waits for the inference too.
         let window = shard.ctx.config.hook_fresh_window;
-        let infer = (!member.held.is_empty() || entry.held_len() != 0)
+        let held_here = !member.held.is_empty() || entry.held_len() != 0;
+        let infer = (held_here || shard.ctx.cluster.is_some())
             && self.link.status().inference_allowed(Instant::now(), window)
             && shard.request_inference(self.conn, &joined.cwd);
         if infer {
