@@ -88,6 +88,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
             ..DbOptions::default()
         },
     )?;
+    let hooks = Arc::new(HookIndex::default());
     let (cluster, bus_thread) = match &config.nats_url {
         Some(url) => {
             let (cluster, commands) = Cluster::new(&config.node_id);
@@ -102,6 +103,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
                 db: db::node_config(&database_url, node_id.as_deref())?,
                 held_ttl: config.held_ttl,
                 on_restored: Arc::new(move |mesh| drain_restored(&drain_senders, mesh)),
+                hooks: hooks.clone(),
             };
             (Some(cluster), Some(bus::spawn(spec, commands)?))
         }
@@ -120,7 +122,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
     let ctx = Arc::new(BrokerContext {
         hook_limiter: Mutex::new(HookRateLimiter::new(config.hook_rate_limit_per_min)),
         join_limiter: Mutex::new(JoinRateLimiter::new(config.join_rate_limit_per_min)),
-        hooks: HookIndex::default(),
+        hooks,
         transcripts,
         config,
         metrics,

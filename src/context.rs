@@ -40,7 +40,8 @@ pub struct BrokerContext {
     /// `POST /join` requests per client address (`JOIN_RATE_LIMIT_PER_MIN`).
     pub join_limiter: Mutex<JoinRateLimiter>,
     /// Where hook signals go: live sessions by cwd, and stashed signals.
-    pub(crate) hooks: HookIndex,
+    /// Shared with the bus thread, which answers other nodes' hooks.
+    pub(crate) hooks: Arc<HookIndex>,
     /// Reads transcripts off the shards' loops (PROTOCOL.md §5 inference).
     pub(crate) transcripts: Option<TranscriptReader>,
     pub started_at: Instant,

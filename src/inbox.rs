@@ -153,15 +153,6 @@ pub enum ShardEvent {
         status: Status,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
-    /// A hook signal another node could not match: applied here if a
-    /// session of this node matches it (answered like `HookStatus`); else,
-    /// with `stash` (no node had the session), stashed here too, for a
-    /// session that connects to this node soon.
-    RemoteHook {
-        signal: crate::hook::HookSignal,
-        stash: bool,
-        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
-    },
     /// What a session's transcript says (from the transcript reader).
     Inferred { conn: u64, status: Status },
     /// A peer event about a session of `about`, for this shard's sessions

@@ -21,7 +21,7 @@
 //!   presence rows end, and their held rows are claimed and loaded here.
 use super::view::{MeshView, Nodes};
 use super::wire::{self, Head, Kind};
-use super::{slot_bit, BusCommand, LOCAL};
+use super::{slot_bit, BusCommand, HookCandidate, LOCAL};
 use crate::inbox::PendingAck;
 use crate::inbox::{ShardEvent, ShardSender};
 use crate::mesh::directory::{Directory, MemberEntry, MeshEntry};
@@ -73,6 +73,8 @@ pub struct BusSpec {
     pub db: tokio_postgres::Config,
     pub held_ttl: Duration,
     pub on_restored: OnRestored,
+    /// The live sessions by cwd, for other nodes' hooks.
+    pub hooks: Arc<crate::status::hook_index::HookIndex>,
 }
 
 /// The running bus thread.
@@ -120,8 +122,13 @@ enum Awaited {
         member: Arc<MemberEntry>,
         envelope: Arc<Envelope>,
     },
-    /// A forwarded hook: the first node that has the session answers.
-    Hook(tokio::sync::oneshot::Sender<Option<Box<str>>>),
+    /// A hook question: every node's best match, the best kept.
+    HookAsk {
+        reply: tokio::sync::oneshot::Sender<Option<HookCandidate>>,
+        best: Option<HookCandidate>,
+    },
+    /// A hook for one node's session: its answer.
+    HookApply(tokio::sync::oneshot::Sender<Option<Box<str>>>),
 }
 
 struct Pending {
@@ -294,7 +301,21 @@ impl Bus {
             BusCommand::Route { route, nodes, ack } => self.route(route, nodes, ack),
             BusCommand::MeshChanged(mesh) => self.follow(&mesh).await,
             BusCommand::Drain { mesh, member } => self.hand_over(&mesh, &member).await,
-            BusCommand::Hook { signal, reply } => self.forward_hook(signal, reply).await,
+            BusCommand::Hook { signal, reply } => {
+                let nodes = self.nodes.all();
+                let awaited = Awaited::HookAsk { reply, best: None };
+                self.forward_hook(signal, None, nodes, awaited).await;
+            }
+            BusCommand::HookApply {
+                signal,
+                candidate,
+                reply,
+            } => {
+                let nodes = self.nodes.slot_of(&candidate.node).map_or(0, slot_bit);
+                let awaited = Awaited::HookApply(reply);
+                let presence = Some(candidate.presence_id.into());
+                self.forward_hook(signal, presence, nodes, awaited).await;
+            }
             BusCommand::Stash(signal) => self.forward_stash(signal).await,
         }
     }
@@ -307,18 +328,21 @@ impl Bus {
             pid: signal.pid,
             cwd: signal.cwd,
             status: signal.status.as_str().to_owned(),
+            apply: None,
         };
         let payload = Bytes::from(serde_json::to_vec(&head).expect("a hook head serializes"));
         self.publish(wire::HOOKS.to_owned(), payload).await;
     }
 
-    /// Asks every other node for the session a hook signal is for.
+    /// A hook signal for the nodes in `nodes`: a question, or (`apply`)
+    /// the signal for that presence; their confirms settle `awaited`.
     async fn forward_hook(
         &mut self,
         signal: crate::hook::HookSignal,
-        reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
+        apply: Option<String>,
+        nodes: u64,
+        awaited: Awaited,
     ) {
-        let nodes = self.nodes.all();
         let seq = self.seq();
         let head = wire::HookHead {
             from: self.me().to_owned(),
@@ -326,26 +350,25 @@ impl Bus {
             pid: signal.pid,
             cwd: signal.cwd,
             status: signal.status.as_str().to_owned(),
+            apply,
         };
         let payload = Bytes::from(serde_json::to_vec(&head).expect("a hook head serializes"));
+        let pending = Pending {
+            waiting: nodes,
+            refused: 0,
+            deadline: Instant::now() + self.spec.confirm_timeout,
+            awaited,
+        };
         if nodes == 0 || !self.publish(wire::HOOKS.to_owned(), payload).await {
-            let _ = reply.send(None);
-            return;
+            return self.settle(pending);
         }
-        self.pending.insert(
-            seq,
-            Pending {
-                waiting: nodes,
-                refused: 0,
-                deadline: Instant::now() + self.spec.confirm_timeout,
-                awaited: Awaited::Hook(reply),
-            },
-        );
+        self.pending.insert(seq, pending);
     }
 
-    /// A hook signal from another node: a shard of this node that has the
-    /// session applies it; the answer goes back as a confirm.
-    fn hook_here(&self, payload: &[u8]) {
+    /// A hook signal from another node: a stash kept here too, a question
+    /// answered with this node's best match, or the signal applied by the
+    /// shard of the session it names (the answer goes back as a confirm).
+    fn hook_here(&mut self, payload: &[u8]) {
         let Ok(head) = serde_json::from_slice::<wire::HookHead>(payload) else {
             return;
         };
@@ -355,25 +378,42 @@ impl Bus {
         if head.from == self.me() {
             return;
         }
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let signal = crate::hook::HookSignal {
-            cwd: head.cwd,
-            pid: head.pid,
-            status,
-            session_id: None,
+        let hooks = &self.spec.hooks;
+        let Some(presence) = head.apply.as_deref() else {
+            if head.seq == 0 {
+                hooks.stash(head.pid, &head.cwd, status, Instant::now());
+                return;
+            }
+            let found = hooks.find(head.pid, &head.cwd);
+            let confirm = match &found {
+                Some((target, rank)) => wire::Confirm {
+                    presence: Some(&target.presence_id),
+                    rank: Some(*rank),
+                    ..wire::Confirm::plain(head.seq, &self.spec.node_id, true)
+                },
+                None => wire::Confirm::plain(head.seq, &self.spec.node_id, false),
+            };
+            let owed = self.owed.entry(head.from.clone()).or_default();
+            wire::confirm(owed, &confirm);
+            return;
         };
-        let stash = head.seq == 0;
+        let Some(target) = hooks.by_presence(&head.cwd, presence) else {
+            let owed = self.owed.entry(head.from.clone()).or_default();
+            wire::confirm(
+                owed,
+                &wire::Confirm::plain(head.seq, &self.spec.node_id, false),
+            );
+            return;
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
         let asked = self.to_shard(
-            0,
-            ShardEvent::RemoteHook {
-                signal,
-                stash,
+            target.shard,
+            ShardEvent::HookStatus {
+                conn: target.conn,
+                status,
                 reply,
             },
         );
-        if stash {
-            return;
-        }
         let client = self.client.clone();
         let me = self.spec.node_id.clone();
         let timeout = self.spec.confirm_timeout;
@@ -387,13 +427,11 @@ impl Bus {
                 false => None,
             };
             let mut confirm = Vec::with_capacity(64);
-            wire::confirm(
-                &mut confirm,
-                head.seq,
-                &me,
-                presence.is_some(),
-                presence.as_deref(),
-            );
+            let line = wire::Confirm {
+                presence: presence.as_deref(),
+                ..wire::Confirm::plain(head.seq, &me, presence.is_some())
+            };
+            wire::confirm(&mut confirm, &line);
             let publish = client.publish(wire::confirm_subject(&head.from), confirm.into());
             let _ = tokio::time::timeout(PUBLISH_TIMEOUT, publish).await;
         });
@@ -492,8 +530,8 @@ impl Bus {
             return;
         }
         if subject.starts_with("meshbroker.node.") {
-            for (seq, node, taken, presence) in wire::parse_confirms(&message.payload) {
-                self.confirmed(seq, node, taken, presence);
+            for confirm in wire::parse_confirms(&message.payload) {
+                self.confirmed(&confirm);
             }
             return;
         }
@@ -522,7 +560,8 @@ impl Bus {
                     let taken = self.place(&head, frame, kind == "held");
                     if head.seq != 0 {
                         let owed = self.owed.entry(head.from.to_string()).or_default();
-                        wire::confirm(owed, head.seq, &self.spec.node_id, taken, None);
+                        let line = wire::Confirm::plain(head.seq, &self.spec.node_id, taken);
+                        wire::confirm(owed, &line);
                     }
                 }
             }
@@ -712,23 +751,41 @@ impl Bus {
         }
     }
 
-    fn confirmed(&mut self, seq: u64, node: &str, taken: bool, presence: Option<&str>) {
-        let Some(slot) = self.nodes.slot_of(node) else {
+    fn confirmed(&mut self, confirm: &wire::Confirm<'_>) {
+        let Some(slot) = self.nodes.slot_of(confirm.node) else {
             return;
         };
         let bit = slot_bit(slot);
+        let seq = confirm.seq;
+        let taken = confirm.taken;
         let Some(pending) = self.pending.get_mut(&seq) else {
             return;
         };
-        if let (Awaited::Hook(_), true, Some(presence)) = (&pending.awaited, taken, presence) {
-            if let Some(Pending {
-                awaited: Awaited::Hook(reply),
-                ..
-            }) = self.pending.remove(&seq)
-            {
-                let _ = reply.send(Some(presence.into()));
+        match (&mut pending.awaited, taken, confirm.presence) {
+            (Awaited::HookAsk { best, .. }, true, Some(presence)) => {
+                let rank = confirm.rank.unwrap_or(crate::status::hook_index::HookRank {
+                    pid_match: false,
+                    since_ms: 0,
+                });
+                if best.as_ref().is_none_or(|b| rank > b.rank) {
+                    *best = Some(HookCandidate {
+                        node: confirm.node.into(),
+                        presence_id: presence.into(),
+                        rank,
+                    });
+                }
             }
-            return;
+            (Awaited::HookApply(_), true, Some(presence)) => {
+                if let Some(Pending {
+                    awaited: Awaited::HookApply(reply),
+                    ..
+                }) = self.pending.remove(&seq)
+                {
+                    let _ = reply.send(Some(presence.into()));
+                }
+                return;
+            }
+            _ => {}
         }
         pending.waiting &= !bit;
         if !taken {
@@ -761,8 +818,11 @@ impl Bus {
                     member.held.hand_back(vec![envelope]);
                 }
             }
-            // Every node answered no (or the deadline passed): stashed.
-            Awaited::Hook(reply) => {
+            Awaited::HookAsk { reply, best } => {
+                let _ = reply.send(best);
+            }
+            // Refused, or no answer by the deadline.
+            Awaited::HookApply(reply) => {
                 let _ = reply.send(None);
             }
         }

@@ -46,10 +46,18 @@ pub enum BusCommand {
     },
     /// This node's sessions of a mesh changed (or it has some now).
     MeshChanged(Arc<MeshEntry>),
-    /// A hook signal with no session here: the node that has it applies it
-    /// and answers with the presence id (`None`: no node has it).
+    /// Which session of the other nodes a hook signal would go to: every
+    /// node answers with its best match, applying nothing; the best of
+    /// them (`None`: no node has one).
     Hook {
         signal: crate::hook::HookSignal,
+        reply: tokio::sync::oneshot::Sender<Option<HookCandidate>>,
+    },
+    /// A hook signal for the session another node found: it applies it and
+    /// answers with the presence id (`None`: closed meanwhile).
+    HookApply {
+        signal: crate::hook::HookSignal,
+        candidate: HookCandidate,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
     /// A hook signal no node had a session for, stashed here: every other
@@ -61,6 +69,14 @@ pub enum BusCommand {
         mesh: Arc<MeshEntry>,
         member: Arc<MemberEntry>,
     },
+}
+
+/// A session of another node a hook signal matches.
+#[derive(Clone, Debug)]
+pub struct HookCandidate {
+    pub node: Box<str>,
+    pub presence_id: Box<str>,
+    pub rank: crate::status::hook_index::HookRank,
 }
 
 /// The shards' handle on the bus thread.

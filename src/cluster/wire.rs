@@ -12,6 +12,7 @@
 //! in the whole cluster.
 use crate::mesh::plan::{key, Targets};
 use crate::mesh::Envelope;
+use crate::status::hook_index::HookRank;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
@@ -209,20 +210,47 @@ pub fn decode(record: &Bytes) -> Option<(Head<'_>, Bytes)> {
     (in_frame(head.nonce) && in_frame(head.ciphertext)).then_some((head, frame))
 }
 
-/// A confirm line, `<seq> <node> ok|no[ <presence id>]\n`, appended to
-/// `out`: the confirms one node owes another are sent together, one line
-/// each, as many as arrived in one turn of the bus loop.
-pub fn confirm(out: &mut Vec<u8>, seq: u64, node: &str, taken: bool, presence: Option<&str>) {
+/// A confirm line, `<seq> <node> ok|no[ <presence id>[ <rank>]]\n`,
+/// appended to `out`: the confirms one node owes another are sent
+/// together, one line each, as many as arrived in one turn of the bus
+/// loop. A hook's candidate carries its rank, `p<ms>` (a pid match) or
+/// `c<ms>` (the newest of the cwd), `ms` its hello time.
+pub fn confirm(out: &mut Vec<u8>, confirm: &Confirm<'_>) {
     use std::io::Write;
-    let verdict = if taken { "ok" } else { "no" };
-    let _ = match presence {
-        Some(presence) => writeln!(out, "{seq} {node} {verdict} {presence}"),
-        None => writeln!(out, "{seq} {node} {verdict}"),
-    };
+    let verdict = if confirm.taken { "ok" } else { "no" };
+    let _ = write!(out, "{} {} {verdict}", confirm.seq, confirm.node);
+    if let Some(presence) = confirm.presence {
+        let _ = write!(out, " {presence}");
+        if let Some(rank) = confirm.rank {
+            let kind = if rank.pid_match { 'p' } else { 'c' };
+            let _ = write!(out, " {kind}{}", rank.since_ms);
+        }
+    }
+    out.push(b'\n');
 }
 
-/// A confirm's sequence, node, verdict and presence id.
-pub type Confirm<'a> = (u64, &'a str, bool, Option<&'a str>);
+/// A confirm: its sequence, node and verdict, and for a hook the session
+/// it found and (asked for a candidate) how well it matches.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Confirm<'a> {
+    pub seq: u64,
+    pub node: &'a str,
+    pub taken: bool,
+    pub presence: Option<&'a str>,
+    pub rank: Option<HookRank>,
+}
+
+impl<'a> Confirm<'a> {
+    pub fn plain(seq: u64, node: &'a str, taken: bool) -> Self {
+        Confirm {
+            seq,
+            node,
+            taken,
+            presence: None,
+            rank: None,
+        }
+    }
+}
 
 /// The confirms of one message, each line parsed (bad lines skipped).
 pub fn parse_confirms(payload: &[u8]) -> impl Iterator<Item = Confirm<'_>> {
@@ -242,10 +270,34 @@ fn parse_confirm(line: &[u8]) -> Option<Confirm<'_>> {
         "no" => false,
         _ => return None,
     };
-    Some((seq, node, taken, parts.next()))
+    let presence = parts.next();
+    let rank = match parts.next() {
+        None => None,
+        Some(rank) => {
+            let pid_match = match rank.as_bytes().first()? {
+                b'p' => true,
+                b'c' => false,
+                _ => return None,
+            };
+            let since_ms = rank[1..].parse().ok()?;
+            Some(HookRank {
+                pid_match,
+                since_ms,
+            })
+        }
+    };
+    Some(Confirm {
+        seq,
+        node,
+        taken,
+        presence,
+        rank,
+    })
 }
 
-/// A forwarded hook signal; `seq` 0 is a stash (no answer wanted).
+/// A forwarded hook signal. `seq` 0 is a stash (no answer wanted); else,
+/// without `apply`, a question (each node answers with its best match,
+/// applying nothing), with it, the signal for that presence alone.
 #[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
 pub struct HookHead {
     pub from: String,
@@ -253,6 +305,8 @@ pub struct HookHead {
     pub pid: Option<i32>,
     pub cwd: String,
     pub status: String,
+    #[serde(default)]
+    pub apply: Option<String>,
 }
 
 /// One session in a node's part: its member, whether it is live (not
@@ -322,19 +376,32 @@ mod tests {
     #[test]
     fn confirms_round_trip_and_refuse_garbage() {
         let mut out = Vec::new();
-        confirm(&mut out, 7, "b-1", true, None);
-        confirm(&mut out, 9, "c", false, None);
-        out.extend_from_slice(b"7 b maybe\nx b ok\n\n");
-        confirm(&mut out, 3, "c", true, Some("p1"));
+        let candidate = Confirm {
+            presence: Some("p2"),
+            rank: Some(HookRank {
+                pid_match: true,
+                since_ms: 42,
+            }),
+            ..Confirm::plain(4, "c", true)
+        };
+        let sent = vec![
+            Confirm::plain(7, "b-1", true),
+            Confirm::plain(9, "c", false),
+            Confirm {
+                presence: Some("p1"),
+                ..Confirm::plain(3, "c", true)
+            },
+            candidate,
+        ];
+        for c in &sent[..2] {
+            confirm(&mut out, c);
+        }
+        out.extend_from_slice(b"7 b maybe\nx b ok\n\n5 c ok p1 z9\n");
+        for c in &sent[2..] {
+            confirm(&mut out, c);
+        }
         let got: Vec<_> = parse_confirms(&out).collect();
-        assert_eq!(
-            got,
-            vec![
-                (7, "b-1", true, None),
-                (9, "c", false, None),
-                (3, "c", true, Some("p1"))
-            ]
-        );
+        assert_eq!(got, sent);
         assert_eq!(parse_confirms(b"").count(), 0);
     }
 

@@ -4,7 +4,7 @@ use super::readbuf::ReadBuf;
 use super::session;
 use super::state::Shard;
 use crate::audit::AuditEvent;
-use crate::cluster::BusCommand;
+use crate::cluster::{BusCommand, Cluster};
 use crate::db::join::JoinFailed;
 use crate::db::{DbCommand, PendingStatus};
 use crate::hook::{self, HookSignal};
@@ -14,6 +14,7 @@ use crate::http::{
 use crate::inbox::ShardEvent;
 use crate::join::{self, JoinError, JoinRequest};
 use crate::metrics::HttpTimeout;
+use crate::status::hook_index::{HookRank, HookTarget};
 use crate::ws;
 use monoio::io::AsyncWriteRentExt;
 use monoio::net::TcpStream;
@@ -322,12 +323,56 @@ fn hook_set_status(shard: &Shard, body: &mut [u8]) -> Outcome {
     Outcome::Hook(signal)
 }
 
+/// Applies a hook signal on the node whose session matches it better than
+/// `local` (this node's best): its presence id, or `None` when no node has
+/// a better one (or it closed meanwhile).
+async fn apply_elsewhere(
+    cluster: &Cluster,
+    signal: &HookSignal,
+    local: &Option<(HookTarget, HookRank)>,
+) -> Option<Box<str>> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    cluster
+        .send(BusCommand::Hook {
+            signal: signal.clone(),
+            reply,
+        })
+        .ok()?;
+    let candidate = answer.await.ok()??;
+    if local
+        .as_ref()
+        .is_some_and(|(_, rank)| *rank >= candidate.rank)
+    {
+        return None;
+    }
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    cluster
+        .send(BusCommand::HookApply {
+            signal: signal.clone(),
+            candidate,
+            reply,
+        })
+        .ok()?;
+    answer.await.ok()?
+}
+
 /// PROTOCOL.md §5: the live session matching (pid, cwd), else the newest
-/// live one with that cwd, on whichever shard it is; with none, the signal
-/// is stashed for a session that connects within 10 s.
+/// live one with that cwd, on whichever shard (or node) it is; with none,
+/// the signal is stashed for a session that connects within 10 s.
 async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
     let ctx = &shard.ctx;
-    if let Some(target) = ctx.hooks.find(signal.pid, &signal.cwd) {
+    let local = ctx.hooks.find(signal.pid, &signal.cwd);
+    if let Some(cluster) = &ctx.cluster {
+        // Another node may have a better match (README "Several nodes"):
+        // a pid match here is the best there is, else every node is asked.
+        let exact_here = local.as_ref().is_some_and(|(_, rank)| rank.pid_match);
+        if !exact_here {
+            if let Some(presence_id) = apply_elsewhere(cluster, &signal, &local).await {
+                return hook_applied(&signal, &presence_id);
+            }
+        }
+    }
+    if let Some((target, _)) = local {
         let (reply, answer) = tokio::sync::oneshot::channel();
         shard.send_to(
             target.shard,
@@ -341,19 +386,6 @@ async fn apply_hook(shard: &Rc<Shard>, signal: HookSignal) -> Response {
             return hook_applied(&signal, &presence_id);
         }
         // The session closed meanwhile: stash, as if it had not been there.
-    }
-    if let Some(cluster) = &ctx.cluster {
-        // Perhaps another node has the session (README "Several nodes").
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let forwarded = cluster.send(BusCommand::Hook {
-            signal: signal.clone(),
-            reply,
-        });
-        if forwarded.is_ok() {
-            if let Ok(Some(presence_id)) = answer.await {
-                return hook_applied(&signal, &presence_id);
-            }
-        }
     }
     tracing::info!(target: "hook", pid = signal.pid, cwd = %signal.cwd, status = signal.status.as_str(), pending = true, "hook");
     ctx.hooks

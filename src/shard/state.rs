@@ -164,31 +164,6 @@ impl Shard {
                 });
                 let _ = reply.send(answer);
             }
-            ShardEvent::RemoteHook {
-                signal,
-                stash,
-                reply,
-            } => match self.ctx.hooks.find(signal.pid, &signal.cwd) {
-                Some(target) => self.send_to(
-                    target.shard,
-                    ShardEvent::HookStatus {
-                        conn: target.conn,
-                        status: signal.status,
-                        reply,
-                    },
-                ),
-                None => {
-                    if stash {
-                        self.ctx.hooks.stash(
-                            signal.pid,
-                            &signal.cwd,
-                            signal.status,
-                            Instant::now(),
-                        );
-                    }
-                    let _ = reply.send(None);
-                }
-            },
             ShardEvent::PeerEvent { mesh, about, frame } => {
                 self.deliver_peer_event(&mesh, &about, &frame)
             }

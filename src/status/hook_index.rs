@@ -19,11 +19,23 @@ pub(crate) struct HookTarget {
     pub presence_id: Box<str>,
 }
 
+/// How well a session matches a hook signal, comparable across nodes
+/// (README "Several nodes"): a pid match beats any cwd match, then the
+/// newest hello wins.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct HookRank {
+    pub pid_match: bool,
+    /// When the session said hello (ms since the epoch).
+    pub since_ms: u64,
+}
+
 #[derive(Debug)]
 struct Indexed {
     pid: i32,
     target: HookTarget,
-    /// Hello order: the newest live session with a cwd wins the fallback.
+    /// Hello order: the newest live session with a cwd wins the fallback
+    /// (wall clock for other nodes, `seq` for ties on this one).
+    since_ms: u64,
     seq: u64,
 }
 
@@ -52,15 +64,16 @@ impl HookIndex {
         self.tables.lock().expect("hook index lock")
     }
 
-    pub(crate) fn insert(&self, pid: i32, cwd: &str, target: HookTarget) {
+    pub(crate) fn insert(&self, pid: i32, cwd: &str, target: HookTarget, since_ms: u64) {
         let mut tables = self.tables();
         tables.seq += 1;
         let seq = tables.seq;
-        tables
-            .by_cwd
-            .entry(cwd.into())
-            .or_default()
-            .push(Indexed { pid, target, seq });
+        tables.by_cwd.entry(cwd.into()).or_default().push(Indexed {
+            pid,
+            target,
+            since_ms,
+            seq,
+        });
     }
 
     pub(crate) fn remove(&self, cwd: &str, shard: usize, conn: u64) {
@@ -73,12 +86,32 @@ impl HookIndex {
         }
     }
 
-    /// The live session matching (pid, cwd), else the newest with that cwd.
-    pub(crate) fn find(&self, pid: Option<i32>, cwd: &str) -> Option<HookTarget> {
+    /// The live session matching (pid, cwd), else the newest with that cwd,
+    /// and how well it matches.
+    pub(crate) fn find(&self, pid: Option<i32>, cwd: &str) -> Option<(HookTarget, HookRank)> {
         let tables = self.tables();
         let sessions = tables.by_cwd.get(cwd)?;
-        pid.and_then(|pid| sessions.iter().rev().find(|s| s.pid == pid))
+        let matched = pid.and_then(|pid| sessions.iter().rev().find(|s| s.pid == pid));
+        let pid_match = matched.is_some();
+        matched
             .or_else(|| sessions.iter().max_by_key(|s| s.seq))
+            .map(|s| {
+                let rank = HookRank {
+                    pid_match,
+                    since_ms: s.since_ms,
+                };
+                (s.target.clone(), rank)
+            })
+    }
+
+    /// The live session with `presence_id` in `cwd` (another node chose it).
+    pub(crate) fn by_presence(&self, cwd: &str, presence_id: &str) -> Option<HookTarget> {
+        let tables = self.tables();
+        tables
+            .by_cwd
+            .get(cwd)?
+            .iter()
+            .find(|s| &*s.target.presence_id == presence_id)
             .map(|s| s.target.clone())
     }
 
@@ -134,16 +167,22 @@ mod tests {
     #[test]
     fn pid_match_first_then_newest_with_the_cwd() {
         let index = HookIndex::default();
-        index.insert(10, "/a", target(0, 1));
-        index.insert(11, "/a", target(1, 2));
-        assert_eq!(index.find(Some(10), "/a"), Some(target(0, 1)));
-        assert_eq!(index.find(Some(99), "/a"), Some(target(1, 2)));
-        assert_eq!(index.find(None, "/a"), Some(target(1, 2)));
-        assert_eq!(index.find(Some(10), "/b"), None);
+        index.insert(10, "/a", target(0, 1), 100);
+        index.insert(11, "/a", target(1, 2), 100);
+        let found = |pid, cwd| index.find(pid, cwd).map(|(t, _)| t);
+        assert_eq!(found(Some(10), "/a"), Some(target(0, 1)));
+        assert_eq!(found(Some(99), "/a"), Some(target(1, 2)));
+        assert_eq!(found(None, "/a"), Some(target(1, 2)));
+        assert_eq!(found(Some(10), "/b"), None);
+        let exact = index.find(Some(10), "/a").unwrap().1;
+        let newest = index.find(Some(99), "/a").unwrap().1;
+        assert!(exact.pid_match && !newest.pid_match && exact > newest);
+        assert_eq!(index.by_presence("/a", "p1-2"), Some(target(1, 2)));
+        assert_eq!(index.by_presence("/b", "p1-2"), None);
         index.remove("/a", 1, 2);
-        assert_eq!(index.find(None, "/a"), Some(target(0, 1)));
+        assert_eq!(found(None, "/a"), Some(target(0, 1)));
         index.remove("/a", 0, 1);
-        assert_eq!(index.find(None, "/a"), None);
+        assert_eq!(found(None, "/a"), None);
     }
 
     #[test]

@@ -306,6 +306,7 @@ impl Session {
                 conn: self.conn,
                 presence_id: entry.presence_id.clone(),
             },
+            now_millis().max(0) as u64,
         );
         let status = entry.state().status;
         self.shard.to_db(match claim {
