@@ -174,6 +174,8 @@ async fn run(
 ) {
     let client = match async_nats::ConnectOptions::new()
         .name(&*spec.node_id)
+        // What this node publishes is never for itself.
+        .no_echo()
         .retry_on_initial_connect()
         .max_reconnects(None)
         .reconnect_delay_callback(|attempts| {
@@ -317,6 +319,11 @@ impl Bus {
                 self.forward_hook(signal, presence, nodes, awaited).await;
             }
             BusCommand::Stash(signal) => self.forward_stash(signal).await,
+            BusCommand::PeerEvent { mesh, about, frame } => {
+                let subject = wire::mesh_subject(&mesh.id, "event");
+                let batch = self.outgoing.entry(subject).or_default();
+                wire::append_record(&mut batch.0, about.pubkey.as_bytes(), &frame);
+            }
         }
     }
 
@@ -548,6 +555,14 @@ impl Bus {
                     self.dirty.push(mesh);
                 }
             }
+            "event" => {
+                for record in wire::records(&message.payload) {
+                    let Some((about, frame)) = record.as_ref().and_then(wire::split_record) else {
+                        break;
+                    };
+                    self.peer_event(&token, about, frame);
+                }
+            }
             "route" | "held" => {
                 for record in wire::records(&message.payload) {
                     let Some((head, frame)) = record.as_ref().and_then(wire::decode) else {
@@ -602,6 +617,35 @@ impl Bus {
             if !member.held.is_empty() {
                 self.hand_over(&mesh, &member).await;
             }
+        }
+    }
+
+    /// A peer event from another node, for this node's shards that have
+    /// sessions of the mesh (each picks those that asked).
+    fn peer_event(&self, token: &str, about: &[u8], frame: Bytes) {
+        let Some(followed) = self.followed.get(token) else {
+            return;
+        };
+        let mesh = &followed.view.mesh;
+        let view = mesh.view();
+        let Some(about) = std::str::from_utf8(about)
+            .ok()
+            .and_then(|k| view.member_by_pubkey(k))
+        else {
+            return;
+        };
+        let mut shards = mesh.live_shards.get() & LOCAL;
+        while shards != 0 {
+            let shard = shards.trailing_zeros() as usize;
+            shards &= shards - 1;
+            self.to_shard(
+                shard,
+                ShardEvent::PeerEvent {
+                    mesh: mesh.clone(),
+                    about: about.clone(),
+                    frame: frame.clone(),
+                },
+            );
         }
     }
 

@@ -64,6 +64,13 @@ pub enum BusCommand {
     /// node stashes it too, so a session that connects anywhere soon
     /// starts with it.
     Stash(crate::hook::HookSignal),
+    /// A peer event about a session of `about` (its frame, encoded once),
+    /// for the sessions of other nodes that asked for events.
+    PeerEvent {
+        mesh: Arc<MeshEntry>,
+        about: Arc<MemberEntry>,
+        frame: bytes::Bytes,
+    },
     /// A member's held envelopes may go to another node (remote bits).
     Drain {
         mesh: Arc<MeshEntry>,

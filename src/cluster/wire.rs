@@ -3,8 +3,9 @@
 //! Subjects: `meshbroker.nodes.beat` (heartbeats), `meshbroker.node.<id>.ok`
 //! (confirms, to the node that asked), and per mesh `meshbroker.<mesh>.dir`
 //! (a node's sessions of the mesh, whole), `.sync` (a node that just
-//! subscribed asks for everyone's part), `.route` (a send) and `.held` (a
-//! held envelope handed to the node that now has its member).
+//! subscribed asks for everyone's part), `.route` (a send), `.held` (a
+//! held envelope handed to the node that now has its member) and `.event`
+//! (peer events, as their frames).
 //!
 //! A send crosses as one JSON head line (routing facts, made with serde)
 //! then the push frame as encoded on the sender's node, byte for byte: the
@@ -169,11 +170,23 @@ impl<'a> Head<'a> {
 /// goes out as one message of such records.
 pub fn append(batch: &mut BytesMut, head: &Head<'_>, frame: &[u8]) {
     let json = serde_json::to_vec(head).expect("a head serializes");
-    batch.reserve(4 + json.len() + 1 + frame.len());
-    batch.put_u32((json.len() + 1 + frame.len()) as u32);
-    batch.put_slice(&json);
+    append_record(batch, &json, frame);
+}
+
+/// Appends a record of a first line (without its newline) and a frame.
+/// A peer event's first line is the key of the member it is about.
+pub fn append_record(batch: &mut BytesMut, line: &[u8], frame: &[u8]) {
+    batch.reserve(4 + line.len() + 1 + frame.len());
+    batch.put_u32((line.len() + 1 + frame.len()) as u32);
+    batch.put_slice(line);
     batch.put_u8(b'\n');
     batch.put_slice(frame);
+}
+
+/// A record's first line and the frame after it (a slice, not a copy).
+pub fn split_record(record: &Bytes) -> Option<(&[u8], Bytes)> {
+    let newline = record.iter().position(|&b| b == b'\n')?;
+    Some((&record[..newline], record.slice(newline + 1..)))
 }
 
 /// The records of a batch (slices of `payload`, not copies); `None` for
@@ -203,9 +216,8 @@ pub fn records(payload: &Bytes) -> impl Iterator<Item = Option<Bytes>> + '_ {
 
 /// A record's head and frame (a slice of it, not a copy).
 pub fn decode(record: &Bytes) -> Option<(Head<'_>, Bytes)> {
-    let newline = record.iter().position(|&b| b == b'\n')?;
-    let head: Head<'_> = serde_json::from_slice(&record[..newline]).ok()?;
-    let frame = record.slice(newline + 1..);
+    let (line, frame) = split_record(record)?;
+    let head: Head<'_> = serde_json::from_slice(line).ok()?;
     let in_frame = |r: [u32; 2]| r[0] <= r[1] && r[1] as usize <= frame.len();
     (in_frame(head.nonce) && in_frame(head.ciphertext)).then_some((head, frame))
 }

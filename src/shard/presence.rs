@@ -9,6 +9,7 @@
 use super::signal;
 use super::state::Shard;
 use crate::audit::AuditEvent;
+use crate::cluster::BusCommand;
 use crate::db::DbCommand;
 use crate::inbox::ShardEvent;
 use crate::mesh::directory::{MemberEntry, MeshEntry, TooManyGroups};
@@ -118,6 +119,15 @@ impl Shard {
                     frame: frame.clone(),
                 },
             );
+        }
+        if let Some(cluster) = &self.ctx.cluster {
+            // The same frame for other nodes' sessions (README "Several
+            // nodes"); a full bus queue drops it, like a slow reader's.
+            let _ = cluster.send(BusCommand::PeerEvent {
+                mesh: mesh.clone(),
+                about: entry.member.clone(),
+                frame,
+            });
         }
     }
 
