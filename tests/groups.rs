@@ -12,6 +12,7 @@ use support::*;
 
 fn join(peer: &mut Peer, name: &str) {
     peer.send_json(&json!({"type": "join_group", "name": name}));
+    peer.settle();
 }
 
 /// A round trip, so what was sent before has been applied.

@@ -319,6 +319,17 @@ impl Bus {
                 self.forward_hook(signal, presence, nodes, awaited).await;
             }
             BusCommand::Stash(signal) => self.forward_stash(signal).await,
+            BusCommand::Group {
+                mesh,
+                member,
+                mut change,
+            } => {
+                change.member = member.pubkey.to_string();
+                let line = serde_json::to_vec(&change).expect("a group change serializes");
+                let subject = wire::mesh_subject(&mesh.id, "groups");
+                let batch = self.outgoing.entry(subject).or_default();
+                wire::append_record(&mut batch.0, &line, b"");
+            }
             BusCommand::PeerEvent { mesh, about, frame } => {
                 let subject = wire::mesh_subject(&mesh.id, "event");
                 let batch = self.outgoing.entry(subject).or_default();
@@ -563,6 +574,16 @@ impl Bus {
                     self.peer_event(&token, about, frame);
                 }
             }
+            "groups" => {
+                for record in wire::records(&message.payload) {
+                    let Some((line, _)) = record.as_ref().and_then(wire::split_record) else {
+                        break;
+                    };
+                    if let Ok(change) = serde_json::from_slice(line) {
+                        self.group_changed(&token, &change);
+                    }
+                }
+            }
             "route" | "held" => {
                 for record in wire::records(&message.payload) {
                     let Some((head, frame)) = record.as_ref().and_then(wire::decode) else {
@@ -646,6 +667,34 @@ impl Bus {
                     frame: frame.clone(),
                 },
             );
+        }
+    }
+
+    /// A member's group change on another node (which wrote it through):
+    /// this node's copy of the member changes too, and so does this node's
+    /// part (its sessions' entries list the groups).
+    fn group_changed(&mut self, token: &str, change: &wire::GroupChange) {
+        let Some(followed) = self.followed.get(token) else {
+            return;
+        };
+        let mesh = followed.view.mesh.clone();
+        let view = mesh.view();
+        let (Some(member), Some(name)) = (
+            view.member_by_pubkey(&change.member),
+            crate::protocol::GroupName::parse(&change.name),
+        ) else {
+            return;
+        };
+        let changed = match change.joined {
+            // Past the bound here only when the nodes raced: the node that
+            // accepted it holds it, and so does Postgres.
+            true => member
+                .join_group(name, change.role.as_deref())
+                .unwrap_or(false),
+            false => member.leave_group(&name),
+        };
+        if changed {
+            self.dirty.push(mesh.clone());
         }
     }
 

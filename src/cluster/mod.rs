@@ -71,6 +71,13 @@ pub enum BusCommand {
         about: Arc<MemberEntry>,
         frame: bytes::Bytes,
     },
+    /// A member joined (or changed its role in) or left a group here: the
+    /// other nodes change their copy of its groups too.
+    Group {
+        mesh: Arc<MeshEntry>,
+        member: Arc<MemberEntry>,
+        change: wire::GroupChange,
+    },
     /// A member's held envelopes may go to another node (remote bits).
     Drain {
         mesh: Arc<MeshEntry>,

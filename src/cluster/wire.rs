@@ -4,8 +4,8 @@
 //! (confirms, to the node that asked), and per mesh `meshbroker.<mesh>.dir`
 //! (a node's sessions of the mesh, whole), `.sync` (a node that just
 //! subscribed asks for everyone's part), `.route` (a send), `.held` (a
-//! held envelope handed to the node that now has its member) and `.event`
-//! (peer events, as their frames).
+//! held envelope handed to the node that now has its member), `.event`
+//! (peer events, as their frames) and `.groups` (members' group changes).
 //!
 //! A send crosses as one JSON head line (routing facts, made with serde)
 //! then the push frame as encoded on the sender's node, byte for byte: the
@@ -305,6 +305,18 @@ fn parse_confirm(line: &[u8]) -> Option<Confirm<'_>> {
         presence,
         rank,
     })
+}
+
+/// A member's group change, as one record's line (no frame) on the mesh's
+/// `.groups` subject.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone)]
+pub struct GroupChange {
+    /// Set by the bus: the member's key.
+    #[serde(default)]
+    pub member: String,
+    pub name: String,
+    pub role: Option<String>,
+    pub joined: bool,
 }
 
 /// A forwarded hook signal. `seq` 0 is a stash (no answer wanted); else,

@@ -278,12 +278,38 @@ impl Shard {
             self.to_db(DbCommand::GroupMembership {
                 member_id: member.id.to_string(),
                 name: name.as_str().to_owned(),
-                role,
+                role: role.clone(),
                 joined: true,
                 at: SystemTime::now(),
             });
+            self.tell_nodes_groups(mesh, member, &name, role, true);
         }
         Ok(())
+    }
+
+    /// Other nodes keep a copy of each member's groups (README "Several
+    /// nodes"); a full bus queue loses the change there until the member
+    /// is loaded again.
+    fn tell_nodes_groups(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        name: &GroupName,
+        role: Option<String>,
+        joined: bool,
+    ) {
+        if let Some(cluster) = &self.ctx.cluster {
+            let _ = cluster.send(BusCommand::Group {
+                mesh: mesh.clone(),
+                member: member.clone(),
+                change: crate::cluster::wire::GroupChange {
+                    member: String::new(),
+                    name: name.as_str().to_owned(),
+                    role,
+                    joined,
+                },
+            });
+        }
     }
 
     pub(super) fn leave_group(
@@ -301,6 +327,7 @@ impl Shard {
                 joined: false,
                 at: SystemTime::now(),
             });
+            self.tell_nodes_groups(mesh, member, name, None, false);
         }
     }
 }
