@@ -762,6 +762,9 @@ impl Bus {
                     return false;
                 }
                 if held {
+                    if head.redelivered {
+                        member.redeliveries.add(&envelope.message_id);
+                    }
                     member.hold(envelope);
                     return self.to_shard(
                         first_shard(local).expect("non-zero"),
@@ -909,6 +912,9 @@ impl Bus {
             Awaited::Handed { member, envelope } => {
                 if missing != 0 {
                     member.held.hand_back(vec![envelope]);
+                } else {
+                    // The other node pushes it again, marked.
+                    member.redeliveries.remove(&envelope.message_id);
                 }
             }
             Awaited::HookAsk { reply, best } => {
@@ -966,13 +972,14 @@ impl Bus {
         let subject = wire::mesh_subject(&mesh.id, "held");
         for envelope in handed {
             let seq = self.seq();
-            let head = Head::new(
+            let mut head = Head::new(
                 &envelope,
                 &Targets::Member(member.clone()),
                 &self.spec.node_id,
                 seq,
                 vec![Cow::Borrowed(node.as_str())],
             );
+            head.redelivered = member.redeliveries.contains(&envelope.message_id);
             let batch = self.outgoing.entry(subject.clone()).or_default();
             wire::append(&mut batch.0, &head, &envelope.frame);
             batch.1.push(seq);

@@ -98,6 +98,10 @@ pub struct Head<'a> {
     /// Nonce and ciphertext ranges in the frame.
     pub nonce: [u32; 2],
     pub ciphertext: [u32; 2],
+    /// A handed-over envelope whose lease lapsed: its next push says
+    /// `redelivered` (PROTOCOL.md §11).
+    #[serde(default)]
+    pub redelivered: bool,
 }
 
 fn millis(at: SystemTime) -> u64 {
@@ -161,6 +165,7 @@ impl<'a> Head<'a> {
             client_message_id: envelope.client_message_id.as_deref().map(Cow::Borrowed),
             nonce: [envelope.nonce.start, envelope.nonce.end],
             ciphertext: [envelope.ciphertext.start, envelope.ciphertext.end],
+            redelivered: false,
         }
     }
 }
@@ -470,6 +475,7 @@ mod tests {
             client_message_id: None,
             nonce: [0, 2],
             ciphertext: [2, 4],
+            redelivered: false,
         };
         let mut batch = BytesMut::new();
         append(&mut batch, &head, b"abcd");
