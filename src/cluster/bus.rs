@@ -20,7 +20,7 @@
 //!   own bus connection is up): their sessions leave the directory, their
 //!   presence rows end, and their held rows are claimed and loaded here.
 use super::view::{MeshView, Nodes};
-use super::wire::{self, Head, Kind};
+use super::wire::{self, Head, Kind, PartSession};
 use super::{slot_bit, BusCommand, HookCandidate, LOCAL};
 use crate::inbox::PendingAck;
 use crate::inbox::{ShardEvent, ShardSender};
@@ -711,11 +711,27 @@ impl Bus {
         ) else {
             return false;
         };
-        let target_member = head
-            .target
-            .as_deref()
-            .and_then(|k| view.member_by_pubkey(k))
-            .cloned();
+        // A session's key names a session of this node, or nothing here
+        // (ended or moved: the sender holds it for the member).
+        let session = match head.kind {
+            Kind::Session => match head
+                .target
+                .as_deref()
+                .and_then(|k| mesh.session_keys.current(k))
+            {
+                Some(entry) => Some(entry),
+                None => return false,
+            },
+            _ => None,
+        };
+        let target_member = match &session {
+            Some(entry) => Some(entry.member.clone()),
+            None => head
+                .target
+                .as_deref()
+                .and_then(|k| view.member_by_pubkey(k))
+                .cloned(),
+        };
         let envelope = Arc::new(Envelope {
             message_id: (*head.id).into(),
             mesh: mesh.clone(),
@@ -738,7 +754,7 @@ impl Bus {
             holds_in_flight: Default::default(),
             redelivered_frame: Default::default(),
             client_message_id: head.client_message_id.as_deref().map(Into::into),
-            session: None,
+            session: session.clone(),
         });
         if envelope.is_expired(SystemTime::now()) {
             // Nobody may have it any more: taken, so nobody holds it.
@@ -772,6 +788,12 @@ impl Bus {
                     );
                 }
                 (Targets::Member(member), local)
+            }
+            // Its shard delivers it, or holds it for that session alone.
+            Kind::Session => {
+                let entry = session.expect("resolved above");
+                let shard = 1 << entry.holder().shard();
+                (Targets::Session(entry), shard)
             }
             Kind::AllBut => (
                 Targets::AllBut {
@@ -1098,14 +1120,24 @@ impl Bus {
     /// This node's sessions of `mesh`, whole.
     async fn publish_part(&self, mesh: &Arc<MeshEntry>) {
         mesh.changed.store(false, Ordering::Release);
-        let mut sessions = Vec::new();
+        let mut listed = Vec::new();
         mesh.board.for_each(|entry, state| {
             let live = matches!(state.holder, Holder::Live { .. });
             let open = live && state.status.accepts(Priority::Next);
             let mut json = Vec::with_capacity(256);
             peers::write_remote_entry(&mut json, entry, state);
-            sessions.push((entry.member.pubkey.to_string(), live, open, json));
+            listed.push((entry.clone(), live, open, json));
         });
+        let sessions: Vec<PartSession<'_>> = listed
+            .iter()
+            .map(|(entry, live, open, json)| PartSession {
+                member: &entry.member.pubkey,
+                live: *live,
+                open: *open,
+                session_key: entry.session_pubkey.as_deref(),
+                entry: json,
+            })
+            .collect();
         let part = wire::encode_part(self.me(), &sessions);
         self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
             .await;

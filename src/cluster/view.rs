@@ -129,6 +129,7 @@ impl MeshView {
         let mut fresh: FxHashMap<usize, (Arc<MemberEntry>, Presence)> = FxHashMap::default();
         let mut entries = Vec::new();
         let mut live = 0;
+        let mut session_keys = FxHashMap::default();
         for session in sessions {
             if !entries.is_empty() {
                 entries.push(b',');
@@ -140,6 +141,9 @@ impl MeshView {
             let Some(member) = view.member_by_pubkey(session.member) else {
                 continue;
             };
+            if let Some(key) = session.session_key {
+                session_keys.insert(key.to_ascii_lowercase().into(), member.clone());
+            }
             let at = fresh
                 .entry(key(member))
                 .or_insert_with(|| (member.clone(), Presence::default()));
@@ -161,13 +165,20 @@ impl MeshView {
                 set_bits(member, bit, Presence::default());
             }
         }
-        self.mesh.remote.replace(
-            slot,
-            (!sessions.is_empty()).then_some(RemotePart {
-                entries,
-                sessions: live,
-            }),
-        );
+        let part = (!sessions.is_empty()).then_some(RemotePart {
+            entries,
+            sessions: live,
+            session_keys,
+        });
+        // Sent to later, the keys of sessions no node lists any more name
+        // their members.
+        if let Some(old) = self.mesh.remote.replace(slot, part) {
+            for (key, member) in &old.session_keys {
+                if self.mesh.remote.session(key).is_none() {
+                    self.mesh.session_keys.ended_elsewhere(key, member);
+                }
+            }
+        }
         if !sessions.is_empty() {
             self.parts.insert(slot, fresh);
         }
@@ -227,6 +238,7 @@ mod tests {
             member,
             live,
             open,
+            session_key: None,
             entry: b"{}",
         }
     }
@@ -254,6 +266,23 @@ mod tests {
         view.drop_node(2);
         assert_eq!(a.shards_for(Priority::Now), 1);
         assert_eq!(mesh.remote.sessions(), 0);
+    }
+
+    #[test]
+    fn a_session_key_names_its_node_then_its_member_once_unlisted() {
+        use crate::mesh::peers::KeyTarget;
+        let mesh = mesh();
+        let mut view = MeshView::new(mesh.clone());
+        let keyed = PartSession {
+            session_key: Some("AB12"),
+            ..session("aa", true, true)
+        };
+        view.apply(3, &[keyed]);
+        let resolve = || mesh.session_keys.resolve("ab12", &mesh.remote);
+        assert!(matches!(resolve(), Some(KeyTarget::Remote { slot: 3, .. })));
+        view.apply(3, &[session("aa", true, true)]);
+        assert!(matches!(resolve(), Some(KeyTarget::Member(m)) if *m.pubkey == *"aa"));
+        assert!(mesh.session_keys.resolve("cd", &mesh.remote).is_none());
     }
 
     #[test]

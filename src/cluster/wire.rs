@@ -58,6 +58,8 @@ pub enum Kind {
     AllBut,
     /// The members in `keys`.
     Listed,
+    /// `target`, one session's key (PROTOCOL.md §9): that session alone.
+    Session,
 }
 
 /// The routing facts of a send or handed-over held envelope. Borrowed from
@@ -145,6 +147,9 @@ impl<'a> Head<'a> {
                 Some(Cow::Owned(entry.member.pubkey.to_string())),
                 Vec::new(),
             ),
+            Targets::RemoteSession { key, .. } => {
+                (Kind::Session, Some(Cow::Owned(key.to_string())), Vec::new())
+            }
             Targets::AllBut { held_for } => (Kind::AllBut, None, keys_of(held_for)),
             Targets::Listed { members } => (Kind::Listed, None, keys_of(members)),
         };
@@ -339,30 +344,34 @@ pub struct HookHead {
 }
 
 /// One session in a node's part: its member, whether it is live (not
-/// away) and whether it takes `next` now, and its `peers_list` entry.
+/// away) and whether it takes `next` now, its own key (a `session_hello`
+/// session's), and its `peers_list` entry.
 #[derive(Debug, PartialEq, Eq)]
 pub struct PartSession<'a> {
     pub member: &'a str,
     pub live: bool,
     pub open: bool,
+    pub session_key: Option<&'a str>,
     pub entry: &'a [u8],
 }
 
 /// A node's sessions of a mesh: `<node>\n` then one line per session,
-/// `<member key>\t<l|-><o|->\t<entry json>`. Entries are JSON written by
-/// `protocol` (no raw newline or tab); keys are hex.
-pub fn encode_part(node: &str, sessions: &[(String, bool, bool, Vec<u8>)]) -> Bytes {
+/// `<member key>\t<l|-><o|->\t<session key|->\t<entry json>`. Entries are
+/// JSON written by `protocol` (no raw newline or tab); keys are hex.
+pub fn encode_part(node: &str, sessions: &[PartSession<'_>]) -> Bytes {
     let mut out =
-        BytesMut::with_capacity(64 + sessions.iter().map(|s| s.3.len() + 80).sum::<usize>());
+        BytesMut::with_capacity(64 + sessions.iter().map(|s| s.entry.len() + 150).sum::<usize>());
     out.put_slice(node.as_bytes());
     out.put_u8(b'\n');
-    for (member, live, open, entry) in sessions {
-        out.put_slice(member.as_bytes());
+    for session in sessions {
+        out.put_slice(session.member.as_bytes());
         out.put_u8(b'\t');
-        out.put_u8(if *live { b'l' } else { b'-' });
-        out.put_u8(if *open { b'o' } else { b'-' });
+        out.put_u8(if session.live { b'l' } else { b'-' });
+        out.put_u8(if session.open { b'o' } else { b'-' });
         out.put_u8(b'\t');
-        out.put_slice(entry);
+        out.put_slice(session.session_key.unwrap_or("-").as_bytes());
+        out.put_u8(b'\t');
+        out.put_slice(session.entry);
         out.put_u8(b'\n');
     }
     out.freeze()
@@ -373,17 +382,19 @@ pub fn decode_part(payload: &[u8]) -> Option<(&str, Vec<PartSession<'_>>)> {
     let node = std::str::from_utf8(lines.next()?).ok()?;
     let mut sessions = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
-        let mut fields = line.splitn(3, |&b| b == b'\t');
+        let mut fields = line.splitn(4, |&b| b == b'\t');
         let member = std::str::from_utf8(fields.next()?).ok()?;
         let flags = fields.next()?;
+        let session_key = std::str::from_utf8(fields.next()?).ok()?;
         let entry = fields.next()?;
-        if flags.len() != 2 || !entry.starts_with(b"{") {
+        if flags.len() != 2 || session_key.is_empty() || !entry.starts_with(b"{") {
             return None;
         }
         sessions.push(PartSession {
             member,
             live: flags[0] == b'l',
             open: flags[1] == b'o',
+            session_key: (session_key != "-").then_some(session_key),
             entry,
         });
     }
@@ -436,23 +447,23 @@ mod tests {
 
     #[test]
     fn parts_round_trip() {
+        let session = |member, live, session_key, entry| PartSession {
+            member,
+            live,
+            open: live,
+            session_key,
+            entry,
+        };
         let sessions = vec![
-            ("aa".to_owned(), true, true, br#"{"pubkey":"aa"}"#.to_vec()),
-            (
-                "bb".to_owned(),
-                false,
-                false,
-                br#"{"pubkey":"bb","x":"\t"}"#.to_vec(),
-            ),
+            session("aa", true, None, br#"{"pubkey":"aa"}"#.as_slice()),
+            session("bb", false, Some("cc"), br#"{"pubkey":"bb","x":"\t"}"#),
         ];
         let bytes = encode_part("n1", &sessions);
         let (node, got) = decode_part(&bytes).unwrap();
         assert_eq!(node, "n1");
-        assert_eq!(got.len(), 2);
-        assert!(got[0].live && got[0].open && got[0].member == "aa");
-        assert!(!got[1].live && !got[1].open);
-        assert_eq!(got[1].entry, br#"{"pubkey":"bb","x":"\t"}"#);
-        assert!(decode_part(b"n\naa\tlo\tnot json\n").is_none());
+        assert_eq!(got, sessions);
+        assert!(decode_part(b"n\naa\tlo\t-\tnot json\n").is_none());
+        assert!(decode_part(b"n\naa\tlo\t{}\n").is_none());
         assert_eq!(decode_part(b"n\n").unwrap().1, vec![]);
     }
 

@@ -280,6 +280,8 @@ impl<S: Recipient> LocalRoutes<S> {
                 self.deliver_to(member, sessions, route, &mut done);
             }
             Targets::Session(entry) => self.deliver_to_session(entry, route, &mut done),
+            // Only ever routed to another node (its bit is no shard's).
+            Targets::RemoteSession { .. } => {}
             Targets::AllBut { held_for } => {
                 let skipped = |k: &usize| !held_for.is_empty() && held_for.binary_search(k).is_ok();
                 self.deliver_to_mesh(route, |k| !skipped(k), &mut done);
@@ -723,7 +725,7 @@ mod tests {
         world.mesh.session_keys.ended(&entry);
         assert_eq!(b.held.len(), 1);
         assert!(matches!(
-            world.mesh.session_keys.resolve("K1"),
+            world.mesh.session_keys.resolve("K1", &world.mesh.remote),
             Some(crate::mesh::peers::KeyTarget::Member(m)) if Arc::ptr_eq(&m, &b)
         ));
         entry.hold(to_session(&world, 4, "a", &one, Priority::Next));

@@ -419,6 +419,8 @@ pub enum KeyTarget {
     Session(Arc<SessionEntry>),
     /// The member of a session that has ended.
     Member(Arc<MemberEntry>),
+    /// A session of another node (README "Several nodes"), in `slot`.
+    Remote { member: Arc<MemberEntry>, slot: u8 },
 }
 
 /// A mesh's session keys, beside its member pubkeys: read by a direct send
@@ -432,6 +434,20 @@ struct KeyIndex {
     ended: HashMap<Box<str>, Arc<MemberEntry>>,
     /// Ended keys, oldest first, to forget past `MAX_ENDED_KEYS`.
     order: VecDeque<Box<str>>,
+}
+
+impl KeyIndex {
+    fn remember_ended(&mut self, key: &str, member: &Arc<MemberEntry>) {
+        self.ended.insert(key.into(), member.clone());
+        self.order.push_back(key.into());
+        while self.order.len() > MAX_ENDED_KEYS {
+            if let Some(old) = self.order.pop_front() {
+                if !self.current.contains_key(&old) {
+                    self.ended.remove(&old);
+                }
+            }
+        }
+    }
 }
 
 impl SessionKeys {
@@ -464,25 +480,34 @@ impl SessionKeys {
             return;
         }
         index.current.remove(key);
-        index.ended.insert(key.clone(), entry.member.clone());
-        index.order.push_back(key.clone());
-        while index.order.len() > MAX_ENDED_KEYS {
-            if let Some(old) = index.order.pop_front() {
-                if !index.current.contains_key(&old) {
-                    index.ended.remove(&old);
-                }
-            }
+        index.remember_ended(key, &entry.member);
+    }
+
+    /// A session of another node ended (its node's part no longer lists
+    /// it, or that node died): its key names its member, as for one here.
+    pub fn ended_elsewhere(&self, key: &str, member: &Arc<MemberEntry>) {
+        let mut index = self.lock();
+        if !index.current.contains_key(key) && !index.ended.contains_key(key) {
+            index.remember_ended(key, member);
         }
     }
 
-    /// What a session key names; `key` in any hex case.
-    pub fn resolve(&self, key: &str) -> Option<KeyTarget> {
+    /// The session of this node with that key (lowercase).
+    pub fn current(&self, key: &str) -> Option<Arc<SessionEntry>> {
+        self.lock().current.get(key).cloned()
+    }
+
+    /// What a session key names; `key` in any hex case. A session here
+    /// first, then one of another node's, then an ended one's member.
+    pub fn resolve(&self, key: &str, remote: &RemoteBoard) -> Option<KeyTarget> {
         let key = key.to_ascii_lowercase();
-        let index = self.lock();
-        if let Some(entry) = index.current.get(key.as_str()) {
-            return Some(KeyTarget::Session(entry.clone()));
+        if let Some(entry) = self.current(&key) {
+            return Some(KeyTarget::Session(entry));
         }
-        index
+        if let Some((slot, member)) = remote.session(&key) {
+            return Some(KeyTarget::Remote { member, slot });
+        }
+        self.lock()
             .ended
             .get(key.as_str())
             .map(|m| KeyTarget::Member(m.clone()))
@@ -539,20 +564,31 @@ pub struct RemotePart {
     /// Its `peers_list` entries, comma-separated.
     pub entries: Vec<u8>,
     pub sessions: u32,
+    /// Its `session_hello` sessions' keys (lowercase), with their members.
+    pub session_keys: FxHashMap<Box<str>, Arc<MemberEntry>>,
 }
 
 impl RemoteBoard {
-    /// Replaces (or, with `None`, drops) the part of the node in `slot`.
-    pub fn replace(&self, slot: u8, part: Option<RemotePart>) {
+    /// Replaces (or, with `None`, drops) the part of the node in `slot`,
+    /// returning the one it replaced.
+    pub fn replace(&self, slot: u8, part: Option<RemotePart>) -> Option<Arc<RemotePart>> {
         let mut parts = self.parts.lock().expect("remote board lock");
         let old = match part {
             Some(part) => parts.insert(slot, Arc::new(part)),
             None => parts.remove(&slot),
         };
         let total = parts.values().map(|p| p.sessions).sum();
-        drop(old);
         self.sessions
             .store(total, std::sync::atomic::Ordering::Release);
+        old
+    }
+
+    /// The node (slot) listing a session with this key, and its member.
+    pub fn session(&self, key: &str) -> Option<(u8, Arc<MemberEntry>)> {
+        let parts = self.parts.lock().expect("remote board lock");
+        parts
+            .iter()
+            .find_map(|(slot, part)| Some((*slot, part.session_keys.get(key)?.clone())))
     }
 
     /// Live sessions on other nodes.

@@ -75,6 +75,11 @@ pub enum Targets {
     /// One session, addressed by its key (PROTOCOL.md §9): only that
     /// session may take it.
     Session(Arc<SessionEntry>),
+    /// One session of another node, by its key: that node finds it.
+    RemoteSession {
+        member: Arc<MemberEntry>,
+        key: Box<str>,
+    },
     /// Every member of the mesh but the sender's and those the envelope
     /// was held for (sorted entry addresses), as each shard finds them.
     AllBut { held_for: Vec<usize> },
@@ -132,6 +137,54 @@ impl Plan {
 /// The address of a shared entry, the key of the routing tables.
 pub fn key<T>(entry: &Arc<T>) -> usize {
     Arc::as_ptr(entry) as usize
+}
+
+/// A direct send's target (PROTOCOL.md §9).
+pub enum Direct {
+    /// A current member, by its key.
+    Member(Arc<MemberEntry>),
+    /// A session live or away here, by its key.
+    Session(Arc<SessionEntry>),
+    /// A session of the node whose bit is `node`, by its (lowercase) key.
+    Remote {
+        member: Arc<MemberEntry>,
+        key: Box<str>,
+        node: u64,
+    },
+}
+
+impl Direct {
+    pub fn member(&self) -> &Arc<MemberEntry> {
+        match self {
+            Direct::Member(member) | Direct::Remote { member, .. } => member,
+            Direct::Session(entry) => &entry.member,
+        }
+    }
+}
+
+/// A direct send, by its target.
+pub fn plan_to(
+    envelope: &Arc<Envelope>,
+    direct: &Direct,
+    limits: &HoldLimits<'_>,
+) -> Result<Plan, Refused> {
+    match direct {
+        Direct::Member(member) => plan_direct(envelope, member, limits),
+        Direct::Session(entry) => plan_session(envelope, entry, limits),
+        // That node delivers or holds it; if it does not confirm, the
+        // sender holds it for the member (`shard::crossing`).
+        Direct::Remote { member, key, node } => Ok(Plan {
+            route: Some(Arc::new(Route {
+                envelope: envelope.clone(),
+                targets: Targets::RemoteSession {
+                    member: member.clone(),
+                    key: key.clone(),
+                },
+                shards: *node,
+            })),
+            held: Vec::new(),
+        }),
+    }
 }
 
 /// A send to one member: live where a session may take it, else held.

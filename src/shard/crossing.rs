@@ -101,6 +101,13 @@ impl Shard {
             Targets::Member(member) => vec![member.clone()],
             // A session's key is routed to its own shard only.
             Targets::Session(_) => Vec::new(),
+            // Its node did not take it: the session is gone (or that node
+            // is): its member's, whichever session takes it.
+            Targets::RemoteSession { member, .. } => {
+                let now_eligible = member.hold(envelope.clone());
+                self.request_drain(&envelope.mesh, member, now_eligible);
+                return vec![member.clone()];
+            }
             Targets::AllBut { held_for } => view
                 .members()
                 .iter()

@@ -11,8 +11,8 @@ use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
 use crate::mesh::directory::{MemberEntry, MeshEntry, MeshView};
 use crate::mesh::held::HeldLimit;
-use crate::mesh::peers::{KeyTarget, SessionEntry};
-use crate::mesh::plan::{plan_direct, plan_many, plan_session, Audience, HoldLimits, Refused};
+use crate::mesh::peers::KeyTarget;
+use crate::mesh::plan::{plan_many, plan_to, Audience, Direct, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
 use crate::protocol::{Ack, CloseReason, ErrorCode, ProtocolError, PushFields, Send, Target};
 use std::sync::Arc;
@@ -66,7 +66,7 @@ impl Session {
             Target::Unsupported => return,
         };
         let may_lease = match &resolved {
-            Resolved::Direct((member, _)) => member.leasing.any(),
+            Resolved::Direct(direct) => direct.member().leasing.any(),
             Resolved::Unknown => false,
             Resolved::Many(_) => joined.mesh.leasing.any(),
         };
@@ -144,7 +144,7 @@ impl Session {
             mesh: joined.mesh.clone(),
             sender: joined.member.clone(),
             target: match &direct {
-                Some((member, _)) => EnvelopeTarget::Member(member.clone()),
+                Some(direct) => EnvelopeTarget::Member(direct.member().clone()),
                 None => EnvelopeTarget::Many(send.target_spec.as_ref().into()),
             },
             priority,
@@ -155,7 +155,10 @@ impl Session {
             holds_in_flight: Default::default(),
             redelivered_frame: Default::default(),
             client_message_id: client_id.map(Into::into),
-            session: direct.as_ref().and_then(|(_, session)| session.clone()),
+            session: match &direct {
+                Some(Direct::Session(entry)) => Some(entry.clone()),
+                _ => None,
+            },
         });
         let limits = HoldLimits {
             max_per_member: config.max_held_per_member,
@@ -163,8 +166,7 @@ impl Session {
             budget: &self.shard.ctx.held.budget,
         };
         let planned = match &direct {
-            Some((_, Some(session))) => plan_session(&envelope, session, &limits),
-            Some((member, None)) => plan_direct(&envelope, member, &limits),
+            Some(direct) => plan_to(&envelope, direct, &limits),
             None => plan_many(&envelope, audience, &limits),
         };
         let plan = match planned {
@@ -277,25 +279,25 @@ enum Resolved<'a, D> {
 }
 
 /// A direct send's target: a current member by its key, else a session by
-/// its key — the session itself while it is live or away, its member once
-/// it has ended (PROTOCOL.md §9). `None`: nobody of this mesh.
-fn resolve_direct(
-    mesh: &MeshEntry,
-    view: &MeshView,
-    pubkey: &str,
-) -> Option<(Arc<MemberEntry>, Option<Arc<SessionEntry>>)> {
+/// its key — the session itself while it is live or away (here or on
+/// another node), its member once it has ended (PROTOCOL.md §9). `None`:
+/// nobody of this mesh.
+fn resolve_direct(mesh: &MeshEntry, view: &MeshView, pubkey: &str) -> Option<Direct> {
     if let Some(member) = view.member_by_pubkey(pubkey) {
-        return Some((member.clone(), None));
+        return Some(Direct::Member(member.clone()));
     }
     let current = |member: &Arc<MemberEntry>| {
         view.member(&member.id)
             .is_some_and(|m| Arc::ptr_eq(m, member) && !m.is_revoked())
     };
-    match mesh.session_keys.resolve(pubkey)? {
-        KeyTarget::Session(entry) if current(&entry.member) => {
-            Some((entry.member.clone(), Some(entry)))
-        }
-        KeyTarget::Member(member) if current(&member) => Some((member, None)),
+    match mesh.session_keys.resolve(pubkey, &mesh.remote)? {
+        KeyTarget::Session(entry) if current(&entry.member) => Some(Direct::Session(entry)),
+        KeyTarget::Remote { member, slot } if current(&member) => Some(Direct::Remote {
+            member,
+            key: pubkey.to_ascii_lowercase().into(),
+            node: crate::cluster::slot_bit(slot),
+        }),
+        KeyTarget::Member(member) if current(&member) => Some(Direct::Member(member)),
         _ => None,
     }
 }
