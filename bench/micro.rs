@@ -196,6 +196,7 @@ fn directory_of(n: usize) -> (Arc<MeshEntry>, Vec<Arc<SessionEntry>>) {
             };
             let claim = MemberSessions::claim(member, "session-1", None, holder, || {
                 Ok::<_, ()>(NewSession {
+                    summary: None,
                     presence_id: format!("presence-{i:05}").into(),
                     session_pubkey: None,
                     pid: 4000 + i as i32,

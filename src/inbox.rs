@@ -153,6 +153,14 @@ pub enum ShardEvent {
         status: Status,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
+    /// A hello on another node takes over this session of this shard: it
+    /// leaves here without ending, and the answer is what it brings there
+    /// (`None`: it ended meanwhile).
+    GiveUp {
+        mesh: Arc<MeshEntry>,
+        entry: Arc<SessionEntry>,
+        reply: tokio::sync::oneshot::Sender<Option<crate::mesh::peers::MovedSession>>,
+    },
     /// What a session's transcript says (from the transcript reader).
     Inferred { conn: u64, status: Status },
     /// A peer event about a session of `about`, for this shard's sessions

@@ -26,7 +26,7 @@ use crate::inbox::PendingAck;
 use crate::inbox::{ShardEvent, ShardSender};
 use crate::mesh::directory::{Directory, MemberEntry, MeshEntry};
 use crate::mesh::held::Take;
-use crate::mesh::peers::{self, Holder};
+use crate::mesh::peers::{self, Holder, MovedSession};
 use crate::mesh::plan::{first_shard, key, Route, Targets};
 use crate::mesh::{Envelope, EnvelopeTarget};
 use crate::protocol::Priority;
@@ -50,6 +50,10 @@ const PART_EVERY: Duration = Duration::from_millis(20);
 const MESSAGES_PER_TURN: usize = 256;
 /// Held envelopes handed over per drain.
 const DRAIN_BATCH: usize = 256;
+/// How long after it starts following a mesh a node has heard the other
+/// nodes' parts of it: they answer its ask within a tick and their
+/// `PART_EVERY`, plus the bus's latency.
+const FIRST_PARTS_WAIT: Duration = Duration::from_millis(50);
 /// A publish the client cannot queue within this is dropped (its confirm
 /// times out and the send is held).
 const PUBLISH_TIMEOUT: Duration = Duration::from_millis(50);
@@ -302,6 +306,14 @@ impl Bus {
         match command {
             BusCommand::Route { route, nodes, ack } => self.route(route, nodes, ack),
             BusCommand::MeshChanged(mesh) => self.follow(&mesh).await,
+            BusCommand::Follow { mesh, reply } => {
+                self.follow(&mesh).await;
+                tokio::spawn(async move {
+                    tokio::time::sleep(FIRST_PARTS_WAIT).await;
+                    mesh.synced.store(true, Ordering::Release);
+                    let _ = reply.send(());
+                });
+            }
             BusCommand::Drain { mesh, member } => self.hand_over(&mesh, &member).await,
             BusCommand::Hook { signal, reply } => {
                 let nodes = self.nodes.all();
@@ -319,6 +331,13 @@ impl Bus {
                 self.forward_hook(signal, presence, nodes, awaited).await;
             }
             BusCommand::Stash(signal) => self.forward_stash(signal).await,
+            BusCommand::Take {
+                mesh,
+                member,
+                slot,
+                presence,
+                reply,
+            } => self.take(&mesh, &member, slot, presence, reply),
             BusCommand::Group {
                 mesh,
                 member,
@@ -455,6 +474,81 @@ impl Bus {
         });
     }
 
+    /// Asks the node in `slot` for a session a hello here takes over
+    /// (request and reply: the one node named answers, or nobody in time).
+    fn take(
+        &self,
+        mesh: &MeshEntry,
+        member: &MemberEntry,
+        slot: u8,
+        presence: Box<str>,
+        reply: tokio::sync::oneshot::Sender<Option<MovedSession>>,
+    ) {
+        let Some(node) = self.nodes.id(slot).filter(|_| self.connected) else {
+            let _ = reply.send(None);
+            return;
+        };
+        let ask = wire::Take {
+            from: self.me().to_owned(),
+            to: node.to_owned(),
+            member: member.pubkey.to_string(),
+            presence: presence.into(),
+        };
+        let payload = Bytes::from(serde_json::to_vec(&ask).expect("a take serializes"));
+        let subject = wire::mesh_subject(&mesh.id, "take");
+        let client = self.client.clone();
+        let timeout = self.spec.confirm_timeout;
+        tokio::spawn(async move {
+            let answer = tokio::time::timeout(timeout, client.request(subject, payload)).await;
+            let moved = match answer {
+                Ok(Ok(message)) => serde_json::from_slice(&message.payload).ok().flatten(),
+                _ => None,
+            };
+            let _ = reply.send(moved);
+        });
+    }
+
+    /// Another node's hello takes over a session of this node: its shard
+    /// gives it up, and what it brings goes back as the answer (`null`:
+    /// not here, or ended meanwhile).
+    fn give_up(&self, token: &str, message: &async_nats::Message) {
+        let (Ok(take), Some(respond)) = (
+            serde_json::from_slice::<wire::Take>(&message.payload),
+            message.reply.clone(),
+        ) else {
+            return;
+        };
+        if take.to != self.me() {
+            return;
+        }
+        let found = self.followed.get(token).and_then(|followed| {
+            let mesh = followed.view.mesh.clone();
+            let member = mesh.view().member_by_pubkey(&take.member).cloned()?;
+            let entry = member.sessions.by_presence(&take.presence)?;
+            Some((mesh, entry))
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let asked = found.is_some_and(|(mesh, entry)| {
+            let shard = entry.holder().shard();
+            self.to_shard(shard, ShardEvent::GiveUp { mesh, entry, reply })
+        });
+        let client = self.client.clone();
+        let timeout = self.spec.confirm_timeout;
+        tokio::spawn(async move {
+            let moved: Option<MovedSession> = match asked {
+                true => tokio::time::timeout(timeout, answer)
+                    .await
+                    .ok()
+                    .and_then(Result::ok)
+                    .flatten(),
+                false => None,
+            };
+            let payload = serde_json::to_vec(&moved).expect("a moved session serializes");
+            let publish = client.publish(respond, payload.into());
+            let _ = tokio::time::timeout(PUBLISH_TIMEOUT, publish).await;
+        });
+    }
+
     fn route(&mut self, route: Arc<Route>, nodes: u64, ack: Option<PendingAck>) {
         let seq = if ack.is_some() { self.seq() } else { 0 };
         let to: Vec<Cow<'_, str>> = self
@@ -584,6 +678,7 @@ impl Bus {
                     }
                 }
             }
+            "take" => self.give_up(&token, &message),
             "route" | "held" => {
                 for record in wire::records(&message.payload) {
                     let Some((head, frame)) = record.as_ref().and_then(wire::decode) else {
@@ -1135,6 +1230,8 @@ impl Bus {
                 live: *live,
                 open: *open,
                 session_key: entry.session_pubkey.as_deref(),
+                presence: &entry.presence_id,
+                session_hash: wire::session_hash(&entry.session_id),
                 entry: json,
             })
             .collect();
@@ -1161,6 +1258,7 @@ impl Bus {
             if now.duration_since(since) < UNFOLLOW_AFTER {
                 return true;
             }
+            mesh.synced.store(false, Ordering::Release);
             followed.subscription.abort();
             followed.view.clear();
             false

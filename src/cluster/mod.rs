@@ -46,6 +46,12 @@ pub enum BusCommand {
     },
     /// This node's sessions of a mesh changed (or it has some now).
     MeshChanged(Arc<MeshEntry>),
+    /// A hello of a mesh this node does not follow yet: follow it, and
+    /// answer once the other nodes' parts had time to arrive.
+    Follow {
+        mesh: Arc<MeshEntry>,
+        reply: tokio::sync::oneshot::Sender<()>,
+    },
     /// Which session of the other nodes a hook signal would go to: every
     /// node answers with its best match, applying nothing; the best of
     /// them (`None`: no node has one).
@@ -77,6 +83,16 @@ pub enum BusCommand {
         mesh: Arc<MeshEntry>,
         member: Arc<MemberEntry>,
         change: wire::GroupChange,
+    },
+    /// A hello here takes over `member`'s session `presence` of the node
+    /// in `slot`: that node gives it up and answers with what it brings
+    /// (`None`: ended there meanwhile, or no answer in time).
+    Take {
+        mesh: Arc<MeshEntry>,
+        member: Arc<MemberEntry>,
+        slot: u8,
+        presence: Box<str>,
+        reply: tokio::sync::oneshot::Sender<Option<crate::mesh::peers::MovedSession>>,
     },
     /// A member's held envelopes may go to another node (remote bits).
     Drain {

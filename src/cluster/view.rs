@@ -130,6 +130,7 @@ impl MeshView {
         let mut entries = Vec::new();
         let mut live = 0;
         let mut session_keys = FxHashMap::default();
+        let mut by_session_id = FxHashMap::default();
         for session in sessions {
             if !entries.is_empty() {
                 entries.push(b',');
@@ -141,8 +142,14 @@ impl MeshView {
             let Some(member) = view.member_by_pubkey(session.member) else {
                 continue;
             };
-            if let Some(key) = session.session_key {
-                session_keys.insert(key.to_ascii_lowercase().into(), member.clone());
+            let presence: Box<str> = session.presence.into();
+            match session.session_key {
+                Some(k) => {
+                    session_keys.insert(k.to_ascii_lowercase().into(), (member.clone(), presence));
+                }
+                None => {
+                    by_session_id.insert((key(member), session.session_hash), presence);
+                }
             }
             let at = fresh
                 .entry(key(member))
@@ -169,11 +176,12 @@ impl MeshView {
             entries,
             sessions: live,
             session_keys,
+            by_session_id,
         });
         // Sent to later, the keys of sessions no node lists any more name
         // their members.
         if let Some(old) = self.mesh.remote.replace(slot, part) {
-            for (key, member) in &old.session_keys {
+            for (key, (member, _)) in &old.session_keys {
                 if self.mesh.remote.session(key).is_none() {
                     self.mesh.session_keys.ended_elsewhere(key, member);
                 }
@@ -239,6 +247,8 @@ mod tests {
             live,
             open,
             session_key: None,
+            presence: "p",
+            session_hash: 0,
             entry: b"{}",
         }
     }

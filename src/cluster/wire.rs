@@ -345,22 +345,38 @@ pub struct HookHead {
 
 /// One session in a node's part: its member, whether it is live (not
 /// away) and whether it takes `next` now, its own key (a `session_hello`
-/// session's), and its `peers_list` entry.
+/// session's), its presence, its `sessionId` (hashed: a hello may take it
+/// over from another node), and its `peers_list` entry.
 #[derive(Debug, PartialEq, Eq)]
 pub struct PartSession<'a> {
     pub member: &'a str,
     pub live: bool,
     pub open: bool,
     pub session_key: Option<&'a str>,
+    pub presence: &'a str,
+    pub session_hash: u64,
     pub entry: &'a [u8],
 }
 
+/// A `sessionId` as parts carry it: client text may hold tabs and
+/// newlines, a hash does not; the node that has the session compares the
+/// id itself. FNV-1a, written here because every node must agree on it
+/// whatever its build.
+pub fn session_hash(session_id: &str) -> u64 {
+    session_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
 /// A node's sessions of a mesh: `<node>\n` then one line per session,
-/// `<member key>\t<l|-><o|->\t<session key|->\t<entry json>`. Entries are
-/// JSON written by `protocol` (no raw newline or tab); keys are hex.
+/// `<member key>\t<l|-><o|->\t<session key|->\t<presence>\t<hash hex>\t<entry
+/// json>`. Entries are JSON written by `protocol` (no raw newline or tab);
+/// keys are hex, presence ids base32.
 pub fn encode_part(node: &str, sessions: &[PartSession<'_>]) -> Bytes {
     let mut out =
-        BytesMut::with_capacity(64 + sessions.iter().map(|s| s.entry.len() + 150).sum::<usize>());
+        BytesMut::with_capacity(64 + sessions.iter().map(|s| s.entry.len() + 180).sum::<usize>());
     out.put_slice(node.as_bytes());
     out.put_u8(b'\n');
     for session in sessions {
@@ -370,6 +386,10 @@ pub fn encode_part(node: &str, sessions: &[PartSession<'_>]) -> Bytes {
         out.put_u8(if session.open { b'o' } else { b'-' });
         out.put_u8(b'\t');
         out.put_slice(session.session_key.unwrap_or("-").as_bytes());
+        out.put_u8(b'\t');
+        out.put_slice(session.presence.as_bytes());
+        out.put_u8(b'\t');
+        out.put_slice(format!("{:x}", session.session_hash).as_bytes());
         out.put_u8(b'\t');
         out.put_slice(session.entry);
         out.put_u8(b'\n');
@@ -382,23 +402,41 @@ pub fn decode_part(payload: &[u8]) -> Option<(&str, Vec<PartSession<'_>>)> {
     let node = std::str::from_utf8(lines.next()?).ok()?;
     let mut sessions = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
-        let mut fields = line.splitn(4, |&b| b == b'\t');
-        let member = std::str::from_utf8(fields.next()?).ok()?;
-        let flags = fields.next()?;
-        let session_key = std::str::from_utf8(fields.next()?).ok()?;
+        let mut fields = line.splitn(6, |&b| b == b'\t');
+        let mut text = || std::str::from_utf8(fields.next()?).ok();
+        let (member, flags, session_key, presence, hash) =
+            (text()?, text()?, text()?, text()?, text()?);
         let entry = fields.next()?;
-        if flags.len() != 2 || session_key.is_empty() || !entry.starts_with(b"{") {
+        if flags.len() != 2
+            || session_key.is_empty()
+            || presence.is_empty()
+            || !entry.starts_with(b"{")
+        {
             return None;
         }
+        let flags = flags.as_bytes();
         sessions.push(PartSession {
             member,
             live: flags[0] == b'l',
             open: flags[1] == b'o',
             session_key: (session_key != "-").then_some(session_key),
+            presence,
+            session_hash: u64::from_str_radix(hash, 16).ok()?,
             entry,
         });
     }
     Some((node, sessions))
+}
+
+/// A hello on node `from` asks node `to` for its session `presence` of
+/// `member` (PROTOCOL.md §9 resume, across nodes); the answer is a
+/// `peers::MovedSession` (JSON), or `null`.
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct Take {
+    pub from: String,
+    pub to: String,
+    pub member: String,
+    pub presence: String,
 }
 
 #[cfg(test)]
@@ -452,6 +490,8 @@ mod tests {
             live,
             open: live,
             session_key,
+            presence: "p1",
+            session_hash: session_hash("s\t1"),
             entry,
         };
         let sessions = vec![
@@ -462,8 +502,10 @@ mod tests {
         let (node, got) = decode_part(&bytes).unwrap();
         assert_eq!(node, "n1");
         assert_eq!(got, sessions);
-        assert!(decode_part(b"n\naa\tlo\t-\tnot json\n").is_none());
+        assert!(decode_part(b"n\naa\tlo\t-\tp\t1f\tnot json\n").is_none());
+        assert!(decode_part(b"n\naa\tlo\t-\tp\tnot hex\t{}\n").is_none());
         assert!(decode_part(b"n\naa\tlo\t{}\n").is_none());
+        assert_ne!(session_hash("a"), session_hash("b"));
         assert_eq!(decode_part(b"n\n").unwrap().1, vec![]);
     }
 

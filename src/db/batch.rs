@@ -54,7 +54,8 @@ FROM UNNEST($1::text[], $2::text[], $3::text[], $4::timestamp[]) AS t(id, status
 WHERE p.id = t.id";
 
 pub(crate) const PRESENCE_PING_SQL: &str = "\
-UPDATE mesh.presence p SET last_ping_at = t.at
+UPDATE mesh.presence p SET last_ping_at = t.at,
+  node_id = current_setting('meshbroker.node_id', true)
 FROM UNNEST($1::text[], $2::timestamp[]) AS t(id, at)
 WHERE p.id = t.id";
 

@@ -626,6 +626,7 @@ mod tests {
         let holder = Holder::Live { shard: 0, conn };
         let claim = MemberSessions::claim(&member, key, Some(key), holder, || {
             Ok::<_, ()>(NewSession {
+                summary: None,
                 presence_id: format!("p-{key}").into(),
                 session_pubkey: Some(key.into()),
                 pid: 1,

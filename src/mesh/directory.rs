@@ -341,6 +341,11 @@ pub struct MeshEntry {
     /// the bus has not yet republished this node's part (one notice per
     /// burst).
     pub changed: AtomicBool,
+    /// Set once the bus has followed it long enough to have heard the
+    /// other nodes' parts (cleared when it stops following): until then a
+    /// hello waits for them, so its capacity check and takeover see the
+    /// other nodes' sessions.
+    pub synced: AtomicBool,
     /// Its `session_hello` sessions' keys (PROTOCOL.md §9).
     pub session_keys: SessionKeys,
     /// Its live `client_ack` sessions: a send that may reach one stores
@@ -520,6 +525,7 @@ impl Directory {
             board: PeerBoard::default(),
             remote: RemoteBoard::default(),
             changed: AtomicBool::new(false),
+            synced: AtomicBool::new(false),
             session_keys: SessionKeys::default(),
             leasing: Leasing::default(),
             view: ArcSwap::from_pointee(MeshView::default()),

@@ -188,6 +188,23 @@ pub struct NewSession {
     pub connected_at: Box<str>,
     pub display_name: Arc<str>,
     pub status: StatusState,
+    pub summary: Option<Arc<str>>,
+}
+
+/// What a session taken over from another node brings (README "Several
+/// nodes"): its presence and what its peers saw of it.
+#[derive(serde::Serialize, serde::Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct MovedSession {
+    pub presence_id: String,
+    pub connected_at: String,
+    pub display_name: String,
+    pub status: String,
+    pub source: String,
+    /// How long ago its status was set.
+    pub status_age_ms: u64,
+    pub summary: Option<String>,
+    /// Live there (its connection is replaced), or away in its grace.
+    pub was_live: bool,
 }
 
 /// How a hello found its session.
@@ -205,14 +222,20 @@ pub enum Claim {
         shard: usize,
         conn: u64,
     },
+    /// It took over a session of another node (live there, or away).
+    Moved {
+        entry: Arc<SessionEntry>,
+        was_live: bool,
+    },
 }
 
 impl Claim {
     pub fn entry(&self) -> &Arc<SessionEntry> {
         match self {
-            Claim::New(entry) | Claim::Resumed { entry, .. } | Claim::Replaced { entry, .. } => {
-                entry
-            }
+            Claim::New(entry)
+            | Claim::Resumed { entry, .. }
+            | Claim::Replaced { entry, .. }
+            | Claim::Moved { entry, .. } => entry,
         }
     }
 }
@@ -230,6 +253,17 @@ pub enum Departure {
 }
 
 impl SessionEntry {
+    /// Whether a hello with `session_id` (and key) names this session: a
+    /// `session_hello` by its key whatever its `sessionId`, a `hello` by
+    /// its `sessionId`, and never the one the other.
+    fn is(&self, session_id: &str, session_pubkey: Option<&str>) -> bool {
+        match (session_pubkey, self.session_pubkey.as_deref()) {
+            (Some(key), Some(theirs)) => key == theirs,
+            (None, None) => &*self.session_id == session_id,
+            _ => false,
+        }
+    }
+
     pub fn state(&self) -> SessionState {
         self.lock().clone()
     }
@@ -330,11 +364,7 @@ impl MemberSessions {
         admit: impl FnOnce() -> Result<NewSession, E>,
     ) -> Result<Claim, E> {
         let mut sessions = member.sessions.lock();
-        let same = |e: &&Arc<SessionEntry>| match (session_pubkey, e.session_pubkey.as_deref()) {
-            (Some(key), Some(theirs)) => key == theirs,
-            (None, None) => &*e.session_id == session_id,
-            _ => false,
-        };
+        let same = |e: &&Arc<SessionEntry>| e.is(session_id, session_pubkey);
         if let Some(entry) = sessions.iter().find(same) {
             let mut state = entry.lock();
             let was = std::mem::replace(&mut state.holder, holder);
@@ -365,13 +395,45 @@ impl MemberSessions {
             state: Mutex::new(SessionState {
                 display_name: new.display_name,
                 status: new.status,
-                summary: None,
+                summary: new.summary,
                 holder,
                 spells: 0,
             }),
         });
         sessions.push(entry.clone());
         Ok(Claim::New(entry))
+    }
+
+    /// Whether a hello with `session_id` (and key) would take over one of
+    /// these sessions.
+    pub fn has(&self, session_id: &str, session_pubkey: Option<&str>) -> bool {
+        self.lock().iter().any(|e| e.is(session_id, session_pubkey))
+    }
+
+    /// The session with this presence.
+    pub fn by_presence(&self, presence_id: &str) -> Option<Arc<SessionEntry>> {
+        self.lock()
+            .iter()
+            .find(|e| *e.presence_id == *presence_id)
+            .cloned()
+    }
+
+    /// A hello on another node takes the session over: it leaves this
+    /// node's lists without ending (no grace timer or connection of this
+    /// node matches its holder any more). Where it was; `None` when it is
+    /// not one of the member's sessions (it ended meanwhile).
+    pub fn give_up(entry: &Arc<SessionEntry>) -> Option<Holder> {
+        let mut sessions = entry.member.sessions.lock();
+        let at = sessions.iter().position(|e| Arc::ptr_eq(e, entry))?;
+        sessions.remove(at);
+        let mut state = entry.lock();
+        let was = state.holder;
+        // Spells count from 1: spell 0 is no absence's.
+        state.holder = Holder::Away {
+            shard: was.shard(),
+            spell: 0,
+        };
+        Some(was)
     }
 
     /// The connection `holder` ended. Unless another connection took the
@@ -483,6 +545,21 @@ impl SessionKeys {
         index.remember_ended(key, &entry.member);
     }
 
+    /// A session moved to another node: its key is that node's now.
+    pub fn moved(&self, entry: &Arc<SessionEntry>) {
+        let Some(key) = &entry.session_pubkey else {
+            return;
+        };
+        let mut index = self.lock();
+        if index
+            .current
+            .get(key)
+            .is_some_and(|e| Arc::ptr_eq(e, entry))
+        {
+            index.current.remove(key);
+        }
+    }
+
     /// A session of another node ended (its node's part no longer lists
     /// it, or that node died): its key names its member, as for one here.
     pub fn ended_elsewhere(&self, key: &str, member: &Arc<MemberEntry>) {
@@ -564,8 +641,12 @@ pub struct RemotePart {
     /// Its `peers_list` entries, comma-separated.
     pub entries: Vec<u8>,
     pub sessions: u32,
-    /// Its `session_hello` sessions' keys (lowercase), with their members.
-    pub session_keys: FxHashMap<Box<str>, Arc<MemberEntry>>,
+    /// Its `session_hello` sessions' keys (lowercase), with their members
+    /// and presences.
+    pub session_keys: FxHashMap<Box<str>, (Arc<MemberEntry>, Box<str>)>,
+    /// Its `hello` sessions' presences by member (entry address) and
+    /// `sessionId` hash.
+    pub by_session_id: FxHashMap<(usize, u64), Box<str>>,
 }
 
 impl RemoteBoard {
@@ -588,7 +669,32 @@ impl RemoteBoard {
         let parts = self.parts.lock().expect("remote board lock");
         parts
             .iter()
-            .find_map(|(slot, part)| Some((*slot, part.session_keys.get(key)?.clone())))
+            .find_map(|(slot, part)| Some((*slot, part.session_keys.get(key)?.0.clone())))
+    }
+
+    /// The node (slot) listing the session a hello would take over, with
+    /// its presence: by its key (`session_hello`), else by its member and
+    /// `sessionId` hash.
+    pub fn presence_of(
+        &self,
+        member: &Arc<MemberEntry>,
+        session_hash: u64,
+        session_key: Option<&str>,
+    ) -> Option<(u8, Box<str>)> {
+        let parts = self.parts.lock().expect("remote board lock");
+        parts.iter().find_map(|(slot, part)| {
+            let presence = match session_key {
+                Some(key) => part
+                    .session_keys
+                    .get(key)
+                    .filter(|(m, _)| Arc::ptr_eq(m, member))
+                    .map(|(_, p)| p),
+                None => part
+                    .by_session_id
+                    .get(&(Arc::as_ptr(member) as usize, session_hash)),
+            };
+            Some((*slot, presence?.clone()))
+        })
     }
 
     /// Live sessions on other nodes.

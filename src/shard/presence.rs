@@ -228,6 +228,47 @@ impl Shard {
 
     /// Closes a connection of this shard whose session a newer one took
     /// over (4000).
+    /// A hello on another node takes over `entry`: it stops counting and
+    /// being listed here, its key is that node's, what waited for it alone
+    /// is its member's (and goes where the member is live), and its
+    /// connection, if live, is closed as replaced (4000). Nothing of it
+    /// ends: no presence close, no `peer_left`.
+    pub(super) fn give_up(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        entry: &Arc<SessionEntry>,
+    ) -> Option<peers::MovedSession> {
+        let was = MemberSessions::give_up(entry)?;
+        let state = entry.state();
+        self.board_remove(mesh, entry);
+        mesh.release();
+        mesh.session_keys.moved(entry);
+        if entry.end_held() {
+            let member = &entry.member;
+            self.request_drain(mesh, member, member.live_shards.get());
+        }
+        let was_live = match was {
+            Holder::Live { shard, conn } => {
+                self.send_to(shard, ShardEvent::Replaced { conn });
+                true
+            }
+            Holder::Away { .. } => {
+                self.metrics.session_away_ended();
+                false
+            }
+        };
+        Some(peers::MovedSession {
+            presence_id: entry.presence_id.to_string(),
+            connected_at: entry.connected_at.to_string(),
+            display_name: state.display_name.to_string(),
+            status: state.status.status.as_str().to_owned(),
+            source: state.status.source.as_str().to_owned(),
+            status_age_ms: state.status.set_at.elapsed().as_millis() as u64,
+            summary: state.summary.as_deref().map(str::to_owned),
+            was_live,
+        })
+    }
+
     pub(super) fn close_replaced(&self, conn: u64) {
         if let Some(session) = self.session_of(conn) {
             session.close(CloseReason::Replaced);

@@ -168,6 +168,9 @@ impl Shard {
                 self.deliver_peer_event(&mesh, &about, &frame)
             }
             ShardEvent::Replaced { conn } => self.close_replaced(conn),
+            ShardEvent::GiveUp { mesh, entry, reply } => {
+                let _ = reply.send(self.give_up(&mesh, &entry));
+            }
             ShardEvent::Kick {
                 mesh,
                 member,

@@ -34,6 +34,12 @@ impl Source {
         }
     }
 
+    pub fn parse(s: &str) -> Option<Source> {
+        [Source::Jsonl, Source::Manual, Source::Hook]
+            .into_iter()
+            .find(|source| source.as_str() == s)
+    }
+
     /// Higher wins: hook 2, manual 1, jsonl 0.
     pub fn rank(self) -> u8 {
         match self {

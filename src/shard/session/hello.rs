@@ -4,10 +4,11 @@
 //! presence row, and its held envelopes.
 use super::{Joined, Session};
 use crate::audit::AuditEvent;
+use crate::cluster::BusCommand;
 use crate::db::DbCommand;
 use crate::inbox::ShardEvent;
-use crate::mesh::directory::{Admission, MemberEntry};
-use crate::mesh::peers::{Claim, Holder, MemberSessions, NewSession, PeerEvent};
+use crate::mesh::directory::{Admission, MemberEntry, MeshEntry};
+use crate::mesh::peers::{Claim, Holder, MemberSessions, MovedSession, NewSession, PeerEvent};
 use crate::metrics::RejectReason;
 use crate::protocol::CloseReason;
 use crate::protocol::{
@@ -148,6 +149,22 @@ impl Session {
                 );
                 shard.announce(mesh, entry, PeerEvent::Returned);
             }
+            Claim::Moved { was_live, .. } => {
+                match was_live {
+                    true => shard.metrics.session_replaced(),
+                    false => shard.metrics.session_resumed(),
+                }
+                shard.audit(AuditEvent::resume(
+                    mesh,
+                    member,
+                    &entry.presence_id,
+                    &entry.session_id,
+                    *was_live,
+                ));
+                if !was_live {
+                    shard.announce(mesh, entry, PeerEvent::Returned);
+                }
+            }
             Claim::Replaced {
                 shard: at, conn, ..
             } => {
@@ -218,6 +235,7 @@ impl Session {
             conn: self.conn,
         };
         let now = Instant::now();
+        let mut moved = None;
         let (mesh, member, claim) = loop {
             let mesh = ctx
                 .directory_lookup(&hello.mesh_id, &hello.member_id, &hello.pubkey)
@@ -254,11 +272,23 @@ impl Session {
                     member
                 }
             };
+            self.await_other_nodes(&mesh).await;
             let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
+            if moved.is_none() && !member.sessions.has(&hello.session_id, session_key) {
+                moved = self.take_from_other_node(&mesh, &member, hello).await;
+            }
+            // A session taken over counted on its node already.
+            let max = match moved {
+                Some(_) => u32::MAX,
+                None => ctx.config.max_connections_per_mesh,
+            };
             let claimed =
                 MemberSessions::claim(&member, &hello.session_id, session_key, holder, || {
-                    match mesh.try_admit(ctx.config.max_connections_per_mesh) {
-                        Admission::Admitted => Ok(self.new_session(hello, &member, now)),
+                    match mesh.try_admit(max) {
+                        Admission::Admitted => Ok(match &moved {
+                            Some(moved) => self.moved_session(hello, moved, now),
+                            None => self.new_session(hello, &member, now),
+                        }),
                         Admission::Full => Err(Some(ProtocolError::new(
                             ErrorCode::Capacity,
                             "mesh is at MAX_CONNECTIONS_PER_MESH",
@@ -268,6 +298,10 @@ impl Session {
                     }
                 });
             match claimed {
+                Ok(Claim::New(entry)) if moved.is_some() => {
+                    let was_live = moved.as_ref().is_some_and(|m| m.was_live);
+                    break (mesh, member, Claim::Moved { entry, was_live });
+                }
                 Ok(claim) => break (mesh, member, claim),
                 Err(Some(refused)) => return Err(refused),
                 Err(None) => continue,
@@ -277,7 +311,7 @@ impl Session {
             panic!("fault injection: BROKER_FAULT_PANIC_SESSION_ID");
         }
         let entry = claim.entry();
-        if let Claim::New(entry) = &claim {
+        if let Claim::New(entry) | Claim::Moved { entry, .. } = &claim {
             mesh.session_keys.insert(entry);
         }
         if let (false, Some(name)) = (matches!(claim, Claim::New(_)), &hello.display_name) {
@@ -312,10 +346,14 @@ impl Session {
         self.shard.to_db(match claim {
             // A presence taken over keeps its row (still open: a session in
             // grace has not ended).
-            Claim::Resumed { .. } | Claim::Replaced { .. } => DbCommand::PresencePing {
-                id: entry.presence_id.to_string(),
-                at: SystemTime::now(),
-            },
+            // One taken over from another node is this node's now (the
+            // ping sets the row's node_id).
+            Claim::Resumed { .. } | Claim::Replaced { .. } | Claim::Moved { .. } => {
+                DbCommand::PresencePing {
+                    id: entry.presence_id.to_string(),
+                    at: SystemTime::now(),
+                }
+            }
             Claim::New(_) => DbCommand::PresenceOpen {
                 id: entry.presence_id.clone(),
                 member_id: member.id.clone(),
@@ -355,6 +393,7 @@ impl Session {
             None => (**member.display_name()).into(),
         };
         NewSession {
+            summary: None,
             presence_id: self.shard.ids.borrow_mut().next_id().into(),
             session_pubkey: hello
                 .session
@@ -365,6 +404,82 @@ impl Session {
             connected_at: self.shard.clock.borrow_mut().now_rfc3339().into(),
             display_name,
             status,
+        }
+    }
+}
+
+impl Session {
+    /// On several nodes, the first hello of a mesh this node does not
+    /// follow yet waits (once, `FIRST_PARTS_WAIT`) for the other nodes'
+    /// parts of it, so that it counts and may take over their sessions.
+    async fn await_other_nodes(&self, mesh: &Arc<MeshEntry>) {
+        let Some(cluster) = &self.shard.ctx.cluster else {
+            return;
+        };
+        if mesh.synced.load(std::sync::atomic::Ordering::Acquire) {
+            return;
+        }
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let mesh = mesh.clone();
+        if cluster.send(BusCommand::Follow { mesh, reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    /// A hello whose session another node lists (README "Several nodes"):
+    /// that node gives it up and says what it brings. `None`: no node
+    /// lists it, or it ended there meanwhile, or no answer in time.
+    async fn take_from_other_node(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &Arc<MemberEntry>,
+        hello: &OwnedHello,
+    ) -> Option<MovedSession> {
+        let cluster = self.shard.ctx.cluster.as_ref()?;
+        let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
+        let hash = crate::cluster::wire::session_hash(&hello.session_id);
+        let (slot, presence) = mesh.remote.presence_of(member, hash, session_key)?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let asked = cluster.send(BusCommand::Take {
+            mesh: mesh.clone(),
+            member: member.clone(),
+            slot,
+            presence,
+            reply,
+        });
+        if asked.is_err() {
+            return None;
+        }
+        answer.await.ok().flatten()
+    }
+
+    /// The session taken over from another node, as it was there.
+    fn moved_session(&self, hello: &OwnedHello, moved: &MovedSession, now: Instant) -> NewSession {
+        let status = match (
+            crate::hook::Status::parse(&moved.status),
+            Source::parse(&moved.source),
+        ) {
+            (Some(status), Some(source)) => {
+                let age = std::time::Duration::from_millis(moved.status_age_ms);
+                StatusState::with(status, source, now.checked_sub(age).unwrap_or(now))
+            }
+            _ => StatusState::new(now),
+        };
+        NewSession {
+            presence_id: moved.presence_id.as_str().into(),
+            session_pubkey: hello
+                .session
+                .as_ref()
+                .map(|s| s.session_pubkey.as_str().into()),
+            pid: hello.pid,
+            cwd: hello.cwd.as_str().into(),
+            connected_at: moved.connected_at.as_str().into(),
+            display_name: match &hello.display_name {
+                Some(name) => name.as_str().into(),
+                None => moved.display_name.as_str().into(),
+            },
+            status,
+            summary: moved.summary.as_deref().map(Into::into),
         }
     }
 }
