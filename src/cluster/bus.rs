@@ -79,6 +79,8 @@ pub struct BusSpec {
     pub on_restored: OnRestored,
     /// The live sessions by cwd, for other nodes' hooks.
     pub hooks: Arc<crate::status::hook_index::HookIndex>,
+    /// `SEND_RATE_PER_MIN` and `SEND_BURST`, for other nodes' spends.
+    pub send_rate: crate::mesh::bucket::SendRate,
 }
 
 /// The running bus thread.
@@ -336,8 +338,20 @@ impl Bus {
                 member,
                 slot,
                 presence,
+                session_id,
+                session_key,
                 reply,
-            } => self.take(&mesh, &member, slot, presence, reply),
+            } => {
+                let ask = wire::Take {
+                    from: self.me().to_owned(),
+                    to: String::new(),
+                    member: member.pubkey.to_string(),
+                    presence: presence.into(),
+                    session_id,
+                    session_key,
+                };
+                self.take(&mesh, slot, ask, reply)
+            }
             BusCommand::Group {
                 mesh,
                 member,
@@ -348,6 +362,11 @@ impl Bus {
                 let subject = wire::mesh_subject(&mesh.id, "groups");
                 let batch = self.outgoing.entry(subject).or_default();
                 wire::append_record(&mut batch.0, &line, b"");
+            }
+            BusCommand::Spent { mesh, member } => {
+                let subject = wire::mesh_subject(&mesh.id, "rate");
+                let batch = self.outgoing.entry(subject).or_default();
+                wire::append_record(&mut batch.0, member.pubkey.as_bytes(), b"");
             }
             BusCommand::PeerEvent { mesh, about, frame } => {
                 let subject = wire::mesh_subject(&mesh.id, "event");
@@ -479,21 +498,15 @@ impl Bus {
     fn take(
         &self,
         mesh: &MeshEntry,
-        member: &MemberEntry,
         slot: u8,
-        presence: Box<str>,
+        mut ask: wire::Take,
         reply: tokio::sync::oneshot::Sender<Option<MovedSession>>,
     ) {
         let Some(node) = self.nodes.id(slot).filter(|_| self.connected) else {
             let _ = reply.send(None);
             return;
         };
-        let ask = wire::Take {
-            from: self.me().to_owned(),
-            to: node.to_owned(),
-            member: member.pubkey.to_string(),
-            presence: presence.into(),
-        };
+        ask.to = node.to_owned();
         let payload = Bytes::from(serde_json::to_vec(&ask).expect("a take serializes"));
         let subject = wire::mesh_subject(&mesh.id, "take");
         let client = self.client.clone();
@@ -525,7 +538,8 @@ impl Bus {
             let mesh = followed.view.mesh.clone();
             let member = mesh.view().member_by_pubkey(&take.member).cloned()?;
             let entry = member.sessions.by_presence(&take.presence)?;
-            Some((mesh, entry))
+            let key = take.session_key.as_deref();
+            entry.is(&take.session_id, key).then_some((mesh, entry))
         });
         let (reply, answer) = tokio::sync::oneshot::channel();
         let asked = found.is_some_and(|(mesh, entry)| {
@@ -666,6 +680,24 @@ impl Bus {
                         break;
                     };
                     self.peer_event(&token, about, frame);
+                }
+            }
+            "rate" => {
+                let Some(followed) = self.followed.get(&token) else {
+                    return;
+                };
+                let view = followed.view.mesh.view();
+                let now = Instant::now();
+                for record in wire::records(&message.payload) {
+                    let Some((member, _)) = record.as_ref().and_then(wire::split_record) else {
+                        break;
+                    };
+                    let member = std::str::from_utf8(member).ok();
+                    if let Some(member) = member.and_then(|k| view.member_by_pubkey(k)) {
+                        member
+                            .send_bucket
+                            .spent_elsewhere(self.spec.send_rate, 1, now);
+                    }
                 }
             }
             "groups" => {

@@ -92,7 +92,15 @@ pub enum BusCommand {
         member: Arc<MemberEntry>,
         slot: u8,
         presence: Box<str>,
+        session_id: String,
+        session_key: Option<String>,
         reply: tokio::sync::oneshot::Sender<Option<crate::mesh::peers::MovedSession>>,
+    },
+    /// A member live on other nodes too took a token of its send rate
+    /// here: they take it too.
+    Spent {
+        mesh: Arc<MeshEntry>,
+        member: Arc<MemberEntry>,
     },
     /// A member's held envelopes may go to another node (remote bits).
     Drain {

@@ -437,6 +437,10 @@ pub struct Take {
     pub to: String,
     pub member: String,
     pub presence: String,
+    /// What the hello says, checked by the node that has the session
+    /// (parts carry only a hash of the `sessionId`).
+    pub session_id: String,
+    pub session_key: Option<String>,
 }
 
 #[cfg(test)]

@@ -53,6 +53,21 @@ impl SendBucket {
     }
 }
 
+impl SendBucket {
+    /// `n` tokens the member spent on another node (README "Several
+    /// nodes"): taken here too, never below empty, so its sessions on
+    /// every node share one budget, as closely as the bus carries it.
+    pub fn spent_elsewhere(&self, rate: SendRate, n: u32, now: Instant) {
+        let now = now.saturating_duration_since(epoch()).as_nanos() as u64;
+        let _ = self
+            .full_at
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |full_at| {
+                let spent = full_at.max(now) + rate.interval.saturating_mul(u64::from(n));
+                Some(spent.min(now + rate.depth))
+            });
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -72,6 +87,19 @@ mod tests {
         let later = t0 + Duration::from_secs(3600);
         assert!((0..3).all(|_| bucket.take(rate, later)));
         assert!(!bucket.take(rate, later));
+    }
+
+    #[test]
+    fn spends_of_other_nodes_empty_it_but_never_below_empty() {
+        let rate = SendRate::new(60, 3);
+        let bucket = SendBucket::default();
+        let t0 = epoch() + Duration::from_secs(100);
+        bucket.spent_elsewhere(rate, 2, t0);
+        assert!(bucket.take(rate, t0));
+        assert!(!bucket.take(rate, t0));
+        bucket.spent_elsewhere(rate, 1000, t0);
+        // Empty, not in debt: one token a second from now on.
+        assert!(bucket.take(rate, t0 + Duration::from_secs(1)));
     }
 
     #[test]

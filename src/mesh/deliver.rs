@@ -646,6 +646,28 @@ mod tests {
         fake
     }
 
+    #[test]
+    fn a_session_given_up_to_another_node_neither_ends_nor_resumes_here() {
+        use crate::mesh::peers::{Departure, Holder, MemberSessions};
+        let world = World::new(&["a", "b"]);
+        let live = keyed_session(&world, "b", "k1", 7);
+        let entry = live.session().unwrap();
+        let b = world.member("b");
+        assert!(b.sessions.has("any id", Some("k1")));
+        assert!(!b.sessions.has("k1", None));
+        let was = MemberSessions::give_up(&entry);
+        assert_eq!(was, Some(Holder::Live { shard: 0, conn: 7 }));
+        assert!(b.sessions.is_empty() && b.sessions.by_presence("p-k1").is_none());
+        // Its connection's close and any grace timer of this node are moot.
+        let holder = Holder::Live { shard: 0, conn: 7 };
+        assert_eq!(
+            MemberSessions::depart(&entry, holder, true),
+            Departure::TakenOver
+        );
+        assert!(!MemberSessions::end_away(&entry, 0, 1));
+        assert_eq!(MemberSessions::give_up(&entry), None);
+    }
+
     /// An envelope from `from` to the session `to` holds.
     fn to_session(world: &World, seq: u32, from: &str, to: &Fake, p: Priority) -> Arc<Envelope> {
         let entry = to.session().unwrap();

@@ -256,7 +256,7 @@ impl SessionEntry {
     /// Whether a hello with `session_id` (and key) names this session: a
     /// `session_hello` by its key whatever its `sessionId`, a `hello` by
     /// its `sessionId`, and never the one the other.
-    fn is(&self, session_id: &str, session_pubkey: Option<&str>) -> bool {
+    pub fn is(&self, session_id: &str, session_pubkey: Option<&str>) -> bool {
         match (session_pubkey, self.session_pubkey.as_deref()) {
             (Some(key), Some(theirs)) => key == theirs,
             (None, None) => &*self.session_id == session_id,

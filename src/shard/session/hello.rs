@@ -445,6 +445,8 @@ impl Session {
             member: member.clone(),
             slot,
             presence,
+            session_id: hello.session_id.clone(),
+            session_key: session_key.map(str::to_owned),
             reply,
         });
         if asked.is_err() {

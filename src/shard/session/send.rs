@@ -5,7 +5,7 @@
 use super::super::outbound::{Stamp, StampKind};
 use super::Session;
 use crate::audit::AuditEvent;
-use crate::cluster::LOCAL;
+use crate::cluster::{BusCommand, LOCAL};
 use crate::inbox::PendingAck;
 use crate::inbox::ShardEvent;
 use crate::mesh::bucket::SendRate;
@@ -47,6 +47,15 @@ impl Session {
             return;
         }
         self.rate_refusals.set(0);
+        if let Some(cluster) = &self.shard.ctx.cluster {
+            // Its sessions on other nodes share the budget.
+            if joined.member.live_shards.get() & !LOCAL != 0 {
+                let _ = cluster.send(BusCommand::Spent {
+                    mesh: joined.mesh.clone(),
+                    member: joined.member.clone(),
+                });
+            }
+        }
         // What a client_ack session leases is stored as it is written: while
         // the rows not yet committed fill the held budget, a send that may
         // reach one is refused, so leases cannot outrun Postgres without
