@@ -363,6 +363,12 @@ impl Bus {
                 let batch = self.outgoing.entry(subject).or_default();
                 wire::append_record(&mut batch.0, &line, b"");
             }
+            BusCommand::Admin { mesh, change } => {
+                let line = serde_json::to_vec(&change).expect("an admin change serializes");
+                let subject = wire::mesh_subject(&mesh.id, "admin");
+                let batch = self.outgoing.entry(subject).or_default();
+                wire::append_record(&mut batch.0, &line, b"");
+            }
             BusCommand::Spent { mesh, member } => {
                 let subject = wire::mesh_subject(&mesh.id, "rate");
                 let batch = self.outgoing.entry(subject).or_default();
@@ -682,6 +688,16 @@ impl Bus {
                     self.peer_event(&token, about, frame);
                 }
             }
+            "admin" => {
+                for record in wire::records(&message.payload) {
+                    let Some((line, _)) = record.as_ref().and_then(wire::split_record) else {
+                        break;
+                    };
+                    if let Ok(change) = serde_json::from_slice(line) {
+                        self.admin_changed(&token, change);
+                    }
+                }
+            }
             "rate" => {
                 let Some(followed) = self.followed.get(&token) else {
                     return;
@@ -822,6 +838,47 @@ impl Bus {
         };
         if changed {
             self.dirty.push(mesh.clone());
+        }
+    }
+
+    /// An admin's kick or ban on another node closes the member's sessions
+    /// here too (a ban revokes this node's entry first, so no hello gets
+    /// in meanwhile); an unban reinstates it from Postgres.
+    fn admin_changed(&self, token: &str, change: wire::AdminChange) {
+        let Some(followed) = self.followed.get(token) else {
+            return;
+        };
+        let mesh = followed.view.mesh.clone();
+        if change.action == wire::AdminAction::Unban {
+            let db = self.spec.db.clone();
+            let directory = self.spec.directory.clone();
+            tokio::spawn(async move {
+                let reinstated =
+                    crate::db::reinstate_unbanned(&db, &directory, &mesh.id, &change.member);
+                if let Err(e) = reinstated.await {
+                    tracing::warn!(target: "bus", mesh = %mesh.id, member = %change.member,
+                        error = %e, "reinstating a member unbanned on another node failed");
+                }
+            });
+            return;
+        }
+        let Some(member) = mesh.view().member(&change.member).cloned() else {
+            return;
+        };
+        let banned = change.action == wire::AdminAction::Ban;
+        if banned {
+            member.revoke();
+        }
+        for shard in 0..self.spec.shards.len() {
+            let (mesh, member) = (mesh.clone(), member.clone());
+            self.to_shard(
+                shard,
+                ShardEvent::Kick {
+                    mesh,
+                    member,
+                    banned,
+                },
+            );
         }
     }
 

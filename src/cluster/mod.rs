@@ -96,6 +96,12 @@ pub enum BusCommand {
         session_key: Option<String>,
         reply: tokio::sync::oneshot::Sender<Option<crate::mesh::peers::MovedSession>>,
     },
+    /// An admin kicked, banned or unbanned a member here: every other
+    /// node closes its sessions (and revokes it), or reinstates it.
+    Admin {
+        mesh: Arc<MeshEntry>,
+        change: wire::AdminChange,
+    },
     /// A member live on other nodes too took a token of its send rate
     /// here: they take it too.
     Spent {

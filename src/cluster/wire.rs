@@ -428,6 +428,22 @@ pub fn decode_part(payload: &[u8]) -> Option<(&str, Vec<PartSession<'_>>)> {
     Some((node, sessions))
 }
 
+/// An admin's kick, ban or unban of `member` (its id) on one node, for
+/// every other node's sessions and directory (PROTOCOL.md §13).
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub enum AdminAction {
+    Kick,
+    Ban,
+    Unban,
+}
+
+#[derive(Serialize, Deserialize, Debug, PartialEq, Eq)]
+pub struct AdminChange {
+    pub member: String,
+    pub action: AdminAction,
+}
+
 /// A hello on node `from` asks node `to` for its session `presence` of
 /// `member` (PROTOCOL.md §9 resume, across nodes); the answer is a
 /// `peers::MovedSession` (JSON), or `null`.

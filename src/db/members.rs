@@ -184,6 +184,28 @@ impl MemberLoader {
     }
 }
 
+/// Another node unbanned `member_id` (README "Several nodes"): this
+/// node's entry for it is reinstated from the mesh's fresh rows, over a
+/// connection of its own (the bus thread has no other).
+pub(crate) async fn reinstate_unbanned(
+    db: &Config,
+    directory: &Directory,
+    mesh_id: &str,
+    member_id: &str,
+) -> Result<(), super::DbError> {
+    let (client, task) = connect(db).await?;
+    let mesh_ids = [mesh_id.to_owned()];
+    let rows = match timeout(WRITE_TIMEOUT, query_members(&client, &mesh_ids)).await {
+        Ok(rows) => rows?,
+        Err(_) => return Err(super::DbError::Timeout("reloading members after an unban")),
+    };
+    let rows: Vec<MemberRow> = rows.into_iter().map(|(_, row)| row).collect();
+    directory.reinstate(mesh_id, &rows, member_id);
+    drop(client);
+    let _ = task.await;
+    Ok(())
+}
+
 /// `(mesh_id, row)` for every member row of the given meshes, each with
 /// its display name and its `mesh.member_group` rows (ordered by name).
 pub(crate) async fn query_members(

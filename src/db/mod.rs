@@ -81,6 +81,7 @@ pub mod migrate;
 pub mod restore;
 mod worker;
 
+pub(crate) use members::reinstate_unbanned;
 pub(crate) use worker::connect;
 
 use std::str::FromStr;

@@ -672,6 +672,23 @@ impl RemoteBoard {
             .find_map(|(slot, part)| Some((*slot, part.session_keys.get(key)?.0.clone())))
     }
 
+    /// The presences of `member`'s sessions on other nodes.
+    pub fn presences_of(&self, member: &Arc<MemberEntry>) -> Vec<Box<str>> {
+        let parts = self.parts.lock().expect("remote board lock");
+        let at = Arc::as_ptr(member) as usize;
+        let mut presences = Vec::new();
+        for part in parts.values() {
+            let keyed = part
+                .session_keys
+                .values()
+                .filter(|(m, _)| Arc::ptr_eq(m, member));
+            presences.extend(keyed.map(|(_, p)| p.clone()));
+            let by_id = part.by_session_id.iter().filter(|((m, _), _)| *m == at);
+            presences.extend(by_id.map(|(_, p)| p.clone()));
+        }
+        presences
+    }
+
     /// The node (slot) listing the session a hello would take over, with
     /// its presence: by its key (`session_hello`), else by its member and
     /// `sessionId` hash.

@@ -9,6 +9,7 @@
 use super::signal;
 use super::state::Shard;
 use crate::audit::AuditEvent;
+use crate::cluster::wire::{AdminAction, AdminChange};
 use crate::cluster::BusCommand;
 use crate::db::DbCommand;
 use crate::inbox::ShardEvent;
@@ -206,6 +207,30 @@ impl Shard {
                 },
             );
         }
+        let action = match banned {
+            true => AdminAction::Ban,
+            false => AdminAction::Kick,
+        };
+        self.tell_nodes_admin(mesh, member, action);
+    }
+
+    /// Other nodes' sessions and directories follow an admin's action here
+    /// (README "Several nodes"). A full bus queue drops it: the next
+    /// member refresh applies a ban there anyway.
+    pub(super) fn tell_nodes_admin(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        member: &MemberEntry,
+        action: AdminAction,
+    ) {
+        if let Some(cluster) = &self.ctx.cluster {
+            let change = AdminChange {
+                member: member.id.to_string(),
+                action,
+            };
+            let mesh = mesh.clone();
+            let _ = cluster.send(BusCommand::Admin { mesh, change });
+        }
     }
 
     pub(super) fn kick_here(&self, mesh: &Arc<MeshEntry>, member: &Arc<MemberEntry>, banned: bool) {
@@ -226,8 +251,6 @@ impl Shard {
         }
     }
 
-    /// Closes a connection of this shard whose session a newer one took
-    /// over (4000).
     /// A hello on another node takes over `entry`: it stops counting and
     /// being listed here, its key is that node's, what waited for it alone
     /// is its member's (and goes where the member is live), and its
@@ -269,6 +292,8 @@ impl Shard {
         })
     }
 
+    /// Closes a connection of this shard whose session a newer one took
+    /// over (4000).
     pub(super) fn close_replaced(&self, conn: u64) {
         if let Some(session) = self.session_of(conn) {
             session.close(CloseReason::Replaced);

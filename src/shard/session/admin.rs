@@ -5,6 +5,7 @@
 //! answer this session awaits (its own reads wait; the shard's loop does
 //! not).
 use super::Session;
+use crate::cluster::wire::AdminAction;
 use crate::db::admin::AdminRequest;
 use crate::mesh::directory::{MemberEntry, MeshEntry, Unresolved};
 use crate::protocol::{self, Admin, AuditEntry, BanEntry, ErrorCode, ProtocolError, VerifyResult};
@@ -69,7 +70,8 @@ impl Session {
         let answer = match admin {
             OwnedAdmin::Kick(target) => match self.target(&mesh, &me, &target, false) {
                 Ok(member) => {
-                    let kicked = member.sessions.presence_ids();
+                    let mut kicked = member.sessions.presence_ids();
+                    kicked.extend(mesh.remote.presences_of(&member));
                     self.shard.kick(&mesh, &member, false);
                     let kicked: Vec<&str> = kicked.iter().map(|p| &**p).collect();
                     let mut json = Vec::with_capacity(64);
@@ -93,6 +95,10 @@ impl Session {
                             reply,
                         };
                         self.ask(request, answer).await.map(|()| {
+                            if !banned {
+                                let unban = AdminAction::Unban;
+                                self.shard.tell_nodes_admin(&mesh, &member, unban);
+                            }
                             let mut json = Vec::with_capacity(64);
                             protocol::write_ban_ack(&mut json, banned, &member.id, req_id);
                             json
