@@ -50,6 +50,9 @@ const PART_EVERY: Duration = Duration::from_millis(20);
 const MESSAGES_PER_TURN: usize = 256;
 /// Held envelopes handed over per drain.
 const DRAIN_BATCH: usize = 256;
+/// Least time between two reloads of a mesh's members for members other
+/// nodes list and this one does not know.
+const RELOAD_EVERY: Duration = Duration::from_secs(5);
 /// How long after it starts following a mesh a node has heard the other
 /// nodes' parts of it: they answer its ask within a tick and their
 /// `PART_EVERY`, plus the bus's latency.
@@ -116,6 +119,8 @@ struct Followed {
     idle_since: Option<Instant>,
     /// When this node's part of it was last published.
     published_at: Option<Instant>,
+    /// When its members were last reloaded for another node's part.
+    reloaded_at: Option<Instant>,
 }
 
 /// What a confirm is awaited for.
@@ -626,6 +631,7 @@ impl Bus {
                     subscription,
                     idle_since: None,
                     published_at: None,
+                    reloaded_at: None,
                 },
             );
             self.ask_parts(mesh).await;
@@ -775,8 +781,19 @@ impl Bus {
         let Some(followed) = self.followed.get_mut(token) else {
             return;
         };
-        let gained = followed.view.apply(slot, &sessions);
+        let (gained, unknown) = followed.view.apply(slot, &sessions);
         let mesh = followed.view.mesh.clone();
+        // A member added since this node loaded the mesh: reloaded (at most
+        // once per RELOAD_EVERY, in case that node lists one just removed).
+        let now = Instant::now();
+        if unknown
+            && followed
+                .reloaded_at
+                .is_none_or(|at| now >= at + RELOAD_EVERY)
+        {
+            followed.reloaded_at = Some(now);
+            self.reload_members(mesh.clone(), None);
+        }
         for member in gained {
             if !member.held.is_empty() {
                 self.hand_over(&mesh, &member).await;
@@ -850,17 +867,7 @@ impl Bus {
         };
         let mesh = followed.view.mesh.clone();
         if change.action == wire::AdminAction::Unban {
-            let db = self.spec.db.clone();
-            let directory = self.spec.directory.clone();
-            tokio::spawn(async move {
-                let reinstated =
-                    crate::db::reinstate_unbanned(&db, &directory, &mesh.id, &change.member);
-                if let Err(e) = reinstated.await {
-                    tracing::warn!(target: "bus", mesh = %mesh.id, member = %change.member,
-                        error = %e, "reinstating a member unbanned on another node failed");
-                }
-            });
-            return;
+            return self.reload_members(mesh, Some(change.member));
         }
         let Some(member) = mesh.view().member(&change.member).cloned() else {
             return;
@@ -880,6 +887,28 @@ impl Bus {
                 },
             );
         }
+    }
+
+    /// Reloads a mesh's members from Postgres in the background (another
+    /// node unbanned `reinstated`, or listed a member unknown here), then
+    /// asks the other nodes for their parts again, so the members it lists
+    /// are routed to.
+    fn reload_members(&self, mesh: Arc<MeshEntry>, reinstated: Option<String>) {
+        let db = self.spec.db.clone();
+        let directory = self.spec.directory.clone();
+        let client = self.client.clone();
+        let me = Bytes::copy_from_slice(self.me().as_bytes());
+        tokio::spawn(async move {
+            let reloaded =
+                crate::db::reload_members(&db, &directory, &mesh.id, reinstated.as_deref());
+            if let Err(e) = reloaded.await {
+                tracing::warn!(target: "bus", mesh = %mesh.id, error = %e,
+                    "reloading members another node knows of failed");
+                return;
+            }
+            let ask = client.publish(wire::mesh_subject(&mesh.id, "sync"), me);
+            let _ = tokio::time::timeout(PUBLISH_TIMEOUT, ask).await;
+        });
     }
 
     /// A route or held envelope from another node onto this node's shards.

@@ -123,8 +123,14 @@ impl MeshView {
 
     /// Replaces the part of the node in `slot`: its sessions listed, and
     /// its bit in each member's masks. Returns the members it gained a bit
-    /// for (they may have held envelopes that node can now take).
-    pub fn apply(&mut self, slot: u8, sessions: &[PartSession<'_>]) -> Vec<Arc<MemberEntry>> {
+    /// for (they may have held envelopes that node can now take), and
+    /// whether it lists a member this node has not loaded.
+    pub fn apply(
+        &mut self,
+        slot: u8,
+        sessions: &[PartSession<'_>],
+    ) -> (Vec<Arc<MemberEntry>>, bool) {
+        let mut unknown = false;
         let view = self.mesh.view();
         let mut fresh: FxHashMap<usize, (Arc<MemberEntry>, Presence)> = FxHashMap::default();
         let mut entries = Vec::new();
@@ -138,8 +144,9 @@ impl MeshView {
             entries.extend_from_slice(session.entry);
             live += u32::from(session.live);
             // A member this node has not loaded yet (just added) is listed
-            // but not routed to until the next member refresh.
+            // but not routed to until the bus reloads the mesh's members.
             let Some(member) = view.member_by_pubkey(session.member) else {
+                unknown = true;
                 continue;
             };
             let presence: Box<str> = session.presence.into();
@@ -190,7 +197,7 @@ impl MeshView {
         if !sessions.is_empty() {
             self.parts.insert(slot, fresh);
         }
-        gained
+        (gained, unknown)
     }
 
     /// A node is gone: its sessions and bits go.
@@ -259,18 +266,21 @@ mod tests {
         let a = mesh.view().member_by_pubkey("aa").unwrap().clone();
         a.live_shards.set(0);
         let mut view = MeshView::new(mesh.clone());
-        let gained = view.apply(2, &[session("aa", true, false), session("aa", true, true)]);
+        let (gained, unknown) =
+            view.apply(2, &[session("aa", true, false), session("aa", true, true)]);
+        assert!(!unknown);
         assert_eq!(gained.len(), 1);
         let bit = slot_bit(2);
         assert_eq!(a.shards_for(Priority::Now), 1 | bit);
         assert_eq!(a.shards_for(Priority::Next), bit);
         assert_eq!(mesh.remote.sessions(), 2);
         // Busy there now: live, not open; no gain.
-        assert!(view.apply(2, &[session("aa", true, false)]).is_empty());
+        assert!(view.apply(2, &[session("aa", true, false)]).0.is_empty());
         assert_eq!(a.shards_for(Priority::Next), 0);
         assert_eq!(a.shards_for(Priority::Now), 1 | bit);
         // Away sessions are listed but route nothing.
-        view.apply(2, &[session("aa", false, false), session("zz", true, true)]);
+        let (_, unknown) = view.apply(2, &[session("aa", false, false), session("zz", true, true)]);
+        assert!(unknown, "zz is no member here");
         assert_eq!(a.shards_for(Priority::Now), 1);
         assert_eq!(mesh.remote.sessions(), 1);
         view.drop_node(2);

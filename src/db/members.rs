@@ -184,23 +184,29 @@ impl MemberLoader {
     }
 }
 
-/// Another node unbanned `member_id` (README "Several nodes"): this
-/// node's entry for it is reinstated from the mesh's fresh rows, over a
-/// connection of its own (the bus thread has no other).
-pub(crate) async fn reinstate_unbanned(
+/// A mesh's member rows reloaded for the bus thread (README "Several
+/// nodes"), over a connection of its own (it has no other): another node
+/// unbanned `reinstated`, or another node's part lists a member this node
+/// has not loaded yet.
+pub(crate) async fn reload_members(
     db: &Config,
     directory: &Directory,
     mesh_id: &str,
-    member_id: &str,
+    reinstated: Option<&str>,
 ) -> Result<(), super::DbError> {
     let (client, task) = connect(db).await?;
     let mesh_ids = [mesh_id.to_owned()];
     let rows = match timeout(WRITE_TIMEOUT, query_members(&client, &mesh_ids)).await {
         Ok(rows) => rows?,
-        Err(_) => return Err(super::DbError::Timeout("reloading members after an unban")),
+        Err(_) => return Err(super::DbError::Timeout("reloading a mesh's members")),
     };
     let rows: Vec<MemberRow> = rows.into_iter().map(|(_, row)| row).collect();
-    directory.reinstate(mesh_id, &rows, member_id);
+    match reinstated {
+        Some(member_id) => directory.reinstate(mesh_id, &rows, member_id),
+        None => {
+            directory.install(mesh_id, &rows);
+        }
+    }
     drop(client);
     let _ = task.await;
     Ok(())

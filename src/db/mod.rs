@@ -81,7 +81,7 @@ pub mod migrate;
 pub mod restore;
 mod worker;
 
-pub(crate) use members::reinstate_unbanned;
+pub(crate) use members::reload_members;
 pub(crate) use worker::connect;
 
 use std::str::FromStr;
