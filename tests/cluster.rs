@@ -217,6 +217,84 @@ fn an_envelope_held_for_an_offline_member_reaches_it_on_another_node_once() {
     bob2.expect_nothing(QUIET);
 }
 
+/// A hello on a new connection to node `i` with `sessionId`; its ack.
+fn hello_on(cluster: &Cluster, i: usize, member: &Member, session_id: &str) -> (Peer, Value) {
+    let mut peer = Peer::open(cluster.node(i));
+    let mut hello = hello(member);
+    hello["sessionId"] = json!(session_id);
+    let ack = peer.request(&hello);
+    assert_eq!(ack["type"], "hello_ack", "{ack}");
+    (peer, ack)
+}
+
+fn presence_row(cluster: &Cluster, presence: &str) -> (Option<String>, bool) {
+    let rows = query_rows(
+        &cluster.db,
+        &format!(
+            "SELECT node_id, disconnected_at IS NULL FROM mesh.presence WHERE id = '{presence}'"
+        ),
+    );
+    (rows[0].get(0), rows[0].get(1))
+}
+
+#[test]
+fn a_session_moves_to_another_node_with_its_presence_and_row() {
+    let Some(cluster) = cluster(3, &[("SESSION_GRACE_SECONDS", "30")]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "move", 2);
+    let (alice, bob) = (&members[0], &members[1]);
+    let mut watcher = cluster.connect(2, bob);
+    let (mut first, ack) = hello_on(&cluster, 0, alice, "laptop");
+    let presence = ack["presenceId"].as_str().unwrap().to_owned();
+    set_status(&mut first, "working");
+    wait_directory(&mut watcher, &[alice, bob]);
+    // The same sessionId on node 1 replaces the live one on node 0.
+    let (second, ack) = hello_on(&cluster, 1, alice, "laptop");
+    assert_eq!(
+        (ack["resumed"].as_bool(), ack["presenceId"].as_str()),
+        (Some(true), Some(presence.as_str()))
+    );
+    first.expect_close(4000);
+    let moved = poll(WAIT, || {
+        presence_row(&cluster, &presence) == (Some("node-b".into()), true)
+    });
+    assert!(
+        moved,
+        "the row is node-b's and still open: {:?}",
+        presence_row(&cluster, &presence)
+    );
+    // Lost there, it resumes on node 2 with its status; what was sent to it
+    // meanwhile follows.
+    drop(second);
+    let away = poll(WAIT, || {
+        let reply = watcher.request(&json!({"type": "list_peers"}));
+        let peers = reply["peers"].as_array().unwrap().clone();
+        peers
+            .iter()
+            .any(|p| p["presenceId"] == presence.as_str() && p["away"] == true)
+    });
+    assert!(away, "away in its grace on node-b");
+    let ack = watcher.send(&alice.pubkey, "now", "bm9uY2U=", "bW92ZWQ=", "m1");
+    let (mut third, hello_ack) = hello_on(&cluster, 2, alice, "laptop");
+    assert_eq!(hello_ack["presenceId"], presence.as_str());
+    let push = assert_one_push(&mut third, bob, "bW92ZWQ=");
+    assert_eq!(push["messageId"], ack["messageId"]);
+    let listed = poll(WAIT, || {
+        let reply = watcher.request(&json!({"type": "list_peers"}));
+        let mine: Vec<&Value> = reply["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["pubkey"] == alice.pubkey.as_str())
+            .collect();
+        mine.len() == 1
+            && mine[0]["presenceId"] == presence.as_str()
+            && mine[0]["status"] == "working"
+    });
+    assert!(listed, "one entry, the same presence, its status kept");
+}
+
 #[test]
 fn the_connection_bound_counts_every_node() {
     let Some(cluster) = cluster(3, &[("MAX_CONNECTIONS_PER_MESH", "2")]) else {
