@@ -153,6 +153,9 @@ pub enum ShardEvent {
         status: Status,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
+    /// A held envelope another node handed over is held here now: its row
+    /// becomes this node's (`HeldCommand::Adopt`).
+    Adopted(Arc<crate::mesh::Envelope>),
     /// A hello on another node takes over this session of this shard: it
     /// leaves here without ending, and the answer is what it brings there
     /// (`None`: it ended meanwhile).

@@ -365,6 +365,43 @@ fn a_killed_node_loses_nothing_acked_its_held_envelopes_follow() {
 }
 
 #[test]
+fn a_leased_envelope_handed_to_a_node_that_dies_reaches_its_member_elsewhere() {
+    let Some(mut cluster) = cluster(3, &[]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "lent", 2);
+    let (alice, bob) = (&members[0], &members[1]);
+    let mut sender = cluster.connect(0, alice);
+    // Held on node a for bob (offline), acked once its row committed.
+    let ack = sender.send(&bob.pubkey, "now", "bm9uY2U=", "bGVudA==", "l1");
+    // Bob takes it on node b with client_ack: leased, not acked, so its row
+    // is not delivered yet; then node b dies.
+    let mut leasing = Peer::open(cluster.node(1));
+    let mut hello = hello(bob);
+    hello["capabilities"] = json!(["client_ack"]);
+    assert_eq!(leasing.request(&hello)["type"], "hello_ack");
+    let push = leasing.recv_push(WAIT);
+    assert_eq!(push["messageId"], ack["messageId"]);
+    let adopted = poll(WAIT, || {
+        let id = ack["messageId"].as_str().unwrap();
+        let rows = query_rows(
+            &cluster.db,
+            &format!("SELECT held_by FROM mesh.message_queue WHERE id = '{id}'"),
+        );
+        rows[0].get::<_, Option<String>>(0).as_deref() == Some("node-b")
+    });
+    assert!(adopted, "the row is node b's once it holds the envelope");
+    cluster.nodes[1].sigkill();
+    let _ = cluster.nodes[1].wait_exit(WAIT);
+    // The others take over node b's rows; bob, back on node c, gets it.
+    let mut bob_again = cluster.connect(2, bob);
+    let push = bob_again.recv_push(Duration::from_secs(10));
+    assert_eq!(push["messageId"], ack["messageId"]);
+    assert_eq!(push["ciphertext"], "bGVudA==");
+    bob_again.expect_nothing(QUIET);
+}
+
+#[test]
 fn nats_restarted_nodes_reconnect_and_nothing_acked_is_lost() {
     let Some(mut cluster) = cluster(2, &UNLIMITED_SENDS) else {
         return;

@@ -994,11 +994,10 @@ impl Bus {
                     if head.redelivered {
                         member.redeliveries.add(&envelope.message_id);
                     }
-                    member.hold(envelope);
-                    return self.to_shard(
-                        first_shard(local).expect("non-zero"),
-                        ShardEvent::DrainHeld(mesh.clone(), member),
-                    );
+                    let shard = first_shard(local).expect("non-zero");
+                    member.hold(envelope.clone());
+                    return self.to_shard(shard, ShardEvent::Adopted(envelope))
+                        && self.to_shard(shard, ShardEvent::DrainHeld(mesh.clone(), member));
                 }
                 (Targets::Member(member), local)
             }

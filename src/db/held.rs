@@ -65,13 +65,19 @@ pub enum HeldCommand {
     },
     /// Dropped unpushed: past its `expires_at`.
     Expired { envelope: Arc<Envelope> },
+    /// Handed over by another node (README "Several nodes"): this node
+    /// holds it now, so its row is this node's (`held_by`), and should this
+    /// node die it is taken over with the rest of its rows. Direct rows
+    /// only: a broadcast row is the sender's node's for its other members.
+    Adopt { envelope: Arc<Envelope> },
 }
 
 impl HeldCommand {
     /// Whether a hold it depends on is still uncommitted.
     fn must_wait(&self) -> bool {
         match self {
-            HeldCommand::Hold { .. } => false,
+            // Only committed rows are handed over.
+            HeldCommand::Hold { .. } | HeldCommand::Adopt { .. } => false,
             HeldCommand::Delivered { envelope, .. } | HeldCommand::Expired { envelope } => {
                 envelope.has_holds_in_flight()
             }
@@ -660,7 +666,7 @@ async fn write_batch_on(
 fn holds_in(batch: &[Item], item: &Item) -> bool {
     let envelope = match &item.command {
         HeldCommand::Delivered { envelope, .. } | HeldCommand::Expired { envelope } => envelope,
-        HeldCommand::Hold { .. } => return true,
+        HeldCommand::Hold { .. } | HeldCommand::Adopt { .. } => return true,
     };
     let pending = envelope.holds_in_flight.load(Ordering::Acquire) as usize;
     let here = batch

@@ -97,6 +97,11 @@ WHERE q.id = m.message_id AND q.delivered_at IS NULL
       )
   )";
 
+/// Direct rows handed over to this node become its own.
+const ADOPT_SQL: &str = "\
+UPDATE mesh.message_queue SET held_by = current_setting('meshbroker.node_id', true)
+WHERE id = ANY($1::text[]) AND delivered_at IS NULL";
+
 /// Expired envelopes go, with their member rows (ON DELETE CASCADE).
 const EXPIRE_SQL: &str = "\
 DELETE FROM mesh.message_queue WHERE id = ANY($1::text[]) AND delivered_at IS NULL";
@@ -109,6 +114,7 @@ pub(crate) struct HeldStatements {
     mark_direct: Statement,
     mark_members: Statement,
     expire: Statement,
+    adopt: Statement,
 }
 
 impl HeldStatements {
@@ -121,6 +127,7 @@ impl HeldStatements {
             mark_direct: client.prepare(MARK_DIRECT_SQL).await?,
             mark_members: client.prepare(MARK_MEMBERS_SQL).await?,
             expire: client.prepare(EXPIRE_SQL).await?,
+            adopt: client.prepare(ADOPT_SQL).await?,
         })
     }
 }
@@ -162,6 +169,7 @@ struct HeldRows<'a> {
     marked_member: Vec<&'a str>,
     marked_at: Vec<SystemTime>,
     expired: Vec<&'a str>,
+    adopted: Vec<&'a str>,
 }
 
 fn is_broadcast(envelope: &Envelope) -> bool {
@@ -207,6 +215,10 @@ impl<'a> HeldRows<'a> {
                 }
             }
             HeldCommand::Expired { envelope } => self.expired.push(&envelope.message_id),
+            HeldCommand::Adopt { envelope } if !is_broadcast(envelope) => {
+                self.adopted.push(&envelope.message_id)
+            }
+            HeldCommand::Adopt { .. } => {}
         }
     }
 }
@@ -293,6 +305,12 @@ pub(crate) async fn write_held_batch(
         }
         client.execute(&statements.expire, &[&r.expired]).await
     };
+    let adopt = async {
+        if r.adopted.is_empty() {
+            return skip().await;
+        }
+        client.execute(&statements.adopt, &[&r.adopted]).await
+    };
     // try_join! polls in order, so the requests go out back to back; a
     // failing statement aborts the transaction and COMMIT then rolls back.
     tokio::try_join!(
@@ -302,6 +320,7 @@ pub(crate) async fn write_held_batch(
         mark_direct,
         mark_members,
         expire,
+        adopt,
         client.batch_execute("COMMIT"),
     )?;
     Ok(())

@@ -545,7 +545,9 @@ impl SessionKeys {
         index.remember_ended(key, &entry.member);
     }
 
-    /// A session moved to another node: its key is that node's now.
+    /// A session moved to another node: its key is that node's now. Until
+    /// that node's part arrives here it names its member (a send then is
+    /// held for the member and handed over), not nobody.
     pub fn moved(&self, entry: &Arc<SessionEntry>) {
         let Some(key) = &entry.session_pubkey else {
             return;
@@ -557,6 +559,7 @@ impl SessionKeys {
             .is_some_and(|e| Arc::ptr_eq(e, entry))
         {
             index.current.remove(key);
+            index.remember_ended(key, &entry.member);
         }
     }
 

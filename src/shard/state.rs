@@ -10,6 +10,7 @@ use super::signal::LocalSignal;
 use crate::audit::AuditEvent;
 use crate::cluster::{BusCommand, LOCAL};
 use crate::context::BrokerContext;
+use crate::db::held::HeldCommand;
 use crate::db::DbCommand;
 use crate::hook::Status;
 use crate::ids::{IdGen, Rfc3339Clock};
@@ -168,6 +169,7 @@ impl Shard {
                 self.deliver_peer_event(&mesh, &about, &frame)
             }
             ShardEvent::Replaced { conn } => self.close_replaced(conn),
+            ShardEvent::Adopted(envelope) => self.to_lane(HeldCommand::Adopt { envelope }),
             ShardEvent::GiveUp { mesh, entry, reply } => {
                 let _ = reply.send(self.give_up(&mesh, &entry));
             }
