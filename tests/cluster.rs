@@ -24,11 +24,16 @@ struct Cluster {
 
 /// `None` (the test is skipped) without nats-server.
 fn cluster(n: usize, env: &[(&str, &str)]) -> Option<Cluster> {
+    cluster_on_nats(n, env, "")
+}
+
+/// The same on a nats-server started with `config`.
+fn cluster_on_nats(n: usize, env: &[(&str, &str)], config: &str) -> Option<Cluster> {
     if nats_binary().is_none() {
         eprintln!("skipped: nats-server is not installed (apt-get install nats-server)");
         return None;
     }
-    let nats = Nats::start();
+    let nats = Nats::start_with(config);
     let db = common::fresh_database();
     let mut cluster = Cluster {
         nats,
@@ -293,6 +298,23 @@ fn a_session_moves_to_another_node_with_its_presence_and_row() {
             && mine[0]["status"] == "working"
     });
     assert!(listed, "one entry, the same presence, its status kept");
+}
+
+#[test]
+fn a_part_larger_than_one_nats_message_goes_in_chunks() {
+    // 8 KB messages: 40 sessions' entries take several.
+    let Some(cluster) = cluster_on_nats(2, &[], "max_payload: 8192") else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "big", 41);
+    let sessions: Vec<Peer> = members[1..].iter().map(|m| cluster.connect(0, m)).collect();
+    let mut watcher = cluster.connect(1, &members[0]);
+    let everyone: Vec<&Member> = members.iter().collect();
+    wait_directory(&mut watcher, &everyone);
+    let ack = watcher.send(&members[40].pubkey, "now", "bm9uY2U=", "Y2h1bms=", "c1");
+    let mut last = sessions.into_iter().last().unwrap();
+    let push = assert_one_push(&mut last, &members[0], "Y2h1bms=");
+    assert_eq!(push["messageId"], ack["messageId"]);
 }
 
 #[test]

@@ -50,6 +50,9 @@ const PART_EVERY: Duration = Duration::from_millis(20);
 const MESSAGES_PER_TURN: usize = 256;
 /// Held envelopes handed over per drain.
 const DRAIN_BATCH: usize = 256;
+/// A part's chunks are never smaller than this (a server announcing a
+/// tiny `max_payload` still gets whole session lines).
+const PART_CHUNK_FLOOR: usize = 4096;
 /// Least time between two reloads of a mesh's members for members other
 /// nodes list and this one does not know.
 const RELOAD_EVERY: Duration = Duration::from_secs(5);
@@ -121,6 +124,8 @@ struct Followed {
     published_at: Option<Instant>,
     /// When its members were last reloaded for another node's part.
     reloaded_at: Option<Instant>,
+    /// Other nodes' parts still arriving in chunks, by slot.
+    chunks: FxHashMap<u8, wire::PartChunks>,
 }
 
 /// What a confirm is awaited for.
@@ -176,6 +181,8 @@ struct Bus {
     outgoing: FxHashMap<String, (BytesMut, Vec<u64>)>,
     /// Events for the shards gathered this turn.
     to_shards: RefCell<Vec<Vec<ShardEvent>>>,
+    /// The generation of this node's next part publication.
+    next_part: std::cell::Cell<u64>,
 }
 
 async fn run(
@@ -219,6 +226,7 @@ async fn run(
         owed: FxHashMap::default(),
         outgoing: FxHashMap::default(),
         to_shards: RefCell::new((0..spec.shards.len()).map(|_| Vec::new()).collect()),
+        next_part: std::cell::Cell::new(1),
         spec,
     };
     bus.subscribe(wire::BEAT.to_owned()).await;
@@ -632,6 +640,7 @@ impl Bus {
                     idle_since: None,
                     published_at: None,
                     reloaded_at: None,
+                    chunks: FxHashMap::default(),
                 },
             );
             self.ask_parts(mesh).await;
@@ -679,7 +688,7 @@ impl Bus {
         };
         let token = token.to_owned();
         match kind {
-            "dir" => self.part(&token, &message.payload).await,
+            "dir" => self.part(&token, message.payload.clone()).await,
             "sync" if message.payload != self.me().as_bytes() => {
                 if let Some(followed) = self.followed.get(&token) {
                     let mesh = followed.view.mesh.clone();
@@ -767,20 +776,41 @@ impl Bus {
         Some(slot)
     }
 
-    async fn part(&mut self, token: &str, payload: &[u8]) {
-        let Some((node, sessions)) = wire::decode_part(payload) else {
+    /// A chunk of another node's part of a mesh: applied once its
+    /// publication's chunks are all here.
+    async fn part(&mut self, token: &str, payload: Bytes) {
+        let Some((head, _)) = wire::decode_part(&payload) else {
             tracing::warn!(target: "bus", "undecodable directory part");
             return;
         };
-        if node == self.me() {
+        if head.node == self.me() {
             return;
         }
-        let Some(slot) = self.heard(node) else {
+        let Some(slot) = self.heard(head.node) else {
             return;
         };
         let Some(followed) = self.followed.get_mut(token) else {
             return;
         };
+        let chunks = match head.chunks {
+            1 => vec![payload.clone()],
+            _ => match followed
+                .chunks
+                .entry(slot)
+                .or_default()
+                .add(head, payload.clone())
+            {
+                Some(chunks) => chunks,
+                None => return,
+            },
+        };
+        let mut sessions = Vec::new();
+        for chunk in &chunks {
+            match wire::decode_part(chunk) {
+                Some((_, part)) => sessions.extend(part),
+                None => return,
+            }
+        }
         let (gained, unknown) = followed.view.apply(slot, &sessions);
         let mesh = followed.view.mesh.clone();
         // A member added since this node loaded the mesh: reloaded (at most
@@ -1352,9 +1382,23 @@ impl Bus {
                 entry: json,
             })
             .collect();
-        let part = wire::encode_part(self.me(), &sessions);
-        self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
-            .await;
+        let generation = self.next_part.get();
+        self.next_part.set(generation + 1);
+        let chunks = wire::encode_part(self.me(), generation, &sessions, self.part_bytes());
+        let subject = wire::mesh_subject(&mesh.id, "dir");
+        for chunk in chunks {
+            if !self.publish(subject.clone(), chunk).await {
+                tracing::warn!(target: "bus", mesh = %mesh.id, "publishing this node's part failed");
+                break;
+            }
+        }
+    }
+
+    /// Largest chunk of a part: what the server takes in one message, with
+    /// room for NATS's own header.
+    fn part_bytes(&self) -> usize {
+        let max = self.client.server_info().max_payload;
+        max.saturating_sub(1024).max(PART_CHUNK_FLOOR)
     }
 
     /// Meshes with no session and nothing held here for a while.
@@ -1388,6 +1432,7 @@ impl Bus {
         tracing::warn!(target: "bus", node = %node, "node dead: taking over");
         for followed in self.followed.values_mut() {
             followed.view.drop_node(slot);
+            followed.chunks.remove(&slot);
         }
         let bit = slot_bit(slot);
         let gone: Vec<u64> = self
@@ -1428,9 +1473,12 @@ impl Bus {
     async fn leave(&mut self) {
         let meshes = self.followed_meshes();
         for mesh in meshes {
-            let part = wire::encode_part(self.me(), &[]);
-            self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
-                .await;
+            let generation = self.next_part.get();
+            self.next_part.set(generation + 1);
+            for part in wire::encode_part(self.me(), generation, &[], usize::MAX) {
+                self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
+                    .await;
+            }
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
     }

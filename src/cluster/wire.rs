@@ -370,36 +370,79 @@ pub fn session_hash(session_id: &str) -> u64 {
         })
 }
 
-/// A node's sessions of a mesh: `<node>\n` then one line per session,
-/// `<member key>\t<l|-><o|->\t<session key|->\t<presence>\t<hash hex>\t<entry
-/// json>`. Entries are JSON written by `protocol` (no raw newline or tab);
-/// keys are hex, presence ids base32.
-pub fn encode_part(node: &str, sessions: &[PartSession<'_>]) -> Bytes {
-    let mut out =
-        BytesMut::with_capacity(64 + sessions.iter().map(|s| s.entry.len() + 180).sum::<usize>());
-    out.put_slice(node.as_bytes());
-    out.put_u8(b'\n');
+/// A node's sessions of a mesh, in one or more chunks (NATS messages),
+/// each at most `max_bytes` unless one session alone is larger: a header
+/// line `<node>\t<generation>\t<chunk>\t<chunks>` then one line per
+/// session, `<member key>\t<l|-><o|->\t<session key|->\t<presence>\t<hash
+/// hex>\t<entry json>`. Entries are JSON written by `protocol` (no raw
+/// newline or tab); keys are hex, presence ids base32. A receiver applies
+/// a generation once it has all its chunks.
+pub fn encode_part(
+    node: &str,
+    generation: u64,
+    sessions: &[PartSession<'_>],
+    max_bytes: usize,
+) -> Vec<Bytes> {
+    let mut bodies = vec![BytesMut::new()];
     for session in sessions {
-        out.put_slice(session.member.as_bytes());
-        out.put_u8(b'\t');
-        out.put_u8(if session.live { b'l' } else { b'-' });
-        out.put_u8(if session.open { b'o' } else { b'-' });
-        out.put_u8(b'\t');
-        out.put_slice(session.session_key.unwrap_or("-").as_bytes());
-        out.put_u8(b'\t');
-        out.put_slice(session.presence.as_bytes());
-        out.put_u8(b'\t');
-        out.put_slice(format!("{:x}", session.session_hash).as_bytes());
-        out.put_u8(b'\t');
-        out.put_slice(session.entry);
-        out.put_u8(b'\n');
+        let mut line = BytesMut::with_capacity(session.entry.len() + 180);
+        line.put_slice(session.member.as_bytes());
+        line.put_u8(b'\t');
+        line.put_u8(if session.live { b'l' } else { b'-' });
+        line.put_u8(if session.open { b'o' } else { b'-' });
+        line.put_u8(b'\t');
+        line.put_slice(session.session_key.unwrap_or("-").as_bytes());
+        line.put_u8(b'\t');
+        line.put_slice(session.presence.as_bytes());
+        line.put_u8(b'\t');
+        line.put_slice(format!("{:x}", session.session_hash).as_bytes());
+        line.put_u8(b'\t');
+        line.put_slice(session.entry);
+        line.put_u8(b'\n');
+        let body = bodies.last_mut().expect("one body at least");
+        if !body.is_empty() && body.len() + line.len() + 64 + node.len() > max_bytes {
+            bodies.push(BytesMut::new());
+        }
+        bodies
+            .last_mut()
+            .expect("one body at least")
+            .put_slice(&line);
     }
-    out.freeze()
+    let count = bodies.len();
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(index, body)| {
+            let mut chunk = BytesMut::with_capacity(body.len() + 64 + node.len());
+            chunk.put_slice(format!("{node}\t{generation}\t{index}\t{count}\n").as_bytes());
+            chunk.put_slice(&body);
+            chunk.freeze()
+        })
+        .collect()
 }
 
-pub fn decode_part(payload: &[u8]) -> Option<(&str, Vec<PartSession<'_>>)> {
+/// Which chunk of which publication of a node's part a message is.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct PartHead<'a> {
+    pub node: &'a str,
+    pub generation: u64,
+    pub chunk: u32,
+    pub chunks: u32,
+}
+
+pub fn decode_part(payload: &[u8]) -> Option<(PartHead<'_>, Vec<PartSession<'_>>)> {
     let mut lines = payload.split(|&b| b == b'\n');
-    let node = std::str::from_utf8(lines.next()?).ok()?;
+    let head = std::str::from_utf8(lines.next()?).ok()?;
+    let mut fields = head.split('\t');
+    let head = PartHead {
+        node: fields.next()?,
+        generation: fields.next()?.parse().ok()?,
+        chunk: fields.next()?.parse().ok()?,
+        chunks: fields.next()?.parse().ok()?,
+    };
+    if head.chunk >= head.chunks || fields.next().is_some() {
+        return None;
+    }
     let mut sessions = Vec::new();
     for line in lines.filter(|l| !l.is_empty()) {
         let mut fields = line.splitn(6, |&b| b == b'\t');
@@ -425,7 +468,34 @@ pub fn decode_part(payload: &[u8]) -> Option<(&str, Vec<PartSession<'_>>)> {
             entry,
         });
     }
-    Some((node, sessions))
+    Some((head, sessions))
+}
+
+/// The chunks of one node's part gathered until they are all here. NATS
+/// keeps one publisher's messages in order, so a chunk of another
+/// publication (a newer one, or the node restarted) replaces one still
+/// incomplete.
+#[derive(Default)]
+pub struct PartChunks {
+    generation: u64,
+    chunks: Vec<Option<Bytes>>,
+}
+
+impl PartChunks {
+    /// Adds a chunk (`payload`, whose header is `head`); all of its
+    /// publication's chunks, in order, once complete.
+    pub fn add(&mut self, head: PartHead<'_>, payload: Bytes) -> Option<Vec<Bytes>> {
+        if head.generation != self.generation || self.chunks.len() != head.chunks as usize {
+            self.generation = head.generation;
+            self.chunks = vec![None; head.chunks as usize];
+        }
+        self.chunks[head.chunk as usize] = Some(payload);
+        if self.chunks.iter().any(Option::is_none) {
+            return None;
+        }
+        let done = std::mem::take(&mut self.chunks);
+        Some(done.into_iter().flatten().collect())
+    }
 }
 
 /// An admin's kick, ban or unban of `member` (its id) on one node, for
@@ -504,6 +574,44 @@ mod tests {
     }
 
     #[test]
+    fn a_large_part_goes_in_chunks_applied_once_all_are_here() {
+        let keys: Vec<String> = (0..50).map(|i| format!("{i:064x}")).collect();
+        let entry = [b'{'; 200];
+        let sessions: Vec<PartSession<'_>> = keys
+            .iter()
+            .map(|k| PartSession {
+                member: k,
+                live: true,
+                open: false,
+                session_key: None,
+                presence: "p",
+                session_hash: 1,
+                entry: &entry,
+            })
+            .collect();
+        let chunks = encode_part("n1", 3, &sessions, 2000);
+        assert!(chunks.len() > 5 && chunks.iter().all(|c| c.len() <= 2000));
+        let mut gathered = PartChunks::default();
+        // A whole publication, then this one's chunks, a later chunk first.
+        let old = encode_part("n1", 2, &sessions[..1], 2000);
+        assert!(gathered
+            .add(decode_part(&old[0]).unwrap().0, old[0].clone())
+            .is_some());
+        let mut done = None;
+        let (first, rest) = chunks.split_first().unwrap();
+        for chunk in rest.iter().chain([first]) {
+            assert!(done.is_none(), "complete before the last chunk");
+            done = gathered.add(decode_part(chunk).unwrap().0, chunk.clone());
+        }
+        let done = done.expect("complete");
+        let all: Vec<PartSession<'_>> = done
+            .iter()
+            .flat_map(|c| decode_part(c).unwrap().1)
+            .collect();
+        assert_eq!(all, sessions);
+    }
+
+    #[test]
     fn parts_round_trip() {
         let session = |member, live, session_key, entry| PartSession {
             member,
@@ -518,15 +626,32 @@ mod tests {
             session("aa", true, None, br#"{"pubkey":"aa"}"#.as_slice()),
             session("bb", false, Some("cc"), br#"{"pubkey":"bb","x":"\t"}"#),
         ];
-        let bytes = encode_part("n1", &sessions);
-        let (node, got) = decode_part(&bytes).unwrap();
-        assert_eq!(node, "n1");
+        let chunks = encode_part("n1", 7, &sessions, 1 << 20);
+        assert_eq!(chunks.len(), 1);
+        let (head, got) = decode_part(&chunks[0]).unwrap();
+        let whole = PartHead {
+            node: "n1",
+            generation: 7,
+            chunk: 0,
+            chunks: 1,
+        };
+        assert_eq!(head, whole);
         assert_eq!(got, sessions);
-        assert!(decode_part(b"n\naa\tlo\t-\tp\t1f\tnot json\n").is_none());
-        assert!(decode_part(b"n\naa\tlo\t-\tp\tnot hex\t{}\n").is_none());
-        assert!(decode_part(b"n\naa\tlo\t{}\n").is_none());
+        assert!(decode_part(b"n\t1\t0\t1\naa\tlo\t-\tp\t1f\tnot json\n").is_none());
+        assert!(decode_part(b"n\t1\t0\t1\naa\tlo\t-\tp\tnot hex\t{}\n").is_none());
+        assert!(decode_part(b"n\t1\t0\t1\naa\tlo\t{}\n").is_none());
+        assert!(
+            decode_part(b"n\t1\t1\t1\n").is_none(),
+            "chunk past the count"
+        );
+        assert!(decode_part(b"n\n").is_none(), "no header");
         assert_ne!(session_hash("a"), session_hash("b"));
-        assert_eq!(decode_part(b"n\n").unwrap().1, vec![]);
+        assert_eq!(decode_part(b"n\t1\t0\t1\n").unwrap().1, vec![]);
+        assert_eq!(
+            encode_part("n1", 8, &[], 100).len(),
+            1,
+            "an empty part is one chunk"
+        );
     }
 
     #[test]

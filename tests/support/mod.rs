@@ -112,10 +112,17 @@ pub struct Nats {
 }
 
 impl Nats {
-    /// On `port`; `None` when nats-server exits (the port was taken).
-    fn try_start_on(port: u16) -> Option<Nats> {
-        let child = std::process::Command::new(nats_binary().expect("nats-server"))
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
+    /// On `port`, with `config` (nats-server's configuration syntax) when
+    /// not empty; `None` when nats-server exits (the port was taken).
+    fn try_start_on(port: u16, config: &str) -> Option<Nats> {
+        let mut command = std::process::Command::new(nats_binary().expect("nats-server"));
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string()]);
+        if !config.is_empty() {
+            let path = std::env::temp_dir().join(format!("meshbroker-nats-{port}.conf"));
+            std::fs::write(&path, config).expect("write the nats-server config");
+            command.arg("-c").arg(path);
+        }
+        let child = command
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
@@ -136,14 +143,19 @@ impl Nats {
 
     /// On a free port (another one if that was taken meanwhile).
     pub fn start() -> Nats {
+        Nats::start_with("")
+    }
+
+    /// On a free port, with `config` (e.g. `max_payload: 8192`).
+    pub fn start_with(config: &str) -> Nats {
         (0..5)
-            .find_map(|_| Nats::try_start_on(free_port()))
+            .find_map(|_| Nats::try_start_on(free_port(), config))
             .expect("nats-server on one of five free ports")
     }
 
     /// Again on the port it had (a restart).
     pub fn start_on(port: u16) -> Nats {
-        Nats::try_start_on(port).expect("nats-server restarted on its port")
+        Nats::try_start_on(port, "").expect("nats-server restarted on its port")
     }
 
     pub fn url(&self) -> String {
