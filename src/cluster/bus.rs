@@ -627,6 +627,16 @@ impl Bus {
     /// parts) and marks this node's part for publishing.
     async fn follow(&mut self, mesh: &Arc<MeshEntry>) {
         let token = wire::mesh_token(&mesh.id);
+        // The directory evicted and reloaded the mesh since: the view of the
+        // entry it dropped routes nothing any more.
+        if let Some(followed) = self.followed.get_mut(&token) {
+            if !Arc::ptr_eq(&followed.view.mesh, mesh) {
+                followed.view.clear();
+                followed.view = MeshView::new(mesh.clone());
+                followed.chunks.clear();
+                self.ask_parts(mesh).await;
+            }
+        }
         if !self.followed.contains_key(&token) {
             let Some(subscription) = self.subscribe(wire::mesh_wildcard(&mesh.id)).await else {
                 mesh.changed.store(false, Ordering::Release);
@@ -904,7 +914,7 @@ impl Bus {
         };
         let banned = change.action == wire::AdminAction::Ban;
         if banned {
-            member.revoke();
+            member.ban();
         }
         for shard in 0..self.spec.shards.len() {
             let (mesh, member) = (mesh.clone(), member.clone());

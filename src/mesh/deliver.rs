@@ -254,13 +254,17 @@ impl<S: Recipient> LocalRoutes<S> {
             .map_or(&[], |e| e.sessions.as_slice())
     }
 
-    /// Every local session whose member has been revoked.
-    pub fn revoked_sessions(&self) -> Vec<Rc<S>> {
+    /// Every local session whose member has been revoked, and whether by
+    /// an admin's ban.
+    pub fn revoked_sessions(&self) -> Vec<(Rc<S>, bool)> {
         self.by_mesh
             .values()
             .flat_map(|members| members.values())
             .filter(|e| e.member.is_revoked())
-            .flat_map(|e| e.sessions.iter().cloned())
+            .flat_map(|e| {
+                let banned = e.member.is_banned();
+                e.sessions.iter().map(move |s| (s.clone(), banned))
+            })
             .collect()
     }
 

@@ -111,6 +111,7 @@ pub struct MemberEntry {
     /// Its live `client_ack` sessions (see `MeshEntry::leasing`).
     pub leasing: Leasing,
     revoked: AtomicBool,
+    banned: AtomicBool,
     /// The shards with at least one live session of this member: they may
     /// take `now`, and so anything (an open shard is always live too).
     pub live_shards: ShardMask,
@@ -148,6 +149,7 @@ impl MemberEntry {
             redeliveries: Redeliveries::default(),
             leasing: Leasing::default(),
             revoked: AtomicBool::new(row.revoked),
+            banned: AtomicBool::new(false),
             live_shards: ShardMask::default(),
             open_shards: ShardMask::default(),
             held: HeldQueue::new(depth.clone()),
@@ -190,8 +192,14 @@ impl MemberEntry {
     /// Banned by an admin: at once for every shard, whatever the next
     /// refresh reads (a revocation is never undone by one; see
     /// `Directory::reinstate`).
-    pub fn revoke(&self) {
+    pub fn ban(&self) {
+        self.banned.store(true, Ordering::Release);
         self.revoked.store(true, Ordering::Release);
+    }
+
+    /// Revoked by an admin's ban (its sessions close 4002), not by its row.
+    pub fn is_banned(&self) -> bool {
+        self.banned.load(Ordering::Acquire)
     }
 
     pub fn is_admin(&self) -> bool {

@@ -331,8 +331,13 @@ async fn housekeeping(shard: Rc<Shard>) {
         let now = Instant::now();
         shard.histograms.borrow_mut().publish(&shard.metrics);
         shard.check_liveness(now);
-        for session in shard.routes.borrow().revoked_sessions() {
-            session.close(CloseReason::Revoked);
+        // A ban's own kick may not have reached this shard yet: the close
+        // says banned all the same.
+        for (session, banned) in shard.routes.borrow().revoked_sessions() {
+            session.close(match banned {
+                true => CloseReason::Banned,
+                false => CloseReason::Revoked,
+            });
         }
         if now >= next_sweep {
             next_sweep = now + config.sweep_interval;

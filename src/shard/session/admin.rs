@@ -84,7 +84,7 @@ impl Session {
                 match self.target(&mesh, &me, &target, !banned) {
                     Ok(member) => {
                         if banned {
-                            member.revoke();
+                            member.ban();
                             self.shard.kick(&mesh, &member, true);
                         }
                         let (reply, answer) = oneshot::channel();
