@@ -104,6 +104,7 @@ pub fn run(config: Config, database_url: String) -> anyhow::Result<()> {
                 held_ttl: config.held_ttl,
                 on_restored: Arc::new(move |mesh| drain_restored(&drain_senders, mesh)),
                 hooks: hooks.clone(),
+                session_grace: config.session_grace,
                 send_rate: crate::mesh::bucket::SendRate::new(
                     config.send_rate_per_min,
                     config.send_burst,

@@ -347,7 +347,13 @@ fn the_connection_bound_counts_every_node() {
 
 #[test]
 fn a_killed_node_loses_nothing_acked_its_held_envelopes_follow() {
-    let Some(mut cluster) = cluster(2, &UNLIMITED_SENDS) else {
+    // Its sessions are listed away for 1 s after it is found dead.
+    let env = [
+        UNLIMITED_SENDS[0],
+        UNLIMITED_SENDS[1],
+        ("SESSION_GRACE_SECONDS", "1"),
+    ];
+    let Some(mut cluster) = cluster(2, &env) else {
         return;
     };
     let members = seed_mesh(&cluster.db, "kill", 3);
@@ -379,11 +385,62 @@ fn a_killed_node_loses_nothing_acked_its_held_envelopes_follow() {
     }
     assert_eq!(got, acked, "every acked envelope once, in order");
     bob.expect_nothing(QUIET);
-    let open = query_rows(
-        &cluster.db,
-        "SELECT 1 FROM mesh.presence WHERE node_id = 'node-a' AND disconnected_at IS NULL",
+    let ended = poll(WAIT, || {
+        query_rows(
+            &cluster.db,
+            "SELECT 1 FROM mesh.presence WHERE node_id = 'node-a' AND disconnected_at IS NULL",
+        )
+        .is_empty()
+    });
+    assert!(ended, "the dead node's presences end after their grace");
+}
+
+#[test]
+fn a_dead_nodes_session_is_taken_over_on_another_node_within_its_grace() {
+    let Some(mut cluster) = cluster(3, &[("SESSION_GRACE_SECONDS", "30")]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "orphan", 2);
+    let (alice, bob) = (&members[0], &members[1]);
+    let mut watcher = cluster.connect(2, bob);
+    let (mut laptop, ack) = hello_on(&cluster, 0, alice, "laptop");
+    let presence = ack["presenceId"].as_str().unwrap().to_owned();
+    set_status(&mut laptop, "working");
+    wait_directory(&mut watcher, &[alice, bob]);
+    cluster.nodes[0].sigkill();
+    let _ = cluster.nodes[0].wait_exit(WAIT);
+    // Found dead, its session is listed away, not dropped.
+    let entry_of = |watcher: &mut Peer| {
+        let reply = watcher.request(&json!({"type": "list_peers"}));
+        let peers = reply["peers"].as_array().unwrap().clone();
+        peers
+            .into_iter()
+            .find(|p| p["presenceId"] == presence.as_str())
+    };
+    let away = poll(WAIT, || {
+        entry_of(&mut watcher).is_some_and(|e| e["away"] == true)
+    });
+    assert!(away, "away in its grace: {:?}", entry_of(&mut watcher));
+    // Its client, back through another node, gets it again.
+    let (_again, ack) = hello_on(&cluster, 1, alice, "laptop");
+    assert_eq!(
+        (ack["resumed"].as_bool(), ack["presenceId"].as_str()),
+        (Some(true), Some(presence.as_str()))
     );
-    assert!(open.is_empty(), "the dead node's presences are ended");
+    let live = poll(WAIT, || {
+        entry_of(&mut watcher).is_some_and(|e| e["away"] == false && e["status"] == "working")
+    });
+    assert!(
+        live,
+        "live again, its status kept: {:?}",
+        entry_of(&mut watcher)
+    );
+    let row = presence_row(&cluster, &presence);
+    assert_eq!(
+        row,
+        (Some("node-b".into()), true),
+        "the row is node-b's, open"
+    );
 }
 
 #[test]

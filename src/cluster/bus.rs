@@ -66,7 +66,7 @@ const PUBLISH_TIMEOUT: Duration = Duration::from_millis(50);
 
 const END_PRESENCES_SQL: &str = "\
 UPDATE mesh.presence SET disconnected_at = now()::timestamp
-WHERE node_id = $1 AND disconnected_at IS NULL";
+WHERE node_id = $1 AND disconnected_at IS NULL AND connected_at <= $2";
 
 /// Called with each mesh whose taken-over envelopes are loaded.
 pub type OnRestored = Arc<dyn Fn(&Arc<MeshEntry>) + Send + Sync>;
@@ -85,6 +85,9 @@ pub struct BusSpec {
     pub on_restored: OnRestored,
     /// The live sessions by cwd, for other nodes' hooks.
     pub hooks: Arc<crate::status::hook_index::HookIndex>,
+    /// `SESSION_GRACE_SECONDS`: how long a dead node's sessions stay
+    /// listed away, for their clients to take them over elsewhere.
+    pub session_grace: Duration,
     /// `SEND_RATE_PER_MIN` and `SEND_BURST`, for other nodes' spends.
     pub send_rate: crate::mesh::bucket::SendRate,
 }
@@ -1290,6 +1293,10 @@ impl Bus {
         // Parts again: a lost publish is repaired within a beat.
         let meshes = self.followed_meshes();
         self.dirty.extend(meshes.iter().cloned());
+        let now = Instant::now();
+        for mesh in &meshes {
+            mesh.remote.orphans.expire(now);
+        }
         // Held here for a member live only elsewhere (a handover refused or
         // lost, a send held while the bus was away): handed over again.
         for mesh in &meshes {
@@ -1380,7 +1387,7 @@ impl Bus {
             peers::write_remote_entry(&mut json, entry, state);
             listed.push((entry.clone(), live, open, json));
         });
-        let sessions: Vec<PartSession<'_>> = listed
+        let mut sessions: Vec<PartSession<'_>> = listed
             .iter()
             .map(|(entry, live, open, json)| PartSession {
                 member: &entry.member.pubkey,
@@ -1390,8 +1397,20 @@ impl Bus {
                 presence: &entry.presence_id,
                 session_hash: wire::session_hash(&entry.session_id),
                 entry: json,
+                orphan_ms: 0,
             })
             .collect();
+        let orphans = mesh.remote.orphans.listed(Instant::now());
+        sessions.extend(orphans.iter().map(|(orphan, left)| PartSession {
+            member: &orphan.member.pubkey,
+            live: false,
+            open: false,
+            session_key: orphan.session_key.as_deref(),
+            presence: &orphan.presence,
+            session_hash: orphan.session_hash,
+            entry: &orphan.entry,
+            orphan_ms: *left,
+        }));
         let generation = self.next_part.get();
         self.next_part.set(generation + 1);
         let chunks = wire::encode_part(self.me(), generation, &sessions, self.part_bytes());
@@ -1440,8 +1459,10 @@ impl Bus {
     /// presence rows end and its held rows are claimed and loaded here.
     fn dead(&mut self, slot: u8, node: String) {
         tracing::warn!(target: "bus", node = %node, "node dead: taking over");
+        let grace = self.spec.session_grace;
+        let until = Instant::now() + grace;
         for followed in self.followed.values_mut() {
-            followed.view.drop_node(slot);
+            followed.view.orphan_node(slot, until);
             followed.chunks.remove(&slot);
         }
         let bit = slot_bit(slot);
@@ -1466,10 +1487,18 @@ impl Bus {
         let held_ttl = self.spec.held_ttl;
         let on_restored = self.spec.on_restored.clone();
         let own = self.own.clone();
+        // Its sessions end after their grace unless a hello took one over
+        // (the row is that node's then); a restart of it under the same id
+        // meanwhile opens rows this must not end.
+        let died = SystemTime::now();
+        let (rows_db, rows_node) = (db.clone(), node.clone());
         tokio::spawn(async move {
-            if let Err(e) = end_presences(&db, &node).await {
-                tracing::warn!(target: "bus", node = %node, error = %e, "ending a dead node's presences failed");
+            tokio::time::sleep(grace).await;
+            if let Err(e) = end_presences(&rows_db, &rows_node, died).await {
+                tracing::warn!(target: "bus", node = %rows_node, error = %e, "ending a dead node's presences failed");
             }
+        });
+        tokio::spawn(async move {
             let restored: crate::db::restore::OnRestored = Box::new(move |mesh| {
                 let _ = own.send(mesh.clone());
                 on_restored(mesh);
@@ -1494,9 +1523,13 @@ impl Bus {
     }
 }
 
-async fn end_presences(db: &tokio_postgres::Config, node: &str) -> Result<(), crate::db::DbError> {
+async fn end_presences(
+    db: &tokio_postgres::Config,
+    node: &str,
+    died: SystemTime,
+) -> Result<(), crate::db::DbError> {
     let (client, task) = crate::db::connect(db).await?;
-    client.execute(END_PRESENCES_SQL, &[&node]).await?;
+    client.execute(END_PRESENCES_SQL, &[&node, &died]).await?;
     drop(client);
     let _ = task.await;
     Ok(())

@@ -4,7 +4,8 @@
 use super::wire::PartSession;
 use super::{slot_bit, MAX_NODES};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
-use crate::mesh::peers::RemotePart;
+use crate::mesh::orphans::{away_entry, Orphan};
+use crate::mesh::peers::{Listed, RemotePart};
 use crate::mesh::plan::key;
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
@@ -137,11 +138,19 @@ impl MeshView {
         let mut live = 0;
         let mut session_keys = FxHashMap::default();
         let mut by_session_id = FxHashMap::default();
+        let mut listed = Vec::with_capacity(sessions.len());
+        let mut orphans = Vec::new();
         for session in sessions {
+            if session.orphan_ms != 0 {
+                orphans.push(session);
+                continue;
+            }
             if !entries.is_empty() {
                 entries.push(b',');
             }
+            let start = entries.len();
             entries.extend_from_slice(session.entry);
+            let entry = start..entries.len();
             live += u32::from(session.live);
             // A member this node has not loaded yet (just added) is listed
             // but not routed to until the bus reloads the mesh's members.
@@ -150,14 +159,23 @@ impl MeshView {
                 continue;
             };
             let presence: Box<str> = session.presence.into();
-            match session.session_key {
+            let session_key: Option<Box<str>> =
+                session.session_key.map(|k| k.to_ascii_lowercase().into());
+            match &session_key {
                 Some(k) => {
-                    session_keys.insert(k.to_ascii_lowercase().into(), (member.clone(), presence));
+                    session_keys.insert(k.clone(), (member.clone(), presence.clone()));
                 }
                 None => {
-                    by_session_id.insert((key(member), session.session_hash), presence);
+                    by_session_id.insert((key(member), session.session_hash), presence.clone());
                 }
             }
+            listed.push(Listed {
+                member: member.clone(),
+                session_hash: session.session_hash,
+                session_key,
+                presence,
+                entry,
+            });
             let at = fresh
                 .entry(key(member))
                 .or_insert_with(|| (member.clone(), Presence::default()));
@@ -184,7 +202,17 @@ impl MeshView {
             sessions: live,
             session_keys,
             by_session_id,
+            listed,
         });
+        // A dead node's sessions this node lists again: taken over there.
+        if !self.mesh.remote.orphans.is_empty() {
+            let presences: rustc_hash::FxHashSet<&str> = sessions
+                .iter()
+                .filter(|s| s.orphan_ms == 0)
+                .map(|s| s.presence)
+                .collect();
+            self.mesh.remote.orphans.forget(|p| presences.contains(p));
+        }
         // Sent to later, the keys of sessions no node lists any more name
         // their members.
         if let Some(old) = self.mesh.remote.replace(slot, part) {
@@ -197,12 +225,77 @@ impl MeshView {
         if !sessions.is_empty() {
             self.parts.insert(slot, fresh);
         }
+        self.learn_orphans(&orphans);
         (gained, unknown)
     }
 
     /// A node is gone: its sessions and bits go.
     pub fn drop_node(&mut self, slot: u8) {
         self.apply(slot, &[]);
+    }
+
+    /// A dead node's sessions another node lists away: listed here too,
+    /// but for those some node (this one included) has again.
+    fn learn_orphans(&self, lines: &[&PartSession<'_>]) {
+        if lines.is_empty() {
+            return;
+        }
+        let view = self.mesh.view();
+        let now = Instant::now();
+        let orphans = lines
+            .iter()
+            .filter_map(|line| {
+                let member = view.member_by_pubkey(line.member)?;
+                let key: Option<Box<str>> = line.session_key.map(|k| k.to_ascii_lowercase().into());
+                Some(Orphan {
+                    member: member.clone(),
+                    session_hash: line.session_hash,
+                    session_key: key,
+                    presence: line.presence.into(),
+                    entry: line.entry.to_vec(),
+                    until: now + Duration::from_millis(line.orphan_ms),
+                })
+            })
+            .filter(|o| !self.has_again(o))
+            .collect();
+        self.mesh.remote.orphans.add(orphans);
+    }
+
+    /// Whether some node lists a session the orphan names (it was taken over).
+    fn has_again(&self, orphan: &Orphan) -> bool {
+        let key = orphan.session_key.as_deref();
+        let member = &orphan.member;
+        member.sessions.has_hashed(orphan.session_hash, key)
+            || self
+                .mesh
+                .remote
+                .presence_of(member, orphan.session_hash, key)
+                .is_some()
+    }
+
+    /// A node died: its sessions leave the routing (as `drop_node`) but stay
+    /// listed away until `until`, for a hello on any node to take over
+    /// (`Orphans`), but for those some node already has again.
+    pub fn orphan_node(&mut self, slot: u8, until: Instant) {
+        let part = self.mesh.remote.part(slot);
+        self.drop_node(slot);
+        let Some(part) = part else {
+            return;
+        };
+        let orphans = part
+            .listed
+            .iter()
+            .map(|l| Orphan {
+                member: l.member.clone(),
+                session_hash: l.session_hash,
+                session_key: l.session_key.clone(),
+                presence: l.presence.clone(),
+                entry: away_entry(&part.entries[l.entry.clone()]),
+                until,
+            })
+            .filter(|o| !self.has_again(o))
+            .collect();
+        self.mesh.remote.orphans.add(orphans);
     }
 
     /// Every node's sessions and bits go (this node stops following it).
@@ -257,6 +350,7 @@ mod tests {
             presence: "p",
             session_hash: 0,
             entry: b"{}",
+            orphan_ms: 0,
         }
     }
 

@@ -356,24 +356,17 @@ pub struct PartSession<'a> {
     pub presence: &'a str,
     pub session_hash: u64,
     pub entry: &'a [u8],
+    /// A dead node's session this node lists away, for this many more
+    /// milliseconds of its grace (0: one of this node's own).
+    pub orphan_ms: u64,
 }
 
-/// A `sessionId` as parts carry it: client text may hold tabs and
-/// newlines, a hash does not; the node that has the session compares the
-/// id itself. FNV-1a, written here because every node must agree on it
-/// whatever its build.
-pub fn session_hash(session_id: &str) -> u64 {
-    session_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-}
+pub use crate::mesh::peers::session_hash;
 
 /// A node's sessions of a mesh, in one or more chunks (NATS messages),
 /// each at most `max_bytes` unless one session alone is larger: a header
 /// line `<node>\t<generation>\t<chunk>\t<chunks>` then one line per
-/// session, `<member key>\t<l|-><o|->\t<session key|->\t<presence>\t<hash
+/// session, `<member key>\t<l|-><o|->[x<orphan ms>]\t<session key|->\t<presence>\t<hash
 /// hex>\t<entry json>`. Entries are JSON written by `protocol` (no raw
 /// newline or tab); keys are hex, presence ids base32. A receiver applies
 /// a generation once it has all its chunks.
@@ -390,6 +383,9 @@ pub fn encode_part(
         line.put_u8(b'\t');
         line.put_u8(if session.live { b'l' } else { b'-' });
         line.put_u8(if session.open { b'o' } else { b'-' });
+        if session.orphan_ms != 0 {
+            line.put_slice(format!("x{}", session.orphan_ms).as_bytes());
+        }
         line.put_u8(b'\t');
         line.put_slice(session.session_key.unwrap_or("-").as_bytes());
         line.put_u8(b'\t');
@@ -450,7 +446,12 @@ pub fn decode_part(payload: &[u8]) -> Option<(PartHead<'_>, Vec<PartSession<'_>>
         let (member, flags, session_key, presence, hash) =
             (text()?, text()?, text()?, text()?, text()?);
         let entry = fields.next()?;
-        if flags.len() != 2
+        let orphan_ms = match flags.get(2..) {
+            Some("") => 0,
+            Some(rest) => rest.strip_prefix('x')?.parse().ok()?,
+            None => return None,
+        };
+        if flags.len() < 2
             || session_key.is_empty()
             || presence.is_empty()
             || !entry.starts_with(b"{")
@@ -466,6 +467,7 @@ pub fn decode_part(payload: &[u8]) -> Option<(PartHead<'_>, Vec<PartSession<'_>>
             presence,
             session_hash: u64::from_str_radix(hash, 16).ok()?,
             entry,
+            orphan_ms,
         });
     }
     Some((head, sessions))
@@ -587,6 +589,7 @@ mod tests {
                 presence: "p",
                 session_hash: 1,
                 entry: &entry,
+                orphan_ms: 0,
             })
             .collect();
         let chunks = encode_part("n1", 3, &sessions, 2000);
@@ -617,6 +620,7 @@ mod tests {
             member,
             live,
             open: live,
+            orphan_ms: if live { 0 } else { 29_000 },
             session_key,
             presence: "p1",
             session_hash: session_hash("s\t1"),

@@ -21,6 +21,7 @@ pub mod deliver;
 pub mod directory;
 pub mod held;
 pub mod lease;
+pub mod orphans;
 pub mod peers;
 pub mod plan;
 pub mod restore;

@@ -33,6 +33,18 @@ use rustc_hash::FxHashMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+/// A `sessionId` as other nodes know it (README "Several nodes"): client
+/// text may hold tabs and newlines, a hash does not; the node that has the
+/// session compares the id itself. FNV-1a, written here because every node
+/// must agree on it whatever its build.
+pub fn session_hash(session_id: &str) -> u64 {
+    session_id
+        .bytes()
+        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
+        })
+}
+
 /// Where a session is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Holder {
@@ -410,6 +422,18 @@ impl MemberSessions {
         self.lock().iter().any(|e| e.is(session_id, session_pubkey))
     }
 
+    /// Whether one of these sessions is the one a part lists with this
+    /// `sessionId` hash (and key).
+    pub fn has_hashed(&self, session_hash_of: u64, session_pubkey: Option<&str>) -> bool {
+        self.lock()
+            .iter()
+            .any(|e| match (session_pubkey, e.session_pubkey.as_deref()) {
+                (Some(key), Some(theirs)) => key == theirs,
+                (None, None) => session_hash(&e.session_id) == session_hash_of,
+                _ => false,
+            })
+    }
+
     /// The session with this presence.
     pub fn by_presence(&self, presence_id: &str) -> Option<Arc<SessionEntry>> {
         self.lock()
@@ -635,6 +659,8 @@ impl PeerBoard {
 #[derive(Default)]
 pub struct RemoteBoard {
     parts: Mutex<FxHashMap<u8, Arc<RemotePart>>>,
+    /// Dead nodes' sessions, listed away until their grace ends.
+    pub orphans: super::orphans::Orphans,
     /// Their live sessions, for `MAX_CONNECTIONS_PER_MESH`.
     sessions: std::sync::atomic::AtomicU32,
 }
@@ -650,6 +676,17 @@ pub struct RemotePart {
     /// Its `hello` sessions' presences by member (entry address) and
     /// `sessionId` hash.
     pub by_session_id: FxHashMap<(usize, u64), Box<str>>,
+    /// Each session, with where its entry sits in `entries`.
+    pub listed: Vec<Listed>,
+}
+
+/// One session of a remote part.
+pub struct Listed {
+    pub member: Arc<MemberEntry>,
+    pub session_hash: u64,
+    pub session_key: Option<Box<str>>,
+    pub presence: Box<str>,
+    pub entry: std::ops::Range<usize>,
 }
 
 impl RemoteBoard {
@@ -720,6 +757,15 @@ impl RemoteBoard {
     /// Live sessions on other nodes.
     pub fn sessions(&self) -> u32 {
         self.sessions.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// The part of the node in `slot`.
+    pub fn part(&self, slot: u8) -> Option<Arc<RemotePart>> {
+        self.parts
+            .lock()
+            .expect("remote board lock")
+            .get(&slot)
+            .cloned()
     }
 
     fn parts(&self) -> Vec<Arc<RemotePart>> {
@@ -801,6 +847,7 @@ pub fn write_peers_list(
     for part in remote.parts() {
         list.written(&part.entries);
     }
+    remote.orphans.for_each_entry(|entry| list.written(entry));
     list.finish(req_id);
 }
 

@@ -437,7 +437,11 @@ impl Session {
     ) -> Option<MovedSession> {
         let cluster = self.shard.ctx.cluster.as_ref()?;
         let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
-        let hash = crate::cluster::wire::session_hash(&hello.session_id);
+        let hash = crate::mesh::peers::session_hash(&hello.session_id);
+        // A dead node's session in its grace: taken over from its listing.
+        if let Some(orphan) = mesh.remote.orphans.take(member, hash, session_key) {
+            return Some(orphan.moved());
+        }
         let (slot, presence) = mesh.remote.presence_of(member, hash, session_key)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
         let asked = cluster.send(BusCommand::Take {

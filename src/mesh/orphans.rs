@@ -1,0 +1,206 @@
+//! The sessions of a node that died (README "Several nodes"): the other
+//! nodes list them away until the session grace ends, and a hello with
+//! one's `sessionId` (or key) on any node takes it over, as a hello takes
+//! over a session in its grace on one node.
+use super::directory::MemberEntry;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Instant;
+
+/// One session of a dead node.
+pub struct Orphan {
+    pub member: Arc<MemberEntry>,
+    /// Its `sessionId`, hashed as parts carry it.
+    pub session_hash: u64,
+    pub session_key: Option<Box<str>>,
+    pub presence: Box<str>,
+    /// Its `peers_list` entry as that node published it, `away` now.
+    pub entry: Vec<u8>,
+    /// The end of its grace.
+    pub until: Instant,
+}
+
+impl Orphan {
+    /// What it brings to the hello that takes it over: what its entry
+    /// says (its status's age is not in it: set now).
+    pub fn moved(&self) -> super::peers::MovedSession {
+        let entry: serde_json::Value = serde_json::from_slice(&self.entry).unwrap_or_default();
+        let text = |name: &str| entry[name].as_str().unwrap_or_default().to_owned();
+        super::peers::MovedSession {
+            presence_id: self.presence.to_string(),
+            connected_at: text("connectedAt"),
+            display_name: text("displayName"),
+            status: text("status"),
+            source: text("statusSource"),
+            status_age_ms: 0,
+            summary: entry["summary"].as_str().map(str::to_owned),
+            was_live: false,
+        }
+    }
+
+    /// Whether a hello of `member` with `session_hash` (and key) names it:
+    /// a `session_hello` by its key, a `hello` by its `sessionId`.
+    fn is(&self, member: &Arc<MemberEntry>, session_hash: u64, key: Option<&str>) -> bool {
+        Arc::ptr_eq(&self.member, member)
+            && match (key, self.session_key.as_deref()) {
+                (Some(key), Some(theirs)) => key == theirs,
+                (None, None) => self.session_hash == session_hash,
+                _ => false,
+            }
+    }
+}
+
+/// A mesh's orphans, few and short-lived: a list.
+#[derive(Default)]
+pub struct Orphans(Mutex<Vec<Orphan>>);
+
+impl Orphans {
+    fn lock(&self) -> MutexGuard<'_, Vec<Orphan>> {
+        self.0.lock().expect("orphans lock")
+    }
+
+    /// Adds those not known yet (by presence): a node learns of a dead
+    /// node's sessions from its own view and from other nodes' parts.
+    pub fn add(&self, orphans: Vec<Orphan>) {
+        let mut known = self.lock();
+        for orphan in orphans {
+            if !known.iter().any(|o| o.presence == orphan.presence) {
+                known.push(orphan);
+            }
+        }
+    }
+
+    /// Copies of those still in their grace, with what is left of it, for
+    /// this node's part (so a node that did not follow the mesh when that
+    /// node died learns of them too).
+    pub fn listed(&self, now: Instant) -> Vec<(Orphan, u64)> {
+        self.lock()
+            .iter()
+            .filter(|o| o.until > now)
+            .map(|o| {
+                let left = o.until.duration_since(now).as_millis().max(1) as u64;
+                let copy = Orphan {
+                    member: o.member.clone(),
+                    session_hash: o.session_hash,
+                    session_key: o.session_key.clone(),
+                    presence: o.presence.clone(),
+                    entry: o.entry.clone(),
+                    until: o.until,
+                };
+                (copy, left)
+            })
+            .collect()
+    }
+
+    /// The orphan a hello takes over, no longer listed.
+    pub fn take(
+        &self,
+        member: &Arc<MemberEntry>,
+        session_hash: u64,
+        key: Option<&str>,
+    ) -> Option<Orphan> {
+        let mut orphans = self.lock();
+        let now = Instant::now();
+        let at = orphans
+            .iter()
+            .position(|o| o.until > now && o.is(member, session_hash, key))?;
+        Some(orphans.swap_remove(at))
+    }
+
+    /// Drops the orphans a live node lists again (taken over there, or the
+    /// node was not dead after all).
+    pub fn forget(&self, listed: impl Fn(&str) -> bool) {
+        let mut orphans = self.lock();
+        if !orphans.is_empty() {
+            orphans.retain(|o| !listed(&o.presence));
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.lock().is_empty()
+    }
+
+    /// Drops those whose grace is over; how many.
+    pub fn expire(&self, now: Instant) -> usize {
+        let mut orphans = self.lock();
+        let before = orphans.len();
+        orphans.retain(|o| o.until > now);
+        before - orphans.len()
+    }
+
+    /// Each one's entry, for `list_peers` (those past their grace are
+    /// not listed, even before a sweep drops them).
+    pub fn for_each_entry(&self, mut f: impl FnMut(&[u8])) {
+        let now = Instant::now();
+        for orphan in self.lock().iter().filter(|o| o.until > now) {
+            f(&orphan.entry);
+        }
+    }
+}
+
+/// `entry` as listed while away. Entries are written by
+/// `protocol::write_peer`, where `"away":false` appears once and outside
+/// any string (a quote inside a string is escaped).
+pub fn away_entry(entry: &[u8]) -> Vec<u8> {
+    const LIVE: &[u8] = b"\"away\":false";
+    match entry.windows(LIVE.len()).position(|w| w == LIVE) {
+        Some(at) => [&entry[..at], b"\"away\":true", &entry[at + LIVE.len()..]].concat(),
+        None => entry.to_vec(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::directory::{Directory, MemberRow};
+    use std::sync::atomic::AtomicI64;
+    use std::time::Duration;
+
+    fn member(id: &str) -> Arc<MemberEntry> {
+        let directory = Directory::new(Arc::new(AtomicI64::new(0)));
+        let row = MemberRow {
+            id: id.to_owned(),
+            peer_pubkey: id.to_owned(),
+            ..MemberRow::default()
+        };
+        directory.install("m", &[row]).view().members()[0].clone()
+    }
+
+    fn orphan(member: &Arc<MemberEntry>, hash: u64, key: Option<&str>, p: &str) -> Orphan {
+        Orphan {
+            member: member.clone(),
+            session_hash: hash,
+            session_key: key.map(Into::into),
+            presence: p.into(),
+            entry: away_entry(br#"{"summary":"\"away\":false","away":false,"x":1}"#),
+            until: Instant::now() + Duration::from_secs(60),
+        }
+    }
+
+    #[test]
+    fn a_hello_takes_its_own_orphan_once_and_the_rest_expire() {
+        let (a, b) = (member("a"), member("b"));
+        let orphans = Orphans::default();
+        orphans.add(vec![
+            orphan(&a, 7, None, "p1"),
+            orphan(&a, 7, Some("k"), "p2"),
+            orphan(&b, 7, None, "p3"),
+        ]);
+        let mut entries = Vec::new();
+        orphans.for_each_entry(|e| entries.push(e.to_vec()));
+        assert_eq!(
+            entries[0],
+            br#"{"summary":"\"away\":false","away":true,"x":1}"#.to_vec()
+        );
+        assert!(orphans.take(&a, 8, None).is_none(), "another sessionId");
+        assert!(
+            orphans.take(&b, 7, Some("k")).is_none(),
+            "another member's key"
+        );
+        assert_eq!(&*orphans.take(&a, 7, Some("k")).unwrap().presence, "p2");
+        assert_eq!(&*orphans.take(&a, 7, None).unwrap().presence, "p1");
+        assert!(orphans.take(&a, 7, None).is_none(), "taken once");
+        orphans.forget(|p| p == "nobody");
+        assert_eq!(orphans.expire(Instant::now()), 0);
+        assert_eq!(orphans.expire(Instant::now() + Duration::from_secs(61)), 1);
+    }
+}
