@@ -25,8 +25,9 @@ pub trait Recipient {
     fn accepts(&self, priority: Priority) -> bool;
 
     /// Queue the envelope's push frame; `stored` when it was held for this
-    /// session's member (see `Orphan`).
-    fn deliver(&self, envelope: &Arc<Envelope>, stored: bool) -> Delivery;
+    /// session's member, `shared` when other sessions of the member take it
+    /// live too (see `Orphan`).
+    fn deliver(&self, envelope: &Arc<Envelope>, stored: bool, shared: bool) -> Delivery;
 
     /// Bytes it can queue before its outbound bound.
     fn room(&self) -> usize;
@@ -107,7 +108,7 @@ pub struct Left {
 /// went there too).
 pub fn give_back(member: &Arc<MemberEntry>, orphans: Vec<Orphan>) -> Left {
     let mut late = Vec::new();
-    let sessions = reclaim(member, orphans, |p| member.shards_for(p) != 0, &mut late);
+    let sessions = reclaim(member, orphans, &mut late);
     let drain = if member.held.is_empty() {
         0
     } else {
@@ -122,7 +123,8 @@ pub fn give_back(member: &Arc<MemberEntry>, orphans: Vec<Orphan>) -> Left {
 
 /// Gives a cut-off session's unwritten envelopes back to its member: those
 /// held for the member always (they went to this session only), live ones
-/// unless `covered` says another session of the member took them too.
+/// unless another session of the member took them too when they were
+/// routed (`shared`; a session that arrived since has not got them).
 /// What was sent to a session's key goes back to that session (to its
 /// member once it has ended), live or not: no other session may have it.
 /// The live ones given back are now held: they go to `late`. Returns the
@@ -130,7 +132,6 @@ pub fn give_back(member: &Arc<MemberEntry>, orphans: Vec<Orphan>) -> Left {
 fn reclaim(
     member: &Arc<MemberEntry>,
     orphans: Vec<Orphan>,
-    covered: impl Fn(Priority) -> bool,
     late: &mut Vec<HeldLate>,
 ) -> Vec<Arc<SessionEntry>> {
     let mut back = Vec::with_capacity(orphans.len());
@@ -138,7 +139,7 @@ fn reclaim(
     for orphan in orphans {
         let own = orphan.envelope.session.clone();
         if !orphan.stored {
-            if own.is_none() && covered(orphan.envelope.priority) {
+            if own.is_none() && orphan.shared {
                 continue;
             }
             orphan.envelope.hold_in_flight();
@@ -331,11 +332,17 @@ impl<S: Recipient> LocalRoutes<S> {
         let envelope = &route.envelope;
         let mut took = false;
         let mut orphans = Vec::new();
+        let others = |p: Priority| member.shards_for(p) & !self.bit();
+        let takers = sessions
+            .iter()
+            .filter(|s| s.accepts(envelope.priority))
+            .count();
+        let shared = takers > 1 || others(envelope.priority) & route.shards != 0;
         for session in sessions {
             if !session.accepts(envelope.priority) {
                 continue;
             }
-            match session.deliver(envelope, false) {
+            match session.deliver(envelope, false, shared) {
                 Delivery::Taken => {
                     done.pushes += 1;
                     took = true;
@@ -344,13 +351,8 @@ impl<S: Recipient> LocalRoutes<S> {
                 Delivery::CutOff(mut queued) => orphans.append(&mut queued),
             }
         }
-        // What a cut-off session had queued live, its member's other
-        // sessions that may take it got too (they took every envelope it
-        // took).
-        let others = |p: Priority| member.shards_for(p) & !self.bit();
-        let covered = |p: Priority| others(p) != 0 || sessions.iter().any(|s| s.accepts(p));
         let mut reheld = !orphans.is_empty();
-        reclaim(member, orphans, covered, &mut done.late);
+        reclaim(member, orphans, &mut done.late);
         if !took && others(envelope.priority) & route.shards == 0 {
             envelope.hold_in_flight();
             member.held.hand_back(vec![envelope.clone()]);
@@ -372,7 +374,7 @@ impl<S: Recipient> LocalRoutes<S> {
         let mut orphans = Vec::new();
         let took = match sessions.iter().find(|s| holds(&***s, entry)) {
             Some(session) if session.accepts(envelope.priority) => {
-                match session.deliver(envelope, false) {
+                match session.deliver(envelope, false, false) {
                     Delivery::Taken => true,
                     Delivery::Refused => false,
                     Delivery::CutOff(queued) => {
@@ -386,10 +388,8 @@ impl<S: Recipient> LocalRoutes<S> {
         if took {
             done.pushes += 1;
         }
-        let others = |p: Priority| member.shards_for(p) & !self.bit();
-        let covered = |p: Priority| others(p) != 0 || sessions.iter().any(|s| s.accepts(p));
         let reheld = !orphans.is_empty();
-        reclaim(member, orphans, covered, &mut done.late);
+        reclaim(member, orphans, &mut done.late);
         if !took {
             envelope.hold_in_flight();
             let eligible = entry.hold(envelope.clone());
@@ -451,22 +451,13 @@ impl<S: Recipient> LocalRoutes<S> {
             };
             let one = std::slice::from_ref(candidate);
             let put_back = |e: Arc<Envelope>| entry.hand_back(vec![e]);
-            self.drain_queue(
-                member,
-                &own.queue,
-                one,
-                sessions,
-                now,
-                &mut drained,
-                &put_back,
-            );
+            self.drain_queue(member, &own.queue, one, now, &mut drained, &put_back);
         }
         let put_back = |e: Arc<Envelope>| member.held.hand_back(vec![e]);
         self.drain_queue(
             member,
             &member.held,
             candidates,
-            sessions,
             now,
             &mut drained,
             &put_back,
@@ -481,7 +472,6 @@ impl<S: Recipient> LocalRoutes<S> {
         member: &Arc<MemberEntry>,
         queue: &HeldQueue,
         candidates: &[Rc<S>],
-        sessions: &[Rc<S>],
         now: SystemTime,
         drained: &mut Drained,
         put_back: &dyn Fn(Arc<Envelope>),
@@ -507,7 +497,7 @@ impl<S: Recipient> LocalRoutes<S> {
             let Some(envelope) = taken else { break };
             match target
                 .expect("taken with a target")
-                .deliver(&envelope, true)
+                .deliver(&envelope, true, false)
             {
                 Delivery::Taken => drained.delivered += 1,
                 Delivery::Refused => {
@@ -520,12 +510,9 @@ impl<S: Recipient> LocalRoutes<S> {
                     orphans.push(Orphan {
                         envelope,
                         stored: true,
+                        shared: false,
                     });
-                    let covered = |p: Priority| {
-                        member.shards_for(p) & !self.bit() != 0
-                            || sessions.iter().any(|s| s.accepts(p))
-                    };
-                    reclaim(member, orphans, covered, &mut drained.late);
+                    reclaim(member, orphans, &mut drained.late);
                     break;
                 }
             }
@@ -587,7 +574,7 @@ mod tests {
             !self.closing.get() && (!self.busy.get() || priority == Priority::Now)
         }
 
-        fn deliver(&self, envelope: &Arc<Envelope>, stored: bool) -> Delivery {
+        fn deliver(&self, envelope: &Arc<Envelope>, stored: bool, shared: bool) -> Delivery {
             if self.closing.get() {
                 return Delivery::Refused;
             }
@@ -600,6 +587,7 @@ mod tests {
             self.queued.borrow_mut().push(Orphan {
                 envelope: envelope.clone(),
                 stored,
+                shared,
             });
             Delivery::Taken
         }
@@ -1033,6 +1021,7 @@ mod tests {
             vec![Orphan {
                 envelope: orphan,
                 stored: false,
+                shared: false,
             }],
         );
         assert_eq!(
@@ -1125,49 +1114,63 @@ mod tests {
     }
 
     #[test]
-    fn a_cut_off_session_gives_back_held_envelopes_always_and_live_ones_if_uncovered() {
+    fn a_cut_off_session_gives_back_held_envelopes_always_and_live_ones_no_other_session_took() {
         let world = World::new(&["a", "b"]);
         let b = world.member("b");
         let mut routes = LocalRoutes::new(0);
         let (s1, s2) = (Fake::idle(), Fake::idle());
         routes.add(&world.mesh, &b, s1.clone());
         routes.add(&world.mesh, &b, s2.clone());
-        let live = world.envelope(1, "a", Some("b"), Priority::Next);
+        let shared = world.envelope(1, "a", Some("b"), Priority::Next);
         let held = world.envelope(2, "a", Some("b"), Priority::Next);
+        // Routed while s1 was b's only session: s2, here now, never got it.
+        let alone = world.envelope(3, "a", Some("b"), Priority::Next);
+        let orphan = |envelope, stored, shared| Orphan {
+            envelope,
+            stored,
+            shared,
+        };
         let orphans = vec![
-            Orphan {
-                envelope: live,
-                stored: false,
-            },
-            Orphan {
-                envelope: held.clone(),
-                stored: true,
-            },
+            orphan(shared, false, true),
+            orphan(held.clone(), true, false),
+            orphan(alone.clone(), false, false),
         ];
-        // s2 may take both: the live one it got too, the held one it did not.
         let left = routes.leave(&world.mesh, &b, &s1, orphans);
-        assert!(left.late.is_empty(), "nothing new to store");
-        assert_eq!(b.held.len(), 1);
+        assert_eq!(left.late.len(), 1, "the live one s2 never got is stored");
+        assert!(Arc::ptr_eq(&left.late[0].0, &alone));
+        assert_eq!(b.held.len(), 2);
         assert_eq!(left.drain, 1);
         routes.drain_held(&world.mesh, &b, Some(&s2));
-        assert_eq!(s2.got(), ["m0002"]);
+        assert_eq!(s2.got(), ["m0002", "m0003"]);
+    }
 
-        // With no other session, the live one is held too, and must be stored.
-        let s3 = Fake::idle();
-        routes.add(&world.mesh, &b, s3.clone());
-        let live = world.envelope(3, "a", Some("b"), Priority::Next);
-        routes.leave(&world.mesh, &b, &s2, vec![]);
-        let left = routes.leave(
-            &world.mesh,
-            &b,
-            &s3,
-            vec![Orphan {
-                envelope: live,
-                stored: false,
-            }],
-        );
-        assert_eq!(left.late.len(), 1);
-        assert_eq!(b.held.len(), 1);
+    /// A live push is shared when another session of its member takes it
+    /// too, here or on another shard its route names; a session that
+    /// arrives later does not make it so (it was lost when that session
+    /// arrived before the cut-off one's teardown).
+    #[test]
+    fn a_push_is_shared_only_with_the_sessions_it_was_routed_to() {
+        let world = World::new(&["a", "b"]);
+        let b = world.member("b");
+        let mut routes = LocalRoutes::new(0);
+        let s1 = Fake::idle();
+        routes.add(&world.mesh, &b, s1.clone());
+        let first = world.envelope(1, "a", Some("b"), Priority::Now);
+        routes.deliver_route(&Route {
+            envelope: first,
+            targets: Targets::Member(b.clone()),
+            shards: 1,
+        });
+        let s2 = Fake::idle();
+        routes.add(&world.mesh, &b, s2.clone());
+        let second = world.envelope(2, "a", Some("b"), Priority::Now);
+        routes.deliver_route(&Route {
+            envelope: second,
+            targets: Targets::Member(b.clone()),
+            shards: 1,
+        });
+        let queued: Vec<bool> = s1.queued.borrow().iter().map(|o| o.shared).collect();
+        assert_eq!(queued, [false, true]);
     }
 
     #[test]

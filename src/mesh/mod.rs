@@ -96,6 +96,9 @@ pub struct Envelope {
 pub struct Orphan {
     pub envelope: Arc<Envelope>,
     pub stored: bool,
+    /// Queued live on another session of its member too (on this shard or
+    /// another its route named): the member has it without this one.
+    pub shared: bool,
 }
 
 /// An envelope that became held for a member outside its send's plan

@@ -325,7 +325,7 @@ impl Recipient for SessionLink {
                 || (!self.inferring.get() && self.status.get().accepts(priority)))
     }
 
-    fn deliver(&self, envelope: &Arc<Envelope>, stored: bool) -> Delivery {
+    fn deliver(&self, envelope: &Arc<Envelope>, stored: bool, shared: bool) -> Delivery {
         if self.closing.get().is_some() {
             return Delivery::Refused;
         }
@@ -340,7 +340,10 @@ impl Recipient for SessionLink {
                 return Delivery::CutOff(self.start_close(CloseReason::SlowReader));
             }
         }
-        match self.out.push_envelope(envelope, stored, redelivered) {
+        match self
+            .out
+            .push_envelope(envelope, stored, shared, redelivered)
+        {
             Ok(()) => Delivery::Taken,
             Err(_) => Delivery::CutOff(self.start_close(CloseReason::SlowReader)),
         }

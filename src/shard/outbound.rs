@@ -37,6 +37,8 @@ pub enum QueuedFrame {
     Push {
         envelope: Arc<Envelope>,
         stored: bool,
+        /// See `Orphan::shared`.
+        shared: bool,
         /// Pushed again after a lapsed lease (its `redelivered` frame).
         redelivered: bool,
     },
@@ -75,8 +77,15 @@ fn orphans_of(frames: impl Iterator<Item = QueuedFrame>) -> Vec<Orphan> {
     frames
         .filter_map(|queued| match queued {
             QueuedFrame::Push {
-                envelope, stored, ..
-            } => Some(Orphan { envelope, stored }),
+                envelope,
+                stored,
+                shared,
+                ..
+            } => Some(Orphan {
+                envelope,
+                stored,
+                shared,
+            }),
             QueuedFrame::Reply { .. } => None,
         })
         .collect()
@@ -206,11 +215,13 @@ impl Outbound {
         &self,
         envelope: &Arc<Envelope>,
         stored: bool,
+        shared: bool,
         redelivered: bool,
     ) -> Result<(), Overflow> {
         self.enqueue(QueuedFrame::Push {
             envelope: envelope.clone(),
             stored,
+            shared,
             redelivered,
         })
     }
