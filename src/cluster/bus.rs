@@ -1295,7 +1295,7 @@ impl Bus {
         self.dirty.extend(meshes.iter().cloned());
         let now = Instant::now();
         for mesh in &meshes {
-            mesh.remote.orphans.expire(now);
+            mesh.remote.stranded.expire(now);
         }
         // Held here for a member live only elsewhere (a handover refused or
         // lost, a send held while the bus was away): handed over again.
@@ -1397,10 +1397,10 @@ impl Bus {
                 presence: &entry.presence_id,
                 session_hash: wire::session_hash(&entry.session_id),
                 entry: json,
-                orphan_ms: 0,
+                stranded_ms: 0,
             })
             .collect();
-        let orphans = mesh.remote.orphans.listed(Instant::now());
+        let orphans = mesh.remote.stranded.listed(Instant::now());
         sessions.extend(orphans.iter().map(|(orphan, left)| PartSession {
             member: &orphan.member.pubkey,
             live: false,
@@ -1409,7 +1409,7 @@ impl Bus {
             presence: &orphan.presence,
             session_hash: orphan.session_hash,
             entry: &orphan.entry,
-            orphan_ms: *left,
+            stranded_ms: *left,
         }));
         let generation = self.next_part.get();
         self.next_part.set(generation + 1);
@@ -1462,7 +1462,7 @@ impl Bus {
         let grace = self.spec.session_grace;
         let until = Instant::now() + grace;
         for followed in self.followed.values_mut() {
-            followed.view.orphan_node(slot, until);
+            followed.view.strand_node(slot, until);
             followed.chunks.remove(&slot);
         }
         let bit = slot_bit(slot);

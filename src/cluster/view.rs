@@ -4,9 +4,9 @@
 use super::wire::PartSession;
 use super::{slot_bit, MAX_NODES};
 use crate::mesh::directory::{MemberEntry, MeshEntry};
-use crate::mesh::orphans::{away_entry, Orphan};
 use crate::mesh::peers::{Listed, RemotePart};
 use crate::mesh::plan::key;
+use crate::mesh::stranded::{away_entry, Stranded};
 use rustc_hash::FxHashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -139,10 +139,10 @@ impl MeshView {
         let mut session_keys = FxHashMap::default();
         let mut by_session_id = FxHashMap::default();
         let mut listed = Vec::with_capacity(sessions.len());
-        let mut orphans = Vec::new();
+        let mut stranded = Vec::new();
         for session in sessions {
-            if session.orphan_ms != 0 {
-                orphans.push(session);
+            if session.stranded_ms != 0 {
+                stranded.push(session);
                 continue;
             }
             if !entries.is_empty() {
@@ -205,13 +205,13 @@ impl MeshView {
             listed,
         });
         // A dead node's sessions this node lists again: taken over there.
-        if !self.mesh.remote.orphans.is_empty() {
+        if !self.mesh.remote.stranded.is_empty() {
             let presences: rustc_hash::FxHashSet<&str> = sessions
                 .iter()
-                .filter(|s| s.orphan_ms == 0)
+                .filter(|s| s.stranded_ms == 0)
                 .map(|s| s.presence)
                 .collect();
-            self.mesh.remote.orphans.forget(|p| presences.contains(p));
+            self.mesh.remote.stranded.forget(|p| presences.contains(p));
         }
         // Sent to later, the keys of sessions no node lists any more name
         // their members.
@@ -225,7 +225,7 @@ impl MeshView {
         if !sessions.is_empty() {
             self.parts.insert(slot, fresh);
         }
-        self.learn_orphans(&orphans);
+        self.learn_stranded(&stranded);
         (gained, unknown)
     }
 
@@ -236,56 +236,56 @@ impl MeshView {
 
     /// A dead node's sessions another node lists away: listed here too,
     /// but for those some node (this one included) has again.
-    fn learn_orphans(&self, lines: &[&PartSession<'_>]) {
+    fn learn_stranded(&self, lines: &[&PartSession<'_>]) {
         if lines.is_empty() {
             return;
         }
         let view = self.mesh.view();
         let now = Instant::now();
-        let orphans = lines
+        let stranded = lines
             .iter()
             .filter_map(|line| {
                 let member = view.member_by_pubkey(line.member)?;
                 let key: Option<Box<str>> = line.session_key.map(|k| k.to_ascii_lowercase().into());
-                Some(Orphan {
+                Some(Stranded {
                     member: member.clone(),
                     session_hash: line.session_hash,
                     session_key: key,
                     presence: line.presence.into(),
                     entry: line.entry.to_vec(),
-                    until: now + Duration::from_millis(line.orphan_ms),
+                    until: now + Duration::from_millis(line.stranded_ms),
                 })
             })
             .filter(|o| !self.has_again(o))
             .collect();
-        self.mesh.remote.orphans.add(orphans);
+        self.mesh.remote.stranded.add(stranded);
     }
 
-    /// Whether some node lists a session the orphan names (it was taken over).
-    fn has_again(&self, orphan: &Orphan) -> bool {
-        let key = orphan.session_key.as_deref();
-        let member = &orphan.member;
-        member.sessions.has_hashed(orphan.session_hash, key)
+    /// Whether some node lists the stranded session again (taken over).
+    fn has_again(&self, stranded: &Stranded) -> bool {
+        let key = stranded.session_key.as_deref();
+        let member = &stranded.member;
+        member.sessions.has_hashed(stranded.session_hash, key)
             || self
                 .mesh
                 .remote
-                .presence_of(member, orphan.session_hash, key)
+                .presence_of(member, stranded.session_hash, key)
                 .is_some()
     }
 
     /// A node died: its sessions leave the routing (as `drop_node`) but stay
     /// listed away until `until`, for a hello on any node to take over
-    /// (`Orphans`), but for those some node already has again.
-    pub fn orphan_node(&mut self, slot: u8, until: Instant) {
+    /// (`StrandedSessions`), but for those some node already has again.
+    pub fn strand_node(&mut self, slot: u8, until: Instant) {
         let part = self.mesh.remote.part(slot);
         self.drop_node(slot);
         let Some(part) = part else {
             return;
         };
-        let orphans = part
+        let stranded = part
             .listed
             .iter()
-            .map(|l| Orphan {
+            .map(|l| Stranded {
                 member: l.member.clone(),
                 session_hash: l.session_hash,
                 session_key: l.session_key.clone(),
@@ -295,7 +295,7 @@ impl MeshView {
             })
             .filter(|o| !self.has_again(o))
             .collect();
-        self.mesh.remote.orphans.add(orphans);
+        self.mesh.remote.stranded.add(stranded);
     }
 
     /// Every node's sessions and bits go (this node stops following it).
@@ -350,7 +350,7 @@ mod tests {
             presence: "p",
             session_hash: 0,
             entry: b"{}",
-            orphan_ms: 0,
+            stranded_ms: 0,
         }
     }
 

@@ -358,7 +358,7 @@ pub struct PartSession<'a> {
     pub entry: &'a [u8],
     /// A dead node's session this node lists away, for this many more
     /// milliseconds of its grace (0: one of this node's own).
-    pub orphan_ms: u64,
+    pub stranded_ms: u64,
 }
 
 pub use crate::mesh::peers::session_hash;
@@ -383,8 +383,8 @@ pub fn encode_part(
         line.put_u8(b'\t');
         line.put_u8(if session.live { b'l' } else { b'-' });
         line.put_u8(if session.open { b'o' } else { b'-' });
-        if session.orphan_ms != 0 {
-            line.put_slice(format!("x{}", session.orphan_ms).as_bytes());
+        if session.stranded_ms != 0 {
+            line.put_slice(format!("x{}", session.stranded_ms).as_bytes());
         }
         line.put_u8(b'\t');
         line.put_slice(session.session_key.unwrap_or("-").as_bytes());
@@ -446,7 +446,7 @@ pub fn decode_part(payload: &[u8]) -> Option<(PartHead<'_>, Vec<PartSession<'_>>
         let (member, flags, session_key, presence, hash) =
             (text()?, text()?, text()?, text()?, text()?);
         let entry = fields.next()?;
-        let orphan_ms = match flags.get(2..) {
+        let stranded_ms = match flags.get(2..) {
             Some("") => 0,
             Some(rest) => rest.strip_prefix('x')?.parse().ok()?,
             None => return None,
@@ -467,7 +467,7 @@ pub fn decode_part(payload: &[u8]) -> Option<(PartHead<'_>, Vec<PartSession<'_>>
             presence,
             session_hash: u64::from_str_radix(hash, 16).ok()?,
             entry,
-            orphan_ms,
+            stranded_ms,
         });
     }
     Some((head, sessions))
@@ -589,7 +589,7 @@ mod tests {
                 presence: "p",
                 session_hash: 1,
                 entry: &entry,
-                orphan_ms: 0,
+                stranded_ms: 0,
             })
             .collect();
         let chunks = encode_part("n1", 3, &sessions, 2000);
@@ -620,7 +620,7 @@ mod tests {
             member,
             live,
             open: live,
-            orphan_ms: if live { 0 } else { 29_000 },
+            stranded_ms: if live { 0 } else { 29_000 },
             session_key,
             presence: "p1",
             session_hash: session_hash("s\t1"),

@@ -21,10 +21,10 @@ pub mod deliver;
 pub mod directory;
 pub mod held;
 pub mod lease;
-pub mod orphans;
 pub mod peers;
 pub mod plan;
 pub mod restore;
+pub mod stranded;
 
 use crate::protocol::{self, Priority, PushFields};
 use crate::ws;

@@ -660,7 +660,7 @@ impl PeerBoard {
 pub struct RemoteBoard {
     parts: Mutex<FxHashMap<u8, Arc<RemotePart>>>,
     /// Dead nodes' sessions, listed away until their grace ends.
-    pub orphans: super::orphans::Orphans,
+    pub stranded: super::stranded::StrandedSessions,
     /// Their live sessions, for `MAX_CONNECTIONS_PER_MESH`.
     sessions: std::sync::atomic::AtomicU32,
 }
@@ -847,7 +847,7 @@ pub fn write_peers_list(
     for part in remote.parts() {
         list.written(&part.entries);
     }
-    remote.orphans.for_each_entry(|entry| list.written(entry));
+    remote.stranded.for_each_entry(|entry| list.written(entry));
     list.finish(req_id);
 }
 

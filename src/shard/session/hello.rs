@@ -439,8 +439,8 @@ impl Session {
         let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
         let hash = crate::mesh::peers::session_hash(&hello.session_id);
         // A dead node's session in its grace: taken over from its listing.
-        if let Some(orphan) = mesh.remote.orphans.take(member, hash, session_key) {
-            return Some(orphan.moved());
+        if let Some(stranded) = mesh.remote.stranded.take(member, hash, session_key) {
+            return Some(stranded.moved());
         }
         let (slot, presence) = mesh.remote.presence_of(member, hash, session_key)?;
         let (reply, answer) = tokio::sync::oneshot::channel();

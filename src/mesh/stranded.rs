@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// One session of a dead node.
-pub struct Orphan {
+pub struct Stranded {
     pub member: Arc<MemberEntry>,
     /// Its `sessionId`, hashed as parts carry it.
     pub session_hash: u64,
@@ -19,7 +19,7 @@ pub struct Orphan {
     pub until: Instant,
 }
 
-impl Orphan {
+impl Stranded {
     /// What it brings to the hello that takes it over: what its entry
     /// says (its status's age is not in it: set now).
     pub fn moved(&self) -> super::peers::MovedSession {
@@ -49,22 +49,22 @@ impl Orphan {
     }
 }
 
-/// A mesh's orphans, few and short-lived: a list.
+/// A mesh's stranded sessions, few and short-lived: a list.
 #[derive(Default)]
-pub struct Orphans(Mutex<Vec<Orphan>>);
+pub struct StrandedSessions(Mutex<Vec<Stranded>>);
 
-impl Orphans {
-    fn lock(&self) -> MutexGuard<'_, Vec<Orphan>> {
-        self.0.lock().expect("orphans lock")
+impl StrandedSessions {
+    fn lock(&self) -> MutexGuard<'_, Vec<Stranded>> {
+        self.0.lock().expect("stranded lock")
     }
 
     /// Adds those not known yet (by presence): a node learns of a dead
     /// node's sessions from its own view and from other nodes' parts.
-    pub fn add(&self, orphans: Vec<Orphan>) {
+    pub fn add(&self, stranded: Vec<Stranded>) {
         let mut known = self.lock();
-        for orphan in orphans {
-            if !known.iter().any(|o| o.presence == orphan.presence) {
-                known.push(orphan);
+        for stranded in stranded {
+            if !known.iter().any(|o| o.presence == stranded.presence) {
+                known.push(stranded);
             }
         }
     }
@@ -72,13 +72,13 @@ impl Orphans {
     /// Copies of those still in their grace, with what is left of it, for
     /// this node's part (so a node that did not follow the mesh when that
     /// node died learns of them too).
-    pub fn listed(&self, now: Instant) -> Vec<(Orphan, u64)> {
+    pub fn listed(&self, now: Instant) -> Vec<(Stranded, u64)> {
         self.lock()
             .iter()
             .filter(|o| o.until > now)
             .map(|o| {
                 let left = o.until.duration_since(now).as_millis().max(1) as u64;
-                let copy = Orphan {
+                let copy = Stranded {
                     member: o.member.clone(),
                     session_hash: o.session_hash,
                     session_key: o.session_key.clone(),
@@ -91,27 +91,27 @@ impl Orphans {
             .collect()
     }
 
-    /// The orphan a hello takes over, no longer listed.
+    /// The stranded session a hello takes over, no longer listed.
     pub fn take(
         &self,
         member: &Arc<MemberEntry>,
         session_hash: u64,
         key: Option<&str>,
-    ) -> Option<Orphan> {
-        let mut orphans = self.lock();
+    ) -> Option<Stranded> {
+        let mut stranded = self.lock();
         let now = Instant::now();
-        let at = orphans
+        let at = stranded
             .iter()
             .position(|o| o.until > now && o.is(member, session_hash, key))?;
-        Some(orphans.swap_remove(at))
+        Some(stranded.swap_remove(at))
     }
 
-    /// Drops the orphans a live node lists again (taken over there, or the
+    /// Drops the sessions a live node lists again (taken over there, or the
     /// node was not dead after all).
     pub fn forget(&self, listed: impl Fn(&str) -> bool) {
-        let mut orphans = self.lock();
-        if !orphans.is_empty() {
-            orphans.retain(|o| !listed(&o.presence));
+        let mut stranded = self.lock();
+        if !stranded.is_empty() {
+            stranded.retain(|o| !listed(&o.presence));
         }
     }
 
@@ -121,18 +121,18 @@ impl Orphans {
 
     /// Drops those whose grace is over; how many.
     pub fn expire(&self, now: Instant) -> usize {
-        let mut orphans = self.lock();
-        let before = orphans.len();
-        orphans.retain(|o| o.until > now);
-        before - orphans.len()
+        let mut stranded = self.lock();
+        let before = stranded.len();
+        stranded.retain(|o| o.until > now);
+        before - stranded.len()
     }
 
     /// Each one's entry, for `list_peers` (those past their grace are
     /// not listed, even before a sweep drops them).
     pub fn for_each_entry(&self, mut f: impl FnMut(&[u8])) {
         let now = Instant::now();
-        for orphan in self.lock().iter().filter(|o| o.until > now) {
-            f(&orphan.entry);
+        for stranded in self.lock().iter().filter(|o| o.until > now) {
+            f(&stranded.entry);
         }
     }
 }
@@ -165,8 +165,8 @@ mod tests {
         directory.install("m", &[row]).view().members()[0].clone()
     }
 
-    fn orphan(member: &Arc<MemberEntry>, hash: u64, key: Option<&str>, p: &str) -> Orphan {
-        Orphan {
+    fn session(member: &Arc<MemberEntry>, hash: u64, key: Option<&str>, p: &str) -> Stranded {
+        Stranded {
             member: member.clone(),
             session_hash: hash,
             session_key: key.map(Into::into),
@@ -177,30 +177,30 @@ mod tests {
     }
 
     #[test]
-    fn a_hello_takes_its_own_orphan_once_and_the_rest_expire() {
+    fn a_hello_takes_its_own_stranded_session_once_and_the_rest_expire() {
         let (a, b) = (member("a"), member("b"));
-        let orphans = Orphans::default();
-        orphans.add(vec![
-            orphan(&a, 7, None, "p1"),
-            orphan(&a, 7, Some("k"), "p2"),
-            orphan(&b, 7, None, "p3"),
+        let sessions = StrandedSessions::default();
+        sessions.add(vec![
+            session(&a, 7, None, "p1"),
+            session(&a, 7, Some("k"), "p2"),
+            session(&b, 7, None, "p3"),
         ]);
         let mut entries = Vec::new();
-        orphans.for_each_entry(|e| entries.push(e.to_vec()));
+        sessions.for_each_entry(|e| entries.push(e.to_vec()));
         assert_eq!(
             entries[0],
             br#"{"summary":"\"away\":false","away":true,"x":1}"#.to_vec()
         );
-        assert!(orphans.take(&a, 8, None).is_none(), "another sessionId");
+        assert!(sessions.take(&a, 8, None).is_none(), "another sessionId");
         assert!(
-            orphans.take(&b, 7, Some("k")).is_none(),
+            sessions.take(&b, 7, Some("k")).is_none(),
             "another member's key"
         );
-        assert_eq!(&*orphans.take(&a, 7, Some("k")).unwrap().presence, "p2");
-        assert_eq!(&*orphans.take(&a, 7, None).unwrap().presence, "p1");
-        assert!(orphans.take(&a, 7, None).is_none(), "taken once");
-        orphans.forget(|p| p == "nobody");
-        assert_eq!(orphans.expire(Instant::now()), 0);
-        assert_eq!(orphans.expire(Instant::now() + Duration::from_secs(61)), 1);
+        assert_eq!(&*sessions.take(&a, 7, Some("k")).unwrap().presence, "p2");
+        assert_eq!(&*sessions.take(&a, 7, None).unwrap().presence, "p1");
+        assert!(sessions.take(&a, 7, None).is_none(), "taken once");
+        sessions.forget(|p| p == "nobody");
+        assert_eq!(sessions.expire(Instant::now()), 0);
+        assert_eq!(sessions.expire(Instant::now() + Duration::from_secs(61)), 1);
     }
 }
