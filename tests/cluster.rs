@@ -3,7 +3,9 @@
 //! sharing one fresh database. Sessions are spread over the nodes by the
 //! test; what each user sees is asserted: pushes once, acks, the merged
 //! directory, status gating, held envelopes following their member, the
-//! merged connection bound, a node killed with -9, NATS restarted.
+//! merged connection bound, a node killed with -9 (its held envelopes, its
+//! leases, its sessions taken over within their grace), NATS restarted,
+//! parts in chunks, a session moving between nodes.
 //! Skipped (with a note) where nats-server is not installed; `.ci/run`
 //! installs it.
 mod common;

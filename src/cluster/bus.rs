@@ -16,9 +16,14 @@
 //! - Held envelopes: the node that accepted a send holds it until its
 //!   member is live somewhere; then it hands it to that node, which holds
 //!   it in its own queue and drains it like its own.
+//! - Sessions: a hello here takes over a session another node lists (it
+//!   gives it up and answers with its state); peer events, group changes,
+//!   admin kicks and bans, and send-rate spends go to the other nodes.
 //! - Dead nodes (no heartbeat for `NODE_DEAD_AFTER_MS`, while this node's
-//!   own bus connection is up): their sessions leave the directory, their
-//!   presence rows end, and their held rows are claimed and loaded here.
+//!   own bus connection is up): their held rows are claimed and loaded
+//!   here; their sessions stay listed away (stranded) for the session
+//!   grace, for a hello on any node to take over, and then their presence
+//!   rows end.
 use super::view::{MeshView, Nodes};
 use super::wire::{self, Head, Kind, PartSession};
 use super::{slot_bit, BusCommand, HookCandidate, LOCAL};
