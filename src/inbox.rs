@@ -153,6 +153,12 @@ pub enum ShardEvent {
         status: Status,
         reply: tokio::sync::oneshot::Sender<Option<Box<str>>>,
     },
+    /// A dead node's sessions whose grace ran out untaken: this node's
+    /// sessions that asked for peer events hear they left.
+    StrandedLeft {
+        mesh: Arc<MeshEntry>,
+        gone: Vec<crate::mesh::stranded::Stranded>,
+    },
     /// A held envelope another node handed over is held here now: its row
     /// becomes this node's (`HeldCommand::Adopt`).
     Adopted(Arc<crate::mesh::Envelope>),

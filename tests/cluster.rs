@@ -360,8 +360,12 @@ fn a_killed_node_loses_nothing_acked_its_held_envelopes_follow() {
     };
     let members = seed_mesh(&cluster.db, "kill", 3);
     let mut alice = cluster.connect(0, &members[0]);
-    let mut carol = cluster.connect(1, &members[2]);
+    let mut carol = Peer::open(cluster.node(1));
+    let mut hello = hello(&members[2]);
+    hello["capabilities"] = json!(["peer_events"]);
+    assert_eq!(carol.request(&hello)["type"], "hello_ack");
     wait_directory(&mut alice, &[&members[0], &members[2]]);
+    let alice_presence = alice.presence_id.clone();
     // Held on node a for bob (offline), acked after their rows commit.
     let mut acked = Vec::new();
     for n in 0..50 {
@@ -376,8 +380,13 @@ fn a_killed_node_loses_nothing_acked_its_held_envelopes_follow() {
     }
     cluster.nodes[0].sigkill();
     let _ = cluster.nodes[0].wait_exit(WAIT);
-    // Node b notices (no heartbeat for 1.5 s), ends a's sessions and takes
-    // over its held envelopes; bob connects there.
+    // Node b notices (no heartbeat for 1.5 s), takes over a's held
+    // envelopes, lists alice away for her grace, then tells carol she left;
+    // bob connects there.
+    let left = carol.recv_push(Duration::from_secs(10));
+    assert_eq!(left["event"], "peer_left", "{left}");
+    assert_eq!(left["eventData"]["presenceId"], alice_presence.as_str());
+    assert!(left["eventData"].get("self").is_none(), "{left}");
     wait_directory(&mut carol, &[&members[2]]);
     let mut bob = cluster.connect(1, &members[1]);
     let mut got = Vec::new();

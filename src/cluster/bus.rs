@@ -1300,7 +1300,11 @@ impl Bus {
         self.dirty.extend(meshes.iter().cloned());
         let now = Instant::now();
         for mesh in &meshes {
-            mesh.remote.stranded.expire(now);
+            let gone = mesh.remote.stranded.expire(now);
+            if !gone.is_empty() {
+                let mesh = mesh.clone();
+                self.to_shard(0, ShardEvent::StrandedLeft { mesh, gone });
+            }
         }
         // Held here for a member live only elsewhere (a handover refused or
         // lost, a send held while the bus was away): handed over again.

@@ -857,6 +857,28 @@ pub fn write_remote_entry(out: &mut Vec<u8>, entry: &SessionEntry, state: &Sessi
     with_fields(entry, state, |fields| write_peer(out, fields, Some(false)));
 }
 
+/// A `peer_left` about a dead node's session whose grace ran out with no
+/// hello taking it over, as a WebSocket frame (README "Several nodes").
+pub fn stranded_left_frame(
+    stranded: &super::stranded::Stranded,
+    mesh_id: &str,
+    message_id: &str,
+    created_at: &str,
+) -> Bytes {
+    let mut json = Vec::with_capacity(512);
+    let data = stranded.event_data();
+    let event = PeerEvent::Left.as_str();
+    crate::protocol::write_peer_event_with(
+        &mut json,
+        event,
+        message_id,
+        mesh_id,
+        created_at,
+        |out| out.extend_from_slice(&data),
+    );
+    ws::encode_server_frame(OpCode::Text, &json)
+}
+
 /// A peer event about `entry`, as a WebSocket frame (encoded once, shared
 /// by every shard and recipient).
 pub fn event_frame(

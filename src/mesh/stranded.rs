@@ -37,6 +37,15 @@ impl Stranded {
         }
     }
 
+    /// Its peer as a peer event tells it (the entry without `self`).
+    pub fn event_data(&self) -> Vec<u8> {
+        const SELF: &[u8] = b",\"self\":false}";
+        match self.entry.strip_suffix(SELF) {
+            Some(rest) => [rest, b"}"].concat(),
+            None => self.entry.clone(),
+        }
+    }
+
     /// Whether a hello of `member` with `session_hash` (and key) names it:
     /// a `session_hello` by its key, a `hello` by its `sessionId`.
     fn is(&self, member: &Arc<MemberEntry>, session_hash: u64, key: Option<&str>) -> bool {
@@ -119,12 +128,18 @@ impl StrandedSessions {
         self.lock().is_empty()
     }
 
-    /// Drops those whose grace is over; how many.
-    pub fn expire(&self, now: Instant) -> usize {
+    /// Drops those whose grace is over (their sessions have ended),
+    /// returning them.
+    pub fn expire(&self, now: Instant) -> Vec<Stranded> {
         let mut stranded = self.lock();
-        let before = stranded.len();
-        stranded.retain(|o| o.until > now);
-        before - stranded.len()
+        if stranded.iter().all(|o| o.until > now) {
+            return Vec::new();
+        }
+        let (gone, kept) = std::mem::take(&mut *stranded)
+            .into_iter()
+            .partition(|o| o.until <= now);
+        *stranded = kept;
+        gone
     }
 
     /// Each one's entry, for `list_peers` (those past their grace are
@@ -191,6 +206,15 @@ mod tests {
             entries[0],
             br#"{"summary":"\"away\":false","away":true,"x":1}"#.to_vec()
         );
+        let listed = session(&a, 1, None, "p9");
+        let listed = Stranded {
+            entry: br#"{"presenceId":"p9","away":true,"self":false}"#.to_vec(),
+            ..listed
+        };
+        assert_eq!(
+            listed.event_data(),
+            br#"{"presenceId":"p9","away":true}"#.to_vec()
+        );
         assert!(sessions.take(&a, 8, None).is_none(), "another sessionId");
         assert!(
             sessions.take(&b, 7, Some("k")).is_none(),
@@ -200,7 +224,9 @@ mod tests {
         assert_eq!(&*sessions.take(&a, 7, None).unwrap().presence, "p1");
         assert!(sessions.take(&a, 7, None).is_none(), "taken once");
         sessions.forget(|p| p == "nobody");
-        assert_eq!(sessions.expire(Instant::now()), 0);
-        assert_eq!(sessions.expire(Instant::now() + Duration::from_secs(61)), 1);
+        assert!(sessions.expire(Instant::now()).is_empty());
+        let gone = sessions.expire(Instant::now() + Duration::from_secs(61));
+        assert_eq!(gone.len(), 1);
+        assert_eq!(&*gone[0].presence, "p3");
     }
 }

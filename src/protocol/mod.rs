@@ -30,8 +30,8 @@ pub use inbound::{
 };
 pub use outbound::{
     mark_redelivered, write_ack, write_error, write_hello_ack, write_peer, write_peer_event,
-    write_push, write_str as write_json_str, Ack, GroupRole, HelloAck, PeerFields, PeersListWriter,
-    PushFields, PushRanges,
+    write_peer_event_with, write_push, write_str as write_json_str, Ack, GroupRole, HelloAck,
+    PeerFields, PeersListWriter, PushFields, PushRanges,
 };
 pub(crate) use peek::peek_ids;
 #[cfg(feature = "fuzzing")]

@@ -321,10 +321,24 @@ pub fn write_peer_event(
     created_at: &str,
     peer: &PeerFields<'_>,
 ) {
+    let data = |out: &mut Vec<u8>| write_peer(out, peer, None);
+    write_peer_event_with(out, event, message_id, mesh_id, created_at, data);
+}
+
+/// The same, its `eventData` written by `data` (a peer another node
+/// listed, as JSON already).
+pub fn write_peer_event_with(
+    out: &mut Vec<u8>,
+    event: &str,
+    message_id: &str,
+    mesh_id: &str,
+    created_at: &str,
+    data: impl FnOnce(&mut Vec<u8>),
+) {
     out.extend_from_slice(b"{\"type\":\"push\",\"subtype\":\"system\",\"event\":");
     write_str(out, event);
     out.extend_from_slice(b",\"eventData\":");
-    write_peer(out, peer, None);
+    data(out);
     out.extend_from_slice(b",\"messageId\":");
     write_str(out, message_id);
     out.extend_from_slice(b",\"meshId\":");

@@ -132,6 +132,35 @@ impl Shard {
         }
     }
 
+    /// A dead node's sessions ended at the end of their grace: `peer_left`
+    /// to this node's sessions that asked (each node tells its own).
+    pub(super) fn stranded_left(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        gone: Vec<crate::mesh::stranded::Stranded>,
+    ) {
+        for stranded in gone {
+            let message_id = self.ids.borrow_mut().next_id();
+            let frame = {
+                let mut clock = self.clock.borrow_mut();
+                peers::stranded_left_frame(&stranded, &mesh.id, &message_id, clock.now_rfc3339())
+            };
+            let mut shards = mesh.live_shards.get() & crate::cluster::LOCAL;
+            while shards != 0 {
+                let dest = shards.trailing_zeros() as usize;
+                shards &= shards - 1;
+                self.send_to(
+                    dest,
+                    ShardEvent::PeerEvent {
+                        mesh: mesh.clone(),
+                        about: stranded.member.clone(),
+                        frame: frame.clone(),
+                    },
+                );
+            }
+        }
+    }
+
     pub(super) fn deliver_peer_event(
         &self,
         mesh: &Arc<MeshEntry>,

@@ -169,6 +169,7 @@ impl Shard {
                 self.deliver_peer_event(&mesh, &about, &frame)
             }
             ShardEvent::Replaced { conn } => self.close_replaced(conn),
+            ShardEvent::StrandedLeft { mesh, gone } => self.stranded_left(&mesh, gone),
             ShardEvent::Adopted(envelope) => self.to_lane(HeldCommand::Adopt { envelope }),
             ShardEvent::GiveUp { mesh, entry, reply } => {
                 let _ = reply.send(self.give_up(&mesh, &entry));
