@@ -32,7 +32,7 @@ use crate::inbox::{ShardEvent, ShardSender};
 use crate::mesh::directory::{Directory, MemberEntry, MeshEntry};
 use crate::mesh::held::Take;
 use crate::mesh::peers::{self, Holder, MovedSession};
-use crate::mesh::plan::{first_shard, key, Route, Targets};
+use crate::mesh::plan::{first_shard, key, shards_in, Route, Targets};
 use crate::mesh::{Envelope, EnvelopeTarget};
 use crate::protocol::Priority;
 use bytes::{Bytes, BytesMut};
@@ -380,27 +380,27 @@ impl Bus {
             } => {
                 change.member = member.pubkey.to_string();
                 let line = serde_json::to_vec(&change).expect("a group change serializes");
-                let subject = wire::mesh_subject(&mesh.id, "groups");
-                let batch = self.outgoing.entry(subject).or_default();
-                wire::append_record(&mut batch.0, &line, b"");
+                self.queue_record(&mesh, "groups", &line, b"");
             }
             BusCommand::Admin { mesh, change } => {
                 let line = serde_json::to_vec(&change).expect("an admin change serializes");
-                let subject = wire::mesh_subject(&mesh.id, "admin");
-                let batch = self.outgoing.entry(subject).or_default();
-                wire::append_record(&mut batch.0, &line, b"");
+                self.queue_record(&mesh, "admin", &line, b"");
             }
             BusCommand::Spent { mesh, member } => {
-                let subject = wire::mesh_subject(&mesh.id, "rate");
-                let batch = self.outgoing.entry(subject).or_default();
-                wire::append_record(&mut batch.0, member.pubkey.as_bytes(), b"");
+                self.queue_record(&mesh, "rate", member.pubkey.as_bytes(), b"");
             }
             BusCommand::PeerEvent { mesh, about, frame } => {
-                let subject = wire::mesh_subject(&mesh.id, "event");
-                let batch = self.outgoing.entry(subject).or_default();
-                wire::append_record(&mut batch.0, about.pubkey.as_bytes(), &frame);
+                self.queue_record(&mesh, "event", about.pubkey.as_bytes(), &frame);
             }
         }
+    }
+
+    /// A record for the mesh's `kind` subject, published with the turn's
+    /// batch (no confirm awaited).
+    fn queue_record(&mut self, mesh: &MeshEntry, kind: &str, line: &[u8], frame: &[u8]) {
+        let subject = wire::mesh_subject(&mesh.id, kind);
+        let batch = self.outgoing.entry(subject).or_default();
+        wire::append_record(&mut batch.0, line, frame);
     }
 
     /// A stashed hook signal for every other node (seq 0: no answer).
@@ -501,14 +501,7 @@ impl Bus {
         let me = self.spec.node_id.clone();
         let timeout = self.spec.confirm_timeout;
         tokio::spawn(async move {
-            let presence = match asked {
-                true => tokio::time::timeout(timeout, answer)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten(),
-                false => None,
-            };
+            let presence = shard_answer(asked, answer, timeout).await;
             let mut confirm = Vec::with_capacity(64);
             let line = wire::Confirm {
                 presence: presence.as_deref(),
@@ -576,14 +569,7 @@ impl Bus {
         let client = self.client.clone();
         let timeout = self.spec.confirm_timeout;
         tokio::spawn(async move {
-            let moved: Option<MovedSession> = match asked {
-                true => tokio::time::timeout(timeout, answer)
-                    .await
-                    .ok()
-                    .and_then(Result::ok)
-                    .flatten(),
-                false => None,
-            };
+            let moved: Option<MovedSession> = shard_answer(asked, answer, timeout).await;
             let payload = serde_json::to_vec(&moved).expect("a moved session serializes");
             let publish = client.publish(respond, payload.into());
             let _ = tokio::time::timeout(PUBLISH_TIMEOUT, publish).await;
@@ -714,19 +700,13 @@ impl Bus {
                 }
             }
             "event" => {
-                for record in wire::records(&message.payload) {
-                    let Some((about, frame)) = record.as_ref().and_then(wire::split_record) else {
-                        break;
-                    };
-                    self.peer_event(&token, about, frame);
+                for (about, frame) in wire::lines(&message.payload) {
+                    self.peer_event(&token, &about, frame);
                 }
             }
             "admin" => {
-                for record in wire::records(&message.payload) {
-                    let Some((line, _)) = record.as_ref().and_then(wire::split_record) else {
-                        break;
-                    };
-                    if let Ok(change) = serde_json::from_slice(line) {
+                for (line, _) in wire::lines(&message.payload) {
+                    if let Ok(change) = serde_json::from_slice(&line) {
                         self.admin_changed(&token, change);
                     }
                 }
@@ -737,11 +717,8 @@ impl Bus {
                 };
                 let view = followed.view.mesh.view();
                 let now = Instant::now();
-                for record in wire::records(&message.payload) {
-                    let Some((member, _)) = record.as_ref().and_then(wire::split_record) else {
-                        break;
-                    };
-                    let member = std::str::from_utf8(member).ok();
+                for (member, _) in wire::lines(&message.payload) {
+                    let member = std::str::from_utf8(&member).ok();
                     if let Some(member) = member.and_then(|k| view.member_by_pubkey(k)) {
                         member
                             .send_bucket
@@ -750,11 +727,8 @@ impl Bus {
                 }
             }
             "groups" => {
-                for record in wire::records(&message.payload) {
-                    let Some((line, _)) = record.as_ref().and_then(wire::split_record) else {
-                        break;
-                    };
-                    if let Ok(change) = serde_json::from_slice(line) {
+                for (line, _) in wire::lines(&message.payload) {
+                    if let Ok(change) = serde_json::from_slice(&line) {
                         self.group_changed(&token, &change);
                     }
                 }
@@ -863,10 +837,7 @@ impl Bus {
         else {
             return;
         };
-        let mut shards = mesh.live_shards.get() & LOCAL;
-        while shards != 0 {
-            let shard = shards.trailing_zeros() as usize;
-            shards &= shards - 1;
+        for shard in shards_in(mesh.live_shards.get() & LOCAL) {
             self.to_shard(
                 shard,
                 ShardEvent::PeerEvent {
@@ -1077,10 +1048,7 @@ impl Bus {
             shards,
         });
         let mut placed = true;
-        let mut rest = shards;
-        while rest != 0 {
-            let shard = rest.trailing_zeros() as usize;
-            rest &= rest - 1;
+        for shard in shards_in(shards) {
             placed &= self.to_shard(shard, ShardEvent::Route(route.clone()));
         }
         placed
@@ -1409,19 +1377,18 @@ impl Bus {
                 stranded_ms: 0,
             })
             .collect();
-        let orphans = mesh.remote.stranded.listed(Instant::now());
-        sessions.extend(orphans.iter().map(|(orphan, left)| PartSession {
-            member: &orphan.member.pubkey,
+        let stranded = mesh.remote.stranded.listed(Instant::now());
+        sessions.extend(stranded.iter().map(|(session, left)| PartSession {
+            member: &session.member.pubkey,
             live: false,
             open: false,
-            session_key: orphan.session_key.as_deref(),
-            presence: &orphan.presence,
-            session_hash: orphan.session_hash,
-            entry: &orphan.entry,
+            session_key: session.session_key.as_deref(),
+            presence: &session.presence,
+            session_hash: session.session_hash,
+            entry: &session.entry,
             stranded_ms: *left,
         }));
-        let generation = self.next_part.get();
-        self.next_part.set(generation + 1);
+        let generation = self.part_generation();
         let chunks = wire::encode_part(self.me(), generation, &sessions, self.part_bytes());
         let subject = wire::mesh_subject(&mesh.id, "dir");
         for chunk in chunks {
@@ -1430,6 +1397,13 @@ impl Bus {
                 break;
             }
         }
+    }
+
+    /// A new generation for this node's next part publication.
+    fn part_generation(&self) -> u64 {
+        let generation = self.next_part.get();
+        self.next_part.set(generation + 1);
+        generation
     }
 
     /// Largest chunk of a part: what the server takes in one message, with
@@ -1521,8 +1495,7 @@ impl Bus {
     async fn leave(&mut self) {
         let meshes = self.followed_meshes();
         for mesh in meshes {
-            let generation = self.next_part.get();
-            self.next_part.set(generation + 1);
+            let generation = self.part_generation();
             for part in wire::encode_part(self.me(), generation, &[], usize::MAX) {
                 self.publish(wire::mesh_subject(&mesh.id, "dir"), part)
                     .await;
@@ -1530,6 +1503,23 @@ impl Bus {
         }
         let _ = tokio::time::timeout(Duration::from_secs(1), self.client.flush()).await;
     }
+}
+
+/// What a shard answered a question put to it (`asked`: the event was
+/// queued), or `None` when it answered nothing in time.
+async fn shard_answer<T>(
+    asked: bool,
+    answer: tokio::sync::oneshot::Receiver<Option<T>>,
+    timeout: Duration,
+) -> Option<T> {
+    if !asked {
+        return None;
+    }
+    tokio::time::timeout(timeout, answer)
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .flatten()
 }
 
 async fn end_presences(

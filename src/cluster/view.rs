@@ -159,8 +159,7 @@ impl MeshView {
                 continue;
             };
             let presence: Box<str> = session.presence.into();
-            let session_key: Option<Box<str>> =
-                session.session_key.map(|k| k.to_ascii_lowercase().into());
+            let session_key = session.lowercase_key();
             match &session_key {
                 Some(k) => {
                     session_keys.insert(k.clone(), (member.clone(), presence.clone()));
@@ -246,11 +245,10 @@ impl MeshView {
             .iter()
             .filter_map(|line| {
                 let member = view.member_by_pubkey(line.member)?;
-                let key: Option<Box<str>> = line.session_key.map(|k| k.to_ascii_lowercase().into());
                 Some(Stranded {
                     member: member.clone(),
                     session_hash: line.session_hash,
-                    session_key: key,
+                    session_key: line.lowercase_key(),
                     presence: line.presence.into(),
                     entry: line.entry.to_vec(),
                     until: now + Duration::from_millis(line.stranded_ms),

@@ -17,6 +17,7 @@ use crate::status::hook_index::HookRank;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 use std::borrow::Cow;
+use std::fmt::Write as _;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 pub const BEAT: &str = "meshbroker.nodes.beat";
@@ -224,6 +225,16 @@ pub fn records(payload: &Bytes) -> impl Iterator<Item = Option<Bytes>> + '_ {
     })
 }
 
+/// Each record's first line and the frame after it (slices of `payload`,
+/// not copies), up to the first cut short.
+pub fn lines(payload: &Bytes) -> impl Iterator<Item = (Bytes, Bytes)> + '_ {
+    records(payload).map_while(|record| {
+        let record = record?;
+        let (line, frame) = split_record(&record)?;
+        Some((record.slice(..line.len()), frame))
+    })
+}
+
 /// A record's head and frame (a slice of it, not a copy).
 pub fn decode(record: &Bytes) -> Option<(Head<'_>, Bytes)> {
     let (line, frame) = split_record(record)?;
@@ -361,60 +372,68 @@ pub struct PartSession<'a> {
     pub stranded_ms: u64,
 }
 
+impl PartSession<'_> {
+    /// Its session key as this node's indexes hold keys (lowercase).
+    pub fn lowercase_key(&self) -> Option<Box<str>> {
+        self.session_key.map(|k| k.to_ascii_lowercase().into())
+    }
+}
+
 pub use crate::mesh::peers::session_hash;
 
 /// A node's sessions of a mesh, in one or more chunks (NATS messages),
 /// each at most `max_bytes` unless one session alone is larger: a header
 /// line `<node>\t<generation>\t<chunk>\t<chunks>` then one line per
-/// session, `<member key>\t<l|-><o|->[x<orphan ms>]\t<session key|->\t<presence>\t<hash
-/// hex>\t<entry json>`. Entries are JSON written by `protocol` (no raw
-/// newline or tab); keys are hex, presence ids base32. A receiver applies
-/// a generation once it has all its chunks.
+/// session, `<member key>\t<l|-><o|->[x<stranded ms>]\t<session key|->
+/// \t<presence>\t<hash hex>\t<entry json>`. Entries are JSON written by
+/// `protocol` (no raw newline or tab); keys are hex, presence ids base32.
+/// A receiver applies a generation once it has all its chunks.
 pub fn encode_part(
     node: &str,
     generation: u64,
     sessions: &[PartSession<'_>],
     max_bytes: usize,
 ) -> Vec<Bytes> {
-    let mut bodies = vec![BytesMut::new()];
+    let header = 64 + node.len();
+    let mut bodies = Vec::new();
+    let mut body = BytesMut::new();
     for session in sessions {
-        let mut line = BytesMut::with_capacity(session.entry.len() + 180);
-        line.put_slice(session.member.as_bytes());
-        line.put_u8(b'\t');
-        line.put_u8(if session.live { b'l' } else { b'-' });
-        line.put_u8(if session.open { b'o' } else { b'-' });
-        if session.stranded_ms != 0 {
-            line.put_slice(format!("x{}", session.stranded_ms).as_bytes());
+        let start = body.len();
+        put_part_line(&mut body, session);
+        if start != 0 && body.len() + header > max_bytes {
+            let line = body.split_off(start);
+            bodies.push(std::mem::replace(&mut body, line));
         }
-        line.put_u8(b'\t');
-        line.put_slice(session.session_key.unwrap_or("-").as_bytes());
-        line.put_u8(b'\t');
-        line.put_slice(session.presence.as_bytes());
-        line.put_u8(b'\t');
-        line.put_slice(format!("{:x}", session.session_hash).as_bytes());
-        line.put_u8(b'\t');
-        line.put_slice(session.entry);
-        line.put_u8(b'\n');
-        let body = bodies.last_mut().expect("one body at least");
-        if !body.is_empty() && body.len() + line.len() + 64 + node.len() > max_bytes {
-            bodies.push(BytesMut::new());
-        }
-        bodies
-            .last_mut()
-            .expect("one body at least")
-            .put_slice(&line);
     }
+    bodies.push(body);
     let count = bodies.len();
     bodies
         .into_iter()
         .enumerate()
         .map(|(index, body)| {
-            let mut chunk = BytesMut::with_capacity(body.len() + 64 + node.len());
-            chunk.put_slice(format!("{node}\t{generation}\t{index}\t{count}\n").as_bytes());
+            let mut chunk = BytesMut::with_capacity(body.len() + header);
+            let _ = writeln!(chunk, "{node}\t{generation}\t{index}\t{count}");
             chunk.put_slice(&body);
             chunk.freeze()
         })
         .collect()
+}
+
+fn put_part_line(out: &mut BytesMut, session: &PartSession<'_>) {
+    out.put_slice(session.member.as_bytes());
+    out.put_u8(b'\t');
+    out.put_u8(if session.live { b'l' } else { b'-' });
+    out.put_u8(if session.open { b'o' } else { b'-' });
+    if session.stranded_ms != 0 {
+        let _ = write!(out, "x{}", session.stranded_ms);
+    }
+    out.put_u8(b'\t');
+    out.put_slice(session.session_key.unwrap_or("-").as_bytes());
+    out.put_u8(b'\t');
+    out.put_slice(session.presence.as_bytes());
+    let _ = write!(out, "\t{:x}\t", session.session_hash);
+    out.put_slice(session.entry);
+    out.put_u8(b'\n');
 }
 
 /// Which chunk of which publication of a node's part a message is.
@@ -696,5 +715,23 @@ mod tests {
         let got: Vec<Option<Bytes>> = super::records(&cut).collect();
         assert_eq!(got.len(), 2);
         assert!(got[0].is_some() && got[1].is_none());
+    }
+
+    #[test]
+    fn lines_stop_at_a_record_cut_short_or_without_a_line() {
+        let mut batch = BytesMut::new();
+        append_record(&mut batch, b"aa", b"frame");
+        append_record(&mut batch, b"bb", b"");
+        let whole = batch.clone().freeze();
+        let got: Vec<(Bytes, Bytes)> = lines(&whole).collect();
+        assert_eq!(got.len(), 2);
+        assert_eq!((&got[0].0[..], &got[0].1[..]), (&b"aa"[..], &b"frame"[..]));
+        assert_eq!((&got[1].0[..], &got[1].1[..]), (&b"bb"[..], &b""[..]));
+        assert_eq!(lines(&whole.slice(..whole.len() - 1)).count(), 1);
+        batch.clear();
+        batch.put_u32(2);
+        batch.put_slice(b"xy");
+        append_record(&mut batch, b"cc", b"");
+        assert_eq!(lines(&batch.freeze()).count(), 0, "no newline: stop");
     }
 }

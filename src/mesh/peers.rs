@@ -45,6 +45,22 @@ pub fn session_hash(session_id: &str) -> u64 {
         })
 }
 
+/// Whether a hello (its session key, if a `session_hello`) names a session
+/// (its key, if it has one): a `session_hello` by its key whatever its
+/// `sessionId`, a `hello` by its `sessionId` (`same_id`), never the one
+/// the other.
+pub fn names_session(
+    key: Option<&str>,
+    theirs: Option<&str>,
+    same_id: impl FnOnce() -> bool,
+) -> bool {
+    match (key, theirs) {
+        (Some(key), Some(theirs)) => key == theirs,
+        (None, None) => same_id(),
+        _ => false,
+    }
+}
+
 /// Where a session is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Holder {
@@ -269,11 +285,9 @@ impl SessionEntry {
     /// `session_hello` by its key whatever its `sessionId`, a `hello` by
     /// its `sessionId`, and never the one the other.
     pub fn is(&self, session_id: &str, session_pubkey: Option<&str>) -> bool {
-        match (session_pubkey, self.session_pubkey.as_deref()) {
-            (Some(key), Some(theirs)) => key == theirs,
-            (None, None) => &*self.session_id == session_id,
-            _ => false,
-        }
+        names_session(session_pubkey, self.session_pubkey.as_deref(), || {
+            &*self.session_id == session_id
+        })
     }
 
     pub fn state(&self) -> SessionState {
@@ -425,13 +439,11 @@ impl MemberSessions {
     /// Whether one of these sessions is the one a part lists with this
     /// `sessionId` hash (and key).
     pub fn has_hashed(&self, session_hash_of: u64, session_pubkey: Option<&str>) -> bool {
-        self.lock()
-            .iter()
-            .any(|e| match (session_pubkey, e.session_pubkey.as_deref()) {
-                (Some(key), Some(theirs)) => key == theirs,
-                (None, None) => session_hash(&e.session_id) == session_hash_of,
-                _ => false,
+        self.lock().iter().any(|e| {
+            names_session(session_pubkey, e.session_pubkey.as_deref(), || {
+                session_hash(&e.session_id) == session_hash_of
             })
+        })
     }
 
     /// The session with this presence.
@@ -715,18 +727,12 @@ impl RemoteBoard {
     /// The presences of `member`'s sessions on other nodes.
     pub fn presences_of(&self, member: &Arc<MemberEntry>) -> Vec<Box<str>> {
         let parts = self.parts.lock().expect("remote board lock");
-        let at = Arc::as_ptr(member) as usize;
-        let mut presences = Vec::new();
-        for part in parts.values() {
-            let keyed = part
-                .session_keys
-                .values()
-                .filter(|(m, _)| Arc::ptr_eq(m, member));
-            presences.extend(keyed.map(|(_, p)| p.clone()));
-            let by_id = part.by_session_id.iter().filter(|((m, _), _)| *m == at);
-            presences.extend(by_id.map(|(_, p)| p.clone()));
-        }
-        presences
+        parts
+            .values()
+            .flat_map(|part| &part.listed)
+            .filter(|listed| Arc::ptr_eq(&listed.member, member))
+            .map(|listed| listed.presence.clone())
+            .collect()
     }
 
     /// The node (slot) listing the session a hello would take over, with

@@ -343,3 +343,25 @@ pub fn plan_many(
 pub fn first_shard(mask: u64) -> Option<usize> {
     (mask != 0).then(|| mask.trailing_zeros() as usize)
 }
+
+/// Every shard named in a mask, lowest first.
+pub fn shards_in(mut mask: u64) -> impl Iterator<Item = usize> {
+    std::iter::from_fn(move || {
+        let shard = first_shard(mask)?;
+        mask &= mask - 1;
+        Some(shard)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mask_names_its_shards_lowest_first() {
+        assert_eq!(shards_in(0).count(), 0);
+        let mask = 1 | 1 << 5 | 1 << 63;
+        assert_eq!(shards_in(mask).collect::<Vec<_>>(), [0, 5, 63]);
+        assert_eq!(first_shard(mask), Some(0));
+    }
+}

@@ -3,10 +3,12 @@
 //! one's `sessionId` (or key) on any node takes it over, as a hello takes
 //! over a session in its grace on one node.
 use super::directory::MemberEntry;
+use super::peers::names_session;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
 /// One session of a dead node.
+#[derive(Clone)]
 pub struct Stranded {
     pub member: Arc<MemberEntry>,
     /// Its `sessionId`, hashed as parts carry it.
@@ -50,11 +52,9 @@ impl Stranded {
     /// a `session_hello` by its key, a `hello` by its `sessionId`.
     fn is(&self, member: &Arc<MemberEntry>, session_hash: u64, key: Option<&str>) -> bool {
         Arc::ptr_eq(&self.member, member)
-            && match (key, self.session_key.as_deref()) {
-                (Some(key), Some(theirs)) => key == theirs,
-                (None, None) => self.session_hash == session_hash,
-                _ => false,
-            }
+            && names_session(key, self.session_key.as_deref(), || {
+                self.session_hash == session_hash
+            })
     }
 }
 
@@ -87,15 +87,7 @@ impl StrandedSessions {
             .filter(|o| o.until > now)
             .map(|o| {
                 let left = o.until.duration_since(now).as_millis().max(1) as u64;
-                let copy = Stranded {
-                    member: o.member.clone(),
-                    session_hash: o.session_hash,
-                    session_key: o.session_key.clone(),
-                    presence: o.presence.clone(),
-                    entry: o.entry.clone(),
-                    until: o.until,
-                };
-                (copy, left)
+                (o.clone(), left)
             })
             .collect()
     }

@@ -10,12 +10,12 @@ use super::signal;
 use super::state::Shard;
 use crate::audit::AuditEvent;
 use crate::cluster::wire::{AdminAction, AdminChange};
-use crate::cluster::BusCommand;
+use crate::cluster::{BusCommand, LOCAL};
 use crate::db::DbCommand;
 use crate::inbox::ShardEvent;
 use crate::mesh::directory::{MemberEntry, MeshEntry, TooManyGroups};
 use crate::mesh::peers::{self, Holder, MemberSessions, PeerEvent, SessionEntry};
-use crate::mesh::plan::key;
+use crate::mesh::plan::{key, shards_in};
 use crate::protocol::CloseReason;
 use crate::protocol::GroupName;
 use rustc_hash::FxHashMap;
@@ -103,24 +103,9 @@ impl Shard {
     /// every shard, about `entry` (never its own member's sessions). The
     /// frame is encoded once and shared.
     pub(super) fn announce(&self, mesh: &Arc<MeshEntry>, entry: &SessionEntry, event: PeerEvent) {
-        let message_id = self.ids.borrow_mut().next_id();
-        let frame = {
-            let mut clock = self.clock.borrow_mut();
-            peers::event_frame(event, entry, &mesh.id, &message_id, clock.now_rfc3339())
-        };
-        let mut shards = mesh.live_shards.get();
-        while shards != 0 {
-            let dest = shards.trailing_zeros() as usize;
-            shards &= shards - 1;
-            self.send_to(
-                dest,
-                ShardEvent::PeerEvent {
-                    mesh: mesh.clone(),
-                    about: entry.member.clone(),
-                    frame: frame.clone(),
-                },
-            );
-        }
+        let frame = self.tell_shards(mesh, &entry.member, |message_id, created_at| {
+            peers::event_frame(event, entry, &mesh.id, message_id, created_at)
+        });
         if let Some(cluster) = &self.ctx.cluster {
             // The same frame for other nodes' sessions (README "Several
             // nodes"); a full bus queue drops it, like a slow reader's.
@@ -140,25 +125,34 @@ impl Shard {
         gone: Vec<crate::mesh::stranded::Stranded>,
     ) {
         for stranded in gone {
-            let message_id = self.ids.borrow_mut().next_id();
-            let frame = {
-                let mut clock = self.clock.borrow_mut();
-                peers::stranded_left_frame(&stranded, &mesh.id, &message_id, clock.now_rfc3339())
-            };
-            let mut shards = mesh.live_shards.get() & crate::cluster::LOCAL;
-            while shards != 0 {
-                let dest = shards.trailing_zeros() as usize;
-                shards &= shards - 1;
-                self.send_to(
-                    dest,
-                    ShardEvent::PeerEvent {
-                        mesh: mesh.clone(),
-                        about: stranded.member.clone(),
-                        frame: frame.clone(),
-                    },
-                );
-            }
+            self.tell_shards(mesh, &stranded.member, |message_id, created_at| {
+                peers::stranded_left_frame(&stranded, &mesh.id, message_id, created_at)
+            });
         }
+    }
+
+    /// A peer event about a session of `about`, its frame written (once)
+    /// by `frame` from its message id and time, for this node's shards
+    /// with sessions of the mesh. Returns the frame.
+    fn tell_shards(
+        &self,
+        mesh: &Arc<MeshEntry>,
+        about: &Arc<MemberEntry>,
+        frame: impl FnOnce(&str, &str) -> bytes::Bytes,
+    ) -> bytes::Bytes {
+        let message_id = self.ids.borrow_mut().next_id();
+        let frame = frame(&message_id, self.clock.borrow_mut().now_rfc3339());
+        for dest in shards_in(mesh.live_shards.get() & LOCAL) {
+            self.send_to(
+                dest,
+                ShardEvent::PeerEvent {
+                    mesh: mesh.clone(),
+                    about: about.clone(),
+                    frame: frame.clone(),
+                },
+            );
+        }
+        frame
     }
 
     pub(super) fn deliver_peer_event(

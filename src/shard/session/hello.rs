@@ -273,7 +273,7 @@ impl Session {
                 }
             };
             self.await_other_nodes(&mesh).await;
-            let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
+            let session_key = hello.session_key();
             if moved.is_none() && !member.sessions.has(&hello.session_id, session_key) {
                 moved = self.take_from_other_node(&mesh, &member, hello).await;
             }
@@ -388,21 +388,14 @@ impl Session {
             Some((status, at)) => StatusState::with(status, Source::Hook, at),
             None => StatusState::new(now),
         };
-        let display_name: Arc<str> = match &hello.display_name {
-            Some(name) => name.as_str().into(),
-            None => (**member.display_name()).into(),
-        };
         NewSession {
             summary: None,
             presence_id: self.shard.ids.borrow_mut().next_id().into(),
-            session_pubkey: hello
-                .session
-                .as_ref()
-                .map(|s| s.session_pubkey.as_str().into()),
+            session_pubkey: hello.session_key().map(Into::into),
             pid: hello.pid,
             cwd: hello.cwd.as_str().into(),
             connected_at: self.shard.clock.borrow_mut().now_rfc3339().into(),
-            display_name,
+            display_name: hello.display_name_or(&member.display_name()),
             status,
         }
     }
@@ -436,7 +429,7 @@ impl Session {
         hello: &OwnedHello,
     ) -> Option<MovedSession> {
         let cluster = self.shard.ctx.cluster.as_ref()?;
-        let session_key = hello.session.as_ref().map(|s| s.session_pubkey.as_str());
+        let session_key = hello.session_key();
         let hash = crate::mesh::peers::session_hash(&hello.session_id);
         // A dead node's session in its grace: taken over from its listing.
         if let Some(stranded) = mesh.remote.stranded.take(member, hash, session_key) {
@@ -473,17 +466,11 @@ impl Session {
         };
         NewSession {
             presence_id: moved.presence_id.as_str().into(),
-            session_pubkey: hello
-                .session
-                .as_ref()
-                .map(|s| s.session_pubkey.as_str().into()),
+            session_pubkey: hello.session_key().map(Into::into),
             pid: hello.pid,
             cwd: hello.cwd.as_str().into(),
             connected_at: moved.connected_at.as_str().into(),
-            display_name: match &hello.display_name {
-                Some(name) => name.as_str().into(),
-                None => moved.display_name.as_str().into(),
-            },
+            display_name: hello.display_name_or(&moved.display_name),
             status,
             summary: moved.summary.as_deref().map(Into::into),
         }
@@ -622,6 +609,16 @@ struct SessionProof {
 }
 
 impl OwnedHello {
+    /// A `session_hello`'s own key (lowercase).
+    fn session_key(&self) -> Option<&str> {
+        self.session.as_ref().map(|s| s.session_pubkey.as_str())
+    }
+
+    /// The name it gives, else `fallback`.
+    fn display_name_or(&self, fallback: &str) -> Arc<str> {
+        self.display_name.as_deref().unwrap_or(fallback).into()
+    }
+
     pub(super) fn from_session(hello: SessionHello<'_>, req_id: Option<&str>) -> Self {
         let attestation = hello.attestation;
         let proof = SessionProof {

@@ -12,7 +12,7 @@ use crate::mesh::bucket::SendRate;
 use crate::mesh::directory::{MemberEntry, MeshEntry, MeshView};
 use crate::mesh::held::HeldLimit;
 use crate::mesh::peers::KeyTarget;
-use crate::mesh::plan::{plan_many, plan_to, Audience, Direct, HoldLimits, Refused};
+use crate::mesh::plan::{plan_many, plan_to, shards_in, Audience, Direct, HoldLimits, Refused};
 use crate::mesh::{Envelope, EnvelopeTarget, PushFrame};
 use crate::protocol::{Ack, CloseReason, ErrorCode, ProtocolError, PushFields, Send, Target};
 use std::sync::Arc;
@@ -225,12 +225,9 @@ impl Session {
             }
         }
         self.shard.request_drains(&joined.mesh, &plan.held);
-        let mut shards = plan.shards() & LOCAL;
         let remote = plan.shards() & !LOCAL;
         if let Some(route) = &plan.route {
-            while shards != 0 {
-                let dest = shards.trailing_zeros() as usize;
-                shards &= shards - 1;
+            for dest in shards_in(plan.shards() & LOCAL) {
                 self.shard.send_to(dest, ShardEvent::Route(route.clone()));
             }
         }
