@@ -454,6 +454,55 @@ fn a_dead_nodes_session_is_taken_over_on_another_node_within_its_grace() {
     );
 }
 
+/// A node that dies before its presence row is committed: the node that
+/// takes the session over writes the row (its own, open).
+#[test]
+fn a_session_taken_over_from_a_node_that_died_before_writing_its_row_gets_one() {
+    let Some(mut cluster) = cluster(2, &[("SESSION_GRACE_SECONDS", "30")]) else {
+        return;
+    };
+    let members = seed_mesh(&cluster.db, "unwritten", 2);
+    let (alice, bob) = (&members[0], &members[1]);
+    let mut watcher = cluster.connect(1, bob);
+    let (_laptop, ack) = hello_on(&cluster, 0, alice, "laptop");
+    let presence = ack["presenceId"].as_str().unwrap().to_owned();
+    wait_directory(&mut watcher, &[alice, bob]);
+    let written = poll(WAIT, || {
+        let sql = format!("SELECT 1 FROM mesh.presence WHERE id = '{presence}'");
+        !query_rows(&cluster.db, &sql).is_empty()
+    });
+    assert!(written, "node-a wrote its row");
+    cluster.nodes[0].sigkill();
+    let _ = cluster.nodes[0].wait_exit(WAIT);
+    // As if node-a had died with the row still in its batch.
+    let sql = format!("DELETE FROM mesh.presence WHERE id = '{presence}'");
+    common::exec_sql(&cluster.db, &sql);
+    let away = poll(WAIT, || {
+        let reply = watcher.request(&json!({"type": "list_peers"}));
+        reply["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["presenceId"] == presence.as_str() && p["away"] == true)
+    });
+    assert!(away, "listed away in its grace");
+    let (_again, ack) = hello_on(&cluster, 1, alice, "laptop");
+    assert_eq!(
+        (ack["resumed"].as_bool(), ack["presenceId"].as_str()),
+        (Some(true), Some(presence.as_str()))
+    );
+    let row = poll(WAIT, || {
+        let sql = format!("SELECT 1 FROM mesh.presence WHERE id = '{presence}'");
+        !query_rows(&cluster.db, &sql).is_empty()
+    });
+    assert!(row, "the row is written by the node that took it over");
+    assert_eq!(
+        presence_row(&cluster, &presence),
+        (Some("node-b".into()), true),
+        "the row is node-b's, open"
+    );
+}
+
 #[test]
 fn a_leased_envelope_handed_to_a_node_that_dies_reaches_its_member_elsewhere() {
     let Some(mut cluster) = cluster(3, &[]) else {

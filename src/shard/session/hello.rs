@@ -343,29 +343,34 @@ impl Session {
             now_millis().max(0) as u64,
         );
         let status = entry.state().status;
-        self.shard.to_db(match claim {
-            // A presence taken over keeps its row (still open: a session in
-            // grace has not ended).
-            // One taken over from another node is this node's now (the
-            // ping sets the row's node_id).
-            Claim::Resumed { .. } | Claim::Replaced { .. } | Claim::Moved { .. } => {
-                DbCommand::PresencePing {
-                    id: entry.presence_id.to_string(),
-                    at: SystemTime::now(),
-                }
+        let open = || DbCommand::PresenceOpen {
+            id: entry.presence_id.clone(),
+            member_id: member.id.clone(),
+            session_id: hello.session_id.clone(),
+            pid: hello.pid,
+            cwd: hello.cwd.clone(),
+            session_pubkey: entry.session_pubkey.clone(),
+            status: status.status,
+            source: status.source,
+            at: SystemTime::now(),
+        };
+        // A presence taken over keeps its row (still open: a session in
+        // grace has not ended); one taken over from another node is this
+        // node's now (the ping sets the row's node_id), and is written
+        // here first if its node died before writing it (an existing row
+        // is left as it is).
+        let ping = || DbCommand::PresencePing {
+            id: entry.presence_id.to_string(),
+            at: SystemTime::now(),
+        };
+        match claim {
+            Claim::New(_) => self.shard.to_db(open()),
+            Claim::Moved { .. } => {
+                self.shard.to_db(open());
+                self.shard.to_db(ping());
             }
-            Claim::New(_) => DbCommand::PresenceOpen {
-                id: entry.presence_id.clone(),
-                member_id: member.id.clone(),
-                session_id: hello.session_id.clone(),
-                pid: hello.pid,
-                cwd: hello.cwd.clone(),
-                session_pubkey: entry.session_pubkey.clone(),
-                status: status.status,
-                source: status.source,
-                at: SystemTime::now(),
-            },
-        });
+            Claim::Resumed { .. } | Claim::Replaced { .. } => self.shard.to_db(ping()),
+        }
         let joined = Joined {
             mesh,
             member,
