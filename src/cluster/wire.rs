@@ -379,7 +379,7 @@ impl PartSession<'_> {
     }
 }
 
-pub use crate::mesh::peers::session_hash;
+pub use crate::mesh::identity::session_hash;
 
 /// A node's sessions of a mesh, in one or more chunks (NATS messages),
 /// each at most `max_bytes` unless one session alone is larger: a header

@@ -20,6 +20,7 @@ pub mod dedupe;
 pub mod deliver;
 pub mod directory;
 pub mod held;
+pub mod identity;
 pub mod lease;
 pub mod peers;
 pub mod plan;

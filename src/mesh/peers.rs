@@ -33,33 +33,8 @@ use rustc_hash::FxHashMap;
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-/// A `sessionId` as other nodes know it (README "Several nodes"): client
-/// text may hold tabs and newlines, a hash does not; the node that has the
-/// session compares the id itself. FNV-1a, written here because every node
-/// must agree on it whatever its build.
-pub fn session_hash(session_id: &str) -> u64 {
-    session_id
-        .bytes()
-        .fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
-            (hash ^ u64::from(byte)).wrapping_mul(0x0000_0100_0000_01b3)
-        })
-}
-
-/// Whether a hello (its session key, if a `session_hello`) names a session
-/// (its key, if it has one): a `session_hello` by its key whatever its
-/// `sessionId`, a `hello` by its `sessionId` (`same_id`), never the one
-/// the other.
-pub fn names_session(
-    key: Option<&str>,
-    theirs: Option<&str>,
-    same_id: impl FnOnce() -> bool,
-) -> bool {
-    match (key, theirs) {
-        (Some(key), Some(theirs)) => key == theirs,
-        (None, None) => same_id(),
-        _ => false,
-    }
-}
+use super::identity::{names_session, session_hash};
+use super::stranded::{Stranded, StrandedSessions};
 
 /// Where a session is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -233,6 +208,25 @@ pub struct MovedSession {
     pub summary: Option<String>,
     /// Live there (its connection is replaced), or away in its grace.
     pub was_live: bool,
+}
+
+impl MovedSession {
+    /// What a dead node's session brings to the hello that takes it over:
+    /// what its entry says (its status's age is not in it: set now).
+    pub fn from_stranded(stranded: &Stranded) -> MovedSession {
+        let entry: serde_json::Value = serde_json::from_slice(&stranded.entry).unwrap_or_default();
+        let text = |name: &str| entry[name].as_str().unwrap_or_default().to_owned();
+        MovedSession {
+            presence_id: stranded.presence.to_string(),
+            connected_at: text("connectedAt"),
+            display_name: text("displayName"),
+            status: text("status"),
+            source: text("statusSource"),
+            status_age_ms: 0,
+            summary: entry["summary"].as_str().map(str::to_owned),
+            was_live: false,
+        }
+    }
 }
 
 /// How a hello found its session.
@@ -672,7 +666,7 @@ impl PeerBoard {
 pub struct RemoteBoard {
     parts: Mutex<FxHashMap<u8, Arc<RemotePart>>>,
     /// Dead nodes' sessions, listed away until their grace ends.
-    pub stranded: super::stranded::StrandedSessions,
+    pub stranded: StrandedSessions,
     /// Their live sessions, for `MAX_CONNECTIONS_PER_MESH`.
     sessions: std::sync::atomic::AtomicU32,
 }
@@ -866,7 +860,7 @@ pub fn write_remote_entry(out: &mut Vec<u8>, entry: &SessionEntry, state: &Sessi
 /// A `peer_left` about a dead node's session whose grace ran out with no
 /// hello taking it over, as a WebSocket frame (README "Several nodes").
 pub fn stranded_left_frame(
-    stranded: &super::stranded::Stranded,
+    stranded: &Stranded,
     mesh_id: &str,
     message_id: &str,
     created_at: &str,

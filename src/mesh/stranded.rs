@@ -3,7 +3,7 @@
 //! one's `sessionId` (or key) on any node takes it over, as a hello takes
 //! over a session in its grace on one node.
 use super::directory::MemberEntry;
-use super::peers::names_session;
+use super::identity::names_session;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Instant;
 
@@ -22,23 +22,6 @@ pub struct Stranded {
 }
 
 impl Stranded {
-    /// What it brings to the hello that takes it over: what its entry
-    /// says (its status's age is not in it: set now).
-    pub fn moved(&self) -> super::peers::MovedSession {
-        let entry: serde_json::Value = serde_json::from_slice(&self.entry).unwrap_or_default();
-        let text = |name: &str| entry[name].as_str().unwrap_or_default().to_owned();
-        super::peers::MovedSession {
-            presence_id: self.presence.to_string(),
-            connected_at: text("connectedAt"),
-            display_name: text("displayName"),
-            status: text("status"),
-            source: text("statusSource"),
-            status_age_ms: 0,
-            summary: entry["summary"].as_str().map(str::to_owned),
-            was_live: false,
-        }
-    }
-
     /// Its peer as a peer event tells it (the entry without `self`).
     pub fn event_data(&self) -> Vec<u8> {
         const SELF: &[u8] = b",\"self\":false}";

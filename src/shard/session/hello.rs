@@ -435,10 +435,10 @@ impl Session {
     ) -> Option<MovedSession> {
         let cluster = self.shard.ctx.cluster.as_ref()?;
         let session_key = hello.session_key();
-        let hash = crate::mesh::peers::session_hash(&hello.session_id);
+        let hash = crate::mesh::identity::session_hash(&hello.session_id);
         // A dead node's session in its grace: taken over from its listing.
         if let Some(stranded) = mesh.remote.stranded.take(member, hash, session_key) {
-            return Some(stranded.moved());
+            return Some(MovedSession::from_stranded(&stranded));
         }
         let (slot, presence) = mesh.remote.presence_of(member, hash, session_key)?;
         let (reply, answer) = tokio::sync::oneshot::channel();
